@@ -1,0 +1,107 @@
+// The op contract of the compute backends. Start here.
+//
+// Every op takes raw pointers, destination first, and runtime shapes; no framework types. The CPU
+// backend implements each op twice: a readable reference (`kernels/cpu/reference.cc`, plain loops
+// with shape comments) and a fast version (`kernels/cpu/`, threaded, SIMD with runtime CPU feature
+// dispatch). The functions declared here are the fast ones; `loraplex::kernels::ref::` holds the
+// readable twins, with identical signatures. Tests compare the two on odd sizes.
+//
+// Conventions:
+// - Activations are f32, row-major, one row per token.
+// - Weights are row-major [out, in] (PyTorch nn.Linear layout), stored f32 or bf16.
+// - Shapes that do not fit are programmer errors (LP_CHECK), not runtime errors: callers
+//   validate model and request shapes before they reach a kernel.
+// - Ops run on ThreadPool::Default() and are safe to call from one thread at a time per output.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace loraplex::kernels {
+
+enum class DType { kF32, kBF16 };
+
+// A weight matrix W[rows, cols] (rows = output features, cols = input features).
+struct WeightView {
+  DType dtype = DType::kF32;
+  const void* data = nullptr;  // f32 or uint16_t bf16 bits, rows * cols elements, row-major
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// y[m, w.rows] = x[m, w.cols] * W^T (+ y when accumulate). x and y must not alias.
+void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate = false);
+
+// out[rows, dim] = x / sqrt(mean(x^2) + eps) * weight, per row. out may alias x.
+void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim,
+             float eps);
+
+// Rotary embedding in place, rotate-half (HF/NeoX) pairing: within each head, element i is paired
+// with element i + head_dim/2. x is [tokens, heads, head_dim]; token t is at positions[t].
+// inv_freq has head_dim/2 entries (already including any rope scaling).
+void Rope(float* x, const int32_t* positions, int64_t tokens, int64_t heads, int64_t head_dim,
+          const float* inv_freq);
+
+// out[i] = silu(gate[i]) * up[i] for i < n. out may alias gate or up.
+void SiluMul(float* out, const float* gate, const float* up, int64_t n);
+
+// y[i] += x[i] for i < n.
+void Add(float* y, const float* x, int64_t n);
+
+// out[t, :] = table[ids[t], :] for t < n (table rows widened to f32). ids must be < table.rows.
+void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table);
+
+// ---- paged KV cache and attention ---------------------------------------------------------------
+//
+// One layer's cache is two pools, K and V, each [num_blocks, block_size, n_kv_heads, head_dim] f32.
+// A sequence owns a list of blocks (its block table); its token at position p lives in block
+// table[p / block_size], slot p % block_size.
+
+struct KvLayout {
+  int64_t block_size = 16;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_blocks_per_seq = 0;  // row stride of the block-table array
+};
+
+// Per-token description of a batch that mixes prefill and decode of several sequences.
+struct AttentionBatch {
+  int64_t num_tokens = 0;
+  const int32_t* token_seq = nullptr;     // [num_tokens] index of the token's sequence
+  const int32_t* token_pos = nullptr;     // [num_tokens] absolute position of the token
+  const int32_t* block_tables = nullptr;  // [num_seqs, layout.max_blocks_per_seq]
+};
+
+// Writes the new keys and values k, v [num_tokens, n_kv_heads, head_dim] into their cache slots.
+void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
+             const AttentionBatch& batch, const KvLayout& layout);
+
+// Causal attention: token t (query q[t] of [n_heads, head_dim]) attends to positions
+// 0..token_pos[t] of its own sequence, read from the cache (so WriteKv must run first).
+// GQA: query head h reads kv head h / (n_heads / n_kv_heads). out is [num_tokens, n_heads*head_dim].
+// scale is usually 1/sqrt(head_dim).
+void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
+                    const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
+                    float scale);
+
+// The readable twins.
+namespace ref {
+void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate = false);
+void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim,
+             float eps);
+void Rope(float* x, const int32_t* positions, int64_t tokens, int64_t heads, int64_t head_dim,
+          const float* inv_freq);
+void SiluMul(float* out, const float* gate, const float* up, int64_t n);
+void Add(float* y, const float* x, int64_t n);
+void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table);
+void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
+             const AttentionBatch& batch, const KvLayout& layout);
+void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
+                    const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
+                    float scale);
+}  // namespace ref
+
+// Which fast path the CPU backend dispatched to ("avx512bf16", "avx512", "avx2", "scalar").
+const char* CpuKernelIsa();
+
+}  // namespace loraplex::kernels

@@ -1,0 +1,115 @@
+// Tokenizers of Llama-family models: SentencePiece-style (score-driven BPE over a vocabulary with
+// byte fallback, as GGUF `tokenizer.ggml.model = llama`) and byte-level BPE (GPT-2 style merges, as
+// GGUF `gpt2` and HF `tokenizer.json` with a ByteLevel pre-tokenizer). Special tokens written in
+// the text (e.g. "<|im_start|>") encode to their ids. Decoding never splits a UTF-8 character when
+// used through StreamDecoder. Immutable after creation and safe to use from many threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace loraplex::formats {
+class GgufFile;
+}
+
+namespace loraplex::model {
+
+// Everything a tokenizer is built from, whatever file it came from.
+struct TokenizerSpec {
+  enum class Kind { kSentencePiece, kByteLevelBpe };
+  // GGUF token types.
+  enum TokenType : int32_t {
+    kNormal = 1,
+    kUnknown = 2,
+    kControl = 3,
+    kUserDefined = 4,
+    kUnused = 5,
+    kByte = 6
+  };
+
+  Kind kind = Kind::kSentencePiece;
+  std::vector<std::string> tokens;   // id -> piece (SPM: "▁" for space; BPE: byte-level chars)
+  std::vector<float> scores;         // SPM merge priorities (may be empty for BPE)
+  std::vector<int32_t> token_types;  // TokenType per id (empty: all normal)
+  std::vector<std::string> merges;   // BPE: "left right", highest priority first
+  std::string pre;                   // BPE pre-tokenizer flavour ("gpt2", "smollm", "llama3", ...)
+  int32_t bos_id = -1;
+  int32_t eos_id = -1;
+  int32_t unk_id = -1;
+  int32_t pad_id = -1;
+  std::vector<int32_t> extra_eos_ids;  // other end-of-generation ids (e.g. <|im_end|>, <|eot_id|>)
+  bool add_bos = false;                // prepend BOS when encoding a prompt
+  bool add_space_prefix = true;        // SPM: prepend "▁" to the text (llama default)
+  std::string chat_template;           // Jinja source from the model, may be empty
+};
+
+struct ChatMessage {
+  std::string role;  // "system", "user", "assistant"
+  std::string content;
+};
+
+class Tokenizer {
+ public:
+  // INVALID_ARGUMENT when the spec is inconsistent (empty vocabulary, ids out of range, a merge
+  // naming unknown pieces).
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Create(TokenizerSpec spec);
+  // From GGUF metadata (tokenizer.ggml.*, tokenizer.chat_template). NOT_FOUND / INVALID_ARGUMENT
+  // naming the missing or malformed key; UNIMPLEMENTED for other tokenizer models.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const formats::GgufFile& gguf);
+  // From an HF model folder: tokenizer.json (+ tokenizer_config.json for chat template, BOS/EOS and
+  // add_bos when present).
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromHfDir(const std::string& dir);
+
+  virtual ~Tokenizer() = default;
+
+  // Encodes text; special tokens in the text map to their ids. Prepends BOS when add_bos and the
+  // model has one.
+  virtual std::vector<int32_t> Encode(std::string_view text, bool add_bos) const = 0;
+  // Concatenated bytes of the tokens (control tokens such as BOS/EOS render as nothing); may end in
+  // an incomplete UTF-8 sequence.
+  virtual std::string DecodeBytes(const std::vector<int32_t>& ids) const = 0;
+  // Decode for display: invalid UTF-8 replaced by U+FFFD. (SPM: the leading space that the
+  // tokenizer added is kept, as llama.cpp does when decoding a continuation.)
+  std::string Decode(const std::vector<int32_t>& ids) const;
+  // The raw piece string of an id ("" when out of range).
+  virtual const std::string& Piece(int32_t id) const = 0;
+
+  const TokenizerSpec& spec() const { return spec_; }
+  int32_t vocab_size() const { return static_cast<int32_t>(spec_.tokens.size()); }
+  int32_t bos_id() const { return spec_.bos_id; }
+  int32_t eos_id() const { return spec_.eos_id; }
+  // EOS or any of extra_eos_ids.
+  bool IsEndOfGeneration(int32_t id) const;
+  // Token id of an exact piece, -1 when absent.
+  int32_t PieceToId(std::string_view piece) const;
+
+  // Formats a conversation with the model's chat template. Supported templates are recognised from
+  // their source: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>), Llama 2 / Mistral ([INST]),
+  // and a ChatML default when the model has none. UNIMPLEMENTED for an unrecognised template.
+  absl::StatusOr<std::string> ApplyChatTemplate(const std::vector<ChatMessage>& messages,
+                                                bool add_generation_prompt) const;
+
+ protected:
+  explicit Tokenizer(TokenizerSpec spec);
+  TokenizerSpec spec_;
+};
+
+// Incremental detokenizer: Push returns the text completed by this token, holding back bytes of a
+// UTF-8 character that is not complete yet; Flush returns what is left (invalid bytes as U+FFFD).
+class StreamDecoder {
+ public:
+  explicit StreamDecoder(const Tokenizer* tokenizer) : tokenizer_(tokenizer) {}
+  std::string Push(int32_t id);
+  std::string Flush();
+
+ private:
+  const Tokenizer* tokenizer_;
+  std::string pending_;
+};
+
+}  // namespace loraplex::model

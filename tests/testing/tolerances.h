@@ -1,0 +1,38 @@
+// The one tolerance table. Every comparison of floating-point results in the tests takes its
+// tolerance from here; each entry says why it is what it is. A check passes per element when
+// |actual - expected| <= atol + rtol * |expected|.
+#pragma once
+
+namespace loraplex::testing {
+
+struct Tolerance {
+  float atol;
+  float rtol;
+};
+
+// Bit-exact operations (dequantization that mirrors the reference arithmetic, copies).
+inline constexpr Tolerance kExact{0.0f, 0.0f};
+
+// Fast f32 kernel vs the readable f32 loop: the same products summed in a different order (SIMD
+// lanes, blocking). Error grows like sqrt(K) * eps * |x||w|; with K <= 8192 and unit-scale inputs
+// 1e-4 absolute / 1e-4 relative leaves a wide margin and still catches a wrong index.
+inline constexpr Tolerance kF32KernelVsReference{1e-4f, 1e-4f};
+
+// Fast bf16-weight kernel vs the readable loop over the same bf16 weights: both accumulate in f32,
+// so this is again only summation order.
+inline constexpr Tolerance kBf16KernelVsReference{1e-4f, 1e-4f};
+
+// Full f32 forward pass vs HF transformers in f32 (logits). Different summation order in every
+// matmul and in softmax over 30 layers; observed max errors are ~1e-5 on stories260K and ~1e-3 on
+// SmolLM2 whose logits reach |30|.
+inline constexpr Tolerance kF32ModelLogits{2e-3f, 1e-4f};
+
+// bf16-stored weights vs an f32 reference: each weight carries up to 2^-9 relative rounding, which
+// after a full model gives logit differences of a few tenths. Used only to check that bf16 stays
+// close, never for exactness.
+inline constexpr Tolerance kBf16ModelLogits{0.5f, 0.05f};
+
+// CUDA (bf16 activations, f32 accumulation) vs the CPU f32 reference for a single op.
+inline constexpr Tolerance kCudaBf16Op{2e-2f, 2e-2f};
+
+}  // namespace loraplex::testing
