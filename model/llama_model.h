@@ -1,0 +1,116 @@
+// A Llama-family model in memory and its batched forward pass. Start here for the model.
+//
+// One LlamaModel holds the frozen base weights (f32 or bf16), the tokenizer and the scratch of the
+// forward pass. Forward() runs one step over a batch that mixes prefill chunks and single decode
+// tokens of many sequences, each token with its own LoRA adapter slot (or none), against a paged
+// KvCache. Not thread-safe: one engine thread owns a model; Load may run anywhere.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kernels/kernels.h"
+#include "model/kv_cache.h"
+#include "model/llama_config.h"
+#include "model/tokenizer.h"
+
+namespace loraplex::model {
+
+// The linear layers of a decoder block that LoRA can target, in PEFT's names.
+enum class LinearModule : int { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
+inline constexpr int kNumLinearModules = 7;
+// "q_proj", "k_proj", ... "down_proj".
+const char* LinearModuleName(LinearModule m);
+
+// One LoRA pair for one module of one layer, in compute layout: delta(x) = B (A x), with the scale
+// (alpha / r or alpha / sqrt(r)) already folded into B. For GGUF bases, q/k rows of B follow the
+// base's row order.
+struct LoraPair {
+  int64_t rank = 0;
+  kernels::WeightView a;  // [rank, in]
+  kernels::WeightView b;  // [out, rank]
+};
+
+// The weights of one adapter as the forward pass sees them. `layers[l][m]` is null when the
+// adapter does not touch module m of layer l. Owned elsewhere (adapters/); must outlive the steps
+// that use it.
+struct LoraWeightsView {
+  std::vector<std::array<const LoraPair*, kNumLinearModules>> layers;
+};
+
+struct LoadOptions {
+  kernels::DType dtype = kernels::DType::kBF16;  // storage of the big matrices
+};
+
+// One step's input. Per-token arrays all have num_tokens entries. A sequence's tokens must appear
+// in position order, and their KV slots must already be covered by its block table.
+struct ForwardBatch {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> positions;
+  std::vector<int32_t> token_seq;     // index of the token's sequence in [0, num_seqs)
+  std::vector<int32_t> block_tables;  // [num_seqs, max_blocks_per_seq]
+  int64_t max_blocks_per_seq = 0;
+  // Which tokens need logits (usually the last token of each sequence); logits come out in this
+  // order.
+  std::vector<int32_t> logit_rows;
+  // LoRA: per token, an index into `adapters` or -1 for the base model. Empty = all base.
+  std::vector<int32_t> adapter_slot;
+  std::vector<const LoraWeightsView*> adapters;
+
+  int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
+};
+
+class LlamaModel {
+ public:
+  // `path` is a GGUF file or an HF folder (config.json + *.safetensors + tokenizer.json).
+  // NOT_FOUND when missing; INVALID_ARGUMENT for malformed files; UNIMPLEMENTED for unsupported
+  // architectures; messages name the file and tensor.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& path,
+                                                          const LoadOptions& options = {});
+  ~LlamaModel();
+
+  const LlamaConfig& config() const { return config_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  kernels::DType dtype() const { return options_.dtype; }
+  // True when q/k rows are in GGUF's adjacent-pair order in the source file (they are un-permuted
+  // at load, so adapters need no change; informational).
+  bool from_gguf() const { return from_gguf_; }
+  // Bytes of the stored weights.
+  int64_t weight_bytes() const;
+
+  // Runs one step. Writes [batch.logit_rows.size(), vocab_size] logits into *logits (resized).
+  // INVALID_ARGUMENT for token ids out of the vocabulary, positions past max context, or
+  // inconsistent batch arrays; nothing is written to the cache then.
+  absl::Status Forward(const ForwardBatch& batch, KvCache* cache, std::vector<float>* logits);
+
+  // The base weight of one linear module (for LoRA shape validation and merging).
+  kernels::WeightView LinearWeight(int64_t layer, LinearModule m) const;
+  int64_t LinearInFeatures(LinearModule m) const;
+  int64_t LinearOutFeatures(LinearModule m) const;
+
+  // Merge: W += B A for every pair of `adapter` (f32 math, rounded once to the storage dtype). The
+  // touched matrices are copied first so Unmerge restores them bit for bit. While merged, tokens
+  // of other adapters or of the base model get the merged delta subtracted in the forward pass
+  // (mixed mode), so the batch stays correct. FAILED_PRECONDITION when one is already merged.
+  absl::Status Merge(const LoraWeightsView* adapter);
+  // Restores the pristine base. FAILED_PRECONDITION when nothing is merged.
+  absl::Status Unmerge();
+  const LoraWeightsView* merged() const { return merged_; }
+
+  struct Impl;
+
+ private:
+  LlamaModel() = default;
+  LlamaConfig config_;
+  LoadOptions options_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  bool from_gguf_ = false;
+  const LoraWeightsView* merged_ = nullptr;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace loraplex::model
