@@ -1,0 +1,51 @@
+// Internal to kernels/cpu: the per-ISA inner loops behind the fast ops of kernels.h.
+//
+// Each instruction set lives in its own translation unit compiled with its own flags
+// (cpu_ops_avx2.cc with -mavx2 -mfma -mf16c); nothing compiled with those flags may run before the
+// runtime check in cpu_ops.cc has picked that table, which is why the tables are reached only through
+// ActiveCpuOps(). The threading and blocking live in the op files (gemm.cc, attention.cc, ...), once
+// for all ISAs; the tables hold single-threaded loops.
+#pragma once
+
+#include <cstdint>
+
+namespace loraplex::kernels::cpu {
+
+struct CpuOps {
+  const char* name;  // "avx2", "scalar"
+
+  // y[i, j] (+)= sum_c x[i, c] * w[j, c] for i < m and j in [j_begin, j_end).
+  // x: [m, k] row-major, w: [n, k] row-major (only rows j_begin..j_end-1 are read), y: [m, n].
+  void (*gemm_f32)(float* y, const float* x, int64_t m, const float* w, int64_t n, int64_t k,
+                   int64_t j_begin, int64_t j_end, bool accumulate);
+  void (*gemm_bf16)(float* y, const float* x, int64_t m, const uint16_t* w, int64_t n, int64_t k,
+                    int64_t j_begin, int64_t j_end, bool accumulate);
+
+  // sum_i a[i] * b[i]
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // y[i] += alpha * x[i]
+  void (*axpy)(float* y, float alpha, const float* x, int64_t n);
+  // y[i] *= alpha
+  void (*scale)(float* y, float alpha, int64_t n);
+  // s[i] = exp(s[i] - shift); returns the sum of the new s[i].
+  float (*exp_shift_sum)(float* s, float shift, int64_t n);
+  // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
+  void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);
+};
+
+// The portable loops, always available.
+const CpuOps& ScalarOps();
+// The AVX2+FMA loops, or nullptr when this build has none. Callable only when the CPU has AVX2,
+// FMA and F16C (see Avx2Supported()).
+const CpuOps* Avx2Ops();
+bool Avx2Supported();
+
+// The table the fast ops use: chosen once from the CPU features, overridable with the environment
+// variable LP_CPU_ISA=scalar|avx2 (an unsupported request falls back to the best supported).
+const CpuOps& ActiveCpuOps();
+
+// Tests only: makes `name` the active table. Returns false (and changes nothing) when that ISA is
+// not available on this CPU/build. Not thread-safe with concurrent kernel calls.
+bool SetActiveCpuOpsForTesting(const char* name);
+
+}  // namespace loraplex::kernels::cpu

@@ -1,0 +1,48 @@
+// The fast Gemm: splits the output features across ThreadPool::Default() and runs the active ISA's
+// tile loops (cpu_ops_*.cc) on each share. Output features, not tokens, are split so that each
+// thread streams a disjoint slice of the weight: decode (m = 1) is a weight-bandwidth-bound GEMV and
+// must read every weight byte exactly once per call.
+#include <algorithm>
+#include <cstdint>
+
+#include "common/logging.h"
+#include "common/thread_pool.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/kernels.h"
+
+namespace loraplex::kernels {
+namespace {
+
+// Output features per scheduling unit: a multiple of every tile width (3 and 4).
+constexpr int64_t kBlock = 12;
+// Multiply-adds below which a share is not worth waking another thread for (~a few microseconds).
+constexpr int64_t kMinMacsPerShare = 1 << 17;
+
+}  // namespace
+
+void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
+  LP_CHECK(m >= 0 && w.rows >= 0 && w.cols >= 0) << "Gemm shape m=" << m << " w=" << w.rows << "x"
+                                                 << w.cols;
+  const int64_t n = w.rows;
+  const int64_t k = w.cols;
+  if (m == 0 || n == 0) return;
+  LP_CHECK(y != nullptr && (k == 0 || (x != nullptr && w.data != nullptr)));
+  const cpu::CpuOps& ops = cpu::ActiveCpuOps();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  const int64_t macs_per_block = std::max<int64_t>(1, m * k * kBlock);
+  const int64_t grain = std::max<int64_t>(1, kMinMacsPerShare / macs_per_block);
+  ThreadPool::Default().ParallelFor(
+      blocks,
+      [&](int64_t b0, int64_t b1) {
+        const int64_t j0 = b0 * kBlock;
+        const int64_t j1 = std::min(n, b1 * kBlock);
+        if (w.dtype == DType::kF32) {
+          ops.gemm_f32(y, x, m, static_cast<const float*>(w.data), n, k, j0, j1, accumulate);
+        } else {
+          ops.gemm_bf16(y, x, m, static_cast<const uint16_t*>(w.data), n, k, j0, j1, accumulate);
+        }
+      },
+      grain);
+}
+
+}  // namespace loraplex::kernels

@@ -1,0 +1,233 @@
+// WriteKv and PagedAttention: fast vs reference on batches that mix prefill, chunked prefill and
+// decode, GQA, odd block sizes and shuffled (non-contiguous) block tables; and PagedAttention vs a
+// dense causal attention written here, in double, over contiguous Q/K/V.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "tests/kernels/kernel_test_util.h"
+#include "tests/testing/testing.h"
+
+namespace loraplex::kernels {
+namespace {
+
+using ::loraplex::kernels::testing::AllIsas;
+using ::loraplex::kernels::testing::IsaTest;
+using ::loraplex::kernels::testing::RandomVector;
+using ::loraplex::testing::AllClose;
+using ::loraplex::testing::kF32KernelVsReference;
+
+struct Shape {
+  int64_t n_heads, n_kv_heads, head_dim, block_size;
+};
+
+// Sequences of a batch: `past` positions already cached, `fresh` new tokens in this step.
+struct Seq {
+  int64_t past, fresh;
+};
+
+// A paged cache with shuffled block tables. Unwritten slots hold NaN, so reading a position that
+// was never written (a wrong block or slot) poisons the output instead of passing unnoticed.
+struct PagedCache {
+  KvLayout layout;
+  int64_t num_blocks = 0;
+  std::vector<int32_t> tables;  // [num_seqs, max_blocks_per_seq], -1 where unused
+  std::vector<float> k, v;
+
+  PagedCache(const Shape& s, const std::vector<int64_t>& seq_lens, uint32_t seed) {
+    layout = {s.block_size, s.n_kv_heads, s.head_dim, 0};
+    int64_t needed = 0;
+    for (int64_t len : seq_lens) {
+      const int64_t blocks = (len + s.block_size - 1) / s.block_size;
+      layout.max_blocks_per_seq = std::max(layout.max_blocks_per_seq, blocks);
+      needed += blocks;
+    }
+    num_blocks = needed + 3;  // spare blocks no sequence owns
+    std::vector<int32_t> ids(num_blocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), std::mt19937(seed));
+    tables.assign(seq_lens.size() * layout.max_blocks_per_seq, -1);
+    size_t next = 0;
+    for (size_t q = 0; q < seq_lens.size(); ++q) {
+      const int64_t blocks = (seq_lens[q] + s.block_size - 1) / s.block_size;
+      for (int64_t b = 0; b < blocks; ++b) tables[q * layout.max_blocks_per_seq + b] = ids[next++];
+    }
+    const size_t pool = num_blocks * s.block_size * s.n_kv_heads * s.head_dim;
+    k.assign(pool, std::numeric_limits<float>::quiet_NaN());
+    v.assign(pool, std::numeric_limits<float>::quiet_NaN());
+  }
+};
+
+struct Tokens {
+  std::vector<int32_t> seq, pos;
+};
+
+// Tokens of positions [from_past ? 0 : past, past + fresh) for each sequence, interleaved across
+// sequences (not sorted by sequence) so the kernels cannot assume grouping.
+Tokens MakeTokens(const std::vector<Seq>& seqs, bool past_part) {
+  Tokens t;
+  for (int64_t round = 0;; ++round) {
+    bool any = false;
+    for (size_t q = 0; q < seqs.size(); ++q) {
+      const int64_t begin = past_part ? 0 : seqs[q].past;
+      const int64_t end = past_part ? seqs[q].past : seqs[q].past + seqs[q].fresh;
+      if (begin + round < end) {
+        t.seq.push_back(static_cast<int32_t>(q));
+        t.pos.push_back(static_cast<int32_t>(begin + round));
+        any = true;
+      }
+    }
+    if (!any) return t;
+  }
+}
+
+class PagedAttentionTest : public IsaTest {};
+
+TEST_P(PagedAttentionTest, MixedBatchMatchesReference) {
+  const Shape shapes[] = {{9, 3, 64, 16}, {9, 3, 8, 16}, {9, 3, 64, 7}, {9, 3, 8, 1},
+                          {4, 4, 33, 5},  {6, 1, 8, 3}};
+  const std::vector<Seq> seqs = {{37, 1}, {0, 13}, {20, 6}, {0, 1}, {100, 1}, {15, 2}};
+  std::vector<int64_t> lens;
+  for (const Seq& s : seqs) lens.push_back(s.past + s.fresh);
+  uint32_t seed = 100;
+  for (const Shape& s : shapes) {
+    SCOPED_TRACE(::testing::Message() << "n_heads=" << s.n_heads << " n_kv_heads=" << s.n_kv_heads
+                                      << " head_dim=" << s.head_dim
+                                      << " block_size=" << s.block_size);
+    PagedCache fast(s, lens, seed++);
+    PagedCache expected = fast;
+    const int64_t kv_row = s.n_kv_heads * s.head_dim;
+    for (bool past_part : {true, false}) {
+      Tokens tok = MakeTokens(seqs, past_part);
+      AttentionBatch batch{static_cast<int64_t>(tok.seq.size()), tok.seq.data(), tok.pos.data(),
+                           fast.tables.data()};
+      std::vector<float> k = RandomVector(batch.num_tokens * kv_row, seed++);
+      std::vector<float> v = RandomVector(batch.num_tokens * kv_row, seed++);
+      WriteKv(fast.k.data(), fast.v.data(), k.data(), v.data(), batch, fast.layout);
+      ref::WriteKv(expected.k.data(), expected.v.data(), k.data(), v.data(), batch,
+                   expected.layout);
+      // Bitwise, NaNs of unused slots included.
+      ASSERT_EQ(0, std::memcmp(fast.k.data(), expected.k.data(), fast.k.size() * sizeof(float)));
+      ASSERT_EQ(0, std::memcmp(fast.v.data(), expected.v.data(), fast.v.size() * sizeof(float)));
+      if (past_part) continue;
+
+      const int64_t q_row = s.n_heads * s.head_dim;
+      std::vector<float> q = RandomVector(batch.num_tokens * q_row, seed++, -2.0f, 2.0f);
+      std::vector<float> out_fast(batch.num_tokens * q_row), out_ref(out_fast.size());
+      const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+      PagedAttention(out_fast.data(), q.data(), fast.k.data(), fast.v.data(), batch, fast.layout,
+                     s.n_heads, scale);
+      ref::PagedAttention(out_ref.data(), q.data(), expected.k.data(), expected.v.data(), batch,
+                          expected.layout, s.n_heads, scale);
+      ASSERT_TRUE(AllClose(out_fast, out_ref, kF32KernelVsReference));
+    }
+  }
+}
+
+// out[t, h] = softmax_{p <= t}(scale * q[t,h] . k[p, h/group]) v[p, h/group], in double, over one
+// sequence's contiguous q [len, n_heads, hd] and k, v [len, n_kv_heads, hd].
+std::vector<float> DenseCausalAttention(const std::vector<float>& q, const std::vector<float>& k,
+                                        const std::vector<float>& v, int64_t len, const Shape& s,
+                                        double scale) {
+  const int64_t hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
+  std::vector<float> out(len * s.n_heads * hd);
+  for (int64_t t = 0; t < len; ++t) {
+    for (int64_t h = 0; h < s.n_heads; ++h) {
+      const int64_t kvh = h / group;
+      std::vector<double> logits(t + 1);
+      for (int64_t p = 0; p <= t; ++p) {
+        double dot = 0;
+        for (int64_t i = 0; i < hd; ++i) {
+          dot += double{q[(t * s.n_heads + h) * hd + i]} * k[(p * s.n_kv_heads + kvh) * hd + i];
+        }
+        logits[p] = dot * scale;
+      }
+      const double mx = *std::max_element(logits.begin(), logits.end());
+      double denom = 0;
+      for (double& l : logits) denom += (l = std::exp(l - mx));
+      for (int64_t i = 0; i < hd; ++i) {
+        double acc = 0;
+        for (int64_t p = 0; p <= t; ++p) acc += logits[p] * v[(p * s.n_kv_heads + kvh) * hd + i];
+        out[(t * s.n_heads + h) * hd + i] = static_cast<float>(acc / denom);
+      }
+    }
+  }
+  return out;
+}
+
+TEST_P(PagedAttentionTest, EqualsDenseCausalAttention) {
+  const Shape shapes[] = {{9, 3, 64, 16}, {9, 3, 8, 5}, {2, 2, 17, 3}};
+  const std::vector<int64_t> lens = {29, 1, 64, 7};
+  uint32_t seed = 500;
+  for (const Shape& s : shapes) {
+    SCOPED_TRACE(::testing::Message() << "n_heads=" << s.n_heads << " n_kv_heads=" << s.n_kv_heads
+                                      << " head_dim=" << s.head_dim
+                                      << " block_size=" << s.block_size);
+    PagedCache cache(s, lens, seed++);
+    const int64_t q_row = s.n_heads * s.head_dim, kv_row = s.n_kv_heads * s.head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    // Dense per-sequence tensors, and the same tokens as one flat prefill batch.
+    std::vector<std::vector<float>> q(lens.size()), k(lens.size()), v(lens.size());
+    std::vector<float> flat_q, flat_k, flat_v;
+    Tokens tok;
+    for (size_t i = 0; i < lens.size(); ++i) {
+      q[i] = RandomVector(lens[i] * q_row, seed++, -2.0f, 2.0f);
+      k[i] = RandomVector(lens[i] * kv_row, seed++, -2.0f, 2.0f);
+      v[i] = RandomVector(lens[i] * kv_row, seed++);
+      flat_q.insert(flat_q.end(), q[i].begin(), q[i].end());
+      flat_k.insert(flat_k.end(), k[i].begin(), k[i].end());
+      flat_v.insert(flat_v.end(), v[i].begin(), v[i].end());
+      for (int64_t p = 0; p < lens[i]; ++p) {
+        tok.seq.push_back(static_cast<int32_t>(i));
+        tok.pos.push_back(static_cast<int32_t>(p));
+      }
+    }
+    AttentionBatch batch{static_cast<int64_t>(tok.seq.size()), tok.seq.data(), tok.pos.data(),
+                         cache.tables.data()};
+    WriteKv(cache.k.data(), cache.v.data(), flat_k.data(), flat_v.data(), batch, cache.layout);
+    std::vector<float> out(batch.num_tokens * q_row);
+    PagedAttention(out.data(), flat_q.data(), cache.k.data(), cache.v.data(), batch, cache.layout,
+                   s.n_heads, scale);
+    int64_t offset = 0;
+    for (size_t i = 0; i < lens.size(); ++i) {
+      SCOPED_TRACE(::testing::Message() << "sequence " << i << " of length " << lens[i]);
+      std::vector<float> dense = DenseCausalAttention(q[i], k[i], v[i], lens[i], s, scale);
+      std::vector<float> paged(out.begin() + offset, out.begin() + offset + lens[i] * q_row);
+      ASSERT_TRUE(AllClose(paged, dense, kF32KernelVsReference));
+      offset += lens[i] * q_row;
+    }
+
+    // Decode: the last token of each sequence alone, reading the cache the prefill wrote.
+    Tokens last;
+    std::vector<float> last_q;
+    for (size_t i = 0; i < lens.size(); ++i) {
+      last.seq.push_back(static_cast<int32_t>(i));
+      last.pos.push_back(static_cast<int32_t>(lens[i] - 1));
+      last_q.insert(last_q.end(), q[i].end() - q_row, q[i].end());
+    }
+    AttentionBatch decode{static_cast<int64_t>(lens.size()), last.seq.data(), last.pos.data(),
+                          cache.tables.data()};
+    std::vector<float> decode_out(lens.size() * q_row);
+    PagedAttention(decode_out.data(), last_q.data(), cache.k.data(), cache.v.data(), decode,
+                   cache.layout, s.n_heads, scale);
+    for (size_t i = 0; i < lens.size(); ++i) {
+      std::vector<float> dense = DenseCausalAttention(q[i], k[i], v[i], lens[i], s, scale);
+      std::vector<float> want(dense.end() - q_row, dense.end());
+      std::vector<float> got(decode_out.begin() + i * q_row, decode_out.begin() + (i + 1) * q_row);
+      ASSERT_TRUE(AllClose(got, want, kF32KernelVsReference)) << "decode of sequence " << i;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, PagedAttentionTest, ::testing::ValuesIn(AllIsas()),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace loraplex::kernels

@@ -1,0 +1,49 @@
+// Helpers shared by the kernel tests: seeded random tensors and a fixture that runs a test once
+// per CPU ISA table (scalar always, avx2 where the CPU has it).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "kernels/cpu/cpu_ops.h"
+
+namespace loraplex::kernels::testing {
+
+inline std::vector<float> RandomVector(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+inline std::vector<uint16_t> ToBf16(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = F32ToBf16(v[i]);
+  return out;
+}
+
+// Parameterised over the ISA name; skips when the CPU or build lacks it, and restores the
+// automatic choice afterwards.
+class IsaTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    saved_ = cpu::ActiveCpuOps().name;
+    if (!cpu::SetActiveCpuOpsForTesting(GetParam().c_str())) {
+      GTEST_SKIP() << GetParam() << " is not supported on this CPU/build";
+    }
+  }
+  void TearDown() override { cpu::SetActiveCpuOpsForTesting(saved_.c_str()); }
+
+ private:
+  std::string saved_;
+};
+
+inline std::vector<std::string> AllIsas() { return {"scalar", "avx2"}; }
+
+}  // namespace loraplex::kernels::testing
