@@ -1,0 +1,110 @@
+// Host side of the CUDA backend: device discovery, buffers, and the Status-returning wrappers
+// around the launchers of the .cu files.
+#include <cuda_runtime_api.h>
+
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/launch.h"
+
+namespace loraplex::kernels::cuda {
+namespace {
+
+absl::Status CheckRows(const char* op, const void* out, const void* x, const void* weight,
+                       int64_t rows, int64_t dim) {
+  if (rows < 0 || dim < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": negative shape rows=", rows, " dim=", dim));
+  }
+  if (rows > 0 && dim > 0 && (out == nullptr || x == nullptr || weight == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": null device pointer"));
+  }
+  if (rows > 0x7fffffff) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": rows=", rows, " exceeds the grid"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool CudaDeviceAvailable(std::string* why) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    if (why != nullptr) *why = absl::StrCat(cudaGetErrorName(err), ": ", cudaGetErrorString(err));
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return false;
+  }
+  if (count == 0) {
+    if (why != nullptr) *why = "cudaGetDeviceCount returned 0 devices";
+    return false;
+  }
+  return true;
+}
+
+absl::StatusOr<CudaBuffer> CudaBuffer::Allocate(size_t bytes) {
+  CudaBuffer buffer;
+  if (bytes == 0) return buffer;
+  LP_CUDA_RETURN_IF_ERROR(cudaMalloc(&buffer.data_, bytes));
+  buffer.bytes_ = bytes;
+  return buffer;
+}
+
+CudaBuffer::CudaBuffer(CudaBuffer&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+
+CudaBuffer& CudaBuffer::operator=(CudaBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) cudaFree(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+CudaBuffer::~CudaBuffer() {
+  if (data_ != nullptr) cudaFree(data_);  // errors here have no one to report to
+}
+
+absl::Status CudaBuffer::CopyFromHost(const void* src, size_t bytes) {
+  if (bytes > bytes_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CopyFromHost of ", bytes, " bytes into a buffer of ", bytes_));
+  }
+  if (bytes == 0) return absl::OkStatus();
+  LP_CUDA_RETURN_IF_ERROR(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBuffer::CopyToHost(void* dst, size_t bytes) const {
+  if (bytes > bytes_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CopyToHost of ", bytes, " bytes from a buffer of ", bytes_));
+  }
+  if (bytes == 0) return absl::OkStatus();
+  LP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, data_, bytes, cudaMemcpyDeviceToHost));
+  return absl::OkStatus();
+}
+
+absl::Status CudaRmsNorm(float* d_out, const float* d_x, const float* d_weight, int64_t rows,
+                         int64_t dim, float eps, void* stream) {
+  if (absl::Status s = CheckRows("CudaRmsNorm", d_out, d_x, d_weight, rows, dim); !s.ok()) return s;
+  LP_CUDA_RETURN_IF_ERROR(internal::LaunchRmsNormF32(d_out, d_x, d_weight, rows, dim, eps,
+                                                     static_cast<cudaStream_t>(stream)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaRmsNormBf16(uint16_t* d_out, const uint16_t* d_x, const uint16_t* d_weight,
+                             int64_t rows, int64_t dim, float eps, void* stream) {
+  if (absl::Status s = CheckRows("CudaRmsNormBf16", d_out, d_x, d_weight, rows, dim); !s.ok()) {
+    return s;
+  }
+  LP_CUDA_RETURN_IF_ERROR(internal::LaunchRmsNormBf16(d_out, d_x, d_weight, rows, dim, eps,
+                                                      static_cast<cudaStream_t>(stream)));
+  return absl::OkStatus();
+}
+
+}  // namespace loraplex::kernels::cuda
