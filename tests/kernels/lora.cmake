@@ -1,0 +1,2 @@
+# LoRA kernels: fast SGMV/BGMV (AVX2 and scalar paths) against the readable reference on the grid.
+lp_test(kernels_lora_test SRCS lora_kernels_test.cc DEPS lp_kernels LABELS "kernels")
