@@ -1,6 +1,7 @@
 // The fast paged KV cache ops. PagedAttention is a two-pass softmax per (token, query head): one
 // pass over the keys writes scaled scores into a thread-local buffer, then exp/sum, then one pass
-// over the values. The inner products, exp and axpy run on the active ISA table.
+// over the values. Both passes go block by block (a block's slots are equally strided), and the
+// inner loops run on the active ISA table.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -63,38 +64,52 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
     max_len = std::max<int64_t>(max_len, batch.token_pos[t] + 1);
   }
   const cpu::CpuOps& ops = cpu::ActiveCpuOps();
-  const int64_t items = tokens * n_heads;  // one (token, query head) each
+  // One work item is a (token, kv head) pair with all `group` query heads that share that kv head:
+  // each K and V block is then read from memory once and reused from L1 by the group, instead of
+  // once per query head (3x less cache traffic for SmolLM2's 9/3 heads).
+  const int64_t items = tokens * layout.n_kv_heads;
+  const int64_t stride = layout.n_kv_heads * hd;  // floats between consecutive slots of a block
 
   auto run_item = [&](int64_t item, std::vector<float>& scores) {
-    const int64_t t = item / n_heads;
-    const int64_t h = item % n_heads;
-    const int64_t kvh = h / group;
+    const int64_t t = item / layout.n_kv_heads;
+    const int64_t kvh = item % layout.n_kv_heads;
     const int32_t* table = batch.block_tables + batch.token_seq[t] * layout.max_blocks_per_seq;
     const int64_t len = batch.token_pos[t] + 1;
-    const float* qh = q + item * hd;
-    float* oh = out + item * hd;
-    float max_score = -INFINITY;
-    for (int64_t p = 0; p < len; ++p) {
-      const float s = ops.dot(qh, k_cache + CacheOffset(table, p, kvh, layout), hd) * scale;
-      scores[p] = s;
-      max_score = std::max(max_score, s);
+    const int64_t h0 = kvh * group;                   // first query head of the group
+    const float* qg = q + (t * n_heads + h0) * hd;    // [group, hd]
+    float* og = out + (t * n_heads + h0) * hd;        // [group, hd]
+    float* sg = scores.data();                        // [group, max_len]
+    for (int64_t p0 = 0; p0 < len; p0 += layout.block_size) {
+      const int64_t count = std::min(layout.block_size, len - p0);
+      const float* kb = k_cache + CacheOffset(table, p0, kvh, layout);
+      for (int64_t g = 0; g < group; ++g) {
+        ops.attn_scores(sg + g * max_len + p0, qg + g * hd, kb, stride, count, hd, scale);
+      }
     }
-    const float denom = ops.exp_shift_sum(scores.data(), max_score, len);
-    std::fill(oh, oh + hd, 0.0f);
-    for (int64_t p = 0; p < len; ++p) {
-      ops.axpy(oh, scores[p], v_cache + CacheOffset(table, p, kvh, layout), hd);
+    std::fill(og, og + group * hd, 0.0f);
+    std::vector<float> denom(group);  // small: group is n_heads / n_kv_heads
+    for (int64_t g = 0; g < group; ++g) {
+      float* sh = sg + g * max_len;
+      denom[g] = ops.exp_shift_sum(sh, *std::max_element(sh, sh + len), len);
     }
-    ops.scale(oh, 1.0f / denom, hd);
+    for (int64_t p0 = 0; p0 < len; p0 += layout.block_size) {
+      const int64_t count = std::min(layout.block_size, len - p0);
+      const float* vb = v_cache + CacheOffset(table, p0, kvh, layout);
+      for (int64_t g = 0; g < group; ++g) {
+        ops.attn_accumulate(og + g * hd, sg + g * max_len + p0, vb, stride, count, hd);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) ops.scale(og + g * hd, 1.0f / denom[g], hd);
   };
 
   // Prefill tokens have growing lengths, so contiguous ranges would give the last thread most of
   // the work: each lane takes every lanes-th item instead.
-  const int64_t total_work = items * max_len * hd;
+  const int64_t total_work = items * group * max_len * hd;
   const int64_t lanes = std::max<int64_t>(
       1, std::min<int64_t>({ThreadPool::Default().num_threads(), items, total_work / (1 << 15)}));
   ThreadPool::Default().ParallelFor(lanes, [&](int64_t l0, int64_t l1) {
     thread_local std::vector<float> scores;
-    if (static_cast<int64_t>(scores.size()) < max_len) scores.resize(max_len);
+    if (static_cast<int64_t>(scores.size()) < group * max_len) scores.resize(group * max_len);
     for (int64_t lane = l0; lane < l1; ++lane) {
       for (int64_t item = lane; item < items; item += lanes) run_item(item, scores);
     }

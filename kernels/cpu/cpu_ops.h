@@ -29,6 +29,13 @@ struct CpuOps {
   void (*scale)(float* y, float alpha, int64_t n);
   // s[i] = exp(s[i] - shift); returns the sum of the new s[i].
   float (*exp_shift_sum)(float* s, float shift, int64_t n);
+  // Attention over `count` cached positions whose rows of `dim` floats are `stride` floats apart
+  // (the slots of one KV block). scores[c] = scale * q . k[c * stride + 0..dim)
+  void (*attn_scores)(float* scores, const float* q, const float* k, int64_t stride, int64_t count,
+                      int64_t dim, float scale);
+  // out[0..dim) += sum_c p[c] * v[c * stride + 0..dim)
+  void (*attn_accumulate)(float* out, const float* p, const float* v, int64_t stride, int64_t count,
+                          int64_t dim);
   // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
   void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);
 };

@@ -189,6 +189,51 @@ float ExpShiftSum(float* s, float shift, int64_t n) {
   return total;
 }
 
+// Four positions at a time: four dot products share the q loads and are reduced together (two
+// rounds of hadd) into one 4-wide store, so a position costs no separate horizontal sum.
+void AttnScores(float* scores, const float* q, const float* k, int64_t stride, int64_t count,
+                int64_t dim, float scale) {
+  const int64_t dim8 = dim / 8 * 8;
+  int64_t c = 0;
+  for (; c + 4 <= count; c += 4) {
+    const float* k0 = k + c * stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < dim8; i += 8) {
+      const __m256 qv = Load8(q + i);
+      a0 = _mm256_fmadd_ps(qv, Load8(k0 + i), a0);
+      a1 = _mm256_fmadd_ps(qv, Load8(k0 + stride + i), a1);
+      a2 = _mm256_fmadd_ps(qv, Load8(k0 + 2 * stride + i), a2);
+      a3 = _mm256_fmadd_ps(qv, Load8(k0 + 3 * stride + i), a3);
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    alignas(16) float out[4];
+    _mm_store_ps(out, sums);
+    for (int j = 0; j < 4; ++j) {
+      for (int64_t i = dim8; i < dim; ++i) out[j] += q[i] * k0[j * stride + i];
+      scores[c + j] = out[j] * scale;
+    }
+  }
+  for (; c < count; ++c) scores[c] = Dot(q, k + c * stride, dim) * scale;
+}
+
+void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
+                    int64_t dim) {
+  const int64_t dim8 = dim / 8 * 8;
+  for (int64_t i = 0; i < dim8; i += 8) {
+    __m256 acc = Load8(out + i);
+    for (int64_t c = 0; c < count; ++c) {
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[c]), Load8(v + c * stride + i), acc);
+    }
+    _mm256_storeu_ps(out + i, acc);
+  }
+  for (int64_t i = dim8; i < dim; ++i) {
+    float acc = out[i];
+    for (int64_t c = 0; c < count; ++c) acc += p[c] * v[c * stride + i];
+    out[i] = acc;
+  }
+}
+
 inline __m256 SiluMul8(__m256 g, __m256 u) {
   __m256 e = Exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
   return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
@@ -217,6 +262,8 @@ const CpuOps kAvx2Ops = {
     .axpy = Axpy,
     .scale = Scale,
     .exp_shift_sum = ExpShiftSum,
+    .attn_scores = AttnScores,
+    .attn_accumulate = AttnAccumulate,
     .silu_mul = SiluMul,
 };
 

@@ -65,6 +65,16 @@ float ExpShiftSum(float* s, float shift, int64_t n) {
   return sum;
 }
 
+void AttnScores(float* scores, const float* q, const float* k, int64_t stride, int64_t count,
+                int64_t dim, float scale) {
+  for (int64_t c = 0; c < count; ++c) scores[c] = DotT(q, k + c * stride, dim) * scale;
+}
+
+void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
+                    int64_t dim) {
+  for (int64_t c = 0; c < count; ++c) Axpy(out, p[c], v + c * stride, dim);
+}
+
 void SiluMul(float* out, const float* gate, const float* up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float g = gate[i];
@@ -80,6 +90,8 @@ const CpuOps kScalarOps = {
     .axpy = Axpy,
     .scale = Scale,
     .exp_shift_sum = ExpShiftSum,
+    .attn_scores = AttnScores,
+    .attn_accumulate = AttnAccumulate,
     .silu_mul = SiluMul,
 };
 
