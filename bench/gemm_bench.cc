@@ -1,0 +1,155 @@
+// Gemm on the SmolLM2-135M projection shapes: ours (f32 and bf16 weights) against OpenBLAS
+// (cblas_sgemm) and oneDNN matmul, all on the same
+// number of threads as ThreadPool::Default(). Counters: GFLOP/s (2*m*n*k) and weight bytes/s, the
+// figure to set beside bandwidth_bench for decode (m = 1). Results and the choice they led to are
+// in docs/benchmarks.md. Filter with --benchmark_filter=..., e.g. 'm:1/'.
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/half.h"
+#include "common/thread_pool.h"
+#include "kernels/kernels.h"
+
+#if LP_BENCH_OPENBLAS
+#include <cblas.h>
+#endif
+#if LP_BENCH_ONEDNN
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace {
+
+using loraplex::kernels::DType;
+using loraplex::kernels::WeightView;
+
+struct Shape {
+  const char* name;
+  int64_t n, k;  // weight [n, k]
+};
+// SmolLM2-135M: hidden 576, intermediate 1536, 9 query heads / 3 kv heads of 64, vocab 49152.
+const Shape kShapes[] = {{"q_o", 576, 576},         {"k_v", 192, 576},    {"gate_up", 1536, 576},
+                         {"down", 576, 1536},       {"lm_head", 49152, 576}};
+const int64_t kTokens[] = {1, 16, 128};
+
+struct Operands {
+  std::vector<float> x, y, w32;
+  std::vector<uint16_t> w16, x16;
+  Operands(int64_t m, int64_t n, int64_t k) : x(m * k), y(m * n), w32(n * k), w16(n * k), x16(m * k) {
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+    for (float& v : x) v = d(rng);
+    for (float& v : w32) v = d(rng);
+    for (size_t i = 0; i < w32.size(); ++i) w16[i] = loraplex::F32ToBf16(w32[i]);
+    for (size_t i = 0; i < x.size(); ++i) x16[i] = loraplex::F32ToBf16(x[i]);
+  }
+};
+
+void SetCounters(benchmark::State& state, int64_t m, int64_t n, int64_t k, int64_t weight_bytes) {
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * n * k * iters / 1e9,
+                                                benchmark::Counter::kIsRate);
+  state.counters["weight_GBps"] = benchmark::Counter(static_cast<double>(weight_bytes) * iters / 1e9,
+                                                     benchmark::Counter::kIsRate);
+}
+
+void BM_Ours(benchmark::State& state, Shape s, int64_t m, DType dtype) {
+  Operands o(m, s.n, s.k);
+  WeightView w{dtype,
+               dtype == DType::kF32 ? static_cast<const void*>(o.w32.data()) : o.w16.data(), s.n,
+               s.k};
+  for (auto _ : state) {
+    loraplex::kernels::Gemm(o.y.data(), o.x.data(), m, w);
+    benchmark::DoNotOptimize(o.y.data());
+  }
+  SetCounters(state, m, s.n, s.k, s.n * s.k * (dtype == DType::kF32 ? 4 : 2));
+  state.SetLabel(loraplex::kernels::CpuKernelIsa());
+}
+
+#if LP_BENCH_OPENBLAS
+void BM_OpenBlasSgemm(benchmark::State& state, Shape s, int64_t m) {
+  Operands o(m, s.n, s.k);
+  openblas_set_num_threads(loraplex::ThreadPool::Default().num_threads());
+  for (auto _ : state) {
+    // y[m, n] = x[m, k] * W[n, k]^T
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, s.n, s.k, 1.0f, o.x.data(), s.k,
+                o.w32.data(), s.k, 0.0f, o.y.data(), s.n);
+    benchmark::DoNotOptimize(o.y.data());
+  }
+  SetCounters(state, m, s.n, s.k, s.n * s.k * 4);
+  state.SetLabel(openblas_get_corename());
+}
+
+// No cblas_sbgemm: Debian's libopenblas 0.3.21 declares it in cblas.h but is built without
+// BUILD_BFLOAT16, so the symbol is not exported (nm -D libopenblas.so.0 shows none).
+#endif
+
+#if LP_BENCH_ONEDNN
+// oneDNN matmul with weights [n, k] described as a [k, n] matrix in format "ba" (no copy). The
+// primitive is created once, outside the timing, as a server would cache it per shape.
+void BM_OneDnn(benchmark::State& state, Shape s, int64_t m, DType dtype) {
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  Operands o(m, s.n, s.k);
+  try {
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream strm(eng);
+    // bf16 weights need bf16 activations in oneDNN 2.6 (no f32 x bf16 matmul).
+    const dt in_type = dtype == DType::kF32 ? dt::f32 : dt::bf16;
+    dnnl::memory::desc src_md({m, s.k}, in_type, tag::ab);
+    dnnl::memory::desc wei_md({s.k, s.n}, in_type, tag::ba);
+    dnnl::memory::desc dst_md({m, s.n}, dt::f32, tag::ab);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_md, dst_md), eng);
+    dnnl::matmul prim(pd);
+    void* x = dtype == DType::kF32 ? static_cast<void*>(o.x.data()) : o.x16.data();
+    void* w = dtype == DType::kF32 ? static_cast<void*>(o.w32.data()) : o.w16.data();
+    dnnl::memory src(src_md, eng, x), wei(wei_md, eng, w), dst(dst_md, eng, o.y.data());
+    for (auto _ : state) {
+      prim.execute(strm, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+      strm.wait();
+      benchmark::DoNotOptimize(o.y.data());
+    }
+    SetCounters(state, m, s.n, s.k, s.n * s.k * (dtype == DType::kF32 ? 4 : 2));
+    state.SetLabel(pd.impl_info_str());
+  } catch (const dnnl::error& e) {
+    state.SkipWithError(e.what());
+  }
+}
+#endif
+
+void RegisterAll() {
+  for (const Shape& s : kShapes) {
+    for (int64_t m : kTokens) {
+      const std::string suffix = std::string("/") + s.name + "/m:" + std::to_string(m) + "/";
+      auto reg = [&](const std::string& name, auto fn) {
+        benchmark::RegisterBenchmark((name + suffix).c_str(), fn)
+            ->Unit(benchmark::kMicrosecond)
+            ->UseRealTime()
+            ->MinTime(0.2);
+      };
+      reg("ours_f32", [=](benchmark::State& st) { BM_Ours(st, s, m, DType::kF32); });
+      reg("ours_bf16", [=](benchmark::State& st) { BM_Ours(st, s, m, DType::kBF16); });
+#if LP_BENCH_OPENBLAS
+      reg("openblas_sgemm", [=](benchmark::State& st) { BM_OpenBlasSgemm(st, s, m); });
+#endif
+#if LP_BENCH_ONEDNN
+      reg("onednn_f32", [=](benchmark::State& st) { BM_OneDnn(st, s, m, DType::kF32); });
+      reg("onednn_bf16", [=](benchmark::State& st) { BM_OneDnn(st, s, m, DType::kBF16); });
+#endif
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  RegisterAll();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
