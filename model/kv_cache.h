@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -30,8 +31,11 @@ class KvCache {
   // Returns a block to the free list. Freeing a block twice is a programmer error (LP_CHECK).
   void FreeBlock(int32_t block);
 
-  float* k(int64_t layer) { return k_.data() + layer * layer_stride_; }
-  float* v(int64_t layer) { return v_.data() + layer * layer_stride_; }
+  float* k(int64_t layer) { return k_.get() + layer * layer_stride_; }
+  float* v(int64_t layer) { return v_.get() + layer * layer_stride_; }
+  bool block_in_use(int32_t block) const {
+    return block >= 0 && block < num_blocks_ && in_use_[block];
+  }
   kernels::KvLayout layout(int64_t max_blocks_per_seq) const {
     return {block_size_, n_kv_heads_, head_dim_, max_blocks_per_seq};
   }
@@ -39,7 +43,7 @@ class KvCache {
  private:
   KvCache() = default;
   int64_t num_blocks_ = 0, block_size_ = 0, n_kv_heads_ = 0, head_dim_ = 0, layer_stride_ = 0;
-  std::vector<float> k_, v_;
+  std::unique_ptr<float[]> k_, v_;
   std::vector<int32_t> free_;
   std::vector<bool> in_use_;
 };

@@ -44,6 +44,12 @@ struct LoraWeightsView {
 
 struct LoadOptions {
   kernels::DType dtype = kernels::DType::kBF16;  // storage of the big matrices
+  // Take the tokenizer from this GGUF file or HF folder instead of the model's own files (for HF
+  // folders that ship no tokenizer.json, like the test copy of stories260K).
+  std::string tokenizer_path;
+  // When false, a model without any tokenizer loads (token ids in, token ids out; has_tokenizer()
+  // is false). When true, a missing tokenizer is NOT_FOUND.
+  bool require_tokenizer = true;
 };
 
 // One step's input. Per-token arrays all have num_tokens entries. A sequence's tokens must appear
@@ -74,7 +80,8 @@ class LlamaModel {
   ~LlamaModel();
 
   const LlamaConfig& config() const { return config_; }
-  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  bool has_tokenizer() const { return tokenizer_ != nullptr; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }  // requires has_tokenizer()
   kernels::DType dtype() const { return options_.dtype; }
   // True when q/k rows are in GGUF's adjacent-pair order in the source file (they are un-permuted
   // at load, so adapters need no change; informational).

@@ -1,0 +1,168 @@
+// loraplex-generate: offline generation from a model file, no server. See README.md for usage.
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "client/offline_adapter.h"
+#include "common/flags.h"
+#include "model/generate.h"
+#include "model/llama_model.h"
+#include "nlohmann/json.hpp"
+
+ABSL_FLAG(std::string, model, "", "GGUF file or HF model folder");
+ABSL_FLAG(std::string, tokenizer, "", "tokenizer from another GGUF file or HF folder");
+ABSL_FLAG(std::string, adapter, "", "PEFT adapter folder (adapter_config.json + safetensors)");
+ABSL_FLAG(std::string, prompt, "", "prompt text (encoded with BOS when the model uses one)");
+ABSL_FLAG(std::string, prompt_ids, "", "prompt as comma-separated token ids");
+ABSL_FLAG(std::string, chat, "", "a user message, formatted with the model's chat template");
+ABSL_FLAG(std::string, system, "", "system message for --chat");
+ABSL_FLAG(int32_t, max_tokens, 64, "tokens to generate");
+ABSL_FLAG(double, temperature, 0.0, "0 = greedy");
+ABSL_FLAG(int32_t, top_k, 0, "0 = off");
+ABSL_FLAG(double, top_p, 1.0, "1 = off");
+ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
+ABSL_FLAG(bool, ignore_eos, false, "keep generating past end-of-sequence");
+ABSL_FLAG(int32_t, logprobs, 0, "top alternatives per token to report (0-20)");
+ABSL_FLAG(std::vector<std::string>, stop, {}, "comma-separated stop strings");
+ABSL_FLAG(std::string, dtype, "bf16", "weight storage: bf16 or f32");
+ABSL_FLAG(std::string, device, "auto", "auto or cpu (cuda: see the CUDA issue)");
+ABSL_FLAG(int32_t, max_lora_rank, 256, "largest adapter rank accepted");
+ABSL_FLAG(bool, json, false, "print one JSON object instead of streaming text");
+
+namespace loraplex {
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "loraplex-generate: %s\n", s.ToString().c_str());
+  return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+absl::StatusOr<std::vector<int32_t>> BuildPrompt(const model::LlamaModel& m) {
+  const std::string ids = absl::GetFlag(FLAGS_prompt_ids);
+  const std::string chat = absl::GetFlag(FLAGS_chat);
+  if (!ids.empty()) {
+    std::vector<int32_t> out;
+    for (absl::string_view part : absl::StrSplit(ids, ',', absl::SkipWhitespace())) {
+      int32_t v;
+      if (!absl::SimpleAtoi(part, &v)) {
+        return absl::InvalidArgumentError("--prompt-ids: '" + std::string(part) + "' is not an integer");
+      }
+      out.push_back(v);
+    }
+    if (out.empty()) return absl::InvalidArgumentError("--prompt-ids: the list is empty");
+    return out;
+  }
+  if (!m.has_tokenizer()) {
+    return absl::FailedPreconditionError("this model has no tokenizer: use --prompt-ids or --tokenizer");
+  }
+  const model::Tokenizer& tok = m.tokenizer();
+  if (!chat.empty()) {
+    std::vector<model::ChatMessage> msgs;
+    if (!absl::GetFlag(FLAGS_system).empty()) msgs.push_back({"system", absl::GetFlag(FLAGS_system)});
+    msgs.push_back({"user", chat});
+    auto text = tok.ApplyChatTemplate(msgs, /*add_generation_prompt=*/true);
+    if (!text.ok()) return text.status();
+    return tok.Encode(*text, tok.spec().add_bos);
+  }
+  std::vector<int32_t> out = tok.Encode(absl::GetFlag(FLAGS_prompt), tok.spec().add_bos);
+  if (out.empty()) {
+    return absl::InvalidArgumentError(
+        "the prompt is empty and this model has no BOS token to start from");
+  }
+  return out;
+}
+
+int Run() {
+  if (absl::GetFlag(FLAGS_model).empty()) {
+    return Fail(absl::InvalidArgumentError("--model is required (a GGUF file or HF folder)"));
+  }
+  int forms = !absl::GetFlag(FLAGS_prompt_ids).empty() + !absl::GetFlag(FLAGS_chat).empty() +
+              !absl::GetFlag(FLAGS_prompt).empty();
+  if (forms > 1) {
+    return Fail(absl::InvalidArgumentError("give only one of --prompt, --prompt-ids, --chat"));
+  }
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "auto" && device != "cpu") {
+    return Fail(absl::UnimplementedError("--device " + device +
+                                         ": only the CPU backend is available in this build"));
+  }
+  model::LoadOptions load;
+  const std::string dtype = absl::GetFlag(FLAGS_dtype);
+  if (dtype == "bf16") {
+    load.dtype = kernels::DType::kBF16;
+  } else if (dtype == "f32") {
+    load.dtype = kernels::DType::kF32;
+  } else {
+    return Fail(absl::InvalidArgumentError("--dtype must be bf16 or f32, got " + dtype));
+  }
+  load.tokenizer_path = absl::GetFlag(FLAGS_tokenizer);
+  load.require_tokenizer = absl::GetFlag(FLAGS_prompt_ids).empty();
+  auto m = model::LlamaModel::Load(absl::GetFlag(FLAGS_model), load);
+  if (!m.ok()) return Fail(m.status());
+  auto prompt = BuildPrompt(**m);
+  if (!prompt.ok()) return Fail(prompt.status());
+
+  model::GenerateOptions opts;
+  opts.max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  opts.sampling.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  opts.sampling.top_k = absl::GetFlag(FLAGS_top_k);
+  opts.sampling.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
+  opts.sampling.seed = absl::GetFlag(FLAGS_seed);
+  opts.sampling.logprobs = absl::GetFlag(FLAGS_logprobs);
+  opts.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
+  opts.stop = absl::GetFlag(FLAGS_stop);
+
+  OfflineAdapter adapter;
+  if (!absl::GetFlag(FLAGS_adapter).empty()) {
+    absl::Status s = adapter.Load(absl::GetFlag(FLAGS_adapter), **m, absl::GetFlag(FLAGS_max_lora_rank));
+    if (!s.ok()) return Fail(s);
+    opts.adapter = adapter.view();
+  }
+
+  const bool json = absl::GetFlag(FLAGS_json);
+  auto result = model::Generate(**m, *prompt, opts, [&](const std::string& delta) {
+    if (!json) {
+      std::fwrite(delta.data(), 1, delta.size(), stdout);
+      std::fflush(stdout);
+    }
+  });
+  if (!result.ok()) return Fail(result.status());
+  if (!json) {
+    std::fputc('\n', stdout);
+    return 0;
+  }
+  nlohmann::json out;
+  out["prompt_token_ids"] = *prompt;
+  std::vector<int32_t> ids;
+  nlohmann::json logprobs = nlohmann::json::array();
+  for (const auto& t : result->tokens) {
+    ids.push_back(t.token_id);
+    nlohmann::json top = nlohmann::json::array();
+    for (const auto& alt : t.top) top.push_back({{"token_id", alt.token_id}, {"logprob", alt.logprob}});
+    logprobs.push_back({{"token_id", t.token_id}, {"logprob", t.logprob}, {"top", top}});
+  }
+  out["token_ids"] = ids;
+  out["text"] = result->text;
+  out["finish_reason"] = result->finish_reason;
+  if (absl::GetFlag(FLAGS_logprobs) > 0) out["logprobs"] = logprobs;
+  std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  return 0;
+}
+
+}  // namespace
+}  // namespace loraplex
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "offline generation: loraplex-generate --model PATH (--prompt TEXT | --prompt-ids 1,2 | "
+      "--chat TEXT) [--adapter DIR] [--max-tokens N] [--temperature T] [--json] ...");
+  loraplex::DashedArgs args(argc, argv);
+  absl::ParseCommandLine(args.argc(), args.argv());
+  return loraplex::Run();
+}

@@ -1,0 +1,100 @@
+// Runs the real loraplex-generate binary and checks what it prints.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "nlohmann/json.hpp"
+#include "tests/testing/testing.h"
+
+namespace loraplex {
+namespace {
+
+using ::loraplex::testing::Stories260KDir;
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out;  // stdout and stderr together
+};
+
+RunResult RunGenerate(const std::string& args) {
+  std::string cmd = std::string(LP_GENERATE_BIN) + " " + args + " 2>&1";
+  RunResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::vector<int32_t> GoldenIds() {
+  std::ifstream in(Stories260KDir() + "/golden-greedy.json");
+  return nlohmann::json::parse(in)["greedy_ids_after_bos"].get<std::vector<int32_t>>();
+}
+
+TEST(GenerateE2eTest, GgufGreedyJsonEqualsGoldenStory) {
+  RunResult r = RunGenerate("--model " + Stories260KDir() +
+                    "/stories260K.gguf --dtype f32 --prompt '' --max-tokens 60 --ignore-eos --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["token_ids"].get<std::vector<int32_t>>(), GoldenIds());
+  std::ifstream in(Stories260KDir() + "/golden-greedy.json");
+  EXPECT_EQ(j["text"], nlohmann::json::parse(in)["text"]);
+}
+
+TEST(GenerateE2eTest, HfCopyGreedyEqualsGoldenStory) {
+  RunResult r = RunGenerate("--model " + Stories260KDir() +
+                    " --dtype f32 --prompt-ids 1 --max-tokens 60 --ignore-eos --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["token_ids"].get<std::vector<int32_t>>(), GoldenIds());
+}
+
+TEST(GenerateE2eTest, LogprobsAreReportedBestFirst) {
+  RunResult r = RunGenerate("--model " + Stories260KDir() +
+                    "/stories260K.gguf --prompt 'Once upon' --max-tokens 5 --logprobs 4 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["logprobs"].size(), j["token_ids"].size());
+  for (const auto& entry : j["logprobs"]) {
+    ASSERT_EQ(entry["top"].size(), 4u);
+    EXPECT_EQ(entry["top"][0]["token_id"], entry["token_id"]);  // greedy picks the best
+    EXPECT_LE(entry["logprob"].get<double>(), 0.0);
+    EXPECT_GE(entry["top"][0]["logprob"].get<double>(), entry["top"][1]["logprob"].get<double>());
+  }
+}
+
+TEST(GenerateE2eTest, PlainTextStreamsTheStory) {
+  RunResult r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --dtype f32 --max-tokens 10 --ignore-eos");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_EQ(r.out, " Once upon a time, there was a little g\n");
+}
+
+TEST(GenerateE2eTest, BadInputsGiveClearErrors) {
+  RunResult r = RunGenerate("--model /nonexistent.gguf --prompt hi");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("/nonexistent.gguf"), std::string::npos) << r.out;
+  r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt-ids ,");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("empty"), std::string::npos) << r.out;
+  r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt-ids 1,99999");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("vocabulary"), std::string::npos) << r.out;
+  r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --prompt-ids 1");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("only one"), std::string::npos) << r.out;
+  r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --top-p 0");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("top_p"), std::string::npos) << r.out;
+  r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --max-tokens 100000");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("context"), std::string::npos) << r.out;
+}
+
+}  // namespace
+}  // namespace loraplex
