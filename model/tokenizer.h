@@ -6,9 +6,11 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -45,7 +47,9 @@ struct TokenizerSpec {
   std::vector<int32_t> extra_eos_ids;  // other end-of-generation ids (e.g. <|im_end|>, <|eot_id|>)
   bool add_bos = false;                // prepend BOS when encoding a prompt
   bool add_space_prefix = true;        // SPM: prepend "▁" to the text (llama default)
-  std::string chat_template;           // Jinja source from the model, may be empty
+  bool ignore_merges = false;  // BPE: a pre-token that is itself in the vocabulary is not split
+                               // (HF `model.ignore_merges`, llama.cpp's llama3 behaviour)
+  std::string chat_template;   // Jinja source from the model, may be empty
 };
 
 struct ChatMessage {
@@ -56,13 +60,16 @@ struct ChatMessage {
 class Tokenizer {
  public:
   // INVALID_ARGUMENT when the spec is inconsistent (empty vocabulary, ids out of range, a merge
-  // naming unknown pieces).
+  // naming unknown pieces, scores/types of another length, an unknown BPE pre-tokenizer flavour).
+  // Tokens of type kControl, kUserDefined and kUnknown are matched literally in the text.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Create(TokenizerSpec spec);
   // From GGUF metadata (tokenizer.ggml.*, tokenizer.chat_template). NOT_FOUND / INVALID_ARGUMENT
   // naming the missing or malformed key; UNIMPLEMENTED for other tokenizer models.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const formats::GgufFile& gguf);
   // From an HF model folder: tokenizer.json (+ tokenizer_config.json for chat template, BOS/EOS and
-  // add_bos when present).
+  // add_bos when present). Only model.type BPE with a ByteLevel pre-tokenizer (optionally behind
+  // Digits(individual_digits) = the "smollm" flavour, or a Split with the Llama 3 regex) is read;
+  // anything else is UNIMPLEMENTED naming the field. NOT_FOUND when tokenizer.json is absent.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromHfDir(const std::string& dir);
 
   virtual ~Tokenizer() = default;
@@ -97,10 +104,20 @@ class Tokenizer {
  protected:
   explicit Tokenizer(TokenizerSpec spec);
   TokenizerSpec spec_;
+
+ private:
+  struct PieceHash {  // transparent, so that look-ups by string_view do not allocate
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
+  };
+  // First id of each piece.
+  std::unordered_map<std::string, int32_t, PieceHash, std::equal_to<>> piece_to_id_;
 };
 
 // Incremental detokenizer: Push returns the text completed by this token, holding back bytes of a
 // UTF-8 character that is not complete yet; Flush returns what is left (invalid bytes as U+FFFD).
+// The concatenation of all Push results and Flush equals Decode of all ids. Not thread-safe (one
+// per stream); the tokenizer must outlive it.
 class StreamDecoder {
  public:
   explicit StreamDecoder(const Tokenizer* tokenizer) : tokenizer_(tokenizer) {}
@@ -111,5 +128,9 @@ class StreamDecoder {
   const Tokenizer* tokenizer_;
   std::string pending_;
 };
+
+// Replaces every ill-formed UTF-8 subsequence of `bytes` by U+FFFD, one per maximal subpart (the
+// Unicode / Python errors="replace" convention).
+std::string SanitizeUtf8(std::string_view bytes);
 
 }  // namespace loraplex::model
