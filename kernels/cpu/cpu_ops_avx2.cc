@@ -103,10 +103,27 @@ struct TileTable {
   };
 };
 
+// Decode (one token): eight weight rows at a time, so eight independent FMA chains and eight
+// streams of weight loads are in flight (8 accumulators + 1 x register; each weight register is
+// used once and freed).
+template <typename WT>
+struct GemvTable {
+  TileFn<WT> fn[8] = {Tile<1, 1, WT>, Tile<1, 2, WT>, Tile<1, 3, WT>, Tile<1, 4, WT>,
+                      Tile<1, 5, WT>, Tile<1, 6, WT>, Tile<1, 7, WT>, Tile<1, 8, WT>};
+};
+
 template <typename WT>
 void GemmRange(float* y, const float* x, int64_t m, const WT* w, int64_t n, int64_t k,
                int64_t j_begin, int64_t j_end, bool accumulate) {
   static const TileTable<WT> tiles;
+  if (m == 1) {
+    static const GemvTable<WT> gemv;
+    for (int64_t j = j_begin; j < j_end; j += 8) {
+      const int nr = static_cast<int>(std::min<int64_t>(8, j_end - j));
+      gemv.fn[nr - 1](y + j, n, x, w + j * k, k, accumulate);
+    }
+    return;
+  }
   // A panel of weight rows (~128 KiB) stays in L2 while every token tile passes over it, so for
   // prefill the weights are read from memory once per call rather than once per 4 tokens.
   const int64_t panel =
