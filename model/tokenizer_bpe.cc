@@ -7,6 +7,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "model/tokenizer_internal.h"
@@ -59,17 +60,28 @@ void AppendUtf8(char32_t cp, std::string* out) {
   out->append(reinterpret_cast<const char*>(buf), len);
 }
 
+struct Merge {
+  int32_t rank;    // position in the merge list: lower merges first
+  int32_t merged;  // id of the piece left+right
+};
+// (left id, right id) -> merge.
+using MergeTable = absl::flat_hash_map<uint64_t, Merge>;
+uint64_t PairKey(int32_t left, int32_t right) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+}
+
 class BpeTokenizer final : public Tokenizer {
  public:
   BpeTokenizer(TokenizerSpec spec, std::vector<std::unique_ptr<icu::RegexPattern>> patterns,
-               std::unordered_map<std::string, int32_t> ranks)
+               MergeTable merges)
       : Tokenizer(std::move(spec)),
         matcher_(spec_),
         patterns_(std::move(patterns)),
-        ranks_(std::move(ranks)) {
+        merges_(std::move(merges)) {
     const std::vector<char32_t> map = ByteToCodepoint();
     for (int b = 0; b < 256; ++b) {
       AppendUtf8(map[b], &byte_chars_[b]);
+      byte_ids_[b] = PieceToId(byte_chars_[b]);
       codepoint_to_byte_.emplace(map[b], static_cast<uint8_t>(b));
     }
   }
@@ -172,14 +184,12 @@ class BpeTokenizer final : public Tokenizer {
     return words;
   }
 
+  // Merges run on token ids (every merge result is a vocabulary piece, checked at creation), so
+  // no strings are built or hashed per pair.
   void EncodeWord(std::string_view word, std::vector<int32_t>* out) const {
-    std::string mapped;
-    std::vector<size_t> starts;  // offset of each byte's character in `mapped`
-    for (char c : word) {
-      starts.push_back(mapped.size());
-      mapped.append(byte_chars_[static_cast<uint8_t>(c)]);
-    }
     if (spec_.ignore_merges) {
+      std::string mapped;
+      for (char c : word) mapped.append(byte_chars_[static_cast<uint8_t>(c)]);
       const int32_t id = PieceToId(mapped);
       if (id >= 0) {
         out->push_back(id);
@@ -188,55 +198,47 @@ class BpeTokenizer final : public Tokenizer {
     }
     struct Symbol {
       int prev, next;
-      size_t offset, n;  // n == 0: merged into the left neighbour
+      int32_t id;  // -1: a byte whose character is not in the vocabulary (never merges)
     };
-    std::vector<Symbol> sym;
-    for (size_t i = 0; i < starts.size(); ++i) {
-      const size_t end = i + 1 < starts.size() ? starts[i + 1] : mapped.size();
-      sym.push_back({static_cast<int>(i) - 1, i + 1 < starts.size() ? static_cast<int>(i) + 1 : -1,
-                     starts[i], end - starts[i]});
+    std::vector<Symbol> sym(word.size());
+    for (size_t i = 0; i < word.size(); ++i) {
+      sym[i] = {static_cast<int>(i) - 1, i + 1 < word.size() ? static_cast<int>(i) + 1 : -1,
+                byte_ids_[static_cast<uint8_t>(word[i])]};
     }
     struct Pair {
       int32_t rank;
       int left;
-      size_t size;
+      int32_t left_id, right_id;  // to recognise entries made stale by a neighbour's merge
       bool operator>(const Pair& o) const {
         return rank > o.rank || (rank == o.rank && left > o.left);
       }
     };
     std::priority_queue<Pair, std::vector<Pair>, std::greater<Pair>> queue;
-    std::string key;
     auto try_add = [&](int left) {
       if (left < 0 || sym[left].next < 0) return;
-      const Symbol& l = sym[left];
-      const Symbol& r = sym[l.next];
-      key.assign(mapped, l.offset, l.n);
-      key.push_back(' ');
-      key.append(mapped, r.offset, r.n);
-      auto it = ranks_.find(key);
-      if (it != ranks_.end()) queue.push({it->second, left, l.n + r.n});
+      const int32_t a = sym[left].id, b = sym[sym[left].next].id;
+      if (a < 0 || b < 0) return;
+      auto it = merges_.find(PairKey(a, b));
+      if (it != merges_.end()) queue.push({it->second.rank, left, a, b});
     };
     for (size_t i = 0; i + 1 < sym.size(); ++i) try_add(static_cast<int>(i));
     while (!queue.empty()) {
       const Pair p = queue.top();
       queue.pop();
       Symbol& l = sym[p.left];
-      if (l.n == 0 || l.next < 0) continue;
+      if (l.id != p.left_id || l.next < 0 || sym[l.next].id != p.right_id) continue;  // stale
       Symbol& r = sym[l.next];
-      if (l.n + r.n != p.size) continue;  // stale: a neighbour changed since it was queued
-      l.n += r.n;
-      r.n = 0;
+      l.id = merges_.find(PairKey(p.left_id, p.right_id))->second.merged;
+      r.id = -2;  // merged away: never matches a queued id again
       l.next = r.next;
       if (l.next >= 0) sym[l.next].prev = p.left;
       try_add(l.prev);
       try_add(p.left);
     }
     for (int i = sym.empty() ? -1 : 0; i >= 0; i = sym[i].next) {
-      const std::string_view piece = std::string_view(mapped).substr(sym[i].offset, sym[i].n);
-      const int32_t id = PieceToId(piece);
-      if (id >= 0) {
-        out->push_back(id);
-      } else if (spec_.unk_id >= 0) {  // only reachable with a vocabulary missing byte characters
+      if (sym[i].id >= 0) {
+        out->push_back(sym[i].id);
+      } else if (spec_.unk_id >= 0) {  // only with a vocabulary missing byte characters
         out->push_back(spec_.unk_id);
       }
     }
@@ -244,8 +246,9 @@ class BpeTokenizer final : public Tokenizer {
 
   SpecialTokenMatcher matcher_;
   std::vector<std::unique_ptr<icu::RegexPattern>> patterns_;
-  std::unordered_map<std::string, int32_t> ranks_;  // "left right" -> merge rank
-  std::string byte_chars_[256];                     // byte -> its GPT-2 character (UTF-8)
+  MergeTable merges_;
+  std::string byte_chars_[256];  // byte -> its GPT-2 character (UTF-8)
+  int32_t byte_ids_[256];        // byte -> id of that character's piece, -1 when absent
   std::unordered_map<char32_t, uint8_t> codepoint_to_byte_;
 };
 
@@ -268,8 +271,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> CreateBpeTokenizer(TokenizerSpec spec
   }
   std::unordered_map<std::string, int32_t> piece_ids;
   for (size_t i = 0; i < spec.tokens.size(); ++i) piece_ids.emplace(spec.tokens[i], i);
-  std::unordered_map<std::string, int32_t> ranks;
-  ranks.reserve(spec.merges.size());
+  MergeTable merges;
+  merges.reserve(spec.merges.size());
   for (size_t rank = 0; rank < spec.merges.size(); ++rank) {
     const std::string& merge = spec.merges[rank];
     const size_t space = merge.find(' ', 1);  // the left piece is never empty
@@ -278,14 +281,16 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> CreateBpeTokenizer(TokenizerSpec spec
           absl::StrCat("tokenizer: merge ", rank, " '", merge, "' is not 'left right'"));
     }
     const std::string left = merge.substr(0, space), right = merge.substr(space + 1);
-    if (!piece_ids.count(left) || !piece_ids.count(right) || !piece_ids.count(left + right)) {
+    auto l = piece_ids.find(left), r = piece_ids.find(right), m = piece_ids.find(left + right);
+    if (l == piece_ids.end() || r == piece_ids.end() || m == piece_ids.end()) {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer: merge ", rank, " '", merge,
                                                      "' names a piece outside the vocabulary"));
     }
-    ranks.emplace(merge, static_cast<int32_t>(rank));  // a repeated merge keeps its first rank
+    // A repeated merge keeps its first rank.
+    merges.emplace(PairKey(l->second, r->second), Merge{static_cast<int32_t>(rank), m->second});
   }
   return std::unique_ptr<Tokenizer>(
-      new BpeTokenizer(std::move(spec), std::move(patterns), std::move(ranks)));
+      new BpeTokenizer(std::move(spec), std::move(patterns), std::move(merges)));
 }
 
 }  // namespace loraplex::model::internal

@@ -164,19 +164,37 @@ def smollm2(gguf_path, vers):
 
     tok_up = Tokenizer.from_str(json.dumps(upstream))
     tok_conv = Tokenizer.from_str(json.dumps(converted))
+    # The same vocabulary behind Llama 3's pre-tokenizer (and its ignore_merges), so that the
+    # C++ "llama3" flavour is checked against HF's regex engine too.
+    llama3 = json.loads(json.dumps(converted))
+    llama3["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PRE_REGEX}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False},
+        ],
+    }
+    llama3["model"]["ignore_merges"] = True
+    tok_llama3 = Tokenizer.from_str(json.dumps(llama3))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<file_sep>", "<repo_name>"]
     cases, differ = [], []
     for text in test_strings(specials):
         ids = tok_up.encode(text, add_special_tokens=False).ids
-        if ids != tok_conv.encode(text, add_special_tokens=False).ids:
+        ids_gpt2 = tok_conv.encode(text, add_special_tokens=False).ids
+        if ids != ids_gpt2:
             differ.append(text)
-        cases.append({"text": text, "ids": ids})
+        cases.append({"text": text, "ids": ids, "ids_gpt2": ids_gpt2,
+                      "ids_llama3": tok_llama3.encode(text, add_special_tokens=False).ids})
     fixture = {
         "source": name + " via transformers AutoTokenizer(gguf_file=...), pre-tokenizer = "
                   "Digits(individual_digits)+ByteLevel as upstream and llama.cpp 'smollm'",
         "versions": vers,
         "regenerate": "python3 tools/make_tokenizer_fixtures.py",
         "differs_from_converter_pre_tokenizer": differ,
+        "ids_gpt2": "the converter's plain ByteLevel pre-tokenizer (GPT-2 regex)",
+        "ids_llama3": "Llama 3's Split regex + ByteLevel(use_regex=false), ignore_merges=true",
         "cases": cases,
     }
     with open(os.path.join(OUT, "smollm2_ids.json"), "w", encoding="utf-8") as f:
@@ -290,6 +308,8 @@ def stories(vers):
           f"golden text ids == greedy ids: {fixture['golden_text_ids_equal_greedy_ids']}")
 
 
+LLAMA3_PRE_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?"
+                    "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] "
           "| trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content "

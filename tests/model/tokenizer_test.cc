@@ -41,12 +41,13 @@ struct Case {
   std::vector<int32_t> ids;
 };
 
-std::vector<Case> LoadCases(const std::string& name) {
+// `key` selects the reference ids: "ids", or another flavour's ("ids_gpt2", "ids_llama3").
+std::vector<Case> LoadCases(const std::string& name, const char* key = "ids") {
   json j = ReadJson(TokDir() + "/" + name);
   std::vector<Case> cases;
   if (!j.is_object()) return cases;
   for (const json& c : j["cases"]) {
-    cases.push_back({c["text"].get<std::string>(), c["ids"].get<std::vector<int32_t>>()});
+    cases.push_back({c["text"].get<std::string>(), c[key].get<std::vector<int32_t>>()});
   }
   return cases;
 }
@@ -134,6 +135,21 @@ TEST_F(SmolLm2Test, SpecAsLoaded) {
 
 TEST_F(SmolLm2Test, IdsEqualHfTokenizers) {
   ExpectIdsMatch(*tok_, LoadCases("smollm2_ids.json"), "smollm2_ids.json");
+}
+
+TEST_F(SmolLm2Test, OtherPreTokenizerFlavoursEqualHfTokenizers) {
+  // The same vocabulary behind the plain GPT-2 regex and behind Llama 3's regex with
+  // ignore_merges: checks the "gpt2" and "llama3" flavours against HF's regex engine.
+  TokenizerSpec gpt2 = tok_->spec();
+  gpt2.pre = "gpt2";
+  ASSERT_OK_AND_ASSIGN(auto gpt2_tok, Tokenizer::Create(gpt2));
+  ExpectIdsMatch(*gpt2_tok, LoadCases("smollm2_ids.json", "ids_gpt2"), "smollm2_ids.json gpt2");
+  TokenizerSpec llama3 = tok_->spec();
+  llama3.pre = "llama3";
+  llama3.ignore_merges = true;
+  ASSERT_OK_AND_ASSIGN(auto llama3_tok, Tokenizer::Create(llama3));
+  ExpectIdsMatch(*llama3_tok, LoadCases("smollm2_ids.json", "ids_llama3"),
+                 "smollm2_ids.json llama3");
 }
 
 TEST_F(SmolLm2Test, DigitsAreIsolated) {
@@ -372,6 +388,33 @@ TEST(HfDirTest, BadFoldersAreRefused) {
   WriteFile(dir + "/tokenizer_config.json", R"({"eos_token": {"content": "b"}})");
   ASSERT_OK_AND_ASSIGN(auto tok, Tokenizer::FromHfDir(dir));
   EXPECT_EQ(tok->eos_id(), 1);
+}
+
+TEST(HfDirTest, ReadsLlama3StyleTokenizerJson) {
+  // The pre-tokenizer, post-processor and ignore_merges as Meta's Llama 3 tokenizer.json has them.
+  const std::string dir = ::loraplex::testing::MakeTempDir("tok_llama3");
+  WriteFile(dir + "/tokenizer.json", R"({
+    "added_tokens": [{"id": 3, "content": "<|begin_of_text|>", "special": true},
+                     {"id": 4, "content": "<|eot_id|>", "special": true}],
+    "normalizer": null,
+    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+       "behavior": "Isolated", "invert": false},
+      {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+    "post_processor": {"type": "TemplateProcessing",
+      "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                 {"Sequence": {"id": "A", "type_id": 0}}]},
+    "model": {"type": "BPE", "ignore_merges": true, "vocab": {"a": 0, "b": 1, "ab": 2},
+              "merges": [["a", "b"]]}})");
+  WriteFile(dir + "/tokenizer_config.json",
+            R"({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})");
+  ASSERT_OK_AND_ASSIGN(auto tok, Tokenizer::FromHfDir(dir));
+  EXPECT_EQ(tok->spec().pre, "llama3");
+  EXPECT_TRUE(tok->spec().ignore_merges);
+  EXPECT_TRUE(tok->spec().add_bos);  // from the post-processor
+  EXPECT_EQ(tok->bos_id(), 3);
+  EXPECT_EQ(tok->Encode("ab<|eot_id|>", true), (std::vector<int32_t>{3, 2, 4}));
+  EXPECT_TRUE(tok->IsEndOfGeneration(4));
 }
 
 // --- SentencePiece-style: stories260K (GGUF in ../shared) -------------------------------------
