@@ -104,8 +104,12 @@ struct TileTable {
 };
 
 // Decode (one token): eight weight rows at a time, so eight independent FMA chains and eight
-// streams of weight loads are in flight (8 accumulators + 1 x register; each weight register is
-// used once and freed).
+// streams of weight loads are in flight. For bf16, seven: GCC hoists all the widening loads ahead
+// of the FMAs, and 8 accumulators + 8 widened rows + x is one register more than AVX2 has (it then
+// kept an accumulator on the stack, a store/load round trip every step).
+template <typename WT>
+constexpr int kGemvRows = sizeof(WT) == sizeof(float) ? 8 : 7;
+
 template <typename WT>
 struct GemvTable {
   TileFn<WT> fn[8] = {Tile<1, 1, WT>, Tile<1, 2, WT>, Tile<1, 3, WT>, Tile<1, 4, WT>,
@@ -118,8 +122,8 @@ void GemmRange(float* y, const float* x, int64_t m, const WT* w, int64_t n, int6
   static const TileTable<WT> tiles;
   if (m == 1) {
     static const GemvTable<WT> gemv;
-    for (int64_t j = j_begin; j < j_end; j += 8) {
-      const int nr = static_cast<int>(std::min<int64_t>(8, j_end - j));
+    for (int64_t j = j_begin; j < j_end; j += kGemvRows<WT>) {
+      const int nr = static_cast<int>(std::min<int64_t>(kGemvRows<WT>, j_end - j));
       gemv.fn[nr - 1](y + j, n, x, w + j * k, k, accumulate);
     }
     return;
