@@ -101,7 +101,9 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
                     float scale);
 }  // namespace ref
 
-// Which fast path the CPU backend dispatched to ("avx512bf16", "avx512", "avx2", "scalar").
+// Which fast path the CPU backend dispatched to ("avx512bf16", "avx512", "avx2", "scalar"). Chosen
+// once per process from the CPU features; LP_CPU_ISA=scalar in the environment forces the portable
+// loops (for debugging and for comparing against them). This build has "avx2" and "scalar".
 const char* CpuKernelIsa();
 
 }  // namespace loraplex::kernels
