@@ -75,7 +75,9 @@ class Tokenizer {
   virtual ~Tokenizer() = default;
 
   // Encodes text; special tokens in the text map to their ids. Prepends BOS when add_bos and the
-  // model has one.
+  // model has one. Any bytes are accepted: SPM falls back to <0xXX> tokens (or <unk>); BPE drops a
+  // byte whose byte-level character is not in the vocabulary (0xFE/0xFF in SmolLM2), as HF
+  // tokenizers and llama.cpp do.
   virtual std::vector<int32_t> Encode(std::string_view text, bool add_bos) const = 0;
   // Concatenated bytes of the tokens (control tokens such as BOS/EOS render as nothing); may end in
   // an incomplete UTF-8 sequence.

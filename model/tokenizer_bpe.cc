@@ -235,12 +235,11 @@ class BpeTokenizer final : public Tokenizer {
       try_add(l.prev);
       try_add(p.left);
     }
+    // A byte whose character has no piece (0xFE and 0xFF never occur in UTF-8, and vocabularies
+    // often lack them) is dropped, as HF tokenizers (BPE without unk_token) and llama.cpp do;
+    // emitting <unk> would put a control token such as <|endoftext|> into the prompt.
     for (int i = sym.empty() ? -1 : 0; i >= 0; i = sym[i].next) {
-      if (sym[i].id >= 0) {
-        out->push_back(sym[i].id);
-      } else if (spec_.unk_id >= 0) {  // only with a vocabulary missing byte characters
-        out->push_back(spec_.unk_id);
-      }
+      if (sym[i].id >= 0) out->push_back(sym[i].id);
     }
   }
 

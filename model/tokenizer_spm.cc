@@ -131,7 +131,13 @@ class SpmTokenizer final : public Tokenizer {
   void TokenizeFragment(const std::string& text, std::vector<int32_t>* out) const {
     std::vector<Symbol> symbols;
     for (size_t offs = 0; offs < text.size();) {
-      const size_t len = std::min(text.size() - offs, Utf8SeqLen(static_cast<uint8_t>(text[offs])));
+      // One character per symbol. A truncated or broken sequence becomes single bytes, so that it
+      // never swallows the start of the next character (llama.cpp trusts the lead byte; on
+      // valid UTF-8 the two agree).
+      size_t len = std::min(text.size() - offs, Utf8SeqLen(static_cast<uint8_t>(text[offs])));
+      for (size_t k = 1; k < len; ++k) {
+        if ((static_cast<uint8_t>(text[offs + k]) & 0xC0) != 0x80) len = 1;
+      }
       const int index = static_cast<int>(symbols.size());
       symbols.push_back({index - 1, offs + len == text.size() ? -1 : index + 1, offs, len});
       offs += len;

@@ -171,6 +171,18 @@ TEST_F(SmolLm2Test, DecodeInvertsEncode) {
   }
 }
 
+TEST_F(SmolLm2Test, IllFormedUtf8KeepsItsBytes) {
+  // The regexes see U+FFFD, the tokens keep the original bytes.
+  const std::string text = "a\xE2\x82 b\xC3 \xF0\x9F\x98 \xE2\x28\xA1!\x80";
+  EXPECT_EQ(tok_->DecodeBytes(tok_->Encode(text, false)), text);
+  EXPECT_EQ(tok_->Decode(tok_->Encode(text, false)), SanitizeUtf8(text));
+  // 0xFF has no byte-level piece in this vocabulary: dropped, never mapped to <|endoftext|>.
+  EXPECT_EQ(tok_->PieceToId("\xC3\xBF"), -1);  // "ÿ"
+  std::vector<int32_t> x_then_y = tok_->Encode("x", false);
+  for (int32_t id : tok_->Encode("y", false)) x_then_y.push_back(id);
+  EXPECT_EQ(tok_->Encode("x\xFFy", false), x_then_y);
+}
+
 TEST_F(SmolLm2Test, StreamingNeverSplitsACharacter) {
   // A ZWJ family emoji is 25 bytes; byte-level BPE cuts it inside characters.
   const std::vector<int32_t> family = tok_->Encode("👨‍👩‍👧‍👦 and 🇺🇸", false);
@@ -474,6 +486,9 @@ TEST_F(Stories260KTest, DecodeInvertsEncodeWithThePrefixSpace) {
     EXPECT_EQ(tok_->Decode(tok_->Encode(c.text, true)), c.text.empty() ? "" : " " + c.text);
     ExpectStreamingMatchesDecode(*tok_, c.ids);
   }
+  // Ill-formed UTF-8 goes through byte tokens unchanged.
+  const std::string bad = "x\xFF\xE2\x82 y\xC3";
+  EXPECT_EQ(tok_->DecodeBytes(tok_->Encode(bad, false)), " " + bad);
   // Byte fallback: CJK has no pieces in this vocabulary.
   const auto ids = tok_->Encode("日本", false);
   EXPECT_EQ(ids.size(), 7u) << Ids(ids);  // "▁" + 6 byte tokens
