@@ -92,7 +92,7 @@ void Tile(float* y, int64_t ldy, const float* x, const WT* w, int64_t k, bool ac
 template <typename WT>
 using TileFn = void (*)(float*, int64_t, const float*, const WT*, int64_t, bool);
 
-// kTiles[mr - 1][nr - 1] for mr, nr in 1..4: runtime tile sizes map to compile-time ones here only.
+// fn[mr - 1][nr - 1] for mr, nr in 1..4: runtime tile sizes map to compile-time ones here only.
 template <typename WT>
 struct TileTable {
   TileFn<WT> fn[4][4] = {
@@ -136,8 +136,9 @@ void GemmRange(float* y, const float* x, int64_t m, const WT* w, int64_t n, int6
     const int64_t jp_end = std::min(j_end, jp + panel);
     for (int64_t i = 0; i < m; i += 4) {
       const int mr = static_cast<int>(std::min<int64_t>(4, m - i));
-      // 4 tokens: 4x3 fills the register file; fewer tokens leave room for 4 weight rows.
-      const int nr_max = mr == 4 ? 3 : 4;
+      // 4 tokens: 4x3 fills the register file; fewer tokens leave room for 4 weight rows, except
+      // 3x4 with bf16, where GCC's hoisted widening loads spill an accumulator (as in the GEMV).
+      const int nr_max = (mr == 4 || (mr == 3 && sizeof(WT) != sizeof(float))) ? 3 : 4;
       for (int64_t j = jp; j < jp_end; j += nr_max) {
         const int nr = static_cast<int>(std::min<int64_t>(nr_max, jp_end - j));
         tiles.fn[mr - 1][nr - 1](y + i * n + j, n, x + i * k, w + j * k, k, accumulate);
