@@ -18,10 +18,21 @@ namespace {
 constexpr int64_t kQK = 32;    // elements per Q8_0 / Q4_0 / Q4_1 block
 constexpr int64_t kQKK = 256;  // elements per K-quant super-block
 
-inline float LoadF16(const uint8_t* p) {
+// F16ToF32 branches on subnormals and specials; a table of all 65536 values (256 KiB, built once)
+// gives the same bits at a load per element.
+const float* F16Table() {
+  static const float* const table = [] {
+    float* t = new float[65536];
+    for (uint32_t h = 0; h < 65536; ++h) t[h] = F16ToF32(static_cast<uint16_t>(h));
+    return t;
+  }();
+  return table;
+}
+
+inline float LoadF16(const float* table, const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, sizeof(h));
-  return F16ToF32(h);
+  return table[h];
 }
 
 // Each Dequantize* converts `n` consecutive blocks from `src` into n * block_elems floats at `dst`.
@@ -32,7 +43,8 @@ void DequantizeF32(const uint8_t* src, int64_t n, float* dst) {
 }
 
 void DequantizeF16(const uint8_t* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = LoadF16(src + 2 * i);
+  const float* table = F16Table();
+  for (int64_t i = 0; i < n; ++i) dst[i] = LoadF16(table, src + 2 * i);
 }
 
 void DequantizeBF16(const uint8_t* src, int64_t n, float* dst) {
@@ -45,8 +57,9 @@ void DequantizeBF16(const uint8_t* src, int64_t n, float* dst) {
 
 // Q8_0, 34 bytes: f16 d | int8 q[32]. x = q * d.
 void DequantizeQ8_0(const uint8_t* src, int64_t n, float* dst) {
+  const float* table = F16Table();
   for (int64_t b = 0; b < n; ++b, src += 34, dst += kQK) {
-    const float d = LoadF16(src);
+    const float d = LoadF16(table, src);
     const int8_t* q = reinterpret_cast<const int8_t*>(src + 2);
     for (int i = 0; i < kQK; ++i) dst[i] = static_cast<float>(q[i]) * d;
   }
@@ -55,8 +68,9 @@ void DequantizeQ8_0(const uint8_t* src, int64_t n, float* dst) {
 // Q4_0, 18 bytes: f16 d | uint8 qs[16]; element j is the low nibble of qs[j], element 16 + j the
 // high nibble. x = d * (nibble - 8).
 void DequantizeQ4_0(const uint8_t* src, int64_t n, float* dst) {
+  const float* table = F16Table();
   for (int64_t b = 0; b < n; ++b, src += 18, dst += kQK) {
-    const float d = LoadF16(src);
+    const float d = LoadF16(table, src);
     const uint8_t* qs = src + 2;
     for (int j = 0; j < kQK / 2; ++j) {
       dst[j] = d * static_cast<float>((qs[j] & 0x0F) - 8);
@@ -68,9 +82,10 @@ void DequantizeQ4_0(const uint8_t* src, int64_t n, float* dst) {
 // Q4_1, 20 bytes: f16 d | f16 m | uint8 qs[16], nibbles as Q4_0. x = (d * nibble) + m, two
 // roundings (numpy evaluates the product and the sum as separate f32 operations).
 void DequantizeQ4_1(const uint8_t* src, int64_t n, float* dst) {
+  const float* table = F16Table();
   for (int64_t b = 0; b < n; ++b, src += 20, dst += kQK) {
-    const float d = LoadF16(src);
-    const float m = LoadF16(src + 2);
+    const float d = LoadF16(table, src);
+    const float m = LoadF16(table, src + 2);
     const uint8_t* qs = src + 4;
     for (int j = 0; j < kQK / 2; ++j) {
       const float lo = d * static_cast<float>(qs[j] & 0x0F);
@@ -89,9 +104,10 @@ void DequantizeQ4_1(const uint8_t* src, int64_t n, float* dst) {
 // Sub-block 2i holds the low nibbles of qs[32i .. 32i+31], sub-block 2i+1 their high nibbles.
 // x = (d * sc) * nibble - (dmin * mn).
 void DequantizeQ4_K(const uint8_t* src, int64_t n, float* dst) {
+  const float* table = F16Table();
   for (int64_t b = 0; b < n; ++b, src += 144, dst += kQKK) {
-    const float d = LoadF16(src);
-    const float dmin = LoadF16(src + 2);
+    const float d = LoadF16(table, src);
+    const float dmin = LoadF16(table, src + 2);
     const uint8_t* sc_bytes = src + 4;
     const uint8_t* qs = src + 16;
     uint8_t sc[8], mn[8];
@@ -119,19 +135,30 @@ void DequantizeQ4_K(const uint8_t* src, int64_t n, float* dst) {
 // h = e / 128, r = e % 128 takes its low 4 bits from ql[64h + r % 64] (low nibble when r < 64,
 // else high nibble) and its high 2 bits from qh[32h + r % 32] at bit 2 * (r / 32);
 // q = (low | high << 4) - 32 and x = (d * scales[e / 16]) * q.
+// The loop walks l = r % 32 so that one ql/qh load serves the four elements r = l + 32k.
 void DequantizeQ6_K(const uint8_t* src, int64_t n, float* dst) {
+  const float* table = F16Table();
   for (int64_t b = 0; b < n; ++b, src += 210, dst += kQKK) {
-    const uint8_t* ql = src;
-    const uint8_t* qh = src + 128;
     const int8_t* scales = reinterpret_cast<const int8_t*>(src + 192);
-    const float d = LoadF16(src + 208);
+    const float d = LoadF16(table, src + 208);
     float ds[16];
     for (int s = 0; s < 16; ++s) ds[s] = d * static_cast<float>(scales[s]);
-    for (int e = 0; e < kQKK; ++e) {
-      const int h = e / 128, r = e % 128;
-      const int low = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0F;
-      const int high = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 0x03;
-      dst[e] = ds[e / 16] * static_cast<float>((low | (high << 4)) - 32);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* ql = src + 64 * h;
+      const uint8_t* qh = src + 128 + 32 * h;
+      const float* dsh = ds + 8 * h;
+      float* o = dst + 128 * h;
+      for (int l = 0; l < 32; ++l) {
+        const int q0 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        const int q1 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const int q2 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const int q3 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        const int sub = l / 16;  // 16-element sub-block within each group of 32
+        o[l] = dsh[sub] * static_cast<float>(q0);
+        o[l + 32] = dsh[2 + sub] * static_cast<float>(q1);
+        o[l + 64] = dsh[4 + sub] * static_cast<float>(q2);
+        o[l + 96] = dsh[6 + sub] * static_cast<float>(q3);
+      }
     }
   }
 }

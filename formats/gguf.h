@@ -36,8 +36,15 @@ struct GgufValue::Array {
   std::vector<GgufValue> values;
 };
 
+// Immutable once opened: const methods may be called from any number of threads. TensorInfo::data
+// points into the mapping (aligned to general.alignment, default 32) and lives as long as the file.
 class GgufFile {
  public:
+  // NOT_FOUND / PERMISSION_DENIED when the file cannot be opened; INVALID_ARGUMENT (naming the
+  // file, and the key or tensor at fault) for a bad magic, a version other than 2 or 3, truncation,
+  // counts or string lengths past the end, unknown value or ggml types (the id is named), more
+  // than 4 dims, zero or overflowing dims, data outside the file, misaligned, overlapping or
+  // duplicate tensors, and duplicate keys.
   static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
 
   uint32_t version() const { return version_; }
@@ -67,7 +74,9 @@ class GgufFile {
 };
 
 // Dequantizes / widens a tensor of any supported StoredType into `out` (NumElements() floats),
-// with the arithmetic of the gguf Python package (bit-exact against it).
+// with the arithmetic of the gguf Python package (bit-exact against it). INVALID_ARGUMENT naming
+// the tensor when nbytes does not match its shape and type. Row ranges and block sizes:
+// formats/dequantize.h.
 absl::Status DequantizeToF32(const TensorInfo& t, float* out);
 absl::StatusOr<std::vector<float>> DequantizeToF32(const TensorInfo& t);
 

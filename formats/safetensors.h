@@ -14,6 +14,9 @@
 
 namespace loraplex::formats {
 
+// Immutable once opened: const methods may be called from any number of threads. TensorInfo::data
+// points into the mapping and lives as long as the file; it need not be 4-byte aligned (the data
+// section starts right after the JSON header), so read it with memcpy or DequantizeToF32.
 class SafetensorsFile {
  public:
   // Opens one .safetensors file. Errors (INVALID_ARGUMENT unless the file cannot be opened) name
@@ -40,8 +43,11 @@ class SafetensorsFile {
 // `model.safetensors.index.json` in `dir`. Tensor names must be unique across shards.
 class SafetensorsModel {
  public:
-  // `path` is a directory (looked up: model.safetensors.index.json, then model.safetensors) or a
-  // single .safetensors file. NOT_FOUND when neither exists.
+  // `path` is a directory (looked up: model.safetensors.index.json, then model.safetensors), an
+  // index .json file, or a single .safetensors file. NOT_FOUND when neither exists.
+  // INVALID_ARGUMENT (naming the index or shard) for a malformed index, a shard name that is not a
+  // plain file name beside the index, a weight_map entry whose shard does not hold the tensor, a
+  // tensor in two shards, or any error of SafetensorsFile::Open.
   static absl::StatusOr<std::unique_ptr<SafetensorsModel>> Open(const std::string& path);
 
   const TensorInfo* Find(const std::string& name) const;
