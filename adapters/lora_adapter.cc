@@ -1,0 +1,300 @@
+#include "adapters/lora_adapter.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/half.h"
+#include "common/status.h"
+#include "formats/safetensors.h"
+#include "re2/re2.h"
+
+namespace loraplex::adapters {
+
+using model::LinearModule;
+using model::kNumLinearModules;
+
+int64_t ModuleInFeatures(const model::LlamaConfig& c, LinearModule m) {
+  switch (m) {
+    case LinearModule::kO:
+      return c.q_dim();
+    case LinearModule::kDown:
+      return c.intermediate_size;
+    default:
+      return c.hidden_size;
+  }
+}
+
+int64_t ModuleOutFeatures(const model::LlamaConfig& c, LinearModule m) {
+  switch (m) {
+    case LinearModule::kQ:
+      return c.q_dim();
+    case LinearModule::kK:
+    case LinearModule::kV:
+      return c.kv_dim();
+    case LinearModule::kGate:
+    case LinearModule::kUp:
+      return c.intermediate_size;
+    default:
+      return c.hidden_size;
+  }
+}
+
+namespace {
+
+constexpr const char* kModuleNames[kNumLinearModules] = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"};
+
+const char* Parent(LinearModule m) { return static_cast<int>(m) < 4 ? "self_attn" : "mlp"; }
+
+absl::StatusOr<std::string> ReadText(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// One tensor widened to f32.
+std::vector<float> ToF32(const formats::TensorInfo& t) {
+  const int64_t n = t.NumElements();
+  std::vector<float> out(n);
+  switch (t.type) {
+    case formats::StoredType::kF32:
+      std::memcpy(out.data(), t.data, n * sizeof(float));
+      break;
+    case formats::StoredType::kF16:
+    case formats::StoredType::kBF16: {
+      const bool bf16 = t.type == formats::StoredType::kBF16;
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, t.data + 2 * i, 2);
+        out[i] = bf16 ? Bf16ToF32(h) : F16ToF32(h);
+      }
+      break;
+    }
+    default:
+      break;  // refused before
+  }
+  return out;
+}
+
+std::vector<uint8_t> Store(const std::vector<float>& v, kernels::DType dtype) {
+  std::vector<uint8_t> out;
+  if (dtype == kernels::DType::kF32) {
+    out.resize(v.size() * 4);
+    std::memcpy(out.data(), v.data(), out.size());
+  } else {
+    out.resize(v.size() * 2);
+    for (size_t i = 0; i < v.size(); ++i) {
+      const uint16_t h = F32ToBf16(v[i]);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
+  return out;
+}
+
+// Why a tensor name is not a LoRA A/B of a decoder linear, in words a user can act on.
+std::string WhyUnsupported(const std::string& name) {
+  if (name.find("lora_embedding") != std::string::npos ||
+      name.find("embed_tokens") != std::string::npos || name.find("lm_head") != std::string::npos) {
+    return "embedding and lm_head LoRA are not supported";
+  }
+  if (name.find("lora_magnitude_vector") != std::string::npos) {
+    return "DoRA (use_dora) is not supported";
+  }
+  if (name.find("modules_to_save") != std::string::npos) return "modules_to_save is not supported";
+  if (name.find(".bias") != std::string::npos) return "LoRA bias is not supported";
+  return "not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection";
+}
+
+struct Found {
+  const formats::TensorInfo* a = nullptr;
+  const formats::TensorInfo* b = nullptr;
+};
+
+}  // namespace
+
+std::string ModuleKey(int64_t layer, LinearModule m) {
+  return absl::StrCat("model.layers.", layer, ".", Parent(m), ".",
+                      kModuleNames[static_cast<int>(m)]);
+}
+
+absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string& dir,
+                                                               const model::LlamaConfig& base,
+                                                               const AdapterLoadOptions& options) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return absl::NotFoundError(absl::StrCat(dir, ": not an adapter directory"));
+  }
+  const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
+  const std::string st_path = (fs::path(dir) / "adapter_model.safetensors").string();
+  if (!fs::exists(config_path, ec)) {
+    return absl::NotFoundError(absl::StrCat(config_path, ": missing"));
+  }
+  if (!fs::exists(st_path, ec)) {
+    for (const char* pickle : {"adapter_model.bin", "adapter_model.pt", "adapter_model.pth"}) {
+      if (fs::exists(fs::path(dir) / pickle, ec)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            (fs::path(dir) / pickle).string(),
+            ": pickle weights are refused (they can run code); save with safetensors"));
+      }
+    }
+    return absl::NotFoundError(absl::StrCat(st_path, ": missing"));
+  }
+
+  auto adapter = std::unique_ptr<LoraAdapter>(new LoraAdapter());
+  LP_ASSIGN_OR_RETURN(std::string text, ReadText(config_path));
+  LP_ASSIGN_OR_RETURN(adapter->config_, ParsePeftConfig(text, config_path));
+  const PeftConfig& cfg = adapter->config_;
+
+  std::unique_ptr<formats::SafetensorsFile> file;
+  {
+    auto opened = formats::SafetensorsFile::Open(st_path);
+    if (!opened.ok()) {
+      // A malformed adapter file is the caller's bad input, whatever the reader called it.
+      const absl::Status& s = opened.status();
+      if (s.code() == absl::StatusCode::kNotFound) return s;
+      return absl::InvalidArgumentError(std::string(s.message()));
+    }
+    file = std::move(opened).value();
+  }
+
+  // Map every tensor to (layer, module, A|B).
+  static const RE2 kKey(
+      R"(^base_model\.model\.(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$)");
+  std::map<std::pair<int64_t, int>, Found> found;
+  for (const formats::TensorInfo& t : file->tensors()) {
+    std::string digits, parent, module, which;
+    if (!RE2::FullMatch(t.name, kKey, &digits, &parent, &module, &which)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(st_path, ": tensor '", t.name, "': ", WhyUnsupported(t.name)));
+    }
+    int m = -1;
+    for (int i = 0; i < kNumLinearModules; ++i) {
+      if (module == kModuleNames[i] && parent == Parent(static_cast<LinearModule>(i))) m = i;
+    }
+    if (m < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(st_path, ": tensor '", t.name, "': ", WhyUnsupported(t.name)));
+    }
+    const int64_t layer = digits.size() > 6 ? -1 : std::stoll(digits);
+    if (layer < 0 || layer >= base.num_layers) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          st_path, ": tensor '", t.name, "': layer ", digits, " does not exist (the base model has ",
+          base.num_layers, " layers)"));
+    }
+    if (t.type != formats::StoredType::kF32 && t.type != formats::StoredType::kF16 &&
+        t.type != formats::StoredType::kBF16) {
+      return absl::InvalidArgumentError(absl::StrCat(st_path, ": tensor '", t.name,
+                                                     "': dtype must be F32, F16 or BF16"));
+    }
+    if (t.shape.size() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(st_path, ": tensor '", t.name, "': must be 2-D, has ", t.shape.size(),
+                       " dimensions"));
+    }
+    Found& f = found[{layer, m}];
+    (which == "A" ? f.a : f.b) = &t;
+  }
+
+  // Every module the config targets must have its pair, and every pair must be targeted.
+  for (int64_t l = 0; l < base.num_layers; ++l) {
+    for (int m = 0; m < kNumLinearModules; ++m) {
+      const std::string key = ModuleKey(l, static_cast<LinearModule>(m));
+      const bool targeted = cfg.Targets(key);
+      const bool present = found.count({l, m}) > 0;
+      if (targeted && !present) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            dir, ": config and tensors disagree: target_modules selects ", key,
+            " but adapter_model.safetensors has no lora_A/lora_B for it"));
+      }
+      if (present && !targeted) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            dir, ": config and tensors disagree: adapter_model.safetensors has weights for ", key,
+            " which target_modules/layers_to_transform/exclude_modules do not select"));
+      }
+    }
+  }
+  if (found.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        dir, ": the adapter matches no module of the base model (target_modules); refusing to "
+             "serve it as the base model"));
+  }
+
+  // Shapes, ranks, scale folding, storage.
+  adapter->view_.layers.assign(base.num_layers, {});
+  for (auto& [where, f] : found) {
+    const auto [layer, mi] = where;
+    const LinearModule m = static_cast<LinearModule>(mi);
+    const std::string key = ModuleKey(layer, m);
+    const std::string prefix = absl::StrCat(st_path, ": ", key, ": ");
+    if (f.a == nullptr || f.b == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, f.a ? "lora_B" : "lora_A", ".weight is missing"));
+    }
+    const int64_t in = ModuleInFeatures(base, m), out = ModuleOutFeatures(base, m);
+    const int64_t r = f.a->shape[0];
+    if (f.b->shape[1] != r) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "lora_A has rank ", r,
+                                                     " but lora_B has rank ", f.b->shape[1]));
+    }
+    if (r != cfg.RankFor(key)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          prefix, "config and tensors disagree: rank ", r, " in the tensors, ", cfg.RankFor(key),
+          " from r/rank_pattern"));
+    }
+    if (f.a->shape[1] != in || f.b->shape[0] != out) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          prefix, "does not fit the base model: lora_A is [", f.a->shape[0], ", ", f.a->shape[1],
+          "] and lora_B [", f.b->shape[0], ", ", f.b->shape[1], "], the base layer is ", out,
+          " x ", in));
+    }
+    if (r > options.max_rank) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(prefix, "rank ", r, " exceeds the maximum LoRA rank ", options.max_rank));
+    }
+    std::vector<float> a = ToF32(*f.a);
+    std::vector<float> b = ToF32(*f.b);
+    const float scale = cfg.ScaleFor(key);
+    for (float& x : b) x *= scale;  // folded once, in f32
+    for (const std::vector<float>* v : {&a, &b}) {
+      for (float x : *v) {
+        if (!std::isfinite(x)) {
+          return absl::InvalidArgumentError(absl::StrCat(prefix, "has non-finite values"));
+        }
+      }
+    }
+    auto stored = std::make_unique<Stored>();
+    stored->a_bytes = Store(a, options.dtype);
+    stored->b_bytes = Store(b, options.dtype);
+    stored->pair.rank = r;
+    stored->pair.a = {options.dtype, stored->a_bytes.data(), r, in};
+    stored->pair.b = {options.dtype, stored->b_bytes.data(), out, r};
+    adapter->bytes_ += static_cast<int64_t>(stored->a_bytes.size() + stored->b_bytes.size());
+    adapter->max_rank_ = std::max(adapter->max_rank_, r);
+    adapter->view_.layers[layer][mi] = &stored->pair;
+    adapter->pairs_.push_back(std::move(stored));
+  }
+  return adapter;
+}
+
+std::vector<std::string> LoraAdapter::target_modules() const {
+  std::vector<std::string> names;
+  for (int m = 0; m < kNumLinearModules; ++m) {
+    for (const auto& layer : view_.layers) {
+      if (layer[m] != nullptr) {
+        names.push_back(kModuleNames[m]);
+        break;
+      }
+    }
+  }
+  return names;
+}
+
+}  // namespace loraplex::adapters

@@ -1,0 +1,88 @@
+// One PEFT LoRA adapter, loaded, validated against the base model, and held in compute layout.
+//
+// Input: a folder as PEFT's save_pretrained writes it: adapter_config.json and
+// adapter_model.safetensors (F32, F16 or BF16; keys
+// "base_model.model.model.layers.<l>.<self_attn|mlp>.<module>.lora_A.weight" [r, in] and
+// "...lora_B.weight" [out, r]).
+//
+// Output: a LoraWeightsView (model/llama_model.h) whose pairs hold A [r, in] and s*B [out, r] with
+// the scale s = alpha/r (alpha/sqrt(r) with use_rslora, per-module rank/alpha patterns applied)
+// folded into B in f32 and then rounded once to the storage dtype. The same view feeds the forward
+// pass (SGMV/BGMV) and LlamaModel::Merge.
+//
+// GGUF bases: GGUF files store q/k rows permuted for adjacent-pair RoPE. The model un-permutes them
+// at load (LlamaModel::from_gguf), so the base always has HF's row order and an HF adapter's lora_B
+// rows of q_proj/k_proj apply unchanged: the same adapter gives the same output on the GGUF and the
+// safetensors copy of a model.
+//
+// Thread-safety: immutable after Load; share freely. The view points into this object, which must
+// outlive every forward step and merge that uses it.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "adapters/peft_config.h"
+#include "kernels/kernels.h"
+#include "model/llama_config.h"
+#include "model/llama_model.h"
+
+namespace loraplex::adapters {
+
+struct AdapterLoadOptions {
+  kernels::DType dtype = kernels::DType::kBF16;  // storage of A and B (the model's dtype)
+  int64_t max_rank = 256;                        // the server's --max-lora-rank
+};
+
+// In and out features of a linear module of a Llama-family base.
+int64_t ModuleInFeatures(const model::LlamaConfig& c, model::LinearModule m);
+int64_t ModuleOutFeatures(const model::LlamaConfig& c, model::LinearModule m);
+// "model.layers.<layer>.self_attn.q_proj" etc.: the HF module key PEFT matches against.
+std::string ModuleKey(int64_t layer, model::LinearModule m);
+
+class LoraAdapter {
+ public:
+  // Loads `dir`. Errors name the file and the field or tensor:
+  //  NOT_FOUND            dir or adapter_config.json missing; no adapter_model.safetensors
+  //  INVALID_ARGUMENT     malformed JSON or safetensors; unsupported config field (see
+  //                       ParsePeftConfig); .bin pickle weights; a tensor that is not a LoRA A/B of
+  //                       a decoder linear (embedding, lm_head, DoRA magnitude, bias,
+  //                       modules_to_save); A or B missing; ranks of the config, A and B disagree;
+  //                       a tensor for a module the config does not target or the reverse;
+  //                       non-finite values
+  //  FAILED_PRECONDITION  does not fit the base: layer index past num_layers, in/out features
+  //                       differ from the base's, rank above options.max_rank, or the adapter
+  //                       matches no module of the base model
+  static absl::StatusOr<std::unique_ptr<LoraAdapter>> Load(const std::string& dir,
+                                                           const model::LlamaConfig& base,
+                                                           const AdapterLoadOptions& options = {});
+
+  const model::LoraWeightsView& view() const { return view_; }
+  const PeftConfig& config() const { return config_; }
+  // Largest rank over its modules.
+  int64_t max_rank() const { return max_rank_; }
+  // Bytes of the stored A and B matrices.
+  int64_t bytes() const { return bytes_; }
+  int64_t num_pairs() const { return static_cast<int64_t>(pairs_.size()); }
+  // The distinct module names it touches ("q_proj", "v_proj", ...), in LinearModule order.
+  std::vector<std::string> target_modules() const;
+
+ private:
+  struct Stored {
+    model::LoraPair pair;
+    std::vector<uint8_t> a_bytes, b_bytes;
+  };
+  LoraAdapter() = default;
+
+  PeftConfig config_;
+  std::vector<std::unique_ptr<Stored>> pairs_;  // stable addresses for the view
+  model::LoraWeightsView view_;
+  int64_t max_rank_ = 0;
+  int64_t bytes_ = 0;
+};
+
+}  // namespace loraplex::adapters
