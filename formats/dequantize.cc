@@ -223,9 +223,9 @@ absl::StatusOr<size_t> StoredByteSize(StoredType t, const int64_t* shape, size_t
   const BlockLayout layout = LayoutOf(t);
   const int64_t inner = rank == 0 ? 1 : shape[rank - 1];
   if (inner % layout.block_elems != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("innermost dim ", inner, " is not a multiple of the ",
-                                                   StoredTypeName(t).data(), " block size ",
-                                                   layout.block_elems));
+    return absl::InvalidArgumentError(
+        absl::StrCat("innermost dim ", inner, " is not a multiple of the ",
+                     StoredTypeName(t).data(), " block size ", layout.block_elems));
   }
   int64_t bytes;
   if (MulOverflows(elems / layout.block_elems, layout.block_bytes, &bytes)) {

@@ -38,8 +38,9 @@ constexpr uint32_t kMaxDims = 4;  // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 16;
 
 const char* ValueTypeName(uint32_t type) {
-  static const char* kNames[] = {"uint8", "int8",   "uint16", "int16",  "uint32", "int32", "float32",
-                                 "bool",  "string", "array",  "uint64", "int64",  "float64"};
+  static const char* kNames[] = {"uint8",  "int8",    "uint16", "int16",  "uint32",
+                                 "int32",  "float32", "bool",   "string", "array",
+                                 "uint64", "int64",   "float64"};
   return type < std::size(kNames) ? kNames[type] : "unknown";
 }
 
@@ -73,24 +74,41 @@ uint64_t MinEncodedSize(uint32_t type) {
 // ggml type ids (ggml.h enum ggml_type) -> our StoredType; names of the rest for error messages.
 bool StoredTypeFromGgml(uint32_t id, StoredType* out) {
   switch (id) {
-    case 0: *out = StoredType::kF32; return true;
-    case 1: *out = StoredType::kF16; return true;
-    case 2: *out = StoredType::kQ4_0; return true;
-    case 3: *out = StoredType::kQ4_1; return true;
-    case 8: *out = StoredType::kQ8_0; return true;
-    case 12: *out = StoredType::kQ4_K; return true;
-    case 14: *out = StoredType::kQ6_K; return true;
-    case 30: *out = StoredType::kBF16; return true;
-    default: return false;
+    case 0:
+      *out = StoredType::kF32;
+      return true;
+    case 1:
+      *out = StoredType::kF16;
+      return true;
+    case 2:
+      *out = StoredType::kQ4_0;
+      return true;
+    case 3:
+      *out = StoredType::kQ4_1;
+      return true;
+    case 8:
+      *out = StoredType::kQ8_0;
+      return true;
+    case 12:
+      *out = StoredType::kQ4_K;
+      return true;
+    case 14:
+      *out = StoredType::kQ6_K;
+      return true;
+    case 30:
+      *out = StoredType::kBF16;
+      return true;
+    default:
+      return false;
   }
 }
 
 std::string GgmlTypeName(uint32_t id) {
   static const char* kNames[] = {
-      "F32",     "F16",    "Q4_0",   "Q4_1",  "Q4_2", "Q4_3",   "Q5_0",   "Q5_1",
-      "Q8_0",    "Q8_1",   "Q2_K",   "Q3_K",  "Q4_K", "Q5_K",   "Q6_K",   "Q8_K",
+      "F32",     "F16",    "Q4_0",    "Q4_1",  "Q4_2",   "Q4_3",  "Q5_0",  "Q5_1",
+      "Q8_0",    "Q8_1",   "Q2_K",    "Q3_K",  "Q4_K",   "Q5_K",  "Q6_K",  "Q8_K",
       "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
-      "I8",      "I16",    "I32",    "I64",   "F64",  "IQ1_M",  "BF16"};
+      "I8",      "I16",    "I32",     "I64",   "F64",    "IQ1_M", "BF16"};
   if (id < std::size(kNames)) return absl::StrCat(kNames[id], " (id ", id, ")");
   return absl::StrCat("id ", id);
 }
@@ -125,9 +143,9 @@ class Cursor {
   absl::StatusOr<std::string> ReadString(std::string_view what) {
     LP_ASSIGN_OR_RETURN(uint64_t len, Read<uint64_t>(what));
     if (len > remaining()) {
-      return absl::InvalidArgumentError(absl::StrCat(std::string(what), ": string length ", len,
-                                                     " at offset ", pos_ - 8, " runs past the end (",
-                                                     remaining(), " bytes remain)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(std::string(what), ": string length ", len, " at offset ", pos_ - 8,
+                       " runs past the end (", remaining(), " bytes remain)"));
     }
     std::string s(reinterpret_cast<const char*>(data_ + pos_), static_cast<size_t>(len));
     pos_ += len;
@@ -148,21 +166,31 @@ absl::StatusOr<GgufValue> ReadScalar(Cursor& c, std::string_view what) {
 
 absl::StatusOr<GgufValue> ReadValue(Cursor& c, uint32_t type, int depth, std::string_view what) {
   switch (type) {
-    case kU8: return ReadScalar<uint8_t>(c, what);
-    case kI8: return ReadScalar<int8_t>(c, what);
-    case kU16: return ReadScalar<uint16_t>(c, what);
-    case kI16: return ReadScalar<int16_t>(c, what);
-    case kU32: return ReadScalar<uint32_t>(c, what);
-    case kI32: return ReadScalar<int32_t>(c, what);
-    case kF32: return ReadScalar<float>(c, what);
-    case kU64: return ReadScalar<uint64_t>(c, what);
-    case kI64: return ReadScalar<int64_t>(c, what);
-    case kF64: return ReadScalar<double>(c, what);
+    case kU8:
+      return ReadScalar<uint8_t>(c, what);
+    case kI8:
+      return ReadScalar<int8_t>(c, what);
+    case kU16:
+      return ReadScalar<uint16_t>(c, what);
+    case kI16:
+      return ReadScalar<int16_t>(c, what);
+    case kU32:
+      return ReadScalar<uint32_t>(c, what);
+    case kI32:
+      return ReadScalar<int32_t>(c, what);
+    case kF32:
+      return ReadScalar<float>(c, what);
+    case kU64:
+      return ReadScalar<uint64_t>(c, what);
+    case kI64:
+      return ReadScalar<int64_t>(c, what);
+    case kF64:
+      return ReadScalar<double>(c, what);
     case kBool: {
       LP_ASSIGN_OR_RETURN(uint8_t b, c.Read<uint8_t>(what));
       if (b > 1) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(std::string(what), ": bool byte is ", static_cast<int>(b), ", not 0 or 1"));
+        return absl::InvalidArgumentError(absl::StrCat(std::string(what), ": bool byte is ",
+                                                       static_cast<int>(b), ", not 0 or 1"));
       }
       return GgufValue{b == 1};
     }
@@ -184,9 +212,9 @@ absl::StatusOr<GgufValue> ReadValue(Cursor& c, uint32_t type, int depth, std::st
       }
       // Never size anything from an unchecked count: each element takes at least min_size bytes.
       if (count > c.remaining() / min_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            std::string(what), ": array of ", count, " ", ValueTypeName(elem_type),
-            " elements cannot fit in the ", c.remaining(), " bytes that remain"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(std::string(what), ": array of ", count, " ", ValueTypeName(elem_type),
+                         " elements cannot fit in the ", c.remaining(), " bytes that remain"));
       }
       auto arr = std::make_shared<GgufValue::Array>();
       arr->element_type = elem_type;
@@ -230,7 +258,8 @@ std::string HeldTypeName(const GgufValue& v) {
 
 }  // namespace
 
-// ---- GgufValue -----------------------------------------------------------------------------------
+// ---- GgufValue
+// -----------------------------------------------------------------------------------
 
 absl::StatusOr<int64_t> GgufValue::AsInt() const {
   if (const uint64_t* u = std::get_if<uint64_t>(&v)) {
@@ -273,7 +302,8 @@ const GgufValue::Array* GgufValue::AsArray() const {
   return nullptr;
 }
 
-// ---- GgufParser ----------------------------------------------------------------------------------
+// ---- GgufParser
+// ----------------------------------------------------------------------------------
 
 // Fills a GgufFile from its mapped bytes. A class (not free functions) only because GgufFile
 // befriends it.
@@ -294,9 +324,9 @@ class GgufParser {
     }
     if (version != 2 && version != 3) {
       if ((version & 0xFFFF) == 0 && (version >> 16) != 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("version field 0x", absl::Hex(version), " looks big-endian; only "
-                         "little-endian GGUF is supported"));
+        return absl::InvalidArgumentError(absl::StrCat("version field 0x", absl::Hex(version),
+                                                       " looks big-endian; only "
+                                                       "little-endian GGUF is supported"));
       }
       return absl::InvalidArgumentError(absl::StrCat("unsupported GGUF version ", version));
     }
@@ -306,8 +336,8 @@ class GgufParser {
     // Smallest key/value: key length (8) + value type (4) + one byte. Smallest tensor info:
     // name length (8) + n_dims (4) + type (4) + offset (8).
     if (n_kv > c.remaining() / 13) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "metadata count ", n_kv, " cannot fit in the ", c.remaining(), " bytes that remain"));
+      return absl::InvalidArgumentError(absl::StrCat("metadata count ", n_kv, " cannot fit in the ",
+                                                     c.remaining(), " bytes that remain"));
     }
     if (n_tensors > c.remaining() / 24) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -369,9 +399,8 @@ class GgufParser {
       t.nbytes = *nbytes;
       LP_ASSIGN_OR_RETURN(uint64_t offset, c.Read<uint64_t>(what));
       if (offset % alignment != 0) {
-        return absl::InvalidArgumentError(absl::StrCat(what, ": data offset ", offset,
-                                                       " is not a multiple of the alignment ",
-                                                       alignment));
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, ": data offset ", offset, " is not a multiple of the alignment ", alignment));
       }
       placed.push_back({offset, f->tensors_.size()});
       if (!f->index_.emplace(t.name, f->tensors_.size()).second) {
@@ -394,20 +423,20 @@ class GgufParser {
     }
     // Stable, so that of two tensors at one offset the later in the directory is the one named.
     std::stable_sort(placed.begin(), placed.end(),
-              [](const Placed& a, const Placed& b) { return a.offset < b.offset; });
+                     [](const Placed& a, const Placed& b) { return a.offset < b.offset; });
     for (size_t i = 1; i < placed.size(); ++i) {
       const TensorInfo& prev = f->tensors_[placed[i - 1].tensor];
       if (placed[i].offset < placed[i - 1].offset + prev.nbytes) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor '",
-                                                       f->tensors_[placed[i].tensor].name,
-                                                       "' overlaps tensor '", prev.name, "'"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", f->tensors_[placed[i].tensor].name, "' overlaps tensor '", prev.name, "'"));
       }
     }
     return absl::OkStatus();
   }
 };
 
-// ---- GgufFile ------------------------------------------------------------------------------------
+// ---- GgufFile
+// ------------------------------------------------------------------------------------
 
 absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
   auto f = std::unique_ptr<GgufFile>(new GgufFile());
@@ -446,7 +475,8 @@ template <typename T, typename Conv>
 absl::StatusOr<std::vector<T>> ArrayOf(const GgufValue& v, Conv conv) {
   const GgufValue::Array* a = v.AsArray();
   if (a == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("value is a ", HeldTypeName(v), ", not an array"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("value is a ", HeldTypeName(v), ", not an array"));
   }
   std::vector<T> out;
   out.reserve(a->values.size());

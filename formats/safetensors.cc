@@ -28,10 +28,9 @@ absl::StatusOr<StoredType> ParseDtype(const std::string& dtype) {
   if (dtype == "F32") return StoredType::kF32;
   if (dtype == "F16") return StoredType::kF16;
   if (dtype == "BF16") return StoredType::kBF16;
-  static const std::set<std::string> kKnown = {"BOOL", "U8",  "I8",  "F8_E5M2", "F8_E4M3",
-                                               "I16",  "U16", "I32", "U32",     "F64",
-                                               "I64",  "U64", "F8_E8M0", "F4", "F6_E2M3",
-                                               "F6_E3M2"};
+  static const std::set<std::string> kKnown = {
+      "BOOL", "U8",  "I8",  "F8_E5M2", "F8_E4M3", "I16", "U16",     "I32",
+      "U32",  "F64", "I64", "U64",     "F8_E8M0", "F4",  "F6_E2M3", "F6_E3M2"};
   if (kKnown.count(dtype)) {
     return absl::InvalidArgumentError(
         absl::StrCat("dtype '", dtype, "' is not supported (F32, F16 and BF16 are)"));
@@ -94,9 +93,9 @@ absl::Status ParseEntry(const json& entry, uint64_t data_size, TensorInfo* t, ui
                                                    " bytes"));
   }
   if (*end - *begin != *want) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("data_offsets [", *begin, ", ", *end, "] span ", *end - *begin,
-                     " bytes but shape and dtype need ", *want));
+    return absl::InvalidArgumentError(absl::StrCat("data_offsets [", *begin, ", ", *end, "] span ",
+                                                   *end - *begin,
+                                                   " bytes but shape and dtype need ", *want));
   }
   t->nbytes = static_cast<size_t>(*want);
   return absl::OkStatus();
@@ -118,8 +117,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     return fail(absl::StrCat("header length ", header_len, " exceeds the 100 MB limit"));
   }
   if (header_len > size - 8) {
-    return fail(absl::StrCat("header length ", header_len, " runs past the end of the file (",
-                             size, " bytes)"));
+    return fail(absl::StrCat("header length ", header_len, " runs past the end of the file (", size,
+                             " bytes)"));
   }
   const char* hbegin = reinterpret_cast<const char*>(base + 8);
   json header = json::parse(hbegin, hbegin + header_len, nullptr, /*allow_exceptions=*/false);
@@ -212,8 +211,9 @@ absl::Status OpenIndex(const std::filesystem::path& index_path,
   for (const std::string& shard : shard_names) {
     auto f = SafetensorsFile::Open((dir / shard).string());
     if (!f.ok()) {
-      return absl::Status(f.status().code(), absl::StrCat(ipath, ": shard '", shard, "': ",
-                                                          std::string(f.status().message())));
+      return absl::Status(
+          f.status().code(),
+          absl::StrCat(ipath, ": shard '", shard, "': ", std::string(f.status().message())));
     }
     shards->push_back(std::move(f).value());
   }
@@ -263,8 +263,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsModel>> SafetensorsModel::Open(const s
         for (const auto& s : model->shards_) {
           if (s->Find(t.name) == it->second) other = s->path();
         }
-        return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' appears in two shards: ",
-                                                       other, " and ", shard->path()));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", t.name, "' appears in two shards: ", other, " and ", shard->path()));
       }
     }
   }

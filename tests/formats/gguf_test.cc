@@ -5,6 +5,8 @@
 //   python3 tools/make_gguf_fixtures.py
 // (from the repository root) and commit tests/fixtures/gguf/ together with the change.
 
+#include "formats/gguf.h"
+
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -14,7 +16,6 @@
 #include <vector>
 
 #include "formats/dequantize.h"
-#include "formats/gguf.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
 
@@ -42,9 +43,9 @@ json LoadJson(const std::string& path) {
 ::testing::AssertionResult BitEqual(const float* actual, const float* expected, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     if (std::memcmp(&actual[i], &expected[i], sizeof(float)) != 0) {
-      return ::testing::AssertionFailure() << "first difference at element " << i << ": got "
-                                           << actual[i] << ", gguf package gives " << expected[i]
-                                           << " (" << kRegen << ")";
+      return ::testing::AssertionFailure()
+             << "first difference at element " << i << ": got " << actual[i]
+             << ", gguf package gives " << expected[i] << " (" << kRegen << ")";
     }
   }
   return ::testing::AssertionSuccess();
@@ -53,9 +54,9 @@ json LoadJson(const std::string& path) {
 // GGUF value-type codes by the names the gguf package gives them (GGUFValueType).
 uint32_t TypeCode(const std::string& name) {
   static const std::map<std::string, uint32_t> kCodes = {
-      {"UINT8", 0},  {"INT8", 1},  {"UINT16", 2},  {"INT16", 3},   {"UINT32", 4},
-      {"INT32", 5},  {"FLOAT32", 6}, {"BOOL", 7},  {"STRING", 8},  {"ARRAY", 9},
-      {"UINT64", 10}, {"INT64", 11}, {"FLOAT64", 12}};
+      {"UINT8", 0},   {"INT8", 1},    {"UINT16", 2},  {"INT16", 3},  {"UINT32", 4},
+      {"INT32", 5},   {"FLOAT32", 6}, {"BOOL", 7},    {"STRING", 8}, {"ARRAY", 9},
+      {"UINT64", 10}, {"INT64", 11},  {"FLOAT64", 12}};
   auto it = kCodes.find(name);
   EXPECT_NE(it, kCodes.end()) << name;
   return it == kCodes.end() ? 99 : it->second;
@@ -158,11 +159,14 @@ TEST(GgufTest, TypedGetters) {
   EXPECT_EQ(*f->GetIntArray("test.arr_u16"), (std::vector<int64_t>{1, 65535}));
 
   EXPECT_THAT(f->GetInt("no.such.key"), StatusIs(absl::StatusCode::kNotFound, "no.such.key"));
-  EXPECT_THAT(f->GetInt("test.string"), StatusIs(absl::StatusCode::kInvalidArgument, "test.string"));
-  EXPECT_THAT(f->GetInt("test.f32"), StatusIs(absl::StatusCode::kInvalidArgument, "not an integer"));
+  EXPECT_THAT(f->GetInt("test.string"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "test.string"));
+  EXPECT_THAT(f->GetInt("test.f32"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "not an integer"));
   // 18e18 does not fit an int64: refused rather than wrapped.
   EXPECT_THAT(f->GetInt("test.u64"), StatusIs(absl::StatusCode::kInvalidArgument, "exceeds int64"));
-  EXPECT_THAT(f->GetString("test.u8"), StatusIs(absl::StatusCode::kInvalidArgument, "not a string"));
+  EXPECT_THAT(f->GetString("test.u8"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "not a string"));
   EXPECT_THAT(f->GetStringArray("test.arr_i32"),
               StatusIs(absl::StatusCode::kInvalidArgument, "element 0"));
   EXPECT_THAT(f->GetIntArray("test.string"),
@@ -207,8 +211,40 @@ TEST(GgufTest, EveryTensorTypeDequantizesBitExactlyLikeTheGgufPackage) {
     EXPECT_THAT(DequantizeRowsToF32(*t, rows, 1, got.data()),
                 StatusIs(absl::StatusCode::kInvalidArgument, name));
   }
-  EXPECT_EQ(types_seen, (std::set<std::string>{"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1",
-                                               "Q4_K", "Q6_K"}));
+  EXPECT_EQ(types_seen,
+            (std::set<std::string>{"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}));
+}
+
+// The fixtures are small enough to convert on the calling thread; tiling each one past a few
+// hundred thousand elements sends it through ThreadPool::Default() in chunks, which must give the
+// same bits at every chunk boundary.
+TEST(GgufTest, LargeTensorsDequantizeOnThePoolLikeSmallOnes) {
+  json want = LoadJson(GgufDir() + "/tensors.expected.json");
+  std::ifstream bin(GgufDir() + "/tensors.expected.bin", std::ios::binary);
+  std::vector<char> raw((std::istreambuf_iterator<char>(bin)), std::istreambuf_iterator<char>());
+  std::vector<float> expected(raw.size() / sizeof(float));
+  std::memcpy(expected.data(), raw.data(), expected.size() * sizeof(float));
+  ASSERT_OK_AND_ASSIGN(auto f, GgufFile::Open(GgufDir() + "/tensors.gguf"));
+  for (const json& e : want["tensors"]) {
+    const TensorInfo* small = f->Find(e["name"].get<std::string>());
+    ASSERT_NE(small, nullptr);
+    SCOPED_TRACE(small->name);
+    const int64_t n = small->NumElements();
+    const int64_t copies = 300000 / n + 1;
+    std::vector<uint8_t> bytes;
+    for (int64_t i = 0; i < copies; ++i)
+      bytes.insert(bytes.end(), small->data, small->data + small->nbytes);
+    TensorInfo big = *small;
+    const int64_t cols = small->shape.back();
+    big.shape = {copies * (n / cols), cols};
+    big.data = bytes.data();
+    big.nbytes = bytes.size();
+    ASSERT_OK_AND_ASSIGN(std::vector<float> got, DequantizeToF32(big));
+    const float* want_values = expected.data() + e["offset"].get<size_t>();
+    for (int64_t i = 0; i < copies; ++i) {
+      ASSERT_TRUE(BitEqual(got.data() + i * n, want_values, n)) << "copy " << i;
+    }
+  }
 }
 
 TEST(GgufTest, DequantizeRefusesATensorWhoseBytesDoNotMatchItsShape) {
@@ -237,7 +273,8 @@ TEST(GgufTest, StoredByteSizes) {
               StatusIs(absl::StatusCode::kInvalidArgument, "negative"));
 }
 
-// --- the real model --------------------------------------------------------------------------------
+// --- the real model
+// --------------------------------------------------------------------------------
 
 TEST(GgufTest, Stories260KOpensWithItsLlamaMetadata) {
   ASSERT_OK_AND_ASSIGN(auto f, GgufFile::Open(Stories260KDir() + "/stories260K.gguf"));

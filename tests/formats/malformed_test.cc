@@ -69,7 +69,8 @@ absl::Status OpenSafetensors(const std::string& bytes) {
   return f.status();
 }
 
-// ---- a byte-level GGUF writer for hand-made corrupt files ----------------------------------------
+// ---- a byte-level GGUF writer for hand-made corrupt files
+// ----------------------------------------
 
 template <typename T>
 std::string Le(T v) {
@@ -169,8 +170,7 @@ TEST(GgufMalformedTest, TensorDirectory) {
   EXPECT_THAT(one(Tensor("t", {1, 1, 1, 1, 1}, 0, 0), 32), StatusIs(kInvalid, "5 dims"));
   EXPECT_THAT(one(Tensor("t", {4, 0}, 0, 0), 32), StatusIs(kInvalid, "tensor 't': dim 1 is 0"));
   EXPECT_THAT(one(Tensor("t", {1ull << 63, 4}, 0, 0), 32), StatusIs(kInvalid, "dim 0"));
-  EXPECT_THAT(one(Tensor("t", {1ull << 32, 1ull << 32}, 0, 0), 32),
-              StatusIs(kInvalid, "overflow"));
+  EXPECT_THAT(one(Tensor("t", {1ull << 32, 1ull << 32}, 0, 0), 32), StatusIs(kInvalid, "overflow"));
   EXPECT_THAT(one(Tensor("t", {1ull << 31, 1ull << 31, 4}, 0, 0), 32),
               StatusIs(kInvalid, "overflow"));
   EXPECT_THAT(one(Tensor("t", {32}, 13, 0), 32), StatusIs(kInvalid, "Q5_K (id 13)"));
@@ -180,24 +180,25 @@ TEST(GgufMalformedTest, TensorDirectory) {
   EXPECT_THAT(one(Tensor("t", {8}, 0, 64), 64), StatusIs(kInvalid, "outside the data section"));
   EXPECT_THAT(one(Tensor("t", {8}, 0, ~uint64_t{0} - 31), 64),
               StatusIs(kInvalid, "outside the data section"));
-  EXPECT_THAT(one(Tensor("t", {8}, 0, 8), 64), StatusIs(kInvalid, "not a multiple of the alignment"));
+  EXPECT_THAT(one(Tensor("t", {8}, 0, 8), 64),
+              StatusIs(kInvalid, "not a multiple of the alignment"));
   EXPECT_THAT(one(Tensor("t", {8}, 0, 0), 0), StatusIs(kInvalid, "tensor 't'"));
   EXPECT_THAT(one(Tensor("t", {8}, 0, 0), 32), IsOk());  // the control
 }
 
 TEST(GgufMalformedTest, OverlappingAndDuplicateTensors) {
-  EXPECT_THAT(OpenGguf(WithData(Header(2, 0) + Tensor("a", {16}, 0, 0) + Tensor("b", {8}, 0, 32),
-                                128)),
-              StatusIs(kInvalid, "overlaps"));
-  EXPECT_THAT(OpenGguf(WithData(Header(2, 0) + Tensor("a", {8}, 0, 32) + Tensor("b", {8}, 0, 32),
-                                128)),
-              StatusIs(kInvalid, "overlaps tensor 'a'"));
-  EXPECT_THAT(OpenGguf(WithData(Header(2, 0) + Tensor("a", {8}, 0, 0) + Tensor("a", {8}, 0, 32),
-                                128)),
-              StatusIs(kInvalid, "duplicate tensor 'a'"));
-  EXPECT_THAT(OpenGguf(WithData(Header(2, 0) + Tensor("a", {8}, 0, 0) + Tensor("b", {8}, 0, 32),
-                                128)),
-              IsOk());
+  EXPECT_THAT(
+      OpenGguf(WithData(Header(2, 0) + Tensor("a", {16}, 0, 0) + Tensor("b", {8}, 0, 32), 128)),
+      StatusIs(kInvalid, "overlaps"));
+  EXPECT_THAT(
+      OpenGguf(WithData(Header(2, 0) + Tensor("a", {8}, 0, 32) + Tensor("b", {8}, 0, 32), 128)),
+      StatusIs(kInvalid, "overlaps tensor 'a'"));
+  EXPECT_THAT(
+      OpenGguf(WithData(Header(2, 0) + Tensor("a", {8}, 0, 0) + Tensor("a", {8}, 0, 32), 128)),
+      StatusIs(kInvalid, "duplicate tensor 'a'"));
+  EXPECT_THAT(
+      OpenGguf(WithData(Header(2, 0) + Tensor("a", {8}, 0, 0) + Tensor("b", {8}, 0, 32), 128)),
+      IsOk());
 }
 
 // Every prefix of a real file fails cleanly, until only the padding to `alignment` after the last
@@ -249,7 +250,8 @@ TEST(GgufMalformedTest, ByteFlipsInTheDirectory) {
   EXPECT_GT(refused, 0);
 }
 
-// ---- safetensors -----------------------------------------------------------------------------------
+// ---- safetensors
+// -----------------------------------------------------------------------------------
 
 std::string St(const std::string& header, const std::string& data,
                uint64_t header_len = ~uint64_t{0}) {
@@ -289,8 +291,9 @@ TEST(SafetensorsMalformedTest, Entries) {
               StatusIs(kInvalid, "bad dim"));
   EXPECT_THAT(one(R"({"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,16]})"),
               StatusIs(kInvalid, "overflow"));
-  EXPECT_THAT(one(R"({"dtype":"F32","shape":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"data_offsets":[0,4]})"),
-              StatusIs(kInvalid, "17 dims"));
+  EXPECT_THAT(
+      one(R"({"dtype":"F32","shape":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"data_offsets":[0,4]})"),
+      StatusIs(kInvalid, "17 dims"));
   EXPECT_THAT(one(R"({"dtype":"F32","shape":[4]})"), StatusIs(kInvalid, "data_offsets"));
   EXPECT_THAT(one(R"({"dtype":"F32","shape":[4],"data_offsets":[0]})"),
               StatusIs(kInvalid, "data_offsets"));
@@ -341,7 +344,8 @@ TEST(SafetensorsMalformedTest, EveryPrefixAndByteFlipOfTheSmallFixture) {
   }
 }
 
-// ---- sharded index -----------------------------------------------------------------------------------
+// ---- sharded index
+// -----------------------------------------------------------------------------------
 
 class ShardedMalformedTest : public ::testing::Test {
  protected:

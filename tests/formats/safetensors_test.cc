@@ -5,6 +5,8 @@
 //   python3 tools/make_gguf_fixtures.py
 // (from the repository root) and commit tests/fixtures/gguf/ together with the change.
 
+#include "formats/safetensors.h"
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,7 +15,6 @@
 #include <vector>
 
 #include "formats/gguf.h"
-#include "formats/safetensors.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
 
@@ -80,13 +81,13 @@ TEST(SafetensorsTest, SingleFileMatchesTorch) {
 TEST(SafetensorsTest, ShardedModelMatchesTorch) {
   json want = LoadJson(GgufDir() + "/sharded.expected.json");
   ASSERT_FALSE(want.is_discarded());
-  for (const std::string& path : {GgufDir() + "/sharded",
-                                  GgufDir() + "/sharded/model.safetensors.index.json"}) {
+  for (const std::string& path :
+       {GgufDir() + "/sharded", GgufDir() + "/sharded/model.safetensors.index.json"}) {
     SCOPED_TRACE(path);
     ASSERT_OK_AND_ASSIGN(auto m, SafetensorsModel::Open(path));
     ExpectTensors(want["tensors"], [&](const std::string& n) { return m->Find(n); });
-    EXPECT_EQ(m->Names(), (std::vector<std::string>{"model.embed", "model.layers.0.w",
-                                                    "model.layers.1.w"}));
+    EXPECT_EQ(m->Names(),
+              (std::vector<std::string>{"model.embed", "model.layers.0.w", "model.layers.1.w"}));
   }
 }
 
@@ -113,9 +114,12 @@ TEST(SafetensorsTest, Stories260KEqualsItsGgufTwin) {
       {"model.embed_tokens.weight", "token_embd.weight"},
       {"model.norm.weight", "output_norm.weight"}};
   const std::vector<std::pair<std::string, std::string>> per_layer = {
-      {"mlp.down_proj", "ffn_down"}, {"mlp.gate_proj", "ffn_gate"},
-      {"mlp.up_proj", "ffn_up"},     {"self_attn.v_proj", "attn_v"},
-      {"self_attn.o_proj", "attn_output"}, {"input_layernorm", "attn_norm"},
+      {"mlp.down_proj", "ffn_down"},
+      {"mlp.gate_proj", "ffn_gate"},
+      {"mlp.up_proj", "ffn_up"},
+      {"self_attn.v_proj", "attn_v"},
+      {"self_attn.o_proj", "attn_output"},
+      {"input_layernorm", "attn_norm"},
       {"post_attention_layernorm", "ffn_norm"}};
   for (int l = 0; l < 5; ++l) {
     for (const auto& [hf, gguf] : per_layer) {
