@@ -1,0 +1,182 @@
+// `loraplex adapters list|get|load|upload|unload|merge|unmerge` over the Adapters admin service.
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "client/adapter_files.h"
+#include "client/commands.h"
+#include "client/format.h"
+#include "client/rpc.h"
+#include "loraplex/v1/adapters.grpc.pb.h"
+
+namespace loraplex::client {
+namespace {
+
+constexpr const char* kSynopsis =
+    "list | get NAME | load NAME PATH | upload NAME DIR | unload NAME | merge NAME | "
+    "unmerge NAME   [flags]";
+
+std::string StateName(v1::AdapterState s) {
+  std::string n = v1::AdapterState_Name(s);
+  return n == "ADAPTER_STATE_UNSPECIFIED" ? "-" : n;
+}
+std::string ResidencyName(v1::Residency r) {
+  std::string n = v1::Residency_Name(r);
+  return n == "RESIDENCY_UNSPECIFIED" ? "-" : n;
+}
+
+std::string Modules(const v1::AdapterInfo& a) {
+  return a.target_modules().empty() ? "-" : absl::StrJoin(a.target_modules(), ",");
+}
+
+void PrintList(const v1::ListAdaptersResponse& resp) {
+  if (resp.adapters().empty()) {
+    std::cout << "no adapters loaded\n";
+    return;
+  }
+  std::vector<std::vector<std::string>> rows = {{"NAME", "VERSION", "STATE", "RANK", "ALPHA",
+                                                 "MODULES", "RESIDENCY", "MERGED", "PINNED",
+                                                 "REQUESTS", "SIZE"}};
+  for (const auto& a : resp.adapters()) {
+    rows.push_back({a.name(), absl::StrCat(a.version()), StateName(a.state()),
+                    absl::StrCat(a.rank()), Num(a.alpha()), Modules(a), ResidencyName(a.residency()),
+                    a.merged() ? "yes" : "no", a.pinned() ? "yes" : "no",
+                    absl::StrCat(a.requests_served()), HumanBytes(a.bytes())});
+  }
+  std::cout << FormatTable(rows);
+}
+
+void PrintInfo(const v1::AdapterInfo& a) {
+  std::vector<std::vector<std::string>> rows = {
+      {"name", a.name()},
+      {"version", absl::StrCat(a.version())},
+      {"state", StateName(a.state())},
+      {"rank", absl::StrCat(a.rank())},
+      {"alpha", Num(a.alpha())},
+      {"target modules", Modules(a)},
+      {"size", HumanBytes(a.bytes())},
+      {"residency", ResidencyName(a.residency())},
+      {"merged", a.merged() ? "yes" : "no"},
+      {"pinned", a.pinned() ? "yes" : "no"},
+      {"requests served", absl::StrCat(a.requests_served())},
+      {"last used (unix ms)", a.last_used_unix_ms() ? absl::StrCat(a.last_used_unix_ms()) : "-"},
+      {"sha256", a.sha256().empty() ? "-" : a.sha256()},
+      {"path", a.path().empty() ? "-" : a.path()},
+  };
+  for (const auto& [module, rank] : a.ranks()) {
+    rows.push_back({absl::StrCat("rank of ", module), absl::StrCat(rank)});
+  }
+  std::cout << FormatTable(rows);
+}
+
+}  // namespace
+
+int RunAdapters(const std::vector<std::string>& args) {
+  ArgParser p("loraplex adapters", kSynopsis);
+  ConnectionOptions conn;
+  bool replace = false, pin = false;
+  int64_t chunk_kib = 1024;
+  AddConnectionFlags(p, conn);
+  p.AddBool("replace", &replace, "load/upload: replace an adapter of that name (version N+1)");
+  p.AddBool("pin", &pin, "load/upload: never evict this adapter");
+  p.AddInt("chunk-kib", &chunk_kib, "upload: chunk size in KiB");
+  auto pos = p.Parse(args);
+  if (!pos.ok()) {
+    std::cerr << "loraplex adapters: " << pos.status().message() << "\n";
+    return kExitUsage;
+  }
+  if (p.help_requested()) {
+    std::cout << p.Usage();
+    return kExitOk;
+  }
+  const std::vector<std::string>& a = *pos;
+  const std::string verb = a.empty() ? "" : a[0];
+  const size_t want = verb == "list" ? 1 : (verb == "load" || verb == "upload") ? 3 : 2;
+  const bool known = verb == "list" || verb == "get" || verb == "load" || verb == "upload" ||
+                     verb == "unload" || verb == "merge" || verb == "unmerge";
+  if (!known || a.size() != want) {
+    std::cerr << "loraplex adapters: "
+              << (known ? absl::StrCat("'", verb, "' takes ", want - 1, " argument(s)")
+                        : verb.empty() ? std::string("which one?")
+                                       : absl::StrCat("unknown subcommand '", verb, "'"))
+              << "; usage: loraplex adapters " << kSynopsis << "\n";
+    return kExitUsage;
+  }
+  auto channel = MakeChannel(conn);
+  if (!channel.ok()) {
+    std::cerr << "loraplex adapters: " << channel.status().message() << "\n";
+    return kExitUsage;
+  }
+  auto stub = v1::Adapters::NewStub(*channel);
+  const std::string what = absl::StrJoin(a.begin(), a.begin() + std::min<size_t>(a.size(), 2), " ");
+  grpc::ClientContext ctx;
+  PrepareContext(ctx, conn, 60);
+  grpc::Status st;
+  v1::AdapterInfo info;
+  if (verb == "list") {
+    v1::ListAdaptersResponse resp;
+    st = stub->ListAdapters(&ctx, v1::ListAdaptersRequest(), &resp);
+    if (!st.ok()) return ReportError(st, "adapters list", conn);
+    if (conn.json) {
+      std::cout << ProtoToJson(resp)["adapters"].dump(2) << "\n";
+    } else {
+      PrintList(resp);
+    }
+    return kExitOk;
+  }
+  if (verb == "get") {
+    v1::GetAdapterRequest req;
+    req.set_name(a[1]);
+    st = stub->GetAdapter(&ctx, req, &info);
+  } else if (verb == "load") {
+    v1::LoadAdapterRequest req;
+    req.set_name(a[1]);
+    req.set_path(a[2]);
+    req.set_replace(replace);
+    req.set_pin(pin);
+    st = stub->LoadAdapter(&ctx, req, &info);
+  } else if (verb == "upload") {
+    auto files = ReadPeftDir(a[2]);
+    if (!files.ok()) {
+      std::cerr << "loraplex adapters upload: " << files.status().message() << "\n";
+      return kExitUsage;
+    }
+    if (absl::Status v = ValidateSafetensors(files->safetensors, a[2] + "/adapter_model.safetensors");
+        !v.ok()) {
+      std::cerr << "loraplex adapters upload: " << v.message() << "\n";
+      return kExitUsage;
+    }
+    st = UploadPeft(*stub, conn, a[1], *files, replace, pin, chunk_kib * 1024, &info);
+  } else if (verb == "unload") {
+    v1::UnloadAdapterRequest req;
+    req.set_name(a[1]);
+    v1::UnloadAdapterResponse resp;
+    st = stub->UnloadAdapter(&ctx, req, &resp);
+    info = resp.adapter();
+  } else {  // merge, unmerge
+    v1::SetAdapterModeRequest req;
+    req.set_name(a[1]);
+    req.set_mode(verb == "merge" ? v1::MERGED : v1::UNMERGED);
+    st = stub->SetAdapterMode(&ctx, req, &info);
+  }
+  if (!st.ok()) return ReportError(st, absl::StrCat("adapters ", what), conn);
+  if (conn.json) {
+    std::cout << ProtoToJson(info).dump(2) << "\n";
+    return kExitOk;
+  }
+  if (verb == "get") {
+    PrintInfo(info);
+  } else {
+    const std::string done = verb == "load"     ? "loaded"
+                             : verb == "upload" ? "uploaded"
+                             : verb == "unload" ? "unloaded"
+                             : verb == "merge"  ? "merged"
+                                                : "unmerged";
+    std::cout << done << " " << (info.name().empty() ? a[1] : info.name()) << " version "
+              << info.version() << " (" << StateName(info.state()) << ", rank " << info.rank()
+              << ", " << HumanBytes(info.bytes()) << ")\n";
+  }
+  return kExitOk;
+}
+
+}  // namespace loraplex::client
