@@ -79,8 +79,9 @@ class Tokenizer {
   // byte whose byte-level character is not in the vocabulary (0xFE/0xFF in SmolLM2), as HF
   // tokenizers and llama.cpp do.
   virtual std::vector<int32_t> Encode(std::string_view text, bool add_bos) const = 0;
-  // Concatenated bytes of the tokens (control tokens such as BOS/EOS render as nothing); may end in
-  // an incomplete UTF-8 sequence.
+  // Concatenated bytes of the tokens; may end in an incomplete UTF-8 sequence. Control tokens
+  // (BOS, EOS, <|im_start|>) and ids out of range render as nothing, user-defined tokens as their
+  // text, SPM byte tokens as their byte and SPM <unk> as U+2585 (as llama.cpp).
   virtual std::string DecodeBytes(const std::vector<int32_t>& ids) const = 0;
   // Decode for display: invalid UTF-8 replaced by U+FFFD. (SPM: the leading space that the
   // tokenizer added is kept, as llama.cpp does when decoding a continuation.)
@@ -92,14 +93,19 @@ class Tokenizer {
   int32_t vocab_size() const { return static_cast<int32_t>(spec_.tokens.size()); }
   int32_t bos_id() const { return spec_.bos_id; }
   int32_t eos_id() const { return spec_.eos_id; }
-  // EOS or any of extra_eos_ids.
+  // EOS or any of extra_eos_ids. FromGguf and FromHfDir add the usual end-of-turn control tokens
+  // (<|im_end|>, <|eot_id|>, <|endoftext|>, ...) to extra_eos_ids, as llama.cpp does.
   bool IsEndOfGeneration(int32_t id) const;
   // Token id of an exact piece, -1 when absent.
   int32_t PieceToId(std::string_view piece) const;
 
   // Formats a conversation with the model's chat template. Supported templates are recognised from
   // their source: ChatML (<|im_start|>), Llama 3 (<|start_header_id|>), Llama 2 / Mistral ([INST]),
-  // and a ChatML default when the model has none. UNIMPLEMENTED for an unrecognised template.
+  // and a ChatML default when the model has none; a ChatML template's literal default system
+  // prompt (SmolLM2's) is inserted when the first message is not a system one. The output equals
+  // HF transformers' apply_chat_template for those templates. UNIMPLEMENTED for an unrecognised
+  // template (or Llama 3.1's); INVALID_ARGUMENT where the template itself raises (roles that do
+  // not alternate user/assistant in Llama 2 / Mistral, no messages for Llama 2).
   absl::StatusOr<std::string> ApplyChatTemplate(const std::vector<ChatMessage>& messages,
                                                 bool add_generation_prompt) const;
 
