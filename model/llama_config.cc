@@ -144,7 +144,15 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromHfJson(const std::string& path) {
   }
   c.bos_token_id = FirstId(j, "bos_token_id");
   c.eos_token_id = FirstId(j, "eos_token_id");
-  if (auto it = j.find("rope_scaling"); it != j.end() && it->is_object()) {
+  // transformers >= 5 writes "rope_parameters" (with rope_theta inside) instead of
+  // "rope_theta" + "rope_scaling"; Hub checkpoints use the older keys.
+  auto rope_it = j.find("rope_scaling");
+  if (auto rp = j.find("rope_parameters"); rp != j.end() && rp->is_object()) {
+    LP_ASSIGN_OR_RETURN(double rp_theta, JsonFloat(*rp, "rope_theta", path, c.rope_theta));
+    c.rope_theta = static_cast<float>(rp_theta);
+    rope_it = rp;
+  }
+  if (auto it = rope_it; it != j.end() && it->is_object()) {
     std::string type = it->value("rope_type", it->value("type", std::string("default")));
     LP_ASSIGN_OR_RETURN(double factor, JsonFloat(*it, "factor", path, 1.0));
     c.rope_scaling.factor = static_cast<float>(factor);

@@ -129,3 +129,41 @@ TEST(Stories260KGoldenTest, Bf16LogitsStayNearTransformers) {
 
 }  // namespace
 }  // namespace loraplex::model
+
+namespace loraplex::model {
+namespace {
+
+TEST(LlamaConfigTest, Transformers5RopeParametersReadLikeRopeScaling) {
+  const std::string dir = FixturesDir() + "/tiny_llama/rope_llama3";
+  ASSERT_OK_AND_ASSIGN(LlamaConfig old_keys, LlamaConfig::FromHfJson(dir + "/config.json"));
+  ASSERT_OK_AND_ASSIGN(LlamaConfig new_keys,
+                       LlamaConfig::FromHfJson(dir + "/config.transformers5.json"));
+  EXPECT_EQ(new_keys.rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_EQ(old_keys.RopeInvFreq(), new_keys.RopeInvFreq());
+  EXPECT_EQ(old_keys.rope_theta, new_keys.rope_theta);
+}
+
+TEST(LlamaConfigTest, BadConfigsNameTheField) {
+  const std::string dir = ::loraplex::testing::MakeTempDir("cfg");
+  auto write = [&](const std::string& text) {
+    std::ofstream(dir + "/config.json") << text;
+    return LlamaConfig::FromHfJson(dir + "/config.json");
+  };
+  using ::loraplex::testing::StatusIs;
+  EXPECT_THAT(write("not json"), StatusIs(absl::StatusCode::kInvalidArgument, "JSON"));
+  EXPECT_THAT(write(R"({"model_type": "gpt2"})"), StatusIs(absl::StatusCode::kUnimplemented, "gpt2"));
+  EXPECT_THAT(write(R"({"model_type": "llama", "hidden_size": 64})"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "intermediate_size"));
+  EXPECT_THAT(write(R"({"model_type": "llama", "hidden_size": 64, "intermediate_size": 8,
+      "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 3,
+      "vocab_size": 10})"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "num_key_value_heads"));
+  EXPECT_THAT(write(R"({"model_type": "llama", "hidden_size": 64, "intermediate_size": 8,
+      "num_hidden_layers": 1, "num_attention_heads": 8, "vocab_size": 10,
+      "rope_scaling": {"type": "yarn", "factor": 2}})"),
+              StatusIs(absl::StatusCode::kUnimplemented, "yarn"));
+  EXPECT_THAT(LlamaModel::Load(dir + "/missing"), StatusIs(absl::StatusCode::kNotFound));
+}
+
+}  // namespace
+}  // namespace loraplex::model
