@@ -1,0 +1,86 @@
+// Iteration-level continuous batching over a paged KV cache.
+//
+// Every engine step the scheduler picks which tokens of which sequences run:
+//   1. one decode token for every running sequence that has finished its prompt (oldest first);
+//   2. the next prompt chunk of running sequences still in prefill, within what is left of the
+//      token budget (chunked prefill: a long prompt takes several steps and never stalls decodes);
+//   3. new sequences from the waiting queue, FIFO, while the budget, the running limit and the free
+//      KV blocks allow (a sequence is admitted only when its whole remaining prompt fits in the
+//      blocks not promised to prompts already admitted).
+// KV blocks are allocated as tokens need them. When a running sequence needs a block and none is
+// free, the youngest running sequence (by request id) is preempted: its blocks are freed and it
+// goes back to the front of the waiting queue, to be recomputed from its tokens later. The caller
+// guarantees that any one sequence fits the whole cache alone (Engine::Submit checks it), so the
+// oldest sequence always progresses.
+//
+// Not thread-safe: owned by the engine thread, like the KvCache it allocates from.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "engine/sequence.h"
+#include "model/kv_cache.h"
+
+namespace loraplex::engine {
+
+struct SchedulerOptions {
+  int64_t max_batch_tokens = 512;  // tokens per step (decodes + prefill chunks), >= 1
+  int64_t max_running = 64;        // sequences per step, >= 1
+};
+
+// A run of consecutive tokens of one sequence in this step: tokens[start, start + count).
+struct ScheduledChunk {
+  Sequence* seq = nullptr;
+  int64_t start = 0;
+  int64_t count = 0;
+  // True when the chunk ends at the sequence's last token: its logits give the next token.
+  bool sample = false;
+};
+
+struct StepPlan {
+  std::vector<ScheduledChunk> chunks;  // at most one per sequence
+  int64_t num_tokens = 0;
+  int64_t num_preempted = 0;
+};
+
+class Scheduler {
+ public:
+  // `cache` must outlive the scheduler.
+  Scheduler(model::KvCache* cache, SchedulerOptions options);
+
+  // Appends to the waiting queue. The scheduler does not own sequences.
+  void AddWaiting(Sequence* seq);
+  // Removes a sequence wherever it is (waiting or running) and frees its blocks at once.
+  void Remove(Sequence* seq);
+  // Plans one step: allocates the blocks the scheduled tokens need (preempting when short) and
+  // moves admitted sequences from waiting to running. Empty when nothing can run.
+  StepPlan Schedule();
+  // Advances num_computed of every chunk of the plan after a successful forward pass.
+  static void Commit(const StepPlan& plan);
+
+  // Blocks needed to hold `tokens` token slots.
+  int64_t BlocksFor(int64_t tokens) const;
+
+  int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
+  int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  const std::vector<Sequence*>& running() const { return running_; }
+  const model::KvCache& cache() const { return *cache_; }
+
+ private:
+  // Makes seq's block table cover `tokens` positions, preempting younger sequences when no block
+  // is free. False when seq itself had to be preempted (it is then back in the waiting queue).
+  bool EnsureBlocks(Sequence* seq, int64_t tokens, StepPlan* plan, int64_t* budget);
+  void Preempt(Sequence* victim, StepPlan* plan, int64_t* budget);
+  void FreeBlocks(Sequence* seq);
+  // Blocks promised to running sequences for the rest of their prompts.
+  int64_t PromisedBlocks() const;
+
+  model::KvCache* cache_;
+  SchedulerOptions options_;
+  std::deque<Sequence*> waiting_;
+  std::vector<Sequence*> running_;  // sorted by id: oldest first
+};
+
+}  // namespace loraplex::engine

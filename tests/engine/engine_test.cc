@@ -1,0 +1,364 @@
+// The engine over the real stories260K model: batched results equal solo runs of
+// model::Generate (the offline path, written independently of the engine), the golden story,
+// cancellation and block accounting, admission control and refusals.
+#include "engine/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "model/generate.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/testing.h"
+
+namespace loraplex::engine {
+namespace {
+
+using ::loraplex::testing::StatusIs;
+
+struct Result {
+  std::vector<int32_t> ids;
+  std::string text;
+  FinishReason reason = FinishReason::kNone;
+  std::vector<GeneratedToken> tokens;
+  int outputs = 0;
+};
+
+// Collects the outputs of several requests; the sinks hand them over through engine::Queue.
+class Collector {
+ public:
+  OutputSink Sink() {
+    return [this](StepOutput out) { queue_.TryPush(std::move(out)); };
+  }
+  // Waits until `n` requests have finished; returns results by request id.
+  std::map<RequestId, Result> WaitFor(size_t n) {
+    while (done_ < n) {
+      std::optional<StepOutput> out = queue_.Pop(absl::Seconds(60));
+      if (!out) break;
+      Result& r = results_[out->id];
+      ++r.outputs;
+      for (const GeneratedToken& t : out->tokens) {
+        r.ids.push_back(t.token_id);
+        r.tokens.push_back(t);
+      }
+      r.text += out->text;
+      if (out->finished) {
+        r.reason = out->finish_reason;
+        ++done_;
+      }
+    }
+    return results_;
+  }
+  // The next output (for step-by-step tests).
+  std::optional<StepOutput> Next() { return queue_.Pop(absl::Seconds(60)); }
+
+ private:
+  Queue<StepOutput> queue_;
+  std::map<RequestId, Result> results_;
+  size_t done_ = 0;
+};
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    model::LoadOptions opts;
+    opts.dtype = kernels::DType::kF32;
+    auto m = model::LlamaModel::Load(loraplex::testing::Stories260KDir() + "/stories260K.gguf",
+                                     opts);
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(m).value().release();
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    model_ = nullptr;
+  }
+
+  std::unique_ptr<Engine> MakeEngine(EngineOptions options) {
+    auto e = Engine::Create(model_, options);
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? std::move(e).value() : nullptr;
+  }
+
+  static GenerationRequest Greedy(std::vector<int32_t> prompt, int32_t max_tokens) {
+    GenerationRequest r;
+    r.prompt_ids = std::move(prompt);
+    r.max_tokens = max_tokens;
+    return r;
+  }
+
+  // The same request through the offline single-sequence path.
+  static model::GenerateResult Solo(const GenerationRequest& r) {
+    model::GenerateOptions o;
+    o.max_tokens = r.max_tokens;
+    o.sampling = r.sampling;
+    o.ignore_eos = r.ignore_eos;
+    o.stop = r.stop;
+    o.stop_token_ids = r.stop_token_ids;
+    auto res = model::Generate(*model_, r.prompt_ids, o);
+    EXPECT_TRUE(res.ok()) << res.status();
+    return res.ok() ? *res : model::GenerateResult{};
+  }
+  static std::vector<int32_t> Ids(const model::GenerateResult& r) {
+    std::vector<int32_t> ids;
+    for (const auto& t : r.tokens) ids.push_back(t.token_id);
+    return ids;
+  }
+
+  // Waits (bounded) until the engine holds no KV block.
+  static EngineStats WaitForNoBlocks(const Engine& e) {
+    EngineStats s;
+    for (int i = 0; i < 500; ++i) {
+      s = e.Stats();
+      if (s.kv_blocks_used == 0 && s.running == 0) break;
+      absl::SleepFor(absl::Milliseconds(2));
+    }
+    return s;
+  }
+
+  static model::LlamaModel* model_;
+};
+model::LlamaModel* EngineTest::model_ = nullptr;
+
+std::vector<int32_t> GoldenIds() {
+  std::ifstream f(loraplex::testing::Stories260KDir() + "/golden-greedy.json");
+  nlohmann::json j = nlohmann::json::parse(f);
+  return j["greedy_ids_after_bos"].get<std::vector<int32_t>>();
+}
+
+TEST_F(EngineTest, GreedyFromBosIsTheGoldenStory) {
+  auto engine = MakeEngine({});
+  Collector c;
+  GenerationRequest r = Greedy({1}, 60);
+  r.ignore_eos = true;
+  ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(r, c.Sink()));
+  auto results = c.WaitFor(1);
+  EXPECT_EQ(results[id].ids, GoldenIds())
+      << "golden: ../shared/models/stories260K/golden-greedy.json";
+  EXPECT_EQ(results[id].reason, FinishReason::kLength);
+  EXPECT_EQ(results[id].text, Solo(r).text);
+}
+
+TEST_F(EngineTest, BatchedGreedyEqualsEachRequestAlone) {
+  // A small token budget forces chunked prefill beside running decodes.
+  auto engine = MakeEngine({.max_batch_tokens = 24, .max_running = 16});
+  const std::vector<int32_t> story = GoldenIds();
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 12; ++i) {
+    std::vector<int32_t> prompt = {1};
+    prompt.insert(prompt.end(), story.begin(), story.begin() + (i * 5) % 57);
+    GenerationRequest r = Greedy(prompt, 8 + (i * 7) % 40);
+    r.ignore_eos = (i % 3 == 0);
+    reqs.push_back(r);
+  }
+  Collector c;
+  std::vector<RequestId> ids;
+  for (const auto& r : reqs) {
+    ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(r, c.Sink()));
+    ids.push_back(id);
+  }
+  auto results = c.WaitFor(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    model::GenerateResult solo = Solo(reqs[i]);
+    EXPECT_EQ(results[ids[i]].ids, Ids(solo)) << "request " << i;
+    EXPECT_EQ(results[ids[i]].text, solo.text) << "request " << i;
+    EXPECT_EQ(FinishReasonName(results[ids[i]].reason), solo.finish_reason) << "request " << i;
+  }
+  EngineStats s = WaitForNoBlocks(*engine);
+  EXPECT_EQ(s.kv_blocks_used, 0);
+  EXPECT_EQ(s.finished_requests, static_cast<int64_t>(reqs.size()));
+}
+
+TEST_F(EngineTest, PreemptionUnderAShortCacheKeepsResultsExact) {
+  // 12 blocks of 4 = 48 slots; six requests of up to 5 + 30 tokens cannot all stay resident.
+  auto engine = MakeEngine({.max_batch_tokens = 64, .max_running = 8, .kv_block_size = 4,
+                            .kv_blocks = 12});
+  const std::vector<int32_t> story = GoldenIds();
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    std::vector<int32_t> prompt = {1};
+    prompt.insert(prompt.end(), story.begin() + i, story.begin() + i + 4);
+    GenerationRequest r = Greedy(prompt, 30);
+    r.ignore_eos = true;
+    reqs.push_back(r);
+  }
+  Collector c;
+  std::vector<RequestId> ids;
+  for (const auto& r : reqs) {
+    ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(r, c.Sink()));
+    ids.push_back(id);
+  }
+  auto results = c.WaitFor(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(results[ids[i]].ids, Ids(Solo(reqs[i]))) << "request " << i;
+  }
+  EXPECT_GT(engine->Stats().preemptions, 0) << "the test meant to exercise preemption";
+  EXPECT_EQ(WaitForNoBlocks(*engine).kv_blocks_used, 0);
+}
+
+TEST_F(EngineTest, CancellationFreesBlocksWithinAStep) {
+  auto engine = MakeEngine({});
+  Collector c;
+  GenerationRequest r = Greedy({1}, 400);
+  r.ignore_eos = true;
+  ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(r, c.Sink()));
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(c.Next().has_value());
+  const EngineStats before = engine->Stats();
+  EXPECT_GT(before.kv_blocks_used, 0);
+  engine->Cancel(id);
+  // Outputs already on their way may still arrive; the last one says cancelled.
+  std::optional<StepOutput> out;
+  do {
+    out = c.Next();
+    ASSERT_TRUE(out.has_value());
+  } while (!out->finished);
+  EXPECT_EQ(out->finish_reason, FinishReason::kCancelled);
+  // Stats are published after each step, so they lag by at most one step; the cancel is taken at
+  // the start of the next one.
+  EXPECT_LE(out->completion_tokens, before.generated_tokens + 2)
+      << "the engine kept generating after the cancel";
+  EngineStats s = WaitForNoBlocks(*engine);
+  EXPECT_EQ(s.kv_blocks_used, 0);
+  EXPECT_EQ(s.kv_blocks_free, s.kv_blocks_total);
+  EXPECT_EQ(s.cancelled_requests, 1);
+  engine->Cancel(id);  // unknown by now: ignored
+}
+
+TEST_F(EngineTest, QueueFullIsResourceExhaustedAndWaitersRunLater) {
+  // 4 blocks of 16 = 64 slots. A request of a 40-token prompt holds 3 blocks once prefilled, so
+  // the next one (3 blocks for its prompt) waits; the queue holds two.
+  auto engine = MakeEngine({.max_batch_tokens = 64, .max_running = 8, .max_queue = 2,
+                            .kv_block_size = 16, .kv_blocks = 4});
+  const std::vector<int32_t> story = GoldenIds();
+  std::vector<int32_t> prompt = {1};
+  prompt.insert(prompt.end(), story.begin(), story.begin() + 39);
+  GenerationRequest r = Greedy(prompt, 20);
+  r.ignore_eos = true;
+  Collector c;
+  ASSERT_OK_AND_ASSIGN(RequestId first, engine->Submit(r, c.Sink()));
+  // Wait until the first one runs, so the queue count is exact.
+  std::optional<StepOutput> first_out = c.Next();
+  ASSERT_TRUE(first_out.has_value());
+  ASSERT_EQ(first_out->id, first);
+  ASSERT_OK(engine->Submit(r, c.Sink()));
+  ASSERT_OK(engine->Submit(r, c.Sink()));
+  EXPECT_THAT(engine->Submit(r, c.Sink()),
+              StatusIs(absl::StatusCode::kResourceExhausted, "queue is full"));
+  auto results = c.WaitFor(3);
+  ASSERT_EQ(results.size(), 3u);
+  const std::vector<int32_t> solo = Ids(Solo(r));
+  for (auto& [id, res] : results) {
+    EXPECT_EQ(res.reason, FinishReason::kLength);
+    std::vector<int32_t> ids = res.ids;
+    if (id == first) ids.insert(ids.begin(), first_out->tokens[0].token_id);
+    EXPECT_EQ(ids, solo) << "request " << id;
+  }
+  // With the queue empty again, new requests are taken.
+  EXPECT_OK(engine->Submit(Greedy({1}, 4), c.Sink()));
+  c.WaitFor(4);
+}
+
+TEST_F(EngineTest, RefusesWhatCanNeverRun) {
+  auto engine = MakeEngine({.kv_block_size = 16, .kv_blocks = 8});
+  const int64_t ctx = model_->config().max_position_embeddings;
+  const int32_t vocab = static_cast<int32_t>(model_->config().vocab_size);
+  Collector c;
+  EXPECT_THAT(engine->Submit(Greedy({}, 4), c.Sink()),
+              StatusIs(absl::StatusCode::kInvalidArgument, "empty"));
+  EXPECT_THAT(engine->Submit(Greedy({1, vocab}, 4), c.Sink()),
+              StatusIs(absl::StatusCode::kInvalidArgument, "prompt_token_ids[1]"));
+  EXPECT_THAT(engine->Submit(Greedy({1, -1}, 4), c.Sink()),
+              StatusIs(absl::StatusCode::kInvalidArgument, "vocabulary"));
+  EXPECT_THAT(engine->Submit(Greedy({1}, 0), c.Sink()),
+              StatusIs(absl::StatusCode::kInvalidArgument, "max_tokens"));
+  GenerationRequest bad = Greedy({1}, 4);
+  bad.sampling.temperature = -1;
+  EXPECT_THAT(engine->Submit(bad, c.Sink()), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(engine->Submit(Greedy(std::vector<int32_t>(ctx, 1), 1), c.Sink()),
+              StatusIs(absl::StatusCode::kResourceExhausted, "context length"));
+  EXPECT_THAT(engine->Submit(Greedy({1, 2}, static_cast<int32_t>(ctx)), c.Sink()),
+              StatusIs(absl::StatusCode::kResourceExhausted, "context length"));
+  // 8 blocks of 16 = 128 slots: 200 tokens never fit.
+  EXPECT_THAT(engine->Submit(Greedy({1}, 200), c.Sink()),
+              StatusIs(absl::StatusCode::kResourceExhausted, "KV blocks"));
+  EXPECT_EQ(engine->Stats().waiting, 0);
+}
+
+TEST_F(EngineTest, StopStringsStopIdsAndEos) {
+  auto engine = MakeEngine({});
+  Collector c;
+  GenerationRequest a = Greedy({1}, 60);
+  a.stop = {" Lily"};
+  GenerationRequest b = Greedy({1}, 60);
+  b.stop_token_ids = {GoldenIds()[3]};  // "▁time"
+  GenerationRequest d = Greedy({1}, 400);  // runs into EOS
+  ASSERT_OK_AND_ASSIGN(RequestId ia, engine->Submit(a, c.Sink()));
+  ASSERT_OK_AND_ASSIGN(RequestId ib, engine->Submit(b, c.Sink()));
+  ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(d, c.Sink()));
+  auto results = c.WaitFor(3);
+  EXPECT_EQ(results[ia].reason, FinishReason::kStop);
+  EXPECT_EQ(results[ia].text, " Once upon a time, there was a little girl named");
+  EXPECT_EQ(results[ib].reason, FinishReason::kStop);
+  const std::vector<int32_t> golden = GoldenIds();
+  EXPECT_EQ(results[ib].ids, std::vector<int32_t>(golden.begin(), golden.begin() + 4));
+  EXPECT_EQ(results[ib].text, " Once upon a");
+  const std::vector<std::pair<GenerationRequest, RequestId>> all = {{a, ia}, {b, ib}, {d, id}};
+  for (const auto& [req, rid] : all) {
+    model::GenerateResult solo = Solo(req);
+    EXPECT_EQ(results[rid].ids, Ids(solo));
+    EXPECT_EQ(results[rid].text, solo.text);
+    EXPECT_EQ(FinishReasonName(results[rid].reason), solo.finish_reason);
+  }
+}
+
+TEST_F(EngineTest, SameSeedSameSamplesAndLogprobsOnlyWhenAsked) {
+  auto engine = MakeEngine({});
+  Collector c;
+  GenerationRequest r = Greedy({1}, 40);
+  r.ignore_eos = true;
+  r.sampling.temperature = 1.0f;
+  r.sampling.top_p = 0.9f;
+  r.sampling.seed = 1234;
+  GenerationRequest other = r;
+  other.sampling.seed = 99;
+  GenerationRequest with_lp = r;
+  with_lp.sampling.logprobs = 3;
+  ASSERT_OK_AND_ASSIGN(RequestId i1, engine->Submit(r, c.Sink()));
+  ASSERT_OK_AND_ASSIGN(RequestId i2, engine->Submit(r, c.Sink()));
+  ASSERT_OK_AND_ASSIGN(RequestId i3, engine->Submit(other, c.Sink()));
+  ASSERT_OK_AND_ASSIGN(RequestId i4, engine->Submit(with_lp, c.Sink()));
+  auto results = c.WaitFor(4);
+  EXPECT_EQ(results[i1].ids, results[i2].ids);
+  EXPECT_NE(results[i1].ids, results[i3].ids);
+  EXPECT_EQ(results[i1].ids, results[i4].ids);  // logprobs do not change sampling
+  EXPECT_EQ(results[i1].ids, Ids(Solo(r)));
+  for (const GeneratedToken& t : results[i1].tokens) EXPECT_TRUE(t.top.empty());
+  model::GenerateResult solo = Solo(with_lp);
+  ASSERT_EQ(results[i4].tokens.size(), solo.tokens.size());
+  for (size_t i = 0; i < solo.tokens.size(); ++i) {
+    const GeneratedToken& t = results[i4].tokens[i];
+    ASSERT_EQ(t.top.size(), 3u);
+    EXPECT_GE(t.top[0].logprob, t.top[1].logprob);
+    EXPECT_LE(t.logprob, 0.0f);
+    EXPECT_NEAR(t.logprob, solo.tokens[i].logprob, 1e-5);
+  }
+}
+
+TEST_F(EngineTest, ShutdownCancelsWhatIsInFlightAndRefusesNewWork) {
+  auto engine = MakeEngine({});
+  Collector c;
+  GenerationRequest r = Greedy({1}, 400);
+  r.ignore_eos = true;
+  ASSERT_OK(engine->Submit(r, c.Sink()));
+  ASSERT_TRUE(c.Next().has_value());
+  engine->Shutdown();
+  auto results = c.WaitFor(1);
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_EQ(results.begin()->second.reason, FinishReason::kCancelled);
+  EXPECT_THAT(engine->Submit(r, c.Sink()), StatusIs(absl::StatusCode::kUnavailable));
+}
+
+}  // namespace
+}  // namespace loraplex::engine

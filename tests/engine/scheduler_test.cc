@@ -1,0 +1,190 @@
+// The scheduler alone, over a real (tiny) KvCache: chunked prefill, decode priority, admission
+// under a short cache, preemption of the youngest and block accounting. Generation is simulated by
+// appending a token whenever a chunk samples, so these tests need no model.
+#include "engine/scheduler.h"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <vector>
+
+#include "tests/testing/testing.h"
+
+namespace loraplex::engine {
+namespace {
+
+model::LlamaConfig TinyConfig() {
+  model::LlamaConfig c;
+  c.num_layers = 1;
+  c.num_heads = 1;
+  c.num_kv_heads = 1;
+  c.head_dim = 2;
+  c.hidden_size = 2;
+  c.vocab_size = 16;
+  c.max_position_embeddings = 1024;
+  return c;
+}
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void MakeCache(int64_t blocks, int64_t block_size = 4) {
+    ASSERT_OK_AND_ASSIGN(model::KvCache c, model::KvCache::Create(TinyConfig(), blocks, block_size));
+    cache_ = std::make_unique<model::KvCache>(std::move(c));
+  }
+  Sequence* NewSeq(int64_t prompt_len, int32_t max_tokens = 100) {
+    GenerationRequest req;
+    req.prompt_ids.assign(prompt_len, 3);
+    req.max_tokens = max_tokens;
+    seqs_.push_back(std::make_unique<Sequence>(next_id_++, std::move(req), nullptr, nullptr));
+    return seqs_.back().get();
+  }
+  // Schedules, commits, and appends a token to every sequence that sampled.
+  StepPlan Step(Scheduler& s) {
+    StepPlan plan = s.Schedule();
+    Scheduler::Commit(plan);
+    for (const ScheduledChunk& c : plan.chunks) {
+      if (c.sample) c.seq->tokens.push_back(5);
+    }
+    return plan;
+  }
+  int64_t BlocksHeld() const {
+    int64_t n = 0;
+    for (const auto& s : seqs_) n += static_cast<int64_t>(s->blocks.size());
+    return n;
+  }
+
+  std::unique_ptr<model::KvCache> cache_;
+  std::vector<std::unique_ptr<Sequence>> seqs_;
+  RequestId next_id_ = 1;
+};
+
+TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksWithinTheBudget) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 32, .max_running = 8});
+  Sequence* a = NewSeq(100);
+  s.AddWaiting(a);
+  std::vector<int64_t> counts;
+  for (int i = 0; i < 4; ++i) {
+    StepPlan p = Step(s);
+    ASSERT_EQ(p.chunks.size(), 1u);
+    counts.push_back(p.chunks[0].count);
+    EXPECT_EQ(p.chunks[0].sample, i == 3);
+  }
+  EXPECT_EQ(counts, (std::vector<int64_t>{32, 32, 32, 4}));
+  EXPECT_EQ(a->num_computed, 100);
+  EXPECT_EQ(a->length(), 101);  // one token sampled
+  EXPECT_EQ(static_cast<int64_t>(a->blocks.size()), 25);  // 100 slots / 4
+  // Decoding: one token per step.
+  StepPlan p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.chunks[0].count, 1);
+  EXPECT_EQ(p.chunks[0].start, 100);
+  EXPECT_EQ(static_cast<int64_t>(a->blocks.size()), 26);  // position 100 opened block 25
+}
+
+TEST_F(SchedulerTest, DecodesAreNotStalledByANewLongPrompt) {
+  MakeCache(256);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 16, .max_running = 8});
+  Sequence* a = NewSeq(3);
+  Sequence* b = NewSeq(5);
+  s.AddWaiting(a);
+  s.AddWaiting(b);
+  Step(s);  // both prefilled in one step (8 tokens)
+  ASSERT_EQ(a->num_generated(), 1);
+  ASSERT_EQ(b->num_generated(), 1);
+  Sequence* c = NewSeq(200);
+  s.AddWaiting(c);
+  for (int i = 0; i < 5; ++i) {
+    StepPlan p = Step(s);
+    EXPECT_EQ(p.num_tokens, 16);
+    // Every step: a and b decode first, c gets the remaining 14 tokens.
+    ASSERT_EQ(p.chunks.size(), 3u);
+    EXPECT_EQ(p.chunks[0].seq, a);
+    EXPECT_EQ(p.chunks[1].seq, b);
+    EXPECT_EQ(p.chunks[2].seq, c);
+    EXPECT_EQ(p.chunks[2].count, 14);
+  }
+  EXPECT_EQ(a->num_generated(), 6);
+  EXPECT_EQ(c->num_computed, 70);
+}
+
+TEST_F(SchedulerTest, AdmissionWaitsForBlocksInFifoOrder) {
+  MakeCache(8);  // 32 slots
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8});
+  Sequence* a = NewSeq(20);  // needs 6 blocks for prompt + 1
+  Sequence* b = NewSeq(10);  // needs 3: does not fit beside a
+  Sequence* c = NewSeq(2);   // would fit, but FIFO keeps it behind b
+  s.AddWaiting(a);
+  s.AddWaiting(b);
+  s.AddWaiting(c);
+  StepPlan p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.chunks[0].seq, a);
+  EXPECT_EQ(s.num_waiting(), 2);
+  s.Remove(a);  // a finishes: its blocks are free at once
+  EXPECT_EQ(cache_->num_free_blocks(), 8);
+  p = Step(s);
+  EXPECT_EQ(p.chunks.size(), 2u);
+  EXPECT_EQ(s.num_waiting(), 0);
+  EXPECT_EQ(BlocksHeld(), cache_->num_used_blocks());
+}
+
+TEST_F(SchedulerTest, RunningLimitCapsTheBatch) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 2});
+  for (int i = 0; i < 3; ++i) s.AddWaiting(NewSeq(2));
+  StepPlan p = Step(s);
+  EXPECT_EQ(p.chunks.size(), 2u);
+  EXPECT_EQ(s.num_running(), 2);
+  EXPECT_EQ(s.num_waiting(), 1);
+}
+
+TEST_F(SchedulerTest, YoungestIsPreemptedWhenBlocksRunOutAndRecomputedLater) {
+  MakeCache(4);  // 16 slots
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8});
+  Sequence* a = NewSeq(7);  // 2 blocks with its first decode slot
+  Sequence* b = NewSeq(7);
+  s.AddWaiting(a);
+  s.AddWaiting(b);
+  Step(s);  // both prefilled: 7 slots each = 2 blocks each, all 4 blocks used
+  ASSERT_EQ(cache_->num_free_blocks(), 0);
+  Step(s);  // decode position 7: still in block 1
+  // Position 8 needs a third block for a: b (younger) is preempted.
+  StepPlan p = Step(s);
+  EXPECT_EQ(p.num_preempted, 1);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.chunks[0].seq, a);
+  EXPECT_EQ(b->num_computed, 0);
+  EXPECT_TRUE(b->blocks.empty());
+  EXPECT_EQ(s.num_waiting(), 1);
+  EXPECT_EQ(b->length(), 9);  // its generated tokens are kept, to be recomputed
+  EXPECT_EQ(BlocksHeld(), cache_->num_used_blocks());
+  // a finishes; b is re-admitted and recomputes all 9 tokens in one chunk, then samples.
+  s.Remove(a);
+  p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.chunks[0].seq, b);
+  EXPECT_EQ(p.chunks[0].start, 0);
+  EXPECT_EQ(p.chunks[0].count, 9);
+  EXPECT_TRUE(p.chunks[0].sample);
+}
+
+TEST_F(SchedulerTest, RemovingAWaitingOrRunningSequenceFreesEverything) {
+  MakeCache(16);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 8, .max_running = 8});
+  Sequence* a = NewSeq(30);
+  Sequence* b = NewSeq(3);
+  s.AddWaiting(a);
+  Step(s);  // a holds 2 blocks of its prompt
+  s.AddWaiting(b);
+  EXPECT_GT(cache_->num_used_blocks(), 0);
+  s.Remove(a);
+  s.Remove(b);
+  EXPECT_EQ(cache_->num_used_blocks(), 0);
+  EXPECT_EQ(s.num_running(), 0);
+  EXPECT_EQ(s.num_waiting(), 0);
+  EXPECT_TRUE(s.Schedule().chunks.empty());
+}
+
+}  // namespace
+}  // namespace loraplex::engine
