@@ -121,9 +121,23 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
                              " bytes)"));
   }
   const char* hbegin = reinterpret_cast<const char*>(base + 8);
-  json header = json::parse(hbegin, hbegin + header_len, nullptr, /*allow_exceptions=*/false);
+  // nlohmann keeps the last of two equal keys; a header naming a tensor twice would silently lose
+  // one, so the parse callback notes the first repeated top-level key.
+  std::set<std::string> top_keys;
+  std::string duplicate;
+  json::parser_callback_t note_duplicates = [&](int depth, json::parse_event_t event,
+                                                json& parsed) {
+    if (event == json::parse_event_t::key && depth == 1 && parsed.is_string() &&
+        !top_keys.insert(parsed.get<std::string>()).second && duplicate.empty()) {
+      duplicate = parsed.get<std::string>();
+    }
+    return true;
+  };
+  json header =
+      json::parse(hbegin, hbegin + header_len, note_duplicates, /*allow_exceptions=*/false);
   if (header.is_discarded()) return fail("header is not valid JSON");
   if (!header.is_object()) return fail("header JSON is not an object");
+  if (!duplicate.empty()) return fail(absl::StrCat("header names '", duplicate, "' twice"));
 
   auto out = std::unique_ptr<SafetensorsFile>(new SafetensorsFile());
   const uint8_t* data = base + 8 + header_len;

@@ -309,6 +309,19 @@ TEST(SafetensorsMalformedTest, Entries) {
               StatusIs(kInvalid, "shape and dtype need 8"));
 }
 
+TEST(SafetensorsMalformedTest, DuplicateTensorNames) {
+  const std::string data(64, '\0');
+  EXPECT_THAT(OpenSafetensors(St(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+                                 R"("a":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}})",
+                                 data)),
+              StatusIs(kInvalid, "header names 'a' twice"));
+  // Equal keys one level down (inside different entries) are fine.
+  EXPECT_THAT(OpenSafetensors(St(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+                                 R"("b":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}})",
+                                 data)),
+              IsOk());
+}
+
 TEST(SafetensorsMalformedTest, OverlappingTensors) {
   const std::string data(64, '\0');
   EXPECT_THAT(OpenSafetensors(St(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
