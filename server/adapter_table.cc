@@ -1,0 +1,42 @@
+#include "server/adapter_table.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace loraplex::server {
+
+absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> AdapterTable::Resolve(
+    absl::string_view spec) const {
+  if (spec.empty()) return std::shared_ptr<const engine::AdapterHandle>();
+  absl::string_view name = spec;
+  int64_t version = 0;  // 0: the current one
+  if (size_t at = spec.rfind('@'); at != absl::string_view::npos) {
+    name = spec.substr(0, at);
+    if (!absl::SimpleAtoi(spec.substr(at + 1), &version) || version < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter '", spec, "': the version after '@' must be a positive integer"));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  auto it = adapters_.find(std::string(name));
+  if (it == adapters_.end()) {
+    return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded on this server"));
+  }
+  if (version != 0 && it->second->version != version) {
+    return absl::NotFoundError(absl::StrCat("adapter '", name, "' has no version ", version,
+                                            " (serving version ", it->second->version, ")"));
+  }
+  return it->second;
+}
+
+void AdapterTable::Put(std::shared_ptr<const engine::AdapterHandle> handle) {
+  absl::MutexLock lock(&mu_);
+  adapters_[handle->name] = std::move(handle);
+}
+
+size_t AdapterTable::size() const {
+  absl::MutexLock lock(&mu_);
+  return adapters_.size();
+}
+
+}  // namespace loraplex::server

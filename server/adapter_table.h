@@ -1,0 +1,37 @@
+// The adapters the server can serve, by name, resolved to engine handles before a request is
+// submitted. This is the seam the adapter registry (adapters/, a later issue) replaces: Resolve
+// hands out a shared_ptr, so a later Replace or Remove never pulls weights from under a running
+// request.
+//
+// Thread-safety: all methods may be called from any thread.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/request.h"
+
+namespace loraplex::server {
+
+class AdapterTable {
+ public:
+  // `spec` is "name" (the current version) or "name@version". Empty spec: the base model (null).
+  // NOT_FOUND naming the adapter (or version) when it is not served; INVALID_ARGUMENT for a
+  // malformed version.
+  absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> Resolve(absl::string_view spec) const;
+
+  // Serves `handle` under handle->name as its current version (replacing an older one).
+  void Put(std::shared_ptr<const engine::AdapterHandle> handle);
+  size_t size() const;
+
+ private:
+  mutable absl::Mutex mu_;  // guards adapters_
+  std::map<std::string, std::shared_ptr<const engine::AdapterHandle>> adapters_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace loraplex::server

@@ -1,0 +1,307 @@
+#include "server/inference_service.h"
+
+#include <atomic>
+#include <deque>
+#include <string>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "server/request_mapping.h"
+#include "server/status_mapping.h"
+
+namespace loraplex::server {
+namespace {
+
+std::string CodeName(absl::StatusCode code) { return absl::StatusCodeToString(code); }
+
+// The status a finished generation ends its call with.
+absl::Status FinalStatus(const engine::StepOutput& out) {
+  switch (out.finish_reason) {
+    case engine::FinishReason::kError:
+      return out.status.ok() ? absl::InternalError("generation failed") : out.status;
+    case engine::FinishReason::kCancelled:
+      return absl::CancelledError("the request was cancelled");
+    default:
+      return absl::OkStatus();
+  }
+}
+
+// What both generation reactors share: turning a proto into a submitted engine request, latency
+// metrics, and the request fields needed to render outputs.
+class GenerationCall {
+ protected:
+  GenerationCall(engine::Engine* engine, Metrics* metrics) : engine_(engine), metrics_(metrics) {}
+
+  // Validates and submits; `sink` receives the engine outputs. Returns the status to finish the
+  // call with when the request is refused.
+  absl::Status Start(const v1::GenerateRequest& proto, const AdapterTable& adapters, bool draining,
+                     engine::OutputSink sink) {
+    if (draining) return Refuse(absl::UnavailableError("the server is shutting down"));
+    absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(proto, *engine_, adapters);
+    if (!req.ok()) return Refuse(req.status());
+    adapter_label_ = req->adapter == nullptr ? "base" : req->adapter->name;
+    rendering_.sampling = req->sampling;
+    rendering_.adapter = req->adapter;
+    start_ = absl::Now();
+    absl::StatusOr<engine::RequestId> id = engine_->Submit(*std::move(req), std::move(sink));
+    if (!id.ok()) return Refuse(id.status());
+    id_.store(*id);
+    return absl::OkStatus();
+  }
+
+  // Latency metrics for one engine output (engine thread).
+  void Observe(const engine::StepOutput& out) {
+    if (!out.tokens.empty()) {
+      const absl::Time now = absl::Now();
+      if (!seen_first_token_) {
+        metrics_->ObserveTimeToFirstToken(absl::ToDoubleSeconds(now - start_));
+        seen_first_token_ = true;
+      } else {
+        // Several tokens in one output share the gap.
+        const double gap = absl::ToDoubleSeconds(now - last_token_) / out.tokens.size();
+        for (size_t i = 0; i < out.tokens.size(); ++i) metrics_->ObserveInterTokenLatency(gap);
+      }
+      last_token_ = now;
+      metrics_->AddGeneratedTokens(static_cast<int64_t>(out.tokens.size()));
+    }
+    if (out.finished) metrics_->RecordRequest(adapter_label_, CodeName(FinalStatus(out).code()));
+  }
+
+  absl::Status Refuse(absl::Status status) {
+    metrics_->RecordRequest(adapter_label_, CodeName(status.code()));
+    return status;
+  }
+
+  engine::Engine* const engine_;
+  Metrics* const metrics_;
+  // Atomic: the engine may finish a write (and OnWriteDone read it) before Start stores it; a
+  // 0 read then cancels nothing, which is harmless.
+  std::atomic<engine::RequestId> id_{0};
+  // The request minus its prompt: what AppendOutput needs.
+  engine::GenerationRequest rendering_;
+
+ private:
+  std::string adapter_label_ = "-";
+  absl::Time start_;
+  absl::Time last_token_;  // engine thread
+  bool seen_first_token_ = false;  // engine thread
+};
+
+// Generate: one response message per engine output. Outputs that arrive while a write is in
+// flight are merged into the next message, so a slow client never makes the queue grow past two.
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
+                              private GenerationCall {
+ public:
+  GenerateReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
+                  bool draining, const v1::GenerateRequest& request)
+      : GenerationCall(engine, metrics) {
+    absl::Status status = Start(request, *adapters, draining,
+                                [this](engine::StepOutput out) { OnOutput(std::move(out)); });
+    if (!status.ok()) Finish(ToGrpcStatus(status));
+    // Otherwise the engine's last output finishes the call (Pump): the sink never outlives us.
+  }
+
+  void OnWriteDone(bool ok) override {
+    bool cancel = false;
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      pending_.pop_front();
+      if (!ok && !write_failed_) {
+        // The client is gone: stop the generation; the final output then finishes the call.
+        write_failed_ = true;
+        pending_.clear();
+        cancel = !final_received_;
+      }
+    }
+    if (cancel) engine_->Cancel(id_);
+    Pump();
+  }
+
+  void OnCancel() override { engine_->Cancel(id_); }
+  void OnDone() override { delete this; }
+
+ private:
+  // Engine thread.
+  void OnOutput(engine::StepOutput out) {
+    Observe(out);
+    {
+      absl::MutexLock lock(&mu_);
+      if (!write_failed_) {
+        // The front message is being written only while writing_; merge into the back otherwise.
+        const bool back_free = !pending_.empty() && !(writing_ && pending_.size() == 1);
+        if (!back_free) pending_.emplace_back();
+        AppendOutput(out, rendering_, &pending_.back());
+      }
+      if (out.finished) {
+        final_received_ = true;
+        final_status_ = ToGrpcStatus(FinalStatus(out));
+      }
+    }
+    Pump();
+  }
+
+  // Starts the next write, or finishes the call once everything is written. gRPC calls happen
+  // outside the lock, and nothing touches members after Finish (OnDone may delete us at once).
+  void Pump() {
+    const v1::GenerateResponse* next = nullptr;
+    bool finish = false;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || finish_called_) return;
+      if (!pending_.empty()) {
+        writing_ = true;
+        next = &pending_.front();  // deque: stays valid while others are appended
+      } else if (final_received_) {
+        finish_called_ = true;
+        finish = true;
+        status = final_status_;
+      }
+    }
+    if (next != nullptr) {
+      StartWrite(next);
+    } else if (finish) {
+      Finish(status);
+    }
+  }
+
+  absl::Mutex mu_;  // guards the write state below
+  std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_failed_ ABSL_GUARDED_BY(mu_) = false;
+  bool final_received_ ABSL_GUARDED_BY(mu_) = false;
+  bool finish_called_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+// Complete: the same generation, gathered into the one response.
+class CompleteReactor final : public grpc::ServerUnaryReactor, private GenerationCall {
+ public:
+  CompleteReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
+                  bool draining, const v1::GenerateRequest& request,
+                  v1::GenerateResponse* response)
+      : GenerationCall(engine, metrics), response_(response) {
+    absl::Status status = Start(request, *adapters, draining,
+                                [this](engine::StepOutput out) { OnOutput(std::move(out)); });
+    if (!status.ok()) Finish(ToGrpcStatus(status));
+  }
+
+  void OnCancel() override { engine_->Cancel(id_); }
+  void OnDone() override { delete this; }
+
+ private:
+  // Engine thread; the only writer of response_ until Finish.
+  void OnOutput(engine::StepOutput out) {
+    Observe(out);
+    AppendOutput(out, rendering_, response_);
+    if (out.finished) Finish(ToGrpcStatus(FinalStatus(out)));
+  }
+
+  v1::GenerateResponse* response_;
+};
+
+grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context, grpc::Status status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(std::move(status));
+  return reactor;
+}
+
+const grpc::Status kDraining(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
+
+}  // namespace
+
+InferenceService::InferenceService(engine::Engine* engine, const AdapterTable* adapters,
+                                   Metrics* metrics, ServedModelInfo info)
+    : engine_(engine), adapters_(adapters), metrics_(metrics), info_(std::move(info)) {}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  return new GenerateReactor(engine_, adapters_, metrics_, draining(), *request);
+}
+
+grpc::ServerUnaryReactor* InferenceService::Complete(grpc::CallbackServerContext* context,
+                                                     const v1::GenerateRequest* request,
+                                                     v1::GenerateResponse* response) {
+  return new CompleteReactor(engine_, adapters_, metrics_, draining(), *request, response);
+}
+
+grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
+                                                     const v1::TokenizeRequest* request,
+                                                     v1::TokenizeResponse* response) {
+  if (draining()) return FinishNow(context, kDraining);
+  const model::Tokenizer& tokenizer = engine_->model().tokenizer();
+  for (int32_t id : tokenizer.Encode(request->text(), request->add_bos())) {
+    response->add_token_ids(id);
+    response->add_pieces(tokenizer.Piece(id));
+  }
+  return FinishNow(context, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
+                                                       const v1::DetokenizeRequest* request,
+                                                       v1::DetokenizeResponse* response) {
+  if (draining()) return FinishNow(context, kDraining);
+  const model::Tokenizer& tokenizer = engine_->model().tokenizer();
+  const int32_t vocab = tokenizer.vocab_size();
+  for (int i = 0; i < request->token_ids_size(); ++i) {
+    const int32_t id = request->token_ids(i);
+    if (id < 0 || id >= vocab) {
+      return FinishNow(context, ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+                                    "token_ids[", i, "] = ", id, " is outside the vocabulary [0, ",
+                                    vocab, ")"))));
+    }
+  }
+  response->set_text(tokenizer.Decode({request->token_ids().begin(), request->token_ids().end()}));
+  return FinishNow(context, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                         const v1::GetModelInfoRequest* request,
+                                                         v1::ModelInfo* response) {
+  const model::LlamaModel& model = engine_->model();
+  const model::LlamaConfig& c = model.config();
+  response->set_architecture(c.architecture);
+  response->set_model_path(info_.model_path);
+  response->set_hidden_size(c.hidden_size);
+  response->set_intermediate_size(c.intermediate_size);
+  response->set_num_layers(c.num_layers);
+  response->set_num_heads(c.num_heads);
+  response->set_num_kv_heads(c.num_kv_heads);
+  response->set_head_dim(c.head_dim);
+  response->set_vocab_size(c.vocab_size);
+  response->set_context_length(c.max_position_embeddings);
+  response->set_dtype(info_.dtype);
+  response->set_device(info_.device);
+  response->set_max_lora_rank(info_.max_lora_rank);
+  response->set_bos_token_id(model.tokenizer().bos_id());
+  response->set_eos_token_id(model.tokenizer().eos_id());
+  response->set_kv_blocks_total(engine_->kv_blocks_total());
+  response->set_kv_block_size(engine_->options().kv_block_size);
+  response->set_max_batch_tokens(engine_->options().max_batch_tokens);
+  response->set_max_queue(static_cast<int32_t>(engine_->options().max_queue));
+  response->set_weight_bytes(model.weight_bytes());
+  return FinishNow(context, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* InferenceService::GetEngineStats(
+    grpc::CallbackServerContext* context, const v1::GetEngineStatsRequest* request,
+    v1::EngineStats* response) {
+  const engine::EngineStats s = engine_->Stats();
+  response->set_running(s.running);
+  response->set_waiting(s.waiting);
+  response->set_kv_blocks_used(s.kv_blocks_used);
+  response->set_kv_blocks_free(s.kv_blocks_free);
+  response->set_kv_blocks_total(s.kv_blocks_total);
+  response->set_steps(s.steps);
+  response->set_generated_tokens(s.generated_tokens);
+  response->set_tokens_per_second(s.tokens_per_second);
+  response->set_finished_requests(s.finished_requests);
+  response->set_cancelled_requests(s.cancelled_requests);
+  return FinishNow(context, grpc::Status::OK);
+}
+
+}  // namespace loraplex::server

@@ -1,0 +1,99 @@
+#include "server/metrics.h"
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <exception>
+
+#include "absl/strings/str_cat.h"
+
+namespace loraplex::server {
+
+struct Metrics::Impl {
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  std::unique_ptr<prometheus::Exposer> exposer;
+  prometheus::Family<prometheus::Counter>* requests = nullptr;
+  prometheus::Histogram* ttft = nullptr;
+  prometheus::Histogram* itl = nullptr;
+  prometheus::Counter* tokens = nullptr;
+  prometheus::Gauge* queue = nullptr;
+  prometheus::Gauge* running = nullptr;
+  prometheus::Gauge* kv_used = nullptr;
+  prometheus::Gauge* kv_free = nullptr;
+  prometheus::Gauge* tokens_per_s = nullptr;
+};
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen) {
+  auto impl = std::make_unique<Impl>();
+  prometheus::Registry& r = *impl->registry;
+  impl->requests = &prometheus::BuildCounter()
+                        .Name("loraplex_requests_total")
+                        .Help("Generation requests by adapter and gRPC status code")
+                        .Register(r);
+  // Latencies from a millisecond (decode steps of tiny models) to a minute (long queues).
+  const prometheus::Histogram::BucketBoundaries latency = {
+      0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+  impl->ttft = &prometheus::BuildHistogram()
+                    .Name("loraplex_time_to_first_token_seconds")
+                    .Help("Time from submission to the first generated token")
+                    .Register(r)
+                    .Add({}, latency);
+  impl->itl = &prometheus::BuildHistogram()
+                   .Name("loraplex_inter_token_latency_seconds")
+                   .Help("Time between consecutive generated tokens of one request")
+                   .Register(r)
+                   .Add({}, latency);
+  impl->tokens = &prometheus::BuildCounter()
+                      .Name("loraplex_generated_tokens_total")
+                      .Help("Tokens generated")
+                      .Register(r)
+                      .Add({});
+  auto gauge = [&r](const char* name, const char* help) {
+    return &prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+  };
+  impl->queue = gauge("loraplex_queue_length", "Requests waiting for admission");
+  impl->running = gauge("loraplex_running_batch_size", "Sequences in the running batch");
+  impl->kv_used = gauge("loraplex_kv_blocks_used", "KV cache blocks in use");
+  impl->kv_free = gauge("loraplex_kv_blocks_free", "KV cache blocks free");
+  impl->tokens_per_s = gauge("loraplex_tokens_per_second", "Generated tokens per second, recent");
+  if (!listen.empty()) {
+    try {
+      impl->exposer = std::make_unique<prometheus::Exposer>(listen, 1);
+    } catch (const std::exception& e) {
+      // prometheus-cpp (civetweb) reports bind failures by throwing.
+      return absl::UnavailableError(
+          absl::StrCat("--metrics-listen ", listen, ": cannot serve metrics: ", e.what()));
+    }
+    impl->exposer->RegisterCollectable(impl->registry);
+  }
+  return std::unique_ptr<Metrics>(new Metrics(std::move(impl)));
+}
+
+Metrics::Metrics(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Metrics::~Metrics() = default;
+
+int Metrics::port() const {
+  if (impl_->exposer == nullptr) return 0;
+  std::vector<int> ports = impl_->exposer->GetListeningPorts();
+  return ports.empty() ? 0 : ports[0];
+}
+
+void Metrics::RecordRequest(const std::string& adapter, const std::string& code) {
+  impl_->requests->Add({{"adapter", adapter}, {"code", code}}).Increment();
+}
+void Metrics::ObserveTimeToFirstToken(double seconds) { impl_->ttft->Observe(seconds); }
+void Metrics::ObserveInterTokenLatency(double seconds) { impl_->itl->Observe(seconds); }
+void Metrics::AddGeneratedTokens(int64_t n) { impl_->tokens->Increment(static_cast<double>(n)); }
+
+void Metrics::UpdateEngine(const engine::EngineStats& stats) {
+  impl_->queue->Set(static_cast<double>(stats.waiting));
+  impl_->running->Set(static_cast<double>(stats.running));
+  impl_->kv_used->Set(static_cast<double>(stats.kv_blocks_used));
+  impl_->kv_free->Set(static_cast<double>(stats.kv_blocks_free));
+  impl_->tokens_per_s->Set(stats.tokens_per_second);
+}
+
+}  // namespace loraplex::server

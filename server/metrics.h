@@ -1,0 +1,45 @@
+// Prometheus metrics of the server, served over HTTP at /metrics on --metrics-listen:
+//   loraplex_requests_total{adapter, code}        finished generation requests by gRPC code
+//   loraplex_time_to_first_token_seconds          histogram, submission to first token
+//   loraplex_inter_token_latency_seconds          histogram, between streamed tokens
+//   loraplex_generated_tokens_total
+//   loraplex_queue_length, loraplex_running_batch_size, loraplex_kv_blocks_used,
+//   loraplex_kv_blocks_free, loraplex_tokens_per_second   gauges from the engine
+// The adapter label is "base" for the base model and "-" for requests refused before their adapter
+// was resolved (so that made-up names cannot grow the label set).
+//
+// Thread-safety: all methods may be called from any thread.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/engine.h"
+
+namespace loraplex::server {
+
+class Metrics {
+ public:
+  // `listen` is HOST:PORT (port 0 picks a free one) or empty to keep metrics without serving them.
+  // UNAVAILABLE when the address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& listen);
+  ~Metrics();
+
+  // The bound HTTP port, 0 when not serving.
+  int port() const;
+
+  void RecordRequest(const std::string& adapter, const std::string& code);
+  void ObserveTimeToFirstToken(double seconds);
+  void ObserveInterTokenLatency(double seconds);
+  void AddGeneratedTokens(int64_t n);
+  void UpdateEngine(const engine::EngineStats& stats);
+
+  struct Impl;
+
+ private:
+  explicit Metrics(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace loraplex::server

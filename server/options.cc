@@ -1,0 +1,147 @@
+#include "server/options.h"
+
+#include <cctype>
+#include <cstdint>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/logging.h"
+
+ABSL_FLAG(std::string, model, "", "GGUF file or HF model folder (required)");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC address HOST:PORT (port 0: any free one)");
+ABSL_FLAG(std::string, dtype, "bf16", "storage of the base weights: bf16 or f32");
+ABSL_FLAG(std::string, device, "auto", "auto, cpu or cuda (cuda: not in this build yet)");
+ABSL_FLAG(int64_t, max_batch_tokens, 512, "tokens per engine step (decodes + prefill chunks)");
+ABSL_FLAG(int64_t, max_running, 64, "sequences per engine step");
+ABSL_FLAG(int64_t, max_queue, 256, "requests waiting for KV memory before RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, kv_memory, "",
+          "KV cache size, e.g. 512MiB or 2G (default: max_running full contexts, at most 1 GiB)");
+ABSL_FLAG(int64_t, kv_blocks, 0, "KV cache size in blocks (overrides --kv-memory)");
+ABSL_FLAG(int64_t, kv_block_size, 16, "token slots per KV block");
+ABSL_FLAG(int32_t, max_lora_rank, 64, "largest LoRA rank accepted");
+ABSL_FLAG(std::string, metrics_listen, "", "Prometheus HTTP address HOST:PORT (empty: off)");
+ABSL_FLAG(std::string, adapter_dir, "", "root that LoadAdapter paths are relative to");
+ABSL_FLAG(std::string, state_dir, "", "where the adapter manifest is kept (not implemented yet)");
+ABSL_FLAG(std::string, admin_token, "", "token for the Adapters service (not implemented yet)");
+ABSL_FLAG(std::string, api_token, "", "token for the Inference service (not implemented yet)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate for TLS (not implemented yet)");
+ABSL_FLAG(std::string, tls_key, "", "PEM key for TLS (not implemented yet)");
+ABSL_FLAG(std::vector<std::string>, adapter, {},
+          "NAME=DIR adapters to serve from the start (not implemented yet)");
+ABSL_FLAG(double, shutdown_grace_s, 30, "seconds calls in flight may take to finish on SIGTERM");
+ABSL_FLAG(std::string, port_file, "", "file to write the bound gRPC port and metrics port (0: none) to, a line each, once serving");
+
+namespace loraplex::server {
+namespace {
+
+absl::Status NotYet(const std::string& flag, const std::string& what) {
+  return absl::UnimplementedError(absl::StrCat(
+      flag, " asks for ", what, ", which this build of loraplex-server does not implement yet; "
+      "refusing to start rather than run without it"));
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> ParseByteSize(const std::string& text) {
+  std::string s(absl::StripAsciiWhitespace(text));
+  size_t digits = 0;
+  while (digits < s.size() && std::isdigit(static_cast<unsigned char>(s[digits]))) ++digits;
+  int64_t value = 0;
+  if (digits == 0 || !absl::SimpleAtoi(s.substr(0, digits), &value)) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "' is not a size like 512MiB"));
+  }
+  const std::string unit = absl::AsciiStrToLower(s.substr(digits));
+  int shift = 0;
+  if (unit.empty() || unit == "b") {
+    shift = 0;
+  } else if (unit == "k" || unit == "kb" || unit == "kib") {
+    shift = 10;
+  } else if (unit == "m" || unit == "mb" || unit == "mib") {
+    shift = 20;
+  } else if (unit == "g" || unit == "gb" || unit == "gib") {
+    shift = 30;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", text, "': unknown unit '", unit, "' (use K, M or G)"));
+  }
+  if (value > (INT64_MAX >> shift)) {
+    return absl::InvalidArgumentError(absl::StrCat("'", text, "' is too large"));
+  }
+  return value << shift;
+}
+
+absl::StatusOr<CommandLine> CommandLineFromFlags() {
+  CommandLine cl;
+  cl.model_path = absl::GetFlag(FLAGS_model);
+  if (cl.model_path.empty()) return absl::InvalidArgumentError("--model is required");
+
+  const std::string dtype = absl::GetFlag(FLAGS_dtype);
+  if (dtype == "bf16") {
+    cl.load.dtype = kernels::DType::kBF16;
+  } else if (dtype == "f32") {
+    cl.load.dtype = kernels::DType::kF32;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--dtype must be bf16 or f32, got ", dtype));
+  }
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device == "cuda") return NotYet("--device cuda", "the CUDA backend");
+  if (device != "auto" && device != "cpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device must be auto, cpu or cuda, got ", device));
+  }
+  if (!absl::GetFlag(FLAGS_tls_cert).empty() || !absl::GetFlag(FLAGS_tls_key).empty()) {
+    return NotYet("--tls-cert/--tls-key", "TLS");
+  }
+  if (!absl::GetFlag(FLAGS_admin_token).empty()) {
+    return NotYet("--admin-token", "token authentication");
+  }
+  if (!absl::GetFlag(FLAGS_api_token).empty()) return NotYet("--api-token", "token authentication");
+  if (!absl::GetFlag(FLAGS_state_dir).empty()) {
+    return NotYet("--state-dir", "a persisted adapter registry");
+  }
+  for (const std::string& spec : absl::GetFlag(FLAGS_adapter)) {
+    std::vector<std::string> parts = absl::StrSplit(spec, absl::MaxSplits('=', 1));
+    if (parts.size() != 2 || parts[0].empty() || parts[1].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--adapter wants NAME=DIR, got '", spec, "'"));
+    }
+    cl.adapters.emplace_back(parts[0], parts[1]);
+  }
+  if (!cl.adapters.empty()) return NotYet("--adapter", "LoRA adapter loading");
+
+  ServerOptions& s = cl.server;
+  s.listen = absl::GetFlag(FLAGS_listen);
+  s.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  s.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  s.engine.max_running = absl::GetFlag(FLAGS_max_running);
+  s.engine.max_queue = absl::GetFlag(FLAGS_max_queue);
+  s.engine.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
+  s.engine.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);
+  if (const std::string kv = absl::GetFlag(FLAGS_kv_memory); !kv.empty()) {
+    absl::StatusOr<int64_t> bytes = ParseByteSize(kv);
+    if (!bytes.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--kv-memory: ", bytes.status().message()));
+    }
+    s.engine.kv_memory_bytes = *bytes;
+  }
+  s.info.model_path = cl.model_path;
+  s.info.dtype = dtype;
+  s.info.device = "cpu";
+  s.info.max_lora_rank = absl::GetFlag(FLAGS_max_lora_rank);
+  if (s.info.max_lora_rank < 1) {
+    return absl::InvalidArgumentError("--max-lora-rank must be at least 1");
+  }
+  const double grace = absl::GetFlag(FLAGS_shutdown_grace_s);
+  if (!(grace >= 0)) return absl::InvalidArgumentError("--shutdown-grace-s must be >= 0");
+  cl.shutdown_grace = absl::Seconds(grace);
+  cl.port_file = absl::GetFlag(FLAGS_port_file);
+  if (const std::string dir = absl::GetFlag(FLAGS_adapter_dir); !dir.empty()) {
+    LP_LOG(INFO) << "--adapter-dir " << dir
+                 << " noted; LoadAdapter arrives with the adapter registry (not served yet)";
+  }
+  return cl;
+}
+
+}  // namespace loraplex::server

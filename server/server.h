@@ -1,0 +1,66 @@
+// The loraplex gRPC server: the Inference service, the standard health service and server
+// reflection on one listening address, Prometheus metrics on another, and the graceful shutdown
+// that SIGTERM/SIGINT trigger. main.cc only parses flags and calls this.
+//
+// Thread-safety: Shutdown may be called from any thread, once or more.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/server.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+#include "model/llama_model.h"
+#include "server/adapter_table.h"
+#include "server/inference_service.h"
+#include "server/metrics.h"
+
+namespace loraplex::server {
+
+struct ServerOptions {
+  std::string listen = "127.0.0.1:50051";  // HOST:PORT; port 0 picks a free one
+  std::string metrics_listen;              // empty: no metrics endpoint
+  engine::EngineOptions engine;
+  ServedModelInfo info;
+  // How often engine gauges are copied into the metrics.
+  absl::Duration metrics_interval = absl::Milliseconds(250);
+};
+
+class Server {
+ public:
+  // Starts the engine on `model` (kept alive by the server) and begins serving. UNAVAILABLE when an
+  // address cannot be bound; the engine's errors otherwise.
+  static absl::StatusOr<std::unique_ptr<Server>> Start(std::unique_ptr<model::LlamaModel> model,
+                                                       const ServerOptions& options);
+  ~Server();
+
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_->port(); }
+  AdapterTable& adapters() { return adapters_; }
+
+  // Graceful shutdown: health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
+  // flight may finish within `grace`, after which they are cancelled; then the engine stops.
+  void Shutdown(absl::Duration grace);
+
+ private:
+  Server() = default;
+  void MetricsLoop();
+
+  std::unique_ptr<model::LlamaModel> model_;
+  std::unique_ptr<engine::Engine> engine_;
+  AdapterTable adapters_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<grpc::Server> grpc_server_;
+  int port_ = 0;
+  absl::Duration metrics_interval_;
+
+  absl::Mutex mu_;  // guards shutdown_ (and wakes the metrics thread)
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread metrics_thread_;
+};
+
+}  // namespace loraplex::server

@@ -1,0 +1,168 @@
+// Server pieces without a network: the status mapping, flag parsing helpers, the adapter table and
+// the proto -> engine request mapping with DESIGN.md's error table (on the real stories260K).
+#include <gtest/gtest.h>
+
+#include <memory>
+
+#include "server/adapter_table.h"
+#include "server/options.h"
+#include "server/request_mapping.h"
+#include "server/status_mapping.h"
+#include "tests/testing/testing.h"
+
+namespace loraplex::server {
+namespace {
+
+using ::loraplex::testing::StatusIs;
+
+TEST(StatusMappingTest, EveryCanonicalCodeMapsOneToOneWithItsMessage) {
+  const std::pair<absl::StatusCode, grpc::StatusCode> pairs[] = {
+      {absl::StatusCode::kInvalidArgument, grpc::StatusCode::INVALID_ARGUMENT},
+      {absl::StatusCode::kNotFound, grpc::StatusCode::NOT_FOUND},
+      {absl::StatusCode::kAlreadyExists, grpc::StatusCode::ALREADY_EXISTS},
+      {absl::StatusCode::kFailedPrecondition, grpc::StatusCode::FAILED_PRECONDITION},
+      {absl::StatusCode::kResourceExhausted, grpc::StatusCode::RESOURCE_EXHAUSTED},
+      {absl::StatusCode::kUnauthenticated, grpc::StatusCode::UNAUTHENTICATED},
+      {absl::StatusCode::kPermissionDenied, grpc::StatusCode::PERMISSION_DENIED},
+      {absl::StatusCode::kUnavailable, grpc::StatusCode::UNAVAILABLE},
+      {absl::StatusCode::kInternal, grpc::StatusCode::INTERNAL},
+      {absl::StatusCode::kCancelled, grpc::StatusCode::CANCELLED},
+      {absl::StatusCode::kDeadlineExceeded, grpc::StatusCode::DEADLINE_EXCEEDED},
+      {absl::StatusCode::kUnimplemented, grpc::StatusCode::UNIMPLEMENTED},
+  };
+  for (const auto& [a, g] : pairs) {
+    grpc::Status s = ToGrpcStatus(absl::Status(a, "why"));
+    EXPECT_EQ(s.error_code(), g) << absl::StatusCodeToString(a);
+    EXPECT_EQ(s.error_message(), "why");
+    EXPECT_EQ(FromGrpcStatus(s), absl::Status(a, "why"));
+  }
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+}
+
+TEST(OptionsTest, ParseByteSize) {
+  EXPECT_EQ(*ParseByteSize("1024"), 1024);
+  EXPECT_EQ(*ParseByteSize("512MiB"), int64_t{512} << 20);
+  EXPECT_EQ(*ParseByteSize("2G"), int64_t{2} << 30);
+  EXPECT_EQ(*ParseByteSize("64k"), int64_t{64} << 10);
+  EXPECT_THAT(ParseByteSize("lots"), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParseByteSize("5TB"), StatusIs(absl::StatusCode::kInvalidArgument, "unit"));
+}
+
+TEST(AdapterTableTest, ResolvesNamesAndVersions) {
+  AdapterTable table;
+  auto h = std::make_shared<engine::AdapterHandle>();
+  h->name = "sql";
+  h->version = 2;
+  table.Put(h);
+  ASSERT_OK_AND_ASSIGN(auto base, table.Resolve(""));
+  EXPECT_EQ(base, nullptr);
+  ASSERT_OK_AND_ASSIGN(auto got, table.Resolve("sql"));
+  EXPECT_EQ(got, h);
+  ASSERT_OK_AND_ASSIGN(got, table.Resolve("sql@2"));
+  EXPECT_EQ(got, h);
+  EXPECT_THAT(table.Resolve("sql@1"), StatusIs(absl::StatusCode::kNotFound, "no version 1"));
+  EXPECT_THAT(table.Resolve("chat"), StatusIs(absl::StatusCode::kNotFound, "'chat'"));
+  EXPECT_THAT(table.Resolve("sql@x"), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+class RequestMappingTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto m = model::LlamaModel::Load(loraplex::testing::Stories260KDir() + "/stories260K.gguf");
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(m).value().release();
+    auto e = engine::Engine::Create(model_, {.kv_block_size = 16, .kv_blocks = 8});
+    ASSERT_TRUE(e.ok()) << e.status();
+    engine_ = std::move(e).value().release();
+  }
+  static void TearDownTestSuite() {
+    delete engine_;
+    delete model_;
+  }
+  absl::StatusOr<engine::GenerationRequest> Map(const v1::GenerateRequest& r) {
+    return ToGenerationRequest(r, *engine_, table_);
+  }
+  static v1::GenerateRequest Ids(std::vector<int32_t> ids) {
+    v1::GenerateRequest r;
+    for (int32_t id : ids) r.add_prompt_token_ids(id);
+    return r;
+  }
+
+  AdapterTable table_;
+  static model::LlamaModel* model_;
+  static engine::Engine* engine_;
+};
+model::LlamaModel* RequestMappingTest::model_ = nullptr;
+engine::Engine* RequestMappingTest::engine_ = nullptr;
+
+TEST_F(RequestMappingTest, TextPromptGetsBosAndDefaults) {
+  v1::GenerateRequest r;
+  r.set_prompt("Once upon a time");
+  ASSERT_OK_AND_ASSIGN(engine::GenerationRequest req, Map(r));
+  ASSERT_FALSE(req.prompt_ids.empty());
+  EXPECT_EQ(req.prompt_ids[0], 1);  // stories260K adds BOS
+  EXPECT_EQ(req.sampling.temperature, 0.0f);
+  EXPECT_EQ(req.sampling.top_p, 1.0f);
+  EXPECT_GE(req.max_tokens, 1);
+  EXPECT_EQ(req.adapter, nullptr);
+}
+
+TEST_F(RequestMappingTest, ErrorTable) {
+  using absl::StatusCode;
+  v1::GenerateRequest both = Ids({1});
+  both.set_prompt("x");
+  EXPECT_THAT(Map(both), StatusIs(StatusCode::kInvalidArgument, "not both"));
+  EXPECT_THAT(Map(v1::GenerateRequest()), StatusIs(StatusCode::kInvalidArgument, "give a prompt"));
+  EXPECT_THAT(Map(Ids({1, 512})), StatusIs(StatusCode::kInvalidArgument, "prompt_token_ids[1]"));
+  v1::GenerateRequest r = Ids({1});
+  r.set_temperature(-0.5f);
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "temperature"));
+  for (float p : {0.0f, -0.1f, 1.5f}) {
+    r = Ids({1});
+    r.set_top_p(p);
+    EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "top_p")) << p;
+  }
+  r = Ids({1});
+  r.set_max_tokens(0);
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "max_tokens"));
+  r = Ids({1});
+  r.set_logprobs(21);
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "logprobs"));
+  r = Ids({1});
+  r.set_adapter("nope");
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kNotFound, "nope"));
+  const int64_t ctx = model_->config().max_position_embeddings;
+  r = Ids({1});
+  r.set_max_tokens(static_cast<int32_t>(ctx));
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kResourceExhausted, "context"));
+  r = Ids(std::vector<int32_t>(ctx, 1));
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kResourceExhausted, "context"));
+}
+
+TEST_F(RequestMappingTest, AppendOutputWritesLogprobsOnlyWhenAsked) {
+  engine::GenerationRequest req;
+  engine::StepOutput out;
+  out.tokens.push_back({7, -0.25f, {{7, -0.25f}, {9, -2.0f}}});
+  out.text = "hi";
+  v1::GenerateResponse plain;
+  AppendOutput(out, req, &plain);
+  EXPECT_EQ(plain.token_ids_size(), 1);
+  EXPECT_EQ(plain.logprobs_size(), 0);
+  EXPECT_EQ(plain.finish_reason(), "");
+  req.sampling.logprobs = 2;
+  out.finished = true;
+  out.finish_reason = engine::FinishReason::kLength;
+  out.prompt_tokens = 3;
+  out.completion_tokens = 1;
+  v1::GenerateResponse with;
+  AppendOutput(out, req, &with);
+  ASSERT_EQ(with.logprobs_size(), 1);
+  EXPECT_EQ(with.logprobs(0).top_size(), 2);
+  EXPECT_FLOAT_EQ(with.logprobs(0).top(1).logprob(), -2.0f);
+  EXPECT_EQ(with.finish_reason(), "length");
+  EXPECT_EQ(with.usage().prompt_tokens(), 3);
+  EXPECT_EQ(with.text(), "hi");
+}
+
+}  // namespace
+}  // namespace loraplex::server
