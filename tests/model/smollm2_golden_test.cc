@@ -25,11 +25,20 @@ class SmolLM2Test : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     if (!std::filesystem::exists(ModelPath())) return;
+    // Any failure here must fail every test, not skip it: record it for SetUp.
     auto m = LlamaModel::Load(ModelPath(), {kernels::DType::kF32});
-    ASSERT_OK(m);
-    model_ = std::move(m).value().release();
+    if (!m.ok()) {
+      setup_error_ = new std::string(m.status().ToString());
+      return;
+    }
     std::ifstream in(FixturesDir() + "/hf/smollm2_logits.json");
-    fixture_ = new nlohmann::json(nlohmann::json::parse(in));
+    nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) {
+      setup_error_ = new std::string("cannot read tests/fixtures/hf/smollm2_logits.json");
+      return;
+    }
+    model_ = std::move(m).value().release();
+    fixture_ = new nlohmann::json(std::move(j));
     std::ifstream data(FixturesDir() + "/hf/" + (*fixture_)["data_file"].get<std::string>(),
                        std::ios::binary);
     data_ = new std::string((std::istreambuf_iterator<char>(data)), std::istreambuf_iterator<char>());
@@ -41,6 +50,7 @@ class SmolLM2Test : public ::testing::Test {
     model_ = nullptr;
   }
   void SetUp() override {
+    if (setup_error_ != nullptr) FAIL() << *setup_error_;
     if (model_ == nullptr) {
       GTEST_SKIP() << ModelPath() << " not found: run scripts/fetch-model.sh to run this test";
     }
@@ -50,7 +60,9 @@ class SmolLM2Test : public ::testing::Test {
   static LlamaModel* model_;
   static nlohmann::json* fixture_;
   static std::string* data_;
+  static std::string* setup_error_;
 };
+std::string* SmolLM2Test::setup_error_ = nullptr;
 LlamaModel* SmolLM2Test::model_ = nullptr;
 nlohmann::json* SmolLM2Test::fixture_ = nullptr;
 std::string* SmolLM2Test::data_ = nullptr;
