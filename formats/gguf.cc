@@ -36,6 +36,12 @@ constexpr uint32_t kMaxDims = 4;  // GGML_MAX_DIMS
 // Real files nest arrays at most once or twice; the cap keeps a hostile file from recursing deep
 // enough to overflow the stack.
 constexpr int kMaxArrayDepth = 16;
+// A parsed value takes ~40 bytes however few the file spends on it (one for a uint8), so a file
+// whose bytes are all one huge array could ask for 40x its size. Real vocabularies with their
+// merges hold well under a million elements; 16M bounds the worst case near 1 GB.
+constexpr uint64_t kMaxArrayElements = uint64_t{1} << 24;
+// Real models have a few thousand tensors at most.
+constexpr uint64_t kMaxTensors = uint64_t{1} << 20;
 
 const char* ValueTypeName(uint32_t type) {
   static const char* kNames[] = {"uint8",  "int8",    "uint16", "int16",  "uint32",
@@ -164,7 +170,9 @@ absl::StatusOr<GgufValue> ReadScalar(Cursor& c, std::string_view what) {
   return GgufValue{v};
 }
 
-absl::StatusOr<GgufValue> ReadValue(Cursor& c, uint32_t type, int depth, std::string_view what) {
+// `element_budget` is what is left of kMaxArrayElements for the whole file.
+absl::StatusOr<GgufValue> ReadValue(Cursor& c, uint32_t type, int depth, std::string_view what,
+                                    uint64_t* element_budget) {
   switch (type) {
     case kU8:
       return ReadScalar<uint8_t>(c, what);
@@ -216,11 +224,17 @@ absl::StatusOr<GgufValue> ReadValue(Cursor& c, uint32_t type, int depth, std::st
             absl::StrCat(std::string(what), ": array of ", count, " ", ValueTypeName(elem_type),
                          " elements cannot fit in the ", c.remaining(), " bytes that remain"));
       }
+      if (count > *element_budget) {
+        return absl::InvalidArgumentError(absl::StrCat(std::string(what),
+                                                       ": metadata arrays hold more than ",
+                                                       kMaxArrayElements, " elements in total"));
+      }
+      *element_budget -= count;
       auto arr = std::make_shared<GgufValue::Array>();
       arr->element_type = elem_type;
       arr->values.reserve(static_cast<size_t>(count));
       for (uint64_t i = 0; i < count; ++i) {
-        LP_ASSIGN_OR_RETURN(GgufValue v, ReadValue(c, elem_type, depth + 1, what));
+        LP_ASSIGN_OR_RETURN(GgufValue v, ReadValue(c, elem_type, depth + 1, what, element_budget));
         arr->values.push_back(std::move(v));
       }
       return GgufValue{std::move(arr)};
@@ -333,6 +347,10 @@ class GgufParser {
     f->version_ = version;
     LP_ASSIGN_OR_RETURN(uint64_t n_tensors, c.Read<uint64_t>("tensor count"));
     LP_ASSIGN_OR_RETURN(uint64_t n_kv, c.Read<uint64_t>("metadata count"));
+    if (n_tensors > kMaxTensors) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor count ", n_tensors, " exceeds the limit of ", kMaxTensors));
+    }
     // Smallest key/value: key length (8) + value type (4) + one byte. Smallest tensor info:
     // name length (8) + n_dims (4) + type (4) + offset (8).
     if (n_kv > c.remaining() / 13) {
@@ -344,11 +362,12 @@ class GgufParser {
           "tensor count ", n_tensors, " cannot fit in the ", c.remaining(), " bytes that remain"));
     }
 
+    uint64_t element_budget = kMaxArrayElements;
     for (uint64_t i = 0; i < n_kv; ++i) {
       LP_ASSIGN_OR_RETURN(std::string key, c.ReadString(absl::StrCat("metadata key #", i)));
       const std::string what = absl::StrCat("metadata '", key, "'");
       LP_ASSIGN_OR_RETURN(uint32_t type, c.Read<uint32_t>(what));
-      LP_ASSIGN_OR_RETURN(GgufValue value, ReadValue(c, type, 0, what));
+      LP_ASSIGN_OR_RETURN(GgufValue value, ReadValue(c, type, 0, what, &element_budget));
       if (!f->metadata_.emplace(key, std::move(value)).second) {
         return absl::InvalidArgumentError(absl::StrCat("duplicate ", what));
       }

@@ -122,12 +122,21 @@ TEST(GgufMalformedTest, BadMagicAndVersion) {
 
 TEST(GgufMalformedTest, CountsThatCannotFitAreRefusedBeforeAllocating) {
   EXPECT_THAT(OpenGguf(Header(0, uint64_t{1} << 60)), StatusIs(kInvalid, "metadata count"));
-  EXPECT_THAT(OpenGguf(Header(~uint64_t{0}, 0)), StatusIs(kInvalid, "tensor count"));
+  EXPECT_THAT(OpenGguf(Header(1000, 0)), StatusIs(kInvalid, "tensor count 1000 cannot fit"));
   std::string huge_array = Str("k") + Le<uint32_t>(9) + Le<uint32_t>(4) + Le<uint64_t>(1ull << 61);
   EXPECT_THAT(OpenGguf(Header(0, 1) + huge_array), StatusIs(kInvalid, "array of"));
   std::string huge_string_array =
       Str("k") + Le<uint32_t>(9) + Le<uint32_t>(8) + Le<uint64_t>(1000) + Str("x");
   EXPECT_THAT(OpenGguf(Header(0, 1) + huge_string_array), StatusIs(kInvalid, "'k'"));
+}
+
+TEST(GgufMalformedTest, MoreArrayElementsThanAnyModelNeedsAreRefused) {
+  // 17M one-byte elements fit in the file, but would cost ~40 bytes each once parsed.
+  const uint64_t n = (uint64_t{1} << 24) + 1;
+  std::string big = Str("k") + Le<uint32_t>(9) + Le<uint32_t>(0) + Le<uint64_t>(n);
+  big.resize(big.size() + n, '\0');
+  EXPECT_THAT(OpenGguf(Header(0, 1) + big), StatusIs(kInvalid, "elements in total"));
+  EXPECT_THAT(OpenGguf(Header(uint64_t{1} << 21, 0)), StatusIs(kInvalid, "exceeds the limit"));
 }
 
 TEST(GgufMalformedTest, StringLengths) {
