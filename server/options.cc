@@ -30,7 +30,7 @@ ABSL_FLAG(std::string, api_token, "", "token for the Inference service (not impl
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate for TLS (not implemented yet)");
 ABSL_FLAG(std::string, tls_key, "", "PEM key for TLS (not implemented yet)");
 ABSL_FLAG(std::vector<std::string>, adapter, {},
-          "NAME=DIR adapters to serve from the start (not implemented yet)");
+          "NAME=DIR[,NAME=DIR...] PEFT adapters to serve from the start (version 1)");
 ABSL_FLAG(double, shutdown_grace_s, 30, "seconds calls in flight may take to finish on SIGTERM");
 ABSL_FLAG(std::string, port_file, "", "file to write the bound gRPC port and metrics port (0: none) to, a line each, once serving");
 
@@ -107,9 +107,8 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
     if (parts.size() != 2 || parts[0].empty() || parts[1].empty()) {
       return absl::InvalidArgumentError(absl::StrCat("--adapter wants NAME=DIR, got '", spec, "'"));
     }
-    cl.adapters.emplace_back(parts[0], parts[1]);
+    cl.server.adapters.emplace_back(parts[0], parts[1]);
   }
-  if (!cl.adapters.empty()) return NotYet("--adapter", "LoRA adapter loading");
 
   ServerOptions& s = cl.server;
   s.listen = absl::GetFlag(FLAGS_listen);

@@ -19,11 +19,10 @@ struct CommandLine {
   ServerOptions server;
   absl::Duration shutdown_grace;
   std::string port_file;  // once serving: the gRPC port, then the metrics port (0: none), a line each
-  std::vector<std::pair<std::string, std::string>> adapters;  // --adapter NAME=DIR
 };
 
 // Reads the flags. INVALID_ARGUMENT naming the flag for malformed values; UNIMPLEMENTED for
-// features that later issues bring (--device cuda, TLS, tokens, --state-dir, --adapter).
+// features that later issues bring (--device cuda, TLS, tokens, --state-dir).
 absl::StatusOr<CommandLine> CommandLineFromFlags();
 
 // Parses "512MiB", "2G", "1048576" (bytes). INVALID_ARGUMENT otherwise.

@@ -6,6 +6,7 @@
 #include <grpcpp/server_builder.h>
 
 #include "absl/strings/str_cat.h"
+#include "adapters/lora_adapter.h"
 #include "common/logging.h"
 #include "common/status.h"
 
@@ -16,6 +17,23 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   auto server = std::unique_ptr<Server>(new Server());
   server->model_ = std::move(model);
   server->metrics_interval_ = options.metrics_interval;
+  for (const auto& [name, dir] : options.adapters) {
+    adapters::AdapterLoadOptions load;
+    load.dtype = server->model_->dtype();
+    load.max_rank = options.info.max_lora_rank;
+    absl::StatusOr<std::unique_ptr<adapters::LoraAdapter>> adapter =
+        adapters::LoraAdapter::Load(dir, server->model_->config(), load);
+    if (!adapter.ok()) return Annotate(adapter.status(), absl::StrCat("--adapter ", name));
+    std::shared_ptr<const adapters::LoraAdapter> owner = *std::move(adapter);
+    auto handle = std::make_shared<engine::AdapterHandle>();
+    handle->name = name;
+    handle->version = 1;
+    handle->weights = &owner->view();
+    handle->owner = owner;
+    server->adapters_.Put(std::move(handle));
+    LP_LOG(INFO) << "adapter " << name << " from " << dir << ": rank " << owner->max_rank()
+                 << ", " << owner->bytes() << " bytes";
+  }
   LP_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(server->model_.get(), options.engine));
   LP_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_listen));
   server->service_ = std::make_unique<InferenceService>(

@@ -7,6 +7,8 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <grpcpp/server.h>
 
@@ -25,14 +27,18 @@ struct ServerOptions {
   std::string metrics_listen;              // empty: no metrics endpoint
   engine::EngineOptions engine;
   ServedModelInfo info;
+  // PEFT adapter folders served from the start as (name, dir), version 1 each, until the adapter
+  // registry serves LoadAdapter.
+  std::vector<std::pair<std::string, std::string>> adapters;
   // How often engine gauges are copied into the metrics.
   absl::Duration metrics_interval = absl::Milliseconds(250);
 };
 
 class Server {
  public:
-  // Starts the engine on `model` (kept alive by the server) and begins serving. UNAVAILABLE when an
-  // address cannot be bound; the engine's errors otherwise.
+  // Loads the adapters, starts the engine on `model` (kept alive by the server) and begins
+  // serving. UNAVAILABLE when an address cannot be bound; adapters::LoraAdapter::Load's codes
+  // (prefixed with the adapter's name) and the engine's otherwise.
   static absl::StatusOr<std::unique_ptr<Server>> Start(std::unique_ptr<model::LlamaModel> model,
                                                        const ServerOptions& options);
   ~Server();

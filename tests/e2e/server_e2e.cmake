@@ -6,4 +6,10 @@ if(TARGET loraplex-server)
   target_compile_definitions(server_e2e_test PRIVATE
     LP_SERVER_BINARY="$<TARGET_FILE:loraplex-server>")
   add_dependencies(server_e2e_test loraplex-server)
+  # The offline generator is the reference for adapter runs when it is built.
+  if(TARGET loraplex-generate)
+    target_compile_definitions(server_e2e_test PRIVATE
+      LP_GENERATE_BINARY="$<TARGET_FILE:loraplex-generate>")
+    add_dependencies(server_e2e_test loraplex-generate)
+  endif()
 endif()

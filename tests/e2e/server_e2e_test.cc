@@ -38,12 +38,14 @@ using v1::GenerateResponse;
 // A loraplex-server child process.
 class ServerProcess {
  public:
-  explicit ServerProcess(std::vector<std::string> extra_args) {
+  explicit ServerProcess(std::vector<std::string> extra_args,
+                         std::string model = testing::Stories260KDir() + "/stories260K.gguf",
+                         std::string dtype = "f32") {
     dir_ = testing::MakeTempDir("lp-server-e2e");
     const std::string port_file = dir_ + "/port";
     std::vector<std::string> args = {LP_SERVER_BINARY,
-                                     "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
-                                     "--dtype=f32", "--listen=127.0.0.1:0",
+                                     "--model=" + model, "--dtype=" + dtype,
+                                     "--listen=127.0.0.1:0",
                                      "--metrics-listen=127.0.0.1:0", "--port-file=" + port_file};
     args.insert(args.end(), extra_args.begin(), extra_args.end());
     std::vector<char*> argv;
@@ -54,7 +56,7 @@ class ServerProcess {
       pid_ = -1;
       return;
     }
-    for (int i = 0; i < 600 && port_ == 0; ++i) {
+    for (int i = 0; i < 1200 && port_ == 0; ++i) {
       std::ifstream f(port_file);
       if (f >> port_ >> metrics_port_) break;
       port_ = 0;
@@ -67,7 +69,7 @@ class ServerProcess {
       absl::SleepFor(absl::Milliseconds(50));
     }
     if (port_ == 0) {
-      ADD_FAILURE() << "loraplex-server wrote no port within 30 s";
+      ADD_FAILURE() << "loraplex-server wrote no port within 60 s";
       return;
     }
     channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
@@ -227,7 +229,7 @@ TEST_F(ServerE2eTest, SixtyFourConcurrentStreamsEqualTheirSoloRuns) {
     prompt.insert(prompt.end(), story.begin() + (i % 7), story.begin() + (i % 7) + (i * 3) % 50);
     GenerateRequest r = IdsRequest(prompt, 4 + (i * 11) % 45);
     r.set_ignore_eos(i % 2 == 0);
-    if (i % 5 == 0) r.add_stop(".");
+    if (i % 5 == 0) r.add_stop(std::string("."));
     reqs.push_back(r);
   }
   std::vector<GenerateResponse> solo(reqs.size());
@@ -450,6 +452,141 @@ TEST_F(ServerE2eTest, TokenizeDetokenizeModelInfoHealthAndMetrics) {
     EXPECT_NE(body.find(name), std::string::npos) << name << " missing from /metrics";
   }
 }
+
+// A server with four of the stories260K PEFT fixtures (tests/fixtures/peft/stories260k).
+class ServerAdapterE2eTest : public ::testing::Test {
+ protected:
+  static std::string Dir(const std::string& name) {
+    return testing::FixturesDir() + "/peft/stories260k/" + name;
+  }
+  static void SetUpTestSuite() {
+    server_ = new ServerProcess({"--adapter=qv=" + Dir("qv") + ",all=" + Dir("all_linear") +
+                                 ",r1=" + Dir("rank1") + ",rs=" + Dir("rslora")});
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  void SetUp() override { ASSERT_TRUE(server_->ok()); }
+  v1::Inference::Stub& stub() { return server_->stub(); }
+  static ServerProcess* server_;
+};
+ServerProcess* ServerAdapterE2eTest::server_ = nullptr;
+
+#ifdef LP_GENERATE_BINARY
+// loraplex-generate --json token_ids for a greedy run from BOS.
+std::vector<int32_t> OfflineGreedy(const std::string& adapter_dir, int max_tokens) {
+  const std::string cmd = absl::StrCat(
+      LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
+      " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
+      adapter_dir.empty() ? "" : " --adapter " + adapter_dir, " 2>/dev/null");
+  std::string out;
+  if (FILE* p = popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, n);
+    pclose(p);
+  }
+  nlohmann::json j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_FALSE(j.is_discarded()) << cmd << " printed: " << out;
+  return j.is_discarded() ? std::vector<int32_t>{} : j["token_ids"].get<std::vector<int32_t>>();
+}
+
+TEST_F(ServerAdapterE2eTest, GreedyWithAnAdapterEqualsLoraplexGenerate) {
+  GenerateRequest base = IdsRequest({1}, 40);
+  base.set_ignore_eos(true);
+  GenerateResponse base_out;
+  ASSERT_TRUE(RunComplete(stub(), base, &base_out).ok());
+  const std::vector<int32_t> base_ids(base_out.token_ids().begin(), base_out.token_ids().end());
+  EXPECT_EQ(base_ids, OfflineGreedy("", 40));
+  int differing = 0;
+  for (const auto& [name, dir] : {std::pair<std::string, std::string>{"qv", "qv"},
+                                  {"all", "all_linear"}}) {
+    GenerateRequest r = base;
+    r.set_adapter(name);
+    StreamResult s = RunStream(stub(), r);
+    ASSERT_TRUE(s.status.ok()) << name << ": " << s.status.error_message();
+    EXPECT_EQ(s.ids, OfflineGreedy(Dir(dir), 40)) << name;
+    if (s.ids != base_ids) ++differing;
+    GenerateResponse c;
+    ASSERT_TRUE(RunComplete(stub(), r, &c).ok());
+    EXPECT_EQ(c.adapter(), name);
+    EXPECT_EQ(c.adapter_version(), 1);
+  }
+  EXPECT_GT(differing, 0) << "the adapters should change the greedy output";
+}
+#endif
+
+TEST_F(ServerAdapterE2eTest, SixtyFourMixedAdapterStreamsEqualTheirSoloRuns) {
+  const auto story = Golden()["greedy_ids_after_bos"].get<std::vector<int32_t>>();
+  const std::vector<std::string> adapters = {"", "qv", "all", "r1", "rs@1"};
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 64; ++i) {
+    std::vector<int32_t> prompt = {1};
+    prompt.insert(prompt.end(), story.begin() + (i % 5), story.begin() + (i % 5) + (i * 7) % 40);
+    GenerateRequest r = IdsRequest(prompt, 5 + (i * 13) % 40);
+    r.set_ignore_eos(true);
+    r.set_adapter(adapters[i % adapters.size()]);
+    reqs.push_back(r);
+  }
+  std::vector<GenerateResponse> solo(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) ASSERT_TRUE(RunComplete(stub(), reqs[i], &solo[i]).ok());
+  std::vector<StreamResult> got(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back([&, i] { got[i] = RunStream(stub(), reqs[i]); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
+    EXPECT_EQ(got[i].ids, std::vector<int32_t>(solo[i].token_ids().begin(),
+                                               solo[i].token_ids().end()))
+        << "request " << i << " adapter '" << reqs[i].adapter() << "'";
+  }
+  GenerateRequest bad = IdsRequest({1}, 5);
+  bad.set_adapter("qv@2");
+  EXPECT_EQ(RunStream(stub(), bad).status.error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+#ifdef LP_GENERATE_BINARY
+// SmolLM2-135M-Instruct (scripts/fetch-model.sh puts it under models/); skipped when absent.
+TEST(ServerSmolLm2E2eTest, GreedyEqualsLoraplexGenerateAlsoWhenBatched) {
+  const std::string model = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (!std::filesystem::exists(model)) GTEST_SKIP() << model << " not fetched";
+  ServerProcess server({}, model, "bf16");
+  ASSERT_TRUE(server.ok());
+  const std::vector<std::string> prompts = {"The capital of France is", "def fibonacci(n):",
+                                            "Once upon a time", "1, 2, 3, 4,"};
+  std::vector<std::vector<int32_t>> offline;
+  for (const std::string& p : prompts) {
+    const std::string cmd = absl::StrCat(LP_GENERATE_BINARY, " --model ", model,
+                                         " --dtype bf16 --max-tokens 12 --json --prompt '", p,
+                                         "' 2>/dev/null");
+    std::string out;
+    if (FILE* f = popen(cmd.c_str(), "r")) {
+      char buf[4096];
+      for (size_t n; (n = fread(buf, 1, sizeof(buf), f)) > 0;) out.append(buf, n);
+      pclose(f);
+    }
+    nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << cmd << " printed: " << out;
+    offline.push_back(j["token_ids"].get<std::vector<int32_t>>());
+  }
+  std::vector<std::future<StreamResult>> runs;
+  for (const std::string& p : prompts) {
+    GenerateRequest r;
+    r.set_prompt(p);
+    r.set_max_tokens(12);
+    runs.push_back(std::async(std::launch::async,
+                              [&server, r] { return RunStream(server.stub(), r, absl::Seconds(120)); }));
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    StreamResult res = runs[i].get();
+    ASSERT_TRUE(res.status.ok()) << res.status.error_message();
+    EXPECT_EQ(res.ids, offline[i]) << "prompt '" << prompts[i] << "'";
+  }
+  EXPECT_EQ(server.SignalAndWait(SIGTERM), 0);
+}
+#endif
 
 // A server whose KV pool holds one long request at a time and whose queue holds one more.
 TEST(ServerE2eQueueTest, QueueFullIsResourceExhausted) {
