@@ -1,0 +1,428 @@
+// End to end: every `loraplex` subcommand as a real process against a real loraplex-server on a
+// free loopback port (stories260K). The greedy story in ../shared/models/stories260K is the
+// reference for generate; bench results are checked for internal consistency (every request
+// accounted for, ordered percentiles, throughput = tokens / duration).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/testing.h"
+
+extern char** environ;
+
+namespace loraplex {
+namespace {
+
+// A loraplex-server child process; ok() is false when it did not come up (e.g. a flag it refuses).
+class ServerProcess {
+ public:
+  explicit ServerProcess(std::vector<std::string> extra) {
+    dir_ = testing::MakeTempDir("lp-client-e2e-server");
+    const std::string port_file = dir_ + "/port";
+    std::vector<std::string> args = {LP_SERVER_BINARY,
+                                     "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
+                                     "--dtype=f32", "--listen=127.0.0.1:0",
+                                     "--port_file=" + port_file};
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    // The server's log goes to a file: shown on failure, not mixed into the test output.
+    posix_spawn_file_actions_addopen(&fa, 2, (dir_ + "/server.log").c_str(),
+                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int rc = posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+      pid_ = -1;
+      return;
+    }
+    for (int i = 0; i < 600; ++i) {
+      std::ifstream f(port_file);
+      if (f >> port_) break;
+      port_ = 0;
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return;
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+  }
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    std::filesystem::remove_all(dir_);
+  }
+  bool ok() const { return port_ != 0; }
+  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
+  std::string log() const {
+    std::ifstream f(dir_ + "/server.log");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+  }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+struct CliResult {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string ShellQuote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// Runs `loraplex ARGS` through the shell with `env` assignments and `input` on stdin.
+CliResult Cli(const std::vector<std::string>& args, const std::string& input = "",
+              const std::string& env = "") {
+  static const std::string dir = testing::MakeTempDir("lp-client-e2e-cli");
+  std::ofstream(dir + "/in") << input;
+  std::string cmd = env + " " + ShellQuote(LP_CLIENT_BINARY);
+  for (const std::string& a : args) cmd += " " + ShellQuote(a);
+  cmd += " <" + dir + "/in >" + dir + "/out 2>" + dir + "/err";
+  const int status = std::system(cmd.c_str());
+  CliResult r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = ReadAll(dir + "/out");
+  r.err = ReadAll(dir + "/err");
+  return r;
+}
+
+std::string Describe(const CliResult& r) {
+  return absl::StrCat("exit ", r.code, "\nstdout: ", r.out, "\nstderr: ", r.err);
+}
+
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);  // nothing listens there afterwards
+  return ntohs(addr.sin_port);
+}
+
+std::string PeftRoot() { return testing::FixturesDir() + "/peft/stories260k"; }
+
+class ClientE2eTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    server_ = new ServerProcess({"--adapter_dir=" + PeftRoot(), "--max_batch_tokens=256"});
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  void SetUp() override { ASSERT_TRUE(server_->ok()) << "loraplex-server did not start:\n"
+                                                     << server_->log(); }
+  // `loraplex ARGS --server ADDRESS`.
+  static CliResult Run(std::vector<std::string> args, const std::string& input = "") {
+    args.push_back("--server=" + server_->address());
+    return Cli(args, input);
+  }
+  // True when the server offers the Adapters service (it arrives in a later issue).
+  static bool HasAdapters() {
+    const CliResult r = Run({"adapters", "list"});
+    return r.code != 7;
+  }
+  static ServerProcess* server_;
+};
+ServerProcess* ClientE2eTest::server_ = nullptr;
+
+TEST_F(ClientE2eTest, HealthAndInfo) {
+  CliResult r = Run({"health"});
+  EXPECT_EQ(r.code, 0) << Describe(r);
+  EXPECT_EQ(r.out, "SERVING\n");
+  r = Run({"health", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_EQ(nlohmann::json::parse(r.out)["status"], "SERVING");
+
+  r = Run({"info"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("vocab"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("512 (bos 1, eos 2)"), std::string::npos) << r.out;
+  r = Run({"info", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json info = nlohmann::json::parse(r.out);
+  EXPECT_EQ(info["vocab_size"], 512);  // a JSON number, not the proto3 mapping's string
+  EXPECT_EQ(info["num_layers"], 5);
+  EXPECT_EQ(info["dtype"], "f32");
+}
+
+TEST_F(ClientE2eTest, GenerateReproducesTheGoldenStory) {
+  std::ifstream gf(testing::Stories260KDir() + "/golden-greedy.json");
+  const nlohmann::json golden = nlohmann::json::parse(gf);
+  const auto want = golden["greedy_ids_after_bos"].get<std::vector<int32_t>>();
+  CliResult r = Run({"generate", "--prompt-ids=1", "--max-tokens=60", "--ignore-eos", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["token_ids"].get<std::vector<int32_t>>(), want);
+  EXPECT_EQ(j["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["completion_tokens"], 60);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 1);
+  EXPECT_GE(j["ttft_ms"].get<double>(), 0);
+
+  // The streamed human output is the same text, with a final newline.
+  CliResult h = Run({"generate", "--prompt-ids", "1", "--max-tokens", "60", "--ignore-eos"});
+  ASSERT_EQ(h.code, 0) << Describe(h);
+  const std::string text = j["text"];
+  EXPECT_EQ(h.out, text + (text.empty() || text.back() != '\n' ? "\n" : ""));
+  EXPECT_EQ(h.err, "");
+
+  // Text prompt, from the arguments or stdin.
+  CliResult a = Run({"generate", "--max-tokens=8", "Once", "upon", "a", "time"});
+  CliResult b = Run({"generate", "--max-tokens=8", "-"}, "Once upon a time");
+  ASSERT_EQ(a.code, 0) << Describe(a);
+  EXPECT_FALSE(a.out.empty());
+  EXPECT_EQ(a.out, b.out);
+}
+
+TEST_F(ClientE2eTest, GenerateLogprobsAndStats) {
+  CliResult r = Run({"generate", "--prompt-ids=1", "--max-tokens=4", "--logprobs=3", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["logprobs"].size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    const auto& lp = j["logprobs"][i];
+    EXPECT_EQ(lp["token_id"], j["token_ids"][i]);
+    ASSERT_EQ(lp["top"].size(), 3u);
+    // Greedy: the chosen token is the best alternative; tops are best first.
+    EXPECT_EQ(lp["top"][0]["token_id"], lp["token_id"]);
+    EXPECT_GE(lp["top"][0]["logprob"].get<double>(), lp["top"][1]["logprob"].get<double>());
+    EXPECT_LE(lp["logprob"].get<double>(), 0.0);
+  }
+  CliResult t = Run({"generate", "--prompt-ids=1", "--max-tokens=4", "--logprobs=2", "--stats"});
+  ASSERT_EQ(t.code, 0) << Describe(t);
+  EXPECT_NE(t.out.find("LOGPROB"), std::string::npos) << t.out;
+  EXPECT_NE(t.err.find("[finish length, 1 prompt + 4 generated tokens"), std::string::npos)
+      << t.err;
+}
+
+TEST_F(ClientE2eTest, ErrorsSayWhatWentWrong) {
+  // Unknown adapter: NOT_FOUND, exit 5, one line naming it.
+  CliResult r = Run({"generate", "--adapter=no-such-adapter", "--max-tokens=4", "hello"});
+  EXPECT_EQ(r.code, 5) << Describe(r);
+  EXPECT_NE(r.err.find("loraplex: generate: not found"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("no-such-adapter"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+
+  // A bad request field: INVALID_ARGUMENT, exit 6.
+  r = Run({"generate", "--temperature=-1", "hello"});
+  EXPECT_EQ(r.code, 6) << Describe(r);
+  EXPECT_NE(r.err.find("INVALID_ARGUMENT"), std::string::npos) << r.err;
+
+  // Usage errors never reach the server: exit 2.
+  EXPECT_EQ(Cli({"frobnicate"}).code, 2);
+  r = Run({"generate"});
+  EXPECT_EQ(r.code, 2) << Describe(r);
+  EXPECT_NE(r.err.find("exactly one of a prompt"), std::string::npos) << r.err;
+  r = Run({"generate", "--max-tokens=many", "x"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("--max-tokens wants an integer"), std::string::npos) << r.err;
+  r = Run({"adapters", "get"});
+  EXPECT_EQ(r.code, 2);
+}
+
+TEST(ClientE2eNoServerTest, StoppedServerIsReportedForEveryCommand) {
+  const std::string addr = absl::StrCat("127.0.0.1:", FreePort());
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{{"health"}, {"info"}, {"generate", "hi"},
+                                             {"adapters", "list"}, {"bench", "--requests=1",
+                                                                    "--concurrency=1"}}) {
+    std::vector<std::string> full = args;
+    full.push_back("--server=" + addr);
+    const CliResult r = Cli(full);
+    EXPECT_EQ(r.code, 3) << absl::StrJoin(args, " ") << ": " << Describe(r);
+    EXPECT_NE(r.err.find("cannot reach the loraplex server at " + addr), std::string::npos)
+        << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  // The address can come from the environment.
+  const CliResult env = Cli({"health"}, "", "LORAPLEX_SERVER=" + addr);
+  EXPECT_EQ(env.code, 3);
+  EXPECT_NE(env.err.find(addr), std::string::npos) << env.err;
+}
+
+TEST(ClientE2eTokenTest, WrongTokenIsRefused) {
+  ServerProcess server({"--api_token=s3cret", "--admin_token=s3cret"});
+  if (!server.ok()) {
+    GTEST_SKIP() << "loraplex-server does not start with --api-token yet: " << server.log();
+  }
+  const std::string at = "--server=" + server.address();
+  CliResult r = Cli({"info", at, "--token=wrong"});
+  EXPECT_EQ(r.code, 4) << Describe(r);
+  EXPECT_NE(r.err.find("refused the token"), std::string::npos) << r.err;
+  r = Cli({"info", at});
+  EXPECT_EQ(r.code, 4) << Describe(r);
+  EXPECT_NE(r.err.find("pass --token or set LORAPLEX_TOKEN"), std::string::npos) << r.err;
+  EXPECT_EQ(Cli({"info", at, "--token=s3cret"}).code, 0);
+  EXPECT_EQ(Cli({"info", at}, "", "LORAPLEX_TOKEN=s3cret").code, 0);
+}
+
+TEST_F(ClientE2eTest, Chat) {
+  // Not a terminal: no prompts are printed, replies only; /adapter with no name = base model.
+  CliResult r = Run({"chat", "--max-tokens=8", "--temperature=0"}, "Hello\n/adapter\nTell me\n/exit\n");
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("(adapter: base model)"), std::string::npos) << r.out;
+  EXPECT_EQ(r.err, "");
+  r = Run({"chat", "--adapter=nope", "--max-tokens=4"}, "Hello\n");
+  EXPECT_EQ(r.code, 5) << Describe(r);
+}
+
+TEST_F(ClientE2eTest, AdaptersLifecycle) {
+  CliResult r = Run({"adapters", "list"});
+  if (r.code == 7) {
+    EXPECT_NE(r.err.find("does not offer this call"), std::string::npos) << r.err;
+    GTEST_SKIP() << "the server has no Adapters service yet: " << r.err;
+  }
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  r = Run({"adapters", "upload", "qv", PeftRoot() + "/qv", "--replace"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("uploaded qv version"), std::string::npos) << r.out;
+  r = Run({"adapters", "get", "qv", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json info = nlohmann::json::parse(r.out);
+  std::ifstream cf(PeftRoot() + "/qv/adapter_config.json");
+  const nlohmann::json cfg = nlohmann::json::parse(cf);
+  EXPECT_EQ(info["name"], "qv");
+  EXPECT_EQ(info["rank"], cfg["r"]);
+  r = Run({"adapters", "list"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("NAME"), std::string::npos);
+  EXPECT_NE(r.out.find("qv"), std::string::npos);
+  r = Run({"generate", "--adapter=qv", "--prompt-ids=1", "--max-tokens=4", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_EQ(nlohmann::json::parse(r.out)["adapter"], "qv");
+  r = Run({"adapters", "load", "rs", "rslora", "--replace"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("loaded rs version"), std::string::npos) << r.out;
+  EXPECT_EQ(Run({"adapters", "merge", "qv"}).code, 0);
+  EXPECT_EQ(Run({"adapters", "unmerge", "qv"}).code, 0);
+  EXPECT_EQ(Run({"adapters", "unload", "rs"}).code, 0);
+  r = Run({"adapters", "unload", "qv"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  // Unload drains; the name is gone soon after.
+  for (int i = 0; i < 50 && (r = Run({"adapters", "get", "qv"})).code == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(r.code, 5) << Describe(r);
+  EXPECT_NE(r.err.find("adapters get qv: not found"), std::string::npos) << r.err;
+  r = Run({"adapters", "upload", "x", "/nonexistent"});
+  EXPECT_EQ(r.code, 2);
+}
+
+// Checks results.json of a bench run; `max_tokens` is the fixed output length.
+void CheckBenchResults(const std::string& dir, double duration_bound, int max_tokens) {
+  std::ifstream f(dir + "/results.json");
+  ASSERT_TRUE(f) << dir;
+  const nlohmann::json j = nlohmann::json::parse(f);
+  const int64_t requests = j["requests"], completed = j["completed"], errors = j["errors"];
+  EXPECT_GT(requests, 0);
+  EXPECT_EQ(errors, 0) << j["error_examples"].dump();
+  EXPECT_EQ(requests, completed + errors);
+  EXPECT_EQ(j["sent"].get<int64_t>(), requests + j["warmup_requests"].get<int64_t>());
+  for (const char* k : {"ttft", "tpot", "itl", "e2e"}) {
+    const auto& s = j[k];
+    for (const char* f : {"mean", "p50", "p90", "p99"}) ASSERT_TRUE(s.contains(f)) << k << f;
+    EXPECT_GT(s["p50"].get<double>(), 0) << k;
+    EXPECT_LE(s["p50"].get<double>(), s["p90"].get<double>()) << k;
+    EXPECT_LE(s["p90"].get<double>(), s["p99"].get<double>()) << k;
+  }
+  EXPECT_EQ(j["ttft"]["count"].get<int64_t>(), completed);
+  // ignore_eos: every request produced exactly max_tokens.
+  EXPECT_EQ(j["output_tokens"].get<int64_t>(), completed * max_tokens);
+  const double duration = j["duration_s"];
+  EXPECT_GT(duration, 0);
+  // Requests start within the bound; the last one then finishes within its own e2e latency.
+  EXPECT_LE(duration, duration_bound + j["e2e"]["max"].get<double>() / 1e3 + 0.5);
+  EXPECT_NEAR(j["output_tokens_per_s"].get<double>(),
+              j["output_tokens"].get<double>() / duration, 1e-6);
+  EXPECT_NEAR(j["requests_per_s"].get<double>(), completed / duration, 1e-6);
+  const std::string html = ReadAll(dir + "/report.html");
+  size_t svgs = 0;
+  for (size_t p = html.find("<svg"); p != std::string::npos; p = html.find("<svg", p + 1)) ++svgs;
+  EXPECT_GE(svgs, 8u);  // four CDFs, two throughput charts, two per-adapter charts
+  EXPECT_NE(html.find("TTFT CDF"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+}
+
+TEST_F(ClientE2eTest, BenchClosedLoopBaseModel) {
+  const std::string out = testing::MakeTempDir("lp-client-bench-closed");
+  CliResult r = Run({"bench", "--concurrency=4", "--duration=3", "--warmup=0.5",
+                     "--prompt-tokens=uniform:8:24", "--max-tokens=16", "--out=" + out, "--quiet"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("output tok/s"), std::string::npos) << r.out;
+  CheckBenchResults(out, 3, 16);
+  std::filesystem::remove_all(out);
+}
+
+TEST_F(ClientE2eTest, BenchOpenLoopGammaArrivals) {
+  const std::string out = testing::MakeTempDir("lp-client-bench-open");
+  CliResult r = Run({"bench", "--rate=20", "--arrival=gamma:2", "--duration=2", "--warmup=0",
+                     "--max-tokens=8", "--prompt-tokens=8", "--requests=30", "--out=" + out,
+                     "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["config"]["mode"], "open loop");
+  EXPECT_LE(j["requests"].get<int64_t>(), 30);
+  CheckBenchResults(out, 2, 8);
+  std::filesystem::remove_all(out);
+}
+
+TEST_F(ClientE2eTest, BenchEightAdaptersZipf) {
+  if (!HasAdapters()) GTEST_SKIP() << "the server has no Adapters service yet";
+  const std::string out = testing::MakeTempDir("lp-client-bench-zipf");
+  CliResult r = Run({"bench", "--concurrency=8", "--duration=4", "--warmup=0.5",
+                     "--make-adapters=" + PeftRoot() + "/qv", "--adapters=8",
+                     "--popularity=zipf:1.0", "--prompt-tokens=16", "--max-tokens=16",
+                     "--swap-every=1", "--out=" + out, "--quiet"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  CheckBenchResults(out, 4, 16);
+  std::ifstream f(out + "/results.json");
+  const nlohmann::json j = nlohmann::json::parse(f);
+  EXPECT_GE(j["per_adapter"].size(), 2u);
+  EXPECT_EQ(j["swaps"]["failed"], 0);
+  EXPECT_GE(j["swaps"]["done"].get<int64_t>(), 2);
+  std::filesystem::remove_all(out);
+}
+
+}  // namespace
+}  // namespace loraplex
