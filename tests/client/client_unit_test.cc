@@ -6,8 +6,10 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 
+#include "absl/strings/str_cat.h"
 #include "client/adapter_files.h"
 #include "client/args.h"
 #include "client/bench_report.h"
@@ -17,6 +19,8 @@
 #include "formats/safetensors.h"
 #include "formats/gguf.h"
 #include "tests/testing/testing.h"
+#include "loraplex/v1/adapters.grpc.pb.h"
+#include <grpcpp/grpcpp.h>
 
 namespace loraplex::client {
 namespace {
@@ -203,6 +207,71 @@ TEST(AdapterFilesTest, Sha256OfKnownStrings) {
   EXPECT_EQ(Sha256Hex("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+}
+
+// An in-process Adapters service that reassembles an upload, to check the client's stream:
+// header first, then chunks of each file in order, and the sha256 of the weights.
+class RecordingAdapters final : public v1::Adapters::Service {
+ public:
+  grpc::Status UploadAdapter(grpc::ServerContext* ctx,
+                             grpc::ServerReader<v1::UploadAdapterRequest>* reader,
+                             v1::AdapterInfo* info) override {
+    v1::UploadAdapterRequest msg;
+    bool first = true;
+    while (reader->Read(&msg)) {
+      if (first != msg.has_header()) {
+        return grpc::Status(grpc::INVALID_ARGUMENT, "header must come first, once");
+      }
+      if (first) header = msg.header();
+      else {
+        ++chunks;
+        files[msg.chunk().file_name()] += msg.chunk().data();
+      }
+      first = false;
+    }
+    auto md = ctx->client_metadata().find("authorization");
+    if (md != ctx->client_metadata().end()) auth = std::string(md->second.data(), md->second.size());
+    info->set_name(header.name());
+    info->set_version(1);
+    return grpc::Status::OK;
+  }
+  v1::UploadAdapterHeader header;
+  std::map<std::string, std::string> files;
+  int chunks = 0;
+  std::string auth;
+};
+
+TEST(AdapterFilesTest, UploadStreamsHeaderThenChunks) {
+  RecordingAdapters service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(port, 0);
+  ConnectionOptions conn;
+  conn.server = absl::StrCat("127.0.0.1:", port);
+  conn.token = "t0k";
+  auto channel = MakeChannel(conn);
+  ASSERT_TRUE(channel.ok());
+  auto stub = v1::Adapters::NewStub(*channel);
+  auto files = ReadPeftDir(PeftDir());
+  ASSERT_TRUE(files.ok());
+  v1::AdapterInfo info;
+  grpc::Status st = UploadPeft(*stub, conn, "qv", *files, /*replace=*/true, /*pin=*/false,
+                               /*chunk_bytes=*/4096, &info);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(info.name(), "qv");
+  EXPECT_EQ(service.header.name(), "qv");
+  EXPECT_TRUE(service.header.replace());
+  EXPECT_EQ(service.header.sha256(), Sha256Hex(files->safetensors));
+  EXPECT_EQ(service.files["adapter_config.json"], files->config_json);
+  EXPECT_EQ(service.files["adapter_model.safetensors"], files->safetensors);
+  const size_t want_chunks = (files->config_json.size() + 4095) / 4096 +
+                             (files->safetensors.size() + 4095) / 4096;
+  EXPECT_EQ(service.chunks, static_cast<int>(want_chunks));
+  EXPECT_EQ(service.auth, "Bearer t0k");
+  server->Shutdown();
 }
 
 RequestRecord Rec(double start, double first, double end, int tokens, std::string adapter,
