@@ -11,6 +11,7 @@
 #include "formats/gguf.h"
 #include "formats/safetensors.h"
 #include "model/llama_weights.h"
+#include "model/lora_apply.h"
 
 namespace loraplex::model {
 
@@ -34,7 +35,7 @@ struct LlamaModel::Impl {
   std::map<std::pair<int64_t, int>, StoredMatrix> merge_backup;
   // Step scratch, reused across calls.
   std::vector<float> x, h, q, k, v, attn, proj, gate, up, sel;
-  std::vector<float> lora_scratch;
+  LoraScratch lora;
 };
 
 LlamaModel::~LlamaModel() = default;
@@ -179,40 +180,6 @@ inline float ViewAt(const kernels::WeightView& v, int64_t i) {
                                          : Bf16ToF32(static_cast<const uint16_t*>(v.data)[i]);
 }
 
-// y[out] += sign * B (A x) for one token: the readable per-token LoRA delta.
-void AddLoraDelta(float* y, const float* x, const LoraPair& p, float sign, std::vector<float>* tmp) {
-  tmp->assign(p.rank, 0.0f);
-  for (int64_t r = 0; r < p.rank; ++r) {
-    float acc = 0;
-    for (int64_t i = 0; i < p.a.cols; ++i) acc += ViewAt(p.a, r * p.a.cols + i) * x[i];
-    (*tmp)[r] = acc;
-  }
-  for (int64_t o = 0; o < p.b.rows; ++o) {
-    float acc = 0;
-    for (int64_t r = 0; r < p.rank; ++r) acc += ViewAt(p.b, o * p.rank + r) * (*tmp)[r];
-    y[o] += sign * acc;
-  }
-}
-
-// Adds each token's adapter delta to y = W x. While adapter M is merged into W, a token of another
-// adapter (or of the base model) also gets M's delta subtracted (DESIGN.md section 3, mixed mode).
-void ApplyLoraDeltas(float* y, const float* x, int64_t in, int64_t out, int64_t layer,
-                     LinearModule m, const ForwardBatch& batch, const LoraWeightsView* merged,
-                     std::vector<float>* tmp) {
-  const int mi = static_cast<int>(m);
-  const LoraPair* merged_pair = merged ? merged->layers[layer][mi] : nullptr;
-  if (batch.adapter_slot.empty() && merged_pair == nullptr) return;
-  for (int64_t t = 0; t < batch.num_tokens(); ++t) {
-    const int32_t slot = batch.adapter_slot.empty() ? -1 : batch.adapter_slot[t];
-    const LoraWeightsView* view = slot >= 0 ? batch.adapters[slot] : nullptr;
-    if (view == merged && merged != nullptr) continue;  // its delta is in W already
-    if (view != nullptr && view->layers[layer][mi] != nullptr) {
-      AddLoraDelta(y + t * out, x + t * in, *view->layers[layer][mi], 1.0f, tmp);
-    }
-    if (merged_pair != nullptr) AddLoraDelta(y + t * out, x + t * in, *merged_pair, -1.0f, tmp);
-  }
-}
-
 }  // namespace
 
 absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
@@ -240,20 +207,23 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
   const kernels::KvLayout layout = cache->layout(batch.max_blocks_per_seq);
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
-  // Runs one linear layer: y = W x (+ LoRA deltas of each token's adapter).
-  auto linear = [&](float* y, const float* x, int64_t layer, LinearModule m) {
+  // y = W x for one base linear layer; the LoRA deltas are added per group of modules that read
+  // the same input (ApplyLora fuses their shrink).
+  auto base = [&](float* y, const float* x, int64_t layer, LinearModule m) {
     kernels::Gemm(y, x, n, s.w.layers[layer].linear[static_cast<int>(m)].view());
-    ApplyLoraDeltas(y, x, LinearInFeatures(m), LinearOutFeatures(m), layer, m, batch, merged_,
-                    &s.lora_scratch);
   };
+  using M = LinearModule;
 
   kernels::Embed(s.x.data(), batch.tokens.data(), n, s.w.embed.view());
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& lw = s.w.layers[l];
     kernels::RmsNorm(s.h.data(), s.x.data(), lw.attn_norm.data(), n, hid, c.rms_norm_eps);
-    linear(s.q.data(), s.h.data(), l, LinearModule::kQ);
-    linear(s.k.data(), s.h.data(), l, LinearModule::kK);
-    linear(s.v.data(), s.h.data(), l, LinearModule::kV);
+    base(s.q.data(), s.h.data(), l, M::kQ);
+    base(s.k.data(), s.h.data(), l, M::kK);
+    base(s.v.data(), s.h.data(), l, M::kV);
+    ApplyLora({M::kQ, M::kK, M::kV}, l, s.h.data(), hid,
+              {{s.q.data(), qd}, {s.k.data(), kvd}, {s.v.data(), kvd}}, batch, merged_,
+              &s.lora);
     if (c.attention_bias) {
       for (int64_t t = 0; t < n; ++t) {
         kernels::Add(s.q.data() + t * qd, lw.q_bias.data(), qd);
@@ -268,14 +238,18 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
     kernels::WriteKv(cache->k(l), cache->v(l), s.k.data(), s.v.data(), ab, layout);
     kernels::PagedAttention(s.attn.data(), s.q.data(), cache->k(l), cache->v(l), ab, layout,
                             c.num_heads, attn_scale);
-    linear(s.proj.data(), s.attn.data(), l, LinearModule::kO);
+    base(s.proj.data(), s.attn.data(), l, M::kO);
+    ApplyLora({M::kO}, l, s.attn.data(), qd, {{s.proj.data(), hid}}, batch, merged_, &s.lora);
     kernels::Add(s.x.data(), s.proj.data(), n * hid);
 
     kernels::RmsNorm(s.h.data(), s.x.data(), lw.ffn_norm.data(), n, hid, c.rms_norm_eps);
-    linear(s.gate.data(), s.h.data(), l, LinearModule::kGate);
-    linear(s.up.data(), s.h.data(), l, LinearModule::kUp);
+    base(s.gate.data(), s.h.data(), l, M::kGate);
+    base(s.up.data(), s.h.data(), l, M::kUp);
+    ApplyLora({M::kGate, M::kUp}, l, s.h.data(), hid, {{s.gate.data(), ff}, {s.up.data(), ff}},
+              batch, merged_, &s.lora);
     kernels::SiluMul(s.gate.data(), s.gate.data(), s.up.data(), n * ff);
-    linear(s.proj.data(), s.gate.data(), l, LinearModule::kDown);
+    base(s.proj.data(), s.gate.data(), l, M::kDown);
+    ApplyLora({M::kDown}, l, s.gate.data(), ff, {{s.proj.data(), hid}}, batch, merged_, &s.lora);
     kernels::Add(s.x.data(), s.proj.data(), n * hid);
   }
 

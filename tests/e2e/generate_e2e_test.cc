@@ -75,6 +75,40 @@ TEST(GenerateE2eTest, PlainTextStreamsTheStory) {
   EXPECT_EQ(r.out, " Once upon a time, there was a little g\n");
 }
 
+TEST(GenerateE2eTest, AdapterNextTokensFollowPeft) {
+  // For every position of the PEFT golden prompt, the next token generated with --adapter equals
+  // the argmax of PEFT's logits there (where the reference is not a near-tie).
+  const std::string dir = testing::FixturesDir() + "/peft/stories260k/qv";
+  std::ifstream in(dir + "/logits.json");
+  nlohmann::json golden = nlohmann::json::parse(in)["prompts"][0];
+  auto ids = golden["token_ids"].get<std::vector<int32_t>>();
+  auto argmax = golden["argmax"].get<std::vector<int32_t>>();
+  auto margin = golden["argmax_margin"].get<std::vector<double>>();
+  int checked = 0;
+  for (size_t len = 1; len <= ids.size(); ++len) {
+    if (margin[len - 1] < 1e-3) continue;
+    std::string prompt;
+    for (size_t i = 0; i < len; ++i) prompt += (i ? "," : "") + std::to_string(ids[i]);
+    RunResult r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --dtype f32 --adapter " +
+                              dir + " --prompt-ids " + prompt + " --max-tokens 1 --ignore-eos --json");
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    EXPECT_EQ(nlohmann::json::parse(r.out)["token_ids"][0], argmax[len - 1]) << "prefix " << len;
+    ++checked;
+  }
+  EXPECT_GE(checked, 5);
+}
+
+TEST(GenerateE2eTest, BadAdaptersAreRefusedNamingTheProblem) {
+  RunResult r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --adapter /nonexistent");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("/nonexistent"), std::string::npos) << r.out;
+  // A SmolLM2 adapter does not fit stories260K.
+  r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --adapter " +
+          testing::FixturesDir() + "/peft/smollm2/qv");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("FAILED_PRECONDITION"), std::string::npos) << r.out;
+}
+
 TEST(GenerateE2eTest, BadInputsGiveClearErrors) {
   RunResult r = RunGenerate("--model /nonexistent.gguf --prompt hi");
   EXPECT_NE(r.exit_code, 0);
