@@ -1,5 +1,6 @@
-// Host side of the CUDA backend: device discovery, buffers, and the Status-returning wrappers
-// around the launchers of the .cu files.
+// Host side of the CUDA backend: device discovery, buffers and streams, and the RmsNorm wrappers.
+// The other ops' wrappers are in ops.cc (element-wise, attention, sampling), lora_ops.cc and
+// gemm.cc.
 #include <cuda_runtime_api.h>
 
 #include <string>
@@ -87,6 +88,72 @@ absl::Status CudaBuffer::CopyToHost(void* dst, size_t bytes) const {
   if (bytes == 0) return absl::OkStatus();
   LP_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst, data_, bytes, cudaMemcpyDeviceToHost));
   return absl::OkStatus();
+}
+
+absl::Status CudaBuffer::CopyFromHostAsync(const void* src, size_t bytes, void* stream) {
+  if (bytes > bytes_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CopyFromHostAsync of ", bytes, " bytes into a buffer of ", bytes_));
+  }
+  if (bytes == 0) return absl::OkStatus();
+  LP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(data_, src, bytes, cudaMemcpyHostToDevice,
+                                          static_cast<cudaStream_t>(stream)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBuffer::CopyToHostAsync(void* dst, size_t bytes, void* stream) const {
+  if (bytes > bytes_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CopyToHostAsync of ", bytes, " bytes from a buffer of ", bytes_));
+  }
+  if (bytes == 0) return absl::OkStatus();
+  LP_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, data_, bytes, cudaMemcpyDeviceToHost,
+                                          static_cast<cudaStream_t>(stream)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CudaStream> CudaStream::Create() {
+  CudaStream stream;
+  cudaStream_t s = nullptr;
+  // Non-blocking: the stream does not serialise with the legacy default stream, so adapter uploads
+  // on their own stream overlap the forward pass.
+  LP_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  stream.stream_ = s;
+  return stream;
+}
+
+CudaStream::CudaStream(CudaStream&& other) noexcept
+    : stream_(std::exchange(other.stream_, nullptr)) {}
+
+CudaStream& CudaStream::operator=(CudaStream&& other) noexcept {
+  if (this != &other) {
+    if (stream_ != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+    stream_ = std::exchange(other.stream_, nullptr);
+  }
+  return *this;
+}
+
+CudaStream::~CudaStream() {
+  if (stream_ != nullptr) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+}
+
+absl::Status CudaStream::Synchronize() const {
+  LP_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CudaMemoryInfo> GetCudaMemoryInfo() {
+  CudaMemoryInfo info;
+  LP_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&info.free_bytes, &info.total_bytes));
+  return info;
+}
+
+absl::StatusOr<std::string> CudaDeviceName() {
+  int device = 0;
+  LP_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  cudaDeviceProp prop;
+  LP_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
+  return absl::StrCat(prop.name, " (sm_", prop.major, prop.minor, ")");
 }
 
 absl::Status CudaRmsNorm(float* d_out, const float* d_x, const float* d_weight, int64_t rows,

@@ -8,6 +8,7 @@
 #include "common/half.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/kernels.h"
+#include "tests/kernels/cuda_test_util.h"
 #include "tests/kernels/kernel_test_util.h"
 #include "tests/testing/testing.h"
 
@@ -19,13 +20,8 @@ using ::loraplex::kernels::testing::ToBf16;
 using ::loraplex::testing::AllClose;
 using ::loraplex::testing::StatusIs;
 
-class CudaRmsNormTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    std::string why;
-    if (!CudaDeviceAvailable(&why)) GTEST_SKIP() << "no CUDA device found: " << why;
-  }
-};
+// Skips without a device, or fails with LP_REQUIRE_CUDA=1 (cuda_test_util.h).
+class CudaRmsNormTest : public ::loraplex::kernels::cuda::testing::CudaTest {};
 
 struct Size {
   int64_t rows, dim;
