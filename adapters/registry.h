@@ -1,0 +1,259 @@
+// The adapter registry: which LoRA adapters a server serves, under which names and versions, which
+// of them sit in compute memory, and the durable record of all that in the state directory
+// (adapters/manifest.h). DESIGN.md section 4.
+//
+// Lifecycle of one version:  LOADING -> READY -> DRAINING -> gone
+//   LOADING   files are being copied or uploaded into staging/ and validated (not visible to
+//             Acquire; Get/List show it with the version it will get)
+//   READY     the current version of its name: Acquire hands out leases on it
+//   DRAINING  replaced by version N+1 or unloaded: no new leases; the version disappears (memory
+//             and files) when its last lease is released
+// Every running request holds a Lease (a refcount on its version). Replace is atomic: one mutex
+// section swaps the current version, so an Acquire that starts after Register returned gets the
+// new version, and leases taken before keep the old weights alive until they finish.
+//
+// Memory tiers: a version is either in compute memory (Residency::kDevice; on the CPU backend the
+// compute memory is host RAM) or only on disk in the state directory (kDisk). The budget is
+// max_loaded versions and/or memory_bytes of weights. When a version must come in and the budget is
+// full, idle (no leases), unpinned, unmerged versions are evicted least-recently-used (pinned
+// versions always stay in memory and do not count against the budget); if every
+// loaded version is in use, Acquire waits (at most max_waiters callers, each at most
+// acquire_timeout) until a lease is released. Evicted versions are re-read from the state
+// directory by the next Acquire (that caller waits; others wanting the same version wait for the
+// same read).
+//
+// Loading, copying, hashing and manifest writes happen on the caller's thread, never under the
+// lock that Acquire and Release take, so admin work never stalls generation.
+//
+// Thread-safety: every method may be called from any thread. Admin operations (Register*, Upload
+// commit, Unload, SetPinned) are serialised among themselves. Leases may be released on any thread
+// (the engine thread releases most) and must not outlive the registry.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "adapters/lora_adapter.h"
+#include "adapters/manifest.h"
+#include "model/llama_config.h"
+
+namespace loraplex::adapters {
+
+inline constexpr size_t kMaxAdapterNameLength = 128;
+
+// OK when `name` is 1..128 characters of [A-Za-z0-9._-] and not "." or "..";
+// INVALID_ARGUMENT naming the offending character otherwise.
+absl::Status ValidateAdapterName(absl::string_view name);
+
+enum class AdapterState { kLoading, kReady, kDraining };
+enum class Residency { kDevice, kHost, kDisk };
+const char* AdapterStateName(AdapterState s);  // "LOADING", "READY", "DRAINING"
+const char* ResidencyName(Residency r);        // "DEVICE", "HOST", "DISK"
+
+// A snapshot of one version (what AdapterInfo in the API carries).
+struct AdapterInfo {
+  std::string name;
+  int64_t version = 0;
+  AdapterState state = AdapterState::kReady;
+  int64_t max_rank = 0;
+  std::map<std::string, int64_t> ranks;  // module name -> largest rank there
+  float alpha = 0;
+  std::vector<std::string> target_modules;
+  int64_t bytes = 0;  // of A and B in compute layout
+  Residency residency = Residency::kDisk;
+  bool pinned = false;
+  bool merged = false;
+  int64_t requests_served = 0;  // leases taken, over the name's versions since this process started
+  absl::Time last_used = absl::InfinitePast();
+  std::string sha256;  // of adapter_model.safetensors
+  std::string source;
+  int64_t leases = 0;  // running requests on this version now
+  // Counters over the name's versions since this process started (for metrics).
+  int64_t loads = 0;      // registrations that returned OK
+  int64_t evictions = 0;  // times a version went from memory to disk
+  int64_t reloads = 0;    // times a version came back from disk
+};
+
+struct RegistryOptions {
+  // Where files and the manifest live (created when missing). Required.
+  std::string state_dir;
+  // Root that RegisterFromPath paths are relative to. Empty: path registration is refused.
+  std::string adapter_dir;
+  model::LlamaConfig base;
+  AdapterLoadOptions load;
+  int64_t max_loaded = 0;    // versions in compute memory at once; 0 = no limit
+  int64_t memory_bytes = 0;  // bytes of weights in compute memory; 0 = no limit
+  int64_t max_upload_bytes = int64_t{1} << 30;  // both files of one upload together
+  int64_t max_waiters = 256;                    // Acquire calls waiting for room at once
+  absl::Duration acquire_timeout = absl::Seconds(60);
+};
+
+class AdapterRegistry;
+namespace internal {
+struct RegistryVersion;  // one version's bookkeeping (registry.cc)
+}  // namespace internal
+
+// One holder's claim on one version: while it lives the version's weights stay in memory and the
+// version is not removed. Released (refcount dropped) when destroyed.
+class Lease {
+ public:
+  ~Lease();
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+
+  const std::string& name() const;
+  int64_t version() const;
+  const model::LoraWeightsView& view() const { return weights_->view(); }
+  const LoraAdapter& adapter() const { return *weights_; }
+
+ private:
+  friend class AdapterRegistry;
+  using Version = internal::RegistryVersion;
+  Lease(AdapterRegistry* registry, std::shared_ptr<Version> version,
+        std::shared_ptr<const LoraAdapter> weights)
+      : registry_(registry), version_(std::move(version)), weights_(std::move(weights)) {}
+  AdapterRegistry* registry_;
+  std::shared_ptr<Version> version_;
+  std::shared_ptr<const LoraAdapter> weights_;
+};
+
+// An upload in progress: chunks of the two files go to staging/, the commit validates and
+// registers. Destroying it without Commit discards the staging folder. Not thread-safe (one
+// client stream feeds it).
+class PendingUpload {
+ public:
+  ~PendingUpload();
+  // Appends to `file_name` (adapter_config.json or adapter_model.safetensors; INVALID_ARGUMENT
+  // otherwise). RESOURCE_EXHAUSTED once the files together pass max_upload_bytes.
+  absl::Status Append(absl::string_view file_name, absl::string_view data);
+  // Fsyncs, checks the sha256 when the header gave one (INVALID_ARGUMENT on mismatch), then
+  // registers as RegisterFromPath does (same codes). Call once.
+  absl::StatusOr<AdapterInfo> Commit();
+
+ private:
+  friend class AdapterRegistry;
+  PendingUpload() = default;
+  AdapterRegistry* registry_ = nullptr;
+  std::string name_, sha256_, staging_;
+  bool replace_ = false, pin_ = false, committed_ = false;
+  int64_t bytes_ = 0;
+  std::map<std::string, int> fds_;  // open staging files
+};
+
+class AdapterRegistry {
+ public:
+  // Opens (creating) the state directory, removes staging leftovers and unlisted version folders,
+  // and registers the manifest's adapters at their versions (loaded while the budget allows, the
+  // rest on disk). INVALID_ARGUMENT for bad options; FAILED_PRECONDITION when the directory cannot
+  // be created or written; DATA_LOSS when the manifest or a listed version is damaged (the message
+  // names it: restore it or remove it from the manifest).
+  static absl::StatusOr<std::unique_ptr<AdapterRegistry>> Open(const RegistryOptions& options);
+  ~AdapterRegistry();
+
+  // Registers the PEFT folder <adapter_dir>/<rel_path> under `name`: copies its two files into the
+  // state directory, validates them against the base, writes the manifest. Codes:
+  //   INVALID_ARGUMENT   bad name; malformed files (LoraAdapter::Load's codes, .bin weights)
+  //   PERMISSION_DENIED  no --adapter-dir, an absolute path, or one that resolves outside the root
+  //                      (through .. or symlinks, also for the two files inside)
+  //   NOT_FOUND          the folder or a file is missing
+  //   ALREADY_EXISTS     the name is registered and replace is false
+  //   FAILED_PRECONDITION the adapter does not fit the base (LoraAdapter::Load), disk errors
+  // With replace, the result is version N+1 of an existing name (1 for a new one).
+  absl::StatusOr<AdapterInfo> RegisterFromPath(const std::string& name, const std::string& rel_path,
+                                               bool replace, bool pin);
+  // The same for a folder given by the operator (--adapter NAME=DIR): no root check.
+  absl::StatusOr<AdapterInfo> RegisterFromDir(const std::string& name, const std::string& dir,
+                                              bool replace, bool pin);
+  // Starts an upload. INVALID_ARGUMENT for a bad name or a sha256 that is not 64 hex digits;
+  // ALREADY_EXISTS when the name is taken and replace is false (checked again at commit).
+  absl::StatusOr<std::unique_ptr<PendingUpload>> BeginUpload(const std::string& name, bool replace,
+                                                             const std::string& sha256, bool pin);
+
+  // Removes `name` from the manifest; its version drains (NOT_FOUND to new Acquires). Returns the
+  // version's info in state DRAINING. NOT_FOUND when the name is not registered.
+  absl::StatusOr<AdapterInfo> Unload(const std::string& name);
+
+  // "name" (the current version) or "name@version". NOT_FOUND for unknown names or versions
+  // (draining versions included); INVALID_ARGUMENT for a malformed spec.
+  absl::StatusOr<AdapterInfo> Get(absl::string_view spec) const;
+  // Every registered name's current version plus draining versions, by name then version.
+  std::vector<AdapterInfo> List() const;
+
+  // A lease on the current READY version of `spec` ("name" or "name@version"; the version must be
+  // the current one). Brings an evicted version back first, waiting for room. Codes: NOT_FOUND,
+  // INVALID_ARGUMENT (malformed spec), RESOURCE_EXHAUSTED (max_waiters already waiting, or no room
+  // within acquire_timeout), DATA_LOSS (the state directory copy cannot be read back).
+  // `count_request`: whether this counts as a served request (false for internal holders such as
+  // a merge).
+  absl::StatusOr<std::shared_ptr<const Lease>> Acquire(absl::string_view spec,
+                                                       bool count_request = true);
+
+  // Marks the version of `lease` merged (or not): a merged version is never evicted (the holder
+  // keeps a lease) and shows merged = true. The caller does the merge itself on the engine thread.
+  void SetMerged(const Lease& lease, bool merged);
+
+  const RegistryOptions& options() const { return options_; }
+  // Unpinned versions in compute memory (counting reloads in flight) and their bytes now; pinned
+  // versions stay in memory outside the budget.
+  int64_t loaded_count() const;
+  int64_t loaded_bytes() const;
+
+ private:
+  friend class Lease;
+  friend class PendingUpload;
+  using Version = internal::RegistryVersion;
+  struct Name;  // one registered name: its versions and counters
+
+  explicit AdapterRegistry(RegistryOptions options);
+
+  // Validates the staged folder, moves it into adapters/<name>/v<N>, updates the manifest and
+  // makes it current. Removes `staging` on failure.
+  absl::StatusOr<AdapterInfo> Commit(const std::string& name, const std::string& staging,
+                                     bool replace, bool pin, const std::string& source);
+  absl::StatusOr<std::string> NewStagingDir();
+  // Copies the two PEFT files of `dir` into a new staging folder.
+  absl::StatusOr<std::string> StageCopy(const std::string& dir);
+  std::vector<ManifestEntry> ManifestLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  AdapterInfo InfoLocked(const Version& v) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Evicts idle versions until one more of `bytes` fits. False when it cannot.
+  bool MakeRoomLocked(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool FitsLocked(int64_t bytes) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EvictLocked(Version* v) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Adds (sign +1) or removes (-1) an unpinned version's weights to the memory accounting.
+  void ChargeLocked(const Version& v, int sign) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Finds the version a spec names. NOT_FOUND / INVALID_ARGUMENT.
+  absl::StatusOr<std::shared_ptr<Version>> FindLocked(absl::string_view spec) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Release(const std::shared_ptr<Version>& v);
+  // Forgets a drained version and deletes its folder.
+  void RemoveDrained(const std::shared_ptr<Version>& v);
+
+  const RegistryOptions options_;
+
+  // Serialises admin operations (registration commits, unloads) and manifest writes, so that the
+  // manifest on disk is always written from a consistent state. Never held while waiting on mu_'s
+  // conditions; taken before mu_ when both are needed.
+  absl::Mutex admin_mu_ ABSL_ACQUIRED_BEFORE(mu_);
+  // Guards the names, versions, refcounts and the memory accounting below; held only briefly,
+  // never across file IO.
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::unique_ptr<Name>> names_ ABSL_GUARDED_BY(mu_);
+  int64_t loaded_count_ ABSL_GUARDED_BY(mu_) = 0;  // unpinned; includes reloads in flight
+  int64_t loaded_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t waiters_ ABSL_GUARDED_BY(mu_) = 0;
+  // Names being registered right now (shown as LOADING by List), with how many registrations.
+  std::map<std::string, int> loading_ ABSL_GUARDED_BY(mu_);
+  // Signalled when a lease is released, a reload finishes or a version leaves memory.
+  absl::CondVar changed_;
+  int64_t staging_counter_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace loraplex::adapters
