@@ -1,0 +1,75 @@
+// Merge and unmerge restore the pristine base bit for bit, however many times they run
+// (DESIGN.md section 3), in both storage dtypes.
+#include <cstring>
+
+#include "adapters/lora_adapter.h"
+#include "model/llama_model.h"
+#include "tests/testing/testing.h"
+
+namespace loraplex::adapters {
+namespace {
+
+using ::loraplex::testing::FixturesDir;
+using ::loraplex::testing::StatusIs;
+using ::loraplex::testing::Stories260KDir;
+
+// Bytes of every linear weight of the model, in order.
+std::string Snapshot(const model::LlamaModel& m) {
+  std::string out;
+  for (int64_t l = 0; l < m.config().num_layers; ++l) {
+    for (int i = 0; i < model::kNumLinearModules; ++i) {
+      kernels::WeightView w = m.LinearWeight(l, static_cast<model::LinearModule>(i));
+      const size_t bytes = w.rows * w.cols * (w.dtype == kernels::DType::kF32 ? 4 : 2);
+      out.append(static_cast<const char*>(w.data), bytes);
+    }
+  }
+  return out;
+}
+
+class MergeCyclesTest : public ::testing::TestWithParam<kernels::DType> {};
+
+TEST_P(MergeCyclesTest, ThousandCyclesLeaveTheBaseBitIdentical) {
+  ASSERT_OK_AND_ASSIGN(auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf",
+                                                       {GetParam()}));
+  AdapterLoadOptions opts;
+  opts.dtype = GetParam();
+  ASSERT_OK_AND_ASSIGN(auto all, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/all_linear",
+                                                   m->config(), opts));
+  ASSERT_OK_AND_ASSIGN(auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv",
+                                                  m->config(), opts));
+  const std::string pristine = Snapshot(*m);
+  std::string merged_once;
+  for (int cycle = 0; cycle < 1000; ++cycle) {
+    const LoraAdapter& a = cycle % 2 ? *qv : *all;
+    ASSERT_OK(m->Merge(&a.view()));
+    if (cycle == 0) {
+      merged_once = Snapshot(*m);
+      ASSERT_NE(merged_once, pristine);  // the merge really changed the weights
+    } else if (cycle % 2 == 0) {
+      ASSERT_EQ(Snapshot(*m), merged_once) << "cycle " << cycle;  // merging is deterministic
+    }
+    ASSERT_OK(m->Unmerge());
+  }
+  EXPECT_TRUE(Snapshot(*m) == pristine);
+}
+
+TEST_P(MergeCyclesTest, OneMergeAtATime) {
+  ASSERT_OK_AND_ASSIGN(auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf",
+                                                       {GetParam()}));
+  AdapterLoadOptions opts;
+  opts.dtype = GetParam();
+  ASSERT_OK_AND_ASSIGN(auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv",
+                                                  m->config(), opts));
+  EXPECT_THAT(m->Unmerge(), StatusIs(absl::StatusCode::kFailedPrecondition));
+  ASSERT_OK(m->Merge(&qv->view()));
+  EXPECT_EQ(m->merged(), &qv->view());
+  EXPECT_THAT(m->Merge(&qv->view()), StatusIs(absl::StatusCode::kFailedPrecondition, "already"));
+  ASSERT_OK(m->Unmerge());
+  EXPECT_EQ(m->merged(), nullptr);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, MergeCyclesTest,
+                         ::testing::Values(kernels::DType::kF32, kernels::DType::kBF16));
+
+}  // namespace
+}  // namespace loraplex::adapters
