@@ -110,6 +110,13 @@ absl::Status CudaRmsNorm(float* d_out, const float* d_x, const float* d_weight, 
 absl::Status CudaRmsNormBf16(uint16_t* d_out, const uint16_t* d_x, const uint16_t* d_weight,
                              int64_t rows, int64_t dim, float eps, void* stream = nullptr);
 
+// The residual add fused with the norm after it: d_x[r] += d_residual[r] (rounded to dtype, as
+// CudaAdd would), then d_out[r] = RmsNorm(d_x[r]) * d_weight, for rows x dim of dtype. d_x keeps
+// the new residual stream; d_out may alias d_x. Same result as CudaAdd followed by CudaRmsNorm.
+absl::Status CudaAddRmsNorm(void* d_out, void* d_x, const void* d_residual, const void* d_weight,
+                            DType dtype, int64_t rows, int64_t dim, float eps,
+                            void* stream = nullptr);
+
 // ---- element-wise and row-wise ops (kernels.h twins)
 // ----------------------------------------------
 

@@ -18,6 +18,11 @@ cudaError_t LaunchRmsNormF32(float* out, const float* x, const float* weight, in
 cudaError_t LaunchRmsNormBf16(uint16_t* out, const uint16_t* x, const uint16_t* weight,
                               int64_t rows, int64_t dim, float eps, cudaStream_t stream);
 
+// x += residual, then out = RmsNorm(x) (rmsnorm.cu); all of dtype.
+cudaError_t LaunchAddRmsNorm(void* out, void* x, const void* residual, const void* weight,
+                             DType dtype, int64_t rows, int64_t dim, float eps,
+                             cudaStream_t stream);
+
 // elementwise.cu. Activations of `dtype` (f32, or bf16 as uint16_t bits).
 cudaError_t LaunchConvert(void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t n,
                           cudaStream_t stream);

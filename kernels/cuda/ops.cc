@@ -18,6 +18,21 @@ cudaStream_t AsStream(void* stream) { return static_cast<cudaStream_t>(stream); 
 
 }  // namespace
 
+absl::Status CudaAddRmsNorm(void* d_out, void* d_x, const void* d_residual, const void* d_weight,
+                            DType dtype, int64_t rows, int64_t dim, float eps, void* stream) {
+  LP_RETURN_IF_ERROR(internal::CheckSizes("CudaAddRmsNorm", {{"rows", rows}, {"dim", dim}}));
+  LP_RETURN_IF_ERROR(internal::CheckDType("CudaAddRmsNorm", "dtype", dtype));
+  LP_RETURN_IF_ERROR(internal::CheckGrid("CudaAddRmsNorm", "rows", rows));
+  if (rows > 0 && dim > 0) {
+    LP_RETURN_IF_ERROR(internal::CheckPointers(
+        "CudaAddRmsNorm",
+        {{"d_out", d_out}, {"d_x", d_x}, {"d_residual", d_residual}, {"d_weight", d_weight}}));
+  }
+  LP_CUDA_RETURN_IF_ERROR(internal::LaunchAddRmsNorm(d_out, d_x, d_residual, d_weight, dtype, rows,
+                                                     dim, eps, AsStream(stream)));
+  return absl::OkStatus();
+}
+
 absl::Status CudaConvert(void* d_dst, DType dst_dtype, const void* d_src, DType src_dtype,
                          int64_t n, void* stream) {
   LP_RETURN_IF_ERROR(internal::CheckSizes("CudaConvert", {{"n", n}}));

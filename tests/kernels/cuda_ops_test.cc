@@ -81,6 +81,39 @@ TEST_F(CudaOpsTest, AddAndSiluMulMatchReference) {
   }
 }
 
+TEST_F(CudaOpsTest, AddRmsNormMatchesAddThenRmsNorm) {
+  struct Size {
+    int64_t rows, dim;
+  };
+  const Size kNormSizes[] = {{1, 1}, {3, 577}, {17, 1537}, {2, 8191}};
+  uint32_t seed = 20;
+  for (DType dt : kDTypes) {
+    for (const Size& s : kNormSizes) {
+      SCOPED_TRACE(::testing::Message() << DTypeName(dt) << " rows=" << s.rows << " dim=" << s.dim);
+      std::vector<float> x = RoundTo(RandomVector(s.rows * s.dim, seed++, -3.0f, 3.0f), dt);
+      std::vector<float> res = RoundTo(RandomVector(s.rows * s.dim, seed++, -3.0f, 3.0f), dt);
+      std::vector<float> w = RoundTo(RandomVector(s.dim, seed++, 0.5f, 1.5f), dt);
+      // The reference: Add, the rounding to dtype a stored residual stream gets, then RmsNorm.
+      std::vector<float> sum = x;
+      ref::Add(sum.data(), res.data(), s.rows * s.dim);
+      sum = RoundTo(sum, dt);
+      std::vector<float> expected(sum.size());
+      ref::RmsNorm(expected.data(), sum.data(), w.data(), s.rows, s.dim, 1e-5f);
+      ASSERT_OK_AND_ASSIGN(CudaBuffer d_x, Upload(x, dt));
+      ASSERT_OK_AND_ASSIGN(CudaBuffer d_res, Upload(res, dt));
+      ASSERT_OK_AND_ASSIGN(CudaBuffer d_w, Upload(w, dt));
+      ASSERT_OK_AND_ASSIGN(CudaBuffer d_out, Upload(std::vector<float>(x.size()), dt));
+      ASSERT_OK(CudaAddRmsNorm(d_out.data(), d_x.data(), d_res.data(), d_w.data(), dt, s.rows,
+                               s.dim, 1e-5f));
+      ASSERT_OK_AND_ASSIGN(std::vector<float> got_sum, Download(d_x, dt, x.size()));
+      ASSERT_OK_AND_ASSIGN(std::vector<float> got, Download(d_out, dt, x.size()));
+      // The residual stream is one f32 add and one rounding on both sides: exact.
+      EXPECT_TRUE(AllClose(got_sum, sum, ::loraplex::testing::kExact));
+      EXPECT_TRUE(AllClose(got, expected, TolFor(dt)));
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, RopeMatchesReference) {
   struct Case {
     int64_t tokens, heads, head_dim;
@@ -213,6 +246,8 @@ TEST_F(CudaOpsTest, TopKMatchesSortAndLogSoftmax) {
 TEST(CudaOpsTestArgs, RejectsBadArguments) {
   EXPECT_THAT(CudaAdd(nullptr, nullptr, DType::kF32, -1),
               StatusIs(absl::StatusCode::kInvalidArgument, "n=-1"));
+  EXPECT_THAT(CudaAddRmsNorm(nullptr, nullptr, nullptr, nullptr, DType::kF32, 2, 3, 1e-5f),
+              StatusIs(absl::StatusCode::kInvalidArgument, "d_out"));
   EXPECT_THAT(CudaSiluMul(nullptr, nullptr, nullptr, DType::kF32, 3),
               StatusIs(absl::StatusCode::kInvalidArgument, "d_out"));
   EXPECT_THAT(CudaRope(nullptr, DType::kF32, nullptr, 1, 1, 7, nullptr),
