@@ -525,6 +525,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
   v->source = source;
   v->meta = Describe(**adapter);
   v->pinned = pin;
+  v->last_used = absl::Now();  // newest first in line for memory, oldest registrations leave first
   std::shared_ptr<Version> drained;  // the replaced version, when nothing leases it
   AdapterInfo info;
   {

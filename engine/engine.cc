@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <future>
 #include <string>
 #include <utility>
 
@@ -160,6 +161,18 @@ void Engine::Cancel(RequestId id) {
   (void)inbox_.TryPush(std::move(command));
 }
 
+absl::Status Engine::RunOnEngineThread(std::function<absl::Status(model::LlamaModel&)> task) {
+  auto done = std::make_shared<std::promise<absl::Status>>();
+  std::future<absl::Status> result = done->get_future();
+  Command command = TaskCommand{[task = std::move(task), done](model::LlamaModel& m) {
+    done->set_value(task(m));
+  }};
+  if (inbox_.TryPush(std::move(command)) != Queue<Command>::PushResult::kOk) {
+    return absl::UnavailableError("the engine is shutting down");
+  }
+  return result.get();  // the loop runs every queued command, also while shutting down
+}
+
 void Engine::Shutdown() {
   stopping_.store(true);
   inbox_.Close();
@@ -212,6 +225,8 @@ void Engine::TakeCommands(absl::Duration wait) {
       Sequence* seq = submit->seq.get();
       sequences_.emplace(seq->id, std::move(submit->seq));
       scheduler_.AddWaiting(seq);
+    } else if (auto* task = std::get_if<TaskCommand>(&command)) {
+      task->run(*model_);
     } else {
       const RequestId id = std::get<CancelCommand>(command).id;
       auto it = sequences_.find(id);

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <unordered_map>
@@ -92,6 +93,11 @@ class Engine {
   // and its sink gets a last output with kCancelled. Unknown or finished ids are ignored.
   void Cancel(RequestId id);
 
+  // Runs `task` on the engine thread between two steps and returns its status, blocking the caller
+  // until then: for changes to the model that must not overlap a forward step (LoRA merge and
+  // unmerge by the adapter service). UNAVAILABLE after Shutdown.
+  absl::Status RunOnEngineThread(std::function<absl::Status(model::LlamaModel&)> task);
+
   // Refuses new requests (UNAVAILABLE), cancels those in flight and stops the thread. Idempotent.
   void Shutdown();
 
@@ -107,7 +113,10 @@ class Engine {
   struct CancelCommand {
     RequestId id;
   };
-  using Command = std::variant<SubmitCommand, CancelCommand>;
+  struct TaskCommand {
+    std::function<void(model::LlamaModel&)> run;
+  };
+  using Command = std::variant<SubmitCommand, CancelCommand, TaskCommand>;
 
   Engine(model::LlamaModel* model, const EngineOptions& options, model::KvCache cache);
 

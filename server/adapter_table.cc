@@ -8,6 +8,16 @@ namespace loraplex::server {
 absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> AdapterTable::Resolve(
     absl::string_view spec) const {
   if (spec.empty()) return std::shared_ptr<const engine::AdapterHandle>();
+  if (registry_ != nullptr) {
+    absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease = registry_->Acquire(spec);
+    if (!lease.ok()) return lease.status();
+    auto handle = std::make_shared<engine::AdapterHandle>();
+    handle->name = (*lease)->name();
+    handle->version = (*lease)->version();
+    handle->weights = &(*lease)->view();
+    handle->owner = *std::move(lease);
+    return handle;
+  }
   absl::string_view name = spec;
   int64_t version = 0;  // 0: the current one
   if (size_t at = spec.rfind('@'); at != absl::string_view::npos) {

@@ -1,7 +1,9 @@
 // The adapters the server can serve, by name, resolved to engine handles before a request is
-// submitted. This is the seam the adapter registry (adapters/, a later issue) replaces: Resolve
-// hands out a shared_ptr, so a later Replace or Remove never pulls weights from under a running
-// request.
+// submitted. With a registry (UseRegistry; the server always sets one) Resolve takes a lease from
+// adapters::AdapterRegistry::Acquire, which may wait while an evicted adapter is read back, and
+// the handle owns the lease: the request holds its version until the engine drops the handle.
+// Resolve hands out a shared_ptr, so a later Replace or Remove never pulls weights from under a
+// running request.
 //
 // Thread-safety: all methods may be called from any thread.
 #pragma once
@@ -14,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "adapters/registry.h"
 #include "engine/request.h"
 
 namespace loraplex::server {
@@ -25,11 +28,16 @@ class AdapterTable {
   // malformed version.
   absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> Resolve(absl::string_view spec) const;
 
+  // From now on Resolve serves from `registry` (not owned; must outlive the table and every
+  // handle) and Put is unused. Codes of Resolve are then Acquire's.
+  void UseRegistry(adapters::AdapterRegistry* registry) { registry_ = registry; }
+
   // Serves `handle` under handle->name as its current version (replacing an older one).
   void Put(std::shared_ptr<const engine::AdapterHandle> handle);
   size_t size() const;
 
  private:
+  adapters::AdapterRegistry* registry_ = nullptr;  // set before serving, then read-only
   mutable absl::Mutex mu_;  // guards adapters_
   std::map<std::string, std::shared_ptr<const engine::AdapterHandle>> adapters_ ABSL_GUARDED_BY(mu_);
 };

@@ -24,6 +24,12 @@ struct Metrics::Impl {
   prometheus::Gauge* kv_used = nullptr;
   prometheus::Gauge* kv_free = nullptr;
   prometheus::Gauge* tokens_per_s = nullptr;
+  prometheus::Family<prometheus::Counter>* adapter_loads = nullptr;
+  prometheus::Family<prometheus::Counter>* adapter_evictions = nullptr;
+  prometheus::Family<prometheus::Counter>* adapter_reloads = nullptr;
+  prometheus::Family<prometheus::Counter>* adapter_requests = nullptr;
+  prometheus::Family<prometheus::Gauge>* adapter_resident = nullptr;
+  prometheus::Family<prometheus::Gauge>* adapter_merged = nullptr;
 };
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen) {
@@ -59,6 +65,24 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   impl->kv_used = gauge("loraplex_kv_blocks_used", "KV cache blocks in use");
   impl->kv_free = gauge("loraplex_kv_blocks_free", "KV cache blocks free");
   impl->tokens_per_s = gauge("loraplex_tokens_per_second", "Generated tokens per second, recent");
+  auto counters = [&r](const char* name, const char* help) {
+    return &prometheus::BuildCounter().Name(name).Help(help).Register(r);
+  };
+  impl->adapter_loads = counters("loraplex_adapter_loads_total", "Registrations that returned OK");
+  impl->adapter_evictions =
+      counters("loraplex_adapter_evictions_total", "Times an adapter was evicted to disk");
+  impl->adapter_reloads =
+      counters("loraplex_adapter_reloads_total", "Times an evicted adapter was read back");
+  impl->adapter_requests =
+      counters("loraplex_adapter_requests_total", "Requests that took a lease on the adapter");
+  impl->adapter_resident = &prometheus::BuildGauge()
+                                .Name("loraplex_adapter_resident")
+                                .Help("1 when the adapter's current version is in compute memory")
+                                .Register(r);
+  impl->adapter_merged = &prometheus::BuildGauge()
+                              .Name("loraplex_adapter_merged")
+                              .Help("1 when the adapter is merged into the base weights")
+                              .Register(r);
   if (!listen.empty()) {
     try {
       impl->exposer = std::make_unique<prometheus::Exposer>(listen, 1);
@@ -94,6 +118,28 @@ void Metrics::UpdateEngine(const engine::EngineStats& stats) {
   impl_->kv_used->Set(static_cast<double>(stats.kv_blocks_used));
   impl_->kv_free->Set(static_cast<double>(stats.kv_blocks_free));
   impl_->tokens_per_s->Set(stats.tokens_per_second);
+}
+
+}  // namespace loraplex::server
+
+namespace loraplex::server {
+
+void Metrics::UpdateAdapters(const std::vector<adapters::AdapterInfo>& adapters) {
+  // The registry keeps running totals; counters only move forward, by the difference.
+  auto advance = [](prometheus::Counter& c, int64_t total) {
+    const double delta = static_cast<double>(total) - c.Value();
+    if (delta > 0) c.Increment(delta);
+  };
+  for (const adapters::AdapterInfo& a : adapters) {
+    if (a.state != adapters::AdapterState::kReady) continue;
+    const std::map<std::string, std::string> label = {{"adapter", a.name}};
+    advance(impl_->adapter_loads->Add(label), a.loads);
+    advance(impl_->adapter_evictions->Add(label), a.evictions);
+    advance(impl_->adapter_reloads->Add(label), a.reloads);
+    advance(impl_->adapter_requests->Add(label), a.requests_served);
+    impl_->adapter_resident->Add(label).Set(a.residency == adapters::Residency::kDisk ? 0 : 1);
+    impl_->adapter_merged->Add(label).Set(a.merged ? 1 : 0);
+  }
 }
 
 }  // namespace loraplex::server

@@ -5,6 +5,10 @@
 //   loraplex_generated_tokens_total
 //   loraplex_queue_length, loraplex_running_batch_size, loraplex_kv_blocks_used,
 //   loraplex_kv_blocks_free, loraplex_tokens_per_second   gauges from the engine
+//   loraplex_adapter_loads_total{adapter}, loraplex_adapter_evictions_total{adapter},
+//   loraplex_adapter_reloads_total{adapter}, loraplex_adapter_requests_total{adapter}
+//                                                 registry counters (since the process started)
+//   loraplex_adapter_resident{adapter}, loraplex_adapter_merged{adapter}   0/1 gauges
 // The adapter label is "base" for the base model and "-" for requests refused before their adapter
 // was resolved (so that made-up names cannot grow the label set).
 //
@@ -15,6 +19,9 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include <vector>
+
+#include "adapters/registry.h"
 #include "engine/engine.h"
 
 namespace loraplex::server {
@@ -34,6 +41,8 @@ class Metrics {
   void ObserveInterTokenLatency(double seconds);
   void AddGeneratedTokens(int64_t n);
   void UpdateEngine(const engine::EngineStats& stats);
+  // Copies the registry's per-adapter counters and states (READY versions only).
+  void UpdateAdapters(const std::vector<adapters::AdapterInfo>& adapters);
 
   struct Impl;
 

@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cstdint>
+#include <fstream>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/ascii.h"
@@ -24,11 +25,18 @@ ABSL_FLAG(int64_t, kv_block_size, 16, "token slots per KV block");
 ABSL_FLAG(int32_t, max_lora_rank, 64, "largest LoRA rank accepted");
 ABSL_FLAG(std::string, metrics_listen, "", "Prometheus HTTP address HOST:PORT (empty: off)");
 ABSL_FLAG(std::string, adapter_dir, "", "root that LoadAdapter paths are relative to");
-ABSL_FLAG(std::string, state_dir, "", "where the adapter manifest is kept (not implemented yet)");
-ABSL_FLAG(std::string, admin_token, "", "token for the Adapters service (not implemented yet)");
+ABSL_FLAG(std::string, state_dir, "",
+          "where registered adapters and their manifest persist (empty: a temporary directory)");
+ABSL_FLAG(std::string, admin_token, "",
+          "bearer token the Adapters service requires (empty: open); prefer --admin-token-file");
+ABSL_FLAG(std::string, admin_token_file, "", "file holding the admin token (keeps it out of ps)");
+ABSL_FLAG(int64_t, max_loaded_adapters, 0, "adapters in compute memory at once (0: no limit)");
+ABSL_FLAG(std::string, adapter_memory, "", "bytes of adapter weights in compute memory, e.g. 2G");
+ABSL_FLAG(std::string, max_adapter_bytes, "1G", "largest UploadAdapter (both files together)");
+ABSL_FLAG(std::string, tls_client_ca, "", "PEM roots: clients must present a certificate they sign");
 ABSL_FLAG(std::string, api_token, "", "token for the Inference service (not implemented yet)");
-ABSL_FLAG(std::string, tls_cert, "", "PEM certificate for TLS (not implemented yet)");
-ABSL_FLAG(std::string, tls_key, "", "PEM key for TLS (not implemented yet)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve gRPC over TLS");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
 ABSL_FLAG(std::vector<std::string>, adapter, {},
           "NAME=DIR[,NAME=DIR...] PEFT adapters to serve from the start (version 1)");
 ABSL_FLAG(double, shutdown_grace_s, 30, "seconds calls in flight may take to finish on SIGTERM");
@@ -92,15 +100,36 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be auto, cpu or cuda, got ", device));
   }
-  if (!absl::GetFlag(FLAGS_tls_cert).empty() || !absl::GetFlag(FLAGS_tls_key).empty()) {
-    return NotYet("--tls-cert/--tls-key", "TLS");
-  }
-  if (!absl::GetFlag(FLAGS_admin_token).empty()) {
-    return NotYet("--admin-token", "token authentication");
-  }
   if (!absl::GetFlag(FLAGS_api_token).empty()) return NotYet("--api-token", "token authentication");
-  if (!absl::GetFlag(FLAGS_state_dir).empty()) {
-    return NotYet("--state-dir", "a persisted adapter registry");
+  {
+    AdapterAdminOptions& a = cl.server.admin;
+    a.adapter_dir = absl::GetFlag(FLAGS_adapter_dir);
+    a.state_dir = absl::GetFlag(FLAGS_state_dir);
+    a.admin_token = absl::GetFlag(FLAGS_admin_token);
+    if (const std::string f = absl::GetFlag(FLAGS_admin_token_file); !f.empty()) {
+      std::ifstream in(f);
+      if (!in || !std::getline(in, a.admin_token) || a.admin_token.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--admin-token-file ", f, ": cannot read a token from its first line"));
+      }
+    }
+    a.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+             absl::GetFlag(FLAGS_tls_client_ca)};
+    a.max_loaded = absl::GetFlag(FLAGS_max_loaded_adapters);
+    if (a.max_loaded < 0) return absl::InvalidArgumentError("--max-loaded-adapters must be >= 0");
+    if (const std::string m = absl::GetFlag(FLAGS_adapter_memory); !m.empty()) {
+      absl::StatusOr<int64_t> bytes = ParseByteSize(m);
+      if (!bytes.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--adapter-memory: ", bytes.status().message()));
+      }
+      a.memory_bytes = *bytes;
+    }
+    absl::StatusOr<int64_t> max_bytes = ParseByteSize(absl::GetFlag(FLAGS_max_adapter_bytes));
+    if (!max_bytes.ok() || *max_bytes < 1) {
+      return absl::InvalidArgumentError("--max-adapter-bytes must be a size like 256MiB");
+    }
+    a.max_adapter_bytes = *max_bytes;
   }
   for (const std::string& spec : absl::GetFlag(FLAGS_adapter)) {
     std::vector<std::string> parts = absl::StrSplit(spec, absl::MaxSplits('=', 1));
@@ -136,10 +165,6 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   if (!(grace >= 0)) return absl::InvalidArgumentError("--shutdown-grace-s must be >= 0");
   cl.shutdown_grace = absl::Seconds(grace);
   cl.port_file = absl::GetFlag(FLAGS_port_file);
-  if (const std::string dir = absl::GetFlag(FLAGS_adapter_dir); !dir.empty()) {
-    LP_LOG(INFO) << "--adapter-dir " << dir
-                 << " noted; LoadAdapter arrives with the adapter registry (not served yet)";
-  }
   return cl;
 }
 

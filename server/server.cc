@@ -5,8 +5,11 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 
+#include <stdlib.h>
+
+#include <filesystem>
+
 #include "absl/strings/str_cat.h"
-#include "adapters/lora_adapter.h"
 #include "common/logging.h"
 #include "common/status.h"
 
@@ -14,37 +17,25 @@ namespace loraplex::server {
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::LlamaModel> model,
                                                       const ServerOptions& options) {
-  auto server = std::unique_ptr<Server>(new Server());
+  auto server = std::unique_ptr<Server>(new Server(options));
   server->model_ = std::move(model);
   server->metrics_interval_ = options.metrics_interval;
-  for (const auto& [name, dir] : options.adapters) {
-    adapters::AdapterLoadOptions load;
-    load.dtype = server->model_->dtype();
-    load.max_rank = options.info.max_lora_rank;
-    absl::StatusOr<std::unique_ptr<adapters::LoraAdapter>> adapter =
-        adapters::LoraAdapter::Load(dir, server->model_->config(), load);
-    if (!adapter.ok()) return Annotate(adapter.status(), absl::StrCat("--adapter ", name));
-    std::shared_ptr<const adapters::LoraAdapter> owner = *std::move(adapter);
-    auto handle = std::make_shared<engine::AdapterHandle>();
-    handle->name = name;
-    handle->version = 1;
-    handle->weights = &owner->view();
-    handle->owner = owner;
-    server->adapters_.Put(std::move(handle));
-    LP_LOG(INFO) << "adapter " << name << " from " << dir << ": rank " << owner->max_rank()
-                 << ", " << owner->bytes() << " bytes";
-  }
+  LP_RETURN_IF_ERROR(server->OpenRegistry(options));
+  LP_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                      MakeServerCredentials(options.admin.tls));
   LP_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(server->model_.get(), options.engine));
   LP_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_listen));
   server->service_ = std::make_unique<InferenceService>(
       server->engine_.get(), &server->adapters_, server->metrics_.get(), options.info);
+  server->adapters_service_ = std::make_unique<AdaptersService>(
+      server->registry_.get(), server->engine_.get(), &server->admin_auth_);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  // TLS is refused by main until it is implemented; this is the one place it would plug in.
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &server->port_);
+  builder.AddListeningPort(options.listen, credentials, &server->port_);
   builder.RegisterService(server->service_.get());
+  builder.RegisterService(server->adapters_service_.get());
   server->grpc_server_ = builder.BuildAndStart();
   if (server->grpc_server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(
@@ -52,19 +43,62 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   }
   server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
   server->metrics_thread_ = std::thread([s = server.get()] { s->MetricsLoop(); });
-  LP_LOG(INFO) << "serving loraplex.v1.Inference on port " << server->port_
+  LP_LOG(INFO) << "serving loraplex.v1.Inference and Adapters on port " << server->port_
+               << (options.admin.tls.cert.empty() ? " (plaintext)" : " (TLS)")
                << (server->metrics_->port() > 0
                        ? absl::StrCat(", metrics on port ", server->metrics_->port())
                        : std::string());
   return server;
 }
 
-Server::~Server() { Shutdown(absl::ZeroDuration()); }
+absl::Status Server::OpenRegistry(const ServerOptions& options) {
+  const AdapterAdminOptions& admin = options.admin;
+  adapters::RegistryOptions r;
+  r.state_dir = admin.state_dir;
+  if (r.state_dir.empty()) {
+    // No persistence asked for; the registry still keeps evicted adapters on disk.
+    std::string pattern = (std::filesystem::temp_directory_path() / "loraplex-state-XXXXXX").string();
+    if (mkdtemp(pattern.data()) == nullptr) {
+      return absl::FailedPreconditionError("cannot create a temporary adapter state directory");
+    }
+    r.state_dir = temp_state_dir_ = pattern;
+  }
+  r.adapter_dir = admin.adapter_dir;
+  r.base = model_->config();
+  r.load.dtype = model_->dtype();
+  r.load.max_rank = options.info.max_lora_rank;
+  r.max_loaded = admin.max_loaded;
+  r.memory_bytes = admin.memory_bytes;
+  r.max_upload_bytes = admin.max_adapter_bytes;
+  r.max_waiters = options.engine.max_queue;
+  LP_ASSIGN_OR_RETURN(registry_, adapters::AdapterRegistry::Open(r));
+  for (const auto& [name, dir] : options.adapters) {
+    absl::StatusOr<adapters::AdapterInfo> info =
+        registry_->RegisterFromDir(name, dir, /*replace=*/false, /*pin=*/false);
+    if (absl::IsAlreadyExists(info.status())) {
+      LP_LOG(INFO) << "--adapter " << name << ": already in the state directory; serving that";
+      continue;
+    }
+    if (!info.ok()) return Annotate(info.status(), absl::StrCat("--adapter ", name));
+  }
+  adapters_.UseRegistry(registry_.get());
+  return absl::OkStatus();
+}
+
+Server::~Server() {
+  Shutdown(absl::ZeroDuration());
+  adapters_service_.reset();  // waits for loads still running
+  if (!temp_state_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(temp_state_dir_, ec);
+  }
+}
 
 void Server::MetricsLoop() {
   absl::MutexLock lock(&mu_);
   while (!shutdown_) {
     metrics_->UpdateEngine(engine_->Stats());
+    metrics_->UpdateAdapters(registry_->List());
     mu_.AwaitWithTimeout(absl::Condition(&shutdown_), metrics_interval_);
   }
 }

@@ -16,7 +16,10 @@
 #include "absl/time/time.h"
 #include "engine/engine.h"
 #include "model/llama_model.h"
+#include "adapters/registry.h"
 #include "server/adapter_table.h"
+#include "server/adapters_service.h"
+#include "server/auth.h"
 #include "server/inference_service.h"
 #include "server/metrics.h"
 
@@ -27,9 +30,11 @@ struct ServerOptions {
   std::string metrics_listen;              // empty: no metrics endpoint
   engine::EngineOptions engine;
   ServedModelInfo info;
-  // PEFT adapter folders served from the start as (name, dir), version 1 each, until the adapter
-  // registry serves LoadAdapter.
+  // PEFT adapter folders registered at start as (name, dir) (version 1; a name the state
+  // directory already holds keeps its version there).
   std::vector<std::pair<std::string, std::string>> adapters;
+  // Adapter management, the state directory, tokens and TLS (server/adapters_service.h).
+  AdapterAdminOptions admin;
   // How often engine gauges are copied into the metrics.
   absl::Duration metrics_interval = absl::Milliseconds(250);
 };
@@ -46,20 +51,31 @@ class Server {
   int port() const { return port_; }
   int metrics_port() const { return metrics_->port(); }
   AdapterTable& adapters() { return adapters_; }
+  adapters::AdapterRegistry& registry() { return *registry_; }
 
   // Graceful shutdown: health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
   // flight may finish within `grace`, after which they are cancelled; then the engine stops.
   void Shutdown(absl::Duration grace);
 
  private:
-  Server() = default;
+  explicit Server(const ServerOptions& options)
+      : admin_auth_(options.admin.admin_token, "the Adapters service"),
+        api_auth_(options.admin.api_token, "the Inference service") {}
   void MetricsLoop();
+  // Opens the registry in the state directory and registers the --adapter folders.
+  absl::Status OpenRegistry(const ServerOptions& options);
 
   std::unique_ptr<model::LlamaModel> model_;
+  // Declared before the engine: leases the engine holds are released into it, so it goes last.
+  std::unique_ptr<adapters::AdapterRegistry> registry_;
+  std::string temp_state_dir_;  // removed at exit when no --state-dir was given
+  TokenAuth admin_auth_;
+  TokenAuth api_auth_;
   std::unique_ptr<engine::Engine> engine_;
   AdapterTable adapters_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<AdaptersService> adapters_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int port_ = 0;
   absl::Duration metrics_interval_;

@@ -1,0 +1,282 @@
+#include "server/adapters_service.h"
+
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "server/status_mapping.h"
+
+namespace loraplex::server {
+namespace {
+
+v1::AdapterState StateProto(adapters::AdapterState s) {
+  switch (s) {
+    case adapters::AdapterState::kLoading: return v1::LOADING;
+    case adapters::AdapterState::kReady: return v1::READY;
+    case adapters::AdapterState::kDraining: return v1::DRAINING;
+  }
+  return v1::ADAPTER_STATE_UNSPECIFIED;
+}
+
+v1::Residency ResidencyProto(adapters::Residency r) {
+  switch (r) {
+    case adapters::Residency::kDevice: return v1::DEVICE;
+    case adapters::Residency::kHost: return v1::HOST;
+    case adapters::Residency::kDisk: return v1::DISK;
+  }
+  return v1::RESIDENCY_UNSPECIFIED;
+}
+
+grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
+                                    const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+// UploadAdapter: header, then chunks appended to the staging files as they arrive; the commit
+// (fsync, sha256, validation, manifest) runs on a thread of its own after the client half-closes.
+class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequest> {
+ public:
+  UploadReactor(AdaptersService* service, adapters::AdapterRegistry* registry,
+                const absl::Status& auth, v1::AdapterInfo* response)
+      : service_(service), registry_(registry), response_(response) {
+    if (!auth.ok()) {
+      Finish(ToGrpcStatus(auth));
+      return;
+    }
+    StartRead(&message_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed: commit
+      if (upload_ == nullptr) {
+        Finish(ToGrpcStatus(
+            absl::InvalidArgumentError("UploadAdapter: the stream ended before a header")));
+        return;
+      }
+      service_->RunDetached([this] {
+        absl::StatusOr<adapters::AdapterInfo> info = upload_->Commit();
+        upload_.reset();
+        if (info.ok()) {
+          service_->UnmergeIfStale();
+          ToProto(*info, response_);
+        }
+        Finish(ToGrpcStatus(info.status()));
+      });
+      return;
+    }
+    absl::Status status;
+    if (message_.has_header()) {
+      const v1::UploadAdapterHeader& h = message_.header();
+      if (upload_ != nullptr) {
+        status = absl::InvalidArgumentError("UploadAdapter: a second header in one stream");
+      } else {
+        absl::StatusOr<std::unique_ptr<adapters::PendingUpload>> upload =
+            registry_->BeginUpload(h.name(), h.replace(), h.sha256(), h.pin());
+        if (upload.ok()) {
+          upload_ = *std::move(upload);
+        } else {
+          status = upload.status();
+        }
+      }
+    } else if (message_.has_chunk()) {
+      if (upload_ == nullptr) {
+        status = absl::InvalidArgumentError("UploadAdapter: the first message must be the header");
+      } else {
+        status = upload_->Append(message_.chunk().file_name(), message_.chunk().data());
+      }
+    } else {
+      status = absl::InvalidArgumentError("UploadAdapter: a message with neither header nor chunk");
+    }
+    if (!status.ok()) {
+      upload_.reset();  // discards the staged files
+      Finish(ToGrpcStatus(status));
+      return;
+    }
+    StartRead(&message_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  AdaptersService* const service_;
+  adapters::AdapterRegistry* const registry_;
+  v1::AdapterInfo* const response_;
+  v1::UploadAdapterRequest message_;
+  // gRPC runs one OnReadDone at a time and the commit thread starts after the last one, so the
+  // upload is never touched by two threads at once.
+  std::unique_ptr<adapters::PendingUpload> upload_;
+};
+
+}  // namespace
+
+void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
+  out->set_name(info.name);
+  out->set_version(info.version);
+  out->set_state(StateProto(info.state));
+  out->set_rank(static_cast<int32_t>(info.max_rank));
+  for (const auto& [module, rank] : info.ranks) (*out->mutable_ranks())[module] = static_cast<int32_t>(rank);
+  out->set_alpha(info.alpha);
+  for (const std::string& m : info.target_modules) out->add_target_modules(m);
+  out->set_bytes(info.bytes);
+  out->set_residency(ResidencyProto(info.residency));
+  out->set_merged(info.merged);
+  out->set_requests_served(info.requests_served);
+  out->set_last_used_unix_ms(info.last_used == absl::InfinitePast() ? 0
+                                                                    : absl::ToUnixMillis(info.last_used));
+  out->set_sha256(info.sha256);
+  out->set_pinned(info.pinned);
+  out->set_path(info.source);
+}
+
+AdaptersService::AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
+                                 const TokenAuth* auth)
+    : registry_(registry), engine_(engine), auth_(auth) {}
+
+AdaptersService::~AdaptersService() {
+  absl::MutexLock lock(&threads_mu_);
+  threads_mu_.Await(absl::Condition(
+      +[](int64_t* running) { return *running == 0; }, &running_));
+}
+
+void AdaptersService::RunDetached(std::function<void()> work) {
+  {
+    absl::MutexLock lock(&threads_mu_);
+    ++running_;
+  }
+  std::thread([this, work = std::move(work)] {
+    work();
+    absl::MutexLock lock(&threads_mu_);
+    --running_;
+  }).detach();
+}
+
+grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerContext* context,
+                                                       const v1::LoadAdapterRequest* request,
+                                                       v1::AdapterInfo* response) {
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RunDetached([this, reactor, request, response] {
+    absl::StatusOr<adapters::AdapterInfo> info = registry_->RegisterFromPath(
+        request->name(), request->path(), request->replace(), request->pin());
+    if (info.ok()) {
+      UnmergeIfStale();
+      ToProto(*info, response);
+    }
+    reactor->Finish(ToGrpcStatus(info.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerReadReactor<v1::UploadAdapterRequest>* AdaptersService::UploadAdapter(
+    grpc::CallbackServerContext* context, v1::AdapterInfo* response) {
+  return new UploadReactor(this, registry_, auth_->Check(*context), response);
+}
+
+grpc::ServerUnaryReactor* AdaptersService::UnloadAdapter(grpc::CallbackServerContext* context,
+                                                         const v1::UnloadAdapterRequest* request,
+                                                         v1::UnloadAdapterResponse* response) {
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  absl::StatusOr<adapters::AdapterInfo> info = registry_->Unload(request->name());
+  if (!info.ok()) return FinishNow(context, info.status());
+  UnmergeIfStale();
+  ToProto(*info, response->mutable_adapter());
+  return FinishNow(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdaptersService::GetAdapter(grpc::CallbackServerContext* context,
+                                                      const v1::GetAdapterRequest* request,
+                                                      v1::AdapterInfo* response) {
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  absl::StatusOr<adapters::AdapterInfo> info = registry_->Get(request->name());
+  if (info.ok()) ToProto(*info, response);
+  return FinishNow(context, info.status());
+}
+
+grpc::ServerUnaryReactor* AdaptersService::ListAdapters(grpc::CallbackServerContext* context,
+                                                        const v1::ListAdaptersRequest* request,
+                                                        v1::ListAdaptersResponse* response) {
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  for (const adapters::AdapterInfo& info : registry_->List()) ToProto(info, response->add_adapters());
+  return FinishNow(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerContext* context,
+                                                          const v1::SetAdapterModeRequest* request,
+                                                          v1::AdapterInfo* response) {
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  switch (request->mode()) {
+    case v1::MERGED:
+      return FinishNow(context, Merge(request->name(), response));
+    case v1::UNMERGED:
+      return FinishNow(context, Unmerge(request->name(), response));
+    default:
+      return FinishNow(context,
+                       absl::InvalidArgumentError("mode must be MERGED or UNMERGED"));
+  }
+}
+
+absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* response) {
+  absl::MutexLock lock(&merge_mu_);
+  LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
+  if (merged_ != nullptr) {
+    if (merged_->name() != current.name || merged_->version() != current.version) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "adapter '", merged_->name(), "' v", merged_->version(),
+          " is merged; set it UNMERGED first (one merged adapter at a time)"));
+    }
+  } else {
+    // The lease keeps the version in memory (never evicted) for as long as it is merged.
+    LP_ASSIGN_OR_RETURN(std::shared_ptr<const adapters::Lease> lease,
+                        registry_->Acquire(name, /*count_request=*/false));
+    const model::LoraWeightsView* view = &lease->view();
+    LP_RETURN_IF_ERROR(engine_->RunOnEngineThread(
+        [view](model::LlamaModel& model) { return model.Merge(view); }));
+    registry_->SetMerged(*lease, true);
+    merged_ = std::move(lease);
+    LP_LOG(INFO) << "adapter " << name << " v" << merged_->version() << " merged";
+  }
+  LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info,
+                      registry_->Get(absl::StrCat(name, "@", merged_->version())));
+  ToProto(info, response);
+  return absl::OkStatus();
+}
+
+absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* response) {
+  absl::MutexLock lock(&merge_mu_);
+  LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
+  if (merged_ != nullptr && merged_->name() == current.name) {
+    LP_RETURN_IF_ERROR(
+        engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); }));
+    registry_->SetMerged(*merged_, false);
+    merged_.reset();
+    LP_LOG(INFO) << "adapter " << name << " unmerged";
+  }
+  // Not merged (any more): UNMERGED is already the case.
+  LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info, registry_->Get(name));
+  ToProto(info, response);
+  return absl::OkStatus();
+}
+
+void AdaptersService::UnmergeIfStale() {
+  absl::MutexLock lock(&merge_mu_);
+  if (merged_ == nullptr) return;
+  absl::StatusOr<adapters::AdapterInfo> current = registry_->Get(merged_->name());
+  if (current.ok() && current->version == merged_->version()) return;
+  absl::Status s =
+      engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
+  if (!s.ok()) {
+    LP_LOG(ERROR) << "unmerging replaced adapter " << merged_->name() << ": " << s.ToString();
+    return;  // keep the lease: the weights stay merged and must stay alive
+  }
+  registry_->SetMerged(*merged_, false);
+  LP_LOG(INFO) << "adapter " << merged_->name() << " v" << merged_->version()
+               << " unmerged (replaced or unloaded)";
+  merged_.reset();
+}
+
+}  // namespace loraplex::server

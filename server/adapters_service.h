@@ -1,0 +1,95 @@
+// The loraplex.v1.Adapters admin service (DESIGN.md sections 4 and 5) over the adapter registry
+// (adapters/registry.h), on the gRPC callback API. Every call first checks the admin token.
+//
+// LoadAdapter and the commit of UploadAdapter validate and copy files, which can take a while for
+// big adapters: they run on a thread of their own (never the engine thread, never a gRPC
+// callback thread), so generation and other calls go on meanwhile. UploadAdapter is a client
+// stream: a header, then chunks of adapter_config.json and adapter_model.safetensors, written to
+// the state directory's staging area as they arrive; a stream that breaks off is discarded.
+//
+// SetAdapterMode merges one adapter's current version into the base weights (one at a time) on
+// the engine thread between two steps; other adapters keep working in mixed mode. The merged
+// version stays in memory while merged. Replacing or unloading the merged adapter unmerges it
+// first (the new version starts UNMERGED). The mode is not persisted: after a restart every
+// adapter is UNMERGED.
+//
+// Thread-safety: gRPC calls the handlers from its threads; shared state is guarded below.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "adapters/registry.h"
+#include "engine/engine.h"
+#include "loraplex/v1/adapters.grpc.pb.h"
+#include "server/auth.h"
+
+namespace loraplex::server {
+
+// What the command line says about adapter management and access control.
+struct AdapterAdminOptions {
+  std::string adapter_dir;        // root of LoadAdapter paths; empty: LoadAdapter by path is off
+  std::string state_dir;          // empty: a temporary directory, removed at exit (no persistence)
+  int64_t max_loaded = 0;         // --max-loaded-adapters; 0 = no limit
+  int64_t memory_bytes = 0;       // --adapter-memory; 0 = no limit
+  int64_t max_adapter_bytes = int64_t{1} << 30;  // --max-adapter-bytes, per upload
+  std::string admin_token;        // --admin-token; empty: the Adapters service is open
+  std::string api_token;          // --api-token; empty: the Inference service is open
+  TlsFiles tls;
+};
+
+// Fills an API AdapterInfo from the registry's.
+void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out);
+
+class AdaptersService final : public v1::Adapters::CallbackService {
+ public:
+  // Pointers must outlive the service. `auth` guards every call.
+  AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
+                  const TokenAuth* auth);
+  // Waits for the load/commit threads still running.
+  ~AdaptersService() override;
+
+  grpc::ServerUnaryReactor* LoadAdapter(grpc::CallbackServerContext* context,
+                                        const v1::LoadAdapterRequest* request,
+                                        v1::AdapterInfo* response) override;
+  grpc::ServerReadReactor<v1::UploadAdapterRequest>* UploadAdapter(
+      grpc::CallbackServerContext* context, v1::AdapterInfo* response) override;
+  grpc::ServerUnaryReactor* UnloadAdapter(grpc::CallbackServerContext* context,
+                                          const v1::UnloadAdapterRequest* request,
+                                          v1::UnloadAdapterResponse* response) override;
+  grpc::ServerUnaryReactor* GetAdapter(grpc::CallbackServerContext* context,
+                                       const v1::GetAdapterRequest* request,
+                                       v1::AdapterInfo* response) override;
+  grpc::ServerUnaryReactor* ListAdapters(grpc::CallbackServerContext* context,
+                                         const v1::ListAdaptersRequest* request,
+                                         v1::ListAdaptersResponse* response) override;
+  grpc::ServerUnaryReactor* SetAdapterMode(grpc::CallbackServerContext* context,
+                                           const v1::SetAdapterModeRequest* request,
+                                           v1::AdapterInfo* response) override;
+
+  // Runs `work` on a thread of its own; the destructor waits for it.
+  void RunDetached(std::function<void()> work);
+  // After a replace or unload: unmerges when the merged version is no longer current.
+  void UnmergeIfStale();
+
+ private:
+  // Sets `response` to the adapter's current info, with merged state.
+  absl::Status Merge(const std::string& name, v1::AdapterInfo* response);
+  absl::Status Unmerge(const std::string& name, v1::AdapterInfo* response);
+
+  adapters::AdapterRegistry* const registry_;
+  engine::Engine* const engine_;
+  const TokenAuth* const auth_;
+
+  absl::Mutex merge_mu_;  // guards merged_ and serialises merges
+  std::shared_ptr<const adapters::Lease> merged_ ABSL_GUARDED_BY(merge_mu_);
+
+  absl::Mutex threads_mu_;  // guards running_
+  int64_t running_ ABSL_GUARDED_BY(threads_mu_) = 0;
+};
+
+}  // namespace loraplex::server

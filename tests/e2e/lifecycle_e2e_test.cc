@@ -1,0 +1,585 @@
+// End to end: the adapter lifecycle over gRPC against a real loraplex-server process on loopback.
+// Base model stories260K (../shared/models/stories260K); adapters are the stories260K PEFT
+// fixtures (tests/fixtures/peft/stories260k, made with HF PEFT by tools/make_peft_goldens.py).
+// The reference for every adapter output is loraplex-generate --adapter on the same folder, which
+// tests/adapters checks against PEFT's logits.
+#include <arpa/inet.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "adapters/manifest.h"
+#include "loraplex/v1/adapters.grpc.pb.h"
+#include "loraplex/v1/inference.grpc.pb.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/testing.h"
+
+extern char** environ;
+
+namespace loraplex {
+namespace {
+
+namespace fs = std::filesystem;
+using grpc::StatusCode;
+
+constexpr char kToken[] = "s3cret-admin-token";
+constexpr int kTokens = 24;  // greedy tokens per comparison: enough to tell adapters apart
+
+std::string Fixture(const std::string& name) {
+  return testing::FixturesDir() + "/peft/stories260k/" + name;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// A loraplex-server child process; `state` and `extra` are its flags besides the model.
+class Server {
+ public:
+  Server(const std::string& dir, std::vector<std::string> extra,
+         std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials(),
+         grpc::ChannelArguments channel_args = {}) {
+    const std::string port_file = dir + "/port";
+    fs::remove(port_file);
+    std::vector<std::string> args = {LP_SERVER_BINARY,
+                                     "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
+                                     "--dtype=f32", "--listen=127.0.0.1:0",
+                                     "--metrics-listen=127.0.0.1:0", "--port-file=" + port_file};
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, argv[0], nullptr, nullptr, argv.data(), environ) != 0) {
+      ADD_FAILURE() << "cannot start " << LP_SERVER_BINARY;
+      pid_ = -1;
+      return;
+    }
+    for (int i = 0; i < 600 && port_ == 0; ++i) {
+      std::ifstream f(port_file);
+      if (f >> port_ >> metrics_port_) break;
+      port_ = 0;
+      if (waitpid(pid_, &exit_status_, WNOHANG) == pid_) {
+        pid_ = -1;
+        return;  // exited: ok() is false, exit_status() says how
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_), creds,
+                                             channel_args);
+    inference_ = v1::Inference::NewStub(channel);
+    admin_ = v1::Adapters::NewStub(channel);
+  }
+  ~Server() { Kill(); }
+  void Kill() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+      pid_ = -1;
+    }
+  }
+  bool ok() const { return pid_ > 0 && port_ > 0; }
+  int exit_status() const { return exit_status_; }
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+  v1::Inference::Stub& inference() { return *inference_; }
+  v1::Adapters::Stub& admin() { return *admin_; }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0, metrics_port_ = 0, exit_status_ = 0;
+  std::unique_ptr<v1::Inference::Stub> inference_;
+  std::unique_ptr<v1::Adapters::Stub> admin_;
+};
+
+void Authorize(grpc::ClientContext* ctx, const std::string& token = kToken) {
+  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+}
+
+grpc::Status Load(Server& s, const std::string& name, const std::string& path, bool replace,
+                  v1::AdapterInfo* info = nullptr, const std::string& token = kToken) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx, token);
+  v1::LoadAdapterRequest req;
+  req.set_name(name);
+  req.set_path(path);
+  req.set_replace(replace);
+  v1::AdapterInfo local;
+  return s.admin().LoadAdapter(&ctx, req, info != nullptr ? info : &local);
+}
+
+// Uploads `dir`'s two files in 16 KiB chunks. `sha256`: "" for none, "auto" for the right one.
+grpc::Status Upload(Server& s, const std::string& name, const std::string& dir, bool replace,
+                    std::string sha256, v1::AdapterInfo* info = nullptr) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::AdapterInfo local;
+  auto writer = s.admin().UploadAdapter(&ctx, info != nullptr ? info : &local);
+  const std::string weights = ReadAll(dir + "/" + adapters::kAdapterWeightsFile);
+  if (sha256 == "auto") sha256 = adapters::Sha256Hex(weights.data(), weights.size());
+  v1::UploadAdapterRequest header;
+  header.mutable_header()->set_name(name);
+  header.mutable_header()->set_replace(replace);
+  header.mutable_header()->set_sha256(sha256);
+  bool open = writer->Write(header);
+  for (const std::string file : {adapters::kAdapterConfigFile, adapters::kAdapterWeightsFile}) {
+    const std::string data = ReadAll(dir + "/" + file);
+    for (size_t at = 0; open && at < data.size(); at += 16384) {
+      v1::UploadAdapterRequest chunk;
+      chunk.mutable_chunk()->set_file_name(file);
+      chunk.mutable_chunk()->set_data(data.substr(at, 16384));
+      open = writer->Write(chunk);
+    }
+  }
+  writer->WritesDone();
+  return writer->Finish();
+}
+
+struct Generated {
+  grpc::Status status;
+  std::vector<int32_t> ids;
+  int64_t version = 0;
+};
+
+Generated Generate(Server& s, const std::string& adapter, int max_tokens = kTokens) {
+  v1::GenerateRequest req;
+  req.add_prompt_token_ids(1);
+  req.set_max_tokens(max_tokens);
+  req.set_ignore_eos(true);
+  req.set_adapter(adapter);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  v1::GenerateResponse resp;
+  Generated g;
+  g.status = s.inference().Complete(&ctx, req, &resp);
+  g.ids.assign(resp.token_ids().begin(), resp.token_ids().end());
+  g.version = resp.adapter_version();
+  return g;
+}
+
+// loraplex-generate --json token_ids for a greedy run from BOS with the adapter folder `dir`.
+std::vector<int32_t> Offline(const std::string& dir, int max_tokens = kTokens) {
+  const std::string cmd = absl::StrCat(
+      LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
+      " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
+      " --adapter ", dir, " 2>/dev/null");
+  std::string out;
+  if (FILE* p = popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, n);
+    pclose(p);
+  }
+  nlohmann::json j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_FALSE(j.is_discarded()) << cmd << " printed: " << out;
+  return j.is_discarded() ? std::vector<int32_t>{} : j["token_ids"].get<std::vector<int32_t>>();
+}
+
+std::vector<v1::AdapterInfo> List(Server& s) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::ListAdaptersResponse resp;
+  grpc::Status st = s.admin().ListAdapters(&ctx, {}, &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  return {resp.adapters().begin(), resp.adapters().end()};
+}
+
+std::string Metrics(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  std::string body;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string get = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (write(fd, get.data(), get.size()) == static_cast<ssize_t>(get.size())) {
+      char buf[4096];
+      for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
+    }
+  }
+  close(fd);
+  return body;
+}
+
+// A safetensors file of small f32 tensors for every layer of stories260K:
+// "base_model.model.model.layers.<l>.self_attn.<key>.weight" -> shape.
+std::string Safetensors(const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors) {
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (int layer = 0; layer < 5; ++layer) {
+  for (const auto& [key, shape] : tensors) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<float> values(n, 0.01f);
+    const size_t begin = data.size();
+    data.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
+    header[absl::StrCat("base_model.model.model.layers.", layer, ".self_attn.", key, ".weight")] =
+        {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
+  }
+  }
+  std::string h = header.dump();
+  while (h.size() % 8 != 0) h += ' ';
+  const uint64_t len = h.size();
+  return std::string(reinterpret_cast<const char*>(&len), 8) + h + data;
+}
+
+// The value of one sample line "name{labels} value" in a metrics page, or -1.
+double Sample(const std::string& page, const std::string& series) {
+  size_t at = page.find(series + " ");
+  return at == std::string::npos ? -1 : std::stod(page.substr(at + series.size() + 1));
+}
+
+// The folders, their offline outputs (computed once) and a scratch area shared by the tests.
+class LifecycleE2eTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    root_ = new std::string(testing::MakeTempDir("lp-lifecycle"));
+    expected_ = new std::map<std::string, std::vector<int32_t>>();
+    fs::create_directories(*root_ + "/adapters");
+    for (const char* name : {"qv", "all_linear", "rank1", "layers", "regex", "patterns", "rank64"}) {
+      fs::copy(Fixture(name), *root_ + "/adapters/" + name);
+      if (std::string(name) != "rank64") (*expected_)[name] = Offline(Fixture(name));
+    }
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*root_);
+    delete root_;
+    delete expected_;
+  }
+  void SetUp() override {
+    dir_ = testing::MakeTempDir(*root_ + "/t");
+    fs::create_directories(dir_ + "/state");
+  }
+  // A server over the shared adapter root with the admin token and its own state directory.
+  std::unique_ptr<Server> Start(std::vector<std::string> extra = {}) {
+    extra.push_back("--adapter-dir=" + *root_ + "/adapters");
+    extra.push_back("--state-dir=" + dir_ + "/state");
+    extra.push_back(std::string("--admin-token=") + kToken);
+    auto s = std::make_unique<Server>(dir_, std::move(extra));
+    EXPECT_TRUE(s->ok()) << "server did not start, status " << s->exit_status();
+    return s;
+  }
+  static const std::vector<int32_t>& Expected(const std::string& folder) {
+    return expected_->at(folder);
+  }
+
+  static std::string* root_;
+  static std::map<std::string, std::vector<int32_t>>* expected_;
+  std::string dir_;
+};
+std::string* LifecycleE2eTest::root_ = nullptr;
+std::map<std::string, std::vector<int32_t>>* LifecycleE2eTest::expected_ = nullptr;
+
+TEST_F(LifecycleE2eTest, RegisteredAtRuntimeOutputsEqualLoraplexGenerate) {
+  auto s = Start();
+  ASSERT_TRUE(s->ok());
+  v1::AdapterInfo a, b, c;
+  ASSERT_TRUE(Load(*s, "a", "qv", false, &a).ok());
+  ASSERT_TRUE(Load(*s, "b", "all_linear", false, &b).ok());
+  grpc::Status up = Upload(*s, "c", Fixture("rank1"), false, "auto", &c);
+  ASSERT_TRUE(up.ok()) << up.error_message();
+  EXPECT_EQ(a.version(), 1);
+  EXPECT_EQ(a.state(), v1::READY);
+  EXPECT_EQ(a.rank(), 8);
+  EXPECT_EQ(b.target_modules_size(), 7);
+  EXPECT_EQ(c.rank(), 1);
+  EXPECT_EQ(c.sha256(), adapters::Sha256Hex(ReadAll(Fixture("rank1/adapter_model.safetensors")).data(),
+                                            ReadAll(Fixture("rank1/adapter_model.safetensors")).size()));
+  for (const auto& [name, folder] : std::vector<std::pair<std::string, std::string>>{
+           {"a", "qv"}, {"b", "all_linear"}, {"c", "rank1"}}) {
+    Generated g = Generate(*s, name);
+    ASSERT_TRUE(g.status.ok()) << name << ": " << g.status.error_message();
+    EXPECT_EQ(g.ids, Expected(folder)) << name;
+    EXPECT_EQ(g.version, 1);
+  }
+  EXPECT_NE(Expected("qv"), Expected("all_linear")) << "the fixtures should differ in output";
+  std::vector<v1::AdapterInfo> list = List(*s);
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(list[0].requests_served(), 1);
+  EXPECT_EQ(list[0].residency(), v1::DEVICE);
+  EXPECT_GT(list[0].last_used_unix_ms(), 0);
+}
+
+// 8 client threads generate with x while x is replaced 20 times (qv on odd versions, all_linear
+// on even ones): no request fails, each reports its version and produces that version's output,
+// and none started after a replace returned runs on an older version.
+TEST_F(LifecycleE2eTest, HotSwapUnderLoadFailsNothing) {
+  auto s = Start();
+  ASSERT_TRUE(s->ok());
+  ASSERT_TRUE(Load(*s, "x", "qv", false).ok());
+  std::atomic<int64_t> published{1};
+  std::atomic<bool> stop{false};
+  std::atomic<int> requests{0};
+  std::vector<std::string> errors[8];
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 8; ++t) {
+    clients.emplace_back([&, t] {
+      while (!stop.load()) {
+        const int64_t floor = published.load();
+        Generated g = Generate(*s, "x", 12);
+        requests.fetch_add(1);
+        const std::vector<int32_t>& want = Expected(g.version % 2 == 1 ? "qv" : "all_linear");
+        if (!g.status.ok()) {
+          errors[t].push_back("failed: " + g.status.error_message());
+        } else if (g.version < floor) {
+          errors[t].push_back(absl::StrCat("ran on v", g.version, " after v", floor, " was live"));
+        } else if (!std::equal(g.ids.begin(), g.ids.end(), want.begin()) || g.ids.size() != 12) {
+          errors[t].push_back(absl::StrCat("v", g.version, " output differs from its folder's"));
+        }
+      }
+    });
+  }
+  for (int v = 2; v <= 21; ++v) {
+    absl::SleepFor(absl::Milliseconds(30));
+    v1::AdapterInfo info;
+    grpc::Status st = Load(*s, "x", v % 2 == 1 ? "qv" : "all_linear", true, &info);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    ASSERT_EQ(info.version(), v);
+    published.store(v);
+  }
+  absl::SleepFor(absl::Milliseconds(100));
+  stop.store(true);
+  for (std::thread& c : clients) c.join();
+  for (int t = 0; t < 8; ++t) {
+    EXPECT_TRUE(errors[t].empty()) << "client " << t << ": " << errors[t].size()
+                                   << " bad, first: " << errors[t][0];
+  }
+  EXPECT_GT(requests.load(), 40);
+  Generated last = Generate(*s, "x@21", 12);
+  EXPECT_TRUE(last.status.ok());
+  EXPECT_EQ(Generate(*s, "x@20", 12).status.error_code(), StatusCode::NOT_FOUND);
+  EXPECT_EQ(List(*s).size(), 1u) << "replaced versions should have drained";
+}
+
+TEST_F(LifecycleE2eTest, UnloadWhileInUseFinishesRunningRequests) {
+  auto s = Start();
+  ASSERT_TRUE(s->ok());
+  ASSERT_TRUE(Load(*s, "u", "qv", false).ok());
+  v1::GenerateRequest long_req;
+  long_req.add_prompt_token_ids(1);
+  long_req.set_max_tokens(480);
+  long_req.set_ignore_eos(true);
+  long_req.set_adapter("u");
+  grpc::ClientContext stream_ctx;
+  auto stream = s->inference().Generate(&stream_ctx, long_req);
+  v1::GenerateResponse msg;
+  ASSERT_TRUE(stream->Read(&msg));  // running: it holds its lease on u v1
+  std::vector<int32_t> ids(msg.token_ids().begin(), msg.token_ids().end());
+
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::UnloadAdapterRequest req;
+  req.set_name("u");
+  v1::UnloadAdapterResponse resp;
+  ASSERT_TRUE(s->admin().UnloadAdapter(&ctx, req, &resp).ok());
+  EXPECT_EQ(resp.adapter().state(), v1::DRAINING);
+  EXPECT_EQ(Generate(*s, "u").status.error_code(), StatusCode::NOT_FOUND);
+  int64_t version = 0;
+  while (stream->Read(&msg)) {
+    ids.insert(ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+    if (!msg.finish_reason().empty()) version = msg.adapter_version();
+  }
+  grpc::Status st = stream->Finish();
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(ids.size(), 480u);
+  EXPECT_EQ(version, 1);
+  EXPECT_TRUE(std::equal(Expected("qv").begin(), Expected("qv").end(), ids.begin()));
+  EXPECT_TRUE(List(*s).empty()) << "the drained version should be gone";
+}
+
+TEST_F(LifecycleE2eTest, EvictionWithTwoSlotsKeepsOutputsCorrect) {
+  auto s = Start({"--max-loaded-adapters=2"});
+  ASSERT_TRUE(s->ok());
+  const std::vector<std::string> folders = {"qv", "all_linear", "rank1", "layers", "regex",
+                                            "patterns"};
+  for (const std::string& f : folders) ASSERT_TRUE(Load(*s, f, f, false).ok()) << f;
+  for (int round = 0; round < 2; ++round) {
+    for (const std::string& f : folders) {
+      Generated g = Generate(*s, f);
+      ASSERT_TRUE(g.status.ok()) << f << ": " << g.status.error_message();
+      EXPECT_EQ(g.ids, Expected(f)) << f << " round " << round;
+    }
+  }
+  int resident = 0;
+  for (const v1::AdapterInfo& info : List(*s)) resident += info.residency() == v1::DEVICE;
+  EXPECT_EQ(resident, 2);
+  absl::SleepFor(absl::Milliseconds(400));  // one metrics refresh
+  const std::string page = Metrics(s->metrics_port());
+  double evictions = 0, reloads = 0;
+  for (const std::string& f : folders) {
+    evictions += std::max(0.0, Sample(page, "loraplex_adapter_evictions_total{adapter=\"" + f + "\"}"));
+    reloads += std::max(0.0, Sample(page, "loraplex_adapter_reloads_total{adapter=\"" + f + "\"}"));
+  }
+  // Round robin over 6 with 2 slots: every one of the 12 requests reloads its adapter.
+  EXPECT_EQ(reloads, 12);
+  EXPECT_EQ(evictions, 4 + 12);  // 4 while registering, then one per reload
+  EXPECT_EQ(Sample(page, "loraplex_adapter_requests_total{adapter=\"qv\"}"), 2);
+}
+
+TEST_F(LifecycleE2eTest, RestartAndKillNineServeWhatReturnedOk) {
+  {
+    auto s = Start();
+    ASSERT_TRUE(s->ok());
+    ASSERT_TRUE(Load(*s, "p", "qv", false).ok());
+    ASSERT_TRUE(Load(*s, "p", "all_linear", true).ok());  // v2
+    ASSERT_TRUE(Upload(*s, "q", Fixture("rank1"), false, "auto").ok());
+    // An upload cut off by kill -9: header and part of the weights sent, never finished.
+    grpc::ClientContext ctx;
+    Authorize(&ctx);
+    v1::AdapterInfo info;
+    auto writer = s->admin().UploadAdapter(&ctx, &info);
+    v1::UploadAdapterRequest m;
+    m.mutable_header()->set_name("partial");
+    ASSERT_TRUE(writer->Write(m));
+    m.mutable_chunk()->set_file_name(adapters::kAdapterWeightsFile);
+    m.mutable_chunk()->set_data(ReadAll(Fixture("layers/adapter_model.safetensors")).substr(0, 20000));
+    ASSERT_TRUE(writer->Write(m));
+    absl::SleepFor(absl::Milliseconds(100));
+    s->Kill();  // SIGKILL
+    writer->Finish();
+  }
+  auto s = Start();
+  ASSERT_TRUE(s->ok());
+  std::vector<v1::AdapterInfo> list = List(*s);
+  ASSERT_EQ(list.size(), 2u);
+  EXPECT_EQ(list[0].name(), "p");
+  EXPECT_EQ(list[0].version(), 2);
+  EXPECT_EQ(list[1].name(), "q");
+  EXPECT_EQ(list[1].version(), 1);
+  Generated p = Generate(*s, "p@2");
+  ASSERT_TRUE(p.status.ok()) << p.status.error_message();
+  EXPECT_EQ(p.ids, Expected("all_linear"));
+  EXPECT_EQ(Generate(*s, "q").ids, Expected("rank1"));
+  EXPECT_TRUE(fs::is_empty(dir_ + "/state/staging"));
+  EXPECT_FALSE(fs::exists(dir_ + "/state/adapters/partial"));
+  EXPECT_FALSE(fs::exists(dir_ + "/state/adapters/p/v1"));
+}
+
+TEST_F(LifecycleE2eTest, BadRequestsGetTheirCodesAndDisturbNothing) {
+  auto s = Start({"--max-lora-rank=16", "--max-adapter-bytes=200K"});
+  ASSERT_TRUE(s->ok());
+  ASSERT_TRUE(Load(*s, "good", "qv", false).ok());
+  const std::string bad_root = *root_ + "/adapters/bad-" + std::to_string(getpid());
+  auto make = [&](const std::string& name, const std::string& config, const std::string& weights) {
+    fs::create_directories(bad_root + "/" + name);
+    if (!config.empty()) std::ofstream(bad_root + "/" + name + "/adapter_config.json") << config;
+    if (!weights.empty()) {
+      std::ofstream(bad_root + "/" + name + "/adapter_model.safetensors", std::ios::binary)
+          << weights;
+    }
+  };
+  const std::string config = ReadAll(Fixture("qv/adapter_config.json"));
+  const std::string weights = ReadAll(Fixture("qv/adapter_model.safetensors"));
+  std::string dora = config;
+  dora.replace(dora.find("\"use_dora\": false"), 17, "\"use_dora\": true");
+  make("json", "{\"r\": ", weights);
+  make("missing", config, "");
+  make("truncated", config, weights.substr(0, weights.size() - 100));
+  make("dora", dora, weights);
+  // Shapes that do not fit the base: q_proj's lora_A reads 48 features, stories260K has 64.
+  make("shape", config, Safetensors({{"q_proj.lora_A", {8, 48}}, {"q_proj.lora_B", {64, 8}},
+                                     {"v_proj.lora_A", {8, 64}}, {"v_proj.lora_B", {32, 8}}}));
+  const std::string rel = fs::path(bad_root).filename().string();
+
+  // Traffic on "good" while the bad loads come in: it must not notice.
+  std::atomic<bool> stop{false};
+  std::atomic<int> traffic_errors{0}, traffic{0};
+  std::thread background([&] {
+    while (!stop.load()) {
+      Generated g = Generate(*s, "good", 8);
+      traffic.fetch_add(1);
+      if (!g.status.ok() || !std::equal(g.ids.begin(), g.ids.end(), Expected("qv").begin())) {
+        traffic_errors.fetch_add(1);
+      }
+    }
+  });
+  struct Case {
+    const char* what;
+    grpc::Status status;
+    StatusCode want;
+  };
+  std::vector<Case> cases = {
+      {"no token", Load(*s, "n", "qv", false, nullptr, ""), StatusCode::UNAUTHENTICATED},
+      {"wrong token", Load(*s, "n", "qv", false, nullptr, "guess"), StatusCode::PERMISSION_DENIED},
+      {"malformed json", Load(*s, "n", rel + "/json", false), StatusCode::INVALID_ARGUMENT},
+      {"missing file", Load(*s, "n", rel + "/missing", false), StatusCode::NOT_FOUND},
+      {"truncated safetensors", Load(*s, "n", rel + "/truncated", false),
+       StatusCode::INVALID_ARGUMENT},
+      {"shape mismatch", Load(*s, "n", rel + "/shape", false), StatusCode::FAILED_PRECONDITION},
+      {"rank over the limit", Load(*s, "n", "rank64", false), StatusCode::FAILED_PRECONDITION},
+      {"dora", Load(*s, "n", rel + "/dora", false), StatusCode::INVALID_ARGUMENT},
+      {"wrong sha256", Upload(*s, "n", Fixture("qv"), false, std::string(64, 'a')),
+       StatusCode::INVALID_ARGUMENT},
+      {"oversized upload", Upload(*s, "n", Fixture("rank64"), false, ""),
+       StatusCode::RESOURCE_EXHAUSTED},
+      {"name with a slash", Load(*s, "a/b", "qv", false), StatusCode::INVALID_ARGUMENT},
+      {"path traversal", Load(*s, "n", "../../etc", false), StatusCode::PERMISSION_DENIED},
+      {"existing name", Load(*s, "good", "all_linear", false), StatusCode::ALREADY_EXISTS},
+      {"unknown adapter", Generate(*s, "nope").status, StatusCode::NOT_FOUND},
+  };
+  stop.store(true);
+  background.join();
+  for (const Case& c : cases) {
+    EXPECT_EQ(c.status.error_code(), c.want) << c.what << ": " << c.status.error_message();
+    EXPECT_FALSE(c.status.error_message().empty()) << c.what;
+    EXPECT_EQ(c.status.error_message().find(kToken), std::string::npos) << c.what;
+  }
+  EXPECT_EQ(traffic_errors.load(), 0) << "of " << traffic.load();
+  std::vector<v1::AdapterInfo> list = List(*s);
+  ASSERT_EQ(list.size(), 1u);
+  EXPECT_EQ(list[0].name(), "good");
+  EXPECT_EQ(list[0].version(), 1);
+  fs::remove_all(bad_root);
+}
+
+TEST_F(LifecycleE2eTest, TlsRoundTripWithATestCertificate) {
+  const std::string cert = dir_ + "/cert.pem", key = dir_ + "/key.pem";
+  const std::string cmd = absl::StrCat(
+      "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost -addext "
+      "subjectAltName=IP:127.0.0.1,DNS:localhost -keyout ", key, " -out ", cert, " 2>/dev/null");
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = ReadAll(cert);
+  Server tls(dir_, {"--tls-cert=" + cert, "--tls-key=" + key, std::string("--admin-token=") + kToken},
+             grpc::SslCredentials(ssl));
+  ASSERT_TRUE(tls.ok());
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::ListAdaptersResponse resp;
+  grpc::Status st = tls.admin().ListAdapters(&ctx, {}, &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  grpc::ClientContext ctx2;
+  ctx2.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::ModelInfo info;
+  EXPECT_TRUE(tls.inference().GetModelInfo(&ctx2, {}, &info).ok());
+  EXPECT_EQ(info.vocab_size(), 512);
+  // A plaintext client cannot talk to it.
+  auto plain = v1::Inference::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", tls.port()),
+                                                          grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx3;
+  ctx3.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  EXPECT_FALSE(plain->GetModelInfo(&ctx3, {}, &info).ok());
+}
+
+}  // namespace
+}  // namespace loraplex
