@@ -7,6 +7,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "engine/tsan_lock.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "server/request_mapping.h"
@@ -107,7 +108,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   void OnWriteDone(bool ok) override {
     bool cancel = false;
     {
-      absl::MutexLock lock(&mu_);
+      engine::TsanMutexLock lock(&mu_);
       writing_ = false;
       pending_.pop_front();
       if (!ok && !write_failed_) {
@@ -129,7 +130,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   void OnOutput(engine::StepOutput out) {
     Observe(out);
     {
-      absl::MutexLock lock(&mu_);
+      engine::TsanMutexLock lock(&mu_);
       if (!write_failed_) {
         // The front message is being written only while writing_; merge into the back otherwise.
         const bool back_free = !pending_.empty() && !(writing_ && pending_.size() == 1);
@@ -151,7 +152,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     bool finish = false;
     grpc::Status status;
     {
-      absl::MutexLock lock(&mu_);
+      engine::TsanMutexLock lock(&mu_);
       if (writing_ || finish_called_) return;
       if (!pending_.empty()) {
         writing_ = true;
@@ -212,6 +213,17 @@ grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context, grpc::
 
 const grpc::Status kDraining(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
 
+// A Generate call refused before it starts (bad or missing --api-token).
+class RefusedStream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  explicit RefusedStream(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  void OnDone() override { delete this; }
+};
+
+absl::Status CheckToken(const TokenAuth* auth, const grpc::CallbackServerContext& context) {
+  return auth == nullptr ? absl::OkStatus() : auth->Check(context);
+}
+
 }  // namespace
 
 InferenceService::InferenceService(engine::Engine* engine, const AdapterTable* adapters,
@@ -220,18 +232,25 @@ InferenceService::InferenceService(engine::Engine* engine, const AdapterTable* a
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) return new RefusedStream(s);
   return new GenerateReactor(engine_, adapters_, metrics_, draining(), *request);
 }
 
 grpc::ServerUnaryReactor* InferenceService::Complete(grpc::CallbackServerContext* context,
                                                      const v1::GenerateRequest* request,
                                                      v1::GenerateResponse* response) {
+  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
+    return FinishNow(context, ToGrpcStatus(s));
+  }
   return new CompleteReactor(engine_, adapters_, metrics_, draining(), *request, response);
 }
 
 grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
                                                      const v1::TokenizeRequest* request,
                                                      v1::TokenizeResponse* response) {
+  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
+    return FinishNow(context, ToGrpcStatus(s));
+  }
   if (draining()) return FinishNow(context, kDraining);
   const model::Tokenizer& tokenizer = engine_->model().tokenizer();
   for (int32_t id : tokenizer.Encode(request->text(), request->add_bos())) {
@@ -244,6 +263,9 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
                                                        const v1::DetokenizeRequest* request,
                                                        v1::DetokenizeResponse* response) {
+  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
+    return FinishNow(context, ToGrpcStatus(s));
+  }
   if (draining()) return FinishNow(context, kDraining);
   const model::Tokenizer& tokenizer = engine_->model().tokenizer();
   const int32_t vocab = tokenizer.vocab_size();
@@ -262,6 +284,9 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
                                                          const v1::GetModelInfoRequest* request,
                                                          v1::ModelInfo* response) {
+  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
+    return FinishNow(context, ToGrpcStatus(s));
+  }
   const model::LlamaModel& model = engine_->model();
   const model::LlamaConfig& c = model.config();
   response->set_architecture(c.architecture);
@@ -290,6 +315,9 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* InferenceService::GetEngineStats(
     grpc::CallbackServerContext* context, const v1::GetEngineStatsRequest* request,
     v1::EngineStats* response) {
+  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
+    return FinishNow(context, ToGrpcStatus(s));
+  }
   const engine::EngineStats s = engine_->Stats();
   response->set_running(s.running);
   response->set_waiting(s.waiting);

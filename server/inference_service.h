@@ -16,6 +16,7 @@
 #include "engine/engine.h"
 #include "loraplex/v1/inference.grpc.pb.h"
 #include "server/adapter_table.h"
+#include "server/auth.h"
 #include "server/metrics.h"
 
 namespace loraplex::server {
@@ -33,6 +34,10 @@ class InferenceService final : public v1::Inference::CallbackService {
   // All pointers must outlive the service and every call it serves.
   InferenceService(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
                    ServedModelInfo info);
+
+  // Every call must carry this bearer token (--api-token) from now on; null or disabled: open.
+  // Set before serving; not owned.
+  void RequireToken(const TokenAuth* auth) { auth_ = auth; }
 
   // From now on new calls get UNAVAILABLE; calls in flight go on.
   void StartDraining() { draining_.store(true); }
@@ -62,6 +67,7 @@ class InferenceService final : public v1::Inference::CallbackService {
   Metrics* metrics_;
   const ServedModelInfo info_;
   std::atomic<bool> draining_{false};
+  const TokenAuth* auth_ = nullptr;
 };
 
 }  // namespace loraplex::server

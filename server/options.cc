@@ -34,7 +34,7 @@ ABSL_FLAG(int64_t, max_loaded_adapters, 0, "adapters in compute memory at once (
 ABSL_FLAG(std::string, adapter_memory, "", "bytes of adapter weights in compute memory, e.g. 2G");
 ABSL_FLAG(std::string, max_adapter_bytes, "1G", "largest UploadAdapter (both files together)");
 ABSL_FLAG(std::string, tls_client_ca, "", "PEM roots: clients must present a certificate they sign");
-ABSL_FLAG(std::string, api_token, "", "token for the Inference service (not implemented yet)");
+ABSL_FLAG(std::string, api_token, "", "bearer token the Inference service requires (empty: open)");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve gRPC over TLS");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
 ABSL_FLAG(std::vector<std::string>, adapter, {},
@@ -100,12 +100,12 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
     return absl::InvalidArgumentError(
         absl::StrCat("--device must be auto, cpu or cuda, got ", device));
   }
-  if (!absl::GetFlag(FLAGS_api_token).empty()) return NotYet("--api-token", "token authentication");
   {
     AdapterAdminOptions& a = cl.server.admin;
     a.adapter_dir = absl::GetFlag(FLAGS_adapter_dir);
     a.state_dir = absl::GetFlag(FLAGS_state_dir);
     a.admin_token = absl::GetFlag(FLAGS_admin_token);
+    a.api_token = absl::GetFlag(FLAGS_api_token);
     if (const std::string f = absl::GetFlag(FLAGS_admin_token_file); !f.empty()) {
       std::ifstream in(f);
       if (!in || !std::getline(in, a.admin_token) || a.admin_token.empty()) {

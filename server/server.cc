@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "engine/tsan_lock.h"
 #include "common/logging.h"
 #include "common/status.h"
 
@@ -27,6 +28,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   LP_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_listen));
   server->service_ = std::make_unique<InferenceService>(
       server->engine_.get(), &server->adapters_, server->metrics_.get(), options.info);
+  server->service_->RequireToken(&server->api_auth_);
   server->adapters_service_ = std::make_unique<AdaptersService>(
       server->registry_.get(), server->engine_.get(), &server->admin_auth_);
 
@@ -95,17 +97,19 @@ Server::~Server() {
 }
 
 void Server::MetricsLoop() {
-  absl::MutexLock lock(&mu_);
+  engine::TsanMutexLock lock(&mu_);
   while (!shutdown_) {
     metrics_->UpdateEngine(engine_->Stats());
     metrics_->UpdateAdapters(registry_->List());
+    engine::TsanRelease(&mu_);  // Await unlocks and relocks inside
     mu_.AwaitWithTimeout(absl::Condition(&shutdown_), metrics_interval_);
+    engine::TsanAcquire(&mu_);
   }
 }
 
 void Server::Shutdown(absl::Duration grace) {
   {
-    absl::MutexLock lock(&mu_);
+    engine::TsanMutexLock lock(&mu_);
     if (shutdown_) return;
     shutdown_ = true;
   }
