@@ -1,4 +1,5 @@
 #include "engine/engine.h"
+#include "engine/tsan_lock.h"
 
 #include <algorithm>
 #include <future>
@@ -77,7 +78,7 @@ Engine::Engine(model::LlamaModel* model, const EngineOptions& options, model::Kv
       cache_(std::move(cache)),
       kv_blocks_total_(cache_.num_blocks()),
       scheduler_(&cache_, SchedulerOptions{options.max_batch_tokens, options.max_running}) {
-  absl::MutexLock lock(&stats_mu_);
+  TsanMutexLock lock(&stats_mu_);
   stats_.kv_blocks_total = kv_blocks_total_;
   stats_.kv_blocks_free = kv_blocks_total_;
 }
@@ -180,7 +181,7 @@ void Engine::Shutdown() {
 }
 
 EngineStats Engine::Stats() const {
-  absl::MutexLock lock(&stats_mu_);
+  TsanMutexLock lock(&stats_mu_);
   return stats_;
 }
 
@@ -197,7 +198,7 @@ void Engine::Loop() {
       }
     }
     if (plan.num_preempted > 0) {
-      absl::MutexLock lock(&stats_mu_);
+      TsanMutexLock lock(&stats_mu_);
       stats_.preemptions += plan.num_preempted;
     }
     if (plan.chunks.empty()) {
@@ -332,7 +333,7 @@ void Engine::RunStep(const StepPlan& plan) {
     Finish(seq, std::move(out), reason);
   }
   {
-    absl::MutexLock lock(&stats_mu_);
+    TsanMutexLock lock(&stats_mu_);
     ++stats_.steps;
   }
   PublishStats(new_tokens);
@@ -350,7 +351,7 @@ void Engine::Finish(Sequence* seq, StepOutput out, FinishReason reason) {
   out.prompt_tokens = static_cast<int32_t>(seq->num_prompt_tokens);
   out.completion_tokens = static_cast<int32_t>(seq->num_generated());
   {
-    absl::MutexLock lock(&stats_mu_);
+    TsanMutexLock lock(&stats_mu_);
     ++stats_.finished_requests;
     if (reason == FinishReason::kCancelled) ++stats_.cancelled_requests;
   }
@@ -367,7 +368,7 @@ void Engine::PublishStats(int64_t new_tokens) {
   int64_t window_tokens = 0;
   for (const auto& [t, n] : rate_window_) window_tokens += n;
   const double span = absl::ToDoubleSeconds(now - rate_window_.front().first);
-  absl::MutexLock lock(&stats_mu_);
+  TsanMutexLock lock(&stats_mu_);
   stats_.running = scheduler_.num_running();
   stats_.waiting = scheduler_.num_waiting();
   stats_.kv_blocks_used = cache_.num_used_blocks();

@@ -15,6 +15,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "engine/tsan_lock.h"
 
 namespace loraplex::engine {
 
@@ -32,7 +33,7 @@ class Queue {
   // Appends `value` unless the queue is full or closed; never blocks. On failure `value` is left
   // untouched (it is taken by rvalue reference, not moved from).
   PushResult TryPush(T&& value) {
-    absl::MutexLock lock(&mu_);
+    TsanMutexLock lock(&mu_);
     if (closed_) return PushResult::kClosed;
     if (items_.size() >= capacity_) return PushResult::kFull;
     items_.push_back(std::move(value));
@@ -43,10 +44,10 @@ class Queue {
   // Waits until an item is there (returns it), the queue is closed and empty (nullopt), or
   // `timeout` passes (nullopt).
   std::optional<T> Pop(absl::Duration timeout = absl::InfiniteDuration()) {
-    absl::MutexLock lock(&mu_);
+    TsanMutexLock lock(&mu_);
     const absl::Time deadline = absl::Now() + timeout;
     while (items_.empty() && !closed_) {
-      if (cv_.WaitWithDeadline(&mu_, deadline)) break;  // true: deadline passed
+      if (TsanWaitWithDeadline(&cv_, &mu_, deadline)) break;  // true: deadline passed
     }
     if (items_.empty()) return std::nullopt;
     T value = std::move(items_.front());
@@ -56,7 +57,7 @@ class Queue {
 
   // Takes every item present without waiting, oldest first.
   std::vector<T> PopAll() {
-    absl::MutexLock lock(&mu_);
+    TsanMutexLock lock(&mu_);
     std::vector<T> out;
     out.reserve(items_.size());
     for (T& item : items_) out.push_back(std::move(item));
@@ -66,17 +67,17 @@ class Queue {
 
   // After Close, TryPush fails with kClosed; items already queued can still be popped.
   void Close() {
-    absl::MutexLock lock(&mu_);
+    TsanMutexLock lock(&mu_);
     closed_ = true;
     cv_.SignalAll();
   }
 
   bool closed() const {
-    absl::MutexLock lock(&mu_);
+    TsanMutexLock lock(&mu_);
     return closed_;
   }
   size_t size() const {
-    absl::MutexLock lock(&mu_);
+    TsanMutexLock lock(&mu_);
     return items_.size();
   }
   size_t capacity() const { return capacity_; }

@@ -2,6 +2,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "engine/tsan_lock.h"
 
 namespace loraplex::server {
 
@@ -27,7 +28,7 @@ absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> AdapterTable::Resol
           absl::StrCat("adapter '", spec, "': the version after '@' must be a positive integer"));
     }
   }
-  absl::MutexLock lock(&mu_);
+  engine::TsanMutexLock lock(&mu_);
   auto it = adapters_.find(std::string(name));
   if (it == adapters_.end()) {
     return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded on this server"));
@@ -40,12 +41,12 @@ absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> AdapterTable::Resol
 }
 
 void AdapterTable::Put(std::shared_ptr<const engine::AdapterHandle> handle) {
-  absl::MutexLock lock(&mu_);
+  engine::TsanMutexLock lock(&mu_);
   adapters_[handle->name] = std::move(handle);
 }
 
 size_t AdapterTable::size() const {
-  absl::MutexLock lock(&mu_);
+  engine::TsanMutexLock lock(&mu_);
   return adapters_.size();
 }
 
