@@ -15,6 +15,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <future>
 #include <memory>
 #include <string>
@@ -584,6 +585,29 @@ TEST(ServerSmolLm2E2eTest, GreedyEqualsLoraplexGenerateAlsoWhenBatched) {
     ASSERT_TRUE(res.status.ok()) << res.status.error_message();
     EXPECT_EQ(res.ids, offline[i]) << "prompt '" << prompts[i] << "'";
   }
+  // Serving throughput, recorded (not asserted: the machines are shared): one stream, then four
+  // at once, 16 tokens each (kept short: the e2e suite must stay fast on 2 cores). The ratio is
+  // measured in the same run.
+  GenerateRequest r;
+  r.set_prompt("Once upon a time");
+  r.set_max_tokens(16);
+  r.set_ignore_eos(true);
+  auto rate = [&](int streams) {
+    const absl::Time t0 = absl::Now();
+    std::vector<std::future<StreamResult>> f;
+    for (int i = 0; i < streams; ++i) {
+      f.push_back(std::async(std::launch::async,
+                             [&] { return RunStream(server.stub(), r, absl::Seconds(300)); }));
+    }
+    size_t tokens = 0;
+    for (auto& x : f) tokens += x.get().ids.size();
+    return tokens / absl::ToDoubleSeconds(absl::Now() - t0);
+  };
+  const double one = rate(1), four = rate(4);
+  RecordProperty("smollm2_tokens_per_s_1_stream", std::to_string(one));
+  RecordProperty("smollm2_tokens_per_s_4_streams", std::to_string(four));
+  std::cout << "SmolLM2 bf16 over gRPC: " << one << " tokens/s with 1 stream, " << four
+            << " with 4 (x" << four / one << ")\n";
   EXPECT_EQ(server.SignalAndWait(SIGTERM), 0);
 }
 #endif
