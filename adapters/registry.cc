@@ -477,6 +477,11 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
   if (!adapter.ok()) return discard(Annotate(adapter.status(), absl::StrCat("adapter '", name, "'")));
   absl::StatusOr<std::string> sha = Sha256OfFile(absl::StrCat(staging, "/", kAdapterWeightsFile));
   if (!sha.ok()) return discard(sha.status());
+  if (!pin && options_.memory_bytes > 0 && (*adapter)->bytes() > options_.memory_bytes) {
+    return discard(absl::ResourceExhaustedError(absl::StrCat(
+        "adapter '", name, "' needs ", (*adapter)->bytes(), " bytes, more than the whole adapter "
+        "memory budget of ", options_.memory_bytes, " (--adapter-memory); pin it or raise it")));
+  }
 
   absl::MutexLock admin(&admin_mu_);
   int64_t version = 1;
@@ -769,6 +774,11 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
                                                    ": cannot read it back from the state "
                                                    "directory: ",
                                                    loaded.status().message()));
+      } else if (options_.memory_bytes > 0 && v->meta.bytes > options_.memory_bytes) {
+        // Registered under a larger budget (before a restart): it can never come in now.
+        refused = absl::ResourceExhaustedError(absl::StrCat(
+            "adapter '", v->name, "' needs ", v->meta.bytes, " bytes, more than the whole "
+            "adapter memory budget of ", options_.memory_bytes, " (--adapter-memory)"));
       } else if (absl::Now() >= deadline) {
         refused = absl::ResourceExhaustedError(absl::StrCat(
             "adapter '", v->name, "' could not be brought into memory within ",

@@ -25,6 +25,9 @@
 // Loading, copying, hashing and manifest writes happen on the caller's thread, never under the
 // lock that Acquire and Release take, so admin work never stalls generation.
 //
+// The last lease of a draining version deletes that version's folder (a few unlinks) on the
+// releasing thread, usually the engine thread.
+//
 // Thread-safety: every method may be called from any thread. Admin operations (Register*, Upload
 // commit, Unload, SetPinned) are serialised among themselves. Leases may be released on any thread
 // (the engine thread releases most) and must not outlive the registry.
@@ -166,6 +169,7 @@ class AdapterRegistry {
   //   NOT_FOUND          the folder or a file is missing
   //   ALREADY_EXISTS     the name is registered and replace is false
   //   FAILED_PRECONDITION the adapter does not fit the base (LoraAdapter::Load), disk errors
+  //   RESOURCE_EXHAUSTED its weights alone exceed memory_bytes (unless pinned)
   // With replace, the result is version N+1 of an existing name (1 for a new one).
   absl::StatusOr<AdapterInfo> RegisterFromPath(const std::string& name, const std::string& rel_path,
                                                bool replace, bool pin);
@@ -189,8 +193,8 @@ class AdapterRegistry {
 
   // A lease on the current READY version of `spec` ("name" or "name@version"; the version must be
   // the current one). Brings an evicted version back first, waiting for room. Codes: NOT_FOUND,
-  // INVALID_ARGUMENT (malformed spec), RESOURCE_EXHAUSTED (max_waiters already waiting, or no room
-  // within acquire_timeout), DATA_LOSS (the state directory copy cannot be read back).
+  // INVALID_ARGUMENT (malformed spec), RESOURCE_EXHAUSTED (max_waiters already waiting, no room
+  // within acquire_timeout, or larger than the whole memory budget), DATA_LOSS (the state directory copy cannot be read back).
   // `count_request`: whether this counts as a served request (false for internal holders such as
   // a merge).
   absl::StatusOr<std::shared_ptr<const Lease>> Acquire(absl::string_view spec,

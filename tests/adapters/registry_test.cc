@@ -322,6 +322,36 @@ TEST_F(RegistryTest, AllInUseWaitsForARelease) {
   EXPECT_EQ(r->loaded_count(), 1);  // b; p is outside the budget
 }
 
+TEST_F(RegistryTest, MemoryBudgetCountsBytes) {
+  auto probe = Open();
+  ASSERT_NE(probe, nullptr);
+  ASSERT_OK_AND_ASSIGN(AdapterInfo qv, probe->RegisterFromPath("qv", "qv", false, false));
+  ASSERT_OK_AND_ASSIGN(AdapterInfo r1, probe->RegisterFromPath("r1", "rank1", false, false));
+  ASSERT_OK_AND_ASSIGN(AdapterInfo all, probe->RegisterFromPath("all", "all_linear", false, false));
+  probe.reset();
+  fs::remove_all(state_dir_);
+  ASSERT_LT(r1.bytes, qv.bytes);
+  // Room for qv and all_linear together: adding rank1 as well pushes the oldest (qv) out.
+  options_.memory_bytes = qv.bytes + all.bytes;
+  auto r = Open();
+  ASSERT_NE(r, nullptr);
+  ASSERT_THAT(r->RegisterFromPath("qv", "qv", false, false), IsOk());
+  ASSERT_THAT(r->RegisterFromPath("all", "all_linear", false, false), IsOk());
+  EXPECT_EQ(r->loaded_bytes(), qv.bytes + all.bytes);
+  ASSERT_THAT(r->RegisterFromPath("r1", "rank1", false, false), IsOk());
+  EXPECT_EQ(r->loaded_bytes(), all.bytes + r1.bytes);
+  ASSERT_OK_AND_ASSIGN(AdapterInfo q, r->Get("qv"));
+  EXPECT_EQ(q.residency, Residency::kDisk);
+  // An adapter larger than the whole budget can never be served: refused at registration.
+  options_.memory_bytes = all.bytes - 1;
+  fs::remove_all(state_dir_);
+  auto small = Open();
+  ASSERT_NE(small, nullptr);
+  EXPECT_THAT(small->RegisterFromPath("all", "all_linear", false, false),
+              StatusIs(absl::StatusCode::kResourceExhausted, "--adapter-memory"));
+  EXPECT_THAT(small->RegisterFromPath("all", "all_linear", false, /*pin=*/true), IsOk());
+}
+
 TEST_F(RegistryTest, TooManyWaitersAreRefused) {
   options_.max_loaded = 1;
   options_.max_waiters = 0;
