@@ -23,8 +23,7 @@ constexpr char kManifestFormat[] = "loraplex-adapter-manifest";
 constexpr int kManifestVersion = 1;
 
 absl::Status Errno(const std::string& what, const std::string& path) {
-  return absl::FailedPreconditionError(
-      absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+  return absl::FailedPreconditionError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
 }
 
 std::string Hex(const unsigned char* digest, size_t n) {
@@ -120,15 +119,16 @@ absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state
   if (!j.contains("format_version") || j["format_version"] != kManifestVersion) {
     return bad(absl::StrCat("\"format_version\" is not ", kManifestVersion));
   }
-  if (!j.contains("adapters") || !j["adapters"].is_array()) return bad("\"adapters\" is not a list");
+  if (!j.contains("adapters") || !j["adapters"].is_array())
+    return bad("\"adapters\" is not a list");
   std::vector<ManifestEntry> entries;
   for (size_t i = 0; i < j["adapters"].size(); ++i) {
     const nlohmann::json& a = j["adapters"][i];
     const std::string where = absl::StrCat("adapters[", i, "]");
-    if (!a.is_object() || !a.contains("name") || !a["name"].is_string() ||
-        !a.contains("version") || !a["version"].is_number_integer() || !a.contains("sha256") ||
-        !a["sha256"].is_string()) {
-      return bad(absl::StrCat(where, " needs string \"name\", integer \"version\", string \"sha256\""));
+    if (!a.is_object() || !a.contains("name") || !a["name"].is_string() || !a.contains("version") ||
+        !a["version"].is_number_integer() || !a.contains("sha256") || !a["sha256"].is_string()) {
+      return bad(
+          absl::StrCat(where, " needs string \"name\", integer \"version\", string \"sha256\""));
     }
     ManifestEntry e;
     e.name = a["name"].get<std::string>();
@@ -142,7 +142,8 @@ absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state
   return entries;
 }
 
-absl::Status WriteManifest(const std::string& state_dir, const std::vector<ManifestEntry>& entries) {
+absl::Status WriteManifest(const std::string& state_dir,
+                           const std::vector<ManifestEntry>& entries) {
   nlohmann::json j;
   j["format"] = kManifestFormat;
   j["format_version"] = kManifestVersion;

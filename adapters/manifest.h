@@ -1,4 +1,5 @@
-// The adapter registry's durable state in --state-dir, and the file helpers that keep it crash-safe.
+// The adapter registry's durable state in --state-dir, and the file helpers that keep it
+// crash-safe.
 //
 // Layout of a state directory:
 //   manifest.json                     the registered adapters (below); replaced atomically
@@ -38,8 +39,8 @@ struct ManifestEntry {
 // and field when it is malformed (it is only ever replaced whole, so that means outside damage).
 absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state_dir);
 
-// Replaces <state_dir>/manifest.json atomically and durably. FAILED_PRECONDITION naming the file and
-// the errno of the failing step (read-only or full disk, missing directory).
+// Replaces <state_dir>/manifest.json atomically and durably. FAILED_PRECONDITION naming the file
+// and the errno of the failing step (read-only or full disk, missing directory).
 absl::Status WriteManifest(const std::string& state_dir, const std::vector<ManifestEntry>& entries);
 
 // Writes `data` to `path` (truncating), fsyncs it. Errors name the file.

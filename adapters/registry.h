@@ -92,8 +92,8 @@ struct RegistryOptions {
   std::string adapter_dir;
   model::LlamaConfig base;
   AdapterLoadOptions load;
-  int64_t max_loaded = 0;    // versions in compute memory at once; 0 = no limit
-  int64_t memory_bytes = 0;  // bytes of weights in compute memory; 0 = no limit
+  int64_t max_loaded = 0;                       // versions in compute memory at once; 0 = no limit
+  int64_t memory_bytes = 0;                     // bytes of weights in compute memory; 0 = no limit
   int64_t max_upload_bytes = int64_t{1} << 30;  // both files of one upload together
   int64_t max_waiters = 256;                    // Acquire calls waiting for room at once
   absl::Duration acquire_timeout = absl::Seconds(60);
@@ -194,9 +194,9 @@ class AdapterRegistry {
   // A lease on the current READY version of `spec` ("name" or "name@version"; the version must be
   // the current one). Brings an evicted version back first, waiting for room. Codes: NOT_FOUND,
   // INVALID_ARGUMENT (malformed spec), RESOURCE_EXHAUSTED (max_waiters already waiting, no room
-  // within acquire_timeout, or larger than the whole memory budget), DATA_LOSS (the state directory copy cannot be read back).
-  // `count_request`: whether this counts as a served request (false for internal holders such as
-  // a merge).
+  // within acquire_timeout, or larger than the whole memory budget), DATA_LOSS (the state directory
+  // copy cannot be read back). `count_request`: whether this counts as a served request (false for
+  // internal holders such as a merge).
   absl::StatusOr<std::shared_ptr<const Lease>> Acquire(absl::string_view spec,
                                                        bool count_request = true);
 

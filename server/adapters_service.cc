@@ -7,6 +7,7 @@
 #include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "engine/tsan_lock.h"
 #include "server/status_mapping.h"
 
 namespace loraplex::server {
@@ -138,19 +139,21 @@ AdaptersService::AdaptersService(adapters::AdapterRegistry* registry, engine::En
     : registry_(registry), engine_(engine), auth_(auth) {}
 
 AdaptersService::~AdaptersService() {
-  absl::MutexLock lock(&threads_mu_);
+  engine::TsanMutexLock lock(&threads_mu_);
+  engine::TsanRelease(&threads_mu_);
   threads_mu_.Await(absl::Condition(
       +[](int64_t* running) { return *running == 0; }, &running_));
+  engine::TsanAcquire(&threads_mu_);
 }
 
 void AdaptersService::RunDetached(std::function<void()> work) {
   {
-    absl::MutexLock lock(&threads_mu_);
+    engine::TsanMutexLock lock(&threads_mu_);
     ++running_;
   }
   std::thread([this, work = std::move(work)] {
     work();
-    absl::MutexLock lock(&threads_mu_);
+    engine::TsanMutexLock lock(&threads_mu_);
     --running_;
   }).detach();
 }
@@ -221,7 +224,7 @@ grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerCo
 }
 
 absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* response) {
-  absl::MutexLock lock(&merge_mu_);
+  engine::TsanMutexLock lock(&merge_mu_);
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
   if (merged_ != nullptr) {
     if (merged_->name() != current.name || merged_->version() != current.version) {
@@ -247,7 +250,7 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
 }
 
 absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* response) {
-  absl::MutexLock lock(&merge_mu_);
+  engine::TsanMutexLock lock(&merge_mu_);
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
   if (merged_ != nullptr && merged_->name() == current.name) {
     LP_RETURN_IF_ERROR(
@@ -263,7 +266,7 @@ absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* 
 }
 
 void AdaptersService::UnmergeIfStale() {
-  absl::MutexLock lock(&merge_mu_);
+  engine::TsanMutexLock lock(&merge_mu_);
   if (merged_ == nullptr) return;
   absl::StatusOr<adapters::AdapterInfo> current = registry_->Get(merged_->name());
   if (current.ok() && current->version == merged_->version()) return;
