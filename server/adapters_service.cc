@@ -15,18 +15,24 @@ namespace {
 
 v1::AdapterState StateProto(adapters::AdapterState s) {
   switch (s) {
-    case adapters::AdapterState::kLoading: return v1::LOADING;
-    case adapters::AdapterState::kReady: return v1::READY;
-    case adapters::AdapterState::kDraining: return v1::DRAINING;
+    case adapters::AdapterState::kLoading:
+      return v1::LOADING;
+    case adapters::AdapterState::kReady:
+      return v1::READY;
+    case adapters::AdapterState::kDraining:
+      return v1::DRAINING;
   }
   return v1::ADAPTER_STATE_UNSPECIFIED;
 }
 
 v1::Residency ResidencyProto(adapters::Residency r) {
   switch (r) {
-    case adapters::Residency::kDevice: return v1::DEVICE;
-    case adapters::Residency::kHost: return v1::HOST;
-    case adapters::Residency::kDisk: return v1::DISK;
+    case adapters::Residency::kDevice:
+      return v1::DEVICE;
+    case adapters::Residency::kHost:
+      return v1::HOST;
+    case adapters::Residency::kDisk:
+      return v1::DISK;
   }
   return v1::RESIDENCY_UNSPECIFIED;
 }
@@ -120,15 +126,16 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_version(info.version);
   out->set_state(StateProto(info.state));
   out->set_rank(static_cast<int32_t>(info.max_rank));
-  for (const auto& [module, rank] : info.ranks) (*out->mutable_ranks())[module] = static_cast<int32_t>(rank);
+  for (const auto& [module, rank] : info.ranks)
+    (*out->mutable_ranks())[module] = static_cast<int32_t>(rank);
   out->set_alpha(info.alpha);
   for (const std::string& m : info.target_modules) out->add_target_modules(m);
   out->set_bytes(info.bytes);
   out->set_residency(ResidencyProto(info.residency));
   out->set_merged(info.merged);
   out->set_requests_served(info.requests_served);
-  out->set_last_used_unix_ms(info.last_used == absl::InfinitePast() ? 0
-                                                                    : absl::ToUnixMillis(info.last_used));
+  out->set_last_used_unix_ms(
+      info.last_used == absl::InfinitePast() ? 0 : absl::ToUnixMillis(info.last_used));
   out->set_sha256(info.sha256);
   out->set_pinned(info.pinned);
   out->set_path(info.source);
@@ -204,7 +211,8 @@ grpc::ServerUnaryReactor* AdaptersService::ListAdapters(grpc::CallbackServerCont
                                                         const v1::ListAdaptersRequest* request,
                                                         v1::ListAdaptersResponse* response) {
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
-  for (const adapters::AdapterInfo& info : registry_->List()) ToProto(info, response->add_adapters());
+  for (const adapters::AdapterInfo& info : registry_->List())
+    ToProto(info, response->add_adapters());
   return FinishNow(context, absl::OkStatus());
 }
 
@@ -218,8 +226,7 @@ grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerCo
     case v1::UNMERGED:
       return FinishNow(context, Unmerge(request->name(), response));
     default:
-      return FinishNow(context,
-                       absl::InvalidArgumentError("mode must be MERGED or UNMERGED"));
+      return FinishNow(context, absl::InvalidArgumentError("mode must be MERGED or UNMERGED"));
   }
 }
 
@@ -228,17 +235,17 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
   if (merged_ != nullptr) {
     if (merged_->name() != current.name || merged_->version() != current.version) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "adapter '", merged_->name(), "' v", merged_->version(),
-          " is merged; set it UNMERGED first (one merged adapter at a time)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("adapter '", merged_->name(), "' v", merged_->version(),
+                       " is merged; set it UNMERGED first (one merged adapter at a time)"));
     }
   } else {
     // The lease keeps the version in memory (never evicted) for as long as it is merged.
     LP_ASSIGN_OR_RETURN(std::shared_ptr<const adapters::Lease> lease,
                         registry_->Acquire(name, /*count_request=*/false));
     const model::LoraWeightsView* view = &lease->view();
-    LP_RETURN_IF_ERROR(engine_->RunOnEngineThread(
-        [view](model::LlamaModel& model) { return model.Merge(view); }));
+    LP_RETURN_IF_ERROR(
+        engine_->RunOnEngineThread([view](model::LlamaModel& model) { return model.Merge(view); }));
     registry_->SetMerged(*lease, true);
     merged_ = std::move(lease);
     LP_LOG(INFO) << "adapter " << name << " v" << merged_->version() << " merged";

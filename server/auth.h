@@ -8,11 +8,11 @@
 // Thread-safety: TokenAuth is immutable after construction; Check may be called from any thread.
 #pragma once
 
-#include <memory>
-#include <string>
-
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_context.h>
+
+#include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 

@@ -189,7 +189,8 @@ TEST_F(RegistryTest, BadAdaptersChangeNothing) {
   ASSERT_THAT(r->RegisterFromPath("x", "qv", false, false), IsOk());
   auto make = [&](const std::string& name, const std::string& config, const std::string& weights) {
     fs::create_directories(adapter_dir_ + "/" + name);
-    if (!config.empty()) std::ofstream(adapter_dir_ + "/" + name + "/adapter_config.json") << config;
+    if (!config.empty())
+      std::ofstream(adapter_dir_ + "/" + name + "/adapter_config.json") << config;
     if (!weights.empty()) {
       std::ofstream(adapter_dir_ + "/" + name + "/adapter_model.safetensors", std::ios::binary)
           << weights;

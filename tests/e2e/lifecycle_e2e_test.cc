@@ -63,8 +63,10 @@ class Server {
     fs::remove(port_file);
     std::vector<std::string> args = {LP_SERVER_BINARY,
                                      "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
-                                     "--dtype=f32", "--listen=127.0.0.1:0",
-                                     "--metrics-listen=127.0.0.1:0", "--port-file=" + port_file};
+                                     "--dtype=f32",
+                                     "--listen=127.0.0.1:0",
+                                     "--metrics-listen=127.0.0.1:0",
+                                     "--port-file=" + port_file};
     args.insert(args.end(), extra.begin(), extra.end());
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
@@ -84,8 +86,8 @@ class Server {
       }
       absl::SleepFor(absl::Milliseconds(50));
     }
-    auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_), creds,
-                                             channel_args);
+    auto channel =
+        grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_), creds, channel_args);
     inference_ = v1::Inference::NewStub(channel);
     admin_ = v1::Adapters::NewStub(channel);
   }
@@ -180,10 +182,10 @@ Generated Generate(Server& s, const std::string& adapter, int max_tokens = kToke
 // loraplex-generate --json token_ids for a greedy run from BOS with the adapter folder `dir` (""
 // for the base model).
 std::vector<int32_t> Offline(const std::string& dir, int max_tokens = kTokens) {
-  const std::string cmd = absl::StrCat(
-      LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
-      " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
-      dir.empty() ? "" : " --adapter " + dir, " 2>/dev/null");
+  const std::string cmd =
+      absl::StrCat(LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
+                   " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
+                   dir.empty() ? "" : " --adapter " + dir, " 2>/dev/null");
   std::string out;
   if (FILE* p = popen(cmd.c_str(), "r")) {
     char buf[4096];
@@ -228,15 +230,15 @@ std::string Safetensors(const std::vector<std::pair<std::string, std::vector<int
   nlohmann::json header = nlohmann::json::object();
   std::string data;
   for (int layer = 0; layer < 5; ++layer) {
-  for (const auto& [key, shape] : tensors) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> values(n, 0.01f);
-    const size_t begin = data.size();
-    data.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
-    header[absl::StrCat("base_model.model.model.layers.", layer, ".self_attn.", key, ".weight")] =
-        {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
-  }
+    for (const auto& [key, shape] : tensors) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      std::vector<float> values(n, 0.01f);
+      const size_t begin = data.size();
+      data.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
+      header[absl::StrCat("base_model.model.model.layers.", layer, ".self_attn.", key, ".weight")] =
+          {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
+    }
   }
   std::string h = header.dump();
   while (h.size() % 8 != 0) h += ' ';
@@ -257,7 +259,8 @@ class LifecycleE2eTest : public ::testing::Test {
     root_ = new std::string(testing::MakeTempDir("lp-lifecycle"));
     expected_ = new std::map<std::string, std::vector<int32_t>>();
     fs::create_directories(*root_ + "/adapters");
-    for (const char* name : {"qv", "all_linear", "rank1", "layers", "regex", "patterns", "rank64"}) {
+    for (const char* name :
+         {"qv", "all_linear", "rank1", "layers", "regex", "patterns", "rank64"}) {
       fs::copy(Fixture(name), *root_ + "/adapters/" + name);
       if (std::string(name) != "rank64") (*expected_)[name] = Offline(Fixture(name));
     }
@@ -305,8 +308,9 @@ TEST_F(LifecycleE2eTest, RegisteredAtRuntimeOutputsEqualLoraplexGenerate) {
   EXPECT_EQ(a.rank(), 8);
   EXPECT_EQ(b.target_modules_size(), 7);
   EXPECT_EQ(c.rank(), 1);
-  EXPECT_EQ(c.sha256(), adapters::Sha256Hex(ReadAll(Fixture("rank1/adapter_model.safetensors")).data(),
-                                            ReadAll(Fixture("rank1/adapter_model.safetensors")).size()));
+  EXPECT_EQ(c.sha256(),
+            adapters::Sha256Hex(ReadAll(Fixture("rank1/adapter_model.safetensors")).data(),
+                                ReadAll(Fixture("rank1/adapter_model.safetensors")).size()));
   for (const auto& [name, folder] : std::vector<std::pair<std::string, std::string>>{
            {"a", "qv"}, {"b", "all_linear"}, {"c", "rank1"}}) {
     Generated g = Generate(*s, name);
@@ -363,8 +367,8 @@ TEST_F(LifecycleE2eTest, HotSwapUnderLoadFailsNothing) {
   stop.store(true);
   for (std::thread& c : clients) c.join();
   for (int t = 0; t < 8; ++t) {
-    EXPECT_TRUE(errors[t].empty()) << "client " << t << ": " << errors[t].size()
-                                   << " bad, first: " << errors[t][0];
+    EXPECT_TRUE(errors[t].empty())
+        << "client " << t << ": " << errors[t].size() << " bad, first: " << errors[t][0];
   }
   EXPECT_GT(requests.load(), 40);
   Generated last = Generate(*s, "x@21", 12);
@@ -423,8 +427,8 @@ TEST_F(LifecycleE2eTest, UnloadWhileInUseFinishesRunningRequests) {
 TEST_F(LifecycleE2eTest, EvictionWithTwoSlotsKeepsOutputsCorrect) {
   auto s = Start({"--max-loaded-adapters=2"});
   ASSERT_TRUE(s->ok());
-  const std::vector<std::string> folders = {"qv", "all_linear", "rank1", "layers", "regex",
-                                            "patterns"};
+  const std::vector<std::string> folders = {"qv",     "all_linear", "rank1",
+                                            "layers", "regex",      "patterns"};
   for (const std::string& f : folders) ASSERT_TRUE(Load(*s, f, f, false).ok()) << f;
   for (int round = 0; round < 2; ++round) {
     for (const std::string& f : folders) {
@@ -440,7 +444,8 @@ TEST_F(LifecycleE2eTest, EvictionWithTwoSlotsKeepsOutputsCorrect) {
   const std::string page = Metrics(s->metrics_port());
   double evictions = 0, reloads = 0;
   for (const std::string& f : folders) {
-    evictions += std::max(0.0, Sample(page, "loraplex_adapter_evictions_total{adapter=\"" + f + "\"}"));
+    evictions +=
+        std::max(0.0, Sample(page, "loraplex_adapter_evictions_total{adapter=\"" + f + "\"}"));
     reloads += std::max(0.0, Sample(page, "loraplex_adapter_reloads_total{adapter=\"" + f + "\"}"));
   }
   // Round robin over 6 with 2 slots: every one of the 12 requests reloads its adapter.
@@ -465,7 +470,8 @@ TEST_F(LifecycleE2eTest, RestartAndKillNineServeWhatReturnedOk) {
     m.mutable_header()->set_name("partial");
     ASSERT_TRUE(writer->Write(m));
     m.mutable_chunk()->set_file_name(adapters::kAdapterWeightsFile);
-    m.mutable_chunk()->set_data(ReadAll(Fixture("layers/adapter_model.safetensors")).substr(0, 20000));
+    m.mutable_chunk()->set_data(
+        ReadAll(Fixture("layers/adapter_model.safetensors")).substr(0, 20000));
     ASSERT_TRUE(writer->Write(m));
     absl::SleepFor(absl::Milliseconds(100));
     s->Kill();  // SIGKILL
@@ -510,8 +516,11 @@ TEST_F(LifecycleE2eTest, BadRequestsGetTheirCodesAndDisturbNothing) {
   make("truncated", config, weights.substr(0, weights.size() - 100));
   make("dora", dora, weights);
   // Shapes that do not fit the base: q_proj's lora_A reads 48 features, stories260K has 64.
-  make("shape", config, Safetensors({{"q_proj.lora_A", {8, 48}}, {"q_proj.lora_B", {64, 8}},
-                                     {"v_proj.lora_A", {8, 64}}, {"v_proj.lora_B", {32, 8}}}));
+  make("shape", config,
+       Safetensors({{"q_proj.lora_A", {8, 48}},
+                    {"q_proj.lora_B", {64, 8}},
+                    {"v_proj.lora_A", {8, 64}},
+                    {"v_proj.lora_B", {32, 8}}}));
   const std::string rel = fs::path(bad_root).filename().string();
 
   // Traffic on "good" while the bad loads come in: it must not notice.
@@ -569,11 +578,13 @@ TEST_F(LifecycleE2eTest, TlsRoundTripWithATestCertificate) {
   const std::string cert = dir_ + "/cert.pem", key = dir_ + "/key.pem";
   const std::string cmd = absl::StrCat(
       "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost -addext "
-      "subjectAltName=IP:127.0.0.1,DNS:localhost -keyout ", key, " -out ", cert, " 2>/dev/null");
+      "subjectAltName=IP:127.0.0.1,DNS:localhost -keyout ",
+      key, " -out ", cert, " 2>/dev/null");
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   grpc::SslCredentialsOptions ssl;
   ssl.pem_root_certs = ReadAll(cert);
-  Server tls(dir_, {"--tls-cert=" + cert, "--tls-key=" + key, std::string("--admin-token=") + kToken},
+  Server tls(dir_,
+             {"--tls-cert=" + cert, "--tls-key=" + key, std::string("--admin-token=") + kToken},
              grpc::SslCredentials(ssl));
   ASSERT_TRUE(tls.ok());
   grpc::ClientContext ctx;
@@ -604,8 +615,8 @@ TEST_F(LifecycleE2eTest, TlsRoundTripWithATestCertificate) {
   grpc::ClientContext ctx4;
   ctx4.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   EXPECT_TRUE(mtls.inference().GetModelInfo(&ctx4, {}, &info).ok());
-  auto anonymous = v1::Inference::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", mtls.port()), grpc::SslCredentials(ssl)));
+  auto anonymous = v1::Inference::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", mtls.port()), grpc::SslCredentials(ssl)));
   grpc::ClientContext ctx5;
   ctx5.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
   EXPECT_FALSE(anonymous->GetModelInfo(&ctx5, {}, &info).ok());
