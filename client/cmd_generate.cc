@@ -152,10 +152,12 @@ int RunGenerate(const std::vector<std::string>& args) {
   ArgParser p("loraplex generate", "[flags] PROMPT...   (PROMPT '-' reads stdin)");
   ConnectionOptions conn;
   SamplingFlags s;
-  std::string prompt_flag, prompt_ids;
-  bool stats = false;
+  std::string prompt_flag, prompt_ids, system;
+  bool stats = false, chat = false;
   AddConnectionFlags(p, conn);
   AddSamplingFlags(p, s);
+  p.AddBool("chat", &chat, "send the prompt as a user message: the server applies the model's chat template");
+  p.AddString("system", &system, "system message for --chat (empty: the template's default)");
   p.AddString("prompt", &prompt_flag, "prompt text (instead of positional words)");
   p.AddString("prompt-ids", &prompt_ids, "comma-separated prompt token ids (no BOS added)");
   p.AddBool("stats", &stats, "print finish reason, token counts and timings to stderr");
@@ -192,7 +194,20 @@ int RunGenerate(const std::vector<std::string>& args) {
                  "--prompt-ids\n";
     return kExitUsage;
   }
-  if (has_text) {
+  if (chat && !has_text) {
+    std::cerr << "loraplex generate: --chat needs a prompt text, not --prompt-ids\n";
+    return kExitUsage;
+  }
+  if (chat) {
+    if (!system.empty()) {
+      auto* m = req.add_messages();
+      m->set_role("system");
+      m->set_content(system);
+    }
+    auto* m = req.add_messages();
+    m->set_role("user");
+    m->set_content(prompt);
+  } else if (has_text) {
     req.set_prompt(prompt);
   } else {
     auto ids = ParseIds("prompt-ids", prompt_ids);
@@ -268,11 +283,11 @@ int RunChat(const std::vector<std::string>& args) {
   ArgParser p("loraplex chat", "[flags]   (lines from stdin; /adapter NAME, /reset, /exit)");
   ConnectionOptions conn;
   SamplingFlags s;
-  std::string system = "You are a helpful assistant.";
+  std::string system;  // empty: the chat template's default system prompt, if it has one
   s.max_tokens = 256;
   AddConnectionFlags(p, conn);
   AddSamplingFlags(p, s);
-  p.AddString("system", &system, "system message (empty: none)");
+  p.AddString("system", &system, "system message (empty: the template's default)");
   auto positional = p.Parse(args);
   if (!positional.ok()) {
     std::cerr << "loraplex chat: " << positional.status().message() << "\n";
@@ -288,13 +303,13 @@ int RunChat(const std::vector<std::string>& args) {
     return kExitUsage;
   }
   auto stub = v1::Inference::NewStub(*channel);
-  // The proto has no messages field yet, so the conversation is rendered here in ChatML (the
-  // template of SmolLM2-Instruct and Qwen); a server-side chat template is the proper fix.
-  auto header = [&]() {
-    return system.empty() ? std::string()
-                          : absl::StrCat("<|im_start|>system\n", system, "<|im_end|>\n");
+  // The conversation goes to the server as messages; it applies the model's own chat template.
+  std::vector<std::pair<std::string, std::string>> history;
+  auto reset = [&] {
+    history.clear();
+    if (!system.empty()) history.emplace_back("system", system);
   };
-  std::string history = header();
+  reset();
   const bool tty = isatty(STDIN_FILENO);
   std::string line;
   while (true) {
@@ -305,7 +320,7 @@ int RunChat(const std::vector<std::string>& args) {
     if (line.empty()) continue;
     if (line == "/exit" || line == "/quit") break;
     if (line == "/reset") {
-      history = header();
+      reset();
       std::cout << "(conversation cleared)\n";
       continue;
     }
@@ -314,16 +329,17 @@ int RunChat(const std::vector<std::string>& args) {
       std::cout << "(adapter: " << (s.adapter.empty() ? "base model" : s.adapter) << ")\n";
       continue;
     }
-    const std::string turn = absl::StrCat(history, "<|im_start|>user\n", line,
-                                          "<|im_end|>\n<|im_start|>assistant\n");
     v1::GenerateRequest req;
     if (absl::Status st = FillSampling(s, req); !st.ok()) {
       std::cerr << "loraplex chat: " << st.message() << "\n";
       return kExitUsage;
     }
-    req.set_prompt(turn);
-    req.add_stop("<|im_end|>");
-    req.add_stop("<|im_start|>");
+    history.emplace_back("user", line);
+    for (const auto& [role, content] : history) {
+      auto* m = req.add_messages();
+      m->set_role(role);
+      m->set_content(content);
+    }
     if (tty) std::cout << "assistant> " << std::flush;
     StreamOutcome out = Stream(*stub, req, conn, [](const std::string& delta) {
       std::fwrite(delta.data(), 1, delta.size(), stdout);
@@ -332,11 +348,12 @@ int RunChat(const std::vector<std::string>& args) {
     std::cout << "\n" << std::flush;
     if (!out.status.ok()) {
       const int code = ReportError(out.status, "chat", conn);
+      history.pop_back();  // the turn did not happen
       // A bad adapter name is worth another try; anything else ends the session.
       if (out.status.error_code() == grpc::NOT_FOUND && tty) continue;
       return code;
     }
-    history = absl::StrCat(turn, out.text, "<|im_end|>\n");
+    history.emplace_back("assistant", out.text);
   }
   return kExitOk;
 }

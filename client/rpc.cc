@@ -6,6 +6,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace loraplex::client {
@@ -148,6 +149,10 @@ std::string DescribeError(const grpc::Status& status, const std::string& what,
                           opts.token.empty() ? "pass --token or set LORAPLEX_TOKEN"
                                              : "check --token / LORAPLEX_TOKEN");
     case grpc::PERMISSION_DENIED:
+      if (absl::StrContains(detail, "token")) {
+        return absl::StrCat(what, ": the server refused the token (", detail,
+                            "); check --token / LORAPLEX_TOKEN");
+      }
       return absl::StrCat(what, ": permission denied (", detail, ")");
     case grpc::NOT_FOUND:
       return absl::StrCat(what, ": not found (", detail,

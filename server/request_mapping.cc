@@ -18,10 +18,12 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
 
   const bool has_text = proto.has_prompt();
   const bool has_ids = proto.prompt_token_ids_size() > 0;
-  if (has_text == has_ids) {
+  const bool has_messages = proto.messages_size() > 0;
+  const int forms = int{has_text} + int{has_ids} + int{has_messages};
+  if (forms != 1) {
     return absl::InvalidArgumentError(
-        has_text ? "give either prompt or prompt_token_ids, not both"
-                 : "give a prompt: either prompt (text) or prompt_token_ids");
+        forms > 1 ? "give only one of prompt, prompt_token_ids and messages"
+                  : "give a prompt: prompt (text), prompt_token_ids or messages");
   }
   const int64_t vocab = model.config().vocab_size;
   if (has_ids) {
@@ -34,6 +36,18 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
       }
     }
     req.prompt_ids.assign(proto.prompt_token_ids().begin(), proto.prompt_token_ids().end());
+  } else if (has_messages) {
+    std::vector<model::ChatMessage> messages;
+    for (const auto& m : proto.messages()) {
+      if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "messages: role '", m.role(), "' is not one of system, user, assistant"));
+      }
+      messages.push_back({m.role(), m.content()});
+    }
+    LP_ASSIGN_OR_RETURN(std::string text,
+                        tokenizer.ApplyChatTemplate(messages, /*add_generation_prompt=*/true));
+    req.prompt_ids = tokenizer.Encode(text, /*add_bos=*/tokenizer.spec().add_bos);
   } else {
     req.prompt_ids = tokenizer.Encode(proto.prompt(), /*add_bos=*/tokenizer.spec().add_bos);
     if (req.prompt_ids.empty()) {

@@ -311,6 +311,36 @@ TEST_F(ServerE2eTest, CancelAndDeadlineFreeBlocksAndSpareOthers) {
                                         other_solo.token_ids().end()));
 }
 
+TEST_F(ServerE2eTest, MessagesAreFormattedWithTheChatTemplate) {
+  // stories260K has no chat template of its own, so the server uses ChatML; the same text sent
+  // as a plain prompt must give the same tokens.
+  GenerateRequest chat;
+  auto* m = chat.add_messages();
+  m->set_role("user");
+  m->set_content("Tell me a story.");
+  chat.set_max_tokens(12);
+  chat.set_ignore_eos(true);
+  GenerateResponse a, b;
+  ASSERT_TRUE(RunComplete(stub(), chat, &a).ok());
+  GenerateRequest plain;
+  plain.set_prompt("<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n");
+  plain.set_max_tokens(12);
+  plain.set_ignore_eos(true);
+  ASSERT_TRUE(RunComplete(stub(), plain, &b).ok());
+  EXPECT_EQ(std::vector<int32_t>(a.token_ids().begin(), a.token_ids().end()),
+            std::vector<int32_t>(b.token_ids().begin(), b.token_ids().end()));
+  EXPECT_EQ(a.usage().prompt_tokens(), b.usage().prompt_tokens());
+
+  GenerateRequest bad = chat;
+  bad.mutable_messages(0)->set_role("wizard");
+  EXPECT_EQ(RunComplete(stub(), bad, &a).error_code(), grpc::INVALID_ARGUMENT);
+  bad = chat;
+  bad.set_prompt("also a prompt");
+  grpc::Status both = RunComplete(stub(), bad, &a);
+  EXPECT_EQ(both.error_code(), grpc::INVALID_ARGUMENT);
+  EXPECT_NE(both.error_message().find("only one"), std::string::npos) << both.error_message();
+}
+
 TEST_F(ServerE2eTest, EveryBadInputGetsItsCode) {
   using grpc::StatusCode;
   struct Case {
@@ -431,7 +461,14 @@ TEST_F(ServerE2eTest, TokenizeDetokenizeModelInfoHealthAndMetrics) {
   for (const auto& s : slices) bytes += std::string(s.begin(), s.end());
   EXPECT_EQ(bytes, std::string("\x08\x01", 2));
 
-  // Metrics over plain HTTP (after the requests above, counters and histograms are populated).
+  // Metrics over plain HTTP. One generation first, so that request counters and latency
+  // histograms are populated even when this test runs alone (ctest runs each test in its own
+  // process).
+  GenerateRequest gen;
+  gen.add_prompt_token_ids(1);
+  gen.set_max_tokens(4);
+  GenerateResponse gen_resp;
+  ASSERT_TRUE(RunComplete(stub(), gen, &gen_resp).ok());
   absl::SleepFor(absl::Milliseconds(300));  // one gauge refresh
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
