@@ -78,14 +78,19 @@ void BM_S1DecodeStep(benchmark::State& state) {
     b.positions[0] = b.positions[0] + 1 < kMaxContext ? b.positions[0] + 1 : kPrompt;
   }
   state.SetItemsProcessed(state.iterations());
-  state.counters["tok/s"] = benchmark::Counter(static_cast<double>(state.iterations()),
-                                               benchmark::Counter::kIsRate);
-  state.counters["weight_GB/s"] = benchmark::Counter(
-      static_cast<double>(state.iterations()) * m->weight_bytes() / 1e9,
-      benchmark::Counter::kIsRate);
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["weight_GB/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()) * m->weight_bytes() / 1e9,
+                         benchmark::Counter::kIsRate);
   state.counters["weight_MB"] = m->weight_bytes() / 1e6;
 }
-BENCHMARK(BM_S1DecodeStep)->Arg(0)->Arg(1)->ArgName("f32")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_S1DecodeStep)
+    ->Arg(0)
+    ->Arg(1)
+    ->ArgName("f32")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // The 128-token prompt as one prefill step (the TTFT part of S1).
 void BM_S1Prefill128(benchmark::State& state) {
@@ -115,7 +120,12 @@ void BM_S1Prefill128(benchmark::State& state) {
   state.counters["prompt_tok/s"] = benchmark::Counter(
       static_cast<double>(state.iterations()) * kPrompt, benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_S1Prefill128)->Arg(0)->Arg(1)->ArgName("f32")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_S1Prefill128)
+    ->Arg(0)
+    ->Arg(1)
+    ->ArgName("f32")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 

@@ -51,7 +51,8 @@ absl::StatusOr<std::vector<int32_t>> BuildPrompt(const model::LlamaModel& m) {
     for (absl::string_view part : absl::StrSplit(ids, ',', absl::SkipWhitespace())) {
       int32_t v;
       if (!absl::SimpleAtoi(part, &v)) {
-        return absl::InvalidArgumentError("--prompt-ids: '" + std::string(part) + "' is not an integer");
+        return absl::InvalidArgumentError("--prompt-ids: '" + std::string(part) +
+                                          "' is not an integer");
       }
       out.push_back(v);
     }
@@ -59,12 +60,14 @@ absl::StatusOr<std::vector<int32_t>> BuildPrompt(const model::LlamaModel& m) {
     return out;
   }
   if (!m.has_tokenizer()) {
-    return absl::FailedPreconditionError("this model has no tokenizer: use --prompt-ids or --tokenizer");
+    return absl::FailedPreconditionError(
+        "this model has no tokenizer: use --prompt-ids or --tokenizer");
   }
   const model::Tokenizer& tok = m.tokenizer();
   if (!chat.empty()) {
     std::vector<model::ChatMessage> msgs;
-    if (!absl::GetFlag(FLAGS_system).empty()) msgs.push_back({"system", absl::GetFlag(FLAGS_system)});
+    if (!absl::GetFlag(FLAGS_system).empty())
+      msgs.push_back({"system", absl::GetFlag(FLAGS_system)});
     msgs.push_back({"user", chat});
     auto text = tok.ApplyChatTemplate(msgs, /*add_generation_prompt=*/true);
     if (!text.ok()) return text.status();
@@ -120,7 +123,8 @@ int Run() {
 
   OfflineAdapter adapter;
   if (!absl::GetFlag(FLAGS_adapter).empty()) {
-    absl::Status s = adapter.Load(absl::GetFlag(FLAGS_adapter), **m, absl::GetFlag(FLAGS_max_lora_rank));
+    absl::Status s =
+        adapter.Load(absl::GetFlag(FLAGS_adapter), **m, absl::GetFlag(FLAGS_max_lora_rank));
     if (!s.ok()) return Fail(s);
     opts.adapter = adapter.view();
   }
@@ -144,7 +148,8 @@ int Run() {
   for (const auto& t : result->tokens) {
     ids.push_back(t.token_id);
     nlohmann::json top = nlohmann::json::array();
-    for (const auto& alt : t.top) top.push_back({{"token_id", alt.token_id}, {"logprob", alt.logprob}});
+    for (const auto& alt : t.top)
+      top.push_back({{"token_id", alt.token_id}, {"logprob", alt.logprob}});
     logprobs.push_back({{"token_id", t.token_id}, {"logprob", t.logprob}, {"top", top}});
   }
   out["token_ids"] = ids;

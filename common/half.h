@@ -1,4 +1,5 @@
-// Conversions between f32 and the 16-bit float formats (bf16, IEEE f16). Scalar, exact, header-only.
+// Conversions between f32 and the 16-bit float formats (bf16, IEEE f16). Scalar, exact,
+// header-only.
 #pragma once
 
 #include <cstdint>
@@ -55,9 +56,9 @@ inline uint16_t F32ToF16(float f) {
   std::memcpy(&bits, &f, sizeof(bits));
   uint32_t sign = (bits >> 16) & 0x8000u;
   uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
-  if (abs < 0x38800000u) {  // subnormal or zero in f16
+  if (abs < 0x38800000u) {                                               // subnormal or zero in f16
     if (abs < 0x33000000u) return static_cast<uint16_t>(sign);
     uint32_t e = abs >> 23;
     uint32_t m = (abs & 0x7fffffu) | 0x800000u;

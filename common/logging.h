@@ -37,14 +37,14 @@ struct LogVoidify {
 #define LP_LOG_LEVEL_ERROR ::loraplex::LogLevel::kError
 #define LP_LOG_LEVEL_FATAL ::loraplex::LogLevel::kFatal
 
-#define LP_LOG(level)                                              \
-  (LP_LOG_LEVEL_##level < ::loraplex::MinLogLevel())               \
-      ? (void)0                                                    \
-      : ::loraplex::LogVoidify() &                                 \
+#define LP_LOG(level)                                \
+  (LP_LOG_LEVEL_##level < ::loraplex::MinLogLevel()) \
+      ? (void)0                                      \
+      : ::loraplex::LogVoidify() &                   \
             ::loraplex::LogMessage(LP_LOG_LEVEL_##level, __FILE__, __LINE__).stream()
 
-#define LP_CHECK(cond)                                                                       \
-  (cond) ? (void)0                                                                           \
-         : ::loraplex::LogVoidify() &                                                        \
+#define LP_CHECK(cond)                                                                           \
+  (cond) ? (void)0                                                                               \
+         : ::loraplex::LogVoidify() &                                                            \
                ::loraplex::LogMessage(::loraplex::LogLevel::kFatal, __FILE__, __LINE__).stream() \
                    << "Check failed: " #cond " "

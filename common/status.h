@@ -9,10 +9,10 @@
 #define LP_STATUS_CONCAT_(a, b) LP_STATUS_CONCAT_INNER_(a, b)
 
 // Returns from the current function with the status of `expr` when it is not OK.
-#define LP_RETURN_IF_ERROR(expr)                   \
-  do {                                             \
-    ::absl::Status lp_status_ = (expr);            \
-    if (!lp_status_.ok()) return lp_status_;       \
+#define LP_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::absl::Status lp_status_ = (expr);      \
+    if (!lp_status_.ok()) return lp_status_; \
   } while (0)
 
 // `LP_ASSIGN_OR_RETURN(auto x, F());` evaluates F() (an absl::StatusOr<T>), returns its status
@@ -20,8 +20,8 @@
 #define LP_ASSIGN_OR_RETURN(lhs, rexpr) \
   LP_ASSIGN_OR_RETURN_IMPL_(LP_STATUS_CONCAT_(lp_statusor_, __LINE__), lhs, rexpr)
 
-#define LP_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr) \
-  auto statusor = (rexpr);                              \
+#define LP_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr)    \
+  auto statusor = (rexpr);                                 \
   if (!statusor.ok()) return std::move(statusor).status(); \
   lhs = std::move(statusor).value()
 

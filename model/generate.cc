@@ -33,13 +33,14 @@ absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int
   const LlamaConfig& c = model.config();
   if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
   if (options.max_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", options.max_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens must be >= 1, got ", options.max_tokens));
   }
   LP_RETURN_IF_ERROR(options.sampling.Validate());
   for (int32_t id : prompt) {
     if (id < 0 || id >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", id, " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
   }
   const int64_t total = static_cast<int64_t>(prompt.size()) + options.max_tokens;
@@ -83,16 +84,16 @@ absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int
   // Without a tokenizer (token ids in, ids out) the text stays empty and EOS is the config's id.
   const Tokenizer* tok = model.has_tokenizer() ? &model.tokenizer() : nullptr;
   StreamDecoder decoder(tok);
-  std::string text;     // all final text so far
-  size_t emitted = 0;   // bytes of `text` given to on_text
+  std::string text;    // all final text so far
+  size_t emitted = 0;  // bytes of `text` given to on_text
   int64_t pos = static_cast<int64_t>(prompt.size());
   result.finish_reason = "length";
   for (int32_t step = 0; step < options.max_tokens; ++step) {
     SampleResult sample = sampler.Sample(logits.data(), c.vocab_size);
     result.tokens.push_back({sample.token_id, sample.logprob, std::move(sample.top)});
     const int32_t id = sample.token_id;
-    const bool eos = !options.ignore_eos &&
-                     (tok ? tok->IsEndOfGeneration(id) : id == c.eos_token_id);
+    const bool eos =
+        !options.ignore_eos && (tok ? tok->IsEndOfGeneration(id) : id == c.eos_token_id);
     const bool stop_id = std::find(options.stop_token_ids.begin(), options.stop_token_ids.end(),
                                    id) != options.stop_token_ids.end();
     if (eos || stop_id) {
@@ -102,7 +103,8 @@ absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int
     if (tok) text += decoder.Push(id);
     bool stopped = false;
     for (const std::string& s : options.stop) {
-      size_t at = s.empty() ? std::string::npos : text.find(s, emitted > s.size() ? emitted - s.size() : 0);
+      size_t at =
+          s.empty() ? std::string::npos : text.find(s, emitted > s.size() ? emitted - s.size() : 0);
       if (at != std::string::npos) {
         text.resize(at);
         stopped = true;

@@ -18,10 +18,10 @@ struct GenerateOptions {
   int32_t max_tokens = 64;
   SamplingParams sampling;
   bool ignore_eos = false;
-  std::vector<std::string> stop;          // stop strings (not included in the text)
-  std::vector<int32_t> stop_token_ids;    // extra stop ids (included in token_ids)
+  std::vector<std::string> stop;        // stop strings (not included in the text)
+  std::vector<int32_t> stop_token_ids;  // extra stop ids (included in token_ids)
   const LoraWeightsView* adapter = nullptr;
-  int32_t prefill_chunk = 512;            // prompt tokens per forward step
+  int32_t prefill_chunk = 512;  // prompt tokens per forward step
 };
 
 struct GeneratedToken {
@@ -40,8 +40,8 @@ struct GenerateResult {
 // INVALID_ARGUMENT for an empty prompt, ids outside the vocabulary, max_tokens < 1 or bad sampling
 // parameters; RESOURCE_EXHAUSTED when prompt + max_tokens exceeds the context. `on_text` receives
 // text deltas as they become final (never a split UTF-8 character, never part of a stop string).
-absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int32_t>& prompt,
-                                        const GenerateOptions& options,
-                                        const std::function<void(const std::string&)>& on_text = {});
+absl::StatusOr<GenerateResult> Generate(
+    LlamaModel& model, const std::vector<int32_t>& prompt, const GenerateOptions& options,
+    const std::function<void(const std::string&)>& on_text = {});
 
 }  // namespace loraplex::model

@@ -15,9 +15,9 @@ int64_t KvCache::BytesPerToken(const LlamaConfig& config) {
 absl::StatusOr<KvCache> KvCache::Create(const LlamaConfig& config, int64_t num_blocks,
                                         int64_t block_size) {
   if (num_blocks <= 0 || block_size <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV cache: num_blocks (", num_blocks, ") and block_size (", block_size,
-                     ") must be positive"));
+    return absl::InvalidArgumentError(absl::StrCat("KV cache: num_blocks (", num_blocks,
+                                                   ") and block_size (", block_size,
+                                                   ") must be positive"));
   }
   KvCache c;
   c.num_blocks_ = num_blocks;
@@ -30,8 +30,8 @@ absl::StatusOr<KvCache> KvCache::Create(const LlamaConfig& config, int64_t num_b
   c.k_.reset(new (std::nothrow) float[total]);
   c.v_.reset(new (std::nothrow) float[total]);
   if (!c.k_ || !c.v_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "KV cache: cannot allocate ", 2 * total * sizeof(float) / (1 << 20), " MiB"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV cache: cannot allocate ", 2 * total * sizeof(float) / (1 << 20), " MiB"));
   }
   c.free_.reserve(num_blocks);
   // Hand out low block ids first (LIFO free list, so push the highest first).

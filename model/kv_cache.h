@@ -1,6 +1,6 @@
 // The paged KV cache: per layer, K and V pools of fixed-size blocks (see kernels::KvLayout), and a
-// free list of block ids shared by all layers (block b of every layer belongs to the same sequence).
-// Not thread-safe: owned by the engine thread.
+// free list of block ids shared by all layers (block b of every layer belongs to the same
+// sequence). Not thread-safe: owned by the engine thread.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +15,8 @@ namespace loraplex::model {
 
 class KvCache {
  public:
-  // num_blocks * block_size token slots per layer. RESOURCE_EXHAUSTED when the memory cannot be had.
+  // num_blocks * block_size token slots per layer. RESOURCE_EXHAUSTED when the memory cannot be
+  // had.
   static absl::StatusOr<KvCache> Create(const LlamaConfig& config, int64_t num_blocks,
                                         int64_t block_size);
   // Bytes one token slot takes across all layers (K and V).

@@ -45,7 +45,8 @@ int32_t FirstId(const json& j, const char* key) {
   auto it = j.find(key);
   if (it == j.end()) return -1;
   if (it->is_number_integer()) return it->get<int32_t>();
-  if (it->is_array() && !it->empty() && (*it)[0].is_number_integer()) return (*it)[0].get<int32_t>();
+  if (it->is_array() && !it->empty() && (*it)[0].is_number_integer())
+    return (*it)[0].get<int32_t>();
   return -1;
 }
 
@@ -81,11 +82,13 @@ std::vector<float> LlamaConfig::RopeInvFreq() const {
 
 absl::Status LlamaConfig::Validate() const {
   auto bad = [](const char* field, int64_t v) {
-    return absl::InvalidArgumentError(absl::StrCat("model config: ", field, " = ", v, " is invalid"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("model config: ", field, " = ", v, " is invalid"));
   };
   constexpr int64_t kMax = int64_t{1} << 24;
   if (hidden_size <= 0 || hidden_size > kMax) return bad("hidden_size", hidden_size);
-  if (intermediate_size <= 0 || intermediate_size > kMax) return bad("intermediate_size", intermediate_size);
+  if (intermediate_size <= 0 || intermediate_size > kMax)
+    return bad("intermediate_size", intermediate_size);
   if (num_layers <= 0 || num_layers > 1024) return bad("num_hidden_layers", num_layers);
   if (num_heads <= 0 || num_heads > 4096) return bad("num_attention_heads", num_heads);
   if (num_kv_heads <= 0 || num_kv_heads > num_heads || num_heads % num_kv_heads != 0) {
@@ -162,8 +165,8 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromHfJson(const std::string& path) {
       c.rope_scaling.type = RopeScaling::Type::kLlama3;
       LP_ASSIGN_OR_RETURN(double lo, JsonFloat(*it, "low_freq_factor", path, 1.0));
       LP_ASSIGN_OR_RETURN(double hi, JsonFloat(*it, "high_freq_factor", path, 4.0));
-      LP_ASSIGN_OR_RETURN(int64_t orig, JsonInt(*it, "original_max_position_embeddings", path,
-                                                int64_t{8192}));
+      LP_ASSIGN_OR_RETURN(int64_t orig,
+                          JsonInt(*it, "original_max_position_embeddings", path, int64_t{8192}));
       c.rope_scaling.low_freq_factor = static_cast<float>(lo);
       c.rope_scaling.high_freq_factor = static_cast<float>(hi);
       c.rope_scaling.original_max_position_embeddings = orig;
@@ -198,11 +201,12 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromGguf(const formats::GgufFile& gguf)
   LP_ASSIGN_OR_RETURN(c.num_heads, get_int(a + "attention.head_count"));
   c.num_kv_heads = gguf.GetInt(a + "attention.head_count_kv").value_or(c.num_heads);
   if (c.num_heads <= 0) return absl::InvalidArgumentError(path + ": head_count <= 0");
-  c.head_dim = gguf.GetInt(a + "attention.key_length")
-                   .value_or(gguf.GetInt(a + "rope.dimension_count")
-                                 .value_or(c.hidden_size / c.num_heads));
+  c.head_dim =
+      gguf.GetInt(a + "attention.key_length")
+          .value_or(gguf.GetInt(a + "rope.dimension_count").value_or(c.hidden_size / c.num_heads));
   c.max_position_embeddings = gguf.GetInt(a + "context_length").value_or(2048);
-  c.rms_norm_eps = static_cast<float>(gguf.GetFloat(a + "attention.layer_norm_rms_epsilon").value_or(1e-5));
+  c.rms_norm_eps =
+      static_cast<float>(gguf.GetFloat(a + "attention.layer_norm_rms_epsilon").value_or(1e-5));
   c.rope_theta = static_cast<float>(gguf.GetFloat(a + "rope.freq_base").value_or(10000.0));
   auto tokens = gguf.GetStringArray("tokenizer.ggml.tokens");
   c.vocab_size = gguf.GetInt(a + "vocab_size").value_or(tokens.ok() ? tokens->size() : 0);
@@ -219,7 +223,8 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromGguf(const formats::GgufFile& gguf)
           absl::StrCat(path, ": rope.scaling.type '", *type, "' is not supported"));
     }
     c.rope_scaling.type = RopeScaling::Type::kLinear;
-    c.rope_scaling.factor = static_cast<float>(gguf.GetFloat(a + "rope.scaling.factor").value_or(1.0));
+    c.rope_scaling.factor =
+        static_cast<float>(gguf.GetFloat(a + "rope.scaling.factor").value_or(1.0));
   }
   LP_RETURN_IF_ERROR(Annotate(c.Validate(), path));
   return c;

@@ -17,13 +17,20 @@ namespace loraplex::model {
 
 const char* LinearModuleName(LinearModule m) {
   switch (m) {
-    case LinearModule::kQ: return "q_proj";
-    case LinearModule::kK: return "k_proj";
-    case LinearModule::kV: return "v_proj";
-    case LinearModule::kO: return "o_proj";
-    case LinearModule::kGate: return "gate_proj";
-    case LinearModule::kUp: return "up_proj";
-    case LinearModule::kDown: return "down_proj";
+    case LinearModule::kQ:
+      return "q_proj";
+    case LinearModule::kK:
+      return "k_proj";
+    case LinearModule::kV:
+      return "v_proj";
+    case LinearModule::kO:
+      return "o_proj";
+    case LinearModule::kGate:
+      return "gate_proj";
+    case LinearModule::kUp:
+      return "up_proj";
+    case LinearModule::kDown:
+      return "down_proj";
   }
   return "?";
 }
@@ -81,10 +88,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     }
   }
   if (m->tokenizer_ != nullptr && m->tokenizer_->vocab_size() > m->config_.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": tokenizer has ",
-                                                   m->tokenizer_->vocab_size(),
-                                                   " tokens but the model only ",
-                                                   m->config_.vocab_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": tokenizer has ", m->tokenizer_->vocab_size(),
+                     " tokens but the model only ", m->config_.vocab_size));
   }
   if (m->tokenizer_ != nullptr) {
     if (m->config_.bos_token_id < 0) m->config_.bos_token_id = m->tokenizer_->bos_id();
@@ -102,20 +108,27 @@ kernels::WeightView LlamaModel::LinearWeight(int64_t layer, LinearModule m) cons
 
 int64_t LlamaModel::LinearInFeatures(LinearModule m) const {
   switch (m) {
-    case LinearModule::kO: return config_.q_dim();
-    case LinearModule::kDown: return config_.intermediate_size;
-    default: return config_.hidden_size;
+    case LinearModule::kO:
+      return config_.q_dim();
+    case LinearModule::kDown:
+      return config_.intermediate_size;
+    default:
+      return config_.hidden_size;
   }
 }
 
 int64_t LlamaModel::LinearOutFeatures(LinearModule m) const {
   switch (m) {
-    case LinearModule::kQ: return config_.q_dim();
+    case LinearModule::kQ:
+      return config_.q_dim();
     case LinearModule::kK:
-    case LinearModule::kV: return config_.kv_dim();
+    case LinearModule::kV:
+      return config_.kv_dim();
     case LinearModule::kGate:
-    case LinearModule::kUp: return config_.intermediate_size;
-    default: return config_.hidden_size;
+    case LinearModule::kUp:
+      return config_.intermediate_size;
+    default:
+      return config_.hidden_size;
   }
 }
 
@@ -124,32 +137,35 @@ namespace {
 absl::Status ValidateBatch(const ForwardBatch& b, const LlamaConfig& c, const KvCache& cache) {
   const int64_t n = b.num_tokens();
   if (n == 0) return absl::InvalidArgumentError("forward: empty batch");
-  if (static_cast<int64_t>(b.positions.size()) != n || static_cast<int64_t>(b.token_seq.size()) != n) {
+  if (static_cast<int64_t>(b.positions.size()) != n ||
+      static_cast<int64_t>(b.token_seq.size()) != n) {
     return absl::InvalidArgumentError("forward: tokens, positions and token_seq differ in length");
   }
   if (!b.adapter_slot.empty() && static_cast<int64_t>(b.adapter_slot.size()) != n) {
     return absl::InvalidArgumentError("forward: adapter_slot must be empty or one per token");
   }
   if (b.max_blocks_per_seq <= 0 || b.block_tables.size() % b.max_blocks_per_seq != 0) {
-    return absl::InvalidArgumentError("forward: block_tables is not [num_seqs, max_blocks_per_seq]");
+    return absl::InvalidArgumentError(
+        "forward: block_tables is not [num_seqs, max_blocks_per_seq]");
   }
   const int64_t num_seqs = static_cast<int64_t>(b.block_tables.size()) / b.max_blocks_per_seq;
   for (int64_t t = 0; t < n; ++t) {
     if (b.tokens[t] < 0 || b.tokens[t] >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token id ", b.tokens[t], " is outside the vocabulary [0, ", c.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token id ", b.tokens[t], " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
     if (b.token_seq[t] < 0 || b.token_seq[t] >= num_seqs) {
       return absl::InvalidArgumentError(absl::StrCat("forward: token_seq[", t, "] out of range"));
     }
     const int64_t pos = b.positions[t];
     if (pos < 0 || pos >= c.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat("position ", pos, " is outside the context [0, ",
-                                                     c.max_position_embeddings, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "position ", pos, " is outside the context [0, ", c.max_position_embeddings, ")"));
     }
     const int64_t blk_idx = pos / cache.block_size();
     if (blk_idx >= b.max_blocks_per_seq) {
-      return absl::InvalidArgumentError(absl::StrCat("forward: position ", pos, " past the block table"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: position ", pos, " past the block table"));
     }
     const int32_t blk = b.block_tables[b.token_seq[t] * b.max_blocks_per_seq + blk_idx];
     if (!cache.block_in_use(blk)) {
@@ -160,7 +176,8 @@ absl::Status ValidateBatch(const ForwardBatch& b, const LlamaConfig& c, const Kv
       int32_t s = b.adapter_slot[t];
       if (s < -1 || s >= static_cast<int32_t>(b.adapters.size()) ||
           (s >= 0 && b.adapters[s] == nullptr)) {
-        return absl::InvalidArgumentError(absl::StrCat("forward: adapter_slot[", t, "] out of range"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("forward: adapter_slot[", t, "] out of range"));
       }
     }
   }
@@ -222,8 +239,7 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
     base(s.k.data(), s.h.data(), l, M::kK);
     base(s.v.data(), s.h.data(), l, M::kV);
     ApplyLora({M::kQ, M::kK, M::kV}, l, s.h.data(), hid,
-              {{s.q.data(), qd}, {s.k.data(), kvd}, {s.v.data(), kvd}}, batch, merged_,
-              &s.lora);
+              {{s.q.data(), qd}, {s.k.data(), kvd}, {s.v.data(), kvd}}, batch, merged_, &s.lora);
     if (c.attention_bias) {
       for (int64_t t = 0; t < n; ++t) {
         kernels::Add(s.q.data() + t * qd, lw.q_bias.data(), qd);
@@ -280,9 +296,9 @@ absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
       StoredMatrix& w = s.w.layers[l].linear[m];
       if (pair->a.cols != w.cols || pair->b.rows != w.rows || pair->a.rows != pair->rank ||
           pair->b.cols != pair->rank) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "merge: layer ", l, " ", LinearModuleName(static_cast<LinearModule>(m)),
-            " LoRA shapes do not match the base weight"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("merge: layer ", l, " ", LinearModuleName(static_cast<LinearModule>(m)),
+                         " LoRA shapes do not match the base weight"));
       }
     }
   }

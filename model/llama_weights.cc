@@ -50,7 +50,8 @@ absl::StatusOr<LlamaWeights> LoadWith(const LlamaConfig& c, kernels::DType dtype
   const int64_t h = c.hidden_size;
   auto matrix = [&](const std::string& name, int64_t rows, int64_t cols,
                     StoredMatrix* out) -> absl::Status {
-    LP_ASSIGN_OR_RETURN(std::vector<float> data, ReadF32(lookup(name), name, {rows, cols}, c.head_dim));
+    LP_ASSIGN_OR_RETURN(std::vector<float> data,
+                        ReadF32(lookup(name), name, {rows, cols}, c.head_dim));
     out->Assign(dtype, rows, cols, data.data());
     return absl::OkStatus();
   };
@@ -77,13 +78,25 @@ absl::StatusOr<LlamaWeights> LoadWith(const LlamaConfig& c, kernels::DType dtype
           absl::StrCat(p, attn ? "self_attn." : "mlp.", LinearModuleName(mod), ".weight");
       int64_t rows = 0, cols = h;
       switch (mod) {
-        case LinearModule::kQ: rows = c.q_dim(); break;
+        case LinearModule::kQ:
+          rows = c.q_dim();
+          break;
         case LinearModule::kK:
-        case LinearModule::kV: rows = c.kv_dim(); break;
-        case LinearModule::kO: rows = h; cols = c.q_dim(); break;
+        case LinearModule::kV:
+          rows = c.kv_dim();
+          break;
+        case LinearModule::kO:
+          rows = h;
+          cols = c.q_dim();
+          break;
         case LinearModule::kGate:
-        case LinearModule::kUp: rows = c.intermediate_size; break;
-        case LinearModule::kDown: rows = h; cols = c.intermediate_size; break;
+        case LinearModule::kUp:
+          rows = c.intermediate_size;
+          break;
+        case LinearModule::kDown:
+          rows = h;
+          cols = c.intermediate_size;
+          break;
       }
       LP_RETURN_IF_ERROR(matrix(name, rows, cols, &lw.linear[m]));
     }
@@ -167,7 +180,8 @@ int64_t LlamaWeights::bytes() const {
   for (const auto& l : layers) {
     for (const auto& m : l.linear) total += m.bytes();
     total += (l.attn_norm.size() + l.ffn_norm.size() + l.q_bias.size() + l.k_bias.size() +
-              l.v_bias.size()) * 4;
+              l.v_bias.size()) *
+             4;
   }
   return total;
 }

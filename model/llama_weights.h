@@ -36,9 +36,9 @@ struct StoredMatrix {
 };
 
 struct LayerWeights {
-  std::array<StoredMatrix, 7> linear;  // indexed by LinearModule
-  std::vector<float> attn_norm;        // [hidden]
-  std::vector<float> ffn_norm;         // [hidden]
+  std::array<StoredMatrix, 7> linear;         // indexed by LinearModule
+  std::vector<float> attn_norm;               // [hidden]
+  std::vector<float> ffn_norm;                // [hidden]
   std::vector<float> q_bias, k_bias, v_bias;  // empty unless attention_bias
 };
 

@@ -36,7 +36,8 @@ SampleResult Sampler::Sample(const float* logits, int64_t vocab_size) {
     }
   }
   double sum = 0;
-  for (int64_t i = 0; i < vocab_size; ++i) sum += std::exp(static_cast<double>(logits[i] - max_logit));
+  for (int64_t i = 0; i < vocab_size; ++i)
+    sum += std::exp(static_cast<double>(logits[i] - max_logit));
   const double log_z = max_logit + std::log(sum);
   auto logprob = [&](int32_t id) { return static_cast<float>(logits[id] - log_z); };
 

@@ -15,7 +15,7 @@ struct SamplingParams {
   int32_t top_k = 0;         // 0 = off
   float top_p = 1.0f;        // 1 = off
   uint64_t seed = 0;
-  int32_t logprobs = 0;      // number of top alternatives to report (0 = none)
+  int32_t logprobs = 0;  // number of top alternatives to report (0 = none)
 
   // INVALID_ARGUMENT naming the field: temperature < 0 or not finite, top_k < 0,
   // top_p outside (0, 1], logprobs outside [0, 20].
@@ -29,8 +29,8 @@ struct TokenLogprob {
 
 struct SampleResult {
   int32_t token_id = 0;
-  float logprob = 0.0f;              // log-softmax of the raw logits (temperature 1), as OpenAI
-  std::vector<TokenLogprob> top;     // best first, `logprobs` entries
+  float logprob = 0.0f;           // log-softmax of the raw logits (temperature 1), as OpenAI
+  std::vector<TokenLogprob> top;  // best first, `logprobs` entries
 };
 
 // Per-request sampler: holds the seeded generator, so the same seed gives the same tokens.

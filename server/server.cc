@@ -120,9 +120,17 @@ void Server::Shutdown(absl::Duration grace) {
   LP_LOG(INFO) << "shutting down: finishing calls in flight (grace " << grace << ")";
   service_->StartDraining();
   grpc_server_->GetHealthCheckService()->SetServingStatus(false);
-  // Refuses new calls, waits for those in flight until the deadline, then cancels them (their
-  // OnCancel cancels the engine requests, which end within a step).
-  grpc_server_->Shutdown(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(grace));
+  // Keep the listener open while the engine finishes what it has, so that every new call meets
+  // our UNAVAILABLE instead of a transport-level CANCELLED from a gRPC server shutting down.
+  const absl::Time deadline = absl::Now() + grace;
+  while (absl::Now() < deadline) {
+    const engine::EngineStats st = engine_->Stats();
+    if (st.running == 0 && st.waiting == 0) break;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  // Then stop gRPC: calls still in flight get what is left of the grace period and are cancelled
+  // after it (their OnCancel cancels the engine requests, which end within a step).
+  grpc_server_->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
   grpc_server_->Wait();
   engine_->Shutdown();
   if (metrics_thread_.joinable()) metrics_thread_.join();

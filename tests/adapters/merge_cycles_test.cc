@@ -29,14 +29,14 @@ std::string Snapshot(const model::LlamaModel& m) {
 class MergeCyclesTest : public ::testing::TestWithParam<kernels::DType> {};
 
 TEST_P(MergeCyclesTest, ThousandCyclesLeaveTheBaseBitIdentical) {
-  ASSERT_OK_AND_ASSIGN(auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf",
-                                                       {GetParam()}));
+  ASSERT_OK_AND_ASSIGN(
+      auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf", {GetParam()}));
   AdapterLoadOptions opts;
   opts.dtype = GetParam();
   ASSERT_OK_AND_ASSIGN(auto all, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/all_linear",
                                                    m->config(), opts));
-  ASSERT_OK_AND_ASSIGN(auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv",
-                                                  m->config(), opts));
+  ASSERT_OK_AND_ASSIGN(
+      auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv", m->config(), opts));
   const std::string pristine = Snapshot(*m);
   std::string merged_once;
   for (int cycle = 0; cycle < 1000; ++cycle) {
@@ -54,12 +54,12 @@ TEST_P(MergeCyclesTest, ThousandCyclesLeaveTheBaseBitIdentical) {
 }
 
 TEST_P(MergeCyclesTest, OneMergeAtATime) {
-  ASSERT_OK_AND_ASSIGN(auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf",
-                                                       {GetParam()}));
+  ASSERT_OK_AND_ASSIGN(
+      auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf", {GetParam()}));
   AdapterLoadOptions opts;
   opts.dtype = GetParam();
-  ASSERT_OK_AND_ASSIGN(auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv",
-                                                  m->config(), opts));
+  ASSERT_OK_AND_ASSIGN(
+      auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv", m->config(), opts));
   EXPECT_THAT(m->Unmerge(), StatusIs(absl::StatusCode::kFailedPrecondition));
   ASSERT_OK(m->Merge(&qv->view()));
   EXPECT_EQ(m->merged(), &qv->view());

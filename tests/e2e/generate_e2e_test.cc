@@ -38,8 +38,9 @@ std::vector<int32_t> GoldenIds() {
 }
 
 TEST(GenerateE2eTest, GgufGreedyJsonEqualsGoldenStory) {
-  RunResult r = RunGenerate("--model " + Stories260KDir() +
-                    "/stories260K.gguf --dtype f32 --prompt '' --max-tokens 60 --ignore-eos --json");
+  RunResult r =
+      RunGenerate("--model " + Stories260KDir() +
+                  "/stories260K.gguf --dtype f32 --prompt '' --max-tokens 60 --ignore-eos --json");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["token_ids"].get<std::vector<int32_t>>(), GoldenIds());
@@ -49,15 +50,16 @@ TEST(GenerateE2eTest, GgufGreedyJsonEqualsGoldenStory) {
 
 TEST(GenerateE2eTest, HfCopyGreedyEqualsGoldenStory) {
   RunResult r = RunGenerate("--model " + Stories260KDir() +
-                    " --dtype f32 --prompt-ids 1 --max-tokens 60 --ignore-eos --json");
+                            " --dtype f32 --prompt-ids 1 --max-tokens 60 --ignore-eos --json");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["token_ids"].get<std::vector<int32_t>>(), GoldenIds());
 }
 
 TEST(GenerateE2eTest, LogprobsAreReportedBestFirst) {
-  RunResult r = RunGenerate("--model " + Stories260KDir() +
-                    "/stories260K.gguf --prompt 'Once upon' --max-tokens 5 --logprobs 4 --json");
+  RunResult r =
+      RunGenerate("--model " + Stories260KDir() +
+                  "/stories260K.gguf --prompt 'Once upon' --max-tokens 5 --logprobs 4 --json");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   nlohmann::json j = nlohmann::json::parse(r.out);
   ASSERT_EQ(j["logprobs"].size(), j["token_ids"].size());
@@ -70,7 +72,8 @@ TEST(GenerateE2eTest, LogprobsAreReportedBestFirst) {
 }
 
 TEST(GenerateE2eTest, PlainTextStreamsTheStory) {
-  RunResult r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --dtype f32 --max-tokens 10 --ignore-eos");
+  RunResult r = RunGenerate("--model " + Stories260KDir() +
+                            "/stories260K.gguf --dtype f32 --max-tokens 10 --ignore-eos");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   EXPECT_EQ(r.out, " Once upon a time, there was a little g\n");
 }
@@ -89,8 +92,9 @@ TEST(GenerateE2eTest, AdapterNextTokensFollowPeft) {
     if (margin[len - 1] < 1e-3) continue;
     std::string prompt;
     for (size_t i = 0; i < len; ++i) prompt += (i ? "," : "") + std::to_string(ids[i]);
-    RunResult r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --dtype f32 --adapter " +
-                              dir + " --prompt-ids " + prompt + " --max-tokens 1 --ignore-eos --json");
+    RunResult r =
+        RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --dtype f32 --adapter " +
+                    dir + " --prompt-ids " + prompt + " --max-tokens 1 --ignore-eos --json");
     ASSERT_EQ(r.exit_code, 0) << r.out;
     EXPECT_EQ(nlohmann::json::parse(r.out)["token_ids"][0], argmax[len - 1]) << "prefix " << len;
     ++checked;
@@ -99,12 +103,13 @@ TEST(GenerateE2eTest, AdapterNextTokensFollowPeft) {
 }
 
 TEST(GenerateE2eTest, BadAdaptersAreRefusedNamingTheProblem) {
-  RunResult r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --adapter /nonexistent");
+  RunResult r = RunGenerate("--model " + Stories260KDir() +
+                            "/stories260K.gguf --prompt hi --adapter /nonexistent");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.out.find("/nonexistent"), std::string::npos) << r.out;
   // A SmolLM2 adapter does not fit stories260K.
   r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --adapter " +
-          testing::FixturesDir() + "/peft/smollm2/qv");
+                  testing::FixturesDir() + "/peft/smollm2/qv");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.out.find("FAILED_PRECONDITION"), std::string::npos) << r.out;
 }
@@ -125,7 +130,8 @@ TEST(GenerateE2eTest, BadInputsGiveClearErrors) {
   r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --top-p 0");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.out.find("top_p"), std::string::npos) << r.out;
-  r = RunGenerate("--model " + Stories260KDir() + "/stories260K.gguf --prompt hi --max-tokens 100000");
+  r = RunGenerate("--model " + Stories260KDir() +
+                  "/stories260K.gguf --prompt hi --max-tokens 100000");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.out.find("context"), std::string::npos) << r.out;
 }

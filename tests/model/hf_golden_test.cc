@@ -151,7 +151,8 @@ TEST(LlamaConfigTest, BadConfigsNameTheField) {
   };
   using ::loraplex::testing::StatusIs;
   EXPECT_THAT(write("not json"), StatusIs(absl::StatusCode::kInvalidArgument, "JSON"));
-  EXPECT_THAT(write(R"({"model_type": "gpt2"})"), StatusIs(absl::StatusCode::kUnimplemented, "gpt2"));
+  EXPECT_THAT(write(R"({"model_type": "gpt2"})"),
+              StatusIs(absl::StatusCode::kUnimplemented, "gpt2"));
   EXPECT_THAT(write(R"({"model_type": "llama", "hidden_size": 64})"),
               StatusIs(absl::StatusCode::kInvalidArgument, "intermediate_size"));
   EXPECT_THAT(write(R"({"model_type": "llama", "hidden_size": 64, "intermediate_size": 8,

@@ -103,8 +103,8 @@ TEST(Stories260KTest, GgufAndHfCopyGiveTheSameLogits) {
   auto hf = LoadOrDie(Stories260KDir(), hf_opts);
   ASSERT_TRUE(gguf && hf);
   std::vector<int32_t> ids = {1, 403, 407, 261, 378, 432, 383, 286};
-  EXPECT_TRUE(AllClose(PromptLogits(*gguf, ids), PromptLogits(*hf, ids),
-                       testing::kF32KernelVsReference));
+  EXPECT_TRUE(
+      AllClose(PromptLogits(*gguf, ids), PromptLogits(*hf, ids), testing::kF32KernelVsReference));
 }
 
 TEST(Stories260KTest, Bf16StaysCloseToF32) {
@@ -114,8 +114,8 @@ TEST(Stories260KTest, Bf16StaysCloseToF32) {
   // Matrices halve; the f32 norms stay.
   EXPECT_LT(bf16->weight_bytes(), f32->weight_bytes() * 6 / 10);
   std::vector<int32_t> ids = {1, 403, 407, 261, 378, 432};
-  EXPECT_TRUE(AllClose(PromptLogits(*bf16, ids), PromptLogits(*f32, ids),
-                       testing::kBf16ModelLogits));
+  EXPECT_TRUE(
+      AllClose(PromptLogits(*bf16, ids), PromptLogits(*f32, ids), testing::kBf16ModelLogits));
 }
 
 TEST(ForwardTest, MixedPrefillAndDecodeBatchEqualsSoloRuns) {
@@ -183,13 +183,15 @@ TEST(ForwardTest, BadBatchesAreRejected) {
   ASSERT_OK(m->Forward(b, &cache, &logits));
   ForwardBatch bad = b;
   bad.tokens = {512};
-  EXPECT_THAT(m->Forward(bad, &cache, &logits), StatusIs(absl::StatusCode::kInvalidArgument, "vocabulary"));
+  EXPECT_THAT(m->Forward(bad, &cache, &logits),
+              StatusIs(absl::StatusCode::kInvalidArgument, "vocabulary"));
   bad = b;
   bad.positions = {16};  // past the one block in the table
   EXPECT_THAT(m->Forward(bad, &cache, &logits), StatusIs(absl::StatusCode::kInvalidArgument));
   bad = b;
   bad.block_tables = {3};  // never allocated
-  EXPECT_THAT(m->Forward(bad, &cache, &logits), StatusIs(absl::StatusCode::kInvalidArgument, "not allocated"));
+  EXPECT_THAT(m->Forward(bad, &cache, &logits),
+              StatusIs(absl::StatusCode::kInvalidArgument, "not allocated"));
   bad = b;
   bad.adapter_slot = {0};  // no adapters given
   EXPECT_THAT(m->Forward(bad, &cache, &logits), StatusIs(absl::StatusCode::kInvalidArgument));

@@ -41,7 +41,8 @@ class SmolLM2Test : public ::testing::Test {
     fixture_ = new nlohmann::json(std::move(j));
     std::ifstream data(FixturesDir() + "/hf/" + (*fixture_)["data_file"].get<std::string>(),
                        std::ios::binary);
-    data_ = new std::string((std::istreambuf_iterator<char>(data)), std::istreambuf_iterator<char>());
+    data_ =
+        new std::string((std::istreambuf_iterator<char>(data)), std::istreambuf_iterator<char>());
   }
   static void TearDownTestSuite() {
     delete model_;
@@ -99,7 +100,8 @@ TEST_F(SmolLM2Test, PromptsTokenizeAndGiveTheReferenceLogits) {
     ForwardBatch b;
     b.tokens = ids;
     b.max_blocks_per_seq = cache->num_blocks();
-    for (int64_t i = 0; i < cache->num_blocks(); ++i) b.block_tables.push_back(*cache->AllocateBlock());
+    for (int64_t i = 0; i < cache->num_blocks(); ++i)
+      b.block_tables.push_back(*cache->AllocateBlock());
     for (size_t i = 0; i < ids.size(); ++i) {
       b.positions.push_back(static_cast<int32_t>(i));
       b.token_seq.push_back(0);

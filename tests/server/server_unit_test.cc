@@ -111,7 +111,7 @@ TEST_F(RequestMappingTest, ErrorTable) {
   using absl::StatusCode;
   v1::GenerateRequest both = Ids({1});
   both.set_prompt("x");
-  EXPECT_THAT(Map(both), StatusIs(StatusCode::kInvalidArgument, "not both"));
+  EXPECT_THAT(Map(both), StatusIs(StatusCode::kInvalidArgument, "only one of"));
   EXPECT_THAT(Map(v1::GenerateRequest()), StatusIs(StatusCode::kInvalidArgument, "give a prompt"));
   EXPECT_THAT(Map(Ids({1, 512})), StatusIs(StatusCode::kInvalidArgument, "prompt_token_ids[1]"));
   v1::GenerateRequest r = Ids({1});
