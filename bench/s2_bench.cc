@@ -1,0 +1,180 @@
+// Scenario S2 (DESIGN.md section 6) in-process: 32 sequences decoding together, each with its own
+// LoRA adapter (rank r on q,k,v,o, random weights), against the same batch with no adapter; and
+// S6 (the same at ranks 8, 16, 64). Context 128 tokens (prefilled once, not timed).
+// Model: LP_BENCH_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf (skipped when missing).
+#include <benchmark/benchmark.h>
+
+#include <cstdlib>
+#include <memory>
+#include <random>
+
+#include "common/half.h"
+#include "model/llama_model.h"
+
+namespace {
+
+using loraplex::kernels::DType;
+using loraplex::model::ForwardBatch;
+using loraplex::model::KvCache;
+using loraplex::model::LinearModule;
+using loraplex::model::LlamaModel;
+using loraplex::model::LoraPair;
+using loraplex::model::LoraWeightsView;
+
+constexpr int kSeqs = 32;
+constexpr int kPrompt = 128;
+constexpr int kBlock = 16;
+constexpr int kMaxBlocks = 16;  // 256 tokens per sequence
+
+LlamaModel* Model() {
+  static LlamaModel* m = [] {
+    const char* env = std::getenv("LP_BENCH_MODEL");
+    auto r = LlamaModel::Load(env ? env : "models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    return r.ok() ? std::move(r).value().release() : nullptr;
+  }();
+  return m;
+}
+
+// A random bf16 adapter of rank r on q, k, v, o of every layer.
+struct RandomAdapter {
+  std::vector<std::vector<uint16_t>> storage;
+  std::vector<LoraPair> pairs;
+  LoraWeightsView view;
+
+  RandomAdapter(const LlamaModel& m, int64_t rank, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist(0.0f, 0.02f);
+    const int64_t layers = m.config().num_layers;
+    pairs.reserve(layers * 4);
+    view.layers.resize(layers);
+    for (int64_t l = 0; l < layers; ++l) {
+      for (LinearModule mod : {LinearModule::kQ, LinearModule::kK, LinearModule::kV, LinearModule::kO}) {
+        const int64_t in = m.LinearInFeatures(mod), out = m.LinearOutFeatures(mod);
+        auto fill = [&](int64_t n) {
+          std::vector<uint16_t> v(n);
+          for (auto& x : v) x = loraplex::F32ToBf16(dist(rng));
+          storage.push_back(std::move(v));
+          return storage.back().data();
+        };
+        LoraPair p;
+        p.rank = rank;
+        p.a = {DType::kBF16, fill(rank * in), rank, in};
+        p.b = {DType::kBF16, fill(out * rank), out, rank};
+        pairs.push_back(p);
+        view.layers[l][static_cast<int>(mod)] = &pairs.back();
+      }
+    }
+  }
+};
+
+void BM_S2Decode32(benchmark::State& state) {
+  const bool with_adapters = state.range(0) != 0;
+  const int64_t rank = state.range(1);
+  LlamaModel* m = Model();
+  if (m == nullptr) {
+    state.SkipWithError("model not found (scripts/fetch-model.sh)");
+    return;
+  }
+  std::vector<std::unique_ptr<RandomAdapter>> adapters;
+  ForwardBatch b;
+  if (with_adapters) {
+    for (int i = 0; i < kSeqs; ++i) {
+      adapters.push_back(std::make_unique<RandomAdapter>(*m, rank, 1000 + i));
+      b.adapters.push_back(&adapters.back()->view);
+    }
+  }
+  auto cache = KvCache::Create(m->config(), kSeqs * kMaxBlocks, kBlock);
+  b.max_blocks_per_seq = kMaxBlocks;
+  for (int i = 0; i < kSeqs * kMaxBlocks; ++i) b.block_tables.push_back(*cache->AllocateBlock());
+  std::vector<float> logits;
+  // Prefill every sequence (not timed), one sequence per step.
+  for (int s = 0; s < kSeqs; ++s) {
+    b.tokens.clear(); b.positions.clear(); b.token_seq.clear(); b.adapter_slot.clear();
+    for (int i = 0; i < kPrompt; ++i) {
+      b.tokens.push_back(100 + (i * 37 + s * 11) % 1000);
+      b.positions.push_back(i);
+      b.token_seq.push_back(s);
+      if (with_adapters) b.adapter_slot.push_back(s);
+    }
+    b.logit_rows = {kPrompt - 1};
+    if (!m->Forward(b, &*cache, &logits).ok()) {
+      state.SkipWithError("prefill failed");
+      return;
+    }
+  }
+  // Decode: one token per sequence per step, every sequence its own adapter.
+  b.tokens.assign(kSeqs, 0);
+  b.positions.assign(kSeqs, kPrompt);
+  b.token_seq.clear();
+  b.logit_rows.clear();
+  b.adapter_slot.clear();
+  for (int s = 0; s < kSeqs; ++s) {
+    b.token_seq.push_back(s);
+    b.logit_rows.push_back(s);
+    if (with_adapters) b.adapter_slot.push_back(s);
+  }
+  for (auto _ : state) {
+    if (!m->Forward(b, &*cache, &logits).ok()) {
+      state.SkipWithError("decode failed");
+      return;
+    }
+    for (auto& p : b.positions) p = p + 1 < kMaxBlocks * kBlock ? p + 1 : kPrompt;
+  }
+  state.counters["out_tok/s"] = benchmark::Counter(static_cast<double>(state.iterations()) * kSeqs,
+                                                   benchmark::Counter::kIsRate);
+}
+// {adapters, rank}: base, then S2 at rank 16, then the S6 sweep.
+BENCHMARK(BM_S2Decode32)
+    ->Args({0, 0})->Args({1, 16})->Args({1, 8})->Args({1, 64})
+    ->ArgNames({"adapters", "rank"})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3);
+
+// Scenario S4: one sequence decoding with one rank-16 q,k,v,o adapter, unmerged (LoRA applied per
+// token) vs merged into the base weights vs the base model alone.
+void BM_S4SingleDecode(benchmark::State& state) {
+  const int mode = static_cast<int>(state.range(0));  // 0 base, 1 unmerged, 2 merged
+  LlamaModel* m = Model();
+  if (m == nullptr) {
+    state.SkipWithError("model not found (scripts/fetch-model.sh)");
+    return;
+  }
+  RandomAdapter adapter(*m, 16, 7);
+  ForwardBatch b;
+  if (mode != 0) b.adapters.push_back(&adapter.view);
+  if (mode == 2 && !m->Merge(&adapter.view).ok()) {
+    state.SkipWithError("merge failed");
+    return;
+  }
+  auto cache = KvCache::Create(m->config(), kMaxBlocks, kBlock);
+  b.max_blocks_per_seq = kMaxBlocks;
+  for (int i = 0; i < kMaxBlocks; ++i) b.block_tables.push_back(*cache->AllocateBlock());
+  std::vector<float> logits;
+  for (int i = 0; i < kPrompt; ++i) {
+    b.tokens.push_back(100 + (i * 37) % 1000);
+    b.positions.push_back(i);
+    b.token_seq.push_back(0);
+    if (mode != 0) b.adapter_slot.push_back(0);
+  }
+  b.logit_rows = {kPrompt - 1};
+  if (!m->Forward(b, &*cache, &logits).ok()) state.SkipWithError("prefill failed");
+  b.tokens = {0};
+  b.positions = {kPrompt};
+  b.token_seq = {0};
+  b.logit_rows = {0};
+  if (mode != 0) b.adapter_slot = {0};
+  for (auto _ : state) {
+    if (!m->Forward(b, &*cache, &logits).ok()) {
+      state.SkipWithError("decode failed");
+      break;
+    }
+    b.positions[0] = b.positions[0] + 1 < kMaxBlocks * kBlock ? b.positions[0] + 1 : kPrompt;
+  }
+  if (mode == 2) (void)m->Unmerge();
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_S4SingleDecode)->Arg(0)->Arg(1)->Arg(2)->ArgName("mode")->Unit(benchmark::kMillisecond)
+    ->UseRealTime()->MinTime(3);
+
+}  // namespace
+
+BENCHMARK_MAIN();
