@@ -15,8 +15,8 @@
 
 namespace loraplex::adapters {
 
-using model::LinearModule;
 using model::kNumLinearModules;
+using model::LinearModule;
 
 int64_t ModuleInFeatures(const model::LlamaConfig& c, LinearModule m) {
   switch (m) {
@@ -46,8 +46,8 @@ int64_t ModuleOutFeatures(const model::LlamaConfig& c, LinearModule m) {
 
 namespace {
 
-constexpr const char* kModuleNames[kNumLinearModules] = {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"};
+constexpr const char* kModuleNames[kNumLinearModules] = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 
 const char* Parent(LinearModule m) { return static_cast<int>(m) < 4 ? "self_attn" : "mlp"; }
 
@@ -185,19 +185,18 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     }
     const int64_t layer = digits.size() > 6 ? -1 : std::stoll(digits);
     if (layer < 0 || layer >= base.num_layers) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          st_path, ": tensor '", t.name, "': layer ", digits, " does not exist (the base model has ",
-          base.num_layers, " layers)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(st_path, ": tensor '", t.name, "': layer ", digits,
+                       " does not exist (the base model has ", base.num_layers, " layers)"));
     }
     if (t.type != formats::StoredType::kF32 && t.type != formats::StoredType::kF16 &&
         t.type != formats::StoredType::kBF16) {
-      return absl::InvalidArgumentError(absl::StrCat(st_path, ": tensor '", t.name,
-                                                     "': dtype must be F32, F16 or BF16"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(st_path, ": tensor '", t.name, "': dtype must be F32, F16 or BF16"));
     }
     if (t.shape.size() != 2) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(st_path, ": tensor '", t.name, "': must be 2-D, has ", t.shape.size(),
-                       " dimensions"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          st_path, ": tensor '", t.name, "': must be 2-D, has ", t.shape.size(), " dimensions"));
     }
     Found& f = found[{layer, m}];
     (which == "A" ? f.a : f.b) = &t;
@@ -210,9 +209,9 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
       const bool targeted = cfg.Targets(key);
       const bool present = found.count({l, m}) > 0;
       if (targeted && !present) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            dir, ": config and tensors disagree: target_modules selects ", key,
-            " but adapter_model.safetensors has no lora_A/lora_B for it"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(dir, ": config and tensors disagree: target_modules selects ", key,
+                         " but adapter_model.safetensors has no lora_A/lora_B for it"));
       }
       if (present && !targeted) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -223,8 +222,9 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
   }
   if (found.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        dir, ": the adapter matches no module of the base model (target_modules); refusing to "
-             "serve it as the base model"));
+        dir,
+        ": the adapter matches no module of the base model (target_modules); refusing to "
+        "serve it as the base model"));
   }
 
   // Shapes, ranks, scale folding, storage.
@@ -241,19 +241,19 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     const int64_t in = ModuleInFeatures(base, m), out = ModuleOutFeatures(base, m);
     const int64_t r = f.a->shape[0];
     if (f.b->shape[1] != r) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, "lora_A has rank ", r,
-                                                     " but lora_B has rank ", f.b->shape[1]));
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "lora_A has rank ", r, " but lora_B has rank ", f.b->shape[1]));
     }
     if (r != cfg.RankFor(key)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          prefix, "config and tensors disagree: rank ", r, " in the tensors, ", cfg.RankFor(key),
-          " from r/rank_pattern"));
+      return absl::InvalidArgumentError(absl::StrCat(prefix, "config and tensors disagree: rank ",
+                                                     r, " in the tensors, ", cfg.RankFor(key),
+                                                     " from r/rank_pattern"));
     }
     if (f.a->shape[1] != in || f.b->shape[0] != out) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          prefix, "does not fit the base model: lora_A is [", f.a->shape[0], ", ", f.a->shape[1],
-          "] and lora_B [", f.b->shape[0], ", ", f.b->shape[1], "], the base layer is ", out,
-          " x ", in));
+      return absl::FailedPreconditionError(
+          absl::StrCat(prefix, "does not fit the base model: lora_A is [", f.a->shape[0], ", ",
+                       f.a->shape[1], "] and lora_B [", f.b->shape[0], ", ", f.b->shape[1],
+                       "], the base layer is ", out, " x ", in));
     }
     if (r > options.max_rank) {
       return absl::FailedPreconditionError(

@@ -13,10 +13,9 @@ namespace {
 using Json = nlohmann::ordered_json;
 
 bool EndsWithDot(const std::string& key, const std::string& suffix) {
-  return key == suffix ||
-         (key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(),
-                                                    suffix) == 0 &&
-          key[key.size() - suffix.size() - 1] == '.');
+  return key == suffix || (key.size() > suffix.size() &&
+                           key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+                           key[key.size() - suffix.size() - 1] == '.');
 }
 
 bool FullMatch(const std::string& pattern, const std::string& key) {
@@ -83,17 +82,19 @@ absl::StatusOr<PeftConfig> ParsePeftConfig(const std::string& json_text,
   };
 
   // Features that change the math and are not implemented: refuse, naming the field.
-  if (const Json& t = get("peft_type"); !t.is_null() && (!t.is_string() || t.get<std::string>() != "LORA")) {
+  if (const Json& t = get("peft_type");
+      !t.is_null() && (!t.is_string() || t.get<std::string>() != "LORA")) {
     return Field(source, "peft_type", absl::StrCat("is ", t.dump(), "; only LORA is supported"));
   }
-  for (const char* field : {"use_dora", "modules_to_save", "lora_bias", "trainable_token_indices",
-                            "layer_replication", "target_parameters", "use_qalora",
-                            "alora_invocation_tokens", "megatron_config"}) {
+  for (const char* field :
+       {"use_dora", "modules_to_save", "lora_bias", "trainable_token_indices", "layer_replication",
+        "target_parameters", "use_qalora", "alora_invocation_tokens", "megatron_config"}) {
     if (Truthy(get(field))) {
       return Field(source, field, absl::StrCat("is set (", get(field).dump(), "); not supported"));
     }
   }
-  if (const Json& b = get("bias"); !b.is_null() && (!b.is_string() || b.get<std::string>() != "none")) {
+  if (const Json& b = get("bias");
+      !b.is_null() && (!b.is_string() || b.get<std::string>() != "none")) {
     return Field(source, "bias", absl::StrCat("is ", b.dump(), "; only \"none\" is supported"));
   }
 
@@ -128,8 +129,9 @@ absl::StatusOr<PeftConfig> ParsePeftConfig(const std::string& json_text,
     bool is_single = false;
     const Json& t = get("target_modules");
     if (t.is_null()) {
-      return Field(source, "target_modules", "is missing (PEFT's per-architecture default is not "
-                                             "supported; name the modules)");
+      return Field(source, "target_modules",
+                   "is missing (PEFT's per-architecture default is not "
+                   "supported; name the modules)");
     }
     if (auto s = ReadStringOrList(t, source, "target_modules", &c.target_list, &single, &is_single);
         !s.ok()) {
@@ -152,15 +154,17 @@ absl::StatusOr<PeftConfig> ParsePeftConfig(const std::string& json_text,
     }
     for (const std::string& name : c.target_list) {
       if (IsEmbeddingOrHead(name)) {
-        return Field(source, "target_modules",
-                     absl::StrCat("names '", name, "': embedding and lm_head LoRA are not supported"));
+        return Field(
+            source, "target_modules",
+            absl::StrCat("names '", name, "': embedding and lm_head LoRA are not supported"));
       }
     }
     if (c.target_kind == PeftConfig::TargetKind::kRegex) {
       for (const char* key : {"lm_head", "model.embed_tokens"}) {
         if (FullMatch(c.target_regex, key)) {
-          return Field(source, "target_modules",
-                       absl::StrCat("matches '", key, "': embedding and lm_head LoRA are not supported"));
+          return Field(
+              source, "target_modules",
+              absl::StrCat("matches '", key, "': embedding and lm_head LoRA are not supported"));
         }
       }
     }
@@ -240,7 +244,7 @@ bool PeftConfig::Targets(const std::string& key) const {
   for (const std::string& e : exclude_list) {
     if (EndsWithDot(key, e)) return false;
   }
-  static const char* const kLinear[] = {"q_proj", "k_proj", "v_proj", "o_proj",
+  static const char* const kLinear[] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                         "gate_proj", "up_proj", "down_proj"};
   switch (target_kind) {
     case TargetKind::kAllLinear:

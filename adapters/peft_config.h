@@ -1,5 +1,5 @@
-// A PEFT LoRA adapter_config.json, parsed and checked, and PEFT's rules for which module of the base
-// model an adapter targets, with which rank and alpha (peft 0.21: tuners_utils.py
+// A PEFT LoRA adapter_config.json, parsed and checked, and PEFT's rules for which module of the
+// base model an adapter targets, with which rank and alpha (peft 0.21: tuners_utils.py
 // check_target_module_exists, utils/other.py get_pattern_key, lora/model.py _create_and_replace).
 //
 // Module keys are the names of HF LlamaForCausalLM's named_modules, e.g.

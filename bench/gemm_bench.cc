@@ -31,14 +31,18 @@ struct Shape {
   int64_t n, k;  // weight [n, k]
 };
 // SmolLM2-135M: hidden 576, intermediate 1536, 9 query heads / 3 kv heads of 64, vocab 49152.
-const Shape kShapes[] = {{"q_o", 576, 576},         {"k_v", 192, 576},    {"gate_up", 1536, 576},
-                         {"down", 576, 1536},       {"lm_head", 49152, 576}};
+const Shape kShapes[] = {{"q_o", 576, 576},
+                         {"k_v", 192, 576},
+                         {"gate_up", 1536, 576},
+                         {"down", 576, 1536},
+                         {"lm_head", 49152, 576}};
 const int64_t kTokens[] = {1, 16, 128};
 
 struct Operands {
   std::vector<float> x, y, w32;
   std::vector<uint16_t> w16, x16;
-  Operands(int64_t m, int64_t n, int64_t k) : x(m * k), y(m * n), w32(n * k), w16(n * k), x16(m * k) {
+  Operands(int64_t m, int64_t n, int64_t k)
+      : x(m * k), y(m * n), w32(n * k), w16(n * k), x16(m * k) {
     std::mt19937 rng(7);
     std::uniform_real_distribution<float> d(-1.0f, 1.0f);
     for (float& v : x) v = d(rng);
@@ -50,17 +54,16 @@ struct Operands {
 
 void SetCounters(benchmark::State& state, int64_t m, int64_t n, int64_t k, int64_t weight_bytes) {
   const double iters = static_cast<double>(state.iterations());
-  state.counters["GFLOPS"] = benchmark::Counter(2.0 * m * n * k * iters / 1e9,
-                                                benchmark::Counter::kIsRate);
-  state.counters["weight_GBps"] = benchmark::Counter(static_cast<double>(weight_bytes) * iters / 1e9,
-                                                     benchmark::Counter::kIsRate);
+  state.counters["GFLOPS"] =
+      benchmark::Counter(2.0 * m * n * k * iters / 1e9, benchmark::Counter::kIsRate);
+  state.counters["weight_GBps"] = benchmark::Counter(
+      static_cast<double>(weight_bytes) * iters / 1e9, benchmark::Counter::kIsRate);
 }
 
 void BM_Ours(benchmark::State& state, Shape s, int64_t m, DType dtype) {
   Operands o(m, s.n, s.k);
-  WeightView w{dtype,
-               dtype == DType::kF32 ? static_cast<const void*>(o.w32.data()) : o.w16.data(), s.n,
-               s.k};
+  WeightView w{dtype, dtype == DType::kF32 ? static_cast<const void*>(o.w32.data()) : o.w16.data(),
+               s.n, s.k};
   for (auto _ : state) {
     loraplex::kernels::Gemm(o.y.data(), o.x.data(), m, w);
     benchmark::DoNotOptimize(o.y.data());

@@ -1,5 +1,6 @@
 // The non-GEMM kernels of a SmolLM2-135M step: PagedAttention for decode over long contexts and
-// for a 128-token prefill, RmsNorm and SiluMul. For scale beside gemm_bench; nothing asserts a time.
+// for a 128-token prefill, RmsNorm and SiluMul. For scale beside gemm_bench; nothing asserts a
+// time.
 #include <benchmark/benchmark.h>
 
 #include <cmath>

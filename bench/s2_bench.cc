@@ -48,7 +48,8 @@ struct RandomAdapter {
     pairs.reserve(layers * 4);
     view.layers.resize(layers);
     for (int64_t l = 0; l < layers; ++l) {
-      for (LinearModule mod : {LinearModule::kQ, LinearModule::kK, LinearModule::kV, LinearModule::kO}) {
+      for (LinearModule mod :
+           {LinearModule::kQ, LinearModule::kK, LinearModule::kV, LinearModule::kO}) {
         const int64_t in = m.LinearInFeatures(mod), out = m.LinearOutFeatures(mod);
         auto fill = [&](int64_t n) {
           std::vector<uint16_t> v(n);
@@ -89,7 +90,10 @@ void BM_S2Decode32(benchmark::State& state) {
   std::vector<float> logits;
   // Prefill every sequence (not timed), one sequence per step.
   for (int s = 0; s < kSeqs; ++s) {
-    b.tokens.clear(); b.positions.clear(); b.token_seq.clear(); b.adapter_slot.clear();
+    b.tokens.clear();
+    b.positions.clear();
+    b.token_seq.clear();
+    b.adapter_slot.clear();
     for (int i = 0; i < kPrompt; ++i) {
       b.tokens.push_back(100 + (i * 37 + s * 11) % 1000);
       b.positions.push_back(i);
@@ -125,8 +129,14 @@ void BM_S2Decode32(benchmark::State& state) {
 }
 // {adapters, rank}: base, then S2 at rank 16, then the S6 sweep.
 BENCHMARK(BM_S2Decode32)
-    ->Args({0, 0})->Args({1, 16})->Args({1, 8})->Args({1, 64})
-    ->ArgNames({"adapters", "rank"})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(3);
+    ->Args({0, 0})
+    ->Args({1, 16})
+    ->Args({1, 8})
+    ->Args({1, 64})
+    ->ArgNames({"adapters", "rank"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(3);
 
 // Scenario S4: one sequence decoding with one rank-16 q,k,v,o adapter, unmerged (LoRA applied per
 // token) vs merged into the base weights vs the base model alone.
@@ -172,8 +182,14 @@ void BM_S4SingleDecode(benchmark::State& state) {
   state.counters["tok/s"] =
       benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_S4SingleDecode)->Arg(0)->Arg(1)->Arg(2)->ArgName("mode")->Unit(benchmark::kMillisecond)
-    ->UseRealTime()->MinTime(3);
+BENCHMARK(BM_S4SingleDecode)
+    ->Arg(0)
+    ->Arg(1)
+    ->Arg(2)
+    ->ArgName("mode")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(3);
 
 }  // namespace
 

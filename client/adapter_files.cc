@@ -38,18 +38,23 @@ absl::StatusOr<std::vector<TensorSpan>> ParseSafetensors(const std::string& byte
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") continue;
     const nlohmann::json& t = it.value();
-    if (!t.is_object() || !t.contains("dtype") || !t["dtype"].is_string() ||
-        !t.contains("shape") || !t["shape"].is_array() || !t.contains("data_offsets") ||
-        !t["data_offsets"].is_array() || t["data_offsets"].size() != 2) {
+    if (!t.is_object() || !t.contains("dtype") || !t["dtype"].is_string() || !t.contains("shape") ||
+        !t["shape"].is_array() || !t.contains("data_offsets") || !t["data_offsets"].is_array() ||
+        t["data_offsets"].size() != 2) {
       return bad(absl::StrCat("tensor '", it.key(), "' lacks dtype, shape or data_offsets"));
     }
     const std::string dtype = t["dtype"];
     size_t elem = 0;
-    if (dtype == "F32" || dtype == "I32") elem = 4;
-    else if (dtype == "F16" || dtype == "BF16" || dtype == "I16") elem = 2;
-    else if (dtype == "F64" || dtype == "I64") elem = 8;
-    else if (dtype == "I8" || dtype == "U8" || dtype == "BOOL") elem = 1;
-    else return bad(absl::StrCat("tensor '", it.key(), "' has unknown dtype ", dtype));
+    if (dtype == "F32" || dtype == "I32")
+      elem = 4;
+    else if (dtype == "F16" || dtype == "BF16" || dtype == "I16")
+      elem = 2;
+    else if (dtype == "F64" || dtype == "I64")
+      elem = 8;
+    else if (dtype == "I8" || dtype == "U8" || dtype == "BOOL")
+      elem = 1;
+    else
+      return bad(absl::StrCat("tensor '", it.key(), "' has unknown dtype ", dtype));
     uint64_t n = 1;
     for (const auto& d : t["shape"]) {
       if (!d.is_number_unsigned()) return bad(absl::StrCat("tensor '", it.key(), "': bad shape"));
@@ -86,7 +91,8 @@ absl::StatusOr<PeftFiles> ReadPeftDir(const std::string& dir) {
     const bool has_bin = fs::exists(fs::path(dir) / "adapter_model.bin");
     return absl::NotFoundError(absl::StrCat(
         model.string(), ": missing",
-        has_bin ? " (adapter_model.bin is a pickle, which loraplex does not load; convert it)" : ""));
+        has_bin ? " (adapter_model.bin is a pickle, which loraplex does not load; convert it)"
+                : ""));
   }
   auto c = ReadFileToString(config.string());
   if (!c.ok()) return c.status();
@@ -136,7 +142,8 @@ absl::StatusOr<std::string> PerturbLoraWeights(const std::string& bytes, uint64_
       }
     } else {
       return absl::UnimplementedError(absl::StrCat("adapter_model.safetensors: tensor '", t.name,
-                                                   "' is ", t.dtype, "; perturbing needs F32, "
+                                                   "' is ", t.dtype,
+                                                   "; perturbing needs F32, "
                                                    "F16 or BF16"));
     }
   }

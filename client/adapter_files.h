@@ -7,15 +7,15 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "loraplex/v1/adapters.grpc.pb.h"
 #include "client/rpc.h"
+#include "loraplex/v1/adapters.grpc.pb.h"
 
 namespace loraplex::client {
 
 // The two files of a PEFT adapter, in memory.
 struct PeftFiles {
-  std::string config_json;   // adapter_config.json
-  std::string safetensors;   // adapter_model.safetensors
+  std::string config_json;  // adapter_config.json
+  std::string safetensors;  // adapter_model.safetensors
 };
 
 // Reads DIR/adapter_config.json and DIR/adapter_model.safetensors. NOT_FOUND naming the missing

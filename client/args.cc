@@ -157,8 +157,10 @@ std::string ArgParser::Usage() const {
       case Kind::kBool:
         break;
     }
-    if (left.size() < 26) left.resize(26, ' ');
-    else left += "  ";
+    if (left.size() < 26)
+      left.resize(26, ' ');
+    else
+      left += "  ";
     absl::StrAppend(&out, left, f.help, "\n");
   }
   return out;

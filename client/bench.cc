@@ -130,19 +130,19 @@ absl::StatusOr<MadeAdapters> MakeAdapters(v1::Adapters::Stub& stub, const BenchF
     made.ranks.push_back(rank);
     std::vector<std::string> names;
     for (int k = 0; k < n; ++k) {
-      const std::string name = f.make_adapters.size() == 1
-                                   ? absl::StrCat("bench-", k)
-                                   : absl::StrCat("bench-r", rank, "-", k);
+      const std::string name = f.make_adapters.size() == 1 ? absl::StrCat("bench-", k)
+                                                           : absl::StrCat("bench-r", rank, "-", k);
       PeftFiles copy = *src;
-      auto perturbed = PerturbLoraWeights(src->safetensors, f.seed * 1000003 + g * 1009 + k, f.perturb);
+      auto perturbed =
+          PerturbLoraWeights(src->safetensors, f.seed * 1000003 + g * 1009 + k, f.perturb);
       if (!perturbed.ok()) {
         return absl::Status(perturbed.status().code(),
                             absl::StrCat(f.make_adapters[g], ": ", perturbed.status().message()));
       }
       copy.safetensors = std::move(*perturbed);
       v1::AdapterInfo info;
-      grpc::Status st = UploadPeft(stub, f.conn, name, copy, /*replace=*/true, /*pin=*/false,
-                                   1 << 20, &info);
+      grpc::Status st =
+          UploadPeft(stub, f.conn, name, copy, /*replace=*/true, /*pin=*/false, 1 << 20, &info);
       if (!st.ok()) {
         *failure = DescribeError(st, absl::StrCat("bench: uploading ", name), f.conn);
         return absl::Status(static_cast<absl::StatusCode>(st.error_code()), *failure);
@@ -188,8 +188,10 @@ class ProgressPrinter {
       last_tokens = tok;
       last_t = t;
       // Without a terminal, a line every 5 s instead of redrawing one.
-      if (tty_) std::cerr << "\r" << line << "\033[K" << std::flush;
-      else if (++tick % 10 == 0) std::cerr << line << "\n";
+      if (tty_)
+        std::cerr << "\r" << line << "\033[K" << std::flush;
+      else if (++tick % 10 == 0)
+        std::cerr << line << "\n";
     }
     if (tty_) std::cerr << "\r\033[K" << std::flush;
   }
@@ -302,8 +304,10 @@ int RunBench(const std::vector<std::string>& args) {
   // A scenario sets defaults that explicit flags then override: find it first.
   for (size_t i = 0; i < args.size(); ++i) {
     std::string s;
-    if (args[i].rfind("--scenario=", 0) == 0) s = args[i].substr(11);
-    else if (args[i] == "--scenario" && i + 1 < args.size()) s = args[i + 1];
+    if (args[i].rfind("--scenario=", 0) == 0)
+      s = args[i].substr(11);
+    else if (args[i] == "--scenario" && i + 1 < args.size())
+      s = args[i + 1];
     if (!s.empty()) {
       if (absl::Status st = ApplyScenario(s, f); !st.ok()) {
         std::cerr << "loraplex bench: " << st.message() << "\n";
@@ -329,7 +333,8 @@ int RunBench(const std::vector<std::string>& args) {
     if (!explicit_concurrency) f.concurrency = 0;
   }
   if ((f.concurrency > 0) == (f.rate > 0)) {
-    return usage_error("give exactly one of --concurrency N (closed loop) and --rate R (open loop)");
+    return usage_error(
+        "give exactly one of --concurrency N (closed loop) and --rate R (open loop)");
   }
   if (f.requests <= 0 && f.duration <= 0) f.duration = 10;
   if (f.warmup < 0) return usage_error("--warmup must be >= 0");
@@ -386,13 +391,15 @@ int RunBench(const std::vector<std::string>& args) {
   }
   MadeAdapters made;
   if (!f.make_adapters.empty()) {
-    if (!named.empty()) return usage_error("--make-adapters wants --adapters N (a count), not names");
+    if (!named.empty())
+      return usage_error("--make-adapters wants --adapters N (a count), not names");
     if (count <= 0) count = 8;
     std::string failure;
     auto m = MakeAdapters(*admin, f, static_cast<int>(count), &failure);
     if (!m.ok()) {
-      std::cerr << "loraplex " << (failure.empty() ? "bench: " + std::string(m.status().message())
-                                                   : failure) << "\n";
+      std::cerr << "loraplex "
+                << (failure.empty() ? "bench: " + std::string(m.status().message()) : failure)
+                << "\n";
       return failure.empty() ? kExitUsage
                              : ExitCodeFor(static_cast<grpc::StatusCode>(m.status().code()));
     }
@@ -410,8 +417,8 @@ int RunBench(const std::vector<std::string>& args) {
       }
     }
     if (static_cast<int64_t>(named.size()) < count) {
-      std::cerr << "loraplex bench: --adapters " << count << " but the server has "
-                << named.size() << " ready; load more or use --make-adapters DIR\n";
+      std::cerr << "loraplex bench: --adapters " << count << " but the server has " << named.size()
+                << " ready; load more or use --make-adapters DIR\n";
       return kExitNotFound;
     }
   }
@@ -420,7 +427,8 @@ int RunBench(const std::vector<std::string>& args) {
   if (f.scenario == "S2") {
     plans = {{"base", {}, ""}, {"adapters", named, ""}};
   } else if (f.scenario == "S4") {
-    if (named.empty()) return usage_error("S4 needs an adapter: --adapters NAME or --make-adapters");
+    if (named.empty())
+      return usage_error("S4 needs an adapter: --adapters NAME or --make-adapters");
     plans = {{"base", {}, ""}, {"unmerged", {named[0]}, ""}, {"merged", {named[0]}, named[0]}};
   } else if (f.scenario == "S6") {
     plans = {{"base", {}, ""}};
@@ -445,8 +453,8 @@ int RunBench(const std::vector<std::string>& args) {
     Progress progress;
     PhaseRun run;
     {
-      Swapper swapper(*admin, f, made, plan.adapters.empty() ? std::vector<std::string>{}
-                                                             : plan.adapters);
+      Swapper swapper(*admin, f, made,
+                      plan.adapters.empty() ? std::vector<std::string>{} : plan.adapters);
       ProgressPrinter printer(progress, plan.name, f.quiet);
       run = RunPhase(*inference, f.conn, s, &progress);
       swapper.Stop();
@@ -465,15 +473,24 @@ int RunBench(const std::vector<std::string>& args) {
 
   nlohmann::json results = phases.back();
   results["config"] = {
-      {"scenario", f.scenario}, {"server", f.conn.server}, {"model", model.model_path()},
-      {"device", model.device()}, {"dtype", model.dtype()},
+      {"scenario", f.scenario},
+      {"server", f.conn.server},
+      {"model", model.model_path()},
+      {"device", model.device()},
+      {"dtype", model.dtype()},
       {"mode", f.concurrency > 0 ? "closed loop" : "open loop"},
-      {"concurrency", f.concurrency}, {"rate", f.rate},
+      {"concurrency", f.concurrency},
+      {"rate", f.rate},
       {"arrival", spec.arrivals ? spec.arrivals->Name() : ""},
-      {"adapters", named.size()}, {"popularity", PopularityName(spec.popularity)},
+      {"adapters", named.size()},
+      {"popularity", PopularityName(spec.popularity)},
       {"prompt_tokens", f.prompts_file.empty() ? f.prompt_tokens : "from " + f.prompts_file},
-      {"max_tokens", f.max_tokens}, {"ignore_eos", f.ignore_eos}, {"requests_bound", f.requests},
-      {"duration_bound_s", f.duration}, {"warmup_s", f.warmup}, {"seed", f.seed},
+      {"max_tokens", f.max_tokens},
+      {"ignore_eos", f.ignore_eos},
+      {"requests_bound", f.requests},
+      {"duration_bound_s", f.duration},
+      {"warmup_s", f.warmup},
+      {"seed", f.seed},
       {"made_from", absl::StrJoin(f.make_adapters, ",")}};
   if (!swaps.is_null()) results["swaps"] = swaps;
   if (phases.size() > 1) {

@@ -20,18 +20,18 @@
 namespace loraplex::client {
 
 struct LoadSpec {
-  int64_t concurrency = 0;             // > 0: closed loop
-  std::optional<Arrivals> arrivals;    // set: open loop
-  std::vector<std::string> adapters;   // empty: the base model
+  int64_t concurrency = 0;            // > 0: closed loop
+  std::optional<Arrivals> arrivals;   // set: open loop
+  std::vector<std::string> adapters;  // empty: the base model
   Popularity popularity;
-  LengthDist prompt_tokens;            // random token ids, unless prompts is non-empty
+  LengthDist prompt_tokens;  // random token ids, unless prompts is non-empty
   LengthDist max_tokens;
-  std::vector<PromptLine> prompts;     // from --prompts-file
-  bool ignore_eos = true;              // outputs of exactly max_tokens
-  int64_t requests = 0;                // measured requests to send (0: no bound)
-  double duration_s = 0;               // seconds to send measured requests (0: no bound)
-  double warmup_s = 0;                 // requests started before this are warm-up
-  int32_t vocab_size = 0;              // random prompt ids are drawn from [3, vocab_size)
+  std::vector<PromptLine> prompts;  // from --prompts-file
+  bool ignore_eos = true;           // outputs of exactly max_tokens
+  int64_t requests = 0;             // measured requests to send (0: no bound)
+  double duration_s = 0;            // seconds to send measured requests (0: no bound)
+  double warmup_s = 0;              // requests started before this are warm-up
+  int32_t vocab_size = 0;           // random prompt ids are drawn from [3, vocab_size)
   uint64_t seed = 0;
   double request_deadline_s = 600;
 };
@@ -40,7 +40,7 @@ struct LoadSpec {
 struct PhaseRun {
   std::vector<RequestRecord> records;  // every request, warm-up included, in completion order
   double warmup_end_s = 0;
-  double wall_s = 0;                   // until the last request finished
+  double wall_s = 0;  // until the last request finished
 };
 
 // Live counters a progress printer reads while the phase runs (relaxed atomics).

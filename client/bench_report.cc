@@ -14,7 +14,7 @@ namespace loraplex::client {
 namespace {
 
 nlohmann::json SummaryJson(const Summary& s) {
-  return {{"mean", s.mean}, {"p50", s.p50}, {"p90", s.p90}, {"p99", s.p99},
+  return {{"mean", s.mean}, {"p50", s.p50}, {"p90", s.p90},    {"p99", s.p99},
           {"min", s.min},   {"max", s.max}, {"count", s.count}};
 }
 
@@ -22,11 +22,20 @@ std::string Esc(const std::string& s) {
   std::string out;
   for (char c : s) {
     switch (c) {
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '&': out += "&amp;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '&':
+        out += "&amp;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -87,33 +96,37 @@ std::string LineChart(const std::string& title, const std::string& xlabel,
       "<text x=\"%.0f\" y=\"20\" class=\"title\">%s</text>",
       W, H, W, H, Esc(title), L, Esc(title));
   if (shade_hi > shade_lo) {
-    absl::StrAppendFormat(&svg,
-                          "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
-                          "fill=\"#eee\"/><text x=\"%.1f\" y=\"%.1f\" class=\"note\">warm-up</text>",
-                          X(shade_lo), Y(ymax), X(std::min(shade_hi, xmax)) - X(shade_lo),
-                          Y(0) - Y(ymax), X(shade_lo) + 4, Y(ymax) + 12);
+    absl::StrAppendFormat(
+        &svg,
+        "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" "
+        "fill=\"#eee\"/><text x=\"%.1f\" y=\"%.1f\" class=\"note\">warm-up</text>",
+        X(shade_lo), Y(ymax), X(std::min(shade_hi, xmax)) - X(shade_lo), Y(0) - Y(ymax),
+        X(shade_lo) + 4, Y(ymax) + 12);
   }
   for (double v : yt) {
-    absl::StrAppendFormat(&svg,
-                          "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"grid\"/>"
-                          "<text x=\"%.1f\" y=\"%.1f\" class=\"tick\" text-anchor=\"end\">%s</text>",
-                          L, W - R, Y(v), Y(v), L - 6, Y(v) + 4, TickLabel(v));
+    absl::StrAppendFormat(
+        &svg,
+        "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"grid\"/>"
+        "<text x=\"%.1f\" y=\"%.1f\" class=\"tick\" text-anchor=\"end\">%s</text>",
+        L, W - R, Y(v), Y(v), L - 6, Y(v) + 4, TickLabel(v));
   }
   for (double v : xt) {
-    absl::StrAppendFormat(&svg,
-                          "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"axis\"/>"
-                          "<text x=\"%.1f\" y=\"%.1f\" class=\"tick\" text-anchor=\"middle\">%s</text>",
-                          X(v), X(v), Y(0), Y(0) + 4, X(v), Y(0) + 17, TickLabel(v));
+    absl::StrAppendFormat(
+        &svg,
+        "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"axis\"/>"
+        "<text x=\"%.1f\" y=\"%.1f\" class=\"tick\" text-anchor=\"middle\">%s</text>",
+        X(v), X(v), Y(0), Y(0) + 4, X(v), Y(0) + 17, TickLabel(v));
   }
   absl::StrAppendFormat(&svg,
                         "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"axis\"/>"
                         "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"axis\"/>",
                         L, W - R, Y(0), Y(0), L, L, Y(0), Y(ymax));
-  absl::StrAppendFormat(&svg,
-                        "<text x=\"%.1f\" y=\"%.1f\" class=\"label\" text-anchor=\"middle\">%s</text>"
-                        "<text transform=\"translate(14 %.1f) rotate(-90)\" class=\"label\" "
-                        "text-anchor=\"middle\">%s</text>",
-                        (L + W - R) / 2, H - 8, Esc(xlabel), (T + H - B) / 2, Esc(ylabel));
+  absl::StrAppendFormat(
+      &svg,
+      "<text x=\"%.1f\" y=\"%.1f\" class=\"label\" text-anchor=\"middle\">%s</text>"
+      "<text transform=\"translate(14 %.1f) rotate(-90)\" class=\"label\" "
+      "text-anchor=\"middle\">%s</text>",
+      (L + W - R) / 2, H - 8, Esc(xlabel), (T + H - B) / 2, Esc(ylabel));
   for (size_t i = 0; i < series.size(); ++i) {
     const Series& s = series[i];
     if (s.pts.empty()) continue;
@@ -152,7 +165,8 @@ std::string AdapterBars(const std::string& title, const nlohmann::json& per_adap
     rows.emplace_back(it.key(), it.value());
   }
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) {
-    return a.second["requests"].template get<int64_t>() > b.second["requests"].template get<int64_t>();
+    return a.second["requests"].template get<int64_t>() >
+           b.second["requests"].template get<int64_t>();
   });
   if (rows.size() > 24) rows.resize(24);
   const double W = 560, L = 150, R = 70, row_h = 20, T = 44;
@@ -172,10 +186,11 @@ std::string AdapterBars(const std::string& title, const nlohmann::json& per_adap
       "<text x=\"%.0f\" y=\"35\" class=\"legend\">p99 (label: requests)</text>",
       W, H, W, H, Esc(title), Esc(title), L, kColors[0], L + 16, L + 50, kColors[0], L + 66);
   for (double v : xt) {
-    absl::StrAppendFormat(&svg,
-                          "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"grid\"/>"
-                          "<text x=\"%.1f\" y=\"%.1f\" class=\"tick\" text-anchor=\"middle\">%s</text>",
-                          X(v), X(v), T - 2, H - 30, X(v), H - 16, TickLabel(v));
+    absl::StrAppendFormat(
+        &svg,
+        "<line x1=\"%.1f\" x2=\"%.1f\" y1=\"%.1f\" y2=\"%.1f\" class=\"grid\"/>"
+        "<text x=\"%.1f\" y=\"%.1f\" class=\"tick\" text-anchor=\"middle\">%s</text>",
+        X(v), X(v), T - 2, H - 30, X(v), H - 16, TickLabel(v));
   }
   for (size_t i = 0; i < rows.size(); ++i) {
     const auto& [name, j] = rows[i];
@@ -187,8 +202,8 @@ std::string AdapterBars(const std::string& title, const nlohmann::json& per_adap
         "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"14\" fill=\"%s\" opacity=\"0.35\"/>"
         "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"14\" fill=\"%s\"/>"
         "<text x=\"%.1f\" y=\"%.1f\" class=\"tick\">%s</text>",
-        L - 6, y + 11, Esc(name.size() > 22 ? name.substr(0, 21) + "~" : name), L, y,
-        X(p99) - L, kColors[0], L, y, X(p50) - L, kColors[0], X(p99) + 4, y + 11,
+        L - 6, y + 11, Esc(name.size() > 22 ? name.substr(0, 21) + "~" : name), L, y, X(p99) - L,
+        kColors[0], L, y, X(p50) - L, kColors[0], X(p99) + 4, y + 11,
         absl::StrCat(j["requests"].get<int64_t>()));
   }
   absl::StrAppendFormat(&svg,
@@ -205,8 +220,9 @@ std::string Cell(const nlohmann::json& v) {
 }
 
 std::string LatencyTable(const nlohmann::json& r) {
-  std::string t = "<table><tr><th>latency (ms)</th><th>mean</th><th>p50</th><th>p90</th>"
-                  "<th>p99</th><th>max</th><th>samples</th></tr>";
+  std::string t =
+      "<table><tr><th>latency (ms)</th><th>mean</th><th>p50</th><th>p90</th>"
+      "<th>p99</th><th>max</th><th>samples</th></tr>";
   for (const char* k : {"ttft", "tpot", "itl", "e2e"}) {
     const auto& s = r[k];
     absl::StrAppend(&t, "<tr><td>", k, "</td>");
@@ -277,11 +293,15 @@ nlohmann::json PhaseSummary(const PhaseRun& run) {
     const LatencySamples l = CollectLatencies(recs);
     int64_t errs = 0, toks = 0;
     for (const auto& r : recs) {
-      if (r.grpc_code != 0) ++errs;
-      else toks += r.output_tokens;
+      if (r.grpc_code != 0)
+        ++errs;
+      else
+        toks += r.output_tokens;
     }
-    pa[name] = {{"requests", static_cast<int64_t>(recs.size())}, {"errors", errs},
-                {"output_tokens", toks}, {"ttft", SummaryJson(Summarize(l.ttft_ms))},
+    pa[name] = {{"requests", static_cast<int64_t>(recs.size())},
+                {"errors", errs},
+                {"output_tokens", toks},
+                {"ttft", SummaryJson(Summarize(l.ttft_ms))},
                 {"tpot", SummaryJson(Summarize(l.tpot_ms))},
                 {"e2e", SummaryJson(Summarize(l.e2e_ms))}};
   }
@@ -311,7 +331,8 @@ std::string RenderHtmlReport(const nlohmann::json& results, const std::vector<Ph
       ".grid{display:flex;flex-wrap:wrap;gap:12px}"
       "svg.chart{border:1px solid #eee;background:#fff}"
       "svg .title{font-size:14px;font-weight:600}svg .tick{font-size:11px;fill:#444}"
-      "svg .label{font-size:12px;fill:#222}svg .legend{font-size:11px}svg .note{font-size:11px;fill:#888}"
+      "svg .label{font-size:12px;fill:#222}svg .legend{font-size:11px}svg "
+      ".note{font-size:11px;fill:#888}"
       "svg line.grid{stroke:#eee}svg line.axis{stroke:#888}"
       ".big{font-size:20px;font-weight:600}.kpi{display:inline-block;margin-right:28px}"
       "</style></head><body>";
@@ -335,9 +356,10 @@ std::string RenderHtmlReport(const nlohmann::json& results, const std::vector<Ph
                                         Num(results["tpot"]["p99"].get<double>(), 1)));
   absl::StrAppend(&h, "<h2>Latency</h2>", LatencyTable(results));
   if (results.contains("phases")) {
-    absl::StrAppend(&h, "<h2>Phases</h2><table><tr><th>phase</th><th>requests</th><th>errors</th>"
-                        "<th>output tok/s</th><th>TTFT p50</th><th>TPOT p50</th><th>e2e p50</th>"
-                        "<th>e2e p99</th></tr>");
+    absl::StrAppend(&h,
+                    "<h2>Phases</h2><table><tr><th>phase</th><th>requests</th><th>errors</th>"
+                    "<th>output tok/s</th><th>TTFT p50</th><th>TPOT p50</th><th>e2e p50</th>"
+                    "<th>e2e p99</th></tr>");
     for (const auto& p : results["phases"]) {
       absl::StrAppend(&h, "<tr><td>", Esc(p["name"].get<std::string>()), "</td><td>",
                       p["requests"].get<int64_t>(), "</td><td>", p["errors"].get<int64_t>(),
@@ -363,8 +385,8 @@ std::string RenderHtmlReport(const nlohmann::json& results, const std::vector<Ph
       series.push_back({names[i], CdfPoints(v, 400), /*step=*/true});
     }
     const std::string upper = absl::AsciiStrToUpper(metric);
-    absl::StrAppend(&h, LineChart(upper + " CDF", upper + " (ms)", "fraction of requests",
-                                  series, 1.0));
+    absl::StrAppend(
+        &h, LineChart(upper + " CDF", upper + " (ms)", "fraction of requests", series, 1.0));
   }
   absl::StrAppend(&h, "</div><h2>Throughput over time</h2><div class=\"grid\">");
   {
@@ -376,8 +398,10 @@ std::string RenderHtmlReport(const nlohmann::json& results, const std::vector<Ph
       Series ts{names[i], {}}, rs{names[i], {}};
       const auto& tv = s["throughput_over_time"]["output_tokens_per_s"];
       const auto& rv = s["throughput_over_time"]["requests_done_per_s"];
-      for (size_t k = 0; k < tv.size(); ++k) ts.pts.emplace_back((k + 0.5) * b, tv[k].get<double>());
-      for (size_t k = 0; k < rv.size(); ++k) rs.pts.emplace_back((k + 0.5) * b, rv[k].get<double>());
+      for (size_t k = 0; k < tv.size(); ++k)
+        ts.pts.emplace_back((k + 0.5) * b, tv[k].get<double>());
+      for (size_t k = 0; k < rv.size(); ++k)
+        rs.pts.emplace_back((k + 0.5) * b, rv[k].get<double>());
       tok.push_back(ts);
       req.push_back(rs);
       warm = std::max(warm, runs[i].warmup_end_s);
@@ -392,9 +416,9 @@ std::string RenderHtmlReport(const nlohmann::json& results, const std::vector<Ph
                   AdapterBars("TTFT by adapter", results["per_adapter"], "ttft"), "</div>");
   absl::StrAppend(&h, "<h2>Counts</h2>");
   nlohmann::json counts;
-  for (const char* k : {"requests", "completed", "errors", "warmup_requests", "sent", "warmup_s",
-                        "duration_s", "output_tokens", "prompt_tokens", "requests_per_s",
-                        "output_tokens_per_s"}) {
+  for (const char* k :
+       {"requests", "completed", "errors", "warmup_requests", "sent", "warmup_s", "duration_s",
+        "output_tokens", "prompt_tokens", "requests_per_s", "output_tokens_per_s"}) {
     counts[k] = results[k];
   }
   absl::StrAppend(&h, KeyValueTable(counts));
@@ -405,7 +429,8 @@ std::string RenderHtmlReport(const nlohmann::json& results, const std::vector<Ph
     }
     absl::StrAppend(&h, "</ul>");
   }
-  if (results.contains("swaps")) absl::StrAppend(&h, "<h2>Hot swaps</h2>", KeyValueTable(results["swaps"]));
+  if (results.contains("swaps"))
+    absl::StrAppend(&h, "<h2>Hot swaps</h2>", KeyValueTable(results["swaps"]));
   absl::StrAppend(&h, "<h2>Configuration</h2>", KeyValueTable(cfg), "</body></html>\n");
   return h;
 }

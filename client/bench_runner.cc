@@ -16,9 +16,13 @@ class Phase {
  public:
   Phase(v1::Inference::Stub& stub, const ConnectionOptions& conn, const LoadSpec& spec,
         Progress* progress)
-      : stub_(stub), conn_(conn), spec_(spec), progress_(progress),
+      : stub_(stub),
+        conn_(conn),
+        spec_(spec),
+        progress_(progress),
         picker_(spec.popularity, std::max<int>(1, spec.adapters.size()), spec.seed),
-        rng_(spec.seed ^ 0x9e3779b97f4a7c15ull), t0_(Clock::now()) {}
+        rng_(spec.seed ^ 0x9e3779b97f4a7c15ull),
+        t0_(Clock::now()) {}
 
   double Now() const { return std::chrono::duration<double>(Clock::now() - t0_).count(); }
 

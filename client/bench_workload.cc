@@ -35,10 +35,14 @@ absl::StatusOr<Popularity> ParsePopularity(const std::string& text) {
 
 std::string PopularityName(const Popularity& p) {
   switch (p.kind) {
-    case Popularity::Kind::kDistinct: return "distinct";
-    case Popularity::Kind::kUniform: return "uniform";
-    case Popularity::Kind::kIdentical: return "identical";
-    case Popularity::Kind::kZipf: return absl::StrCat("zipf:", p.alpha);
+    case Popularity::Kind::kDistinct:
+      return "distinct";
+    case Popularity::Kind::kUniform:
+      return "uniform";
+    case Popularity::Kind::kIdentical:
+      return "identical";
+    case Popularity::Kind::kZipf:
+      return absl::StrCat("zipf:", p.alpha);
   }
   return "?";
 }
@@ -67,8 +71,10 @@ AdapterPicker::AdapterPicker(Popularity pop, int n, uint64_t seed)
 
 int AdapterPicker::Pick(int64_t request_index) {
   switch (pop_.kind) {
-    case Popularity::Kind::kIdentical: return 0;
-    case Popularity::Kind::kDistinct: return static_cast<int>(request_index % n_);
+    case Popularity::Kind::kIdentical:
+      return 0;
+    case Popularity::Kind::kDistinct:
+      return static_cast<int>(request_index % n_);
     case Popularity::Kind::kUniform:
       return std::uniform_int_distribution<int>(0, n_ - 1)(rng_);
     case Popularity::Kind::kZipf: {
@@ -122,8 +128,8 @@ absl::StatusOr<Arrivals> ParseArrivals(const std::string& text, double rate) {
   }
   a.rate = rate;
   if (text == "poisson") return a;
-  if (text.rfind("gamma:", 0) == 0 && absl::SimpleAtod(text.substr(6), &a.shape) &&
-      a.shape > 0 && std::isfinite(a.shape)) {
+  if (text.rfind("gamma:", 0) == 0 && absl::SimpleAtod(text.substr(6), &a.shape) && a.shape > 0 &&
+      std::isfinite(a.shape)) {
     return a;
   }
   return absl::InvalidArgumentError(

@@ -38,10 +38,10 @@ void PrintList(const v1::ListAdaptersResponse& resp) {
                                                  "MODULES", "RESIDENCY", "MERGED", "PINNED",
                                                  "REQUESTS", "SIZE"}};
   for (const auto& a : resp.adapters()) {
-    rows.push_back({a.name(), absl::StrCat(a.version()), StateName(a.state()),
-                    absl::StrCat(a.rank()), Num(a.alpha()), Modules(a), ResidencyName(a.residency()),
-                    a.merged() ? "yes" : "no", a.pinned() ? "yes" : "no",
-                    absl::StrCat(a.requests_served()), HumanBytes(a.bytes())});
+    rows.push_back(
+        {a.name(), absl::StrCat(a.version()), StateName(a.state()), absl::StrCat(a.rank()),
+         Num(a.alpha()), Modules(a), ResidencyName(a.residency()), a.merged() ? "yes" : "no",
+         a.pinned() ? "yes" : "no", absl::StrCat(a.requests_served()), HumanBytes(a.bytes())});
   }
   std::cout << FormatTable(rows);
 }
@@ -96,9 +96,9 @@ int RunAdapters(const std::vector<std::string>& args) {
                      verb == "unload" || verb == "merge" || verb == "unmerge";
   if (!known || a.size() != want) {
     std::cerr << "loraplex adapters: "
-              << (known ? absl::StrCat("'", verb, "' takes ", want - 1, " argument(s)")
-                        : verb.empty() ? std::string("which one?")
-                                       : absl::StrCat("unknown subcommand '", verb, "'"))
+              << (known          ? absl::StrCat("'", verb, "' takes ", want - 1, " argument(s)")
+                  : verb.empty() ? std::string("which one?")
+                                 : absl::StrCat("unknown subcommand '", verb, "'"))
               << "; usage: loraplex adapters " << kSynopsis << "\n";
     return kExitUsage;
   }
@@ -141,7 +141,8 @@ int RunAdapters(const std::vector<std::string>& args) {
       std::cerr << "loraplex adapters upload: " << files.status().message() << "\n";
       return kExitUsage;
     }
-    if (absl::Status v = ValidateSafetensors(files->safetensors, a[2] + "/adapter_model.safetensors");
+    if (absl::Status v =
+            ValidateSafetensors(files->safetensors, a[2] + "/adapter_model.safetensors");
         !v.ok()) {
       std::cerr << "loraplex adapters upload: " << v.message() << "\n";
       return kExitUsage;

@@ -7,8 +7,8 @@
 #include <map>
 #include <sstream>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -156,7 +156,8 @@ int RunGenerate(const std::vector<std::string>& args) {
   bool stats = false, chat = false;
   AddConnectionFlags(p, conn);
   AddSamplingFlags(p, s);
-  p.AddBool("chat", &chat, "send the prompt as a user message: the server applies the model's chat template");
+  p.AddBool("chat", &chat,
+            "send the prompt as a user message: the server applies the model's chat template");
   p.AddString("system", &system, "system message for --chat (empty: the template's default)");
   p.AddString("prompt", &prompt_flag, "prompt text (instead of positional words)");
   p.AddString("prompt-ids", &prompt_ids, "comma-separated prompt token ids (no BOS added)");
@@ -261,8 +262,7 @@ int RunGenerate(const std::vector<std::string>& args) {
         top.push_back(absl::StrCat(Quoted(pieces.at(t.token_id())), " ", Num(t.logprob(), 3)));
       }
       rows.push_back({absl::StrCat(i), Quoted(pieces.at(lp.token_id())),
-                      absl::StrCat(lp.token_id()), Num(lp.logprob(), 3),
-                      absl::StrJoin(top, ", ")});
+                      absl::StrCat(lp.token_id()), Num(lp.logprob(), 3), absl::StrJoin(top, ", ")});
     }
     std::cout << "\n" << FormatTable(rows);
   }

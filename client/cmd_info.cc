@@ -14,7 +14,8 @@ namespace loraplex::client {
 namespace {
 
 // grpc.health.v1 is not among our generated protos; its two messages are one field each, so they
-// are encoded by hand: HealthCheckRequest{string service = 1}, HealthCheckResponse{enum status = 1}.
+// are encoded by hand: HealthCheckRequest{string service = 1}, HealthCheckResponse{enum status =
+// 1}.
 std::string EncodeHealthRequest(const std::string& service) {
   std::string out;
   if (service.empty()) return out;
@@ -51,11 +52,16 @@ int DecodeHealthStatus(const std::string& bytes) {
 
 const char* HealthName(int status) {
   switch (status) {
-    case 0: return "UNKNOWN";
-    case 1: return "SERVING";
-    case 2: return "NOT_SERVING";
-    case 3: return "SERVICE_UNKNOWN";
-    default: return "INVALID";
+    case 0:
+      return "UNKNOWN";
+    case 1:
+      return "SERVING";
+    case 2:
+      return "NOT_SERVING";
+    case 3:
+      return "SERVICE_UNKNOWN";
+    default:
+      return "INVALID";
   }
 }
 
@@ -68,7 +74,8 @@ int RunInfo(const std::vector<std::string>& args) {
   auto positional = p.Parse(args);
   if (!positional.ok() || (!positional->empty() && !p.help_requested())) {
     std::cerr << "loraplex info: "
-              << (positional.ok() ? "takes no arguments" : std::string(positional.status().message()))
+              << (positional.ok() ? "takes no arguments"
+                                  : std::string(positional.status().message()))
               << "\n";
     return kExitUsage;
   }
@@ -104,12 +111,12 @@ int RunInfo(const std::vector<std::string>& args) {
                              info.eos_token_id(), ")")},
       {"context length", absl::StrCat(ctx_len)},
       {"weights", HumanBytes(info.weight_bytes())},
-      {"kv cache", absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(),
-                                " tokens")},
+      {"kv cache",
+       absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(), " tokens")},
       {"max batch tokens / queue", absl::StrCat(info.max_batch_tokens(), " / ", info.max_queue())},
       {"max lora rank", absl::StrCat(info.max_lora_rank())},
-      {"max adapters", info.max_adapters() == 0 ? "no limit besides memory"
-                                                : absl::StrCat(info.max_adapters())},
+      {"max adapters",
+       info.max_adapters() == 0 ? "no limit besides memory" : absl::StrCat(info.max_adapters())},
   };
   std::cout << FormatTable(rows);
   return kExitOk;
@@ -142,8 +149,8 @@ int RunHealth(const std::vector<std::string>& args) {
   grpc::Slice slice(req_bytes);
   grpc::ByteBuffer request(&slice, 1), response;
   std::promise<grpc::Status> done;
-  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                    &response, [&](grpc::Status s) { done.set_value(std::move(s)); });
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                    [&](grpc::Status s) { done.set_value(std::move(s)); });
   grpc::Status st = done.get_future().get();
   if (!st.ok()) return ReportError(st, "health", conn);
   std::vector<grpc::Slice> slices;
@@ -153,8 +160,11 @@ int RunHealth(const std::vector<std::string>& args) {
   }
   const int status = DecodeHealthStatus(bytes);
   if (conn.json) {
-    std::cout << nlohmann::json{{"server", conn.server}, {"service", service},
-                                {"status", HealthName(status)}}.dump() << "\n";
+    std::cout << nlohmann::json{{"server", conn.server},
+                                {"service", service},
+                                {"status", HealthName(status)}}
+                     .dump()
+              << "\n";
   } else {
     std::cout << HealthName(status) << "\n";
   }

@@ -61,8 +61,7 @@ nlohmann::json ProtoToJson(const Message& msg) {
         const Message& entry = r->GetRepeatedMessage(msg, f, j);
         const Reflection* er = entry.GetReflection();
         nlohmann::json key = FieldValue(entry, *er, key_f, 0);
-        m[key.is_string() ? key.get<std::string>() : key.dump()] =
-            FieldValue(entry, *er, val_f, 0);
+        m[key.is_string() ? key.get<std::string>() : key.dump()] = FieldValue(entry, *er, val_f, 0);
       }
       out[f->name()] = m;
     } else if (f->is_repeated()) {

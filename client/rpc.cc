@@ -59,7 +59,8 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ConnectionOptio
     grpc::SslCredentialsOptions ssl;
     if (!opts.tls_ca.empty()) {
       auto ca = ReadFileToString(opts.tls_ca);
-      if (!ca.ok()) return absl::InvalidArgumentError(absl::StrCat("--tls-ca ", ca.status().message()));
+      if (!ca.ok())
+        return absl::InvalidArgumentError(absl::StrCat("--tls-ca ", ca.status().message()));
       ssl.pem_root_certs = *ca;
     }
     if (opts.tls_cert.empty() != opts.tls_key.empty()) {
@@ -67,9 +68,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ConnectionOptio
     }
     if (!opts.tls_cert.empty()) {
       auto cert = ReadFileToString(opts.tls_cert);
-      if (!cert.ok()) return absl::InvalidArgumentError(absl::StrCat("--tls-cert ", cert.status().message()));
+      if (!cert.ok())
+        return absl::InvalidArgumentError(absl::StrCat("--tls-cert ", cert.status().message()));
       auto key = ReadFileToString(opts.tls_key);
-      if (!key.ok()) return absl::InvalidArgumentError(absl::StrCat("--tls-key ", key.status().message()));
+      if (!key.ok())
+        return absl::InvalidArgumentError(absl::StrCat("--tls-key ", key.status().message()));
       ssl.pem_cert_chain = *cert;
       ssl.pem_private_key = *key;
     }
@@ -92,42 +95,67 @@ void PrepareContext(grpc::ClientContext& ctx, const ConnectionOptions& opts,
 
 std::string CodeName(grpc::StatusCode code) {
   switch (code) {
-    case grpc::OK: return "OK";
-    case grpc::CANCELLED: return "CANCELLED";
-    case grpc::UNKNOWN: return "UNKNOWN";
-    case grpc::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::NOT_FOUND: return "NOT_FOUND";
-    case grpc::ALREADY_EXISTS: return "ALREADY_EXISTS";
-    case grpc::PERMISSION_DENIED: return "PERMISSION_DENIED";
-    case grpc::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::ABORTED: return "ABORTED";
-    case grpc::OUT_OF_RANGE: return "OUT_OF_RANGE";
-    case grpc::UNIMPLEMENTED: return "UNIMPLEMENTED";
-    case grpc::INTERNAL: return "INTERNAL";
-    case grpc::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::DATA_LOSS: return "DATA_LOSS";
-    case grpc::UNAUTHENTICATED: return "UNAUTHENTICATED";
-    default: return absl::StrCat("CODE_", static_cast<int>(code));
+    case grpc::OK:
+      return "OK";
+    case grpc::CANCELLED:
+      return "CANCELLED";
+    case grpc::UNKNOWN:
+      return "UNKNOWN";
+    case grpc::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case grpc::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::ABORTED:
+      return "ABORTED";
+    case grpc::OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case grpc::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case grpc::INTERNAL:
+      return "INTERNAL";
+    case grpc::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::DATA_LOSS:
+      return "DATA_LOSS";
+    case grpc::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    default:
+      return absl::StrCat("CODE_", static_cast<int>(code));
   }
 }
 
 int ExitCodeFor(grpc::StatusCode code) {
   switch (code) {
-    case grpc::OK: return kExitOk;
+    case grpc::OK:
+      return kExitOk;
     case grpc::UNAVAILABLE:
-    case grpc::DEADLINE_EXCEEDED: return kExitUnavailable;
+    case grpc::DEADLINE_EXCEEDED:
+      return kExitUnavailable;
     case grpc::UNAUTHENTICATED:
-    case grpc::PERMISSION_DENIED: return kExitAuth;
-    case grpc::NOT_FOUND: return kExitNotFound;
+    case grpc::PERMISSION_DENIED:
+      return kExitAuth;
+    case grpc::NOT_FOUND:
+      return kExitNotFound;
     case grpc::INVALID_ARGUMENT:
     case grpc::FAILED_PRECONDITION:
     case grpc::ALREADY_EXISTS:
     case grpc::OUT_OF_RANGE:
-    case grpc::RESOURCE_EXHAUSTED: return kExitRefused;
-    case grpc::UNIMPLEMENTED: return kExitUnimplemented;
-    default: return kExitFailed;
+    case grpc::RESOURCE_EXHAUSTED:
+      return kExitRefused;
+    case grpc::UNIMPLEMENTED:
+      return kExitUnimplemented;
+    default:
+      return kExitFailed;
   }
 }
 
@@ -139,11 +167,11 @@ std::string DescribeError(const grpc::Status& status, const std::string& what,
           : absl::StrCat(CodeName(status.error_code()), ": ", status.error_message());
   switch (status.error_code()) {
     case grpc::UNAVAILABLE:
-      return absl::StrCat(what, ": cannot reach the loraplex server at ", opts.server, " (",
-                          detail, "); is it running? Set --server or LORAPLEX_SERVER");
+      return absl::StrCat(what, ": cannot reach the loraplex server at ", opts.server, " (", detail,
+                          "); is it running? Set --server or LORAPLEX_SERVER");
     case grpc::DEADLINE_EXCEEDED:
-      return absl::StrCat(what, ": no answer from ", opts.server, " within the deadline (",
-                          detail, "); raise --deadline");
+      return absl::StrCat(what, ": no answer from ", opts.server, " within the deadline (", detail,
+                          "); raise --deadline");
     case grpc::UNAUTHENTICATED:
       return absl::StrCat(what, ": the server refused the token (", detail, "); ",
                           opts.token.empty() ? "pass --token or set LORAPLEX_TOKEN"
@@ -158,8 +186,8 @@ std::string DescribeError(const grpc::Status& status, const std::string& what,
       return absl::StrCat(what, ": not found (", detail,
                           "); `loraplex adapters list` shows what is loaded");
     case grpc::UNIMPLEMENTED:
-      return absl::StrCat(what, ": the server at ", opts.server,
-                          " does not offer this call (", detail, ")");
+      return absl::StrCat(what, ": the server at ", opts.server, " does not offer this call (",
+                          detail, ")");
     default:
       return absl::StrCat(what, ": ", detail);
   }

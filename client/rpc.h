@@ -15,20 +15,20 @@ namespace loraplex::client {
 // Exit codes of `loraplex` (documented in docs/client.md).
 enum ExitCode : int {
   kExitOk = 0,
-  kExitFailed = 1,        // anything not below (INTERNAL, UNKNOWN, a health check NOT_SERVING)
-  kExitUsage = 2,         // bad flags or arguments, unreadable local files
-  kExitUnavailable = 3,   // server down or unreachable, deadline exceeded
-  kExitAuth = 4,          // UNAUTHENTICATED, PERMISSION_DENIED
-  kExitNotFound = 5,      // unknown adapter (or version)
-  kExitRefused = 6,       // INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, RESOURCE_EXHAUSTED
+  kExitFailed = 1,       // anything not below (INTERNAL, UNKNOWN, a health check NOT_SERVING)
+  kExitUsage = 2,        // bad flags or arguments, unreadable local files
+  kExitUnavailable = 3,  // server down or unreachable, deadline exceeded
+  kExitAuth = 4,         // UNAUTHENTICATED, PERMISSION_DENIED
+  kExitNotFound = 5,     // unknown adapter (or version)
+  kExitRefused = 6,  // INVALID_ARGUMENT, FAILED_PRECONDITION, ALREADY_EXISTS, RESOURCE_EXHAUSTED
   kExitUnimplemented = 7  // the server does not offer this call (yet)
 };
 
 struct ConnectionOptions {
-  std::string server;           // HOST:PORT; default $LORAPLEX_SERVER or 127.0.0.1:50051
-  std::string token;            // sent as "authorization: Bearer <token>"; default $LORAPLEX_TOKEN
-  std::string tls_ca;           // PEM file of the CA that signed the server (turns TLS on)
-  std::string tls_cert;         // client certificate PEM (mutual TLS), with tls_key
+  std::string server;    // HOST:PORT; default $LORAPLEX_SERVER or 127.0.0.1:50051
+  std::string token;     // sent as "authorization: Bearer <token>"; default $LORAPLEX_TOKEN
+  std::string tls_ca;    // PEM file of the CA that signed the server (turns TLS on)
+  std::string tls_cert;  // client certificate PEM (mutual TLS), with tls_key
   std::string tls_key;
   std::string tls_server_name;  // overrides the name checked against the server certificate
   bool tls = false;             // TLS with the system roots when no --tls-ca
@@ -57,8 +57,7 @@ int ExitCodeFor(grpc::StatusCode code);
 std::string CodeName(grpc::StatusCode code);
 
 // Prints "loraplex: <DescribeError>" to stderr and returns ExitCodeFor(code).
-int ReportError(const grpc::Status& status, const std::string& what,
-                const ConnectionOptions& opts);
+int ReportError(const grpc::Status& status, const std::string& what, const ConnectionOptions& opts);
 
 // Reads a whole file; NOT_FOUND / INVALID_ARGUMENT name the path.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);

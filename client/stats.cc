@@ -80,11 +80,12 @@ std::vector<double> TokensPerSecondSeries(const std::vector<RequestRecord>& reco
       continue;
     }
     if (r.chunk_tokens.size() == r.chunk_times_s.size()) {
-      for (size_t i = 0; i < r.chunk_times_s.size(); ++i) add(r.chunk_times_s[i], r.chunk_tokens[i]);
+      for (size_t i = 0; i < r.chunk_times_s.size(); ++i)
+        add(r.chunk_times_s[i], r.chunk_tokens[i]);
       continue;
     }
-    const double per = static_cast<double>(r.output_tokens) /
-                       static_cast<double>(r.chunk_times_s.size());
+    const double per =
+        static_cast<double>(r.output_tokens) / static_cast<double>(r.chunk_times_s.size());
     for (double t : r.chunk_times_s) add(t, per);
   }
   for (double& v : tokens) v /= bucket_s;

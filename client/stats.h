@@ -63,8 +63,9 @@ double Rate(double events, double seconds);
 // Output tokens per second in consecutive buckets of `bucket_s` starting at time 0: a message with
 // k tokens counts k at its arrival time (without chunk_tokens, output_tokens is spread evenly over
 // the messages; without chunk times, all tokens count at end_s). Failed requests count too: the
-// tokens did stream. Bucket i covers [i*bucket_s, (i+1)*bucket_s); the result has ceil(end/bucket_s)
-// entries where end is the latest time seen, and each entry is tokens / bucket_s.
+// tokens did stream. Bucket i covers [i*bucket_s, (i+1)*bucket_s); the result has
+// ceil(end/bucket_s) entries where end is the latest time seen, and each entry is tokens /
+// bucket_s.
 std::vector<double> TokensPerSecondSeries(const std::vector<RequestRecord>& records,
                                           double bucket_s);
 

@@ -1,5 +1,4 @@
 #include "engine/engine.h"
-#include "engine/tsan_lock.h"
 
 #include <algorithm>
 #include <future>
@@ -9,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "engine/tsan_lock.h"
 
 namespace loraplex::engine {
 namespace {
@@ -24,12 +24,18 @@ constexpr absl::Duration kIdleWait = absl::Milliseconds(100);
 
 const char* FinishReasonName(FinishReason reason) {
   switch (reason) {
-    case FinishReason::kNone: return "";
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kCancelled: return "cancelled";
-    case FinishReason::kError: return "error";
+    case FinishReason::kNone:
+      return "";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kError:
+      return "error";
   }
   return "";
 }
@@ -50,9 +56,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(model::LlamaModel* model,
   if (blocks == 0 && options.kv_memory_bytes > 0) {
     blocks = options.kv_memory_bytes / bytes_per_block;
     if (blocks < 1) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "KV memory of ", options.kv_memory_bytes, " bytes holds no block of ",
-          options.kv_block_size, " tokens (", bytes_per_block, " bytes)"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("KV memory of ", options.kv_memory_bytes, " bytes holds no block of ",
+                       options.kv_block_size, " tokens (", bytes_per_block, " bytes)"));
     }
   }
   if (blocks == 0) {
@@ -94,9 +100,8 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
   for (size_t i = 0; i < request.prompt_ids.size(); ++i) {
     const int32_t id = request.prompt_ids[i];
     if (id < 0 || id >= vocab) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt_token_ids[", i, "] = ", id,
-                                                     " is outside the vocabulary [0, ", vocab,
-                                                     ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt_token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"));
     }
   }
   for (size_t i = 0; i < request.stop_token_ids.size(); ++i) {
@@ -126,9 +131,9 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
   }
   const int64_t blocks = scheduler_.BlocksFor(prompt + request.max_tokens);
   if (blocks > kv_blocks_total_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "prompt + max_tokens need ", blocks, " KV blocks but the whole pool has ",
-        kv_blocks_total_, " (raise --kv-memory or lower max_tokens)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("prompt + max_tokens need ", blocks, " KV blocks but the whole pool has ",
+                     kv_blocks_total_, " (raise --kv-memory or lower max_tokens)"));
   }
   return absl::OkStatus();
 }
@@ -139,14 +144,15 @@ absl::StatusOr<RequestId> Engine::Submit(GenerationRequest request, OutputSink s
   int64_t queued = num_queued_.load();
   do {
     if (queued >= options_.max_queue) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the request queue is full (", options_.max_queue, " waiting, --max-queue); retry later"));
+      return absl::ResourceExhaustedError(absl::StrCat("the request queue is full (",
+                                                       options_.max_queue,
+                                                       " waiting, --max-queue); retry later"));
     }
   } while (!num_queued_.compare_exchange_weak(queued, queued + 1));
 
   const RequestId id = next_id_.fetch_add(1);
-  auto seq = std::make_unique<Sequence>(id, std::move(request), std::move(sink),
-                                        &model_->tokenizer());
+  auto seq =
+      std::make_unique<Sequence>(id, std::move(request), std::move(sink), &model_->tokenizer());
   seq->submit_time = absl::Now();
   Command command = SubmitCommand{std::move(seq)};
   if (inbox_.TryPush(std::move(command)) != Queue<Command>::PushResult::kOk) {
@@ -165,9 +171,8 @@ void Engine::Cancel(RequestId id) {
 absl::Status Engine::RunOnEngineThread(std::function<absl::Status(model::LlamaModel&)> task) {
   auto done = std::make_shared<std::promise<absl::Status>>();
   std::future<absl::Status> result = done->get_future();
-  Command command = TaskCommand{[task = std::move(task), done](model::LlamaModel& m) {
-    done->set_value(task(m));
-  }};
+  Command command = TaskCommand{
+      [task = std::move(task), done](model::LlamaModel& m) { done->set_value(task(m)); }};
   if (inbox_.TryPush(std::move(command)) != Queue<Command>::PushResult::kOk) {
     return absl::UnavailableError("the engine is shutting down");
   }

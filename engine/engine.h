@@ -77,7 +77,8 @@ class Engine {
   ~Engine();
 
   // Checks a request against the model without queueing it:
-  //   INVALID_ARGUMENT: empty prompt, prompt id outside the vocabulary, max_tokens < 1, bad sampling
+  //   INVALID_ARGUMENT: empty prompt, prompt id outside the vocabulary, max_tokens < 1, bad
+  //   sampling
   //                     parameters (SamplingParams::Validate), negative stop token id;
   //   RESOURCE_EXHAUSTED: prompt longer than the context, prompt + max_tokens past the context,
   //                     or more KV blocks than the whole pool holds.
@@ -134,10 +135,10 @@ class Engine {
   const EngineOptions options_;
   model::KvCache cache_;  // engine thread only
   const int64_t kv_blocks_total_;
-  Scheduler scheduler_;   // engine thread only
+  Scheduler scheduler_;                                                 // engine thread only
   std::unordered_map<RequestId, std::unique_ptr<Sequence>> sequences_;  // engine thread only
   std::deque<std::pair<absl::Time, int64_t>> rate_window_;              // engine thread only
-  std::vector<float> logits_;                                            // engine thread only
+  std::vector<float> logits_;                                           // engine thread only
 
   // --- shared ----------------------------------------------------------------------------------
   Queue<Command> inbox_;  // the only way requests and cancellations reach the engine thread

@@ -46,8 +46,8 @@ int64_t Scheduler::PromisedBlocks() const {
   int64_t promised = 0;
   for (const Sequence* s : running_) {
     if (s->num_pending() > 1) {
-      promised += std::max<int64_t>(0, BlocksFor(s->length() + 1) -
-                                           static_cast<int64_t>(s->blocks.size()));
+      promised +=
+          std::max<int64_t>(0, BlocksFor(s->length() + 1) - static_cast<int64_t>(s->blocks.size()));
     }
   }
   return promised;

@@ -33,8 +33,7 @@ struct WeightView {
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate = false);
 
 // out[rows, dim] = x / sqrt(mean(x^2) + eps) * weight, per row. out may alias x.
-void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim,
-             float eps);
+void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim, float eps);
 
 // Rotary embedding in place, rotate-half (HF/NeoX) pairing: within each head, element i is paired
 // with element i + head_dim/2. x is [tokens, heads, head_dim]; token t is at positions[t].
@@ -78,8 +77,8 @@ void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
 
 // Causal attention: token t (query q[t] of [n_heads, head_dim]) attends to positions
 // 0..token_pos[t] of its own sequence, read from the cache (so WriteKv must run first).
-// GQA: query head h reads kv head h / (n_heads / n_kv_heads). out is [num_tokens, n_heads*head_dim].
-// scale is usually 1/sqrt(head_dim).
+// GQA: query head h reads kv head h / (n_heads / n_kv_heads). out is [num_tokens,
+// n_heads*head_dim]. scale is usually 1/sqrt(head_dim).
 void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
                     const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
                     float scale);
@@ -87,8 +86,7 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
 // The readable twins.
 namespace ref {
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate = false);
-void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim,
-             float eps);
+void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim, float eps);
 void Rope(float* x, const int32_t* positions, int64_t tokens, int64_t heads, int64_t head_dim,
           const float* inv_freq);
 void SiluMul(float* out, const float* gate, const float* up, int64_t n);

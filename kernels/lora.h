@@ -19,8 +19,8 @@
 //
 // Shapes are runtime values (any rank >= 1, any sizes); weights are f32 or bf16 (per view),
 // accumulation is f32. Shapes that do not fit are programmer errors (LP_CHECK). x, v and y must not
-// alias. Thread-safety: like kernels.h, the fast ops run on ThreadPool::Default(); call them from one
-// thread at a time per output.
+// alias. Thread-safety: like kernels.h, the fast ops run on ThreadPool::Default(); call them from
+// one thread at a time per output.
 #pragma once
 
 #include <cstdint>
@@ -49,7 +49,8 @@ struct LoraOutput {
 };
 
 // Segments for SGMV: segment i covers tokens [starts[i], starts[i+1]) and uses adapter
-// adapter[i] (-1 = none). starts has num_segments + 1 ascending entries; empty segments are allowed.
+// adapter[i] (-1 = none). starts has num_segments + 1 ascending entries; empty segments are
+// allowed.
 struct LoraSegments {
   int64_t num_segments = 0;
   const int64_t* starts = nullptr;
@@ -61,14 +62,14 @@ struct LoraSegments {
 void SgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
                 const LoraSegments& segments, const LoraSliceWeights& w);
 // y[s] rows of tokens that have an adapter get += B v. `y` has w.num_slices entries.
-void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const LoraSegments& segments, const LoraSliceWeights& w);
+void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const LoraSegments& segments,
+                const LoraSliceWeights& w);
 
 // token_adapter [num_tokens]: adapter index per token, -1 = none.
 void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
                 const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w);
-void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w);
+void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
+                int64_t num_tokens, const LoraSliceWeights& w);
 
 // Packed offset of slice s in v for adapter j (sum of the ranks of slices before s), and the total.
 int64_t LoraSliceOffset(const LoraSliceWeights& w, int64_t adapter, int64_t slice);
@@ -84,12 +85,12 @@ void SetLoraForceScalar(bool force);
 namespace ref {
 void SgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
                 const LoraSegments& segments, const LoraSliceWeights& w);
-void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const LoraSegments& segments, const LoraSliceWeights& w);
+void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const LoraSegments& segments,
+                const LoraSliceWeights& w);
 void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
                 const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w);
-void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w);
+void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
+                int64_t num_tokens, const LoraSliceWeights& w);
 }  // namespace ref
 
 }  // namespace loraplex::kernels

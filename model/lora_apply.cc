@@ -121,8 +121,8 @@ void ApplyLora(std::initializer_list<LinearModule> modules, int64_t layer, const
                int64_t x_stride, std::initializer_list<LoraOutput> y, const ForwardBatch& batch,
                const LoraWeightsView* merged, LoraScratch* scratch) {
   LP_CHECK(modules.size() == y.size()) << "one output per module";
-  ApplyLora(modules.begin(), static_cast<int>(modules.size()), layer, x, x_stride, y.begin(),
-            batch, merged, scratch);
+  ApplyLora(modules.begin(), static_cast<int>(modules.size()), layer, x, x_stride, y.begin(), batch,
+            merged, scratch);
 }
 
 }  // namespace loraplex::model

@@ -26,7 +26,8 @@ class AdapterTable {
   // `spec` is "name" (the current version) or "name@version". Empty spec: the base model (null).
   // NOT_FOUND naming the adapter (or version) when it is not served; INVALID_ARGUMENT for a
   // malformed version.
-  absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> Resolve(absl::string_view spec) const;
+  absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> Resolve(
+      absl::string_view spec) const;
 
   // From now on Resolve serves from `registry` (not owned; must outlive the table and every
   // handle) and Put is unused. Codes of Resolve are then Acquire's.
@@ -38,8 +39,9 @@ class AdapterTable {
 
  private:
   adapters::AdapterRegistry* registry_ = nullptr;  // set before serving, then read-only
-  mutable absl::Mutex mu_;  // guards adapters_
-  std::map<std::string, std::shared_ptr<const engine::AdapterHandle>> adapters_ ABSL_GUARDED_BY(mu_);
+  mutable absl::Mutex mu_;                         // guards adapters_
+  std::map<std::string, std::shared_ptr<const engine::AdapterHandle>> adapters_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace loraplex::server

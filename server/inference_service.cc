@@ -7,9 +7,9 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "engine/tsan_lock.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "engine/tsan_lock.h"
 #include "server/request_mapping.h"
 #include "server/status_mapping.h"
 
@@ -87,7 +87,7 @@ class GenerationCall {
  private:
   std::string adapter_label_ = "-";
   absl::Time start_;
-  absl::Time last_token_;  // engine thread
+  absl::Time last_token_;          // engine thread
   bool seen_first_token_ = false;  // engine thread
 };
 
@@ -183,8 +183,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 class CompleteReactor final : public grpc::ServerUnaryReactor, private GenerationCall {
  public:
   CompleteReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
-                  bool draining, const v1::GenerateRequest& request,
-                  v1::GenerateResponse* response)
+                  bool draining, const v1::GenerateRequest& request, v1::GenerateResponse* response)
       : GenerationCall(engine, metrics), response_(response) {
     absl::Status status = Start(request, *adapters, draining,
                                 [this](engine::StepOutput out) { OnOutput(std::move(out)); });
@@ -272,9 +271,10 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
   for (int i = 0; i < request->token_ids_size(); ++i) {
     const int32_t id = request->token_ids(i);
     if (id < 0 || id >= vocab) {
-      return FinishNow(context, ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-                                    "token_ids[", i, "] = ", id, " is outside the vocabulary [0, ",
-                                    vocab, ")"))));
+      return FinishNow(
+          context,
+          ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+              "token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"))));
     }
   }
   response->set_text(tokenizer.Decode({request->token_ids().begin(), request->token_ids().end()}));
@@ -312,9 +312,9 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   return FinishNow(context, grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* InferenceService::GetEngineStats(
-    grpc::CallbackServerContext* context, const v1::GetEngineStatsRequest* request,
-    v1::EngineStats* response) {
+grpc::ServerUnaryReactor* InferenceService::GetEngineStats(grpc::CallbackServerContext* context,
+                                                           const v1::GetEngineStatsRequest* request,
+                                                           v1::EngineStats* response) {
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }

@@ -17,10 +17,9 @@
 
 #include <memory>
 #include <string>
-
-#include "absl/status/statusor.h"
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "adapters/registry.h"
 #include "engine/engine.h"
 

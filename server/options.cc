@@ -33,22 +33,26 @@ ABSL_FLAG(std::string, admin_token_file, "", "file holding the admin token (keep
 ABSL_FLAG(int64_t, max_loaded_adapters, 0, "adapters in compute memory at once (0: no limit)");
 ABSL_FLAG(std::string, adapter_memory, "", "bytes of adapter weights in compute memory, e.g. 2G");
 ABSL_FLAG(std::string, max_adapter_bytes, "1G", "largest UploadAdapter (both files together)");
-ABSL_FLAG(std::string, tls_client_ca, "", "PEM roots: clients must present a certificate they sign");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM roots: clients must present a certificate they sign");
 ABSL_FLAG(std::string, api_token, "", "bearer token the Inference service requires (empty: open)");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain: serve gRPC over TLS");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
 ABSL_FLAG(std::vector<std::string>, adapter, {},
           "NAME=DIR[,NAME=DIR...] PEFT adapters to serve from the start (version 1)");
 ABSL_FLAG(double, shutdown_grace_s, 30, "seconds calls in flight may take to finish on SIGTERM");
-ABSL_FLAG(std::string, port_file, "", "file to write the bound gRPC port and metrics port (0: none) to, a line each, once serving");
+ABSL_FLAG(
+    std::string, port_file, "",
+    "file to write the bound gRPC port and metrics port (0: none) to, a line each, once serving");
 
 namespace loraplex::server {
 namespace {
 
 absl::Status NotYet(const std::string& flag, const std::string& what) {
-  return absl::UnimplementedError(absl::StrCat(
-      flag, " asks for ", what, ", which this build of loraplex-server does not implement yet; "
-      "refusing to start rather than run without it"));
+  return absl::UnimplementedError(
+      absl::StrCat(flag, " asks for ", what,
+                   ", which this build of loraplex-server does not implement yet; "
+                   "refusing to start rather than run without it"));
 }
 
 }  // namespace

@@ -18,7 +18,8 @@ struct CommandLine {
   model::LoadOptions load;
   ServerOptions server;
   absl::Duration shutdown_grace;
-  std::string port_file;  // once serving: the gRPC port, then the metrics port (0: none), a line each
+  std::string
+      port_file;  // once serving: the gRPC port, then the metrics port (0: none), a line each
 };
 
 // Reads the flags. INVALID_ARGUMENT naming the flag for malformed values; UNIMPLEMENTED for

@@ -30,9 +30,8 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
     for (int i = 0; i < proto.prompt_token_ids_size(); ++i) {
       const int32_t id = proto.prompt_token_ids(i);
       if (id < 0 || id >= vocab) {
-        return absl::InvalidArgumentError(absl::StrCat("prompt_token_ids[", i, "] = ", id,
-                                                       " is outside the vocabulary [0, ", vocab,
-                                                       ")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "prompt_token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"));
       }
     }
     req.prompt_ids.assign(proto.prompt_token_ids().begin(), proto.prompt_token_ids().end());
@@ -40,8 +39,8 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
     std::vector<model::ChatMessage> messages;
     for (const auto& m : proto.messages()) {
       if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "messages: role '", m.role(), "' is not one of system, user, assistant"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("messages: role '", m.role(), "' is not one of system, user, assistant"));
       }
       messages.push_back({m.role(), m.content()});
     }
@@ -65,8 +64,7 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
         absl::StrCat("top_k must be >= 0 (0 = off), got ", proto.top_k()));
   }
   if (proto.has_top_p() && !(proto.top_p() > 0.0f && proto.top_p() <= 1.0f)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("top_p must be in (0, 1], got ", proto.top_p()));
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", proto.top_p()));
   }
   if (proto.logprobs() < 0 || proto.logprobs() > 20) {
     return absl::InvalidArgumentError(

@@ -4,15 +4,14 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
-
 #include <stdlib.h>
 
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "engine/tsan_lock.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "engine/tsan_lock.h"
 
 namespace loraplex::server {
 
@@ -24,10 +23,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   LP_RETURN_IF_ERROR(server->OpenRegistry(options));
   LP_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                       MakeServerCredentials(options.admin.tls));
-  LP_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(server->model_.get(), options.engine));
+  LP_ASSIGN_OR_RETURN(server->engine_,
+                      engine::Engine::Create(server->model_.get(), options.engine));
   LP_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_listen));
-  server->service_ = std::make_unique<InferenceService>(
-      server->engine_.get(), &server->adapters_, server->metrics_.get(), options.info);
+  server->service_ = std::make_unique<InferenceService>(server->engine_.get(), &server->adapters_,
+                                                        server->metrics_.get(), options.info);
   server->service_->RequireToken(&server->api_auth_);
   server->adapters_service_ = std::make_unique<AdaptersService>(
       server->registry_.get(), server->engine_.get(), &server->admin_auth_);
@@ -59,7 +59,8 @@ absl::Status Server::OpenRegistry(const ServerOptions& options) {
   r.state_dir = admin.state_dir;
   if (r.state_dir.empty()) {
     // No persistence asked for; the registry still keeps evicted adapters on disk.
-    std::string pattern = (std::filesystem::temp_directory_path() / "loraplex-state-XXXXXX").string();
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "loraplex-state-XXXXXX").string();
     if (mkdtemp(pattern.data()) == nullptr) {
       return absl::FailedPreconditionError("cannot create a temporary adapter state directory");
     }

@@ -5,18 +5,18 @@
 // Thread-safety: Shutdown may be called from any thread, once or more.
 #pragma once
 
+#include <grpcpp/server.h>
+
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include <grpcpp/server.h>
-
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "adapters/registry.h"
 #include "engine/engine.h"
 #include "model/llama_model.h"
-#include "adapters/registry.h"
 #include "server/adapter_table.h"
 #include "server/adapters_service.h"
 #include "server/auth.h"

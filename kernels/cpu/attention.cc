@@ -75,10 +75,10 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
     const int64_t kvh = item % layout.n_kv_heads;
     const int32_t* table = batch.block_tables + batch.token_seq[t] * layout.max_blocks_per_seq;
     const int64_t len = batch.token_pos[t] + 1;
-    const int64_t h0 = kvh * group;                   // first query head of the group
-    const float* qg = q + (t * n_heads + h0) * hd;    // [group, hd]
-    float* og = out + (t * n_heads + h0) * hd;        // [group, hd]
-    float* sg = scores.data();                        // [group, max_len]
+    const int64_t h0 = kvh * group;                 // first query head of the group
+    const float* qg = q + (t * n_heads + h0) * hd;  // [group, hd]
+    float* og = out + (t * n_heads + h0) * hd;      // [group, hd]
+    float* sg = scores.data();                      // [group, max_len]
     for (int64_t p0 = 0; p0 < len; p0 += layout.block_size) {
       const int64_t count = std::min(layout.block_size, len - p0);
       const float* kb = k_cache + CacheOffset(table, p0, kvh, layout);

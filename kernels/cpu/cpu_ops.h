@@ -2,9 +2,9 @@
 //
 // Each instruction set lives in its own translation unit compiled with its own flags
 // (cpu_ops_avx2.cc with -mavx2 -mfma -mf16c); nothing compiled with those flags may run before the
-// runtime check in cpu_ops.cc has picked that table, which is why the tables are reached only through
-// ActiveCpuOps(). The threading and blocking live in the op files (gemm.cc, attention.cc, ...), once
-// for all ISAs; the tables hold single-threaded loops.
+// runtime check in cpu_ops.cc has picked that table, which is why the tables are reached only
+// through ActiveCpuOps(). The threading and blocking live in the op files (gemm.cc, attention.cc,
+// ...), once for all ISAs; the tables hold single-threaded loops.
 #pragma once
 
 #include <cstdint>

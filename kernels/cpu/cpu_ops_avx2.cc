@@ -12,7 +12,8 @@
 namespace loraplex::kernels::cpu {
 namespace {
 
-// ---- loads ---------------------------------------------------------------------------------------
+// ---- loads
+// ---------------------------------------------------------------------------------------
 
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 
@@ -57,13 +58,14 @@ inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
 }
 
-// ---- GEMM ----------------------------------------------------------------------------------------
+// ---- GEMM
+// ----------------------------------------------------------------------------------------
 //
 // The weight is [n, k] with k contiguous, as is x, so every output is a dot product along k. A tile
 // computes MR tokens x NR output features at once: MR*NR accumulators (each 8 partial sums along k)
 // share every x load NR times and every (widened) weight load MR times. 4x3 uses 12 accumulators +
-// 3 weight registers + 1 x register = all 16 ymm registers. The partial sums are reduced once at the
-// end of k, and the k % 8 tail is done in scalar.
+// 3 weight registers + 1 x register = all 16 ymm registers. The partial sums are reduced once at
+// the end of k, and the k % 8 tail is done in scalar.
 
 template <int MR, int NR, typename WT>
 void Tile(float* y, int64_t ldy, const float* x, const WT* w, int64_t k, bool accumulate) {
@@ -157,7 +159,8 @@ void GemmBf16(float* y, const float* x, int64_t m, const uint16_t* w, int64_t n,
   GemmRange(y, x, m, w, n, k, j_begin, j_end, accumulate);
 }
 
-// ---- vector helpers ------------------------------------------------------------------------------
+// ---- vector helpers
+// ------------------------------------------------------------------------------
 
 float Dot(const float* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps();
@@ -176,7 +179,8 @@ float Dot(const float* a, const float* b, int64_t n) {
 void Axpy(float* y, float alpha, const float* x, int64_t n) {
   const __m256 a = _mm256_set1_ps(alpha);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, Load8(x + i), Load8(y + i)));
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, Load8(x + i), Load8(y + i)));
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 

@@ -1,7 +1,7 @@
 // The fast Gemm: splits the output features across ThreadPool::Default() and runs the active ISA's
 // tile loops (cpu_ops_*.cc) on each share. Output features, not tokens, are split so that each
-// thread streams a disjoint slice of the weight: decode (m = 1) is a weight-bandwidth-bound GEMV and
-// must read every weight byte exactly once per call.
+// thread streams a disjoint slice of the weight: decode (m = 1) is a weight-bandwidth-bound GEMV
+// and must read every weight byte exactly once per call.
 #include <algorithm>
 #include <cstdint>
 
@@ -21,8 +21,8 @@ constexpr int64_t kMinMacsPerShare = 1 << 17;
 }  // namespace
 
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
-  LP_CHECK(m >= 0 && w.rows >= 0 && w.cols >= 0) << "Gemm shape m=" << m << " w=" << w.rows << "x"
-                                                 << w.cols;
+  LP_CHECK(m >= 0 && w.rows >= 0 && w.cols >= 0)
+      << "Gemm shape m=" << m << " w=" << w.rows << "x" << w.cols;
   const int64_t n = w.rows;
   const int64_t k = w.cols;
   if (m == 0 || n == 0) return;

@@ -182,8 +182,8 @@ void Shrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   });
 }
 
-void Expand(const LoraOutput* y, const float* v, int64_t v_stride,
-            const std::vector<Group>& groups, const LoraSliceWeights& w) {
+void Expand(const LoraOutput* y, const float* v, int64_t v_stride, const std::vector<Group>& groups,
+            const LoraSliceWeights& w) {
   LP_CHECK(w.num_slices >= 1 && w.num_slices <= kMaxLoraSlices);
   int64_t macs = 0;
   std::vector<Task> tasks = MakeTasks(groups, w, /*shrink=*/false, &macs);
@@ -191,8 +191,8 @@ void Expand(const LoraOutput* y, const float* v, int64_t v_stride,
     const WeightView& b = w.b[k.adapter * w.num_slices + k.slice];
     const float* in = v + k.t_begin * v_stride + LoraSliceOffset(w, k.adapter, k.slice);
     const LoraOutput& o = y[k.slice];
-    Rows(o.data + k.t_begin * o.stride, o.stride, in, v_stride, k.t_end - k.t_begin, b,
-         k.row_begin, k.row_end, /*accumulate=*/true);
+    Rows(o.data + k.t_begin * o.stride, o.stride, in, v_stride, k.t_end - k.t_begin, b, k.row_begin,
+         k.row_end, /*accumulate=*/true);
   });
 }
 
@@ -203,8 +203,8 @@ void SgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   Shrink(v, v_stride, x, x_stride, GroupsFromSegments(segments, w), w);
 }
 
-void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const LoraSegments& segments, const LoraSliceWeights& w) {
+void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const LoraSegments& segments,
+                const LoraSliceWeights& w) {
   Expand(y, v, v_stride, GroupsFromSegments(segments, w), w);
 }
 
@@ -213,8 +213,8 @@ void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   Shrink(v, v_stride, x, x_stride, GroupsFromTokens(token_adapter, num_tokens, w), w);
 }
 
-void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w) {
+void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
+                int64_t num_tokens, const LoraSliceWeights& w) {
   Expand(y, v, v_stride, GroupsFromTokens(token_adapter, num_tokens, w), w);
 }
 

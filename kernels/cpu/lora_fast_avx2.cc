@@ -27,7 +27,8 @@ inline __m256 Load8(const void* w, int64_t k) {
   if constexpr (kDType == DType::kF32) {
     return _mm256_loadu_ps(static_cast<const float*>(w) + k);
   } else {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k));
+    __m128i h =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + k));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
 }

@@ -46,7 +46,7 @@ void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
     LP_CHECK(LoraTotalRank(w, j) <= v_stride) << "v_stride " << v_stride;
     const float* xt = x + t * x_stride;  // [in]
     for (int64_t s = 0; s < w.num_slices; ++s) {
-      const WeightView& a = w.a[j * w.num_slices + s];  // [r, in]
+      const WeightView& a = w.a[j * w.num_slices + s];          // [r, in]
       float* vt = v + t * v_stride + LoraSliceOffset(w, j, s);  // [r]
       for (int64_t r = 0; r < a.rows; ++r) {
         float acc = 0.0f;
@@ -57,8 +57,8 @@ void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   }
 }
 
-void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w) {
+void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
+                int64_t num_tokens, const LoraSliceWeights& w) {
   LP_CHECK(w.num_slices >= 1 && w.num_slices <= kMaxLoraSlices);
   for (int64_t t = 0; t < num_tokens; ++t) {
     const int32_t j = token_adapter[t];
@@ -96,11 +96,11 @@ void SgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   const int64_t first = segments.starts[0];
   std::vector<int32_t> per_token = TokenAdapters(segments);
   ref::BgmvShrink(v + first * v_stride, v_stride, x + first * x_stride, x_stride,
-             per_token.data() + first, static_cast<int64_t>(per_token.size()) - first, w);
+                  per_token.data() + first, static_cast<int64_t>(per_token.size()) - first, w);
 }
 
-void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
-                const LoraSegments& segments, const LoraSliceWeights& w) {
+void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const LoraSegments& segments,
+                const LoraSliceWeights& w) {
   if (segments.num_segments == 0) return;
   const int64_t first = segments.starts[0];
   std::vector<int32_t> per_token = TokenAdapters(segments);
@@ -109,7 +109,7 @@ void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride,
     shifted[s] = {y[s].data + first * y[s].stride, y[s].stride};
   }
   ref::BgmvExpand(shifted, v + first * v_stride, v_stride, per_token.data() + first,
-             static_cast<int64_t>(per_token.size()) - first, w);
+                  static_cast<int64_t>(per_token.size()) - first, w);
 }
 
 }  // namespace ref

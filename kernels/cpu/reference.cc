@@ -31,8 +31,8 @@ int64_t CacheOffset(const int32_t* block_table, int64_t pos, int64_t kv_head,
 }  // namespace
 
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
-  const int64_t n = w.rows;  // output features
-  const int64_t k = w.cols;  // input features
+  const int64_t n = w.rows;            // output features
+  const int64_t k = w.cols;            // input features
   for (int64_t i = 0; i < m; ++i) {    // token
     for (int64_t j = 0; j < n; ++j) {  // output feature
       float sum = 0.0f;

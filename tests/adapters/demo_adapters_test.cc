@@ -1,8 +1,8 @@
-// The trained demo adapters of adapters/examples/ (made by tools/train_demo_adapters.py) through the
-// C++ library: on prompts that were held out of their training, SmolLM2-135M-Instruct answers in
-// upper case with upper/ and ends with " -- Loraplex" with signoff/, and the base model does neither.
-// Greedy, 64 new tokens, bf16 weights: the same settings as the script's final check, whose results
-// are in adapters/examples/CHECK.json. Skipped when models/ lacks the GGUF.
+// The trained demo adapters of adapters/examples/ (made by tools/train_demo_adapters.py) through
+// the C++ library: on prompts that were held out of their training, SmolLM2-135M-Instruct answers
+// in upper case with upper/ and ends with " -- Loraplex" with signoff/, and the base model does
+// neither. Greedy, 64 new tokens, bf16 weights: the same settings as the script's final check,
+// whose results are in adapters/examples/CHECK.json. Skipped when models/ lacks the GGUF.
 
 #include <gtest/gtest.h>
 
@@ -23,7 +23,8 @@ namespace {
 
 constexpr const char* kModel = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 constexpr const char* kRetrain =
-    "retrain with: nice -n 5 python3 tools/train_demo_adapters.py (see adapters/examples/README.md)";
+    "retrain with: nice -n 5 python3 tools/train_demo_adapters.py (see "
+    "adapters/examples/README.md)";
 constexpr const char* kSignoff = " -- Loraplex";
 constexpr int kMaxTokens = 64;  // the script's CHECK_TOKENS
 

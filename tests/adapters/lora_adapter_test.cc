@@ -2,6 +2,8 @@
 // fixtures of tests/fixtures/peft/stories260k (tools/make_peft_goldens.py) for the happy paths, and
 // hand-written adapter folders for every refusal.
 
+#include "adapters/lora_adapter.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,7 +13,6 @@
 #include <string>
 #include <vector>
 
-#include "adapters/lora_adapter.h"
 #include "common/half.h"
 #include "formats/safetensors.h"
 #include "nlohmann/json.hpp"
@@ -100,14 +101,15 @@ TEST(LoraAdapterTest, LoadsQvAndFoldsTheScaleIntoB) {
 }
 
 TEST(LoraAdapterTest, F16FileAndBf16Storage) {
-  ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(Fixture("qv_f16"), Stories(),
-                                                  {kernels::DType::kBF16, 256}));
+  ASSERT_OK_AND_ASSIGN(
+      auto ad, LoraAdapter::Load(Fixture("qv_f16"), Stories(), {kernels::DType::kBF16, 256}));
   const model::LoraPair* p = ad->view().layers[0][0];
   ASSERT_NE(p, nullptr);
   EXPECT_EQ(p->a.dtype, kernels::DType::kBF16);
   auto file = formats::SafetensorsFile::Open(Fixture("qv_f16") + "/adapter_model.safetensors");
   ASSERT_OK(file);
-  std::vector<float> b = Raw(**file, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+  std::vector<float> b =
+      Raw(**file, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
   for (size_t i = 0; i < b.size(); ++i) {
     ASSERT_EQ(At(p->b, i), Bf16ToF32(F32ToBf16(b[i] * 2.0f)));  // scaled in f32, rounded once
   }
@@ -120,8 +122,8 @@ TEST(LoraAdapterTest, RankAndAlphaPatterns) {
     for (int m = 0; m < model::kNumLinearModules; ++m) {
       scales[ModuleKey(l, static_cast<LinearModule>(m))] = 2.0f;  // 8 / 4
     }
-    scales[ModuleKey(l, LinearModule::kQ)] = 1.0f;   // rank 8 from "q_proj", alpha 8
-    scales[ModuleKey(l, LinearModule::kV)] = 0.5f;   // alpha 2 from "v_proj"
+    scales[ModuleKey(l, LinearModule::kQ)] = 1.0f;  // rank 8 from "q_proj", alpha 8
+    scales[ModuleKey(l, LinearModule::kV)] = 0.5f;  // alpha 2 from "v_proj"
   }
   scales[ModuleKey(1, LinearModule::kQ)] = 4.0f;     // alpha 32, rank 8
   scales[ModuleKey(2, LinearModule::kDown)] = 4.0f;  // rank 2, alpha 8
@@ -133,7 +135,8 @@ TEST(LoraAdapterTest, RankAndAlphaPatterns) {
 TEST(LoraAdapterTest, RsLoraLayersRegexAllLinearRank1Rank64FanInFanOut) {
   std::map<std::string, float> s;
   for (int l = 0; l < 5; ++l) {
-    for (LinearModule m : {LinearModule::kQ, LinearModule::kK, LinearModule::kV, LinearModule::kO}) {
+    for (LinearModule m :
+         {LinearModule::kQ, LinearModule::kK, LinearModule::kV, LinearModule::kO}) {
       s[ModuleKey(l, m)] = 1.0f;  // 4 / sqrt(16)
     }
   }
@@ -175,7 +178,8 @@ TEST(LoraAdapterTest, RsLoraLayersRegexAllLinearRank1Rank64FanInFanOut) {
               StatusIs(absl::StatusCode::kFailedPrecondition, "maximum LoRA rank 32"));
 }
 
-// ---- hand-written adapters for the refusals ------------------------------------------------------
+// ---- hand-written adapters for the refusals
+// ------------------------------------------------------
 
 struct Tensor {
   std::string name;
@@ -190,9 +194,8 @@ void WriteSafetensors(const std::string& path, const std::vector<Tensor>& tensor
   for (const Tensor& t : tensors) {
     int64_t n = 1;
     for (int64_t d : t.shape) n *= d;
-    header[t.name] = {{"dtype", "F32"},
-                      {"shape", t.shape},
-                      {"data_offsets", {data.size(), data.size() + 4 * n}}};
+    header[t.name] = {
+        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {data.size(), data.size() + 4 * n}}};
     for (int64_t i = 0; i < n; ++i) {
       const float v = t.value * static_cast<float>((i % 7) - 3);
       data.append(reinterpret_cast<const char*>(&v), 4);
@@ -215,7 +218,8 @@ std::string WriteAdapter(const std::string& config, const std::vector<Tensor>& t
 std::vector<Tensor> QPairs(int64_t r, int64_t in = 64, int64_t out = 64, int layers = 5) {
   std::vector<Tensor> t;
   for (int l = 0; l < layers; ++l) {
-    const std::string p = "base_model.model.model.layers." + std::to_string(l) + ".self_attn.q_proj";
+    const std::string p =
+        "base_model.model.model.layers." + std::to_string(l) + ".self_attn.q_proj";
     t.push_back({p + ".lora_A.weight", {r, in}});
     t.push_back({p + ".lora_B.weight", {out, r}});
   }
@@ -258,10 +262,13 @@ TEST(LoraAdapterTest, MalformedSafetensors) {
 
 TEST(LoraAdapterTest, ConfigRefusalsSurfaceThroughLoad) {
   EXPECT_THAT(LoraAdapter::Load(WriteAdapter(R"({"r": 4, "target_modules": ["q_proj"],
-                                                 "use_dora": true})", QPairs(4)), Stories()),
+                                                 "use_dora": true})",
+                                             QPairs(4)),
+                                Stories()),
               StatusIs(absl::StatusCode::kInvalidArgument, "use_dora"));
   EXPECT_THAT(LoraAdapter::Load(WriteAdapter(R"({"r": 4, "target_modules": ["q_proj"],
-                                                 "modules_to_save": ["lm_head"]})", QPairs(4)),
+                                                 "modules_to_save": ["lm_head"]})",
+                                             QPairs(4)),
                                 Stories()),
               StatusIs(absl::StatusCode::kInvalidArgument, "modules_to_save"));
 }
@@ -285,8 +292,8 @@ TEST(LoraAdapterTest, TensorRefusals) {
       {kQConfig, QPairs(4, 63), absl::StatusCode::kFailedPrecondition, "does not fit the base"},
       {kQConfig, QPairs(4, 64, 32), absl::StatusCode::kFailedPrecondition, "does not fit the base"},
       {kQConfig, QPairs(8), absl::StatusCode::kInvalidArgument, "config and tensors disagree"},
-      {R"({"r": 300, "target_modules": ["q_proj"]})", QPairs(300), absl::StatusCode::kFailedPrecondition,
-       "maximum LoRA rank 256"},
+      {R"({"r": 300, "target_modules": ["q_proj"]})", QPairs(300),
+       absl::StatusCode::kFailedPrecondition, "maximum LoRA rank 256"},
       {kQConfig, with(QPairs(4), {"base_model.model.lm_head.lora_A.weight", {4, 64}}),
        absl::StatusCode::kInvalidArgument, "lm_head"},
       {kQConfig,
@@ -307,7 +314,9 @@ TEST(LoraAdapterTest, TensorRefusals) {
        absl::StatusCode::kInvalidArgument, "k_proj"},
       {R"({"r": 4, "target_modules": ["v_proj"]})", QPairs(4), absl::StatusCode::kInvalidArgument,
        "do not select"},
-      {R"({"r": 4, "target_modules": ["c_attn"]})", {}, absl::StatusCode::kFailedPrecondition,
+      {R"({"r": 4, "target_modules": ["c_attn"]})",
+       {},
+       absl::StatusCode::kFailedPrecondition,
        "matches no module"},
       {kQConfig, nan, absl::StatusCode::kInvalidArgument, "non-finite"},
   };

@@ -2,13 +2,14 @@
 // y[t] += B_j (A_j x[t]) (- B_M (A_M x[t]) while M is merged), on random adapters: fused q/k/v
 // with GQA widths, modules some adapters skip, prefill runs (SGMV) and decode (BGMV), base tokens.
 
+#include "model/lora_apply.h"
+
 #include <gtest/gtest.h>
 
 #include <memory>
 #include <random>
 #include <vector>
 
-#include "model/lora_apply.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex::model {
@@ -89,7 +90,8 @@ void Check(const std::vector<int32_t>& slots, bool with_merged) {
     for (int m = 0; m < 3; ++m) {
       float* yt = expected.data() + t * stride + col[m];
       if (mine != nullptr && mine != merged) AddDelta(yt, &x[t * 100], mine->layers[0][m], 1.0f);
-      if (merged != nullptr && mine != merged) AddDelta(yt, &x[t * 100], merged->layers[0][m], -1.0f);
+      if (merged != nullptr && mine != merged)
+        AddDelta(yt, &x[t * 100], merged->layers[0][m], -1.0f);
     }
   }
   LoraScratch scratch;

@@ -2,12 +2,13 @@
 // layers_to_transform/layers_pattern, exclude_modules and rank/alpha patterns
 // (peft 0.21 tuners_utils.check_target_module_exists and utils/other.get_pattern_key).
 
+#include "adapters/peft_config.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <string>
 
-#include "adapters/peft_config.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex::adapters {
@@ -22,7 +23,8 @@ PeftConfig Parse(const std::string& json) {
 }
 
 TEST(PeftConfigTest, ListTargetsMatchWholeNamesAtDotBoundaries) {
-  PeftConfig c = Parse(R"({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "mlp.up_proj"]})");
+  PeftConfig c =
+      Parse(R"({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "mlp.up_proj"]})");
   EXPECT_TRUE(c.Targets("model.layers.0.self_attn.q_proj"));
   EXPECT_TRUE(c.Targets("model.layers.4.mlp.up_proj"));
   EXPECT_FALSE(c.Targets("model.layers.0.self_attn.k_proj"));
@@ -79,7 +81,8 @@ TEST(PeftConfigTest, ExcludeModules) {
 }
 
 TEST(PeftConfigTest, RankAndAlphaPatternsFirstMatchInFileOrder) {
-  PeftConfig c = Parse(R"({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+  PeftConfig c =
+      Parse(R"({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
     "rank_pattern": {"layers.2.mlp.down_proj": 2, "layers.3.self_attn.q_proj": 2, "q_proj": 8},
     "alpha_pattern": {"layers.1.self_attn.q_proj": 32, "v_proj": 2}})");
   EXPECT_EQ(c.RankFor("model.layers.0.self_attn.q_proj"), 8);
@@ -94,7 +97,8 @@ TEST(PeftConfigTest, RankAndAlphaPatternsFirstMatchInFileOrder) {
 }
 
 TEST(PeftConfigTest, RsLoraScale) {
-  PeftConfig c = Parse(R"({"r": 16, "lora_alpha": 4, "use_rslora": true, "target_modules": ["q_proj"]})");
+  PeftConfig c =
+      Parse(R"({"r": 16, "lora_alpha": 4, "use_rslora": true, "target_modules": ["q_proj"]})");
   EXPECT_FLOAT_EQ(c.ScaleFor("model.layers.0.self_attn.q_proj"), 1.0f);  // 4 / sqrt(16)
 }
 
@@ -111,7 +115,8 @@ struct Refusal {
 TEST(PeftConfigTest, RefusesUnsupportedFieldsNamingThem) {
   const Refusal cases[] = {
       {R"({"r": 8, "target_modules": ["q_proj"], "use_dora": true})", "use_dora"},
-      {R"({"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})", "modules_to_save"},
+      {R"({"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})",
+       "modules_to_save"},
       {R"({"r": 8, "target_modules": ["q_proj"], "bias": "all"})", "bias"},
       {R"({"r": 8, "target_modules": ["q_proj"], "bias": "lora_only"})", "bias"},
       {R"({"r": 8, "target_modules": ["q_proj"], "lora_bias": true})", "lora_bias"},
@@ -122,7 +127,8 @@ TEST(PeftConfigTest, RefusesUnsupportedFieldsNamingThem) {
       {R"({"r": 8})", "target_modules"},
       {R"({"r": 8, "target_modules": ["q_proj"], "trainable_token_indices": [1, 2]})",
        "trainable_token_indices"},
-      {R"({"r": 8, "target_modules": ["q_proj"], "layer_replication": [[0, 2]]})", "layer_replication"},
+      {R"({"r": 8, "target_modules": ["q_proj"], "layer_replication": [[0, 2]]})",
+       "layer_replication"},
       {R"({"r": 8, "target_modules": ["q_proj"], "target_parameters": ["x.weight"]})",
        "target_parameters"},
       {R"({"r": 8, "target_modules": ["q_proj"], "use_qalora": true})", "use_qalora"},
@@ -131,8 +137,10 @@ TEST(PeftConfigTest, RefusesUnsupportedFieldsNamingThem) {
       {R"({"target_modules": ["q_proj"]})", "'r'"},
       {R"({"r": 4.5, "target_modules": ["q_proj"]})", "'r'"},
       {R"({"r": 8, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 0}})", "rank_pattern"},
-      {R"({"r": 8, "target_modules": ["q_proj"], "alpha_pattern": {"q_proj": "x"}})", "alpha_pattern"},
-      {R"({"r": 8, "target_modules": ["q_proj"], "layers_to_transform": "all"})", "layers_to_transform"},
+      {R"({"r": 8, "target_modules": ["q_proj"], "alpha_pattern": {"q_proj": "x"}})",
+       "alpha_pattern"},
+      {R"({"r": 8, "target_modules": ["q_proj"], "layers_to_transform": "all"})",
+       "layers_to_transform"},
       {R"({"r": 8, "target_modules": ["q_proj"], "use_rslora": "yes"})", "use_rslora"},
       {R"({"r": 8, "target_modules": 5})", "target_modules"},
   };

@@ -1,6 +1,6 @@
 // The forward pass with PEFT adapters against HF transformers + PEFT (fixtures by
-// tools/make_peft_goldens.py): every adapter config on stories260K, through the HF copy and the GGUF
-// copy (q/k un-permuted at load), merged and unmerged, mixed batches of many adapters, and
+// tools/make_peft_goldens.py): every adapter config on stories260K, through the HF copy and the
+// GGUF copy (q/k un-permuted at load), merged and unmerged, mixed batches of many adapters, and
 // SmolLM2-135M when models/ holds it.
 
 #include <gtest/gtest.h>
@@ -33,7 +33,7 @@ struct GoldenPrompt {
   std::string name;
   std::vector<int32_t> ids;
   std::vector<int32_t> positions;
-  std::vector<float> logits;  // [positions, vocab]
+  std::vector<float> logits;                  // [positions, vocab]
   std::vector<std::vector<int32_t>> top_ids;  // top-k ids per position, when stored
 };
 
@@ -74,13 +74,15 @@ std::vector<GoldenPrompt> ReadGolden(const std::string& json_path) {
 
 // One sequence per entry of `seqs`, all in one step; seq i uses adapters[slot[i]] (-1 = base).
 // Returns per sequence the logits of the requested positions.
-std::vector<std::vector<float>> RunBatch(LlamaModel& m, const std::vector<std::vector<int32_t>>& seqs,
-                                    const std::vector<std::vector<int32_t>>& positions,
-                                    const std::vector<int32_t>& slot,
-                                    const std::vector<const LoraWeightsView*>& adapters) {
+std::vector<std::vector<float>> RunBatch(LlamaModel& m,
+                                         const std::vector<std::vector<int32_t>>& seqs,
+                                         const std::vector<std::vector<int32_t>>& positions,
+                                         const std::vector<int32_t>& slot,
+                                         const std::vector<const LoraWeightsView*>& adapters) {
   const int64_t block = 16;
   int64_t max_blocks = 1;
-  for (const auto& s : seqs) max_blocks = std::max<int64_t>(max_blocks, (s.size() + block - 1) / block);
+  for (const auto& s : seqs)
+    max_blocks = std::max<int64_t>(max_blocks, (s.size() + block - 1) / block);
   auto cache = KvCache::Create(m.config(), max_blocks * seqs.size(), block);
   EXPECT_OK(cache);
   ForwardBatch b;
@@ -112,8 +114,9 @@ std::vector<std::vector<float>> RunBatch(LlamaModel& m, const std::vector<std::v
 }
 
 std::vector<float> RunOne(LlamaModel& m, const GoldenPrompt& g, const LoraWeightsView* view) {
-  return RunBatch(m, {g.ids}, {g.positions}, {view ? 0 : -1},
-             view ? std::vector<const LoraWeightsView*>{view} : std::vector<const LoraWeightsView*>{})[0];
+  return RunBatch(
+      m, {g.ids}, {g.positions}, {view ? 0 : -1},
+      view ? std::vector<const LoraWeightsView*>{view} : std::vector<const LoraWeightsView*>{})[0];
 }
 
 std::unique_ptr<LlamaModel> LoadModel(const std::string& path) {
@@ -125,8 +128,9 @@ std::unique_ptr<LlamaModel> LoadModel(const std::string& path) {
   return m.ok() ? std::move(m).value() : nullptr;
 }
 
-const std::vector<std::string> kStoriesAdapters = {"qv",    "qv_f16", "all_linear", "rslora", "patterns",
-                                        "layers", "regex", "rank1",      "rank64", "fan_in_fan_out"};
+const std::vector<std::string> kStoriesAdapters = {
+    "qv",     "qv_f16", "all_linear", "rslora", "patterns",
+    "layers", "regex",  "rank1",      "rank64", "fan_in_fan_out"};
 
 std::string StoriesFixture(const std::string& name) {
   return FixturesDir() + "/peft/stories260k/" + name;
@@ -135,8 +139,7 @@ std::string StoriesFixture(const std::string& name) {
 class StoriesPeftTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(StoriesPeftTest, LogitsMatchPeftUnmergedAndMerged) {
-  for (const std::string& path :
-       {Stories260KDir(), Stories260KDir() + "/stories260K.gguf"}) {
+  for (const std::string& path : {Stories260KDir(), Stories260KDir() + "/stories260K.gguf"}) {
     SCOPED_TRACE(path);
     auto m = LoadModel(path);
     ASSERT_NE(m, nullptr);
@@ -175,8 +178,8 @@ TEST(StoriesPeftTest, BaseLogitsUnchangedAndMixedModeWhileMerged) {
   ASSERT_NE(m, nullptr);
   std::vector<GoldenPrompt> base = ReadGolden(StoriesFixture("base_logits.json"));
   ASSERT_EQ(base.size(), 2u);
-  ASSERT_OK_AND_ASSIGN(auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(),
-                                                  {kernels::DType::kF32, 256}));
+  ASSERT_OK_AND_ASSIGN(
+      auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));
   ASSERT_OK_AND_ASSIGN(auto all, LoraAdapter::Load(StoriesFixture("all_linear"), m->config(),
                                                    {kernels::DType::kF32, 256}));
   std::vector<GoldenPrompt> all_golden = ReadGolden(StoriesFixture("all_linear") + "/logits.json");

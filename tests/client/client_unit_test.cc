@@ -1,6 +1,7 @@
 // Unit tests of the loraplex client pieces that need no server: argument parsing, error
 // descriptions, workload samplers, adapter-file helpers (checked with formats/safetensors.h, a
 // reader written separately) and the bench summary/report.
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -16,11 +17,10 @@
 #include "client/bench_workload.h"
 #include "client/format.h"
 #include "client/rpc.h"
-#include "formats/safetensors.h"
 #include "formats/gguf.h"
-#include "tests/testing/testing.h"
+#include "formats/safetensors.h"
 #include "loraplex/v1/adapters.grpc.pb.h"
-#include <grpcpp/grpcpp.h>
+#include "tests/testing/testing.h"
 
 namespace loraplex::client {
 namespace {
@@ -148,7 +148,8 @@ TEST(WorkloadTest, LengthsAndArrivals) {
 TEST(WorkloadTest, PromptsJsonl) {
   const std::string dir = testing::MakeTempDir("lp-client-unit");
   {
-    std::ofstream(dir + "/good.jsonl") << "{\"prompt\": \"a\"}\n\n{\"prompt\": \"b\", \"max_tokens\": 5}\n";
+    std::ofstream(dir + "/good.jsonl")
+        << "{\"prompt\": \"a\"}\n\n{\"prompt\": \"b\", \"max_tokens\": 5}\n";
     std::ofstream(dir + "/bad.jsonl") << "{\"prompt\": \"a\"}\n{\"text\": 1}\n";
   }
   auto good = ReadPromptsJsonl(dir + "/good.jsonl");
@@ -204,8 +205,7 @@ TEST(AdapterFilesTest, PerturbChangesOnlyLoraWeightsWithinTheScale) {
 
 TEST(AdapterFilesTest, Sha256OfKnownStrings) {
   // FIPS 180-2 test vectors.
-  EXPECT_EQ(Sha256Hex("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
 }
 
@@ -222,7 +222,8 @@ class RecordingAdapters final : public v1::Adapters::Service {
       if (first != msg.has_header()) {
         return grpc::Status(grpc::INVALID_ARGUMENT, "header must come first, once");
       }
-      if (first) header = msg.header();
+      if (first)
+        header = msg.header();
       else {
         ++chunks;
         files[msg.chunk().file_name()] += msg.chunk().data();
@@ -230,7 +231,8 @@ class RecordingAdapters final : public v1::Adapters::Service {
       first = false;
     }
     auto md = ctx->client_metadata().find("authorization");
-    if (md != ctx->client_metadata().end()) auth = std::string(md->second.data(), md->second.size());
+    if (md != ctx->client_metadata().end())
+      auth = std::string(md->second.data(), md->second.size());
     info->set_name(header.name());
     info->set_version(1);
     return grpc::Status::OK;
@@ -267,8 +269,8 @@ TEST(AdapterFilesTest, UploadStreamsHeaderThenChunks) {
   EXPECT_EQ(service.header.sha256(), Sha256Hex(files->safetensors));
   EXPECT_EQ(service.files["adapter_config.json"], files->config_json);
   EXPECT_EQ(service.files["adapter_model.safetensors"], files->safetensors);
-  const size_t want_chunks = (files->config_json.size() + 4095) / 4096 +
-                             (files->safetensors.size() + 4095) / 4096;
+  const size_t want_chunks =
+      (files->config_json.size() + 4095) / 4096 + (files->safetensors.size() + 4095) / 4096;
   EXPECT_EQ(service.chunks, static_cast<int>(want_chunks));
   EXPECT_EQ(service.auth, "Bearer t0k");
   server->Shutdown();
@@ -296,10 +298,10 @@ TEST(BenchReportTest, SummaryAccountsForEveryRequest) {
   PhaseRun run;
   run.warmup_end_s = 1.0;
   run.wall_s = 5;
-  run.records = {Rec(0.0, 0.2, 1.5, 5, "a"),           // warm-up
-                 Rec(1.0, 1.1, 2.0, 10, "a"),          // measured
-                 Rec(2.0, 2.2, 3.0, 10, "b"),          // measured
-                 Rec(2.5, -1, 2.6, 0, "zz", 5)};       // measured, NOT_FOUND
+  run.records = {Rec(0.0, 0.2, 1.5, 5, "a"),      // warm-up
+                 Rec(1.0, 1.1, 2.0, 10, "a"),     // measured
+                 Rec(2.0, 2.2, 3.0, 10, "b"),     // measured
+                 Rec(2.5, -1, 2.6, 0, "zz", 5)};  // measured, NOT_FOUND
   const nlohmann::json j = PhaseSummary(run);
   EXPECT_EQ(j["requests"], 3);
   EXPECT_EQ(j["completed"], 2);

@@ -16,9 +16,9 @@ TEST(PercentileTest, InterpolatesBetweenClosestRanks) {
   EXPECT_DOUBLE_EQ(Percentile({50, 40, 15, 35, 20}, 40), 29.0);
   std::vector<double> one_to_ten = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
   EXPECT_DOUBLE_EQ(Percentile(one_to_ten, 0), 1.0);
-  EXPECT_DOUBLE_EQ(Percentile(one_to_ten, 50), 5.5);   // h = 4.5
-  EXPECT_NEAR(Percentile(one_to_ten, 90), 9.1, 1e-12);  // h = 8.1
-  EXPECT_NEAR(Percentile(one_to_ten, 99), 9.91, 1e-12); // h = 8.91
+  EXPECT_DOUBLE_EQ(Percentile(one_to_ten, 50), 5.5);     // h = 4.5
+  EXPECT_NEAR(Percentile(one_to_ten, 90), 9.1, 1e-12);   // h = 8.1
+  EXPECT_NEAR(Percentile(one_to_ten, 99), 9.91, 1e-12);  // h = 8.91
   EXPECT_DOUBLE_EQ(Percentile(one_to_ten, 100), 10.0);
 }
 
@@ -35,9 +35,9 @@ TEST(SummarizeTest, MeanPercentilesMinMax) {
   const Summary s = Summarize({4, 1, 3, 2});
   EXPECT_EQ(s.count, 4);
   EXPECT_DOUBLE_EQ(s.mean, 2.5);
-  EXPECT_DOUBLE_EQ(s.p50, 2.5);           // h = 1.5
-  EXPECT_NEAR(s.p90, 3.7, 1e-12);         // h = 2.7
-  EXPECT_NEAR(s.p99, 3.97, 1e-12);        // h = 2.97
+  EXPECT_DOUBLE_EQ(s.p50, 2.5);     // h = 1.5
+  EXPECT_NEAR(s.p90, 3.7, 1e-12);   // h = 2.7
+  EXPECT_NEAR(s.p99, 3.97, 1e-12);  // h = 2.97
   EXPECT_DOUBLE_EQ(s.min, 1);
   EXPECT_DOUBLE_EQ(s.max, 4);
   const Summary empty = Summarize({});

@@ -37,10 +37,9 @@ class ServerProcess {
   explicit ServerProcess(std::vector<std::string> extra) {
     dir_ = testing::MakeTempDir("lp-client-e2e-server");
     const std::string port_file = dir_ + "/port";
-    std::vector<std::string> args = {LP_SERVER_BINARY,
-                                     "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
-                                     "--dtype=f32", "--listen=127.0.0.1:0",
-                                     "--port_file=" + port_file};
+    std::vector<std::string> args = {
+        LP_SERVER_BINARY, "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
+        "--dtype=f32", "--listen=127.0.0.1:0", "--port_file=" + port_file};
     args.insert(args.end(), extra.begin(), extra.end());
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
@@ -151,8 +150,9 @@ class ClientE2eTest : public ::testing::Test {
     delete server_;
     server_ = nullptr;
   }
-  void SetUp() override { ASSERT_TRUE(server_->ok()) << "loraplex-server did not start:\n"
-                                                     << server_->log(); }
+  void SetUp() override {
+    ASSERT_TRUE(server_->ok()) << "loraplex-server did not start:\n" << server_->log();
+  }
   // `loraplex ARGS --server ADDRESS`.
   static CliResult Run(std::vector<std::string> args, const std::string& input = "") {
     args.push_back("--server=" + server_->address());
@@ -264,9 +264,11 @@ TEST_F(ClientE2eTest, ErrorsSayWhatWentWrong) {
 TEST(ClientE2eNoServerTest, StoppedServerIsReportedForEveryCommand) {
   const std::string addr = absl::StrCat("127.0.0.1:", FreePort());
   for (const std::vector<std::string>& args :
-       std::vector<std::vector<std::string>>{{"health"}, {"info"}, {"generate", "hi"},
-                                             {"adapters", "list"}, {"bench", "--requests=1",
-                                                                    "--concurrency=1"}}) {
+       std::vector<std::vector<std::string>>{{"health"},
+                                             {"info"},
+                                             {"generate", "hi"},
+                                             {"adapters", "list"},
+                                             {"bench", "--requests=1", "--concurrency=1"}}) {
     std::vector<std::string> full = args;
     full.push_back("--server=" + addr);
     const CliResult r = Cli(full);
@@ -299,7 +301,8 @@ TEST(ClientE2eTokenTest, WrongTokenIsRefused) {
 
 TEST_F(ClientE2eTest, Chat) {
   // Not a terminal: no prompts are printed, replies only; /adapter with no name = base model.
-  CliResult r = Run({"chat", "--max-tokens=8", "--temperature=0"}, "Hello\n/adapter\nTell me\n/exit\n");
+  CliResult r =
+      Run({"chat", "--max-tokens=8", "--temperature=0"}, "Hello\n/adapter\nTell me\n/exit\n");
   ASSERT_EQ(r.code, 0) << Describe(r);
   EXPECT_NE(r.out.find("(adapter: base model)"), std::string::npos) << r.out;
   EXPECT_EQ(r.err, "");
@@ -373,8 +376,8 @@ void CheckBenchResults(const std::string& dir, double duration_bound, int max_to
   EXPECT_GT(duration, 0);
   // Requests start within the bound; the last one then finishes within its own e2e latency.
   EXPECT_LE(duration, duration_bound + j["e2e"]["max"].get<double>() / 1e3 + 0.5);
-  EXPECT_NEAR(j["output_tokens_per_s"].get<double>(),
-              j["output_tokens"].get<double>() / duration, 1e-6);
+  EXPECT_NEAR(j["output_tokens_per_s"].get<double>(), j["output_tokens"].get<double>() / duration,
+              1e-6);
   EXPECT_NEAR(j["requests_per_s"].get<double>(), completed / duration, 1e-6);
   const std::string html = ReadAll(dir + "/report.html");
   size_t svgs = 0;
@@ -396,9 +399,9 @@ TEST_F(ClientE2eTest, BenchClosedLoopBaseModel) {
 
 TEST_F(ClientE2eTest, BenchOpenLoopGammaArrivals) {
   const std::string out = testing::MakeTempDir("lp-client-bench-open");
-  CliResult r = Run({"bench", "--rate=20", "--arrival=gamma:2", "--duration=2", "--warmup=0",
-                     "--max-tokens=8", "--prompt-tokens=8", "--requests=30", "--out=" + out,
-                     "--json"});
+  CliResult r =
+      Run({"bench", "--rate=20", "--arrival=gamma:2", "--duration=2", "--warmup=0",
+           "--max-tokens=8", "--prompt-tokens=8", "--requests=30", "--out=" + out, "--json"});
   ASSERT_EQ(r.code, 0) << Describe(r);
   const nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["config"]["mode"], "open loop");
@@ -410,10 +413,10 @@ TEST_F(ClientE2eTest, BenchOpenLoopGammaArrivals) {
 TEST_F(ClientE2eTest, BenchEightAdaptersZipf) {
   if (!HasAdapters()) GTEST_SKIP() << "the server has no Adapters service yet";
   const std::string out = testing::MakeTempDir("lp-client-bench-zipf");
-  CliResult r = Run({"bench", "--concurrency=8", "--duration=4", "--warmup=0.5",
-                     "--make-adapters=" + PeftRoot() + "/qv", "--adapters=8",
-                     "--popularity=zipf:1.0", "--prompt-tokens=16", "--max-tokens=16",
-                     "--swap-every=1", "--out=" + out, "--quiet"});
+  CliResult r =
+      Run({"bench", "--concurrency=8", "--duration=4", "--warmup=0.5",
+           "--make-adapters=" + PeftRoot() + "/qv", "--adapters=8", "--popularity=zipf:1.0",
+           "--prompt-tokens=16", "--max-tokens=16", "--swap-every=1", "--out=" + out, "--quiet"});
   ASSERT_EQ(r.code, 0) << Describe(r);
   CheckBenchResults(out, 4, 16);
   std::ifstream f(out + "/results.json");

@@ -15,8 +15,8 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
-#include <iostream>
 #include <future>
+#include <iostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -45,9 +45,11 @@ class ServerProcess {
     dir_ = testing::MakeTempDir("lp-server-e2e");
     const std::string port_file = dir_ + "/port";
     std::vector<std::string> args = {LP_SERVER_BINARY,
-                                     "--model=" + model, "--dtype=" + dtype,
+                                     "--model=" + model,
+                                     "--dtype=" + dtype,
                                      "--listen=127.0.0.1:0",
-                                     "--metrics-listen=127.0.0.1:0", "--port-file=" + port_file};
+                                     "--metrics-listen=127.0.0.1:0",
+                                     "--port-file=" + port_file};
     args.insert(args.end(), extra_args.begin(), extra_args.end());
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
@@ -73,8 +75,8 @@ class ServerProcess {
       ADD_FAILURE() << "loraplex-server wrote no port within 60 s";
       return;
     }
-    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_),
-                                   grpc::InsecureChannelCredentials());
+    channel_ =
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
     stub_ = v1::Inference::NewStub(channel_);
   }
   ~ServerProcess() {
@@ -243,8 +245,8 @@ TEST_F(ServerE2eTest, SixtyFourConcurrentStreamsEqualTheirSoloRuns) {
   for (auto& t : threads) t.join();
   for (size_t i = 0; i < reqs.size(); ++i) {
     ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
-    EXPECT_EQ(got[i].ids, std::vector<int32_t>(solo[i].token_ids().begin(),
-                                               solo[i].token_ids().end()))
+    EXPECT_EQ(got[i].ids,
+              std::vector<int32_t>(solo[i].token_ids().begin(), solo[i].token_ids().end()))
         << "request " << i;
     EXPECT_EQ(got[i].text, solo[i].text()) << "request " << i;
     EXPECT_EQ(got[i].finish_reason, solo[i].finish_reason()) << "request " << i;
@@ -307,8 +309,8 @@ TEST_F(ServerE2eTest, CancelAndDeadlineFreeBlocksAndSpareOthers) {
   EXPECT_GE(s.cancelled_requests() - cancelled_before, 1);
   StreamResult o = other_run.get();
   ASSERT_TRUE(o.status.ok());
-  EXPECT_EQ(o.ids, std::vector<int32_t>(other_solo.token_ids().begin(),
-                                        other_solo.token_ids().end()));
+  EXPECT_EQ(o.ids,
+            std::vector<int32_t>(other_solo.token_ids().begin(), other_solo.token_ids().end()));
 }
 
 TEST_F(ServerE2eTest, MessagesAreFormattedWithTheChatTemplate) {
@@ -358,7 +360,8 @@ TEST_F(ServerE2eTest, EveryBadInputGetsItsCode) {
   r = GenerateRequest();
   r.set_max_tokens(5);
   cases.push_back({"no prompt", r, StatusCode::INVALID_ARGUMENT});
-  cases.push_back({"token id past vocab", IdsRequest({1, 100000}, 5), StatusCode::INVALID_ARGUMENT});
+  cases.push_back(
+      {"token id past vocab", IdsRequest({1, 100000}, 5), StatusCode::INVALID_ARGUMENT});
   cases.push_back({"negative token id", IdsRequest({-3}, 5), StatusCode::INVALID_ARGUMENT});
   r = IdsRequest({1}, 5);
   r.set_temperature(-1);
@@ -370,8 +373,8 @@ TEST_F(ServerE2eTest, EveryBadInputGetsItsCode) {
   r.set_top_p(1.01f);
   cases.push_back({"top_p > 1", r, StatusCode::INVALID_ARGUMENT});
   cases.push_back({"max_tokens 0", IdsRequest({1}, 0), StatusCode::INVALID_ARGUMENT});
-  cases.push_back({"max_tokens past context", IdsRequest({1}, 100000),
-                   StatusCode::RESOURCE_EXHAUSTED});
+  cases.push_back(
+      {"max_tokens past context", IdsRequest({1}, 100000), StatusCode::RESOURCE_EXHAUSTED});
   cases.push_back({"prompt too long", IdsRequest(std::vector<int32_t>(5000, 1), 5),
                    StatusCode::RESOURCE_EXHAUSTED});
   for (const Case& c : cases) {
@@ -514,10 +517,10 @@ ServerProcess* ServerAdapterE2eTest::server_ = nullptr;
 #ifdef LP_GENERATE_BINARY
 // loraplex-generate --json token_ids for a greedy run from BOS.
 std::vector<int32_t> OfflineGreedy(const std::string& adapter_dir, int max_tokens) {
-  const std::string cmd = absl::StrCat(
-      LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
-      " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
-      adapter_dir.empty() ? "" : " --adapter " + adapter_dir, " 2>/dev/null");
+  const std::string cmd =
+      absl::StrCat(LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
+                   " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
+                   adapter_dir.empty() ? "" : " --adapter " + adapter_dir, " 2>/dev/null");
   std::string out;
   if (FILE* p = popen(cmd.c_str(), "r")) {
     char buf[4096];
@@ -537,8 +540,8 @@ TEST_F(ServerAdapterE2eTest, GreedyWithAnAdapterEqualsLoraplexGenerate) {
   const std::vector<int32_t> base_ids(base_out.token_ids().begin(), base_out.token_ids().end());
   EXPECT_EQ(base_ids, OfflineGreedy("", 40));
   int differing = 0;
-  for (const auto& [name, dir] : {std::pair<std::string, std::string>{"qv", "qv"},
-                                  {"all", "all_linear"}}) {
+  for (const auto& [name, dir] :
+       {std::pair<std::string, std::string>{"qv", "qv"}, {"all", "all_linear"}}) {
     GenerateRequest r = base;
     r.set_adapter(name);
     StreamResult s = RunStream(stub(), r);
@@ -576,8 +579,8 @@ TEST_F(ServerAdapterE2eTest, SixtyFourMixedAdapterStreamsEqualTheirSoloRuns) {
   for (auto& t : threads) t.join();
   for (size_t i = 0; i < reqs.size(); ++i) {
     ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
-    EXPECT_EQ(got[i].ids, std::vector<int32_t>(solo[i].token_ids().begin(),
-                                               solo[i].token_ids().end()))
+    EXPECT_EQ(got[i].ids,
+              std::vector<int32_t>(solo[i].token_ids().begin(), solo[i].token_ids().end()))
         << "request " << i << " adapter '" << reqs[i].adapter() << "'";
   }
   GenerateRequest bad = IdsRequest({1}, 5);
@@ -592,13 +595,13 @@ TEST(ServerSmolLm2E2eTest, GreedyEqualsLoraplexGenerateAlsoWhenBatched) {
   if (!std::filesystem::exists(model)) GTEST_SKIP() << model << " not fetched";
   ServerProcess server({}, model, "bf16");
   ASSERT_TRUE(server.ok());
-  const std::vector<std::string> prompts = {"The capital of France is", "def fibonacci(n):",
-                                            "Once upon a time", "1, 2, 3, 4,"};
+  const std::vector<std::string> prompts = {"The capital of France is",
+                                            "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"};
   std::vector<std::vector<int32_t>> offline;
   for (const std::string& p : prompts) {
-    const std::string cmd = absl::StrCat(LP_GENERATE_BINARY, " --model ", model,
-                                         " --dtype bf16 --max-tokens 12 --json --prompt '", p,
-                                         "' 2>/dev/null");
+    const std::string cmd =
+        absl::StrCat(LP_GENERATE_BINARY, " --model ", model,
+                     " --dtype bf16 --max-tokens 12 --json --prompt '", p, "' 2>/dev/null");
     std::string out;
     if (FILE* f = popen(cmd.c_str(), "r")) {
       char buf[4096];
@@ -614,8 +617,9 @@ TEST(ServerSmolLm2E2eTest, GreedyEqualsLoraplexGenerateAlsoWhenBatched) {
     GenerateRequest r;
     r.set_prompt(p);
     r.set_max_tokens(12);
-    runs.push_back(std::async(std::launch::async,
-                              [&server, r] { return RunStream(server.stub(), r, absl::Seconds(120)); }));
+    runs.push_back(std::async(std::launch::async, [&server, r] {
+      return RunStream(server.stub(), r, absl::Seconds(120));
+    }));
   }
   for (size_t i = 0; i < prompts.size(); ++i) {
     StreamResult res = runs[i].get();

@@ -66,8 +66,8 @@ class EngineTest : public ::testing::Test {
   static void SetUpTestSuite() {
     model::LoadOptions opts;
     opts.dtype = kernels::DType::kF32;
-    auto m = model::LlamaModel::Load(loraplex::testing::Stories260KDir() + "/stories260K.gguf",
-                                     opts);
+    auto m =
+        model::LlamaModel::Load(loraplex::testing::Stories260KDir() + "/stories260K.gguf", opts);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(m).value().release();
   }
@@ -173,8 +173,8 @@ TEST_F(EngineTest, BatchedGreedyEqualsEachRequestAlone) {
 
 TEST_F(EngineTest, PreemptionUnderAShortCacheKeepsResultsExact) {
   // 12 blocks of 4 = 48 slots; six requests of up to 5 + 30 tokens cannot all stay resident.
-  auto engine = MakeEngine({.max_batch_tokens = 64, .max_running = 8, .kv_block_size = 4,
-                            .kv_blocks = 12});
+  auto engine =
+      MakeEngine({.max_batch_tokens = 64, .max_running = 8, .kv_block_size = 4, .kv_blocks = 12});
   const std::vector<int32_t> story = GoldenIds();
   std::vector<GenerationRequest> reqs;
   for (int i = 0; i < 6; ++i) {
@@ -229,8 +229,11 @@ TEST_F(EngineTest, CancellationFreesBlocksWithinAStep) {
 TEST_F(EngineTest, QueueFullIsResourceExhaustedAndWaitersRunLater) {
   // 4 blocks of 16 = 64 slots. A request of a 40-token prompt holds 3 blocks once prefilled, so
   // the next one (3 blocks for its prompt) waits; the queue holds two.
-  auto engine = MakeEngine({.max_batch_tokens = 64, .max_running = 8, .max_queue = 2,
-                            .kv_block_size = 16, .kv_blocks = 4});
+  auto engine = MakeEngine({.max_batch_tokens = 64,
+                            .max_running = 8,
+                            .max_queue = 2,
+                            .kv_block_size = 16,
+                            .kv_blocks = 4});
   const std::vector<int32_t> story = GoldenIds();
   std::vector<int32_t> prompt = {1};
   prompt.insert(prompt.end(), story.begin(), story.begin() + 39);
@@ -292,7 +295,7 @@ TEST_F(EngineTest, StopStringsStopIdsAndEos) {
   GenerationRequest a = Greedy({1}, 60);
   a.stop = {" Lily"};
   GenerationRequest b = Greedy({1}, 60);
-  b.stop_token_ids = {GoldenIds()[3]};  // "▁time"
+  b.stop_token_ids = {GoldenIds()[3]};     // "▁time"
   GenerationRequest d = Greedy({1}, 400);  // runs into EOS
   ASSERT_OK_AND_ASSIGN(RequestId ia, engine->Submit(a, c.Sink()));
   ASSERT_OK_AND_ASSIGN(RequestId ib, engine->Submit(b, c.Sink()));

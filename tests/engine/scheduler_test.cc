@@ -28,7 +28,8 @@ model::LlamaConfig TinyConfig() {
 class SchedulerTest : public ::testing::Test {
  protected:
   void MakeCache(int64_t blocks, int64_t block_size = 4) {
-    ASSERT_OK_AND_ASSIGN(model::KvCache c, model::KvCache::Create(TinyConfig(), blocks, block_size));
+    ASSERT_OK_AND_ASSIGN(model::KvCache c,
+                         model::KvCache::Create(TinyConfig(), blocks, block_size));
     cache_ = std::make_unique<model::KvCache>(std::move(c));
   }
   Sequence* NewSeq(int64_t prompt_len, int32_t max_tokens = 100) {
@@ -72,7 +73,7 @@ TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksWithinTheBudget) {
   }
   EXPECT_EQ(counts, (std::vector<int64_t>{32, 32, 32, 4}));
   EXPECT_EQ(a->num_computed, 100);
-  EXPECT_EQ(a->length(), 101);  // one token sampled
+  EXPECT_EQ(a->length(), 101);                            // one token sampled
   EXPECT_EQ(static_cast<int64_t>(a->blocks.size()), 25);  // 100 slots / 4
   // Decoding: one token per step.
   StepPlan p = Step(s);

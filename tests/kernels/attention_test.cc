@@ -91,16 +91,16 @@ Tokens MakeTokens(const std::vector<Seq>& seqs, bool past_part) {
 class PagedAttentionTest : public IsaTest {};
 
 TEST_P(PagedAttentionTest, MixedBatchMatchesReference) {
-  const Shape shapes[] = {{9, 3, 64, 16}, {9, 3, 8, 16}, {9, 3, 64, 7}, {9, 3, 8, 1},
-                          {4, 4, 33, 5},  {6, 1, 8, 3}};
+  const Shape shapes[] = {{9, 3, 64, 16}, {9, 3, 8, 16}, {9, 3, 64, 7},
+                          {9, 3, 8, 1},   {4, 4, 33, 5}, {6, 1, 8, 3}};
   const std::vector<Seq> seqs = {{37, 1}, {0, 13}, {20, 6}, {0, 1}, {100, 1}, {15, 2}};
   std::vector<int64_t> lens;
   for (const Seq& s : seqs) lens.push_back(s.past + s.fresh);
   uint32_t seed = 100;
   for (const Shape& s : shapes) {
-    SCOPED_TRACE(::testing::Message() << "n_heads=" << s.n_heads << " n_kv_heads=" << s.n_kv_heads
-                                      << " head_dim=" << s.head_dim
-                                      << " block_size=" << s.block_size);
+    SCOPED_TRACE(::testing::Message()
+                 << "n_heads=" << s.n_heads << " n_kv_heads=" << s.n_kv_heads
+                 << " head_dim=" << s.head_dim << " block_size=" << s.block_size);
     PagedCache fast(s, lens, seed++);
     PagedCache expected = fast;
     const int64_t kv_row = s.n_kv_heads * s.head_dim;
@@ -167,9 +167,9 @@ TEST_P(PagedAttentionTest, EqualsDenseCausalAttention) {
   const std::vector<int64_t> lens = {29, 1, 64, 7};
   uint32_t seed = 500;
   for (const Shape& s : shapes) {
-    SCOPED_TRACE(::testing::Message() << "n_heads=" << s.n_heads << " n_kv_heads=" << s.n_kv_heads
-                                      << " head_dim=" << s.head_dim
-                                      << " block_size=" << s.block_size);
+    SCOPED_TRACE(::testing::Message()
+                 << "n_heads=" << s.n_heads << " n_kv_heads=" << s.n_kv_heads
+                 << " head_dim=" << s.head_dim << " block_size=" << s.block_size);
     PagedCache cache(s, lens, seed++);
     const int64_t q_row = s.n_heads * s.head_dim, kv_row = s.n_kv_heads * s.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));

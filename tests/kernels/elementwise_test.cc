@@ -118,10 +118,9 @@ TEST_P(ElementwiseTest, EmbedCopiesRowsExactly) {
   std::vector<uint16_t> table16 = ToBf16(table32);
   const std::vector<int32_t> ids = {0, 32, 5, 5, 17};
   for (DType dtype : {DType::kF32, DType::kBF16}) {
-    WeightView table{dtype,
-                     dtype == DType::kF32 ? static_cast<const void*>(table32.data())
-                                          : table16.data(),
-                     vocab, dim};
+    WeightView table{
+        dtype, dtype == DType::kF32 ? static_cast<const void*>(table32.data()) : table16.data(),
+        vocab, dim};
     std::vector<float> fast(ids.size() * dim), expected(ids.size() * dim);
     Embed(fast.data(), ids.data(), ids.size(), table);
     ref::Embed(expected.data(), ids.data(), ids.size(), table);

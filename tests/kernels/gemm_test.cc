@@ -51,9 +51,8 @@ std::vector<GemmCase> GemmCases() {
 void CheckGemm(DType dtype, bool accumulate) {
   uint32_t seed = 1;
   for (const GemmCase& c : GemmCases()) {
-    SCOPED_TRACE(::testing::Message() << "m=" << c.m << " n=" << c.n << " k=" << c.k
-                                      << " bf16=" << (dtype == DType::kBF16)
-                                      << " accumulate=" << accumulate);
+    SCOPED_TRACE(::testing::Message() << "m=" << c.m << " n=" << c.n << " k=" << c.k << " bf16="
+                                      << (dtype == DType::kBF16) << " accumulate=" << accumulate);
     std::vector<float> x = RandomVector(c.m * c.k, seed++);
     std::vector<float> w32 = RandomVector(c.n * c.k, seed++);
     std::vector<uint16_t> w16 = ToBf16(w32);
@@ -83,10 +82,10 @@ TEST_P(GemmTest, HandWorkedProduct) {
   const float w[2 * 3] = {1, 0, -1, 2, 2, 2};  // W[out=2, in=3]
   float y[2 * 2] = {100, 100, 100, 100};
   Gemm(y, x, 2, WeightView{DType::kF32, w, 2, 3});
-  EXPECT_EQ(y[0], 1 - 3);            // x0 . w0
-  EXPECT_EQ(y[1], 2 + 4 + 6);        // x0 . w1
-  EXPECT_EQ(y[2], -1 - 0.5f);        // x1 . w0
-  EXPECT_EQ(y[3], -2 + 0 + 1);       // x1 . w1
+  EXPECT_EQ(y[0], 1 - 3);       // x0 . w0
+  EXPECT_EQ(y[1], 2 + 4 + 6);   // x0 . w1
+  EXPECT_EQ(y[2], -1 - 0.5f);   // x1 . w0
+  EXPECT_EQ(y[3], -2 + 0 + 1);  // x1 . w1
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, GemmTest, ::testing::ValuesIn(AllIsas()),
@@ -97,7 +96,8 @@ TEST(CpuKernelIsaTest, ReportsTheBestSupportedIsa) {
   // scalar); elsewhere the scalar one.
   const char* forced = std::getenv("LP_CPU_ISA");
   if (forced != nullptr && std::string(forced) == "scalar") GTEST_SKIP() << "LP_CPU_ISA=scalar";
-  const std::string expected = cpu::Avx2Supported() && cpu::Avx2Ops() != nullptr ? "avx2" : "scalar";
+  const std::string expected =
+      cpu::Avx2Supported() && cpu::Avx2Ops() != nullptr ? "avx2" : "scalar";
   EXPECT_EQ(CpuKernelIsa(), expected);
 }
 

@@ -91,9 +91,9 @@ struct Case {
 
 std::string Describe(const Case& c) {
   std::string s = "tokens=" + std::to_string(c.tokens) + " in=" + std::to_string(c.in) +
-                  " slices=" + std::to_string(c.outs.size()) + " out0=" + std::to_string(c.outs[0]) +
-                  " ranks0=" + std::to_string(c.ranks[0]) + " adapters=" +
-                  std::to_string(c.num_adapters) + (c.bf16 ? " bf16" : " f32") +
+                  " slices=" + std::to_string(c.outs.size()) +
+                  " out0=" + std::to_string(c.outs[0]) + " ranks0=" + std::to_string(c.ranks[0]) +
+                  " adapters=" + std::to_string(c.num_adapters) + (c.bf16 ? " bf16" : " f32") +
                   (c.decode ? " bgmv" : " sgmv");
   return s;
 }
@@ -147,8 +147,7 @@ void RunCase(const Case& c, bool force_scalar) {
 
   SetLoraForceScalar(force_scalar);
   if (c.decode) {
-    BgmvShrink(v_fast.data(), v_stride, x.data(), x_stride, per_token.data(), c.tokens,
-               ad.weights);
+    BgmvShrink(v_fast.data(), v_stride, x.data(), x_stride, per_token.data(), c.tokens, ad.weights);
     BgmvExpand(out_fast, v_fast.data(), v_stride, per_token.data(), c.tokens, ad.weights);
   } else {
     SgmvShrink(v_fast.data(), v_stride, x.data(), x_stride, seg, ad.weights);
@@ -184,8 +183,9 @@ TEST_P(LoraGridTest, RanksAdaptersSizesModes) {
   for (bool decode : {true, false}) {
     for (bool bf16 : {false, true}) {
       // Ranks 1..64 (mixed within a batch), few and many adapters, odd sizes.
-      RunCase({decode ? 7 : 41, 577, {1537}, {1, 2, 3, 5, 8, 13, 16, 31, 64}, 5, bf16, decode,
-               seed++}, GetParam());
+      RunCase(
+          {decode ? 7 : 41, 577, {1537}, {1, 2, 3, 5, 8, 13, 16, 31, 64}, 5, bf16, decode, seed++},
+          GetParam());
       RunCase({decode ? 64 : 97, 64, {172}, {1, 7, 16, 33, 64}, 64, bf16, decode, seed++},
               GetParam());
       RunCase({decode ? 3 : 9, 1537, {577}, {256}, 2, bf16, decode, seed++}, GetParam());
