@@ -79,9 +79,15 @@ void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
 // 0..token_pos[t] of its own sequence, read from the cache (so WriteKv must run first).
 // GQA: query head h reads kv head h / (n_heads / n_kv_heads). out is [num_tokens,
 // n_heads*head_dim]. scale is usually 1/sqrt(head_dim).
+// Sliding window (Mistral): with sliding_window = W > 0, token t attends only to positions
+// max(0, p - W + 1)..p, p = token_pos[t]: W keys including its own. This is transformers'
+// convention (masking_utils.sliding_window_overlay: kv_idx > q_idx - W). W <= 0 = no window.
+// Keys older than the window are never read, but their cache blocks stay allocated: freeing them
+// is the cache owner's business and is not done today. The CUDA attention (kernels/cuda) takes no
+// window yet, so a model with one must not be run there until it does.
 void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
                     const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
-                    float scale);
+                    float scale, int64_t sliding_window = 0);
 
 // The readable twins.
 namespace ref {
@@ -96,7 +102,7 @@ void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
              const AttentionBatch& batch, const KvLayout& layout);
 void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
                     const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
-                    float scale);
+                    float scale, int64_t sliding_window = 0);
 }  // namespace ref
 
 // Which fast path the CPU backend dispatched to ("avx512bf16", "avx512", "avx2", "scalar"). Chosen

@@ -1,7 +1,8 @@
 // The fast paged KV cache ops. PagedAttention is a two-pass softmax per (token, query head): one
 // pass over the keys writes scaled scores into a thread-local buffer, then exp/sum, then one pass
 // over the values. Both passes go block by block (a block's slots are equally strided), and the
-// inner loops run on the active ISA table.
+// inner loops run on the active ISA table. With a sliding window the passes start at the first
+// visible position (possibly mid-block), so blocks wholly before the window are skipped, not read.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -48,7 +49,7 @@ void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
 
 void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
                     const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
-                    float scale) {
+                    float scale, int64_t sliding_window) {
   CheckLayout(layout);
   LP_CHECK(n_heads > 0 && n_heads % layout.n_kv_heads == 0)
       << "n_heads " << n_heads << " is not a multiple of n_kv_heads " << layout.n_kv_heads;
@@ -56,12 +57,16 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
   if (tokens <= 0) return;
   const int64_t hd = layout.head_dim;
   const int64_t group = n_heads / layout.n_kv_heads;
-  int64_t max_len = 0;
+  // Visible positions of token t: [First(t), token_pos[t]]; see kernels.h for the convention.
+  auto first_visible = [&](int64_t t) -> int64_t {
+    return sliding_window > 0 ? std::max<int64_t>(0, batch.token_pos[t] + 1 - sliding_window) : 0;
+  };
+  int64_t max_len = 0;  // the most positions any token attends to
   for (int64_t t = 0; t < tokens; ++t) {
     LP_CHECK(batch.token_pos[t] >= 0 &&
              batch.token_pos[t] < layout.max_blocks_per_seq * layout.block_size)
         << "position " << batch.token_pos[t];
-    max_len = std::max<int64_t>(max_len, batch.token_pos[t] + 1);
+    max_len = std::max<int64_t>(max_len, batch.token_pos[t] + 1 - first_visible(t));
   }
   const cpu::CpuOps& ops = cpu::ActiveCpuOps();
   // One work item is a (token, kv head) pair with all `group` query heads that share that kv head:
@@ -74,16 +79,22 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
     const int64_t t = item / layout.n_kv_heads;
     const int64_t kvh = item % layout.n_kv_heads;
     const int32_t* table = batch.block_tables + batch.token_seq[t] * layout.max_blocks_per_seq;
-    const int64_t len = batch.token_pos[t] + 1;
+    const int64_t end = batch.token_pos[t] + 1;  // one past the last visible position
+    const int64_t first = first_visible(t);
+    const int64_t len = end - first;                // visible positions; scores[i] is first + i
     const int64_t h0 = kvh * group;                 // first query head of the group
     const float* qg = q + (t * n_heads + h0) * hd;  // [group, hd]
     float* og = out + (t * n_heads + h0) * hd;      // [group, hd]
     float* sg = scores.data();                      // [group, max_len]
-    for (int64_t p0 = 0; p0 < len; p0 += layout.block_size) {
-      const int64_t count = std::min(layout.block_size, len - p0);
+    // Runs of consecutive slots within one block: [p0, p0 + count) never crosses a block edge.
+    auto run_length = [&](int64_t p0) {
+      return std::min(layout.block_size - p0 % layout.block_size, end - p0);
+    };
+    for (int64_t p0 = first; p0 < end; p0 += run_length(p0)) {
+      const int64_t count = run_length(p0);
       const float* kb = k_cache + CacheOffset(table, p0, kvh, layout);
       for (int64_t g = 0; g < group; ++g) {
-        ops.attn_scores(sg + g * max_len + p0, qg + g * hd, kb, stride, count, hd, scale);
+        ops.attn_scores(sg + g * max_len + (p0 - first), qg + g * hd, kb, stride, count, hd, scale);
       }
     }
     std::fill(og, og + group * hd, 0.0f);
@@ -92,11 +103,11 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
       float* sh = sg + g * max_len;
       denom[g] = ops.exp_shift_sum(sh, *std::max_element(sh, sh + len), len);
     }
-    for (int64_t p0 = 0; p0 < len; p0 += layout.block_size) {
-      const int64_t count = std::min(layout.block_size, len - p0);
+    for (int64_t p0 = first; p0 < end; p0 += run_length(p0)) {
+      const int64_t count = run_length(p0);
       const float* vb = v_cache + CacheOffset(table, p0, kvh, layout);
       for (int64_t g = 0; g < group; ++g) {
-        ops.attn_accumulate(og + g * hd, sg + g * max_len + p0, vb, stride, count, hd);
+        ops.attn_accumulate(og + g * hd, sg + g * max_len + (p0 - first), vb, stride, count, hd);
       }
     }
     for (int64_t g = 0; g < group; ++g) ops.scale(og + g * hd, 1.0f / denom[g], hd);

@@ -108,20 +108,22 @@ void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
 
 void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
                     const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
-                    float scale) {
+                    float scale, int64_t sliding_window) {
   const int64_t hd = layout.head_dim;
   const int64_t group = n_heads / layout.n_kv_heads;  // query heads per kv head
   std::vector<float> scores;
   for (int64_t t = 0; t < batch.num_tokens; ++t) {
     const int32_t* table = batch.block_tables + batch.token_seq[t] * layout.max_blocks_per_seq;
     const int64_t len = batch.token_pos[t] + 1;  // causal: positions 0..token_pos[t]
+    // Sliding window: the first visible position; keys before it are masked out (see kernels.h).
+    const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
     scores.assign(len, 0.0f);
     for (int64_t h = 0; h < n_heads; ++h) {
       const int64_t kvh = h / group;
       const float* qh = q + (t * n_heads + h) * hd;  // [hd]
       // scores[p] = scale * q . K[p]
       float max_score = -INFINITY;
-      for (int64_t p = 0; p < len; ++p) {
+      for (int64_t p = first; p < len; ++p) {
         const float* kp = k_cache + CacheOffset(table, p, kvh, layout);
         float dot = 0.0f;
         for (int64_t i = 0; i < hd; ++i) dot += qh[i] * kp[i];
@@ -130,14 +132,14 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
       }
       // softmax, shifted by the max so exp never overflows
       float denom = 0.0f;
-      for (int64_t p = 0; p < len; ++p) {
+      for (int64_t p = first; p < len; ++p) {
         scores[p] = std::exp(scores[p] - max_score);
         denom += scores[p];
       }
       // out = sum_p softmax[p] * V[p]
       float* oh = out + (t * n_heads + h) * hd;  // [hd]
       for (int64_t i = 0; i < hd; ++i) oh[i] = 0.0f;
-      for (int64_t p = 0; p < len; ++p) {
+      for (int64_t p = first; p < len; ++p) {
         const float* vp = v_cache + CacheOffset(table, p, kvh, layout);
         for (int64_t i = 0; i < hd; ++i) oh[i] += scores[p] * vp[i];
       }

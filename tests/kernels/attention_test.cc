@@ -1,6 +1,8 @@
 // WriteKv and PagedAttention: fast vs reference on batches that mix prefill, chunked prefill and
 // decode, GQA, odd block sizes and shuffled (non-contiguous) block tables; and PagedAttention vs a
-// dense causal attention written here, in double, over contiguous Q/K/V.
+// dense causal attention written here, in double, over contiguous Q/K/V. Both with and without a
+// sliding window (Mistral): a window that starts mid-block, one of a single key, one equal to the
+// block size, and one longer than every sequence (which must equal no window).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -90,6 +92,11 @@ Tokens MakeTokens(const std::vector<Seq>& seqs, bool past_part) {
 
 class PagedAttentionTest : public IsaTest {};
 
+// Sliding windows tried by every test: none, a single key (only the token itself), one that
+// starts mid-block for most shapes, exactly 16 (a block edge for block_size 16), and one longer
+// than any sequence here (must equal no window).
+constexpr int64_t kWindows[] = {0, 1, 5, 16, 1000};
+
 TEST_P(PagedAttentionTest, MixedBatchMatchesReference) {
   const Shape shapes[] = {{9, 3, 64, 16}, {9, 3, 8, 16}, {9, 3, 64, 7},
                           {9, 3, 8, 1},   {4, 4, 33, 5}, {6, 1, 8, 3}};
@@ -122,27 +129,34 @@ TEST_P(PagedAttentionTest, MixedBatchMatchesReference) {
       std::vector<float> q = RandomVector(batch.num_tokens * q_row, seed++, -2.0f, 2.0f);
       std::vector<float> out_fast(batch.num_tokens * q_row), out_ref(out_fast.size());
       const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-      PagedAttention(out_fast.data(), q.data(), fast.k.data(), fast.v.data(), batch, fast.layout,
-                     s.n_heads, scale);
-      ref::PagedAttention(out_ref.data(), q.data(), expected.k.data(), expected.v.data(), batch,
-                          expected.layout, s.n_heads, scale);
-      ASSERT_TRUE(AllClose(out_fast, out_ref, kF32KernelVsReference));
+      for (int64_t window : kWindows) {
+        SCOPED_TRACE(::testing::Message() << "sliding_window=" << window);
+        PagedAttention(out_fast.data(), q.data(), fast.k.data(), fast.v.data(), batch, fast.layout,
+                       s.n_heads, scale, window);
+        ref::PagedAttention(out_ref.data(), q.data(), expected.k.data(), expected.v.data(), batch,
+                            expected.layout, s.n_heads, scale, window);
+        ASSERT_TRUE(AllClose(out_fast, out_ref, kF32KernelVsReference));
+      }
     }
   }
 }
 
-// out[t, h] = softmax_{p <= t}(scale * q[t,h] . k[p, h/group]) v[p, h/group], in double, over one
-// sequence's contiguous q [len, n_heads, hd] and k, v [len, n_kv_heads, hd].
+// out[t, h] = softmax_{lo(t) <= p <= t}(scale * q[t,h] . k[p, h/group]) v[p, h/group], in double,
+// over one sequence's contiguous q [len, n_heads, hd] and k, v [len, n_kv_heads, hd]. lo(t) = 0,
+// or with a window W > 0, the mask of transformers' sliding_window_overlay written out: p is
+// visible when p > t - W.
 std::vector<float> DenseCausalAttention(const std::vector<float>& q, const std::vector<float>& k,
                                         const std::vector<float>& v, int64_t len, const Shape& s,
-                                        double scale) {
+                                        double scale, int64_t window = 0) {
   const int64_t hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
   std::vector<float> out(len * s.n_heads * hd);
   for (int64_t t = 0; t < len; ++t) {
     for (int64_t h = 0; h < s.n_heads; ++h) {
       const int64_t kvh = h / group;
-      std::vector<double> logits(t + 1);
+      // Masked positions get -inf logits, i.e. weight exactly 0.
+      std::vector<double> logits(t + 1, -INFINITY);
       for (int64_t p = 0; p <= t; ++p) {
+        if (window > 0 && !(p > t - window)) continue;
         double dot = 0;
         for (int64_t i = 0; i < hd; ++i) {
           dot += double{q[(t * s.n_heads + h) * hd + i]} * k[(p * s.n_kv_heads + kvh) * hd + i];
@@ -192,38 +206,86 @@ TEST_P(PagedAttentionTest, EqualsDenseCausalAttention) {
     AttentionBatch batch{static_cast<int64_t>(tok.seq.size()), tok.seq.data(), tok.pos.data(),
                          cache.tables.data()};
     WriteKv(cache.k.data(), cache.v.data(), flat_k.data(), flat_v.data(), batch, cache.layout);
-    std::vector<float> out(batch.num_tokens * q_row);
-    PagedAttention(out.data(), flat_q.data(), cache.k.data(), cache.v.data(), batch, cache.layout,
-                   s.n_heads, scale);
-    int64_t offset = 0;
-    for (size_t i = 0; i < lens.size(); ++i) {
-      SCOPED_TRACE(::testing::Message() << "sequence " << i << " of length " << lens[i]);
-      std::vector<float> dense = DenseCausalAttention(q[i], k[i], v[i], lens[i], s, scale);
-      std::vector<float> paged(out.begin() + offset, out.begin() + offset + lens[i] * q_row);
-      ASSERT_TRUE(AllClose(paged, dense, kF32KernelVsReference));
-      offset += lens[i] * q_row;
-    }
+    for (int64_t window : kWindows) {
+      SCOPED_TRACE(::testing::Message() << "sliding_window=" << window);
+      std::vector<float> out(batch.num_tokens * q_row);
+      PagedAttention(out.data(), flat_q.data(), cache.k.data(), cache.v.data(), batch, cache.layout,
+                     s.n_heads, scale, window);
+      int64_t offset = 0;
+      for (size_t i = 0; i < lens.size(); ++i) {
+        SCOPED_TRACE(::testing::Message() << "sequence " << i << " of length " << lens[i]);
+        std::vector<float> dense =
+            DenseCausalAttention(q[i], k[i], v[i], lens[i], s, scale, window);
+        std::vector<float> paged(out.begin() + offset, out.begin() + offset + lens[i] * q_row);
+        ASSERT_TRUE(AllClose(paged, dense, kF32KernelVsReference));
+        offset += lens[i] * q_row;
+      }
 
-    // Decode: the last token of each sequence alone, reading the cache the prefill wrote.
-    Tokens last;
-    std::vector<float> last_q;
-    for (size_t i = 0; i < lens.size(); ++i) {
-      last.seq.push_back(static_cast<int32_t>(i));
-      last.pos.push_back(static_cast<int32_t>(lens[i] - 1));
-      last_q.insert(last_q.end(), q[i].end() - q_row, q[i].end());
-    }
-    AttentionBatch decode{static_cast<int64_t>(lens.size()), last.seq.data(), last.pos.data(),
-                          cache.tables.data()};
-    std::vector<float> decode_out(lens.size() * q_row);
-    PagedAttention(decode_out.data(), last_q.data(), cache.k.data(), cache.v.data(), decode,
-                   cache.layout, s.n_heads, scale);
-    for (size_t i = 0; i < lens.size(); ++i) {
-      std::vector<float> dense = DenseCausalAttention(q[i], k[i], v[i], lens[i], s, scale);
-      std::vector<float> want(dense.end() - q_row, dense.end());
-      std::vector<float> got(decode_out.begin() + i * q_row, decode_out.begin() + (i + 1) * q_row);
-      ASSERT_TRUE(AllClose(got, want, kF32KernelVsReference)) << "decode of sequence " << i;
-    }
+      // Decode: the last token of each sequence alone, reading the cache the prefill wrote.
+      Tokens last;
+      std::vector<float> last_q;
+      for (size_t i = 0; i < lens.size(); ++i) {
+        last.seq.push_back(static_cast<int32_t>(i));
+        last.pos.push_back(static_cast<int32_t>(lens[i] - 1));
+        last_q.insert(last_q.end(), q[i].end() - q_row, q[i].end());
+      }
+      AttentionBatch decode{static_cast<int64_t>(lens.size()), last.seq.data(), last.pos.data(),
+                            cache.tables.data()};
+      std::vector<float> decode_out(lens.size() * q_row);
+      PagedAttention(decode_out.data(), last_q.data(), cache.k.data(), cache.v.data(), decode,
+                     cache.layout, s.n_heads, scale, window);
+      for (size_t i = 0; i < lens.size(); ++i) {
+        std::vector<float> dense =
+            DenseCausalAttention(q[i], k[i], v[i], lens[i], s, scale, window);
+        std::vector<float> want(dense.end() - q_row, dense.end());
+        std::vector<float> got(decode_out.begin() + i * q_row,
+                               decode_out.begin() + (i + 1) * q_row);
+        ASSERT_TRUE(AllClose(got, want, kF32KernelVsReference)) << "decode of sequence " << i;
+      }
+    }  // window
   }
+}
+
+// The window really drops keys: with one key far larger than the rest, a token whose window
+// excludes that key must not see it (a kernel that ignored the window would, and the comparisons
+// above would then only catch it against the dense reference).
+TEST_P(PagedAttentionTest, KeysOutsideTheWindowAreNeverRead) {
+  const Shape s{4, 2, 8, 4};
+  const int64_t len = 23, window = 6;
+  PagedCache cache(s, {len}, 9);
+  const int64_t q_row = s.n_heads * s.head_dim, kv_row = s.n_kv_heads * s.head_dim;
+  std::vector<float> k = RandomVector(len * kv_row, 1), v = RandomVector(len * kv_row, 2);
+  std::vector<float> q = RandomVector(len * q_row, 3);
+  Tokens tok;
+  for (int64_t p = 0; p < len; ++p) {
+    tok.seq.push_back(0);
+    tok.pos.push_back(static_cast<int32_t>(p));
+  }
+  AttentionBatch batch{len, tok.seq.data(), tok.pos.data(), cache.tables.data()};
+  WriteKv(cache.k.data(), cache.v.data(), k.data(), v.data(), batch, cache.layout);
+  // Poison every position that the last token's window excludes: reading any of them gives NaN.
+  const int32_t* table = cache.tables.data();
+  for (int64_t p = 0; p < len - window; ++p) {
+    const int64_t at = (table[p / s.block_size] * s.block_size + p % s.block_size) * kv_row;
+    std::fill(cache.k.begin() + at, cache.k.begin() + at + kv_row, NAN);
+    std::fill(cache.v.begin() + at, cache.v.begin() + at + kv_row, NAN);
+  }
+  const int32_t last_pos = len - 1, seq0 = 0;
+  AttentionBatch decode{1, &seq0, &last_pos, cache.tables.data()};
+  std::vector<float> out(q_row), out_ref(q_row);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const float* last_q = q.data() + (len - 1) * q_row;
+  PagedAttention(out.data(), last_q, cache.k.data(), cache.v.data(), decode, cache.layout,
+                 s.n_heads, scale, window);
+  ref::PagedAttention(out_ref.data(), last_q, cache.k.data(), cache.v.data(), decode, cache.layout,
+                      s.n_heads, scale, window);
+  for (float x : out) ASSERT_TRUE(std::isfinite(x)) << "read a key outside the window";
+  ASSERT_TRUE(AllClose(out, out_ref, kF32KernelVsReference));
+  // And one more key of window makes the poisoned position visible: NaN must show.
+  PagedAttention(out.data(), last_q, cache.k.data(), cache.v.data(), decode, cache.layout,
+                 s.n_heads, scale, window + 1);
+  EXPECT_TRUE(std::isnan(out[0])) << "a window of " << window + 1 << " must read position "
+                                  << len - window - 1;
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, PagedAttentionTest, ::testing::ValuesIn(AllIsas()),
