@@ -50,6 +50,45 @@ int32_t FirstId(const json& j, const char* key) {
   return -1;
 }
 
+// Sliding-window attention as transformers 5 reads it. mistral: "sliding_window" (an int, or
+// null/absent for none) applies to every layer. qwen2: the window is used only when
+// "use_sliding_window" is true, and then only on layers i >= "max_window_layers" (or those that
+// "layer_types" marks "sliding_attention"); a per-layer window is not implemented, so such a
+// config is refused rather than served with full attention and wrong numbers. llama ignores the
+// key, as transformers' LlamaModel does.
+absl::Status ReadSlidingWindow(const json& j, const std::string& path, LlamaConfig* c) {
+  if (c->architecture == "mistral") {
+    LP_ASSIGN_OR_RETURN(c->sliding_window, JsonInt(j, "sliding_window", path, int64_t{0}));
+    if (c->sliding_window <= 0 && j.contains("sliding_window") && !j["sliding_window"].is_null()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": field 'sliding_window' must be positive or null, got ", c->sliding_window));
+    }
+    return absl::OkStatus();
+  }
+  if (c->architecture != "qwen2") return absl::OkStatus();
+  auto use = j.find("use_sliding_window");
+  if (use == j.end() || use->is_null() || (use->is_boolean() && !use->get<bool>())) {
+    return absl::OkStatus();
+  }
+  if (!use->is_boolean()) {
+    return absl::InvalidArgumentError(path + ": field 'use_sliding_window' is not a boolean");
+  }
+  if (auto w = j.find("sliding_window"); w == j.end() || w->is_null()) return absl::OkStatus();
+  bool any_sliding = false;
+  if (auto lt = j.find("layer_types"); lt != j.end() && lt->is_array()) {
+    for (const auto& t : *lt) any_sliding |= t == "sliding_attention";
+  } else {
+    LP_ASSIGN_OR_RETURN(int64_t full_layers,
+                        JsonInt(j, "max_window_layers", path, int64_t{28}));  // qwen2's default
+    any_sliding = full_layers < c->num_layers;
+  }
+  if (!any_sliding) return absl::OkStatus();
+  return absl::UnimplementedError(
+      absl::StrCat(path,
+                   ": use_sliding_window is true (sliding-window attention on some layers, see "
+                   "max_window_layers/layer_types); per-layer sliding windows are not supported"));
+}
+
 }  // namespace
 
 std::vector<float> LlamaConfig::RopeInvFreq() const {
@@ -105,6 +144,7 @@ absl::Status LlamaConfig::Validate() const {
   if (!(rope_theta > 0) || !std::isfinite(rope_theta)) {
     return absl::InvalidArgumentError("model config: rope_theta must be positive");
   }
+  if (sliding_window < 0 || sliding_window > kMax) return bad("sliding_window", sliding_window);
   if (!(rope_scaling.factor > 0)) {
     return absl::InvalidArgumentError("model config: rope_scaling.factor must be positive");
   }
@@ -147,6 +187,7 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromHfJson(const std::string& path) {
   }
   c.bos_token_id = FirstId(j, "bos_token_id");
   c.eos_token_id = FirstId(j, "eos_token_id");
+  LP_RETURN_IF_ERROR(ReadSlidingWindow(j, path, &c));
   // transformers >= 5 writes "rope_parameters" (with rope_theta inside) instead of
   // "rope_theta" + "rope_scaling"; Hub checkpoints use the older keys.
   auto rope_it = j.find("rope_scaling");
@@ -215,6 +256,11 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromGguf(const formats::GgufFile& gguf)
   }
   c.tie_word_embeddings = gguf.Find("output.weight") == nullptr;
   c.attention_bias = gguf.Find("blk.0.attn_q.bias") != nullptr;
+  // llama.cpp's key for the window; Mistral GGUFs converted as "llama" carry none and, as in
+  // llama.cpp, run with full attention.
+  if (c.architecture == "mistral") {
+    c.sliding_window = gguf.GetInt(a + "attention.sliding_window").value_or(0);
+  }
   c.bos_token_id = static_cast<int32_t>(gguf.GetInt("tokenizer.ggml.bos_token_id").value_or(-1));
   c.eos_token_id = static_cast<int32_t>(gguf.GetInt("tokenizer.ggml.eos_token_id").value_or(-1));
   if (auto type = gguf.GetString(a + "rope.scaling.type"); type.ok() && *type != "none") {

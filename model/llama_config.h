@@ -38,6 +38,11 @@ struct LlamaConfig {
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
   bool attention_bias = false;  // q/k/v bias (qwen2)
+  // Mistral sliding-window attention: each token attends to itself and the sliding_window - 1
+  // positions before it (kernels::PagedAttention states the exact convention). 0 = no window:
+  // config.json's "sliding_window" absent or null, and every llama model. qwen2 configs that turn
+  // their window on (use_sliding_window) are refused as UNIMPLEMENTED instead.
+  int64_t sliding_window = 0;
   int32_t bos_token_id = -1;
   int32_t eos_token_id = -1;
 
@@ -50,7 +55,9 @@ struct LlamaConfig {
   // (heads not dividing hidden, kv heads not dividing heads, absurd values).
   absl::Status Validate() const;
 
-  // UNIMPLEMENTED for model types other than llama/mistral/qwen2; errors name the file and field.
+  // UNIMPLEMENTED for model types other than llama/mistral/qwen2, and for qwen2 with
+  // use_sliding_window on some layer (per-layer windows are not implemented); errors name the file
+  // and field.
   static absl::StatusOr<LlamaConfig> FromHfJson(const std::string& path);
   static absl::StatusOr<LlamaConfig> FromGguf(const formats::GgufFile& gguf);
 };

@@ -253,7 +253,7 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
                   s.inv_freq.data());
     kernels::WriteKv(cache->k(l), cache->v(l), s.k.data(), s.v.data(), ab, layout);
     kernels::PagedAttention(s.attn.data(), s.q.data(), cache->k(l), cache->v(l), ab, layout,
-                            c.num_heads, attn_scale);
+                            c.num_heads, attn_scale, c.sliding_window);
     base(s.proj.data(), s.attn.data(), l, M::kO);
     ApplyLora({M::kO}, l, s.attn.data(), qd, {{s.proj.data(), hid}}, batch, merged_, &s.lora);
     kernels::Add(s.x.data(), s.proj.data(), n * hid);

@@ -11,6 +11,8 @@ Outputs (all paths relative to the repository root):
       rope_llama3/   same weights, rope_scaling llama3 (all three frequency bands are hit)
       rope_linear/   same weights, rope_scaling linear (factor 2)
       qwen2_bias/    Qwen2ForCausalLM: q/k/v carry a bias, otherwise the same shapes
+      mistral_window/ MistralForCausalLM with sliding_window 8 and prompts up to 48 tokens, so
+                     most positions see only part of the past (made by --only mistral)
   tests/fixtures/hf/stories260k_logits.{json,bin}
                                          logits at every position of ../shared/models/stories260K
   tests/fixtures/hf/smollm2_logits.{json,bin}
@@ -26,10 +28,11 @@ each prompt names a byte offset into the .bin and a row-major shape [positions, 
 Usage (from the repository root; needs tools/requirements-goldens.txt and, for smollm2,
 scripts/fetch-model.sh to have run):
   python3 tools/make_hf_goldens.py                 # everything
-  python3 tools/make_hf_goldens.py --only tiny     # or: stories, smollm2
+  python3 tools/make_hf_goldens.py --only tiny     # or: mistral, stories, smollm2
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FORMAT = "loraplex-golden-logits/1"
@@ -194,7 +197,43 @@ def classic_config(saved):
     return dict(sorted(cfg.items()))
 
 
-def make_tiny(out_root):
+# Mistral's sliding window, small enough that the prompts run far past it: with 8, a token at
+# position p sees p-7..p (transformers: masking_utils.sliding_window_overlay, kv_idx > q_idx - 8).
+MISTRAL_WINDOW = 8
+MISTRAL_PROMPTS = dict(TINY_PROMPTS, long_48=[1] + [int(x) for x in
+                                                    np.random.default_rng(8).integers(0, 97,
+                                                                                      size=47)])
+
+
+def make_mistral(out_root):
+    """tiny_llama/mistral_window: a random MistralForCausalLM with a window of 8. The same weights
+    with sliding_window=None are run too, as a check that the window changes exactly the positions
+    past it (so the fixture really exercises the window)."""
+    make_tiny(out_root, only="mistral_window")
+    out = os.path.join(out_root, "mistral_window")
+    windowed = MistralForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                  attn_implementation="eager").eval()
+    assert windowed.config.sliding_window == MISTRAL_WINDOW
+    full_cfg = copy.deepcopy(windowed.config)
+    full_cfg.sliding_window = None
+    full = MistralForCausalLM.from_pretrained(out, config=full_cfg, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    with open(os.path.join(out, "logits.json")) as f:
+        index = json.load(f)
+    inside, outside = 0.0, 0.0
+    for pname, ids in MISTRAL_PROMPTS.items():
+        diff = np.abs(all_logits(windowed, ids) - all_logits(full, ids)).max(axis=1)
+        inside = max(inside, float(diff[:MISTRAL_WINDOW].max()))
+        if len(ids) > MISTRAL_WINDOW:
+            outside = max(outside, float(diff[MISTRAL_WINDOW:].min()))
+    # Within the window both masks are the same; past it every position must differ clearly.
+    assert inside < 1e-4 and outside > 1e-2, (inside, outside)
+    index["checks"]["max_abs_diff_vs_no_window_positions_below_window"] = inside
+    index["checks"]["min_over_positions_past_window_of_max_abs_diff_vs_no_window"] = outside
+    write_json(os.path.join(out, "logits.json"), index)
+
+
+def make_tiny(out_root, only=None):
     variants = {
         "base": (LlamaForCausalLM, LlamaConfig, dict(rope_theta=10000.0), 1234),
         # original_max 64 with low 1 / high 4 puts head_dim 8's wavelengths 6.3, 63, 628, 6283 in
@@ -210,10 +249,15 @@ def make_tiny(out_root):
         "qwen2_bias": (Qwen2ForCausalLM, Qwen2Config,
                        dict(rope_theta=10000.0, use_sliding_window=False), 4321),
     }
+    if only is not None:
+        # Made only on request so that adding it did not rewrite the fixtures above.
+        variants = {"mistral_window": (MistralForCausalLM, MistralConfig,
+                                       dict(rope_theta=10000.0, sliding_window=MISTRAL_WINDOW),
+                                       5678)}
     for name, (model_cls, config_cls, extra, seed) in variants.items():
         kwargs = dict(TINY_SHAPE)
         kwargs.update(extra)
-        if config_cls is LlamaConfig:
+        if config_cls in (LlamaConfig, MistralConfig):
             kwargs["head_dim"] = 8
         config = config_cls(**kwargs)
         config._attn_implementation = "eager"
@@ -241,7 +285,7 @@ def make_tiny(out_root):
         # Not bit-exact: the reloaded weights sit in a differently aligned buffer and torch's
         # CPU GEMM then takes another path (seen: 1e-6 apart with identical weights).
         prompts, reload_err = [], 0.0
-        for pname, ids in TINY_PROMPTS.items():
+        for pname, ids in (MISTRAL_PROMPTS if only else TINY_PROMPTS).items():
             logits = all_logits(model, ids)
             reload_err = max(reload_err, float(np.abs(all_logits(reloaded, ids) - logits).max()))
             prompts.append({"name": pname, "token_ids": ids, "logits": logits})
@@ -250,7 +294,8 @@ def make_tiny(out_root):
             "model": f"tiny random {model_cls.__name__} ({name}), torch seed {seed}",
             "model_dir": rel(out),
             "setup": "f32, eager attention, CPU, whole prompt in one forward, no cache",
-            "regenerate": "python3 tools/make_hf_goldens.py --only tiny",
+            "regenerate": "python3 tools/make_hf_goldens.py --only " + ("mistral" if only
+                                                                        else "tiny"),
             "checks": {"max_abs_logit_diff_after_reload_from_fixture": reload_err},
             "vocab_size": config.vocab_size,
         }
@@ -460,15 +505,17 @@ def make_smollm2(model_path, out_root):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=["tiny", "stories", "smollm2"], action="append")
+    ap.add_argument("--only", choices=["tiny", "mistral", "stories", "smollm2"], action="append")
     ap.add_argument("--shared", default=os.path.join(REPO_ROOT, "..", "shared"))
     ap.add_argument("--model", default=os.path.join(REPO_ROOT, "models", SMOLLM2_FILE))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    only = set(args.only or ["tiny", "stories", "smollm2"])
+    only = set(args.only or ["tiny", "mistral", "stories", "smollm2"])
     if "tiny" in only:
         make_tiny(os.path.join(REPO_ROOT, "tests", "fixtures", "tiny_llama"))
+    if "mistral" in only:
+        make_mistral(os.path.join(REPO_ROOT, "tests", "fixtures", "tiny_llama"))
     if "stories" in only:
         make_stories(os.path.abspath(args.shared), os.path.join(REPO_ROOT, "tests", "fixtures", "hf"))
     if "smollm2" in only:
