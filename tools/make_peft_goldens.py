@@ -17,7 +17,14 @@ Outputs (relative to the repository root):
 
 The logits files use the format of tools/make_hf_goldens.py ("loraplex-golden-logits/1").
 
-Usage: python3 tools/make_peft_goldens.py [--only stories|smollm2]
+Every prompt entry also carries "greedy": PEFT's free-running greedy continuation of that prompt
+(model.generate, do_sample=False, KV cache on, EOS never stops it), made with the adapter applied
+for "<prompt>" entries and with the merged model for "<prompt>_merged" ones (stories260K: 40 new
+tokens; SmolLM2: 32). Per step it records the raw top-1 logit and the top1 - top2 margin, so a
+test can tell a step where two logits are within float noise (and an exact reproduction may
+legitimately pick the other one) from a real divergence.
+
+Usage: python3 tools/make_peft_goldens.py [--only stories|smollm2] [--out DIR]
 (SmolLM2 needs scripts/fetch-model.sh to have run.) Seeds are fixed.
 """
 
@@ -82,6 +89,48 @@ def peft_versions():
     return v
 
 
+STORIES_GREEDY_TOKENS = 40
+SMOLLM2_GREEDY_TOKENS = 32
+
+
+@torch.no_grad()
+def greedy_continuation(model, ids, n):
+    """PEFT's free-running greedy continuation: n new tokens from model.generate (KV cache, the
+    path a user runs), with EOS disabled so every config yields n tokens (the C++ side runs with
+    ignore_eos). The generation config is built here in full so no checkpoint default (penalties,
+    min length) can slip in."""
+    from transformers import GenerationConfig
+    gc = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=0,
+                          eos_token_id=None, pad_token_id=0, bos_token_id=None,
+                          repetition_penalty=1.0, output_logits=True,
+                          return_dict_in_generate=True)
+    out = model.generate(input_ids=torch.tensor([ids], dtype=torch.long),
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         generation_config=gc)
+    new = [int(t) for t in out.sequences[0, len(ids):]]
+    rows = [step[0].float().numpy() for step in out.logits]  # raw logits, before any processor
+    assert len(new) == n and len(rows) == n
+    # generate() picks argmax of the processed scores; with no processors those are the raw
+    # logits, so the recorded token must be their argmax.
+    assert all(int(np.argmax(r)) == t for r, t in zip(rows, new)), "generate is not plain argmax"
+    return {"max_new_tokens": n, "token_ids": new,
+            "top_logit": [float(np.max(r)) for r in rows],
+            "margin": [hf.margin(r) for r in rows],
+            "how": "model.generate(do_sample=False, num_beams=1, eos disabled), KV cache"}
+
+
+def sort_target_modules(out_dir):
+    """PEFT keeps target_modules as a Python set and saves it in set order, which changes from
+    one interpreter to the next (string hash randomisation); sorting makes reruns byte-identical."""
+    path = os.path.join(out_dir, "adapter_config.json")
+    with open(path) as f:
+        c = json.load(f)
+    if isinstance(c.get("target_modules"), list):
+        c["target_modules"] = sorted(c["target_modules"])
+        with open(path, "w") as f:
+            json.dump(c, f, indent=2)
+
+
 def make_adapter(base, kwargs, dtype, edits, seed, out_dir):
     """Seeded random LoRA (A and B both non-zero), saved with save_pretrained; returns the model
     with the adapter exactly as saved (weights rounded to `dtype` and read back)."""
@@ -99,6 +148,7 @@ def make_adapter(base, kwargs, dtype, edits, seed, out_dir):
                 p.data = p.data.to(dtype)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
+    sort_target_modules(out_dir)
     if edits:
         path = os.path.join(out_dir, "adapter_config.json")
         with open(path) as f:
@@ -126,11 +176,14 @@ def make_stories(out_root, seed0=100):
     for i, (name, (kwargs, dtype, edits)) in enumerate(STORIES_ADAPTERS.items()):
         d = os.path.join(root, name)
         model = make_adapter(base, kwargs, dtype, edits, seed0 + i, d)
-        prompts = [{"name": n, "token_ids": ids, "logits": hf.all_logits(model, ids)}
+        prompts = [{"name": n, "token_ids": ids, "logits": hf.all_logits(model, ids),
+                    "greedy": greedy_continuation(model, ids, STORIES_GREEDY_TOKENS)}
                    for n, ids in STORIES_PROMPTS.items()]
         merged = copy.deepcopy(model).merge_and_unload().eval()
         prompts += [{"name": n + "_merged", "token_ids": ids,
-                     "logits": hf.all_logits(merged, ids)} for n, ids in STORIES_PROMPTS.items()]
+                     "logits": hf.all_logits(merged, ids),
+                     "greedy": greedy_continuation(merged, ids, STORIES_GREEDY_TOKENS)}
+                    for n, ids in STORIES_PROMPTS.items()]
         h = dict(header, adapter=name, seed=seed0 + i, lora_config=repr(kwargs),
                  stored_dtype=str(dtype))
         hf.write_logits_fixture(os.path.join(d, "logits.json"), h, prompts)
@@ -158,9 +211,16 @@ def make_smollm2(out_root, seed0=200):
         # First prompt: last-position logits (+ top-20 everywhere); second: top-20 only would need
         # a second file, so both go in with last-position logits only of the first (size budget).
         prompts = []
+        merged = copy.deepcopy(model).merge_and_unload().eval()
         for j, (text, ids) in enumerate(zip(SMOLLM2_TEXTS, ids_list)):
+            g = greedy_continuation(model, ids, SMOLLM2_GREEDY_TOKENS)
+            g["text"] = tok.decode(g["token_ids"])
+            gm = greedy_continuation(merged, ids, SMOLLM2_GREEDY_TOKENS)
+            gm["text"] = tok.decode(gm["token_ids"])
+            print(f"smollm2 {name} p{j}: {g['text']!r}")
             prompts.append({"name": f"p{j}", "text": text, "token_ids": ids,
-                            "logits": hf.all_logits(model, ids)})
+                            "logits": hf.all_logits(model, ids), "greedy": g,
+                            "greedy_merged": gm})
         hf.write_logits_fixture(os.path.join(ad, "logits.json"), h, prompts[:1], last_only=True,
                                 topk=20)
         hf.write_logits_fixture(os.path.join(ad, "top20.json"), h, prompts[1:], last_only=True,
@@ -170,12 +230,15 @@ def make_smollm2(out_root, seed0=200):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["stories", "smollm2"])
+    ap.add_argument("--out", default=OUT,
+                    help="output root (default tests/fixtures/peft); another folder lets a rerun "
+                         "be compared with the committed fixtures byte for byte")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.only in (None, "stories"):
-        make_stories(OUT)
+        make_stories(args.out)
     if args.only in (None, "smollm2"):
-        make_smollm2(OUT)
+        make_smollm2(args.out)
 
 
 if __name__ == "__main__":
