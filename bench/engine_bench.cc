@@ -1,0 +1,129 @@
+// The serving workloads of DESIGN.md section 6 run in-process on the engine (no gRPC, no
+// tokenizer): the reference that `loraplex bench` against loraplex-server is divided by to get the
+// serving overhead (docs/benchmarks.md). Same shape as the client's closed loop: `concurrency`
+// requests in flight, each a `prompt`-token prompt of random ids and exactly `max_tokens` greedy
+// output tokens (ignore_eos), `requests` in all; adapter i of a request is (request % adapters),
+// every adapter a separate copy of one PEFT folder (so the batch gathers distinct weights).
+//
+//   engine_bench --model models/SmolLM2-135M-Instruct.Q4_1.gguf --concurrency 32 --requests 64
+//       [--adapter-dir DIR --adapters 32] [--dtype bf16] [--prompt 128] [--max-tokens 128]
+//
+// Prints one JSON line: output tokens, seconds, output tok/s, requests/s.
+#include <atomic>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "adapters/lora_adapter.h"
+#include "engine/engine.h"
+#include "model/llama_model.h"
+
+ABSL_FLAG(std::string, model, "models/SmolLM2-135M-Instruct.Q4_1.gguf", "GGUF file or HF folder");
+ABSL_FLAG(std::string, dtype, "bf16", "bf16 or f32 base weights");
+ABSL_FLAG(std::string, adapter_dir, "", "PEFT folder; copies of it serve as the adapters");
+ABSL_FLAG(int, adapters, 0, "distinct adapters (0: base model only)");
+ABSL_FLAG(int, concurrency, 1, "requests in flight");
+ABSL_FLAG(int, requests, 8, "requests in all");
+ABSL_FLAG(int, prompt, 128, "prompt tokens");
+ABSL_FLAG(int, max_tokens, 128, "output tokens per request");
+
+namespace lp = loraplex;
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  lp::model::LoadOptions load;
+  load.dtype = absl::GetFlag(FLAGS_dtype) == "f32" ? lp::kernels::DType::kF32
+                                                    : lp::kernels::DType::kBF16;
+  auto model = lp::model::LlamaModel::Load(absl::GetFlag(FLAGS_model), load);
+  if (!model.ok()) {
+    std::cerr << "engine_bench: " << model.status() << "\n";
+    return 1;
+  }
+  std::vector<std::unique_ptr<lp::adapters::LoraAdapter>> loaded;
+  std::vector<std::shared_ptr<const lp::engine::AdapterHandle>> handles;
+  for (int i = 0; i < absl::GetFlag(FLAGS_adapters); ++i) {
+    lp::adapters::AdapterLoadOptions ao;
+    ao.dtype = load.dtype;
+    auto a = lp::adapters::LoraAdapter::Load(absl::GetFlag(FLAGS_adapter_dir),
+                                              (*model)->config(), ao);
+    if (!a.ok()) {
+      std::cerr << "engine_bench: " << a.status() << "\n";
+      return 1;
+    }
+    auto h = std::make_shared<lp::engine::AdapterHandle>();
+    h->name = absl::StrCat("a", i);
+    h->version = 1;
+    h->weights = &(*a)->view();
+    handles.push_back(std::move(h));
+    loaded.push_back(*std::move(a));
+  }
+
+  const int concurrency = absl::GetFlag(FLAGS_concurrency);
+  const int total = absl::GetFlag(FLAGS_requests);
+  const int prompt = absl::GetFlag(FLAGS_prompt), max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  lp::engine::EngineOptions eo;
+  eo.max_running = concurrency;
+  eo.kv_blocks = concurrency * ((prompt + max_tokens + eo.kv_block_size - 1) / eo.kv_block_size);
+  auto engine = lp::engine::Engine::Create(model->get(), eo);
+  if (!engine.ok()) {
+    std::cerr << "engine_bench: " << engine.status() << "\n";
+    return 1;
+  }
+
+  std::mt19937 rng(1);
+  std::uniform_int_distribution<int32_t> id(100, static_cast<int32_t>((*model)->config().vocab_size) - 1);
+  absl::Mutex mu;
+  int submitted = 0, finished = 0, failed = 0;
+  int64_t out_tokens = 0;
+  // Submits request `i`; its sink submits the next one when it finishes (the closed loop).
+  std::function<void()> submit_next = [&]() {
+    int i;
+    {
+      absl::MutexLock lock(&mu);
+      if (submitted >= total) return;
+      i = submitted++;
+    }
+    lp::engine::GenerationRequest r;
+    for (int t = 0; t < prompt; ++t) r.prompt_ids.push_back(id(rng));
+    r.max_tokens = max_tokens;
+    r.ignore_eos = true;
+    if (!handles.empty()) r.adapter = handles[i % handles.size()];
+    auto st = (*engine)->Submit(std::move(r), [&](lp::engine::StepOutput out) {
+      if (!out.finished) return;
+      {
+        absl::MutexLock lock(&mu);
+        ++finished;
+        out_tokens += out.completion_tokens;
+        if (out.finish_reason != lp::engine::FinishReason::kLength) ++failed;
+      }
+      submit_next();
+    });
+    if (!st.ok()) {
+      std::cerr << "engine_bench: submit: " << st.status() << "\n";
+      std::exit(1);
+    }
+  };
+  const absl::Time start = absl::Now();
+  for (int c = 0; c < concurrency; ++c) submit_next();
+  {
+    absl::MutexLock lock(&mu);
+    auto done = [&]() { return finished >= total; };
+    mu.Await(absl::Condition(&done));
+  }
+  const double s = absl::ToDoubleSeconds(absl::Now() - start);
+  std::printf(
+      "{\"concurrency\": %d, \"requests\": %d, \"adapters\": %d, \"failed\": %d, "
+      "\"output_tokens\": %lld, \"seconds\": %.3f, \"output_tokens_per_s\": %.2f, "
+      "\"requests_per_s\": %.3f}\n",
+      concurrency, total, absl::GetFlag(FLAGS_adapters), failed,
+      static_cast<long long>(out_tokens), s, out_tokens / s, total / s);
+  return failed == 0 ? 0 : 1;
+}
