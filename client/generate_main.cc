@@ -11,6 +11,7 @@
 #include "absl/strings/str_split.h"
 #include "client/offline_adapter.h"
 #include "common/flags.h"
+#include "model/device.h"
 #include "model/generate.h"
 #include "model/llama_model.h"
 #include "nlohmann/json.hpp"
@@ -31,7 +32,9 @@ ABSL_FLAG(bool, ignore_eos, false, "keep generating past end-of-sequence");
 ABSL_FLAG(int32_t, logprobs, 0, "top alternatives per token to report (0-20)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "comma-separated stop strings");
 ABSL_FLAG(std::string, dtype, "bf16", "weight storage: bf16 or f32");
-ABSL_FLAG(std::string, device, "auto", "auto or cpu (cuda: see the CUDA issue)");
+ABSL_FLAG(
+    std::string, device, "auto",
+    "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
 ABSL_FLAG(int32_t, max_lora_rank, 256, "largest adapter rank accepted");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of streaming text");
 
@@ -90,12 +93,14 @@ int Run() {
   if (forms > 1) {
     return Fail(absl::InvalidArgumentError("give only one of --prompt, --prompt-ids, --chat"));
   }
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device != "auto" && device != "cpu") {
-    return Fail(absl::UnimplementedError("--device " + device +
-                                         ": only the CPU backend is available in this build"));
-  }
   model::LoadOptions load;
+  std::string device_reason;
+  absl::StatusOr<model::Device> device =
+      model::ResolveDevice(absl::GetFlag(FLAGS_device), &device_reason);
+  if (!device.ok()) return Fail(device.status());
+  load.device = *device;
+  // The choice is reported in --json ("device", "device_reason") rather than on stderr, so the
+  // plain-text output stays exactly the generated text.
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (dtype == "bf16") {
     load.dtype = kernels::DType::kBF16;
@@ -155,6 +160,8 @@ int Run() {
   out["token_ids"] = ids;
   out["text"] = result->text;
   out["finish_reason"] = result->finish_reason;
+  out["device"] = model::DeviceName(load.device);
+  out["device_reason"] = device_reason;
   if (absl::GetFlag(FLAGS_logprobs) > 0) out["logprobs"] = logprobs;
   std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   return 0;

@@ -67,8 +67,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(model::LlamaModel* model,
     blocks = std::max<int64_t>(
         1, std::min(options.max_running * per_seq, kDefaultKvBytesCap / bytes_per_block));
   }
-  LP_ASSIGN_OR_RETURN(model::KvCache cache,
-                      model::KvCache::Create(config, blocks, options.kv_block_size));
+  LP_ASSIGN_OR_RETURN(model::KvCache cache, model->CreateKvCache(blocks, options.kv_block_size));
   auto engine = std::unique_ptr<Engine>(new Engine(model, options, std::move(cache)));
   engine->thread_ = std::thread([e = engine.get()] { e->Loop(); });
   LP_LOG(INFO) << "engine: " << blocks << " KV blocks of " << options.kv_block_size << " tokens ("

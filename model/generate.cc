@@ -50,7 +50,7 @@ absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int
                      ") exceeds the context length ", c.max_position_embeddings));
   }
   const int64_t blocks = (total + kBlockSize - 1) / kBlockSize;
-  LP_ASSIGN_OR_RETURN(KvCache cache, KvCache::Create(c, blocks, kBlockSize));
+  LP_ASSIGN_OR_RETURN(KvCache cache, model.CreateKvCache(blocks, kBlockSize));
 
   ForwardBatch batch;
   batch.max_blocks_per_seq = blocks;

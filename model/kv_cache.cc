@@ -13,7 +13,7 @@ int64_t KvCache::BytesPerToken(const LlamaConfig& config) {
 }
 
 absl::StatusOr<KvCache> KvCache::Create(const LlamaConfig& config, int64_t num_blocks,
-                                        int64_t block_size) {
+                                        int64_t block_size, bool host_storage) {
   if (num_blocks <= 0 || block_size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("KV cache: num_blocks (", num_blocks,
                                                    ") and block_size (", block_size,
@@ -26,12 +26,14 @@ absl::StatusOr<KvCache> KvCache::Create(const LlamaConfig& config, int64_t num_b
   c.head_dim_ = config.head_dim;
   c.layer_stride_ = num_blocks * block_size * config.num_kv_heads * config.head_dim;
   const int64_t total = c.layer_stride_ * config.num_layers;
-  // Default-initialised storage: pages are only touched (and committed) when a block is written.
-  c.k_.reset(new (std::nothrow) float[total]);
-  c.v_.reset(new (std::nothrow) float[total]);
-  if (!c.k_ || !c.v_) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("KV cache: cannot allocate ", 2 * total * sizeof(float) / (1 << 20), " MiB"));
+  if (host_storage) {
+    // Default-initialised storage: pages are only touched (and committed) when a block is written.
+    c.k_.reset(new (std::nothrow) float[total]);
+    c.v_.reset(new (std::nothrow) float[total]);
+    if (!c.k_ || !c.v_) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "KV cache: cannot allocate ", 2 * total * sizeof(float) / (1 << 20), " MiB"));
+    }
   }
   c.free_.reserve(num_blocks);
   // Hand out low block ids first (LIFO free list, so push the highest first).

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -16,9 +17,10 @@ namespace loraplex::model {
 class KvCache {
  public:
   // num_blocks * block_size token slots per layer. RESOURCE_EXHAUSTED when the memory cannot be
-  // had.
+  // had. With host_storage false only the block bookkeeping lives here (k()/v() are null): a model
+  // on a device attaches its own pools (see DeviceStorage).
   static absl::StatusOr<KvCache> Create(const LlamaConfig& config, int64_t num_blocks,
-                                        int64_t block_size);
+                                        int64_t block_size, bool host_storage = true);
   // Bytes one token slot takes across all layers (K and V).
   static int64_t BytesPerToken(const LlamaConfig& config);
 
@@ -32,8 +34,20 @@ class KvCache {
   // Returns a block to the free list. Freeing a block twice is a programmer error (LP_CHECK).
   void FreeBlock(int32_t block);
 
-  float* k(int64_t layer) { return k_.get() + layer * layer_stride_; }
-  float* v(int64_t layer) { return v_.get() + layer * layer_stride_; }
+  // Host K/V pools of one layer; null without host storage.
+  float* k(int64_t layer) { return k_ ? k_.get() + layer * layer_stride_ : nullptr; }
+  float* v(int64_t layer) { return v_ ? v_.get() + layer * layer_stride_ : nullptr; }
+  bool has_host_storage() const { return k_ != nullptr; }
+
+  // K/V pools a backend keeps elsewhere (the CUDA model's device memory), owned by this cache so
+  // they live exactly as long as its block bookkeeping. The backend defines the subclass.
+  struct DeviceStorage {
+    virtual ~DeviceStorage() = default;
+  };
+  DeviceStorage* device_storage() const { return device_storage_.get(); }
+  void set_device_storage(std::unique_ptr<DeviceStorage> storage) {
+    device_storage_ = std::move(storage);
+  }
   bool block_in_use(int32_t block) const {
     return block >= 0 && block < num_blocks_ && in_use_[block];
   }
@@ -47,6 +61,7 @@ class KvCache {
   std::unique_ptr<float[]> k_, v_;
   std::vector<int32_t> free_;
   std::vector<bool> in_use_;
+  std::unique_ptr<DeviceStorage> device_storage_;
 };
 
 }  // namespace loraplex::model

@@ -1,5 +1,6 @@
 #include "model/llama_model.h"
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -10,10 +11,18 @@
 #include "common/status.h"
 #include "formats/gguf.h"
 #include "formats/safetensors.h"
+#include "model/cuda_model.h"
 #include "model/llama_weights.h"
 #include "model/lora_apply.h"
 
 namespace loraplex::model {
+
+uint64_t NewLoraViewId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+const char* DeviceName(Device d) { return d == Device::kCuda ? "cuda" : "cpu"; }
 
 const char* LinearModuleName(LinearModule m) {
   switch (m) {
@@ -97,10 +106,20 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     if (m->config_.eos_token_id < 0) m->config_.eos_token_id = m->tokenizer_->eos_id();
   }
   m->impl_->inv_freq = m->config_.RopeInvFreq();
+  if (options.device == Device::kCuda) {
+    LP_ASSIGN_OR_RETURN(m->cuda_,
+                        CreateCudaModel(m->config_, &m->impl_->w, m->impl_->inv_freq, options));
+  }
   return m;
 }
 
+// Shape-based, so it stays right after the CUDA model released the host matrices.
 int64_t LlamaModel::weight_bytes() const { return impl_->w.bytes(); }
+
+absl::StatusOr<KvCache> LlamaModel::CreateKvCache(int64_t num_blocks, int64_t block_size) const {
+  return KvCache::Create(config_, num_blocks, block_size,
+                         /*host_storage=*/options_.device == Device::kCpu);
+}
 
 kernels::WeightView LlamaModel::LinearWeight(int64_t layer, LinearModule m) const {
   return impl_->w.layers[layer].linear[static_cast<int>(m)].view();
@@ -203,6 +222,11 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
                                  std::vector<float>* logits) {
   const LlamaConfig& c = config_;
   LP_RETURN_IF_ERROR(ValidateBatch(batch, c, *cache));
+  if (cuda_ != nullptr) return cuda_->Forward(batch, cache, merged_, logits);
+  if (!cache->has_host_storage()) {
+    return absl::FailedPreconditionError(
+        "forward: the KV cache has no host storage (made for a CUDA model)");
+  }
   Impl& s = *impl_;
   const int64_t n = batch.num_tokens();
   const int64_t hid = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate_size;
@@ -281,6 +305,27 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
   return absl::OkStatus();
 }
 
+void MergePairInto(const LoraPair& pair, StoredMatrix* wp) {
+  StoredMatrix& w = *wp;
+  // W' = W + B A, each element computed in f32 from the pristine value and rounded once.
+  std::vector<float> a(pair.rank * w.cols);
+  for (int64_t i = 0; i < static_cast<int64_t>(a.size()); ++i) a[i] = ViewAt(pair.a, i);
+  std::vector<float> row(w.cols);
+  for (int64_t o = 0; o < w.rows; ++o) {
+    for (int64_t i = 0; i < w.cols; ++i) row[i] = w.At(o, i);
+    for (int64_t r = 0; r < pair.rank; ++r) {
+      const float b = ViewAt(pair.b, o * pair.rank + r);
+      const float* arow = a.data() + r * w.cols;
+      for (int64_t i = 0; i < w.cols; ++i) row[i] += b * arow[i];
+    }
+    if (w.dtype == kernels::DType::kF32) {
+      std::copy(row.begin(), row.end(), w.f32.begin() + o * w.cols);
+    } else {
+      for (int64_t i = 0; i < w.cols; ++i) w.bf16[o * w.cols + i] = F32ToBf16(row[i]);
+    }
+  }
+}
+
 absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
   if (merged_ != nullptr) {
     return absl::FailedPreconditionError("an adapter is already merged; unmerge it first");
@@ -302,29 +347,18 @@ absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
       }
     }
   }
+  if (cuda_ != nullptr) {
+    LP_RETURN_IF_ERROR(cuda_->Merge(*adapter));
+    merged_ = adapter;
+    return absl::OkStatus();
+  }
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     for (int m = 0; m < kNumLinearModules; ++m) {
       const LoraPair* pair = adapter->layers[l][m];
       if (pair == nullptr) continue;
       StoredMatrix& w = s.w.layers[l].linear[m];
       s.merge_backup.emplace(std::make_pair(l, m), w);
-      // W' = W + B A, each element computed in f32 from the pristine value and rounded once.
-      std::vector<float> a(pair->rank * w.cols);
-      for (int64_t i = 0; i < static_cast<int64_t>(a.size()); ++i) a[i] = ViewAt(pair->a, i);
-      std::vector<float> row(w.cols);
-      for (int64_t o = 0; o < w.rows; ++o) {
-        for (int64_t i = 0; i < w.cols; ++i) row[i] = w.At(o, i);
-        for (int64_t r = 0; r < pair->rank; ++r) {
-          const float b = ViewAt(pair->b, o * pair->rank + r);
-          const float* arow = a.data() + r * w.cols;
-          for (int64_t i = 0; i < w.cols; ++i) row[i] += b * arow[i];
-        }
-        if (w.dtype == kernels::DType::kF32) {
-          std::copy(row.begin(), row.end(), w.f32.begin() + o * w.cols);
-        } else {
-          for (int64_t i = 0; i < w.cols; ++i) w.bf16[o * w.cols + i] = F32ToBf16(row[i]);
-        }
-      }
+      MergePairInto(*pair, &w);
     }
   }
   merged_ = adapter;
@@ -333,6 +367,11 @@ absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
 
 absl::Status LlamaModel::Unmerge() {
   if (merged_ == nullptr) return absl::FailedPreconditionError("no adapter is merged");
+  if (cuda_ != nullptr) {
+    LP_RETURN_IF_ERROR(cuda_->Unmerge());
+    merged_ = nullptr;
+    return absl::OkStatus();
+  }
   Impl& s = *impl_;
   for (auto& [key, backup] : s.merge_backup) {
     s.w.layers[key.first].linear[key.second] = std::move(backup);

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -35,12 +36,41 @@ struct LoraPair {
   kernels::WeightView b;  // [out, rank]
 };
 
+// A process-unique id for a LoraWeightsView (never 0, never reused).
+uint64_t NewLoraViewId();
+
 // The weights of one adapter as the forward pass sees them. `layers[l][m]` is null when the
 // adapter does not touch module m of layer l. Owned elsewhere (adapters/); must outlive the steps
-// that use it.
+// that use it, and must not change once a step has used it: the CUDA model caches a device copy
+// keyed by `id`.
 struct LoraWeightsView {
+  LoraWeightsView() = default;
+  // A copy is another view (it may be edited), so it gets a fresh id; so does a moved-to view.
+  LoraWeightsView(const LoraWeightsView& o) : layers(o.layers) {}
+  LoraWeightsView(LoraWeightsView&& o) noexcept : layers(std::move(o.layers)) {
+    o.id = NewLoraViewId();
+  }
+  LoraWeightsView& operator=(const LoraWeightsView& o) {
+    layers = o.layers;
+    id = NewLoraViewId();
+    return *this;
+  }
+  LoraWeightsView& operator=(LoraWeightsView&& o) noexcept {
+    layers = std::move(o.layers);
+    id = NewLoraViewId();
+    o.id = NewLoraViewId();
+    return *this;
+  }
+
   std::vector<std::array<const LoraPair*, kNumLinearModules>> layers;
+  // Unique per view object, drawn from a global counter: a new adapter at a reused host address
+  // can never hit a stale device copy.
+  uint64_t id = NewLoraViewId();
 };
+
+// Where the model's weights live and its forward pass runs.
+enum class Device { kCpu, kCuda };
+const char* DeviceName(Device d);  // "cpu", "cuda"
 
 struct LoadOptions {
   kernels::DType dtype = kernels::DType::kBF16;  // storage of the big matrices
@@ -50,6 +80,13 @@ struct LoadOptions {
   // When false, a model without any tokenizer loads (token ids in, token ids out; has_tokenizer()
   // is false). When true, a missing tokenizer is NOT_FOUND.
   bool require_tokenizer = true;
+  // kCuda: the weights are uploaded to the CUDA device and Forward runs there (UNAVAILABLE from
+  // Load without a usable device or in a build without CUDA); the host keeps no copy of the big
+  // matrices then.
+  Device device = Device::kCpu;
+  // CUDA only: how many adapters keep a device copy between steps (LRU; an adapter used by the
+  // running step is never evicted, so one step may exceed this).
+  int64_t cuda_adapter_slots = 64;
 };
 
 // One step's input. Per-token arrays all have num_tokens entries. A sequence's tokens must appear
@@ -70,6 +107,8 @@ struct ForwardBatch {
   int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
 };
 
+class CudaModel;  // model/cuda_model.h
+
 class LlamaModel {
  public:
   // `path` is a GGUF file or an HF folder (config.json + *.safetensors + tokenizer.json).
@@ -88,13 +127,21 @@ class LlamaModel {
   bool from_gguf() const { return from_gguf_; }
   // Bytes of the stored weights.
   int64_t weight_bytes() const;
+  Device device() const { return options_.device; }
+  // A KV cache for this model: host K/V pools on the CPU, block bookkeeping only on CUDA (the
+  // device pools are attached to it at its first Forward). Errors as KvCache::Create.
+  absl::StatusOr<KvCache> CreateKvCache(int64_t num_blocks, int64_t block_size) const;
 
   // Runs one step. Writes [batch.logit_rows.size(), vocab_size] logits into *logits (resized).
   // INVALID_ARGUMENT for token ids out of the vocabulary, positions past max context, or
-  // inconsistent batch arrays; nothing is written to the cache then.
+  // inconsistent batch arrays; nothing is written to the cache then. FAILED_PRECONDITION for a
+  // CPU model given a cache without host storage. On CUDA the logits are copied back as f32 and
+  // the call returns when the step has finished on the device; RESOURCE_EXHAUSTED when device
+  // memory for the KV pools, scratch or adapter copies runs out.
   absl::Status Forward(const ForwardBatch& batch, KvCache* cache, std::vector<float>* logits);
 
-  // The base weight of one linear module (for LoRA shape validation and merging).
+  // The base weight of one linear module (for LoRA shape validation and merging). On CUDA the
+  // view has the shape and dtype but a null data pointer (the matrix lives on the device).
   kernels::WeightView LinearWeight(int64_t layer, LinearModule m) const;
   int64_t LinearInFeatures(LinearModule m) const;
   int64_t LinearOutFeatures(LinearModule m) const;
@@ -118,6 +165,7 @@ class LlamaModel {
   bool from_gguf_ = false;
   const LoraWeightsView* merged_ = nullptr;
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<CudaModel> cuda_;  // set when options_.device == kCuda
 };
 
 }  // namespace loraplex::model

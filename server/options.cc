@@ -10,11 +10,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
+#include "common/status.h"
+#include "model/device.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF file or HF model folder (required)");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC address HOST:PORT (port 0: any free one)");
 ABSL_FLAG(std::string, dtype, "bf16", "storage of the base weights: bf16 or f32");
-ABSL_FLAG(std::string, device, "auto", "auto, cpu or cuda (cuda: not in this build yet)");
+ABSL_FLAG(
+    std::string, device, "auto",
+    "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
 ABSL_FLAG(int64_t, max_batch_tokens, 512, "tokens per engine step (decodes + prefill chunks)");
 ABSL_FLAG(int64_t, max_running, 64, "sequences per engine step");
 ABSL_FLAG(int64_t, max_queue, 256, "requests waiting for KV memory before RESOURCE_EXHAUSTED");
@@ -46,16 +50,6 @@ ABSL_FLAG(
     "file to write the bound gRPC port and metrics port (0: none) to, a line each, once serving");
 
 namespace loraplex::server {
-namespace {
-
-absl::Status NotYet(const std::string& flag, const std::string& what) {
-  return absl::UnimplementedError(
-      absl::StrCat(flag, " asks for ", what,
-                   ", which this build of loraplex-server does not implement yet; "
-                   "refusing to start rather than run without it"));
-}
-
-}  // namespace
 
 absl::StatusOr<int64_t> ParseByteSize(const std::string& text) {
   std::string s(absl::StripAsciiWhitespace(text));
@@ -98,12 +92,10 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   } else {
     return absl::InvalidArgumentError(absl::StrCat("--dtype must be bf16 or f32, got ", dtype));
   }
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device == "cuda") return NotYet("--device cuda", "the CUDA backend");
-  if (device != "auto" && device != "cpu") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device must be auto, cpu or cuda, got ", device));
-  }
+  std::string device_reason;
+  LP_ASSIGN_OR_RETURN(cl.load.device,
+                      model::ResolveDevice(absl::GetFlag(FLAGS_device), &device_reason));
+  LP_LOG(INFO) << device_reason;
   {
     AdapterAdminOptions& a = cl.server.admin;
     a.adapter_dir = absl::GetFlag(FLAGS_adapter_dir);
@@ -160,7 +152,7 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   }
   s.info.model_path = cl.model_path;
   s.info.dtype = dtype;
-  s.info.device = "cpu";
+  s.info.device = model::DeviceName(cl.load.device);
   s.info.max_lora_rank = absl::GetFlag(FLAGS_max_lora_rank);
   if (s.info.max_lora_rank < 1) {
     return absl::InvalidArgumentError("--max-lora-rank must be at least 1");

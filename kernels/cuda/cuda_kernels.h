@@ -92,6 +92,30 @@ class CudaStream {
   void* stream_ = nullptr;
 };
 
+// A CUDA event owned by this object (timing disabled), for ordering one stream after another on
+// the device without blocking the host: Record on the producer stream, then StreamWait on the
+// consumer (the adapter uploads and the forward pass use it). Move-only.
+class CudaEvent {
+ public:
+  // UNAVAILABLE without a device.
+  static absl::StatusOr<CudaEvent> Create();
+
+  CudaEvent() = default;
+  CudaEvent(CudaEvent&& other) noexcept;
+  CudaEvent& operator=(CudaEvent&& other) noexcept;
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  ~CudaEvent();
+
+  // Captures the work queued on `stream` so far (cudaEventRecord).
+  absl::Status Record(void* stream);
+  // Work queued on `stream` after this call waits for the last Record (cudaStreamWaitEvent).
+  absl::Status StreamWait(void* stream) const;
+
+ private:
+  void* event_ = nullptr;
+};
+
 // Device memory in bytes: free and total (cudaMemGetInfo), for sizing the KV pool and adapter
 // slots.
 struct CudaMemoryInfo {

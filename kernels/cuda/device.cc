@@ -142,6 +142,42 @@ absl::Status CudaStream::Synchronize() const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<CudaEvent> CudaEvent::Create() {
+  CudaEvent event;
+  cudaEvent_t e = nullptr;
+  LP_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  event.event_ = e;
+  return event;
+}
+
+CudaEvent::CudaEvent(CudaEvent&& other) noexcept : event_(std::exchange(other.event_, nullptr)) {}
+
+CudaEvent& CudaEvent::operator=(CudaEvent&& other) noexcept {
+  if (this != &other) {
+    if (event_ != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+    event_ = std::exchange(other.event_, nullptr);
+  }
+  return *this;
+}
+
+CudaEvent::~CudaEvent() {
+  if (event_ != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+}
+
+absl::Status CudaEvent::Record(void* stream) {
+  if (event_ == nullptr) return absl::FailedPreconditionError("CudaEvent::Record: no event");
+  LP_CUDA_RETURN_IF_ERROR(
+      cudaEventRecord(static_cast<cudaEvent_t>(event_), static_cast<cudaStream_t>(stream)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEvent::StreamWait(void* stream) const {
+  if (event_ == nullptr) return absl::FailedPreconditionError("CudaEvent::StreamWait: no event");
+  LP_CUDA_RETURN_IF_ERROR(
+      cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event_), 0));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<CudaMemoryInfo> GetCudaMemoryInfo() {
   CudaMemoryInfo info;
   LP_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&info.free_bytes, &info.total_bytes));

@@ -1,0 +1,304 @@
+// The CUDA model (LoadOptions.device = kCuda) against the CPU model on the same weights and the
+// same multi-step batches: prefill chunks and decode tokens of several sequences mixed in one step,
+// non-contiguous KV blocks, logits at every token; with PEFT adapters (tests/fixtures/peft, whose
+// CPU logits tests/adapters/peft_golden_test.cc checks against HF PEFT) unmerged, merged in mixed
+// mode, and after unmerge. Without a device every test skips with "no CUDA device found: <reason>";
+// LP_REQUIRE_CUDA=1 (scripts/gpu-check.sh) turns the skip into a failure.
+//
+// On failure: the CPU side is the reference (checked against transformers/PEFT by the CPU tests);
+// fixtures regenerate with tools/make_hf_goldens.py and tools/make_peft_goldens.py.
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "adapters/lora_adapter.h"
+#include "model/device.h"
+#include "model/llama_model.h"
+#include "tests/testing/testing.h"
+#include "tests/testing/tolerances.h"
+
+namespace loraplex::model {
+namespace {
+
+using ::loraplex::testing::AllClose;
+using ::loraplex::testing::FixturesDir;
+using ::loraplex::testing::Stories260KDir;
+using ::loraplex::testing::Tolerance;
+
+bool RequireCuda() {
+  const char* v = std::getenv("LP_REQUIRE_CUDA");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+class CudaModelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    if (!CudaBackendAvailable(&why)) {
+      if (RequireCuda()) FAIL() << "LP_REQUIRE_CUDA=1 but no CUDA device found: " << why;
+      GTEST_SKIP() << "no CUDA device found: " << why;
+    }
+  }
+};
+
+std::unique_ptr<LlamaModel> LoadModel(const std::string& path, kernels::DType dtype, Device device,
+                                      int64_t adapter_slots = 64) {
+  LoadOptions o;
+  o.dtype = dtype;
+  o.require_tokenizer = false;
+  o.device = device;
+  o.cuda_adapter_slots = adapter_slots;
+  auto m = LlamaModel::Load(path, o);
+  EXPECT_OK(m);
+  return m.ok() ? std::move(m).value() : nullptr;
+}
+
+// One sequence of a script: its token ids and its adapter slot (-1 = base model).
+struct Seq {
+  std::vector<int32_t> ids;
+  int32_t slot = -1;
+};
+// A step feeds `count` further tokens of sequence `seq`.
+struct Chunk {
+  int seq;
+  int count;
+};
+
+// Deterministic ids in [0, vocab).
+std::vector<int32_t> Ids(int n, int vocab, uint32_t seed) {
+  std::vector<int32_t> out(n);
+  for (int i = 0; i < n; ++i) {
+    seed = seed * 1664525u + 1013904223u;
+    out[i] = static_cast<int32_t>((seed >> 8) % vocab);
+  }
+  return out;
+}
+
+// Runs the steps on a fresh cache of `m` and returns each step's logits (every token of the step,
+// in batch order). Blocks are handed out round-robin over the sequences, so no table is contiguous.
+std::vector<std::vector<float>> RunSteps(LlamaModel& m, const std::vector<Seq>& seqs,
+                                         const std::vector<std::vector<Chunk>>& steps,
+                                         const std::vector<const LoraWeightsView*>& adapters) {
+  constexpr int64_t kBlock = 4;  // small, so short sequences still span several blocks
+  int64_t max_blocks = 1;
+  for (const Seq& s : seqs) {
+    max_blocks = std::max<int64_t>(max_blocks, (s.ids.size() + kBlock - 1) / kBlock);
+  }
+  const int64_t num_seqs = static_cast<int64_t>(seqs.size());
+  auto cache = m.CreateKvCache(max_blocks * num_seqs, kBlock);
+  EXPECT_OK(cache);
+  if (!cache.ok()) return {};
+  std::vector<int32_t> tables(num_seqs * max_blocks);
+  for (int64_t b = 0; b < max_blocks; ++b) {
+    for (int64_t s = 0; s < num_seqs; ++s) tables[s * max_blocks + b] = *cache->AllocateBlock();
+  }
+  std::vector<int> done(seqs.size(), 0);
+  std::vector<std::vector<float>> out;
+  for (const auto& step : steps) {
+    ForwardBatch b;
+    b.max_blocks_per_seq = max_blocks;
+    b.block_tables = tables;
+    b.adapters = adapters;
+    bool any_adapter = false;
+    for (const Chunk& c : step) {
+      for (int i = 0; i < c.count; ++i) {
+        const int pos = done[c.seq]++;
+        b.logit_rows.push_back(static_cast<int32_t>(b.tokens.size()));
+        b.tokens.push_back(seqs[c.seq].ids.at(pos));
+        b.positions.push_back(pos);
+        b.token_seq.push_back(c.seq);
+        b.adapter_slot.push_back(seqs[c.seq].slot);
+        any_adapter |= seqs[c.seq].slot >= 0;
+      }
+    }
+    if (!any_adapter) b.adapter_slot.clear();
+    std::vector<float> logits;
+    EXPECT_OK(m.Forward(b, &*cache, &logits));
+    out.push_back(std::move(logits));
+  }
+  return out;
+}
+
+// Three sequences: prefill chunks, a prefill beside decodes, then decodes only.
+std::vector<std::vector<Chunk>> MixedSteps() {
+  return {{{0, 13}, {1, 5}},
+          {{0, 1}, {1, 6}, {2, 9}},
+          {{0, 1}, {1, 1}, {2, 1}},
+          {{2, 1}, {0, 1}},
+          {{1, 1}, {2, 1}, {0, 1}}};
+}
+std::vector<Seq> MixedSeqs(int vocab, int32_t slot0 = -1, int32_t slot1 = -1, int32_t slot2 = -1) {
+  // Exactly as long as MixedSteps consumes: 13+1+1+1+1, 5+6+1+1, 9+1+1+1.
+  return {{Ids(17, vocab, 1), slot0}, {Ids(13, vocab, 2), slot1}, {Ids(12, vocab, 3), slot2}};
+}
+
+void ExpectStepsClose(const std::vector<std::vector<float>>& cuda,
+                      const std::vector<std::vector<float>>& cpu, Tolerance tol,
+                      const std::string& what) {
+  ASSERT_EQ(cuda.size(), cpu.size()) << what;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    EXPECT_TRUE(AllClose(cuda[i], cpu[i], tol)) << what << ", step " << i;
+  }
+}
+
+TEST_F(CudaModelTest, TinyLlamaVariantsMatchCpu) {
+  for (const char* variant : {"base", "qwen2_bias", "rope_llama3", "rope_linear"}) {
+    const std::string path = FixturesDir() + "/tiny_llama/" + variant;
+    auto cpu = LoadModel(path, kernels::DType::kF32, Device::kCpu);
+    auto cuda = LoadModel(path, kernels::DType::kF32, Device::kCuda);
+    ASSERT_TRUE(cpu && cuda) << variant;
+    EXPECT_EQ(cuda->device(), Device::kCuda);
+    const auto seqs = MixedSeqs(static_cast<int>(cpu->config().vocab_size));
+    ExpectStepsClose(RunSteps(*cuda, seqs, MixedSteps(), {}),
+                     RunSteps(*cpu, seqs, MixedSteps(), {}),
+                     ::loraplex::testing::kCudaF32ModelLogits, variant);
+  }
+}
+
+TEST_F(CudaModelTest, SlidingWindowMatchesCpuBelowTheWindowAndIsRefusedPastIt) {
+  const std::string path = FixturesDir() + "/tiny_llama/mistral_window";
+  auto cpu = LoadModel(path, kernels::DType::kF32, Device::kCpu);
+  auto cuda = LoadModel(path, kernels::DType::kF32, Device::kCuda);
+  ASSERT_TRUE(cpu && cuda);
+  const int64_t window = cpu->config().sliding_window;
+  ASSERT_GT(window, 2);
+  const int vocab = static_cast<int>(cpu->config().vocab_size);
+  // Two sequences that stay below the window: prefill and decode mixed.
+  const std::vector<Seq> seqs = {{Ids(static_cast<int>(window), vocab, 7), -1},
+                                 {Ids(static_cast<int>(window), vocab, 8), -1}};
+  const std::vector<std::vector<Chunk>> steps = {{{0, static_cast<int>(window) - 2}, {1, 3}},
+                                                 {{0, 1}, {1, static_cast<int>(window) - 3}},
+                                                 {{1, 0}, {0, 1}}};
+  ExpectStepsClose(RunSteps(*cuda, seqs, steps, {}), RunSteps(*cpu, seqs, steps, {}),
+                   ::loraplex::testing::kCudaF32ModelLogits, "mistral_window");
+  // One token at the window: refused, not answered without the window.
+  auto cache = cuda->CreateKvCache(2, 16);
+  ASSERT_OK(cache);
+  ForwardBatch b;
+  b.tokens = {1};
+  b.positions = {static_cast<int32_t>(window)};
+  b.token_seq = {0};
+  b.max_blocks_per_seq = 2;
+  b.block_tables = {*cache->AllocateBlock(), *cache->AllocateBlock()};
+  std::vector<float> logits;
+  EXPECT_THAT(cuda->Forward(b, &*cache, &logits),
+              ::loraplex::testing::StatusIs(absl::StatusCode::kUnimplemented, "sliding window"));
+}
+
+TEST_F(CudaModelTest, Stories260KMatchesCpuInF32AndBf16) {
+  for (kernels::DType dtype : {kernels::DType::kF32, kernels::DType::kBF16}) {
+    auto cpu = LoadModel(Stories260KDir() + "/stories260K.gguf", dtype, Device::kCpu);
+    auto cuda = LoadModel(Stories260KDir() + "/stories260K.gguf", dtype, Device::kCuda);
+    ASSERT_TRUE(cpu && cuda);
+    const auto seqs = MixedSeqs(static_cast<int>(cpu->config().vocab_size));
+    const bool f32 = dtype == kernels::DType::kF32;
+    ExpectStepsClose(
+        RunSteps(*cuda, seqs, MixedSteps(), {}), RunSteps(*cpu, seqs, MixedSteps(), {}),
+        f32 ? ::loraplex::testing::kCudaF32ModelLogits : ::loraplex::testing::kCudaBf16ModelLogits,
+        f32 ? "f32" : "bf16");
+  }
+}
+
+std::unique_ptr<adapters::LoraAdapter> LoadPeft(const std::string& name, const LlamaModel& m) {
+  auto a = adapters::LoraAdapter::Load(FixturesDir() + "/peft/stories260k/" + name, m.config(),
+                                       {kernels::DType::kF32, 256});
+  EXPECT_OK(a) << name;
+  return a.ok() ? std::move(a).value() : nullptr;
+}
+
+class CudaAdapterTest : public CudaModelTest {
+ protected:
+  void SetUp() override {
+    CudaModelTest::SetUp();
+    if (IsSkipped() || HasFailure()) return;
+    cpu_ = LoadModel(Stories260KDir(), kernels::DType::kF32, Device::kCpu);
+    cuda_ = LoadModel(Stories260KDir(), kernels::DType::kF32, Device::kCuda);
+    ASSERT_TRUE(cpu_ && cuda_);
+    for (const char* name : {"qv", "all_linear", "rank64", "rslora", "patterns", "layers"}) {
+      adapters_.push_back(LoadPeft(name, *cpu_));
+      ASSERT_NE(adapters_.back(), nullptr);
+      views_.push_back(&adapters_.back()->view());
+    }
+  }
+  std::unique_ptr<LlamaModel> cpu_, cuda_;
+  std::vector<std::unique_ptr<adapters::LoraAdapter>> adapters_;
+  std::vector<const LoraWeightsView*> views_;
+};
+
+TEST_F(CudaAdapterTest, MixedAdaptersMatchCpuUnmerged) {
+  const int vocab = static_cast<int>(cpu_->config().vocab_size);
+  // Every adapter beside the base model, over SGMV (prefill) and BGMV (decode) steps.
+  for (int first = 0; first < static_cast<int>(views_.size()); first += 2) {
+    const auto seqs = MixedSeqs(vocab, first, -1, first + 1);
+    ExpectStepsClose(RunSteps(*cuda_, seqs, MixedSteps(), views_),
+                     RunSteps(*cpu_, seqs, MixedSteps(), views_),
+                     ::loraplex::testing::kCudaF32ModelLogits, "adapters " + std::to_string(first));
+  }
+  // Six sequences, six adapters, one step: a decode-like batch of short runs.
+  std::vector<Seq> seqs;
+  std::vector<Chunk> step;
+  for (int j = 0; j < static_cast<int>(views_.size()); ++j) {
+    seqs.push_back({Ids(3, vocab, 10 + j), j});
+    step.push_back({j, 3});
+  }
+  ExpectStepsClose(RunSteps(*cuda_, seqs, {step}, views_), RunSteps(*cpu_, seqs, {step}, views_),
+                   ::loraplex::testing::kCudaF32ModelLogits, "six adapters");
+}
+
+TEST_F(CudaAdapterTest, MergedMixedModeMatchesCpuAndUnmergeRestoresTheBase) {
+  const int vocab = static_cast<int>(cpu_->config().vocab_size);
+  // Base, the merged adapter and another adapter side by side.
+  const auto seqs = MixedSeqs(vocab, -1, 1, 0);
+  const auto base_seqs = MixedSeqs(vocab);
+  const auto before = RunSteps(*cuda_, base_seqs, MixedSteps(), views_);
+  for (int cycle = 0; cycle < 3; ++cycle) {
+    ASSERT_OK(cpu_->Merge(views_[1]));
+    ASSERT_OK(cuda_->Merge(views_[1]));
+    EXPECT_THAT(cuda_->Merge(views_[0]),
+                ::loraplex::testing::StatusIs(absl::StatusCode::kFailedPrecondition));
+    ExpectStepsClose(RunSteps(*cuda_, seqs, MixedSteps(), views_),
+                     RunSteps(*cpu_, seqs, MixedSteps(), views_),
+                     ::loraplex::testing::kCudaF32ModelLogits, "merged all_linear");
+    ASSERT_OK(cpu_->Unmerge());
+    ASSERT_OK(cuda_->Unmerge());
+    // The pristine weights are back bit for bit, so the same batch gives the same bits.
+    const auto after = RunSteps(*cuda_, base_seqs, MixedSteps(), views_);
+    ASSERT_EQ(after.size(), before.size());
+    for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(after[i], before[i]) << "step " << i;
+  }
+  EXPECT_THAT(cuda_->Unmerge(),
+              ::loraplex::testing::StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST(CudaAdapterSlotsTest, EvictionAndReusedAddressesNeverServeAStaleCopy) {
+  std::string why;
+  if (!CudaBackendAvailable(&why)) {
+    if (RequireCuda()) FAIL() << "LP_REQUIRE_CUDA=1 but no CUDA device found: " << why;
+    GTEST_SKIP() << "no CUDA device found: " << why;
+  }
+  auto cpu = LoadModel(Stories260KDir(), kernels::DType::kF32, Device::kCpu);
+  // Two device slots for three adapters per step: the step holds all three, later steps evict.
+  auto cuda = LoadModel(Stories260KDir(), kernels::DType::kF32, Device::kCuda, 2);
+  ASSERT_TRUE(cpu && cuda);
+  const int vocab = static_cast<int>(cpu->config().vocab_size);
+  const char* names[] = {"qv", "rank64", "all_linear", "rslora", "regex", "rank1"};
+  for (int round = 0; round < 4; ++round) {
+    // Fresh adapter objects each round: the allocator may well reuse the last round's addresses.
+    std::vector<std::unique_ptr<adapters::LoraAdapter>> ads;
+    std::vector<const LoraWeightsView*> views;
+    for (int j = 0; j < 3; ++j) {
+      ads.push_back(LoadPeft(names[(round + j) % 6], *cpu));
+      ASSERT_NE(ads.back(), nullptr);
+      views.push_back(&ads.back()->view());
+    }
+    const auto seqs = MixedSeqs(vocab, 0, 1, 2);
+    ExpectStepsClose(RunSteps(*cuda, seqs, MixedSteps(), views),
+                     RunSteps(*cpu, seqs, MixedSteps(), views),
+                     ::loraplex::testing::kCudaF32ModelLogits, "round " + std::to_string(round));
+  }
+}
+
+}  // namespace
+}  // namespace loraplex::model
