@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <string>
 
 #include "model/llama_model.h"
 
@@ -29,7 +30,13 @@ LlamaModel* GetModel(DType dtype) {
   static std::map<DType, std::unique_ptr<LlamaModel>> models;
   auto it = models.find(dtype);
   if (it != models.end()) return it->second.get();
-  auto m = LlamaModel::Load(ModelPath(), {dtype});
+  loraplex::model::LoadOptions options{dtype};
+  // LP_BENCH_DEVICE=cuda runs S1 on the GPU (scripts/gpu-check.sh); the CPU otherwise.
+  const char* device = std::getenv("LP_BENCH_DEVICE");
+  if (device != nullptr && std::string(device) == "cuda") {
+    options.device = loraplex::model::Device::kCuda;
+  }
+  auto m = LlamaModel::Load(ModelPath(), options);
   if (!m.ok()) return nullptr;
   return (models[dtype] = std::move(m).value()).get();
 }

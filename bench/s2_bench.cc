@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <memory>
 #include <random>
+#include <string>
 
 #include "common/half.h"
 #include "model/llama_model.h"
@@ -29,7 +30,13 @@ constexpr int kMaxBlocks = 16;  // 256 tokens per sequence
 LlamaModel* Model() {
   static LlamaModel* m = [] {
     const char* env = std::getenv("LP_BENCH_MODEL");
-    auto r = LlamaModel::Load(env ? env : "models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    loraplex::model::LoadOptions options;
+    // LP_BENCH_DEVICE=cuda runs S2/S4/S6 on the GPU (scripts/gpu-check.sh); the CPU otherwise.
+    const char* device = std::getenv("LP_BENCH_DEVICE");
+    if (device != nullptr && std::string(device) == "cuda") {
+      options.device = loraplex::model::Device::kCuda;
+    }
+    auto r = LlamaModel::Load(env ? env : "models/SmolLM2-135M-Instruct.Q4_1.gguf", options);
     return r.ok() ? std::move(r).value().release() : nullptr;
   }();
   return m;

@@ -5,11 +5,15 @@
 # repository, the CUDA toolkit (/usr/local/cuda or nvcc on PATH) and the Debian packages of
 # scripts/setup.sh, already installed; nothing is downloaded. It
 #   1. configures a release build with CUDA for this GPU only (CMAKE_CUDA_ARCHITECTURES=native),
-#   2. builds only the CUDA tests and the CUDA benchmark,
+#   2. builds only the CUDA tests, loraplex-generate and the benchmarks it runs,
 #   3. runs the tests with LP_REQUIRE_CUDA=1, so that a test that cannot see the GPU FAILS instead
-#      of skipping,
+#      of skipping: every CUDA op against the CPU reference, the CUDA model against the CPU model
+#      (stories260K, tiny-llama variants, PEFT adapters unmerged/merged/evicted) and
+#      loraplex-generate --device cuda reproducing stories260K's greedy story,
 #   4. runs bench/cuda_bench (SGMV/BGMV bandwidth vs device-to-device copy, GEMM vs cublasGemmEx),
-#   5. runs the end-to-end S1/S2 section (not yet integrated: see below),
+#   5. end to end on the GPU with MODEL (e.g. SmolLM2-135M-Instruct): S1 (bench/decode_bench, one
+#      sequence decoding) and S2 (bench/s2_bench, 32 sequences with 32 distinct rank-16 adapters
+#      vs the same batch without adapters), both with LP_BENCH_DEVICE=cuda; skipped without MODEL,
 # writes every log to OUT_DIR and prints a short table last. Budget: under 8 minutes; each step has
 # its own timeout. Exit status: 0 when every step that ran passed.
 set -uo pipefail
@@ -60,10 +64,11 @@ else
 fi
 
 # ---- 2. build only the CUDA targets ----------------------------------------------------------
-targets=(cuda_kernels_test cuda_rmsnorm_test cuda_bench)
+targets=(cuda_kernels_test cuda_rmsnorm_test cuda_bench cuda_model_test cuda_device_test
+         loraplex-generate decode_bench s2_bench)
 if [[ "${result[configure]}" == PASS ]]; then
   log "build ${targets[*]} with $jobs jobs"
-  if timeout 300 cmake --build "$build" -j "$jobs" --target "${targets[@]}" \
+  if timeout 330 cmake --build "$build" -j "$jobs" --target "${targets[@]}" \
       > "$out/build.log" 2>&1; then
     result[build]="PASS"
   else
@@ -93,6 +98,8 @@ run_test() {  # name binary
 # Tests read ../shared and tests/fixtures relative to the repository root.
 run_test cuda_kernels_test "$build/tests/kernels/cuda_kernels_test"
 run_test cuda_rmsnorm_test "$build/tests/kernels/cuda_rmsnorm_test"
+run_test cuda_model_test "$build/tests/model/cuda_model_test"
+run_test cuda_device_test "$build/tests/model/cuda_device_test"
 
 # ---- 4. kernel benchmarks ---------------------------------------------------------------------
 if [[ "${result[build]}" == PASS ]]; then
@@ -109,23 +116,57 @@ else
 fi
 
 # ---- 5. end to end: S1 (base decode) and S2 (32 distinct adapters) on the GPU ----------------
-# >>> LEAD: fill in once the CUDA forward pass is integrated (model/ on kernels/cuda). Expected:
-# >>> build loraplex-generate / loraplex-server, run S1 and S2 (docs/benchmarks.md scenarios) with
-# >>> "$model" and --device cuda, the stories260K greedy story and the PEFT goldens on the GPU, and
-# >>> set result[e2e] to PASS / FAIL with the tokens/s figures. Keep it under ~3 minutes.
-if [[ -n "$model" && ! -f "$model" ]]; then
-  fail e2e "model file $model does not exist"
+# In-process benchmarks of the model on the device (no server: nothing to start or wait for); the
+# scenarios of docs/benchmarks.md. S2's ratio is 32 distinct rank-16 adapters over no adapter, both
+# measured in this run.
+bench_value() {  # json_file name_prefix counter -> value of the first match (empty when absent)
+  python3 - "$@" <<'PY' 2>/dev/null
+import json, sys
+path, name, counter = sys.argv[1:4]
+for b in json.load(open(path)).get("benchmarks", []):
+    if b.get("name", "").startswith(name) and counter in b:
+        print("%.1f" % b[counter]); break
+PY
+}
+if [[ -z "$model" ]]; then
+  result[e2e_s1]="SKIP (no MODEL argument)"
+  result[e2e_s2]="SKIP (no MODEL argument)"
+elif [[ ! -f "$model" ]]; then
+  fail e2e_s1 "model file $model does not exist"
+  result[e2e_s2]="SKIP (no model)"
+elif [[ "${result[build]}" != PASS ]]; then
+  result[e2e_s1]="SKIP (build failed)"
+  result[e2e_s2]="SKIP (build failed)"
 else
-  result[e2e]="not yet integrated (the CUDA forward pass is pending; model: ${model:-none given})"
-  log "e2e S1/S2: not yet integrated"
+  log "e2e S1 (decode_bench on cuda, $model)"
+  if LP_BENCH_DEVICE=cuda LP_BENCH_MODEL="$model" timeout 120 "$build/bench/decode_bench" \
+      --benchmark_filter='BM_S1DecodeStep/f32:0/' --benchmark_min_time=2 \
+      --benchmark_out="$out/s1.json" --benchmark_out_format=json > "$out/s1.log" 2>&1 \
+      && ! grep -q "error_occurred.*true" "$out/s1.json"; then
+    result[e2e_s1]="PASS: $(bench_value "$out/s1.json" BM_S1DecodeStep/f32:0/ tok/s) tok/s (bf16, 1 sequence)"
+  else
+    fail e2e_s1 "see s1.log"
+  fi
+  log "e2e S2 (s2_bench on cuda, $model)"
+  if LP_BENCH_DEVICE=cuda LP_BENCH_MODEL="$model" timeout 180 "$build/bench/s2_bench" \
+      --benchmark_filter='BM_S2Decode32/adapters:(0/rank:0|1/rank:16)/' --benchmark_min_time=2 \
+      --benchmark_out="$out/s2.json" --benchmark_out_format=json > "$out/s2.log" 2>&1 \
+      && ! grep -q "error_occurred.*true" "$out/s2.json"; then
+    base="$(bench_value "$out/s2.json" BM_S2Decode32/adapters:0/rank:0/ out_tok/s)"
+    lora="$(bench_value "$out/s2.json" BM_S2Decode32/adapters:1/rank:16/ out_tok/s)"
+    ratio="$(python3 -c "print('%.2f' % ($lora / $base))" 2>/dev/null)"
+    result[e2e_s2]="PASS: $lora out tok/s with 32 distinct rank-16 adapters, $base without: ratio ${ratio:-?}"
+  else
+    fail e2e_s2 "see s2.log"
+  fi
 fi
-# <<< LEAD
 
 # ---- the table, last ----------------------------------------------------------------------------
 {
   echo
   echo "== gpu-check summary ($(date -u +%Y-%m-%d), ${gpu:-unknown GPU}, $((SECONDS - start_s)) s)"
-  for step in configure build cuda_kernels_test cuda_rmsnorm_test cuda_bench e2e; do
+  for step in configure build cuda_kernels_test cuda_rmsnorm_test cuda_model_test \
+      cuda_device_test cuda_bench e2e_s1 e2e_s2; do
     printf '%-20s %s\n' "$step" "${result[$step]:-SKIP}"
   done
   if [[ -f "$out/cuda_bench.log" ]]; then
