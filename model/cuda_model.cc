@@ -532,7 +532,11 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   LP_RETURN_IF_ERROR(Reserve(&up_, n * ff * 4));
   LP_RETURN_IF_ERROR(Reserve(&sel_, std::max<int64_t>(rows, 1) * hid * 4));
   LP_RETURN_IF_ERROR(Reserve(&logits_, std::max<int64_t>(rows, 1) * vocab * 4));
-  if (wdtype_ == DType::kBF16) LP_RETURN_IF_ERROR(Reserve(&xb_, n * widest * 2));
+  // The bf16 copy of a GEMM input: any [n, <= widest] activation, or the [rows, hid] logit rows
+  // (rows may exceed n: a row can be asked for twice).
+  if (wdtype_ == DType::kBF16) {
+    LP_RETURN_IF_ERROR(Reserve(&xb_, std::max(n * widest, rows * hid) * 2));
+  }
   if (v_stride_ > 0) LP_RETURN_IF_ERROR(Reserve(&lora_v_, n * v_stride_ * 4));
   if (c_.attention_bias && static_cast<int64_t>(ones_host_.size()) < n) {
     ones_host_.assign(n + n / 4 + 16, 1.0f);
