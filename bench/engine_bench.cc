@@ -86,25 +86,23 @@ int main(int argc, char** argv) {
   // Submits request `i`; its sink submits the next one when it finishes (the closed loop).
   std::function<void()> submit_next = [&]() {
     int i;
+    lp::engine::GenerationRequest r;
     {
-      absl::MutexLock lock(&mu);
+      absl::MutexLock lock(&mu);  // rng is shared by main and the engine thread's sinks
       if (submitted >= total) return;
       i = submitted++;
+      for (int t = 0; t < prompt; ++t) r.prompt_ids.push_back(id(rng));
     }
-    lp::engine::GenerationRequest r;
-    for (int t = 0; t < prompt; ++t) r.prompt_ids.push_back(id(rng));
     r.max_tokens = max_tokens;
     r.ignore_eos = true;
     if (!handles.empty()) r.adapter = handles[i % handles.size()];
     auto st = (*engine)->Submit(std::move(r), [&](lp::engine::StepOutput out) {
       if (!out.finished) return;
-      {
-        absl::MutexLock lock(&mu);
-        ++finished;
-        out_tokens += out.completion_tokens;
-        if (out.finish_reason != lp::engine::FinishReason::kLength) ++failed;
-      }
-      submit_next();
+      submit_next();  // before counting this one, so nothing runs here once main sees the total
+      absl::MutexLock lock(&mu);
+      ++finished;
+      out_tokens += out.completion_tokens;
+      if (out.finish_reason != lp::engine::FinishReason::kLength) ++failed;
     });
     if (!st.ok()) {
       std::cerr << "engine_bench: submit: " << st.status() << "\n";
@@ -119,6 +117,7 @@ int main(int argc, char** argv) {
     mu.Await(absl::Condition(&done));
   }
   const double s = absl::ToDoubleSeconds(absl::Now() - start);
+  engine->reset();  // joins the engine thread while the state its sinks touch is still alive
   std::printf(
       "{\"concurrency\": %d, \"requests\": %d, \"adapters\": %d, \"failed\": %d, "
       "\"output_tokens\": %lld, \"seconds\": %.3f, \"output_tokens_per_s\": %.2f, "
