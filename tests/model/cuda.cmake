@@ -14,3 +14,29 @@ if(TARGET lp_model AND TARGET loraplex-generate AND TARGET loraplex-server)
     LP_SERVER_BIN="$<TARGET_FILE:loraplex-server>")
   add_dependencies(cuda_device_test loraplex-generate)
 endif()
+
+# The CUDA model's own logic on every machine, GPU or not: model/ and adapters/ compiled a second
+# time into one test with a host emulation of kernels/cuda (cuda_emulation.cc) instead of the real
+# backend, running cuda_model_test's checks. It covers buffer sizing, metadata packing, LoRA slice
+# tables and passes, mixed mode, merge/unmerge and slot eviction; the real kernels are covered by
+# tests/kernels/cuda_*_test.cc and, on a GPU, by cuda_model_test itself.
+if(TARGET lp_model AND TARGET lp_adapters)
+  set(_lp_emulated_srcs cuda_model_test.cc cuda_emulation.cc
+      ${PROJECT_SOURCE_DIR}/model/cuda_model.cc ${PROJECT_SOURCE_DIR}/model/cuda_adapter_slots.cc)
+  foreach(_lp_tgt lp_model lp_adapters)
+    get_target_property(_lp_srcs ${_lp_tgt} SOURCES)
+    get_target_property(_lp_dir ${_lp_tgt} SOURCE_DIR)
+    foreach(_lp_src ${_lp_srcs})
+      if(NOT IS_ABSOLUTE "${_lp_src}")
+        set(_lp_src "${_lp_dir}/${_lp_src}")
+      endif()
+      list(APPEND _lp_emulated_srcs "${_lp_src}")
+    endforeach()
+  endforeach()
+  list(REMOVE_DUPLICATES _lp_emulated_srcs)
+  lp_test(cuda_model_emulated_test SRCS ${_lp_emulated_srcs}
+    DEPS lp_tokenizer lp_formats lp_kernels lp_common nlohmann_json::nlohmann_json re2::re2
+         absl::strings absl::status absl::statusor
+    LABELS "model")
+  target_compile_definitions(cuda_model_emulated_test PRIVATE LP_HAVE_CUDA=1 LP_CUDA_EMULATED=1)
+endif()

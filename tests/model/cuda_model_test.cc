@@ -5,6 +5,10 @@
 // mode, and after unmerge. Without a device every test skips with "no CUDA device found: <reason>";
 // LP_REQUIRE_CUDA=1 (scripts/gpu-check.sh) turns the skip into a failure.
 //
+// The same file also builds cuda_model_emulated_test (tests/model/cuda.cmake): model/ linked
+// against a host emulation of kernels/cuda (cuda_emulation.cc), so these checks of the CUDA
+// model's own logic run on every machine; there the "device" is always present.
+//
 // On failure: the CPU side is the reference (checked against transformers/PEFT by the CPU tests);
 // fixtures regenerate with tools/make_hf_goldens.py and tools/make_peft_goldens.py.
 #include <cstdlib>
