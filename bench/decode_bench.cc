@@ -7,6 +7,7 @@
 // from the repository root); the benchmark is skipped with a message when it is missing.
 #include <benchmark/benchmark.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -37,7 +38,10 @@ LlamaModel* GetModel(DType dtype) {
     options.device = loraplex::model::Device::kCuda;
   }
   auto m = LlamaModel::Load(ModelPath(), options);
-  if (!m.ok()) return nullptr;
+  if (!m.ok()) {
+    std::fprintf(stderr, "LlamaModel::Load: %s\n", m.status().ToString().c_str());
+    return nullptr;
+  }
   return (models[dtype] = std::move(m).value()).get();
 }
 

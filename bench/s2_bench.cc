@@ -4,6 +4,7 @@
 // Model: LP_BENCH_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf (skipped when missing).
 #include <benchmark/benchmark.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <random>
@@ -37,6 +38,7 @@ LlamaModel* Model() {
       options.device = loraplex::model::Device::kCuda;
     }
     auto r = LlamaModel::Load(env ? env : "models/SmolLM2-135M-Instruct.Q4_1.gguf", options);
+    if (!r.ok()) std::fprintf(stderr, "LlamaModel::Load: %s\n", r.status().ToString().c_str());
     return r.ok() ? std::move(r).value().release() : nullptr;
   }();
   return m;
