@@ -13,6 +13,8 @@
 // fixtures regenerate with tools/make_hf_goldens.py and tools/make_peft_goldens.py.
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,6 +22,7 @@
 #include "adapters/lora_adapter.h"
 #include "model/device.h"
 #include "model/llama_model.h"
+#include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
 #include "tests/testing/tolerances.h"
 
@@ -274,6 +277,97 @@ TEST_F(CudaAdapterTest, MergedMixedModeMatchesCpuAndUnmergeRestoresTheBase) {
   }
   EXPECT_THAT(cuda_->Unmerge(),
               ::loraplex::testing::StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+// One prompt of a "loraplex-golden-logits/1" fixture made by tools/make_peft_goldens.py (the
+// format tests/adapters/peft_golden_test.cc reads): ids, the positions with logits, the logits.
+struct PeftPrompt {
+  std::string name;
+  std::vector<int32_t> ids, positions;
+  std::vector<float> logits;  // [positions.size(), vocab]
+};
+
+std::vector<PeftPrompt> ReadPeftGolden(const std::string& json_path) {
+  std::vector<PeftPrompt> out;
+  std::ifstream in(json_path);
+  EXPECT_TRUE(in.good()) << json_path << " missing: python3 tools/make_peft_goldens.py";
+  if (!in.good()) return out;
+  const nlohmann::json j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["format"], "loraplex-golden-logits/1") << json_path;
+  const std::string dir = json_path.substr(0, json_path.rfind('/'));
+  std::ifstream data(dir + "/" + j["data_file"].get<std::string>(), std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(data)), std::istreambuf_iterator<char>());
+  for (const auto& p : j["prompts"]) {
+    PeftPrompt g;
+    g.name = p["name"];
+    g.ids = p["token_ids"].get<std::vector<int32_t>>();
+    g.positions = p["logits"]["positions"].get<std::vector<int32_t>>();
+    const auto shape = p["logits"]["shape"].get<std::vector<size_t>>();
+    const size_t off = p["logits"]["offset_bytes"].get<size_t>();
+    const size_t n = shape.at(0) * shape.at(1);
+    EXPECT_LE(off + 4 * n, bytes.size()) << json_path;
+    if (off + 4 * n > bytes.size()) return {};
+    g.logits.resize(n);
+    std::memcpy(g.logits.data(), bytes.data() + off, 4 * n);
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
+// Logits at g.positions of one sequence run as a single prefill step (slot 0 of `adapters`, or
+// the base model when empty).
+std::vector<float> RunPrompt(LlamaModel& m, const PeftPrompt& g,
+                             const std::vector<const LoraWeightsView*>& adapters) {
+  const auto all = RunSteps(m, {{g.ids, adapters.empty() ? -1 : 0}},
+                            {{{0, static_cast<int>(g.ids.size())}}}, adapters);
+  const int64_t vocab = m.config().vocab_size;
+  std::vector<float> out;
+  if (all.size() != 1) return out;
+  for (int32_t p : g.positions) {
+    if (static_cast<size_t>((p + 1) * vocab) > all[0].size()) return {};
+    out.insert(out.end(), all[0].begin() + p * vocab, all[0].begin() + (p + 1) * vocab);
+  }
+  return out;
+}
+
+// The checks tests/adapters/peft_golden_test.cc makes on the CPU, here on CUDA: every stories260K
+// PEFT fixture's logits, unmerged and merged, from the HF copy and the GGUF file; and the base
+// model's logits while an adapter is merged (mixed mode).
+TEST_F(CudaModelTest, PeftGoldensOnCudaUnmergedAndMerged) {
+  const std::vector<PeftPrompt> base =
+      ReadPeftGolden(FixturesDir() + "/peft/stories260k/base_logits.json");
+  ASSERT_FALSE(base.empty());
+  for (const std::string& path : {Stories260KDir(), Stories260KDir() + "/stories260K.gguf"}) {
+    auto m = LoadModel(path, kernels::DType::kF32, Device::kCuda);
+    ASSERT_NE(m, nullptr);
+    for (const char* name : {"qv", "qv_f16", "all_linear", "rslora", "patterns", "layers", "regex",
+                             "rank1", "rank64", "fan_in_fan_out"}) {
+      SCOPED_TRACE(path + " " + name);
+      auto ad = adapters::LoraAdapter::Load(FixturesDir() + "/peft/stories260k/" + name,
+                                            m->config(), {kernels::DType::kF32, 256});
+      ASSERT_OK(ad);
+      const LoraWeightsView* view = &(*ad)->view();
+      const auto golden =
+          ReadPeftGolden(FixturesDir() + "/peft/stories260k/" + name + "/logits.json");
+      ASSERT_FALSE(golden.empty());
+      for (const PeftPrompt& g : golden) {
+        const bool merged = g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
+        if (merged) {
+          ASSERT_OK(m->Merge(view));
+        }
+        EXPECT_TRUE(
+            AllClose(RunPrompt(*m, g, {view}), g.logits, ::loraplex::testing::kF32ModelLogits))
+            << g.name;
+        if (merged) {
+          // Mixed mode: the base model's tokens still see the pristine base.
+          EXPECT_TRUE(AllClose(RunPrompt(*m, base[0], {}), base[0].logits,
+                               ::loraplex::testing::kF32ModelLogits))
+              << "base while " << name << " is merged";
+          ASSERT_OK(m->Unmerge());
+        }
+      }
+    }
+  }
 }
 
 TEST(CudaAdapterSlotsTest, EvictionAndReusedAddressesNeverServeAStaleCopy) {
