@@ -279,6 +279,27 @@ TEST_F(CudaAdapterTest, MergedMixedModeMatchesCpuAndUnmergeRestoresTheBase) {
               ::loraplex::testing::StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
+// bf16 weights and bf16 adapters, as the server loads them by default: the device copies widen
+// A and B exactly, so only the GEMM inputs' rounding separates CUDA from the CPU.
+TEST_F(CudaModelTest, Bf16AdaptersMatchCpu) {
+  auto cpu = LoadModel(Stories260KDir(), kernels::DType::kBF16, Device::kCpu);
+  auto cuda = LoadModel(Stories260KDir(), kernels::DType::kBF16, Device::kCuda);
+  ASSERT_TRUE(cpu && cuda);
+  std::vector<std::unique_ptr<adapters::LoraAdapter>> ads;
+  std::vector<const LoraWeightsView*> views;
+  for (const char* name : {"all_linear", "rank64"}) {
+    auto a = adapters::LoraAdapter::Load(FixturesDir() + "/peft/stories260k/" + name, cpu->config(),
+                                         {kernels::DType::kBF16, 256});
+    ASSERT_OK(a);
+    ads.push_back(std::move(a).value());
+    views.push_back(&ads.back()->view());
+  }
+  const auto seqs = MixedSeqs(static_cast<int>(cpu->config().vocab_size), 0, -1, 1);
+  ExpectStepsClose(RunSteps(*cuda, seqs, MixedSteps(), views),
+                   RunSteps(*cpu, seqs, MixedSteps(), views),
+                   ::loraplex::testing::kCudaBf16ModelLogits, "bf16 adapters");
+}
+
 // One prompt of a "loraplex-golden-logits/1" fixture made by tools/make_peft_goldens.py (the
 // format tests/adapters/peft_golden_test.cc reads): ids, the positions with logits, the logits.
 struct PeftPrompt {
