@@ -1,12 +1,22 @@
-// SGMV/BGMV against a naive per-adapter loop of plain GEMMs, on SmolLM2-135M shapes (hidden 576,
-// q_proj 576 -> 576), bf16 weights, with the base GEMM of the same tokens for scale. See
-// docs/benchmarks.md for the ratios measured in one run.
+// SGMV/BGMV on SmolLM2-135M shapes (hidden 576, k/v 192), bf16 weights, f32 activations.
+// See docs/benchmarks.md ("LoRA kernels") for the figures measured in one run.
 //
-// BM_Decode*: 32 tokens, each of a different adapter (scenario S2's decode step).
-// BM_Prefill*: 8 segments of 64 tokens, each of a different adapter.
+// BM_Qkv{Shrink,Expand}, BM_O{Shrink,Expand}: the decode step of scenario S2 for one layer: 32
+//   tokens, each of a different adapter (BGMV), q/k/v fused in one call (3 slices) and o alone.
+//   Shrink and expand are timed apart. The "GB/s" counter is the adapter weight bytes the op
+//   must read (32 adapters x rank x (in or out) x 2 bytes) per second of wall time; compare it
+//   with bandwidth_bench. Iterations cycle through enough copies of the weights (>= 384 MiB, like
+//   the 30 layers of a real step) that they come from DRAM, not from the last-level cache.
+// BM_LayerLora: q/k/v and o shrink + expand back to back, i.e. one layer's LoRA work in S2.
+// BM_GroupedDecode: 32 tokens over 4 adapters, interleaved (t % 4), so each adapter has 8 tokens
+//   that are not consecutive: the case where grouping tokens by adapter pays.
+// BM_Decode{Bgmv,NaiveLoop}, BM_DecodeBaseGemm, BM_Prefill*: the q_proj-only comparisons against
+//   a naive per-token loop of plain GEMMs and the base GEMM (weights hot in cache).
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <random>
 #include <vector>
 
@@ -18,7 +28,158 @@ namespace loraplex::kernels {
 namespace {
 
 constexpr int64_t kHidden = 576;
+constexpr int64_t kKv = 192;
+constexpr int64_t kTokens = 32;
+constexpr int64_t kQkvOut[3] = {kHidden, kKv, kKv};
 
+// ~384 MiB of random bf16 weights, filled once (a cheap LCG: the values do not matter, only that
+// they are finite and not all equal).
+const std::vector<uint16_t>& Pool() {
+  static const std::vector<uint16_t>* pool = [] {
+    auto* p = new std::vector<uint16_t>(size_t{192} << 20);
+    uint32_t s = 12345;
+    for (uint16_t& e : *p) {
+      s = s * 1664525u + 1013904223u;
+      e = F32ToBf16((static_cast<float>(s >> 8) / 16777216.0f - 0.5f) * 0.2f);
+    }
+    return p;
+  }();
+  return *pool;
+}
+
+// `copies` independent sets of the q/k/v (fused) and o weights of `adapters` adapters of one rank,
+// laid out back to back in Pool().
+struct LayerWeights {
+  struct Copy {
+    std::vector<WeightView> qkv_a, qkv_b, o_a, o_b;
+    LoraSliceWeights qkv, o;
+  };
+  std::vector<Copy> copies;
+  int64_t qkv_a_bytes = 0, qkv_b_bytes = 0, o_a_bytes = 0, o_b_bytes = 0;  // per copy
+
+  LayerWeights(int64_t adapters, int64_t rank) {
+    const uint16_t* base = Pool().data();
+    const int64_t pool_elems = static_cast<int64_t>(Pool().size());
+    const int64_t per_adapter = rank * (3 * kHidden + (kHidden + 2 * kKv) + 2 * kHidden);
+    const int64_t per_copy = adapters * per_adapter;
+    const int64_t n = std::max<int64_t>(2, pool_elems / per_copy);
+    copies.resize(n);
+    int64_t off = 0;
+    auto take = [&](int64_t rows, int64_t cols) {
+      if (off + rows * cols > pool_elems) off = 0;  // only past rank ~1000: reuse from the start
+      WeightView w{DType::kBF16, base + off, rows, cols};
+      off += rows * cols;
+      return w;
+    };
+    for (Copy& c : copies) {
+      for (int64_t j = 0; j < adapters; ++j) {
+        for (int s = 0; s < 3; ++s) {
+          c.qkv_a.push_back(take(rank, kHidden));
+          c.qkv_b.push_back(take(kQkvOut[s], rank));
+        }
+        c.o_a.push_back(take(rank, kHidden));
+        c.o_b.push_back(take(kHidden, rank));
+      }
+      c.qkv = {adapters, 3, c.qkv_a.data(), c.qkv_b.data()};
+      c.o = {adapters, 1, c.o_a.data(), c.o_b.data()};
+    }
+    qkv_a_bytes = adapters * 3 * rank * kHidden * 2;
+    qkv_b_bytes = adapters * rank * (kHidden + 2 * kKv) * 2;
+    o_a_bytes = o_b_bytes = adapters * rank * kHidden * 2;
+  }
+};
+
+// Activations of one decode step: x [32, 576], v [32, 3 * rank], y q/k/v fused [32, 960], y_o.
+struct Activations {
+  std::vector<float> x, v, y, y_o;
+  LoraOutput qkv_out[3];
+  LoraOutput o_out;
+  int64_t v_stride;
+
+  explicit Activations(int64_t rank) : v_stride(3 * rank) {
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+    x.resize(kTokens * kHidden);
+    for (float& e : x) e = d(rng);
+    v.assign(kTokens * v_stride, 0.0f);
+    const int64_t qkv = kHidden + 2 * kKv;
+    y.assign(kTokens * qkv, 0.0f);
+    y_o.assign(kTokens * kHidden, 0.0f);
+    qkv_out[0] = {y.data(), qkv};
+    qkv_out[1] = {y.data() + kHidden, qkv};
+    qkv_out[2] = {y.data() + kHidden + kKv, qkv};
+    o_out = {y_o.data(), kHidden};
+  }
+};
+
+enum Op { kQkvShrink, kQkvExpand, kOShrink, kOExpand, kLayer };
+
+void RunDecode(benchmark::State& state, Op op, int64_t adapters,
+               const std::vector<int32_t>& token_adapter) {
+  const int64_t rank = state.range(0);
+  LayerWeights w(adapters, rank);
+  Activations act(rank);
+  const int32_t* idx = token_adapter.data();
+  // Expand reads v as the shrink left it.
+  BgmvShrink(act.v.data(), act.v_stride, act.x.data(), kHidden, idx, kTokens, w.copies[0].qkv);
+  size_t i = 0;
+  for (auto _ : state) {
+    const LayerWeights::Copy& c = w.copies[i++ % w.copies.size()];
+    switch (op) {
+      case kQkvShrink:
+        BgmvShrink(act.v.data(), act.v_stride, act.x.data(), kHidden, idx, kTokens, c.qkv);
+        break;
+      case kQkvExpand:
+        BgmvExpand(act.qkv_out, act.v.data(), act.v_stride, idx, kTokens, c.qkv);
+        break;
+      case kOShrink:
+        BgmvShrink(act.v.data(), act.v_stride, act.x.data(), kHidden, idx, kTokens, c.o);
+        break;
+      case kOExpand:
+        BgmvExpand(&act.o_out, act.v.data(), act.v_stride, idx, kTokens, c.o);
+        break;
+      case kLayer:
+        BgmvShrink(act.v.data(), act.v_stride, act.x.data(), kHidden, idx, kTokens, c.qkv);
+        BgmvExpand(act.qkv_out, act.v.data(), act.v_stride, idx, kTokens, c.qkv);
+        BgmvShrink(act.v.data(), act.v_stride, act.x.data(), kHidden, idx, kTokens, c.o);
+        BgmvExpand(&act.o_out, act.v.data(), act.v_stride, idx, kTokens, c.o);
+        break;
+    }
+    benchmark::ClobberMemory();
+  }
+  const int64_t bytes[] = {w.qkv_a_bytes, w.qkv_b_bytes, w.o_a_bytes, w.o_b_bytes,
+                           w.qkv_a_bytes + w.qkv_b_bytes + w.o_a_bytes + w.o_b_bytes};
+  state.counters["GB/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()) * bytes[op] * 1e-9,
+                         benchmark::Counter::kIsRate);
+  state.counters["copies"] = static_cast<double>(w.copies.size());
+}
+
+std::vector<int32_t> OnePerToken() {
+  std::vector<int32_t> idx(kTokens);
+  for (int64_t t = 0; t < kTokens; ++t) idx[t] = static_cast<int32_t>(t);
+  return idx;
+}
+
+void BM_QkvShrink(benchmark::State& s) { RunDecode(s, kQkvShrink, kTokens, OnePerToken()); }
+void BM_QkvExpand(benchmark::State& s) { RunDecode(s, kQkvExpand, kTokens, OnePerToken()); }
+void BM_OShrink(benchmark::State& s) { RunDecode(s, kOShrink, kTokens, OnePerToken()); }
+void BM_OExpand(benchmark::State& s) { RunDecode(s, kOExpand, kTokens, OnePerToken()); }
+void BM_LayerLora(benchmark::State& s) { RunDecode(s, kLayer, kTokens, OnePerToken()); }
+void BM_GroupedDecode(benchmark::State& s) {
+  std::vector<int32_t> idx(kTokens);
+  for (int64_t t = 0; t < kTokens; ++t) idx[t] = static_cast<int32_t>(t % 4);
+  RunDecode(s, kLayer, 4, idx);
+}
+
+BENCHMARK(BM_QkvShrink)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
+BENCHMARK(BM_QkvExpand)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
+BENCHMARK(BM_OShrink)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
+BENCHMARK(BM_OExpand)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
+BENCHMARK(BM_LayerLora)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
+BENCHMARK(BM_GroupedDecode)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
+
+// q_proj only, weights hot in cache: against a naive loop and the base GEMM of the same tokens.
 struct Setup {
   std::vector<std::vector<uint16_t>> store;
   std::vector<WeightView> a, b;
@@ -53,10 +214,9 @@ struct Setup {
 };
 
 void BM_DecodeBgmv(benchmark::State& state) {
-  const int64_t rank = state.range(0), tokens = 32;
+  const int64_t rank = state.range(0), tokens = kTokens;
   Setup s(tokens, rank, tokens);
-  std::vector<int32_t> idx(tokens);
-  for (int64_t t = 0; t < tokens; ++t) idx[t] = static_cast<int32_t>(t);
+  std::vector<int32_t> idx = OnePerToken();
   LoraOutput out{s.y.data(), kHidden};
   for (auto _ : state) {
     BgmvShrink(s.v.data(), rank, s.x.data(), kHidden, idx.data(), tokens, s.w);
@@ -67,7 +227,7 @@ void BM_DecodeBgmv(benchmark::State& state) {
 
 // The loop a first implementation writes: per token, two GEMMs through the generic Gemm and an Add.
 void BM_DecodeNaiveLoop(benchmark::State& state) {
-  const int64_t rank = state.range(0), tokens = 32;
+  const int64_t rank = state.range(0), tokens = kTokens;
   Setup s(tokens, rank, tokens);
   std::vector<float> tmp(kHidden);
   for (auto _ : state) {
@@ -81,9 +241,9 @@ void BM_DecodeNaiveLoop(benchmark::State& state) {
 }
 
 void BM_DecodeBaseGemm(benchmark::State& state) {
-  Setup s(1, 1, 32);
+  Setup s(1, 1, kTokens);
   for (auto _ : state) {
-    Gemm(s.y.data(), s.x.data(), 32, s.base);
+    Gemm(s.y.data(), s.x.data(), kTokens, s.base);
     benchmark::ClobberMemory();
   }
 }
@@ -121,8 +281,8 @@ void BM_PrefillNaiveLoop(benchmark::State& state) {
 BENCHMARK(BM_DecodeBgmv)->Arg(8)->Arg(16)->Arg(64);
 BENCHMARK(BM_DecodeNaiveLoop)->Arg(8)->Arg(16)->Arg(64);
 BENCHMARK(BM_DecodeBaseGemm);
-BENCHMARK(BM_PrefillSgmv)->Arg(16);
-BENCHMARK(BM_PrefillNaiveLoop)->Arg(16);
+BENCHMARK(BM_PrefillSgmv)->Arg(16)->Arg(64);
+BENCHMARK(BM_PrefillNaiveLoop)->Arg(16)->Arg(64);
 
 }  // namespace
 }  // namespace loraplex::kernels

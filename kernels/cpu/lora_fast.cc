@@ -1,10 +1,17 @@
-// The fast LoRA ops (kernels/lora.h): the batch is cut into tasks (a run of tokens sharing an
-// adapter, one slice, a range of weight rows), the tasks run on ThreadPool::Default(), and each
-// task is a small strided GEMM done by a micro-kernel: AVX2/FMA (lora_fast_avx2.cc, compiled with
-// its own ISA flags) when the CPU has it, else a portable scalar loop.
+// The fast LoRA ops (kernels/lora.h).
 //
-// Every output element is the same dot product in every path (one weight row against one input
-// row); only the summation order inside it differs from the reference.
+// 1. Tokens are grouped by adapter (a counting sort of the per-token indices; SGMV segments are
+//    first spelled out per token), so each adapter's A and B are streamed once per call however
+//    its tokens are spread over the batch: in decode every token is usually its own adapter, and
+//    the op is bound by reading 32 adapters' weights, not by arithmetic.
+// 2. Each token's input row is packed once (x for the shrink, shared by all slices; v for the
+//    expand) in the layout the micro-kernel wants (lora_internal.h).
+// 3. The work is cut into tiles of (adapter, slice, block of its tokens, block of weight rows), an
+//    output tile per task, and the threads of ThreadPool::Default() pull tiles from a shared
+//    counter: one token per adapter still spreads over the cores, and a core slowed by another
+//    process takes fewer tiles instead of holding up the step.
+// 4. A tile is a small strided GEMM done by the micro-kernel: AVX2/FMA (lora_fast_avx2.cc,
+//    compiled with its own ISA flags) when the CPU has it, else the portable one below.
 
 #include <algorithm>
 #include <atomic>
@@ -13,17 +20,73 @@
 #include "common/half.h"
 #include "common/logging.h"
 #include "common/thread_pool.h"
+#include "kernels/cpu/lora_internal.h"
 #include "kernels/lora.h"
 
 namespace loraplex::kernels {
 
 namespace lora_internal {
-// lora_fast_avx2.cc; call only when the CPU has AVX2 and FMA.
-void RowsAvx2(float* out, int64_t out_stride, const float* in, int64_t in_stride, int64_t tokens,
-              const WeightView& w, int64_t row_begin, int64_t row_end, bool accumulate);
+namespace {
+
+// The portable micro-kernel: natural order, zero padding, four partial sums per dot product.
+void PackScalar(float* dst, const float* src, int64_t k_len, DType /*dtype*/) {
+  int64_t k = 0;
+  for (; k < k_len; ++k) dst[k] = src[k];
+  for (; k < PackedLength(k_len); ++k) dst[k] = 0.0f;
+}
+
+template <typename T>
+float Widen(T w) {
+  if constexpr (sizeof(T) == 2) {
+    return Bf16ToF32(w);
+  } else {
+    return w;
+  }
+}
+
+template <typename T>
+void TileScalarT(const Tile& tile) {
+  const int64_t k_len = tile.w->cols;
+  const T* w = static_cast<const T*>(tile.w->data);
+  for (int64_t i = 0; i < tile.num_tokens; ++i) {
+    const float* x = tile.in[i];  // zero-padded to a multiple of 4 (of 8, in fact)
+    for (int64_t n = tile.row_begin; n < tile.row_end; ++n) {
+      const T* wr = w + n * k_len;
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      int64_t k = 0;
+      for (; k + 4 <= k_len; k += 4) {
+        for (int j = 0; j < 4; ++j) acc[j] += Widen(wr[k + j]) * x[k + j];
+      }
+      for (int j = 0; k < k_len; ++k, ++j) acc[j] += Widen(wr[k]) * x[k];
+      const float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+      float* o = tile.out[i] + n;
+      *o = tile.accumulate ? *o + s : s;
+    }
+  }
+}
+
+void TileScalar(const Tile& tile) {
+  if (tile.w->dtype == DType::kF32) {
+    TileScalarT<float>(tile);
+  } else {
+    TileScalarT<uint16_t>(tile);
+  }
+}
+
+}  // namespace
+
+const MicroKernel& ScalarKernel() {
+  static const MicroKernel kernel{&PackScalar, &TileScalar, "scalar"};
+  return kernel;
+}
+
 }  // namespace lora_internal
 
 namespace {
+
+using lora_internal::MicroKernel;
+using lora_internal::PackedLength;
+using lora_internal::Tile;
 
 std::atomic<bool> g_force_scalar{false};
 
@@ -36,189 +99,260 @@ bool CpuHasAvx2() {
 #endif
 }
 
-bool UseAvx2() { return CpuHasAvx2() && !g_force_scalar.load(std::memory_order_relaxed); }
-
-// The portable micro-kernel, same contract as RowsAvx2.
-void RowsScalar(float* out, int64_t out_stride, const float* in, int64_t in_stride, int64_t tokens,
-                const WeightView& w, int64_t row_begin, int64_t row_end, bool accumulate) {
-  const int64_t k_len = w.cols;
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* xt = in + t * in_stride;
-    for (int64_t n = row_begin; n < row_end; ++n) {
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      int64_t k = 0;
-      if (w.dtype == DType::kF32) {
-        const float* wr = static_cast<const float*>(w.data) + n * k_len;
-        for (; k + 4 <= k_len; k += 4) {
-          for (int i = 0; i < 4; ++i) acc[i] += wr[k + i] * xt[k + i];
-        }
-        for (; k < k_len; ++k) acc[0] += wr[k] * xt[k];
-      } else {
-        const uint16_t* wr = static_cast<const uint16_t*>(w.data) + n * k_len;
-        for (; k + 4 <= k_len; k += 4) {
-          for (int i = 0; i < 4; ++i) acc[i] += Bf16ToF32(wr[k + i]) * xt[k + i];
-        }
-        for (; k < k_len; ++k) acc[0] += Bf16ToF32(wr[k]) * xt[k];
-      }
-      const float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-      float* o = out + t * out_stride + n;
-      *o = accumulate ? *o + s : s;
-    }
+const MicroKernel& Kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (CpuHasAvx2() && !g_force_scalar.load(std::memory_order_relaxed)) {
+    return lora_internal::Avx2Kernel();
   }
+#endif
+  return lora_internal::ScalarKernel();
 }
 
-// A run of consecutive tokens that share an adapter.
-struct Group {
-  int64_t begin;
-  int64_t end;
+// Enough multiply-adds per tile that taking it from the shared counter is noise, few enough that
+// a decode batch (32 tokens x 3 slices, ~10^4..10^5 MACs each) gives every core many tiles.
+constexpr int64_t kTileMacs = 32 * 1024;
+// Tokens of one adapter per tile: their packed inputs (and the tile's weight rows) stay in L2.
+constexpr int64_t kTokenBlock = 64;
+// Rows of a tile are a multiple of the micro-kernels' row block.
+constexpr int64_t kRowAlign = 8;
+
+// All tokens of one adapter (in `order`), for one slice.
+struct Job {
   int32_t adapter;
+  int32_t slice;
+  int64_t order_first;  // the job's tokens are order[order_first, order_first + count)
+  int64_t first;        // and its pointers in[first, first + count), out[...]
+  int64_t count;
+  const WeightView* w;  // A (shrink) or B (expand)
 };
 
 struct Task {
-  int64_t t_begin, t_end;
-  int32_t adapter;
-  int32_t slice;
+  int32_t job;
+  int64_t t_begin, t_end;  // within the job's tokens
   int64_t row_begin, row_end;
 };
 
-// Enough multiply-adds per task that the thread hand-off is noise, few enough that a decode batch
-// of 32 tokens still spreads over the cores.
-constexpr int64_t kTaskMacs = 32 * 1024;
-constexpr int64_t kTokenBlock = 32;
+// Reused per calling thread, so a warm step allocates nothing.
+struct Scratch {
+  std::vector<int32_t> per_token;  // SGMV segments spelled out per token
+  std::vector<int64_t> count;      // tokens per adapter
+  std::vector<int64_t> order;      // token ids grouped by adapter, ascending within a group
+  std::vector<Job> jobs;
+  std::vector<Task> tasks;
+  std::vector<float> packed;
+  std::vector<const float*> in;  // per (job, token)
+  std::vector<float*> out;       // per (job, token)
+};
 
-std::vector<Group> GroupsFromSegments(const LoraSegments& seg, const LoraSliceWeights& w) {
+Scratch& ThreadScratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// Groups tokens [0, n) by adapter into s->order; returns (adapter, first, count) per adapter with
+// tokens, in adapter order.
+struct Group {
+  int32_t adapter;
+  int64_t first, count;
+};
+std::vector<Group> GroupTokens(const int32_t* token_adapter, int64_t n, const LoraSliceWeights& w,
+                               Scratch* s) {
+  s->count.assign(w.num_adapters + 1, 0);
+  for (int64_t t = 0; t < n; ++t) {
+    const int32_t j = token_adapter[t];
+    LP_CHECK(j >= -1 && j < w.num_adapters) << "adapter index " << j << " of " << w.num_adapters;
+    if (j >= 0) ++s->count[j + 1];
+  }
   std::vector<Group> groups;
+  for (int64_t j = 0; j < w.num_adapters; ++j) {
+    if (s->count[j + 1] > 0) {
+      groups.push_back({static_cast<int32_t>(j), s->count[j], s->count[j + 1]});
+    }
+    s->count[j + 1] += s->count[j];  // count[j] becomes adapter j's first slot in order
+  }
+  s->order.resize(s->count[w.num_adapters]);
+  for (int64_t t = 0; t < n; ++t) {
+    if (token_adapter[t] >= 0) s->order[s->count[token_adapter[t]]++] = t;
+  }
+  return groups;
+}
+
+const int32_t* SpellOut(const LoraSegments& seg, const LoraSliceWeights& w, int64_t* n,
+                        Scratch* s) {
+  *n = seg.num_segments > 0 ? seg.starts[seg.num_segments] : 0;
+  s->per_token.assign(*n, -1);
   for (int64_t i = 0; i < seg.num_segments; ++i) {
     LP_CHECK(seg.starts[i] <= seg.starts[i + 1]) << "segment starts must ascend";
     LP_CHECK(seg.adapter[i] >= -1 && seg.adapter[i] < w.num_adapters)
         << "adapter index " << seg.adapter[i] << " of " << w.num_adapters;
-    if (seg.adapter[i] >= 0 && seg.starts[i] < seg.starts[i + 1]) {
-      groups.push_back({seg.starts[i], seg.starts[i + 1], seg.adapter[i]});
-    }
+    std::fill(s->per_token.begin() + seg.starts[i], s->per_token.begin() + seg.starts[i + 1],
+              seg.adapter[i]);
   }
-  return groups;
+  return s->per_token.data();
 }
 
-// Consecutive tokens with the same index form one group: the same dot products, better reuse.
-std::vector<Group> GroupsFromTokens(const int32_t* token_adapter, int64_t n,
-                                    const LoraSliceWeights& w) {
-  std::vector<Group> groups;
-  for (int64_t t = 0; t < n; ++t) {
-    const int32_t j = token_adapter[t];
-    LP_CHECK(j >= -1 && j < w.num_adapters) << "adapter index " << j << " of " << w.num_adapters;
-    if (j < 0) continue;
-    if (!groups.empty() && groups.back().adapter == j && groups.back().end == t) {
-      ++groups.back().end;
-    } else {
-      groups.push_back({t, t + 1, j});
-    }
-  }
-  return groups;
-}
-
-// shrink: W = A (rows r, cols in); expand: W = B (rows out, cols r).
-std::vector<Task> MakeTasks(const std::vector<Group>& groups, const LoraSliceWeights& w,
-                            bool shrink, int64_t* total_macs) {
-  std::vector<Task> tasks;
-  *total_macs = 0;
+// Jobs for every (group, targeted slice); W = A for the shrink, B for the expand.
+void MakeJobs(const std::vector<Group>& groups, const LoraSliceWeights& w, bool shrink,
+              Scratch* s) {
+  LP_CHECK(w.num_slices >= 1 && w.num_slices <= kMaxLoraSlices);
+  s->jobs.clear();
+  int64_t first = 0;
   for (const Group& g : groups) {
-    for (int64_t s = 0; s < w.num_slices; ++s) {
-      const WeightView& a = w.a[g.adapter * w.num_slices + s];
-      const WeightView& b = w.b[g.adapter * w.num_slices + s];
+    for (int64_t sl = 0; sl < w.num_slices; ++sl) {
+      const WeightView& a = w.a[g.adapter * w.num_slices + sl];
+      const WeightView& b = w.b[g.adapter * w.num_slices + sl];
       if (a.rows == 0) continue;
       LP_CHECK(b.cols == a.rows) << "rank of A (" << a.rows << ") and B (" << b.cols << ") differ";
-      const WeightView& m = shrink ? a : b;
-      for (int64_t t0 = g.begin; t0 < g.end; t0 += kTokenBlock) {
-        const int64_t t1 = std::min(g.end, t0 + kTokenBlock);
-        const int64_t row_macs = (t1 - t0) * std::max<int64_t>(m.cols, 1);
-        const int64_t rows_per_task = std::max<int64_t>(8, kTaskMacs / row_macs);
-        for (int64_t r0 = 0; r0 < m.rows; r0 += rows_per_task) {
-          tasks.push_back({t0, t1, g.adapter, static_cast<int32_t>(s), r0,
-                           std::min(m.rows, r0 + rows_per_task)});
-        }
-        *total_macs += row_macs * m.rows;
-      }
+      s->jobs.push_back(
+          {g.adapter, static_cast<int32_t>(sl), g.first, first, g.count, shrink ? &a : &b});
+      first += g.count;
     }
   }
-  return tasks;
+  s->in.resize(first);
+  s->out.resize(first);
 }
 
-template <typename Fn>
-void RunTasks(const std::vector<Task>& tasks, int64_t total_macs, const Fn& fn) {
-  if (tasks.empty()) return;
-  // Small batches stay on the calling thread.
-  const int64_t grain = total_macs < 4 * kTaskMacs ? static_cast<int64_t>(tasks.size()) : 1;
-  ThreadPool::Default().ParallelFor(
-      static_cast<int64_t>(tasks.size()),
-      [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) fn(tasks[i]);
-      },
-      grain);
+// Cuts the jobs into tiles; returns the total multiply-adds.
+int64_t MakeTasks(Scratch* s) {
+  s->tasks.clear();
+  int64_t total = 0;
+  for (size_t i = 0; i < s->jobs.size(); ++i) {
+    const Job& job = s->jobs[i];
+    const WeightView& m = *job.w;
+    for (int64_t t0 = 0; t0 < job.count; t0 += kTokenBlock) {
+      const int64_t t1 = std::min(job.count, t0 + kTokenBlock);
+      const int64_t row_macs = (t1 - t0) * std::max<int64_t>(m.cols, 1);
+      int64_t rows = std::max<int64_t>(kRowAlign, kTileMacs / row_macs);
+      rows = (rows + kRowAlign - 1) / kRowAlign * kRowAlign;
+      for (int64_t r0 = 0; r0 < m.rows; r0 += rows) {
+        s->tasks.push_back({static_cast<int32_t>(i), t0, t1, r0, std::min(m.rows, r0 + rows)});
+      }
+      total += row_macs * m.rows;
+    }
+  }
+  return total;
 }
 
-void Rows(float* out, int64_t out_stride, const float* in, int64_t in_stride, int64_t tokens,
-          const WeightView& w, int64_t row_begin, int64_t row_end, bool accumulate) {
-  if (UseAvx2()) {
-    lora_internal::RowsAvx2(out, out_stride, in, in_stride, tokens, w, row_begin, row_end,
-                            accumulate);
+void RunTasks(const MicroKernel& kernel, bool accumulate, int64_t total_macs, const Scratch& s) {
+  const int64_t n = static_cast<int64_t>(s.tasks.size());
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  auto drain = [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      const Task& task = s.tasks[i];
+      const Job& job = s.jobs[task.job];
+      Tile tile;
+      tile.w = job.w;
+      tile.row_begin = task.row_begin;
+      tile.row_end = task.row_end;
+      tile.in = s.in.data() + job.first + task.t_begin;
+      tile.out = s.out.data() + job.first + task.t_begin;
+      tile.num_tokens = task.t_end - task.t_begin;
+      tile.accumulate = accumulate;
+      kernel.tile(tile);
+    }
+  };
+  ThreadPool& pool = ThreadPool::Default();
+  // Small ops stay on the calling thread; otherwise one share per thread, each pulling tiles.
+  const int64_t shares = total_macs < 4 * kTileMacs ? 1 : std::min<int64_t>(pool.num_threads(), n);
+  if (shares <= 1) {
+    drain(0, 1);
   } else {
-    RowsScalar(out, out_stride, in, in_stride, tokens, w, row_begin, row_end, accumulate);
+    pool.ParallelFor(shares, drain, 1);
   }
 }
 
 void Shrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
-            const std::vector<Group>& groups, const LoraSliceWeights& w) {
-  LP_CHECK(w.num_slices >= 1 && w.num_slices <= kMaxLoraSlices);
+            const int32_t* token_adapter, int64_t n, const LoraSliceWeights& w) {
+  Scratch& s = ThreadScratch();
+  const std::vector<Group> groups = GroupTokens(token_adapter, n, w, &s);
   for (const Group& g : groups) {
     LP_CHECK(LoraTotalRank(w, g.adapter) <= v_stride) << "v_stride " << v_stride;
   }
-  int64_t macs = 0;
-  std::vector<Task> tasks = MakeTasks(groups, w, /*shrink=*/true, &macs);
-  RunTasks(tasks, macs, [&](const Task& k) {
-    const WeightView& a = w.a[k.adapter * w.num_slices + k.slice];
-    float* out = v + k.t_begin * v_stride + LoraSliceOffset(w, k.adapter, k.slice);
-    Rows(out, v_stride, x + k.t_begin * x_stride, x_stride, k.t_end - k.t_begin, a, k.row_begin,
-         k.row_end, /*accumulate=*/false);
-  });
+  MakeJobs(groups, w, /*shrink=*/true, &s);
+  if (s.jobs.empty()) return;
+  const MicroKernel& kernel = Kernel();
+  // x rows packed once per token and weight dtype (the layouts may differ), shared by all slices.
+  const int64_t in = s.jobs[0].w->cols;
+  const int64_t len = PackedLength(in);
+  const int64_t tokens = static_cast<int64_t>(s.order.size());
+  bool has[2] = {false, false};  // f32, bf16
+  for (const Job& job : s.jobs) has[job.w->dtype == DType::kBF16] = true;
+  s.packed.resize(2 * tokens * len);
+  for (int d = 0; d < 2; ++d) {
+    if (!has[d]) continue;
+    for (int64_t i = 0; i < tokens; ++i) {
+      kernel.pack(s.packed.data() + (d * tokens + i) * len, x + s.order[i] * x_stride, in,
+                  d ? DType::kBF16 : DType::kF32);
+    }
+  }
+  for (const Job& job : s.jobs) {
+    LP_CHECK(job.w->cols == in) << "A of adapter " << job.adapter << " has " << job.w->cols
+                                << " columns, another has " << in;
+    const int64_t off = LoraSliceOffset(w, job.adapter, job.slice);
+    const float* packed = s.packed.data() + (job.w->dtype == DType::kBF16) * tokens * len;
+    for (int64_t i = 0; i < job.count; ++i) {
+      const int64_t slot = job.order_first + i;
+      s.in[job.first + i] = packed + slot * len;
+      s.out[job.first + i] = v + s.order[slot] * v_stride + off;
+    }
+  }
+  RunTasks(kernel, /*accumulate=*/false, MakeTasks(&s), s);
 }
 
-void Expand(const LoraOutput* y, const float* v, int64_t v_stride, const std::vector<Group>& groups,
-            const LoraSliceWeights& w) {
-  LP_CHECK(w.num_slices >= 1 && w.num_slices <= kMaxLoraSlices);
-  int64_t macs = 0;
-  std::vector<Task> tasks = MakeTasks(groups, w, /*shrink=*/false, &macs);
-  RunTasks(tasks, macs, [&](const Task& k) {
-    const WeightView& b = w.b[k.adapter * w.num_slices + k.slice];
-    const float* in = v + k.t_begin * v_stride + LoraSliceOffset(w, k.adapter, k.slice);
-    const LoraOutput& o = y[k.slice];
-    Rows(o.data + k.t_begin * o.stride, o.stride, in, v_stride, k.t_end - k.t_begin, b, k.row_begin,
-         k.row_end, /*accumulate=*/true);
-  });
+void Expand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
+            int64_t n, const LoraSliceWeights& w) {
+  Scratch& s = ThreadScratch();
+  MakeJobs(GroupTokens(token_adapter, n, w, &s), w, /*shrink=*/false, &s);
+  if (s.jobs.empty()) return;
+  const MicroKernel& kernel = Kernel();
+  // v rows packed per (token, slice): each slice has its own rank and B's dtype.
+  int64_t total = 0;
+  for (const Job& job : s.jobs) total += job.count * PackedLength(job.w->cols);
+  s.packed.resize(total);
+  float* packed = s.packed.data();
+  for (const Job& job : s.jobs) {
+    const int64_t r = job.w->cols, len = PackedLength(r);
+    const int64_t off = LoraSliceOffset(w, job.adapter, job.slice);
+    const LoraOutput& o = y[job.slice];
+    for (int64_t i = 0; i < job.count; ++i) {
+      const int64_t t = s.order[job.order_first + i];
+      kernel.pack(packed, v + t * v_stride + off, r, job.w->dtype);
+      s.in[job.first + i] = packed;
+      s.out[job.first + i] = o.data + t * o.stride;
+      packed += len;
+    }
+  }
+  RunTasks(kernel, /*accumulate=*/true, MakeTasks(&s), s);
 }
 
 }  // namespace
 
 void SgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
                 const LoraSegments& segments, const LoraSliceWeights& w) {
-  Shrink(v, v_stride, x, x_stride, GroupsFromSegments(segments, w), w);
+  int64_t n = 0;
+  const int32_t* per_token = SpellOut(segments, w, &n, &ThreadScratch());
+  Shrink(v, v_stride, x, x_stride, per_token, n, w);
 }
 
 void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const LoraSegments& segments,
                 const LoraSliceWeights& w) {
-  Expand(y, v, v_stride, GroupsFromSegments(segments, w), w);
+  int64_t n = 0;
+  const int32_t* per_token = SpellOut(segments, w, &n, &ThreadScratch());
+  Expand(y, v, v_stride, per_token, n, w);
 }
 
 void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
                 const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w) {
-  Shrink(v, v_stride, x, x_stride, GroupsFromTokens(token_adapter, num_tokens, w), w);
+  Shrink(v, v_stride, x, x_stride, token_adapter, num_tokens, w);
 }
 
 void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
                 int64_t num_tokens, const LoraSliceWeights& w) {
-  Expand(y, v, v_stride, GroupsFromTokens(token_adapter, num_tokens, w), w);
+  Expand(y, v, v_stride, token_adapter, num_tokens, w);
 }
 
-const char* LoraKernelIsa() { return UseAvx2() ? "avx2" : "scalar"; }
+const char* LoraKernelIsa() { return Kernel().name; }
 
 void SetLoraForceScalar(bool force) { g_force_scalar.store(force, std::memory_order_relaxed); }
 

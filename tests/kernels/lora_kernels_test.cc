@@ -87,6 +87,8 @@ struct Case {
   bool bf16;
   bool decode;  // BGMV with random per-token indices; else SGMV over random segments
   uint32_t seed;
+  // BGMV only: these per-token indices instead of random ones (size == tokens).
+  std::vector<int32_t> fixed = {};
 };
 
 std::string Describe(const Case& c) {
@@ -114,7 +116,9 @@ void RunCase(const Case& c, bool force_scalar) {
   std::vector<int32_t> per_token(c.tokens);
   std::vector<int64_t> starts{0};
   std::vector<int32_t> seg_adapter;
-  if (c.decode) {
+  if (c.decode && !c.fixed.empty()) {
+    per_token = c.fixed;
+  } else if (c.decode) {
     for (int32_t& j : per_token) j = pick(rng);
   } else {
     std::uniform_int_distribution<int64_t> len(0, std::max<int64_t>(1, c.tokens / 3));
@@ -196,6 +200,64 @@ TEST_P(LoraGridTest, RanksAdaptersSizesModes) {
       RunCase({decode ? 5 : 23, 65, {65, 33, 17}, {1, 2, 9, 64}, 3, bf16, decode, seed++},
               GetParam());
     }
+  }
+}
+
+// The fast ops group tokens by adapter and block them 2 at a time (4 rows x 2 tokens) or 1 at a
+// time (8 rows for short weight rows, 2 for long ones), with tails in k (the input side: blocks of
+// 16, then 8, then a zero-padded rest) and in rows. These cases walk each of those paths.
+TEST_P(LoraGridTest, GroupingAndTails) {
+  uint32_t seed = 100;
+  std::vector<int32_t> idx;
+  for (bool bf16 : {false, true}) {
+    // Many tokens per adapter, interleaved, more than one token block (64) per adapter, with -1.
+    idx.clear();
+    for (int t = 0; t < 203; ++t) idx.push_back(t % 7 == 6 ? -1 : t % 3);
+    RunCase({203, 577, {193}, {16, 64}, 3, bf16, true, seed++, idx}, GetParam());
+    // One token per adapter (decode of scenario S2), indices permuted.
+    idx.clear();
+    for (int t = 0; t < 32; ++t) idx.push_back((t * 13) % 32);
+    RunCase({32, 576, {576, 192, 192}, {64}, 32, bf16, true, seed++, idx}, GetParam());
+    // All tokens on one adapter, odd count (a 2-token block then a 1-token one).
+    RunCase({5, 100, {37}, {3}, 1, bf16, true, seed++, {0, 0, 0, 0, 0}}, GetParam());
+    // Every k-tail shape on both sides: in = 1..40 (shrink), ranks 1..19 (expand), odd outputs.
+    for (int64_t in : {1, 7, 8, 9, 15, 16, 17, 23, 24, 31, 33, 40}) {
+      RunCase({6, in, {in + 2, 9}, {1, 2, 5, 8, 9, 15, 16, 17, 19}, 3, bf16, true, seed++,
+               {0, 1, 2, 0, 1, 0}},
+              GetParam());
+    }
+  }
+}
+
+// Each output element is one fixed sequence of operations (kernels/cpu/lora_internal.h): a token's
+// result does not depend on which other tokens share its adapter or how the batch was blocked.
+TEST_P(LoraGridTest, TokenResultIndependentOfBatch) {
+  std::mt19937 rng(31);
+  Adapters ad(2, 583, {200}, {64}, rng, /*allow_bf16=*/true);
+  for (int j = 0; j < 2; ++j) {
+    const int64_t tokens = 9;
+    std::vector<float> x = Random(tokens * 583, rng, 1.0f);
+    std::vector<int32_t> all(tokens, j);
+    all[4] = -1;
+    SetLoraForceScalar(GetParam());
+    std::vector<float> v_all(tokens * 64, 0.0f), y_all(tokens * 200, 0.25f);
+    LoraOutput o_all{y_all.data(), 200};
+    BgmvShrink(v_all.data(), 64, x.data(), 583, all.data(), tokens, ad.weights);
+    BgmvExpand(&o_all, v_all.data(), 64, all.data(), tokens, ad.weights);
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (all[t] < 0) continue;
+      std::vector<float> v(64, 0.0f), y(200, 0.25f);
+      LoraOutput o{y.data(), 200};
+      BgmvShrink(v.data(), 64, x.data() + t * 583, 583, &all[t], 1, ad.weights);
+      BgmvExpand(&o, v.data(), 64, &all[t], 1, ad.weights);
+      EXPECT_TRUE(AllClose(v, std::vector<float>(v_all.begin() + t * 64, v_all.begin() + t * 64 + 64),
+                           kExact))
+          << "adapter " << j << " token " << t;
+      EXPECT_TRUE(AllClose(
+          y, std::vector<float>(y_all.begin() + t * 200, y_all.begin() + t * 200 + 200), kExact))
+          << "adapter " << j << " token " << t;
+    }
+    SetLoraForceScalar(false);
   }
 }
 
