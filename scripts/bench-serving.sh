@@ -20,7 +20,7 @@ rm -rf "$out" && mkdir -p "$out"
 python3 tools/make_random_adapter.py "$out/r16" --rank 16 --dtype f32 --model "$model" >/dev/null
 
 "$b/server/loraplex-server" --model "$model" --listen 127.0.0.1:0 --port_file "$out/port" \
-  --state_dir "$out/state" --kv_memory 1GiB --max_running 64 >"$out/server.log" 2>&1 &
+  --state_dir "$out/state" --kv_memory 384MiB --max_running 64 >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do [[ -s "$out/port" ]] && break; sleep 0.1; done
@@ -51,11 +51,13 @@ python3 - "$out" <<'PY'
 import json, os, sys
 d = sys.argv[1]
 J = lambda n: json.load(open(os.path.join(d, n)))
+# results.json of `loraplex bench`: a "phases" list when the scenario has several, else one phase.
+phases = lambda r: r["phases"] if "phases" in r else [r]
 s1_in = J("s1_inproc.json")["output_tokens_per_s"]
-s1_srv = J("s1_server/results.json")["phases"][0]["output_tokens_per_s"]
+s1_srv = phases(J("s1_server/results.json"))[0]["output_tokens_per_s"]
 s2b_in = J("s2_inproc_base.json")["output_tokens_per_s"]
 s2a_in = J("s2_inproc_adapters.json")["output_tokens_per_s"]
-ph = {p["name"]: p for p in J("s2_server/results.json")["phases"]}
+ph = {p["name"]: p for p in phases(J("s2_server/results.json"))}
 s2b_srv, s2a_srv = ph["base"]["output_tokens_per_s"], ph["adapters"]["output_tokens_per_s"]
 errs = sum(p["errors"] for p in ph.values())
 print("| scenario | in-process tok/s | server tok/s | server / in-process |")
@@ -70,7 +72,7 @@ info = info.get("model_info", info)
 kv_bytes_per_token = 2 * info["num_layers"] * info["num_kv_heads"] * info["head_dim"] * 4  # f32 cache
 kv = info["kv_blocks_total"] * info["kv_block_size"] * kv_bytes_per_token
 ads = J("adapters.json")
-ads = ads.get("adapters", ads)
+ads = ads.get("adapters", ads) if isinstance(ads, dict) else ads
 resident = [a for a in ads if a.get("residency") in ("DEVICE", "HOST")]
 ad_bytes = sum(int(a.get("bytes", 0)) for a in resident)
 st = dict(l.split(":", 1) for l in open(os.path.join(d, "proc_status.txt")))
