@@ -122,6 +122,7 @@ absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state
   if (!j.contains("adapters") || !j["adapters"].is_array())
     return bad("\"adapters\" is not a list");
   std::vector<ManifestEntry> entries;
+  int merged = 0;
   for (size_t i = 0; i < j["adapters"].size(); ++i) {
     const nlohmann::json& a = j["adapters"][i];
     const std::string where = absl::StrCat("adapters[", i, "]");
@@ -136,6 +137,13 @@ absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state
     e.sha256 = a["sha256"].get<std::string>();
     if (a.contains("pinned") && a["pinned"].is_boolean()) e.pinned = a["pinned"].get<bool>();
     if (a.contains("source") && a["source"].is_string()) e.source = a["source"].get<std::string>();
+    if (a.contains("merged")) {
+      if (!a["merged"].is_boolean()) return bad(absl::StrCat(where, ".merged must be a boolean"));
+      e.merged = a["merged"].get<bool>();
+      if (e.merged && ++merged > 1) {
+        return bad(absl::StrCat(where, " is the second adapter marked merged (one at a time)"));
+      }
+    }
     if (e.version < 1) return bad(absl::StrCat(where, ".version must be >= 1"));
     entries.push_back(std::move(e));
   }
@@ -143,6 +151,12 @@ absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state
 }
 
 absl::Status WriteManifest(const std::string& state_dir,
+                           const std::vector<ManifestEntry>& entries) {
+  if (absl::Status s = StageManifest(state_dir, entries); !s.ok()) return s;
+  return PublishManifest(state_dir);
+}
+
+absl::Status StageManifest(const std::string& state_dir,
                            const std::vector<ManifestEntry>& entries) {
   nlohmann::json j;
   j["format"] = kManifestFormat;
@@ -153,11 +167,16 @@ absl::Status WriteManifest(const std::string& state_dir,
                              {"version", e.version},
                              {"sha256", e.sha256},
                              {"pinned", e.pinned},
-                             {"source", e.source}});
+                             {"source", e.source},
+                             {"merged", e.merged}});
   }
   const std::string path = absl::StrCat(state_dir, "/", kManifestFile);
+  return WriteFileDurably(path + ".tmp", j.dump(2) + "\n");
+}
+
+absl::Status PublishManifest(const std::string& state_dir) {
+  const std::string path = absl::StrCat(state_dir, "/", kManifestFile);
   const std::string tmp = path + ".tmp";
-  if (absl::Status s = WriteFileDurably(tmp, j.dump(2) + "\n"); !s.ok()) return s;
   if (std::rename(tmp.c_str(), path.c_str()) != 0) return Errno("cannot rename into", path);
   return SyncPath(state_dir);
 }

@@ -33,15 +33,24 @@ struct ManifestEntry {
   std::string sha256;  // of adapter_model.safetensors, lowercase hex
   bool pinned = false;
   std::string source;  // where it came from ("path:<rel>", "upload", "flag:<dir>"); informational
+  // Merged into the base weights (SetAdapterMode MERGED): the server merges it again after a
+  // restart. At most one entry has it. Manifests written before the field existed lack it (false).
+  bool merged = false;
 };
 
 // Reads <state_dir>/manifest.json. A missing file is an empty manifest. DATA_LOSS naming the file
-// and field when it is malformed (it is only ever replaced whole, so that means outside damage).
+// and field when it is malformed, or when more than one entry is merged (it is only ever replaced
+// whole, so that means outside damage).
 absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state_dir);
 
 // Replaces <state_dir>/manifest.json atomically and durably. FAILED_PRECONDITION naming the file
 // and the errno of the failing step (read-only or full disk, missing directory).
 absl::Status WriteManifest(const std::string& state_dir, const std::vector<ManifestEntry>& entries);
+// WriteManifest's two steps, for a caller that overlaps the first with other fsyncs: writes and
+// fsyncs manifest.json.tmp (nothing reads it); then renames it over manifest.json and fsyncs the
+// directory. Same errors.
+absl::Status StageManifest(const std::string& state_dir, const std::vector<ManifestEntry>& entries);
+absl::Status PublishManifest(const std::string& state_dir);
 
 // Writes `data` to `path` (truncating), fsyncs it. Errors name the file.
 absl::Status WriteFileDurably(const std::string& path, const std::string& data);

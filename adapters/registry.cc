@@ -1,6 +1,7 @@
 #include "adapters/registry.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <filesystem>
 #include <random>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -151,6 +153,66 @@ bool Inside(const fs::path& path, const fs::path& root) {
   return p == r || absl::StartsWith(p, r + "/");
 }
 
+
+// Copies `from` into the new file `to` and returns the open descriptor of `to`. The copy runs in
+// the kernel (copy_file_range: no round trip through user space, and a clone on filesystems with
+// reflinks), falling back to read/write where that is not possible (another filesystem, old
+// kernels). Then starts the writeback without waiting for it: the caller fsyncs later, after the
+// CPU work that the disk can overlap with. NOT_FOUND when `from` is missing.
+absl::StatusOr<int> CopyStartingWriteback(const std::string& from, const std::string& to) {
+  const int in = open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) {
+    return errno == ENOENT ? absl::NotFoundError(absl::StrCat(from, ": missing"))
+                           : absl::FailedPreconditionError(
+                                 absl::StrCat("cannot open ", from, ": ", std::strerror(errno)));
+  }
+  const int out = open(to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (out < 0) {
+    absl::Status s = absl::FailedPreconditionError(
+        absl::StrCat("cannot create ", to, ": ", std::strerror(errno)));
+    close(in);
+    return s;
+  }
+  auto fail = [&](const char* what) {
+    absl::Status s = absl::FailedPreconditionError(
+        absl::StrCat("cannot copy ", from, " (", what, "): ", std::strerror(errno)));
+    close(in);
+    close(out);
+    return s;
+  };
+  bool in_kernel = true;
+  for (;;) {
+    const ssize_t n = copy_file_range(in, nullptr, out, nullptr, size_t{1} << 30, 0);
+    if (n == 0) break;
+    if (n > 0) continue;
+    if (errno == EINTR) continue;
+    if (errno == EXDEV || errno == ENOSYS || errno == EINVAL || errno == EOPNOTSUPP) {
+      in_kernel = false;  // continue from the current offsets with plain reads and writes
+      break;
+    }
+    return fail("copy_file_range");
+  }
+  if (!in_kernel) {
+    std::vector<char> buffer(1 << 20);
+    for (;;) {
+      const ssize_t n = read(in, buffer.data(), buffer.size());
+      if (n == 0) break;
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return fail("read");
+      for (ssize_t done = 0; done < n;) {
+        const ssize_t w = write(out, buffer.data() + done, n - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return fail("write");
+        done += w;
+      }
+    }
+  }
+  close(in);
+  // A hint: errors here only mean the later fsync does all the work.
+  sync_file_range(out, 0, 0, SYNC_FILE_RANGE_WRITE);
+  return out;
+}
+
 }  // namespace
 
 absl::Status ValidateAdapterName(absl::string_view name) {
@@ -253,36 +315,16 @@ absl::Status PendingUpload::Append(absl::string_view file_name, absl::string_vie
 absl::StatusOr<AdapterInfo> PendingUpload::Commit() {
   if (committed_) return absl::FailedPreconditionError("upload already committed");
   committed_ = true;  // from here on Commit owns (and on failure removes) the staging folder
+  const absl::Time start = absl::Now();
+  AdapterRegistry::Staged staged;  // the chunks were written as they came: no stage phase
+  staged.dir = staging_;
   for (auto& [file, fd] : fds_) {
-    const int rc = fsync(fd);
-    close(fd);
-    if (rc != 0) {
-      std::error_code ec;
-      fs::remove_all(staging_, ec);
-      return absl::FailedPreconditionError(
-          absl::StrCat("cannot fsync the upload of '", name_, "': ", std::strerror(errno)));
-    }
+    sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);  // what the kernel has not started yet
+    staged.fds.push_back(fd);
   }
   fds_.clear();
-  if (!sha256_.empty()) {
-    absl::StatusOr<std::string> sha =
-        Sha256OfFile(absl::StrCat(staging_, "/", kAdapterWeightsFile));
-    absl::Status bad;
-    if (!sha.ok()) {
-      bad = absl::InvalidArgumentError(
-          absl::StrCat("upload of '", name_, "' has no ", kAdapterWeightsFile));
-    } else if (*sha != absl::AsciiStrToLower(sha256_)) {
-      bad = absl::InvalidArgumentError(absl::StrCat("upload of '", name_, "': sha256 of ",
-                                                    kAdapterWeightsFile, " is ", *sha,
-                                                    ", the header said ", sha256_));
-    }
-    if (!bad.ok()) {
-      std::error_code ec;
-      fs::remove_all(staging_, ec);
-      return bad;
-    }
-  }
-  return registry_->Commit(name_, staging_, replace_, pin_, "upload");
+  return registry_->Commit(name_, std::move(staged), replace_, pin_, "upload",
+                           absl::AsciiStrToLower(sha256_), RegistrationPhases(), start);
 }
 
 // --- AdapterRegistry -----------------------------------------------------------------------------
@@ -293,10 +335,10 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
     return absl::InvalidArgumentError("adapter registry: no state directory");
   }
   if (options.max_loaded < 0 || options.memory_bytes < 0 || options.max_upload_bytes < 1 ||
-      options.max_waiters < 0) {
+      options.max_waiters < 0 || options.loader_threads < 1) {
     return absl::InvalidArgumentError(
         "adapter registry: max_loaded, memory_bytes and max_waiters must be >= 0, "
-        "max_upload_bytes >= 1");
+        "max_upload_bytes and loader_threads >= 1");
   }
   auto registry = std::unique_ptr<AdapterRegistry>(new AdapterRegistry(options));
   const std::string& root = options.state_dir;
@@ -344,6 +386,7 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
       registry->ChargeLocked(*v, +1);
     }
     registry->names_.emplace(e.name, std::move(name));
+    if (e.merged) registry->merge_to_restore_ = absl::StrCat(e.name, "@", e.version);
     listed.insert(dir);
   }
   // Folders the manifest does not list: drained versions a crash left, or registrations that never
@@ -361,13 +404,26 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
     }
     if (!any) fs::remove_all(name_dir.path(), ec2);
   }
+  // Entries of adapters/ a crashed process created without fsyncing it: registrations skip that
+  // fsync when their name's folder already exists.
+  LP_RETURN_IF_ERROR(SyncPath((fs::path(root) / "adapters").string()));
   LP_LOG(INFO) << "adapter registry in " << root << ": " << entries.size() << " adapters, "
                << registry->loaded_count() << " in memory";
   return registry;
 }
 
 AdapterRegistry::AdapterRegistry(RegistryOptions options) : options_(std::move(options)) {}
-AdapterRegistry::~AdapterRegistry() = default;
+AdapterRegistry::~AdapterRegistry() {
+  std::vector<std::thread> loaders;
+  {
+    TsanLock lock(&mu_);
+    stopping_ = true;  // queued and waiting AcquireAsync calls end with UNAVAILABLE
+    loaders.swap(loaders_);
+    load_work_.SignalAll();
+    changed_.SignalAll();
+  }
+  for (std::thread& t : loaders) t.join();
+}
 
 int64_t AdapterRegistry::loaded_count() const {
   TsanLock lock(&mu_);
@@ -377,6 +433,11 @@ int64_t AdapterRegistry::loaded_count() const {
 int64_t AdapterRegistry::loaded_bytes() const {
   TsanLock lock(&mu_);
   return loaded_bytes_;
+}
+
+RegistrationPhases AdapterRegistry::last_registration() const {
+  TsanLock lock(&mu_);
+  return last_registration_;
 }
 
 absl::StatusOr<std::string> AdapterRegistry::NewStagingDir() {
@@ -394,7 +455,12 @@ absl::StatusOr<std::string> AdapterRegistry::NewStagingDir() {
   return dir;
 }
 
-absl::StatusOr<std::string> AdapterRegistry::StageCopy(const std::string& dir) {
+AdapterRegistry::Staged::~Staged() {
+  for (int fd : fds) close(fd);
+}
+
+absl::StatusOr<AdapterRegistry::Staged> AdapterRegistry::StageCopy(const std::string& dir,
+                                                                   RegistrationPhases* phases) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
     return absl::NotFoundError(absl::StrCat(dir, ": no such adapter folder"));
@@ -407,24 +473,29 @@ absl::StatusOr<std::string> AdapterRegistry::StageCopy(const std::string& dir) {
         "adapter with safe_serialization=True to get ",
         kAdapterWeightsFile));
   }
-  LP_ASSIGN_OR_RETURN(std::string staging, NewStagingDir());
+  // A copy, never a hard link: the operator's file may later be rewritten in place (PEFT's
+  // save_pretrained truncates and rewrites), which must not change a registered version.
+  const absl::Time t = absl::Now();
+  Staged staged;
+  LP_ASSIGN_OR_RETURN(staged.dir, NewStagingDir());
   for (const char* file : {kAdapterConfigFile, kAdapterWeightsFile}) {
-    const fs::path from = fs::path(dir) / file;
-    if (!fs::exists(from, ec)) continue;  // LoraAdapter::Load names what is missing
-    const std::string to = absl::StrCat(staging, "/", file);
-    fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec);
-    absl::Status s = ec ? FsError(absl::StrCat("cannot copy ", from.string()), ec) : SyncPath(to);
-    if (!s.ok()) {
-      fs::remove_all(staging, ec);
-      return s;
+    absl::StatusOr<int> fd = CopyStartingWriteback(absl::StrCat(dir, "/", file),
+                                                   absl::StrCat(staged.dir, "/", file));
+    if (absl::IsNotFound(fd.status())) continue;  // LoraAdapter::Load names what is missing
+    if (!fd.ok()) {
+      fs::remove_all(staged.dir, ec);
+      return fd.status();
     }
+    staged.fds.push_back(*fd);
   }
-  return staging;
+  phases->stage = absl::Now() - t;
+  return staged;
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string& name,
                                                               const std::string& rel_path,
                                                               bool replace, bool pin) {
+  const absl::Time start = absl::Now();
   LP_RETURN_IF_ERROR(ValidateAdapterName(name));
   if (options_.adapter_dir.empty()) {
     return absl::PermissionDeniedError(
@@ -460,16 +531,21 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string&
                                                    "); set replace to make a new version"));
     }
   }
-  LP_ASSIGN_OR_RETURN(std::string staging, StageCopy(dir.string()));
-  return Commit(name, staging, replace, pin, absl::StrCat("path:", rel_path));
+  RegistrationPhases phases;
+  LP_ASSIGN_OR_RETURN(Staged staged, StageCopy(dir.string(), &phases));
+  return Commit(name, std::move(staged), replace, pin, absl::StrCat("path:", rel_path), "",
+                phases, start);
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromDir(const std::string& name,
                                                              const std::string& dir, bool replace,
                                                              bool pin) {
   LP_RETURN_IF_ERROR(ValidateAdapterName(name));
-  LP_ASSIGN_OR_RETURN(std::string staging, StageCopy(dir));
-  return Commit(name, staging, replace, pin, absl::StrCat("dir:", dir));
+  const absl::Time start = absl::Now();
+  RegistrationPhases phases;
+  LP_ASSIGN_OR_RETURN(Staged staged, StageCopy(dir, &phases));
+  return Commit(name, std::move(staged), replace, pin, absl::StrCat("dir:", dir), "", phases,
+                start);
 }
 
 absl::StatusOr<std::unique_ptr<PendingUpload>> AdapterRegistry::BeginUpload(
@@ -499,9 +575,12 @@ absl::StatusOr<std::unique_ptr<PendingUpload>> AdapterRegistry::BeginUpload(
   return upload;
 }
 
-absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
-                                                    const std::string& staging, bool replace,
-                                                    bool pin, const std::string& source) {
+absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Staged staged,
+                                                    bool replace, bool pin,
+                                                    const std::string& source,
+                                                    const std::string& expected_sha256,
+                                                    RegistrationPhases phases, absl::Time start) {
+  const std::string staging = staged.dir;
   auto discard = [&staging](absl::Status s) {
     std::error_code ec;
     fs::remove_all(staging, ec);
@@ -520,14 +599,53 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
     }
   } unmark{this, name};
 
-  // Validation is the slow part (parsing, converting, copying): done before taking admin_mu_, so
-  // registrations of different adapters overlap and nothing here blocks Acquire.
+  // Validation is the slow part: done before taking admin_mu_, so registrations of different
+  // adapters overlap and nothing here blocks Acquire. Three things overlap: the parse and
+  // conversion (this thread), the hash (a second thread, reading the staged file from the page
+  // cache) and the fsync of the staged files (a third, mostly waiting on the disk). The files are
+  // durable before the rename below makes them a version.
+  absl::Status data_synced;
+  std::thread syncer([&staged, &data_synced, &phases, &name] {
+    const absl::Time t = absl::Now();
+    for (int fd : staged.fds) {
+      if (fsync(fd) != 0 && data_synced.ok()) {
+        data_synced = absl::FailedPreconditionError(absl::StrCat(
+            "cannot fsync the staged files of '", name, "': ", std::strerror(errno)));
+      }
+      close(fd);
+    }
+    staged.fds.clear();
+    phases.sync = absl::Now() - t;
+  });
+  const std::string weights_path = absl::StrCat(staging, "/", kAdapterWeightsFile);
+  absl::StatusOr<std::string> sha;
+  std::thread hasher([&sha, &phases, &weights_path] {
+    const absl::Time t = absl::Now();
+    sha = Sha256OfFile(weights_path);
+    phases.hash = absl::Now() - t;
+  });
+  const absl::Time t = absl::Now();
   absl::StatusOr<std::unique_ptr<LoraAdapter>> adapter =
       LoraAdapter::Load(staging, options_.base, options_.load);
+  phases.load = absl::Now() - t;
+  hasher.join();
+  syncer.join();
+  if (!expected_sha256.empty()) {
+    if (!sha.ok()) {
+      return discard(absl::InvalidArgumentError(
+          absl::StrCat("upload of '", name, "' has no ", kAdapterWeightsFile)));
+    }
+    if (*sha != expected_sha256) {
+      return discard(absl::InvalidArgumentError(absl::StrCat("upload of '", name, "': sha256 of ",
+                                                             kAdapterWeightsFile, " is ", *sha,
+                                                             ", the header said ",
+                                                             expected_sha256)));
+    }
+  }
   if (!adapter.ok())
     return discard(Annotate(adapter.status(), absl::StrCat("adapter '", name, "'")));
-  absl::StatusOr<std::string> sha = Sha256OfFile(absl::StrCat(staging, "/", kAdapterWeightsFile));
   if (!sha.ok()) return discard(sha.status());
+  if (!data_synced.ok()) return discard(data_synced);
   if (!pin && options_.memory_bytes > 0 && (*adapter)->bytes() > options_.memory_bytes) {
     return discard(absl::ResourceExhaustedError(
         absl::StrCat("adapter '", name, "' needs ", (*adapter)->bytes(),
@@ -537,6 +655,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
   }
 
   TsanLock admin(&admin_mu_);
+  const absl::Time commit_start = absl::Now();
   int64_t version = 1;
   std::vector<ManifestEntry> manifest;
   {
@@ -555,12 +674,21 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
   const std::string dir = VersionDir(options_.state_dir, name, version);
   const std::string parent = absl::StrCat(options_.state_dir, "/adapters/", name);
   std::error_code ec;
+  const bool new_parent = !fs::exists(parent, ec);
   fs::create_directories(parent, ec);
   if (ec) return discard(FsError(absl::StrCat("cannot create ", parent), ec));
   fs::rename(staging, dir, ec);
   if (ec) return discard(FsError(absl::StrCat("cannot move the adapter into ", dir), ec));
-  absl::Status synced = SyncPath(parent);
-  if (synced.ok()) synced = SyncPath(absl::StrCat(options_.state_dir, "/adapters"));
+  // The rename lives in `parent` (itself a new entry of adapters/ only the first time). That
+  // directory and the new manifest's temporary file are fsynced side by side; the manifest is
+  // renamed into place only after both, so it never names a folder a crash could lose.
+  absl::Status dir_synced;
+  std::thread dir_syncer([&] {
+    dir_synced = SyncPath(parent);
+    if (dir_synced.ok() && new_parent) {
+      dir_synced = SyncPath(absl::StrCat(options_.state_dir, "/adapters"));
+    }
+  });
   ManifestEntry entry{name, version, *sha, pin, source};
   auto pos = std::find_if(manifest.begin(), manifest.end(),
                           [&](const ManifestEntry& e) { return e.name == name; });
@@ -569,7 +697,10 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
   } else {
     manifest.push_back(entry);
   }
-  if (synced.ok()) synced = WriteManifest(options_.state_dir, manifest);
+  absl::Status synced = StageManifest(options_.state_dir, manifest);
+  dir_syncer.join();
+  if (synced.ok()) synced = dir_synced;
+  if (synced.ok()) synced = PublishManifest(options_.state_dir);
   if (!synced.ok()) {
     fs::remove_all(dir, ec);
     return synced;
@@ -607,11 +738,16 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name,
       ChargeLocked(*v, +1);
     }
     info = InfoLocked(*v);
+    phases.commit = absl::Now() - commit_start;
+    phases.total = absl::Now() - start;
+    last_registration_ = phases;
   }
   if (drained != nullptr) fs::remove_all(drained->dir, ec);
   LP_LOG(INFO) << "adapter " << name << " v" << version << " registered from " << source
                << ": rank " << info.max_rank << ", " << info.bytes << " bytes, "
-               << ResidencyName(info.residency);
+               << ResidencyName(info.residency) << ", READY in " << phases.total << " (stage "
+               << phases.stage << ", sync " << phases.sync << ", load " << phases.load << ", hash "
+               << phases.hash << ", commit " << phases.commit << ")";
   return info;
 }
 
@@ -661,7 +797,8 @@ std::vector<ManifestEntry> AdapterRegistry::ManifestLocked() const {
   for (const auto& [name, n] : names_) {
     if (n->current == nullptr) continue;
     const Version& v = *n->current;
-    out.push_back({v.name, v.version, v.sha256, v.pinned, v.source});
+    const bool merged = v.merged || merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
+    out.push_back({v.name, v.version, v.sha256, v.pinned, v.source, merged});
   }
   return out;
 }
@@ -808,6 +945,9 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
             absl::NotFoundError(absl::StrCat("adapter '", v->name, "' v", v->version,
                                              " was unloaded or replaced "
                                              "while this request waited for it to be loaded"));
+      } else if (stopping_) {
+        refused = absl::UnavailableError(
+            absl::StrCat("adapter '", v->name, "': the server is shutting down"));
       } else if (!v->loading && MakeRoomLocked(v->meta.bytes)) {
         // Reload from the state directory outside the lock; the reservation keeps the room.
         v->loading = true;
@@ -875,6 +1015,59 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
   return std::shared_ptr<const Lease>(new Lease(this, std::move(v), std::move(weights)));
 }
 
+void AdapterRegistry::AcquireAsync(absl::string_view spec, AcquireCallback done,
+                                   bool count_request) {
+  absl::StatusOr<std::shared_ptr<const Lease>> now = absl::UnavailableError("");
+  bool queued = false;
+  {
+    TsanLock lock(&mu_);
+    absl::StatusOr<std::shared_ptr<Version>> v = FindLocked(spec);
+    if (!v.ok()) {
+      now = v.status();
+    } else if ((*v)->weights != nullptr) {
+      // Acquire's fast path: in memory, so no reload and no wait.
+      ++(*v)->leases;
+      (*v)->last_used = absl::Now();
+      if (count_request) ++names_[(*v)->name]->requests;
+      now = std::shared_ptr<const Lease>(new Lease(this, *v, (*v)->weights));
+    } else if (stopping_) {
+      now = absl::UnavailableError("the adapter registry is shutting down");
+    } else {
+      load_queue_.push_back(
+          [this, spec = std::string(spec), done = std::move(done), count_request] {
+            done(Acquire(spec, count_request));
+          });
+      queued = true;
+      if (idle_loaders_ == 0 && static_cast<int>(loaders_.size()) < options_.loader_threads) {
+        loaders_.emplace_back([this] { LoaderLoop(); });
+      } else {
+        load_work_.Signal();
+      }
+    }
+  }
+  if (!queued) done(std::move(now));  // outside mu_: dropping a lease takes it
+}
+
+void AdapterRegistry::LoaderLoop() {
+  for (;;) {
+    std::function<void()> job;
+    {
+      TsanLock lock(&mu_);
+      ++idle_loaders_;
+      while (load_queue_.empty() && !stopping_) {
+        TsanRelease(&mu_);
+        load_work_.Wait(&mu_);
+        TsanAcquire(&mu_);
+      }
+      --idle_loaders_;
+      if (load_queue_.empty()) return;  // stopping, and nothing left to answer
+      job = std::move(load_queue_.front());
+      load_queue_.pop_front();
+    }
+    job();  // Acquire refuses at once with UNAVAILABLE once stopping_
+  }
+}
+
 void AdapterRegistry::Release(const std::shared_ptr<Version>& v) {
   bool gone = false;
   {
@@ -900,9 +1093,25 @@ void AdapterRegistry::RemoveDrained(const std::shared_ptr<Version>& v) {
   LP_LOG(INFO) << "adapter " << v->name << " v" << v->version << " drained and removed";
 }
 
-void AdapterRegistry::SetMerged(const Lease& lease, bool merged) {
+absl::Status AdapterRegistry::SetMerged(const Lease& lease, bool merged) {
+  TsanLock admin(&admin_mu_);
+  std::vector<ManifestEntry> manifest;
+  {
+    TsanLock lock(&mu_);
+    Version& v = *lease.version_;
+    v.merged = merged;
+    if (merge_to_restore_ == absl::StrCat(v.name, "@", v.version)) merge_to_restore_.clear();
+    auto it = names_.find(v.name);
+    // A replaced or unloaded version is no longer in the manifest: nothing to record.
+    if (it == names_.end() || it->second->current.get() != &v) return absl::OkStatus();
+    manifest = ManifestLocked();
+  }
+  return WriteManifest(options_.state_dir, manifest);
+}
+
+std::string AdapterRegistry::merge_to_restore() const {
   TsanLock lock(&mu_);
-  lease.version_->merged = merged;
+  return merge_to_restore_;
 }
 
 }  // namespace loraplex::adapters

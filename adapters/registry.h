@@ -23,7 +23,9 @@
 // same read).
 //
 // Loading, copying, hashing and manifest writes happen on the caller's thread, never under the
-// lock that Acquire and Release take, so admin work never stalls generation.
+// lock that Acquire and Release take, so admin work never stalls generation. AcquireAsync moves
+// a reload (and any wait for room) onto the registry's loader threads, so a request for an
+// evicted adapter does not hold the thread that asked.
 //
 // The last lease of a draining version deletes that version's folder (a few unlinks) on the
 // releasing thread, usually the engine thread.
@@ -34,9 +36,12 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -57,6 +62,10 @@ inline constexpr size_t kMaxAdapterNameLength = 128;
 absl::Status ValidateAdapterName(absl::string_view name);
 
 enum class AdapterState { kLoading, kReady, kDraining };
+// Where a version's weights are. kDevice: in compute layout in the memory the forward pass reads
+// (host RAM on the CPU backend, which has no other tier). kDisk: only the files in the state
+// directory; the next Acquire reads and converts them. kHost (a converted copy in host RAM behind a
+// device budget) is for GPU backends; this registry never reports it.
 enum class Residency { kDevice, kHost, kDisk };
 const char* AdapterStateName(AdapterState s);  // "LOADING", "READY", "DRAINING"
 const char* ResidencyName(Residency r);        // "DEVICE", "HOST", "DISK"
@@ -85,6 +94,18 @@ struct AdapterInfo {
   int64_t reloads = 0;    // times a version came back from disk
 };
 
+// Where the time of one registration went, from the call to READY (bench/adapter_load_bench.cc
+// and the registration log line). Phases that run concurrently each show their own wall time, so
+// they may add up to more than `total`.
+struct RegistrationPhases {
+  absl::Duration stage;   // the two files copied (or cloned) into staging/
+  absl::Duration sync;    // fsync of the staged files
+  absl::Duration load;    // parse, validate and convert to compute layout (LoraAdapter::Load)
+  absl::Duration hash;    // SHA-256 of adapter_model.safetensors
+  absl::Duration commit;  // rename into adapters/, directory fsyncs, manifest write
+  absl::Duration total;
+};
+
 struct RegistryOptions {
   // Where files and the manifest live (created when missing). Required.
   std::string state_dir;
@@ -97,6 +118,7 @@ struct RegistryOptions {
   int64_t max_upload_bytes = int64_t{1} << 30;  // both files of one upload together
   int64_t max_waiters = 256;                    // Acquire calls waiting for room at once
   absl::Duration acquire_timeout = absl::Seconds(60);
+  int loader_threads = 4;  // threads that run AcquireAsync's reloads (and their waits for room)
 };
 
 class AdapterRegistry;
@@ -200,15 +222,33 @@ class AdapterRegistry {
   absl::StatusOr<std::shared_ptr<const Lease>> Acquire(absl::string_view spec,
                                                        bool count_request = true);
 
+  // Acquire without blocking the caller (a gRPC callback thread, say). When the version is in
+  // memory, or the spec is malformed or unknown, `done` runs on this thread before AcquireAsync
+  // returns. Otherwise Acquire runs on one of the registry's loader threads (at most
+  // options().loader_threads, started on first use, FIFO), which then calls `done`; the caller's
+  // thread returns at once. Codes as Acquire's, plus UNAVAILABLE once the registry is being
+  // destroyed. `done` must be quick (it holds up other reloads) and may drop the lease at once.
+  using AcquireCallback = std::function<void(absl::StatusOr<std::shared_ptr<const Lease>>)>;
+  void AcquireAsync(absl::string_view spec, AcquireCallback done, bool count_request = true);
+
   // Marks the version of `lease` merged (or not): a merged version is never evicted (the holder
   // keeps a lease) and shows merged = true. The caller does the merge itself on the engine thread.
-  void SetMerged(const Lease& lease, bool merged);
+  // When the version is its name's current one the manifest records it, so that a restart merges
+  // it again (merge_to_restore); FAILED_PRECONDITION when that write fails (the in-memory mark is
+  // set all the same: it must follow the model's weights).
+  absl::Status SetMerged(const Lease& lease, bool merged);
+  // "name@version" of the version the manifest recorded as merged when the registry was opened,
+  // until SetMerged is called for it; empty when none. The server merges it again after the
+  // engine starts (the manifest keeps recording it meanwhile).
+  std::string merge_to_restore() const;
 
   const RegistryOptions& options() const { return options_; }
   // Unpinned versions in compute memory (counting reloads in flight) and their bytes now; pinned
   // versions stay in memory outside the budget.
   int64_t loaded_count() const;
   int64_t loaded_bytes() const;
+  // The phases of the last registration that returned OK (zero before the first).
+  RegistrationPhases last_registration() const;
 
  private:
   friend class Lease;
@@ -218,13 +258,29 @@ class AdapterRegistry {
 
   explicit AdapterRegistry(RegistryOptions options);
 
-  // Validates the staged folder, moves it into adapters/<name>/v<N>, updates the manifest and
-  // makes it current. Removes `staging` on failure.
-  absl::StatusOr<AdapterInfo> Commit(const std::string& name, const std::string& staging,
-                                     bool replace, bool pin, const std::string& source);
+  // Files written into a staging folder and not yet fsynced: Commit fsyncs them after parsing
+  // and hashing, so that their writeback (started when they were written) overlaps that work.
+  // The destructor closes what is still open.
+  struct Staged {
+    std::string dir;
+    std::vector<int> fds;
+    Staged() = default;
+    Staged(Staged&& o) noexcept : dir(std::move(o.dir)), fds(std::move(o.fds)) { o.fds.clear(); }
+    Staged(const Staged&) = delete;
+    ~Staged();
+  };
+  // Validates the staged folder (LoraAdapter::Load, and the SHA-256 against `expected_sha256`
+  // when not empty: INVALID_ARGUMENT on mismatch), fsyncs it, moves it into adapters/<name>/v<N>,
+  // updates the manifest and makes it current. Removes the staging folder on failure. `phases`
+  // holds what the caller measured (stage) and `start` the start time of the call.
+  absl::StatusOr<AdapterInfo> Commit(const std::string& name, Staged staged, bool replace,
+                                     bool pin, const std::string& source,
+                                     const std::string& expected_sha256, RegistrationPhases phases,
+                                     absl::Time start);
   absl::StatusOr<std::string> NewStagingDir();
-  // Copies the two PEFT files of `dir` into a new staging folder.
-  absl::StatusOr<std::string> StageCopy(const std::string& dir);
+  // Copies the two PEFT files of `dir` into a new staging folder (in the kernel, writeback
+  // started, not yet fsynced).
+  absl::StatusOr<Staged> StageCopy(const std::string& dir, RegistrationPhases* phases);
   std::vector<ManifestEntry> ManifestLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   AdapterInfo InfoLocked(const Version& v) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Evicts idle versions until one more of `bytes` fits. False when it cannot.
@@ -237,6 +293,8 @@ class AdapterRegistry {
   absl::StatusOr<std::shared_ptr<Version>> FindLocked(absl::string_view spec) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Release(const std::shared_ptr<Version>& v);
+  // Runs load_queue_'s jobs until the registry is destroyed.
+  void LoaderLoop();
   // Forgets a drained version and deletes its folder.
   void RemoveDrained(const std::shared_ptr<Version>& v);
 
@@ -258,6 +316,14 @@ class AdapterRegistry {
   // Signalled when a lease is released, a reload finishes or a version leaves memory.
   absl::CondVar changed_;
   int64_t staging_counter_ ABSL_GUARDED_BY(mu_) = 0;
+  RegistrationPhases last_registration_ ABSL_GUARDED_BY(mu_);
+  std::string merge_to_restore_ ABSL_GUARDED_BY(mu_);  // see merge_to_restore()
+  // AcquireAsync's loader threads and their work (reloads that would block the caller).
+  std::vector<std::thread> loaders_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::function<void()>> load_queue_ ABSL_GUARDED_BY(mu_);
+  int idle_loaders_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;  // the destructor has begun
+  absl::CondVar load_work_;                     // signalled when load_queue_ grows or stopping_
 };
 
 }  // namespace loraplex::adapters

@@ -6,19 +6,26 @@
 
 namespace loraplex::server {
 
+namespace {
+
+// An engine handle that owns `lease`.
+absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> HandleFor(
+    absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) {
+  if (!lease.ok()) return lease.status();
+  auto handle = std::make_shared<engine::AdapterHandle>();
+  handle->name = (*lease)->name();
+  handle->version = (*lease)->version();
+  handle->weights = &(*lease)->view();
+  handle->owner = *std::move(lease);
+  return handle;
+}
+
+}  // namespace
+
 absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> AdapterTable::Resolve(
     absl::string_view spec) const {
   if (spec.empty()) return std::shared_ptr<const engine::AdapterHandle>();
-  if (registry_ != nullptr) {
-    absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease = registry_->Acquire(spec);
-    if (!lease.ok()) return lease.status();
-    auto handle = std::make_shared<engine::AdapterHandle>();
-    handle->name = (*lease)->name();
-    handle->version = (*lease)->version();
-    handle->weights = &(*lease)->view();
-    handle->owner = *std::move(lease);
-    return handle;
-  }
+  if (registry_ != nullptr) return HandleFor(registry_->Acquire(spec));
   absl::string_view name = spec;
   int64_t version = 0;  // 0: the current one
   if (size_t at = spec.rfind('@'); at != absl::string_view::npos) {
@@ -38,6 +45,17 @@ absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> AdapterTable::Resol
                                             " (serving version ", it->second->version, ")"));
   }
   return it->second;
+}
+
+void AdapterTable::ResolveAsync(absl::string_view spec, ResolveCallback done) const {
+  if (spec.empty() || registry_ == nullptr) {
+    done(Resolve(spec));  // nothing here can block
+    return;
+  }
+  registry_->AcquireAsync(
+      spec, [done = std::move(done)](absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) {
+        done(HandleFor(std::move(lease)));
+      });
 }
 
 void AdapterTable::Put(std::shared_ptr<const engine::AdapterHandle> handle) {

@@ -143,7 +143,21 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
 
 AdaptersService::AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
                                  const TokenAuth* auth)
-    : registry_(registry), engine_(engine), auth_(auth) {}
+    : registry_(registry), engine_(engine), auth_(auth) {
+  // The manifest says an adapter was merged when the last process stopped: merge it again, through
+  // the same path as SetAdapterMode, before the server takes calls. A failure leaves it unmerged
+  // (outputs stay right; only the speed differs) and is logged, rather than refusing to start.
+  const std::string spec = registry_->merge_to_restore();
+  if (spec.empty()) return;
+  const std::string name = spec.substr(0, spec.rfind('@'));
+  v1::AdapterInfo info;
+  if (absl::Status s = Merge(name, &info); !s.ok()) {
+    LP_LOG(ERROR) << "adapter " << spec << " was merged before the restart but cannot be merged "
+                  << "again; serving it unmerged: " << s.ToString();
+  } else {
+    LP_LOG(INFO) << "adapter " << spec << " merged again (recorded in the manifest)";
+  }
+}
 
 AdaptersService::~AdaptersService() {
   engine::TsanMutexLock lock(&threads_mu_);
@@ -246,7 +260,17 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
     const model::LoraWeightsView* view = &lease->view();
     LP_RETURN_IF_ERROR(
         engine_->RunOnEngineThread([view](model::LlamaModel& model) { return model.Merge(view); }));
-    registry_->SetMerged(*lease, true);
+    if (absl::Status recorded = registry_->SetMerged(*lease, true); !recorded.ok()) {
+      // Not recorded, so a restart would not merge it: undo, so that what runs is what is stored.
+      absl::Status undone =
+          engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
+      if (!undone.ok()) {  // keep the lease: the weights stay merged and must stay alive
+        merged_ = std::move(lease);
+        return Annotate(undone, std::string(recorded.message()));
+      }
+      registry_->SetMerged(*lease, false).IgnoreError();  // the manifest already says unmerged
+      return recorded;
+    }
     merged_ = std::move(lease);
     LP_LOG(INFO) << "adapter " << name << " v" << merged_->version() << " merged";
   }
@@ -262,9 +286,11 @@ absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* 
   if (merged_ != nullptr && merged_->name() == current.name) {
     LP_RETURN_IF_ERROR(
         engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); }));
-    registry_->SetMerged(*merged_, false);
+    absl::Status recorded = registry_->SetMerged(*merged_, false);
     merged_.reset();
     LP_LOG(INFO) << "adapter " << name << " unmerged";
+    // The model is unmerged either way; say so when a restart would merge it again.
+    if (!recorded.ok()) return recorded;
   }
   // Not merged (any more): UNMERGED is already the case.
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info, registry_->Get(name));
@@ -283,7 +309,8 @@ void AdaptersService::UnmergeIfStale() {
     LP_LOG(ERROR) << "unmerging replaced adapter " << merged_->name() << ": " << s.ToString();
     return;  // keep the lease: the weights stay merged and must stay alive
   }
-  registry_->SetMerged(*merged_, false);
+  // A replaced or unloaded version is out of the manifest already: nothing to write.
+  registry_->SetMerged(*merged_, false).IgnoreError();
   LP_LOG(INFO) << "adapter " << merged_->name() << " v" << merged_->version()
                << " unmerged (replaced or unloaded)";
   merged_.reset();

@@ -10,8 +10,8 @@
 // SetAdapterMode merges one adapter's current version into the base weights (one at a time) on
 // the engine thread between two steps; other adapters keep working in mixed mode. The merged
 // version stays in memory while merged. Replacing or unloading the merged adapter unmerges it
-// first (the new version starts UNMERGED). The mode is not persisted: after a restart every
-// adapter is UNMERGED.
+// first (the new version starts UNMERGED). The mode is recorded in the manifest: after a restart
+// the constructor merges the same version again, before the server takes calls.
 //
 // Thread-safety: gRPC calls the handlers from its threads; shared state is guarded below.
 #pragma once
@@ -47,7 +47,8 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out);
 
 class AdaptersService final : public v1::Adapters::CallbackService {
  public:
-  // Pointers must outlive the service. `auth` guards every call.
+  // Pointers must outlive the service. `auth` guards every call. Merges the adapter the manifest
+  // recorded as merged (AdapterRegistry::merge_to_restore) on the running engine.
   AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
                   const TokenAuth* auth);
   // Waits for the load/commit threads still running.

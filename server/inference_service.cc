@@ -32,25 +32,90 @@ absl::Status FinalStatus(const engine::StepOutput& out) {
 
 // What both generation reactors share: turning a proto into a submitted engine request, latency
 // metrics, and the request fields needed to render outputs.
+//
+// A request for an adapter that is not in memory is resolved asynchronously (AdapterTable::
+// ResolveAsync): the gRPC thread returns at once and a registry loader thread submits the request
+// once the adapter is back, or ends the call with the error. While it waits, a cancellation (client
+// gone, deadline) ends the call at once; the lease that arrives later is dropped. The reactor is
+// not deleted while a loader thread is still starting its request (OnDone defers to it).
 class GenerationCall {
  protected:
   GenerationCall(engine::Engine* engine, Metrics* metrics) : engine_(engine), metrics_(metrics) {}
+  virtual ~GenerationCall() = default;
 
-  // Validates and submits; `sink` receives the engine outputs. Returns the status to finish the
-  // call with when the request is refused.
-  absl::Status Start(const v1::GenerateRequest& proto, const AdapterTable& adapters, bool draining,
-                     engine::OutputSink sink) {
-    if (draining) return Refuse(absl::UnavailableError("the server is shutting down"));
-    absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(proto, *engine_, adapters);
-    if (!req.ok()) return Refuse(req.status());
-    adapter_label_ = req->adapter == nullptr ? "base" : req->adapter->name;
-    rendering_.sampling = req->sampling;
-    rendering_.adapter = req->adapter;
-    start_ = absl::Now();
-    absl::StatusOr<engine::RequestId> id = engine_->Submit(*std::move(req), std::move(sink));
-    if (!id.ok()) return Refuse(id.status());
-    id_.store(*id);
-    return absl::OkStatus();
+  // Ends the call with `status` (the reactor's Finish). Nothing may touch the reactor after it
+  // unless it is kept alive (see OnDoneShouldDelete).
+  virtual void FinishCall(const absl::Status& status) = 0;
+  virtual void DeleteSelf() = 0;
+
+  // Validates and submits; `sink` receives the engine outputs. A refused request ends the call
+  // through FinishCall, possibly later on a loader thread (see above).
+  void Start(const v1::GenerateRequest& proto, const AdapterTable& adapters, bool draining,
+             engine::OutputSink sink) {
+    if (draining) return FinishCall(Refuse(absl::UnavailableError("the server is shutting down")));
+    if (proto.adapter().empty()) {
+      absl::StatusOr<engine::GenerationRequest> req =
+          ToGenerationRequest(proto, *engine_, adapters);
+      if (!req.ok()) return FinishCall(Refuse(req.status()));
+      return Submit(*std::move(req), std::move(sink));
+    }
+    // Everything but the adapter is checked first, so a bad request never causes a reload.
+    v1::GenerateRequest rest = proto;
+    rest.clear_adapter();
+    absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(rest, *engine_, adapters);
+    if (!req.ok()) return FinishCall(Refuse(req.status()));
+    auto request = std::make_shared<engine::GenerationRequest>(*std::move(req));
+    pending_ = std::make_shared<Pending>();
+    adapters.ResolveAsync(
+        proto.adapter(),
+        [this, pending = pending_, request, sink = std::move(sink)](
+            absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> handle) mutable {
+          {
+            engine::TsanMutexLock lock(&pending->mu);
+            if (pending->cancelled) return;  // the call ended; the lease goes with `handle`
+            pending->resolved = true;        // from here OnCancel cancels the engine request
+          }
+          if (!handle.ok()) {
+            FinishCall(Refuse(handle.status()));
+          } else {
+            request->adapter = *std::move(handle);
+            Submit(std::move(*request), std::move(sink));
+          }
+          bool delete_now;
+          {
+            engine::TsanMutexLock lock(&pending->mu);
+            pending->started = true;
+            delete_now = pending->done;
+          }
+          if (delete_now) DeleteSelf();  // OnDone came while this thread was starting
+        });
+  }
+
+  // For OnCancel. True when the call was waiting for its adapter: the caller then ends it as
+  // cancelled. Otherwise cancels the engine request (now, or as soon as Submit has its id).
+  bool CancelWaiting() {
+    if (pending_ != nullptr) {
+      engine::TsanMutexLock lock(&pending_->mu);
+      if (!pending_->resolved && !pending_->cancelled) {
+        pending_->cancelled = true;
+        return true;
+      }
+    }
+    cancel_requested_.store(true);
+    engine_->Cancel(id_);
+    return false;
+  }
+
+  // For OnDone: false while a loader thread is still inside Start's callback (it deletes the
+  // reactor when it leaves).
+  bool OnDoneShouldDelete() {
+    if (pending_ == nullptr) return true;
+    engine::TsanMutexLock lock(&pending_->mu);
+    if (pending_->resolved && !pending_->started) {
+      pending_->done = true;
+      return false;
+    }
+    return true;
   }
 
   // Latency metrics for one engine output (engine thread).
@@ -76,8 +141,30 @@ class GenerationCall {
     return status;
   }
 
+  void Submit(engine::GenerationRequest req, engine::OutputSink sink) {
+    adapter_label_ = req.adapter == nullptr ? "base" : req.adapter->name;
+    rendering_.sampling = req.sampling;
+    rendering_.adapter = req.adapter;
+    start_ = absl::Now();
+    absl::StatusOr<engine::RequestId> id = engine_->Submit(std::move(req), std::move(sink));
+    if (!id.ok()) return FinishCall(Refuse(id.status()));
+    id_.store(*id);
+    if (cancel_requested_.load()) engine_->Cancel(*id);  // OnCancel came before the id existed
+  }
+
+  // What Start's resolve callback and the reactor's OnCancel/OnDone share; outlives the reactor.
+  struct Pending {
+    absl::Mutex mu;  // guards the flags
+    bool resolved ABSL_GUARDED_BY(mu) = false;   // the callback has taken over the call
+    bool cancelled ABSL_GUARDED_BY(mu) = false;  // ended as cancelled while waiting
+    bool started ABSL_GUARDED_BY(mu) = false;    // the callback has left the reactor alone
+    bool done ABSL_GUARDED_BY(mu) = false;       // OnDone came before `started`
+  };
+
   engine::Engine* const engine_;
   Metrics* const metrics_;
+  std::shared_ptr<Pending> pending_;  // set in Start (constructor) before any callback runs
+  std::atomic<bool> cancel_requested_{false};
   // Atomic: the engine may finish a write (and OnWriteDone read it) before Start stores it; a
   // 0 read then cancels nothing, which is harmless.
   std::atomic<engine::RequestId> id_{0};
@@ -99,10 +186,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   GenerateReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
                   bool draining, const v1::GenerateRequest& request)
       : GenerationCall(engine, metrics) {
-    absl::Status status = Start(request, *adapters, draining,
-                                [this](engine::StepOutput out) { OnOutput(std::move(out)); });
-    if (!status.ok()) Finish(ToGrpcStatus(status));
-    // Otherwise the engine's last output finishes the call (Pump): the sink never outlives us.
+    // The engine's last output finishes the call (Pump): the sink never outlives us.
+    Start(request, *adapters, draining,
+          [this](engine::StepOutput out) { OnOutput(std::move(out)); });
   }
 
   void OnWriteDone(bool ok) override {
@@ -122,10 +208,18 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     Pump();
   }
 
-  void OnCancel() override { engine_->Cancel(id_); }
-  void OnDone() override { delete this; }
+  void OnCancel() override {
+    if (CancelWaiting()) FinishCall(Refuse(absl::CancelledError("the request was cancelled")));
+  }
+  void OnDone() override {
+    if (OnDoneShouldDelete()) delete this;
+  }
 
  private:
+  // A refusal: no engine request exists, so no Pump can finish the call too.
+  void FinishCall(const absl::Status& status) override { Finish(ToGrpcStatus(status)); }
+  void DeleteSelf() override { delete this; }
+
   // Engine thread.
   void OnOutput(engine::StepOutput out) {
     Observe(out);
@@ -185,15 +279,21 @@ class CompleteReactor final : public grpc::ServerUnaryReactor, private Generatio
   CompleteReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
                   bool draining, const v1::GenerateRequest& request, v1::GenerateResponse* response)
       : GenerationCall(engine, metrics), response_(response) {
-    absl::Status status = Start(request, *adapters, draining,
-                                [this](engine::StepOutput out) { OnOutput(std::move(out)); });
-    if (!status.ok()) Finish(ToGrpcStatus(status));
+    Start(request, *adapters, draining,
+          [this](engine::StepOutput out) { OnOutput(std::move(out)); });
   }
 
-  void OnCancel() override { engine_->Cancel(id_); }
-  void OnDone() override { delete this; }
+  void OnCancel() override {
+    if (CancelWaiting()) FinishCall(Refuse(absl::CancelledError("the request was cancelled")));
+  }
+  void OnDone() override {
+    if (OnDoneShouldDelete()) delete this;
+  }
 
  private:
+  void FinishCall(const absl::Status& status) override { Finish(ToGrpcStatus(status)); }
+  void DeleteSelf() override { delete this; }
+
   // Engine thread; the only writer of response_ until Finish.
   void OnOutput(engine::StepOutput out) {
     Observe(out);

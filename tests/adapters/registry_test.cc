@@ -6,6 +6,7 @@
 #include "adapters/registry.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <atomic>
 #include <filesystem>
@@ -412,6 +413,127 @@ TEST_F(RegistryTest, DamagedStateIsDataLoss) {
   std::ofstream(state_dir_ + "/manifest.json") << "{\"format\": 1";
   EXPECT_THAT(AdapterRegistry::Open(options_),
               StatusIs(absl::StatusCode::kDataLoss, "manifest.json"));
+}
+
+// SetMerged records the merge in the manifest; a reopened registry offers it back to be merged
+// again, keeps recording it until then, and forgets it once unmerged.
+TEST_F(RegistryTest, MergeIsRecordedAndOfferedBackAfterReopen) {
+  {
+    auto r = Open();
+    ASSERT_NE(r, nullptr);
+    ASSERT_THAT(r->RegisterFromPath("m", "qv", false, false), IsOk());
+    ASSERT_THAT(r->RegisterFromPath("o", "rank1", false, false), IsOk());
+    ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> lease, r->Acquire("m", false));
+    ASSERT_THAT(r->SetMerged(*lease, true), IsOk());
+    EXPECT_EQ(r->merge_to_restore(), "");
+    ASSERT_OK_AND_ASSIGN(AdapterInfo m, r->Get("m"));
+    EXPECT_TRUE(m.merged);
+  }
+  {
+    auto r = Open();
+    ASSERT_NE(r, nullptr);
+    EXPECT_EQ(r->merge_to_restore(), "m@1");
+    ASSERT_OK_AND_ASSIGN(AdapterInfo m, r->Get("m"));
+    EXPECT_FALSE(m.merged) << "not merged into any weights yet";
+    // A registration before the merge is restored keeps the record.
+    ASSERT_THAT(r->RegisterFromPath("p", "layers", false, false), IsOk());
+    ASSERT_OK_AND_ASSIGN(std::vector<ManifestEntry> manifest, ReadManifest(state_dir_));
+    ASSERT_EQ(manifest.size(), 3u);
+    EXPECT_TRUE(manifest[0].merged);
+    EXPECT_FALSE(manifest[1].merged);
+    ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> lease, r->Acquire("m", false));
+    ASSERT_THAT(r->SetMerged(*lease, true), IsOk());
+    EXPECT_EQ(r->merge_to_restore(), "");
+    ASSERT_THAT(r->SetMerged(*lease, false), IsOk());
+  }
+  auto r = Open();
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->merge_to_restore(), "");
+}
+
+// AcquireAsync answers a resident version (and a bad spec) on the caller's thread before it
+// returns; an evicted one is read back on a loader thread while the caller goes on. The reload is
+// held up by making the state directory's adapter_config.json a FIFO that nothing writes yet.
+TEST_F(RegistryTest, AcquireAsyncReloadsOffTheCallersThread) {
+  options_.max_loaded = 1;
+  auto r = Open();
+  ASSERT_NE(r, nullptr);
+  ASSERT_THAT(r->RegisterFromPath("a", "qv", false, false), IsOk());
+  ASSERT_THAT(r->RegisterFromPath("b", "rank1", false, false), IsOk());  // evicts a
+  ASSERT_OK_AND_ASSIGN(AdapterInfo a_info, r->Get("a"));
+  ASSERT_EQ(a_info.residency, Residency::kDisk);
+
+  bool inline_done = false;
+  r->AcquireAsync("b", [&](absl::StatusOr<std::shared_ptr<const Lease>> lease) {
+    inline_done = true;
+    EXPECT_THAT(lease, IsOk());
+  });
+  EXPECT_TRUE(inline_done) << "a resident version must be answered at once";
+  inline_done = false;
+  r->AcquireAsync("nope", [&](absl::StatusOr<std::shared_ptr<const Lease>> lease) {
+    inline_done = true;
+    EXPECT_THAT(lease, StatusIs(absl::StatusCode::kNotFound));
+  });
+  EXPECT_TRUE(inline_done);
+
+  const std::string config = VersionDir(state_dir_, "a", 1) + "/adapter_config.json";
+  const std::string text = ReadAll(config);
+  ASSERT_TRUE(fs::remove(config));
+  ASSERT_EQ(mkfifo(config.c_str(), 0600), 0);
+  std::atomic<bool> done{false};
+  std::shared_ptr<const Lease> a;
+  const std::thread::id caller = std::this_thread::get_id();
+  std::thread::id loader;
+  r->AcquireAsync("a", [&](absl::StatusOr<std::shared_ptr<const Lease>> lease) {
+    loader = std::this_thread::get_id();
+    if (lease.ok()) a = *lease;
+    EXPECT_THAT(lease, IsOk());
+    done.store(true);
+  });
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_FALSE(done.load()) << "the reload should be waiting on the FIFO";
+  {
+    std::ofstream fifo(config);  // opens once the loader has it open for reading
+    fifo << text;
+  }
+  for (int i = 0; i < 1000 && !done.load(); ++i) absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_TRUE(done.load());
+  EXPECT_NE(loader, caller);
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(a->version(), 1);
+  EXPECT_EQ(a->adapter().max_rank(), 8);  // qv
+}
+
+// A manifest written before the "merged" field existed loads with every adapter unmerged; the
+// field round-trips; two merged entries or a non-boolean are damage.
+TEST(ManifestTest, MergedFieldIsOptionalAndAtMostOnce) {
+  const std::string dir = MakeTempDir("lp-manifest");
+  std::ofstream(dir + "/manifest.json") << R"({"format": "loraplex-adapter-manifest",
+      "format_version": 1, "adapters": [
+      {"name": "a", "version": 2, "sha256": "ab", "pinned": true, "source": "upload"},
+      {"name": "b", "version": 1, "sha256": "cd"}]})";
+  ASSERT_OK_AND_ASSIGN(std::vector<ManifestEntry> old, ReadManifest(dir));
+  ASSERT_EQ(old.size(), 2u);
+  EXPECT_FALSE(old[0].merged);
+  EXPECT_FALSE(old[1].merged);
+  EXPECT_TRUE(old[0].pinned);
+
+  old[1].merged = true;
+  ASSERT_THAT(WriteManifest(dir, old), IsOk());
+  ASSERT_OK_AND_ASSIGN(std::vector<ManifestEntry> back, ReadManifest(dir));
+  ASSERT_EQ(back.size(), 2u);
+  EXPECT_FALSE(back[0].merged);
+  EXPECT_TRUE(back[1].merged);
+  EXPECT_EQ(back[1].name, "b");
+
+  back[0].merged = true;
+  ASSERT_THAT(WriteManifest(dir, back), IsOk());
+  EXPECT_THAT(ReadManifest(dir), StatusIs(absl::StatusCode::kDataLoss, "second adapter marked"));
+  std::ofstream(dir + "/manifest.json") << R"({"format": "loraplex-adapter-manifest",
+      "format_version": 1, "adapters": [{"name": "a", "version": 1, "sha256": "ab",
+      "merged": "yes"}]})";
+  EXPECT_THAT(ReadManifest(dir), StatusIs(absl::StatusCode::kDataLoss, "adapters[0].merged"));
+  fs::remove_all(dir);
 }
 
 // Many threads lease while another replaces: a lease taken after a replace returned is never on

@@ -4,12 +4,14 @@
 // The reference for every adapter output is loraplex-generate --adapter on the same folder, which
 // tests/adapters checks against PEFT's logits.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -695,6 +697,152 @@ TEST_F(LifecycleE2eTest, MergedAdapterAndMixedModeKeepOutputs) {
   EXPECT_FALSE(info.merged());
   EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
   EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
+}
+
+v1::AdapterInfo GetInfo(Server& s, const std::string& name) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::GetAdapterRequest req;
+  req.set_name(name);
+  v1::AdapterInfo info;
+  grpc::Status st = s.admin().GetAdapter(&ctx, req, &info);
+  EXPECT_TRUE(st.ok()) << name << ": " << st.error_message();
+  return info;
+}
+
+// The merge mode is in the manifest: after kill -9 and a restart the same version is merged again
+// and every output (merged, mixed, base) is unchanged; unmerging or replacing it is recorded too.
+TEST_F(LifecycleE2eTest, MergedModeSurvivesARestart) {
+  v1::AdapterInfo info;
+  {
+    auto s = Start();
+    ASSERT_TRUE(s->ok());
+    ASSERT_TRUE(Load(*s, "m", "qv", false).ok());
+    ASSERT_TRUE(Load(*s, "o", "all_linear", false).ok());
+    ASSERT_TRUE(SetMode(*s, "m", v1::MERGED, &info).ok());
+    s->Kill();  // SIGKILL, right after SetAdapterMode returned
+  }
+  {
+    auto s = Start();
+    ASSERT_TRUE(s->ok());
+    info = GetInfo(*s, "m");
+    EXPECT_TRUE(info.merged()) << "the merge was not restored";
+    EXPECT_EQ(info.version(), 1);
+    EXPECT_FALSE(GetInfo(*s, "o").merged());
+    EXPECT_EQ(Generate(*s, "m").ids, Expected("qv"));
+    EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
+    EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
+    // One at a time still holds for a restored merge.
+    EXPECT_EQ(SetMode(*s, "o", v1::MERGED, &info).error_code(), StatusCode::FAILED_PRECONDITION);
+    ASSERT_TRUE(SetMode(*s, "m", v1::UNMERGED, &info).ok());
+    ASSERT_TRUE(SetMode(*s, "o", v1::MERGED, &info).ok());
+    s->Kill();
+  }
+  {
+    auto s = Start();
+    ASSERT_TRUE(s->ok());
+    EXPECT_FALSE(GetInfo(*s, "m").merged());
+    EXPECT_TRUE(GetInfo(*s, "o").merged());
+    EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
+    EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
+    // Replacing the merged adapter unmerges it, and the new version is recorded unmerged.
+    ASSERT_TRUE(Load(*s, "o", "rank1", true, &info).ok());
+    EXPECT_FALSE(info.merged());
+    s->Kill();
+  }
+  auto s = Start();
+  ASSERT_TRUE(s->ok());
+  info = GetInfo(*s, "o");
+  EXPECT_EQ(info.version(), 2);
+  EXPECT_FALSE(info.merged());
+  EXPECT_FALSE(GetInfo(*s, "m").merged());
+  EXPECT_EQ(Generate(*s, "o").ids, Expected("rank1"));
+  EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
+}
+
+Generated GenerateWithin(Server& s, const std::string& adapter, int seconds) {
+  v1::GenerateRequest req;
+  req.add_prompt_token_ids(1);
+  req.set_max_tokens(kTokens);
+  req.set_ignore_eos(true);
+  req.set_adapter(adapter);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
+  v1::GenerateResponse resp;
+  Generated g;
+  g.status = s.inference().Complete(&ctx, req, &resp);
+  g.ids.assign(resp.token_ids().begin(), resp.token_ids().end());
+  g.version = resp.adapter_version();
+  return g;
+}
+
+// Requests for an evicted adapter whose reload is held up (its adapter_config.json in the state
+// directory made a FIFO that nothing writes yet) wait without holding gRPC threads: with 16 of
+// them waiting (more than gRPC's callback threads on any machine up to 32 cores), base-model and
+// resident (pinned) adapter requests still complete, a waiter whose deadline passes ends at once,
+// and once the reload goes on every waiter gets the adapter's output.
+TEST_F(LifecycleE2eTest, SlowReloadDoesNotBlockOtherRequests) {
+  auto s = Start({"--max-loaded-adapters=1"});
+  ASSERT_TRUE(s->ok());
+  ASSERT_TRUE(Load(*s, "slow", "qv", false).ok());
+  {
+    grpc::ClientContext ctx;
+    Authorize(&ctx);
+    v1::LoadAdapterRequest req;
+    req.set_name("pinned");
+    req.set_path("all_linear");
+    req.set_pin(true);
+    v1::AdapterInfo info;
+    ASSERT_TRUE(s->admin().LoadAdapter(&ctx, req, &info).ok());
+  }
+  ASSERT_TRUE(Load(*s, "other", "rank1", false).ok());  // the one slot: "slow" goes to disk
+  ASSERT_EQ(GetInfo(*s, "slow").residency(), v1::DISK);
+
+  const std::string config = dir_ + "/state/adapters/slow/v1/adapter_config.json";
+  const std::string text = ReadAll(config);
+  ASSERT_TRUE(fs::remove(config));
+  ASSERT_EQ(mkfifo(config.c_str(), 0600), 0);
+
+  std::vector<Generated> waited(16);
+  std::vector<std::thread> waiters;
+  for (size_t i = 0; i < waited.size(); ++i) {
+    waiters.emplace_back([&, i] { waited[i] = GenerateWithin(*s, "slow", 120); });
+  }
+  absl::SleepFor(absl::Milliseconds(500));  // all of them in the server, waiting
+
+  const absl::Time t = absl::Now();
+  Generated impatient = GenerateWithin(*s, "slow", 1);
+  EXPECT_EQ(impatient.status.error_code(), StatusCode::DEADLINE_EXCEEDED);
+  // No ASSERT until the waiters are joined: returning early would leave them blocked.
+  Generated base = GenerateWithin(*s, "", 20);
+  EXPECT_TRUE(base.status.ok()) << "base model request while a reload is held up: "
+                                << base.status.error_message();
+  EXPECT_EQ(base.ids, Expected("base"));
+  Generated pinned = GenerateWithin(*s, "pinned", 20);
+  EXPECT_TRUE(pinned.status.ok()) << pinned.status.error_message();
+  EXPECT_EQ(pinned.ids, Expected("all_linear"));
+  EXPECT_LT(absl::Now() - t, absl::Seconds(20));
+  EXPECT_EQ(GetInfo(*s, "pinned").residency(), v1::DEVICE);
+
+  // Let the reload go on: it has the FIFO open for reading (ENXIO until it has).
+  int fd = -1;
+  for (int i = 0; i < 300 && fd < 0; ++i) {
+    fd = open(config.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_GE(fd, 0) << "the reload never opened " << config;
+  if (fd >= 0) {
+    EXPECT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+    close(fd);
+  } else {
+    s->Kill();  // the waiters then fail instead of hanging
+  }
+  for (std::thread& w : waiters) w.join();
+  for (const Generated& g : waited) {
+    ASSERT_TRUE(g.status.ok()) << g.status.error_message();
+    EXPECT_EQ(g.ids, Expected("qv"));
+  }
+  EXPECT_EQ(GetInfo(*s, "slow").residency(), v1::DEVICE);
 }
 
 }  // namespace
