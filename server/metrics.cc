@@ -6,9 +6,29 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <dlfcn.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <exception>
 
 #include "absl/strings/str_cat.h"
+
+// civetweb (the HTTP server under prometheus-cpp's Exposer) creates its threads with a fixed stack
+// size compiled into Debian's build (about 100 KiB). glibc carves the static TLS of every loaded
+// library out of each new thread's stack, and cuBLASLt alone, linked for the CUDA backend, has
+// 92 KiB of it, so pthread_create fails with EINVAL and the metrics endpoint cannot start ("null
+// context when constructing CivetServer"). This definition, exported from the executable (see
+// server/CMakeLists.txt), takes precedence over libc's for every library in the process and raises
+// small stacks to 1 MiB; larger requests pass through unchanged.
+extern "C" int pthread_attr_setstacksize(pthread_attr_t* attr, size_t size) {
+  using Fn = int (*)(pthread_attr_t*, size_t);
+  static const Fn real = reinterpret_cast<Fn>(dlsym(RTLD_NEXT, "pthread_attr_setstacksize"));
+  if (real == nullptr) return ENOSYS;
+  constexpr size_t kMinStack = size_t{1} << 20;
+  return real(attr, std::max(size, kMinStack));
+}
 
 namespace loraplex::server {
 

@@ -3,13 +3,10 @@
 // reference for generate; bench results are checked for internal consistency (every request
 // accounted for, ordered percentiles, throughput = tokens / duration).
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,69 +21,26 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
-extern char** environ;
 
 namespace loraplex {
 namespace {
 
-// A loraplex-server child process; ok() is false when it did not come up (e.g. a flag it refuses).
-class ServerProcess {
+// A loraplex-server child process on stories260K; ok() is false when it did not come up (e.g. a
+// flag it refuses).
+class ServerProcess : public testing::ServerProcess {
  public:
-  explicit ServerProcess(std::vector<std::string> extra) {
-    dir_ = testing::MakeTempDir("lp-client-e2e-server");
-    const std::string port_file = dir_ + "/port";
-    std::vector<std::string> args = {
-        LP_SERVER_BINARY, "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
-        "--dtype=f32", "--listen=127.0.0.1:0", "--port_file=" + port_file};
-    args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    // The server's log goes to a file: shown on failure, not mixed into the test output.
-    posix_spawn_file_actions_addopen(&fa, 2, (dir_ + "/server.log").c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int rc = posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc != 0) {
-      pid_ = -1;
-      return;
-    }
-    for (int i = 0; i < 600; ++i) {
-      std::ifstream f(port_file);
-      if (f >> port_) break;
-      port_ = 0;
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return;
-      }
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-  }
-  ~ServerProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    std::filesystem::remove_all(dir_);
-  }
-  bool ok() const { return port_ != 0; }
-  std::string address() const { return absl::StrCat("127.0.0.1:", port_); }
-  std::string log() const {
-    std::ifstream f(dir_ + "/server.log");
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
-  }
+  explicit ServerProcess(std::vector<std::string> extra)
+      : testing::ServerProcess(LP_SERVER_BINARY, WithModel(std::move(extra))) {}
 
  private:
-  std::string dir_;
-  pid_t pid_ = -1;
-  int port_ = 0;
+  static std::vector<std::string> WithModel(std::vector<std::string> args) {
+    args.insert(args.begin(),
+                {"--model=" + testing::Stories260KDir() + "/stories260K.gguf", "--dtype=f32"});
+    return args;
+  }
 };
 
 struct CliResult {

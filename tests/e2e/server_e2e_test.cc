@@ -7,9 +7,7 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -26,9 +24,9 @@
 #include "absl/time/clock.h"
 #include "loraplex/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
-extern char** environ;
 
 namespace loraplex {
 namespace {
@@ -36,82 +34,38 @@ namespace {
 using v1::GenerateRequest;
 using v1::GenerateResponse;
 
-// A loraplex-server child process.
+// A loraplex-server child process (tests/testing/server_process.h) with a channel to it.
 class ServerProcess {
  public:
   explicit ServerProcess(std::vector<std::string> extra_args,
                          std::string model = testing::Stories260KDir() + "/stories260K.gguf",
-                         std::string dtype = "f32") {
-    dir_ = testing::MakeTempDir("lp-server-e2e");
-    const std::string port_file = dir_ + "/port";
-    std::vector<std::string> args = {LP_SERVER_BINARY,
-                                     "--model=" + model,
-                                     "--dtype=" + dtype,
-                                     "--listen=127.0.0.1:0",
-                                     "--metrics-listen=127.0.0.1:0",
-                                     "--port-file=" + port_file};
-    args.insert(args.end(), extra_args.begin(), extra_args.end());
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, argv[0], nullptr, nullptr, argv.data(), environ) != 0) {
-      ADD_FAILURE() << "cannot start " << LP_SERVER_BINARY;
-      pid_ = -1;
+                         std::string dtype = "f32")
+      : process_(LP_SERVER_BINARY, WithModel(std::move(extra_args), model, dtype)) {
+    if (!process_.ok()) {
+      ADD_FAILURE() << "loraplex-server did not come up (wait status " << process_.exit_status()
+                    << "):\n"
+                    << process_.log();
       return;
     }
-    for (int i = 0; i < 1200 && port_ == 0; ++i) {
-      std::ifstream f(port_file);
-      if (f >> port_ >> metrics_port_) break;
-      port_ = 0;
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        ADD_FAILURE() << "loraplex-server exited early with status " << status;
-        pid_ = -1;
-        return;
-      }
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    if (port_ == 0) {
-      ADD_FAILURE() << "loraplex-server wrote no port within 60 s";
-      return;
-    }
-    channel_ =
-        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port_), grpc::InsecureChannelCredentials());
+    channel_ = grpc::CreateChannel(process_.address(), grpc::InsecureChannelCredentials());
     stub_ = v1::Inference::NewStub(channel_);
   }
-  ~ServerProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    std::filesystem::remove_all(dir_);
-  }
-  // Sends `sig` and waits for the exit; returns the exit code (-1 when killed by a signal).
-  int SignalAndWait(int sig) {
-    kill(pid_, sig);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-  void Signal(int sig) { kill(pid_, sig); }
-  int Wait() {
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
+  int SignalAndWait(int sig) { return process_.SignalAndWait(sig); }
+  void Signal(int sig) { process_.Signal(sig); }
+  int Wait() { return process_.Wait(); }
 
   bool ok() const { return stub_ != nullptr; }
   v1::Inference::Stub& stub() { return *stub_; }
   std::shared_ptr<grpc::Channel> channel() { return channel_; }
-  int metrics_port() const { return metrics_port_; }
+  int metrics_port() const { return process_.metrics_port(); }
 
  private:
-  std::string dir_;
-  pid_t pid_ = -1;
-  int port_ = 0;
-  int metrics_port_ = 0;
+  static std::vector<std::string> WithModel(std::vector<std::string> args, const std::string& model,
+                                            const std::string& dtype) {
+    args.insert(args.begin(), {"--model=" + model, "--dtype=" + dtype});
+    return args;
+  }
+  testing::ServerProcess process_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Inference::Stub> stub_;
 };

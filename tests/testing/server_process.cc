@@ -1,0 +1,99 @@
+#include "tests/testing/server_process.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "tests/testing/testing.h"
+
+extern char** environ;
+
+namespace loraplex::testing {
+
+ServerProcess::ServerProcess(const std::string& binary, std::vector<std::string> args,
+                             std::string work_dir, double timeout_s) {
+  own_dir_ = work_dir.empty();
+  dir_ = own_dir_ ? MakeTempDir("lp-e2e-server") : work_dir;
+  const std::string port_file = dir_ + "/port";
+  std::filesystem::remove(port_file);
+  std::vector<std::string> argv_s = {binary, "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
+                                     "--port-file=" + port_file};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  // The log goes to a file: shown by tests on failure, not mixed into their output.
+  posix_spawn_file_actions_addopen(&fa, 2, (dir_ + "/server.log").c_str(),
+                                   O_WRONLY | O_CREAT | O_APPEND, 0644);
+  const int rc = posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) {
+    ADD_FAILURE() << "cannot start " << binary;
+    pid_ = -1;
+    return;
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(timeout_s);
+  while (absl::Now() < deadline) {
+    std::ifstream f(port_file);
+    if (f >> port_ >> metrics_port_) return;
+    port_ = 0;
+    if (waitpid(pid_, &exit_status_, WNOHANG) == pid_) {
+      pid_ = -1;  // exited during start-up: ok() is false
+      return;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+ServerProcess::~ServerProcess() {
+  Kill();
+  if (own_dir_) {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+}
+
+std::string ServerProcess::address() const { return absl::StrCat("127.0.0.1:", port_); }
+
+std::string ServerProcess::log() const {
+  std::ifstream f(dir_ + "/server.log");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+void ServerProcess::Signal(int sig) {
+  if (pid_ > 0) kill(pid_, sig);
+}
+
+int ServerProcess::Wait() {
+  if (pid_ <= 0) return -1;
+  int status = 0;
+  waitpid(pid_, &status, 0);
+  pid_ = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+int ServerProcess::SignalAndWait(int sig) {
+  Signal(sig);
+  return Wait();
+}
+
+void ServerProcess::Kill() {
+  if (pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+}
+
+}  // namespace loraplex::testing
