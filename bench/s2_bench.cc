@@ -1,14 +1,18 @@
 // Scenario S2 (DESIGN.md section 6) in-process: 32 sequences decoding together, each with its own
 // LoRA adapter (rank r on q,k,v,o, random weights), against the same batch with no adapter; and
 // S6 (the same at ranks 8, 16, 64). Context 128 tokens (prefilled once, not timed).
+// BM_S2S6Interleaved measures S2 and S6 step by step in turns, for machines whose load drifts.
 // Model: LP_BENCH_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf (skipped when missing).
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "common/half.h"
 #include "model/llama_model.h"
@@ -146,6 +150,93 @@ BENCHMARK(BM_S2Decode32)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->MinTime(3);
+
+// S2 and S6 interleaved, for loaded machines: one prefill (no adapter: the cached values do not
+// change the cost), then rounds of one decode step per configuration (no adapter, 32 distinct
+// adapters of rank 8, 16, 64), so every configuration sees the same load. Per configuration: the
+// median and the best step over the rounds as out tok/s, and each as a ratio to no adapter.
+void BM_S2S6Interleaved(benchmark::State& state) {
+  LlamaModel* m = Model();
+  if (m == nullptr) {
+    state.SkipWithError("model not found (scripts/fetch-model.sh)");
+    return;
+  }
+  constexpr int kRanks[] = {0, 8, 16, 64};
+  constexpr int kConfigs = 4;
+  std::vector<std::unique_ptr<RandomAdapter>> adapters;
+  std::vector<const LoraWeightsView*> views[kConfigs];
+  for (int c = 1; c < kConfigs; ++c) {
+    for (int i = 0; i < kSeqs; ++i) {
+      adapters.push_back(std::make_unique<RandomAdapter>(*m, kRanks[c], 1000 * c + i));
+      views[c].push_back(&adapters.back()->view);
+    }
+  }
+  auto cache = KvCache::Create(m->config(), kSeqs * kMaxBlocks, kBlock);
+  ForwardBatch b;
+  b.max_blocks_per_seq = kMaxBlocks;
+  for (int i = 0; i < kSeqs * kMaxBlocks; ++i) b.block_tables.push_back(*cache->AllocateBlock());
+  std::vector<float> logits;
+  for (int s = 0; s < kSeqs; ++s) {
+    b.tokens.clear();
+    b.positions.clear();
+    b.token_seq.clear();
+    for (int i = 0; i < kPrompt; ++i) {
+      b.tokens.push_back(100 + (i * 37 + s * 11) % 1000);
+      b.positions.push_back(i);
+      b.token_seq.push_back(s);
+    }
+    b.logit_rows = {kPrompt - 1};
+    if (!m->Forward(b, &*cache, &logits).ok()) {
+      state.SkipWithError("prefill failed");
+      return;
+    }
+  }
+  b.tokens.assign(kSeqs, 0);
+  b.positions.assign(kSeqs, kPrompt);
+  b.token_seq.clear();
+  b.logit_rows.clear();
+  for (int s = 0; s < kSeqs; ++s) {
+    b.token_seq.push_back(s);
+    b.logit_rows.push_back(s);
+  }
+  std::vector<int32_t> slots(kSeqs);
+  for (int s = 0; s < kSeqs; ++s) slots[s] = s;
+  std::vector<double> ms[kConfigs];
+  for (auto _ : state) {
+    for (int c = 0; c < kConfigs; ++c) {
+      b.adapters = views[c];
+      if (c == 0) {
+        b.adapter_slot.clear();
+      } else {
+        b.adapter_slot = slots;
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      if (!m->Forward(b, &*cache, &logits).ok()) {
+        state.SkipWithError("decode failed");
+        return;
+      }
+      ms[c].push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      for (auto& p : b.positions) p = p + 1 < kMaxBlocks * kBlock ? p + 1 : kPrompt;
+    }
+  }
+  double median[kConfigs], best[kConfigs];
+  for (int c = 0; c < kConfigs; ++c) {
+    std::sort(ms[c].begin(), ms[c].end());
+    median[c] = ms[c][ms[c].size() / 2];
+    best[c] = ms[c][0];
+  }
+  for (int c = 0; c < kConfigs; ++c) {
+    const std::string name = c == 0 ? "base" : "r" + std::to_string(kRanks[c]);
+    state.counters[name + "_tok/s_med"] = kSeqs * 1000.0 / median[c];
+    state.counters[name + "_tok/s_best"] = kSeqs * 1000.0 / best[c];
+    if (c > 0) {
+      state.counters[name + "_ratio_med"] = median[0] / median[c];
+      state.counters[name + "_ratio_best"] = best[0] / best[c];
+    }
+  }
+}
+BENCHMARK(BM_S2S6Interleaved)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(15);
 
 // Scenario S4: one sequence decoding with one rank-16 q,k,v,o adapter, unmerged (LoRA applied per
 // token) vs merged into the base weights vs the base model alone.

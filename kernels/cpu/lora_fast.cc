@@ -126,6 +126,12 @@ struct Job {
   const WeightView* w;  // A (shrink) or B (expand)
 };
 
+// All tokens of one adapter: order[first, first + count).
+struct Group {
+  int32_t adapter;
+  int64_t first, count;
+};
+
 struct Task {
   int32_t job;
   int64_t t_begin, t_end;  // within the job's tokens
@@ -137,6 +143,7 @@ struct Scratch {
   std::vector<int32_t> per_token;  // SGMV segments spelled out per token
   std::vector<int64_t> count;      // tokens per adapter
   std::vector<int64_t> order;      // token ids grouped by adapter, ascending within a group
+  std::vector<Group> groups;
   std::vector<Job> jobs;
   std::vector<Task> tasks;
   std::vector<float> packed;
@@ -149,24 +156,19 @@ Scratch& ThreadScratch() {
   return s;
 }
 
-// Groups tokens [0, n) by adapter into s->order; returns (adapter, first, count) per adapter with
-// tokens, in adapter order.
-struct Group {
-  int32_t adapter;
-  int64_t first, count;
-};
-std::vector<Group> GroupTokens(const int32_t* token_adapter, int64_t n, const LoraSliceWeights& w,
-                               Scratch* s) {
+// Groups tokens [0, n) by adapter: s->order holds the token ids, s->groups one (adapter, first,
+// count) per adapter that has tokens, in adapter order.
+void GroupTokens(const int32_t* token_adapter, int64_t n, const LoraSliceWeights& w, Scratch* s) {
   s->count.assign(w.num_adapters + 1, 0);
   for (int64_t t = 0; t < n; ++t) {
     const int32_t j = token_adapter[t];
     LP_CHECK(j >= -1 && j < w.num_adapters) << "adapter index " << j << " of " << w.num_adapters;
     if (j >= 0) ++s->count[j + 1];
   }
-  std::vector<Group> groups;
+  s->groups.clear();
   for (int64_t j = 0; j < w.num_adapters; ++j) {
     if (s->count[j + 1] > 0) {
-      groups.push_back({static_cast<int32_t>(j), s->count[j], s->count[j + 1]});
+      s->groups.push_back({static_cast<int32_t>(j), s->count[j], s->count[j + 1]});
     }
     s->count[j + 1] += s->count[j];  // count[j] becomes adapter j's first slot in order
   }
@@ -174,7 +176,6 @@ std::vector<Group> GroupTokens(const int32_t* token_adapter, int64_t n, const Lo
   for (int64_t t = 0; t < n; ++t) {
     if (token_adapter[t] >= 0) s->order[s->count[token_adapter[t]]++] = t;
   }
-  return groups;
 }
 
 const int32_t* SpellOut(const LoraSegments& seg, const LoraSliceWeights& w, int64_t* n,
@@ -192,12 +193,11 @@ const int32_t* SpellOut(const LoraSegments& seg, const LoraSliceWeights& w, int6
 }
 
 // Jobs for every (group, targeted slice); W = A for the shrink, B for the expand.
-void MakeJobs(const std::vector<Group>& groups, const LoraSliceWeights& w, bool shrink,
-              Scratch* s) {
+void MakeJobs(const LoraSliceWeights& w, bool shrink, Scratch* s) {
   LP_CHECK(w.num_slices >= 1 && w.num_slices <= kMaxLoraSlices);
   s->jobs.clear();
   int64_t first = 0;
-  for (const Group& g : groups) {
+  for (const Group& g : s->groups) {
     for (int64_t sl = 0; sl < w.num_slices; ++sl) {
       const WeightView& a = w.a[g.adapter * w.num_slices + sl];
       const WeightView& b = w.b[g.adapter * w.num_slices + sl];
@@ -265,11 +265,11 @@ void RunTasks(const MicroKernel& kernel, bool accumulate, int64_t total_macs, co
 void Shrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
             const int32_t* token_adapter, int64_t n, const LoraSliceWeights& w) {
   Scratch& s = ThreadScratch();
-  const std::vector<Group> groups = GroupTokens(token_adapter, n, w, &s);
-  for (const Group& g : groups) {
+  GroupTokens(token_adapter, n, w, &s);
+  for (const Group& g : s.groups) {
     LP_CHECK(LoraTotalRank(w, g.adapter) <= v_stride) << "v_stride " << v_stride;
   }
-  MakeJobs(groups, w, /*shrink=*/true, &s);
+  MakeJobs(w, /*shrink=*/true, &s);
   if (s.jobs.empty()) return;
   const MicroKernel& kernel = Kernel();
   // x rows packed once per token and weight dtype (the layouts may differ), shared by all slices.
@@ -303,7 +303,8 @@ void Shrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
 void Expand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
             int64_t n, const LoraSliceWeights& w) {
   Scratch& s = ThreadScratch();
-  MakeJobs(GroupTokens(token_adapter, n, w, &s), w, /*shrink=*/false, &s);
+  GroupTokens(token_adapter, n, w, &s);
+  MakeJobs(w, /*shrink=*/false, &s);
   if (s.jobs.empty()) return;
   const MicroKernel& kernel = Kernel();
   // v rows packed per (token, slice): each slice has its own rank and B's dtype.

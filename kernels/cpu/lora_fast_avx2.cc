@@ -40,7 +40,7 @@ LP_LORA_INLINE __m256 Reduce8(const __m256* a) {
 // many bytes as it consumes, kPrefetchBytes past the block start plus what it has consumed so far,
 // so the stream stays that far ahead of the loads across blocks, tiles and matrices of any shape
 // (the hardware prefetcher alone ramps up too slowly on the many small matrices of a decode step).
-constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kPrefetchBytes = 2048;
 template <int kBytes, typename T>
 LP_LORA_INLINE void PrefetchAhead(const T* block_start, int64_t consumed_bytes) {
   const char* p = reinterpret_cast<const char*>(block_start) + kPrefetchBytes + consumed_bytes;
