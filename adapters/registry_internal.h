@@ -1,0 +1,95 @@
+// Internals of the adapter registry shared by its two source files: registry.cc (names, lookups,
+// leases, memory tiers) and registry_staging.cc (files into the state directory: copies, uploads,
+// validation and the commit of a registration). Not part of the contract; include only from those.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <system_error>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "adapters/registry.h"
+
+namespace loraplex::adapters {
+namespace internal {
+
+// absl::MutexLock that ThreadSanitizer can see through: Debian's Abseil is not built with TSan, so
+// without these edges every handoff through mu_ is reported as a race. The same helper as
+// engine/tsan_lock.h, which adapters/ cannot include (it sits below engine/ in the layering).
+#if defined(__SANITIZE_THREAD__)
+#define LP_REGISTRY_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define LP_REGISTRY_TSAN 1
+#endif
+#endif
+#ifdef LP_REGISTRY_TSAN
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+inline void TsanAcquire(absl::Mutex* mu) { __tsan_acquire(mu); }
+inline void TsanRelease(absl::Mutex* mu) { __tsan_release(mu); }
+#else
+inline void TsanAcquire(absl::Mutex*) {}
+inline void TsanRelease(absl::Mutex*) {}
+#endif
+
+class ABSL_SCOPED_LOCKABLE TsanLock {
+ public:
+  explicit TsanLock(absl::Mutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) {
+    mu_->Lock();
+    TsanAcquire(mu_);
+  }
+  ~TsanLock() ABSL_UNLOCK_FUNCTION() {
+    TsanRelease(mu_);
+    mu_->Unlock();
+  }
+  TsanLock(const TsanLock&) = delete;
+  TsanLock& operator=(const TsanLock&) = delete;
+
+ private:
+  absl::Mutex* const mu_;
+};
+
+// One version of one name. Fields other than the immutable ones are guarded by the registry's mu_.
+struct RegistryVersion {
+  // Immutable after creation.
+  std::string name;
+  int64_t version = 0;
+  std::string dir;  // in the state directory
+  std::string sha256;
+  std::string source;
+  AdapterInfo meta;  // rank, alpha, modules, bytes: taken from the validated adapter
+  // Guarded by AdapterRegistry::mu_.
+  AdapterState state = AdapterState::kReady;
+  bool pinned = false;
+  bool merged = false;
+  std::shared_ptr<const LoraAdapter> weights;  // null while only on disk
+  bool loading = false;  // a reload from disk is in flight (it holds a memory reservation)
+  int64_t leases = 0;
+  absl::Time last_used = absl::InfinitePast();
+};
+
+// Static facts of a validated adapter (rank, alpha, modules, bytes).
+AdapterInfo Describe(const LoraAdapter& a);
+
+inline absl::Status FsError(const std::string& what, const std::error_code& ec) {
+  return absl::FailedPreconditionError(absl::StrCat(what, ": ", ec.message()));
+}
+
+}  // namespace internal
+
+struct AdapterRegistry::Name {
+  std::shared_ptr<Version> current;                      // null after Unload
+  std::map<int64_t, std::shared_ptr<Version>> draining;  // replaced or unloaded, still leased
+  // Never reused within a process, so a draining folder and a new one never share a path. Kept
+  // after the name is unloaded for the same reason.
+  int64_t last_version = 0;
+  int64_t requests = 0, loads = 0, evictions = 0, reloads = 0;
+};
+
+}  // namespace loraplex::adapters
