@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
+#include <grpcpp/support/server_interceptor.h>
 #include <stdlib.h>
 
 #include <filesystem>
@@ -14,6 +15,34 @@
 #include "engine/tsan_lock.h"
 
 namespace loraplex::server {
+namespace {
+
+// Counts a call from its arrival until gRPC destroys it (after the handler's OnDone).
+class CallCounter : public grpc::experimental::Interceptor {
+ public:
+  explicit CallCounter(std::shared_ptr<std::atomic<int64_t>> n) : n_(std::move(n)) { ++*n_; }
+  ~CallCounter() override { --*n_; }
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    methods->Proceed();
+  }
+
+ private:
+  std::shared_ptr<std::atomic<int64_t>> n_;
+};
+
+class CallCounterFactory : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit CallCounterFactory(std::shared_ptr<std::atomic<int64_t>> n) : n_(std::move(n)) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo*) override {
+    return new CallCounter(n_);
+  }
+
+ private:
+  std::shared_ptr<std::atomic<int64_t>> n_;
+};
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::LlamaModel> model,
                                                       const ServerOptions& options) {
@@ -38,6 +67,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   builder.AddListeningPort(options.listen, credentials, &server->port_);
   builder.RegisterService(server->service_.get());
   builder.RegisterService(server->adapters_service_.get());
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<CallCounterFactory>(server->calls_in_flight_));
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   server->grpc_server_ = builder.BuildAndStart();
   if (server->grpc_server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(
@@ -123,15 +155,18 @@ void Server::Shutdown(absl::Duration grace) {
   grpc_server_->GetHealthCheckService()->SetServingStatus(false);
   // Keep the listener open while the engine finishes what it has, so that every new call meets
   // our UNAVAILABLE instead of a transport-level CANCELLED from a gRPC server shutting down.
+  // Calls that are not engine requests (uploads, adapter loads, tokenize) count too: wait until no
+  // call of any kind is in flight, or the grace period is over.
   const absl::Time deadline = absl::Now() + grace;
   while (absl::Now() < deadline) {
     const engine::EngineStats st = engine_->Stats();
-    if (st.running == 0 && st.waiting == 0) break;
+    if (st.running == 0 && st.waiting == 0 && calls_in_flight_->load() == 0) break;
     absl::SleepFor(absl::Milliseconds(10));
   }
-  // Then stop gRPC: calls still in flight get what is left of the grace period and are cancelled
-  // after it (their OnCancel cancels the engine requests, which end within a step).
-  grpc_server_->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
+  // Then stop gRPC at once: nothing is left, or the grace period is over and what is left is
+  // cancelled (their OnCancel cancels the engine requests, which end within a step). A deadline in
+  // the future would only make gRPC wait for idle client connections to go away (~5 s).
+  grpc_server_->Shutdown(absl::ToChronoTime(absl::Now()));
   grpc_server_->Wait();
   engine_->Shutdown();
   if (metrics_thread_.joinable()) metrics_thread_.join();

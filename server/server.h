@@ -7,6 +7,7 @@
 
 #include <grpcpp/server.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <utility>
@@ -78,6 +79,10 @@ class Server {
   std::unique_ptr<AdaptersService> adapters_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
   int port_ = 0;
+  // gRPC calls of any service between their arrival and their end (a server interceptor counts
+  // them), so that shutdown can stop waiting as soon as nothing is in flight.
+  std::shared_ptr<std::atomic<int64_t>> calls_in_flight_ =
+      std::make_shared<std::atomic<int64_t>>(0);
   absl::Duration metrics_interval_;
 
   absl::Mutex mu_;  // guards shutdown_ (and wakes the metrics thread)
