@@ -401,7 +401,10 @@ TEST_F(ServerE2eTest, TokenizeDetokenizeModelInfoHealthAndMetrics) {
   EXPECT_EQ(info.vocab_size(), 512);
   EXPECT_EQ(info.num_layers(), 5);
   EXPECT_EQ(info.dtype(), "f32");
-  EXPECT_EQ(info.device(), "cpu");
+  // --device auto: CUDA where a device is usable, else the CPU; the server logs its choice.
+  ASSERT_TRUE(info.device() == "cpu" || info.device() == "cuda") << info.device();
+  EXPECT_NE(server_->log().find("device " + info.device() + " (--device auto"), std::string::npos)
+      << server_->log();
   EXPECT_GT(info.kv_blocks_total(), 0);
 
   // grpc.health.v1.Health/Check with an empty request: SERVING is field 1 = 1 (bytes 08 01).
