@@ -149,9 +149,8 @@ void RunDecode(benchmark::State& state, Op op, int64_t adapters,
   }
   const int64_t bytes[] = {w.qkv_a_bytes, w.qkv_b_bytes, w.o_a_bytes, w.o_b_bytes,
                            w.qkv_a_bytes + w.qkv_b_bytes + w.o_a_bytes + w.o_b_bytes};
-  state.counters["GB/s"] =
-      benchmark::Counter(static_cast<double>(state.iterations()) * bytes[op] * 1e-9,
-                         benchmark::Counter::kIsRate);
+  state.counters["GB/s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * bytes[op] * 1e-9, benchmark::Counter::kIsRate);
   state.counters["copies"] = static_cast<double>(w.copies.size());
 }
 

@@ -5,9 +5,9 @@
 // Model: LP_BENCH_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf (skipped when missing).
 #include <benchmark/benchmark.h>
 
-#include <cstdio>
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <random>
@@ -81,6 +81,44 @@ struct RandomAdapter {
   }
 };
 
+// Prefills kSeqs sequences of kPrompt tokens into `cache` (one sequence per step, not timed;
+// sequence s uses adapter slot s of b->adapters when `with_adapters`), then leaves `b` as the
+// decode batch: one token per sequence at position kPrompt. False, with the state skipped, on
+// failure.
+bool PrefillThenDecodeBatch(LlamaModel* m, KvCache* cache, bool with_adapters, ForwardBatch* b,
+                            std::vector<float>* logits, benchmark::State& state) {
+  b->max_blocks_per_seq = kMaxBlocks;
+  for (int i = 0; i < kSeqs * kMaxBlocks; ++i) b->block_tables.push_back(*cache->AllocateBlock());
+  for (int s = 0; s < kSeqs; ++s) {
+    b->tokens.clear();
+    b->positions.clear();
+    b->token_seq.clear();
+    b->adapter_slot.clear();
+    for (int i = 0; i < kPrompt; ++i) {
+      b->tokens.push_back(100 + (i * 37 + s * 11) % 1000);
+      b->positions.push_back(i);
+      b->token_seq.push_back(s);
+      if (with_adapters) b->adapter_slot.push_back(s);
+    }
+    b->logit_rows = {kPrompt - 1};
+    if (!m->Forward(*b, cache, logits).ok()) {
+      state.SkipWithError("prefill failed");
+      return false;
+    }
+  }
+  b->tokens.assign(kSeqs, 0);
+  b->positions.assign(kSeqs, kPrompt);
+  b->token_seq.clear();
+  b->logit_rows.clear();
+  b->adapter_slot.clear();
+  for (int s = 0; s < kSeqs; ++s) {
+    b->token_seq.push_back(s);
+    b->logit_rows.push_back(s);
+    if (with_adapters) b->adapter_slot.push_back(s);
+  }
+  return true;
+}
+
 void BM_S2Decode32(benchmark::State& state) {
   const bool with_adapters = state.range(0) != 0;
   const int64_t rank = state.range(1);
@@ -98,38 +136,9 @@ void BM_S2Decode32(benchmark::State& state) {
     }
   }
   auto cache = KvCache::Create(m->config(), kSeqs * kMaxBlocks, kBlock);
-  b.max_blocks_per_seq = kMaxBlocks;
-  for (int i = 0; i < kSeqs * kMaxBlocks; ++i) b.block_tables.push_back(*cache->AllocateBlock());
   std::vector<float> logits;
-  // Prefill every sequence (not timed), one sequence per step.
-  for (int s = 0; s < kSeqs; ++s) {
-    b.tokens.clear();
-    b.positions.clear();
-    b.token_seq.clear();
-    b.adapter_slot.clear();
-    for (int i = 0; i < kPrompt; ++i) {
-      b.tokens.push_back(100 + (i * 37 + s * 11) % 1000);
-      b.positions.push_back(i);
-      b.token_seq.push_back(s);
-      if (with_adapters) b.adapter_slot.push_back(s);
-    }
-    b.logit_rows = {kPrompt - 1};
-    if (!m->Forward(b, &*cache, &logits).ok()) {
-      state.SkipWithError("prefill failed");
-      return;
-    }
-  }
   // Decode: one token per sequence per step, every sequence its own adapter.
-  b.tokens.assign(kSeqs, 0);
-  b.positions.assign(kSeqs, kPrompt);
-  b.token_seq.clear();
-  b.logit_rows.clear();
-  b.adapter_slot.clear();
-  for (int s = 0; s < kSeqs; ++s) {
-    b.token_seq.push_back(s);
-    b.logit_rows.push_back(s);
-    if (with_adapters) b.adapter_slot.push_back(s);
-  }
+  if (!PrefillThenDecodeBatch(m, &*cache, with_adapters, &b, &logits, state)) return;
   for (auto _ : state) {
     if (!m->Forward(b, &*cache, &logits).ok()) {
       state.SkipWithError("decode failed");
@@ -173,32 +182,8 @@ void BM_S2S6Interleaved(benchmark::State& state) {
   }
   auto cache = KvCache::Create(m->config(), kSeqs * kMaxBlocks, kBlock);
   ForwardBatch b;
-  b.max_blocks_per_seq = kMaxBlocks;
-  for (int i = 0; i < kSeqs * kMaxBlocks; ++i) b.block_tables.push_back(*cache->AllocateBlock());
   std::vector<float> logits;
-  for (int s = 0; s < kSeqs; ++s) {
-    b.tokens.clear();
-    b.positions.clear();
-    b.token_seq.clear();
-    for (int i = 0; i < kPrompt; ++i) {
-      b.tokens.push_back(100 + (i * 37 + s * 11) % 1000);
-      b.positions.push_back(i);
-      b.token_seq.push_back(s);
-    }
-    b.logit_rows = {kPrompt - 1};
-    if (!m->Forward(b, &*cache, &logits).ok()) {
-      state.SkipWithError("prefill failed");
-      return;
-    }
-  }
-  b.tokens.assign(kSeqs, 0);
-  b.positions.assign(kSeqs, kPrompt);
-  b.token_seq.clear();
-  b.logit_rows.clear();
-  for (int s = 0; s < kSeqs; ++s) {
-    b.token_seq.push_back(s);
-    b.logit_rows.push_back(s);
-  }
+  if (!PrefillThenDecodeBatch(m, &*cache, /*with_adapters=*/false, &b, &logits, state)) return;
   std::vector<int32_t> slots(kSeqs);
   for (int s = 0; s < kSeqs; ++s) slots[s] = s;
   std::vector<double> ms[kConfigs];

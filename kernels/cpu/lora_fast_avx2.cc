@@ -65,7 +65,7 @@ LP_LORA_INLINE void NaturalBf16(const uint16_t* const* wr, const float* const* i
 
 template <int kRows, int kTokens>
 LP_LORA_INLINE void DotBf16(const uint16_t* const* wr, const float* const* in, int64_t k_len,
-                    __m256* acc) {
+                            __m256* acc) {
   for (int i = 0; i < kRows * kTokens; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   int64_t k = 0;
@@ -104,7 +104,8 @@ LP_LORA_INLINE void DotBf16(const uint16_t* const* wr, const float* const* in, i
 }
 
 template <int kRows, int kTokens>
-LP_LORA_INLINE void DotF32(const float* const* wr, const float* const* in, int64_t k_len, __m256* acc) {
+LP_LORA_INLINE void DotF32(const float* const* wr, const float* const* in, int64_t k_len,
+                           __m256* acc) {
   for (int i = 0; i < kRows * kTokens; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k_len; k += 8) {
     const int64_t n = std::min<int64_t>(8, k_len - k);
@@ -214,8 +215,8 @@ void PackAvx2(float* dst, const float* src, int64_t k_len, DType dtype) {
       // puts the pairs in order.
       const __m256 e = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
       const __m256 o = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-      _mm256_storeu_ps(dst + k, _mm256_castpd_ps(_mm256_permute4x64_pd(
-                                    _mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+      _mm256_storeu_ps(dst + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e),
+                                                                       _MM_SHUFFLE(3, 1, 2, 0))));
       _mm256_storeu_ps(dst + k + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(
                                         _mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0))));
     }

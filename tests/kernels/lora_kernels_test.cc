@@ -222,7 +222,14 @@ TEST_P(LoraGridTest, GroupingAndTails) {
     RunCase({5, 100, {37}, {3}, 1, bf16, true, seed++, {0, 0, 0, 0, 0}}, GetParam());
     // Every k-tail shape on both sides: in = 1..40 (shrink), ranks 1..19 (expand), odd outputs.
     for (int64_t in : {1, 7, 8, 9, 15, 16, 17, 23, 24, 31, 33, 40}) {
-      RunCase({6, in, {in + 2, 9}, {1, 2, 5, 8, 9, 15, 16, 17, 19}, 3, bf16, true, seed++,
+      RunCase({6,
+               in,
+               {in + 2, 9},
+               {1, 2, 5, 8, 9, 15, 16, 17, 19},
+               3,
+               bf16,
+               true,
+               seed++,
                {0, 1, 2, 0, 1, 0}},
               GetParam());
     }
@@ -250,8 +257,8 @@ TEST_P(LoraGridTest, TokenResultIndependentOfBatch) {
       LoraOutput o{y.data(), 200};
       BgmvShrink(v.data(), 64, x.data() + t * 583, 583, &all[t], 1, ad.weights);
       BgmvExpand(&o, v.data(), 64, &all[t], 1, ad.weights);
-      EXPECT_TRUE(AllClose(v, std::vector<float>(v_all.begin() + t * 64, v_all.begin() + t * 64 + 64),
-                           kExact))
+      EXPECT_TRUE(AllClose(
+          v, std::vector<float>(v_all.begin() + t * 64, v_all.begin() + t * 64 + 64), kExact))
           << "adapter " << j << " token " << t;
       EXPECT_TRUE(AllClose(
           y, std::vector<float>(y_all.begin() + t * 200, y_all.begin() + t * 200 + 200), kExact))
