@@ -510,10 +510,8 @@ void AdapterRegistry::AcquireAsync(absl::string_view spec, AcquireCallback done,
     } else if (stopping_) {
       now = absl::UnavailableError("the adapter registry is shutting down");
     } else {
-      load_queue_.push_back(
-          [this, spec = std::string(spec), done = std::move(done), count_request] {
-            done(Acquire(spec, count_request));
-          });
+      load_queue_.push_back([this, spec = std::string(spec), done = std::move(done),
+                             count_request] { done(Acquire(spec, count_request)); });
       queued = true;
       if (idle_loaders_ == 0 && static_cast<int>(loaders_.size()) < options_.loader_threads) {
         loaders_.emplace_back([this] { LoaderLoop(); });

@@ -79,8 +79,8 @@ struct AdapterInfo {
   std::map<std::string, int64_t> ranks;  // module name -> largest rank there
   float alpha = 0;
   std::vector<std::string> target_modules;
-  int64_t bytes = 0;  // of A and B in compute layout
-  Residency residency = Residency::kDisk;
+  int64_t bytes = 0;                       // of A and B in compute layout
+  Residency residency = Residency::kDisk;  // kDevice or kDisk; never kHost (see Residency)
   bool pinned = false;
   bool merged = false;
   int64_t requests_served = 0;  // leases taken, over the name's versions since this process started
@@ -258,9 +258,9 @@ class AdapterRegistry {
 
   explicit AdapterRegistry(RegistryOptions options);
 
-  // Files written into a staging folder and not yet fsynced: Commit fsyncs them after parsing
-  // and hashing, so that their writeback (started when they were written) overlaps that work.
-  // The destructor closes what is still open.
+  // Files written into a staging folder and not yet fsynced: Commit fsyncs them on a thread of
+  // their own while it parses and hashes, so that the disk's work overlaps the CPU's. The
+  // destructor closes what is still open.
   struct Staged {
     std::string dir;
     std::vector<int> fds;
@@ -273,10 +273,9 @@ class AdapterRegistry {
   // when not empty: INVALID_ARGUMENT on mismatch), fsyncs it, moves it into adapters/<name>/v<N>,
   // updates the manifest and makes it current. Removes the staging folder on failure. `phases`
   // holds what the caller measured (stage) and `start` the start time of the call.
-  absl::StatusOr<AdapterInfo> Commit(const std::string& name, Staged staged, bool replace,
-                                     bool pin, const std::string& source,
-                                     const std::string& expected_sha256, RegistrationPhases phases,
-                                     absl::Time start);
+  absl::StatusOr<AdapterInfo> Commit(const std::string& name, Staged staged, bool replace, bool pin,
+                                     const std::string& source, const std::string& expected_sha256,
+                                     RegistrationPhases phases, absl::Time start);
   absl::StatusOr<std::string> NewStagingDir();
   // Copies the two PEFT files of `dir` into a new staging folder (in the kernel, writeback
   // started, not yet fsynced).

@@ -210,8 +210,8 @@ absl::StatusOr<AdapterRegistry::Staged> AdapterRegistry::StageCopy(const std::st
   Staged staged;
   LP_ASSIGN_OR_RETURN(staged.dir, NewStagingDir());
   for (const char* file : {kAdapterConfigFile, kAdapterWeightsFile}) {
-    absl::StatusOr<int> fd = CopyStartingWriteback(absl::StrCat(dir, "/", file),
-                                                   absl::StrCat(staged.dir, "/", file));
+    absl::StatusOr<int> fd =
+        CopyStartingWriteback(absl::StrCat(dir, "/", file), absl::StrCat(staged.dir, "/", file));
     if (absl::IsNotFound(fd.status())) continue;  // LoraAdapter::Load names what is missing
     if (!fd.ok()) {
       fs::remove_all(staged.dir, ec);
@@ -264,8 +264,8 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string&
   }
   RegistrationPhases phases;
   LP_ASSIGN_OR_RETURN(Staged staged, StageCopy(dir.string(), &phases));
-  return Commit(name, std::move(staged), replace, pin, absl::StrCat("path:", rel_path), "",
-                phases, start);
+  return Commit(name, std::move(staged), replace, pin, absl::StrCat("path:", rel_path), "", phases,
+                start);
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromDir(const std::string& name,
@@ -340,8 +340,8 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
     const absl::Time t = absl::Now();
     for (int fd : staged.fds) {
       if (fsync(fd) != 0 && data_synced.ok()) {
-        data_synced = absl::FailedPreconditionError(absl::StrCat(
-            "cannot fsync the staged files of '", name, "': ", std::strerror(errno)));
+        data_synced = absl::FailedPreconditionError(
+            absl::StrCat("cannot fsync the staged files of '", name, "': ", std::strerror(errno)));
       }
       close(fd);
     }
@@ -367,10 +367,9 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
           absl::StrCat("upload of '", name, "' has no ", kAdapterWeightsFile)));
     }
     if (*sha != expected_sha256) {
-      return discard(absl::InvalidArgumentError(absl::StrCat("upload of '", name, "': sha256 of ",
-                                                             kAdapterWeightsFile, " is ", *sha,
-                                                             ", the header said ",
-                                                             expected_sha256)));
+      return discard(absl::InvalidArgumentError(
+          absl::StrCat("upload of '", name, "': sha256 of ", kAdapterWeightsFile, " is ", *sha,
+                       ", the header said ", expected_sha256)));
     }
   }
   if (!adapter.ok())

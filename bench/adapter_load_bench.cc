@@ -64,15 +64,15 @@ model::LlamaConfig SmolLm2Config() {
 // A and B in [-0.05, 0.05) (a trained adapter's B is not zero), lora_alpha = 2 * rank.
 void WritePeftFolder(const std::string& dir, const model::LlamaConfig& c, int64_t rank, bool bf16) {
   fs::create_directories(dir);
-  nlohmann::json config = {{"peft_type", "LORA"},
-                           {"task_type", "CAUSAL_LM"},
-                           {"r", rank},
-                           {"lora_alpha", 2 * rank},
-                           {"bias", "none"},
-                           {"fan_in_fan_out", false},
-                           {"target_modules",
-                            {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                             "down_proj"}}};
+  nlohmann::json config = {
+      {"peft_type", "LORA"},
+      {"task_type", "CAUSAL_LM"},
+      {"r", rank},
+      {"lora_alpha", 2 * rank},
+      {"bias", "none"},
+      {"fan_in_fan_out", false},
+      {"target_modules",
+       {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}}};
   std::ofstream(dir + "/adapter_config.json") << config.dump(2);
 
   std::mt19937 rng(7);
@@ -215,20 +215,21 @@ int Main(int argc, char** argv) {
     return 1;
   }
 
-  std::printf("adapter_load_bench: rank 16, all 7 linear modules x %lld layers, %s file of %.2f MB, "
-              "compute %s\n  shapes: %s\n  dir: %s (state dir and adapter dir on one filesystem)\n"
-              "  load average at start: %s; hardware threads: %u\n",
-              static_cast<long long>(config.num_layers), file_bf16 ? "bf16" : "f32",
-              weights.size() / 1e6, compute == kernels::DType::kF32 ? "f32" : "bf16",
-              shapes_from.c_str(), dir.c_str(), LoadAverage().c_str(),
-              std::thread::hardware_concurrency());
+  std::printf(
+      "adapter_load_bench: rank 16, all 7 linear modules x %lld layers, %s file of %.2f MB, "
+      "compute %s\n  shapes: %s\n  dir: %s (state dir and adapter dir on one filesystem)\n"
+      "  load average at start: %s; hardware threads: %u\n",
+      static_cast<long long>(config.num_layers), file_bf16 ? "bf16" : "f32", weights.size() / 1e6,
+      compute == kernels::DType::kF32 ? "f32" : "bf16", shapes_from.c_str(), dir.c_str(),
+      LoadAverage().c_str(), std::thread::hardware_concurrency());
   std::printf("floor (fresh copy of the weights + fsync, same filesystem):\n");
   std::vector<double> floor;
   for (int i = 0; i < 3; ++i) floor.push_back(FsyncFloor(dir, weights) * 1e3);
 
-  std::printf("%4s %8s %8s %8s %8s %8s %8s %8s   (ms; RegisterFromPath with replace; call = "
-              "until it returned, READY = until the version was current)\n",
-              "run", "call", "READY", "stage", "sync", "load", "hash", "commit");
+  std::printf(
+      "%4s %8s %8s %8s %8s %8s %8s %8s   (ms; RegisterFromPath with replace; call = "
+      "until it returned, READY = until the version was current)\n",
+      "run", "call", "READY", "stage", "sync", "load", "hash", "commit");
   std::vector<double> total, ready, stage, sync, load, hash, commit;
   for (int i = 0; i < runs; ++i) {
     const absl::Time t = absl::Now();
@@ -251,8 +252,8 @@ int Main(int argc, char** argv) {
     commit.push_back(Ms(p.commit));
   }
   std::printf("median %5.1f %8.1f %8.1f %8.1f %8.1f %8.1f %8.1f   fsync floor median %.1f ms\n",
-              Median(total), Median(ready), Median(stage), Median(sync), Median(load),
-              Median(hash), Median(commit), Median(floor));
+              Median(total), Median(ready), Median(stage), Median(sync), Median(load), Median(hash),
+              Median(commit), Median(floor));
   std::printf("load average at end: %s\n", LoadAverage().c_str());
   registry->reset();
   if (own_dir) fs::remove_all(dir);

@@ -154,7 +154,7 @@ class GenerationCall {
 
   // What Start's resolve callback and the reactor's OnCancel/OnDone share; outlives the reactor.
   struct Pending {
-    absl::Mutex mu;  // guards the flags
+    absl::Mutex mu;                              // guards the flags
     bool resolved ABSL_GUARDED_BY(mu) = false;   // the callback has taken over the call
     bool cancelled ABSL_GUARDED_BY(mu) = false;  // ended as cancelled while waiting
     bool started ABSL_GUARDED_BY(mu) = false;    // the callback has left the reactor alone
