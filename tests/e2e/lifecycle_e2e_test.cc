@@ -9,10 +9,8 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -31,9 +29,9 @@
 #include "loraplex/v1/adapters.grpc.pb.h"
 #include "loraplex/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
-extern char** environ;
 
 namespace loraplex {
 namespace {
@@ -55,62 +53,34 @@ std::string ReadAll(const std::string& path) {
   return s.str();
 }
 
-// A loraplex-server child process; `state` and `extra` are its flags besides the model.
+// A loraplex-server child process on stories260K (tests/testing/server_process.h) whose port file
+// and log live in `dir`, with stubs for both services; `extra` are its flags besides the model.
 class Server {
  public:
   Server(const std::string& dir, std::vector<std::string> extra,
          std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials(),
-         grpc::ChannelArguments channel_args = {}) {
-    const std::string port_file = dir + "/port";
-    fs::remove(port_file);
-    std::vector<std::string> args = {LP_SERVER_BINARY,
-                                     "--model=" + testing::Stories260KDir() + "/stories260K.gguf",
-                                     "--dtype=f32",
-                                     "--listen=127.0.0.1:0",
-                                     "--metrics-listen=127.0.0.1:0",
-                                     "--port-file=" + port_file};
-    args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, argv[0], nullptr, nullptr, argv.data(), environ) != 0) {
-      ADD_FAILURE() << "cannot start " << LP_SERVER_BINARY;
-      pid_ = -1;
-      return;
-    }
-    for (int i = 0; i < 600 && port_ == 0; ++i) {
-      std::ifstream f(port_file);
-      if (f >> port_ >> metrics_port_) break;
-      port_ = 0;
-      if (waitpid(pid_, &exit_status_, WNOHANG) == pid_) {
-        pid_ = -1;
-        return;  // exited: ok() is false, exit_status() says how
-      }
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    auto channel =
-        grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_), creds, channel_args);
+         grpc::ChannelArguments channel_args = {})
+      : process_(LP_SERVER_BINARY, WithModel(std::move(extra)), dir) {
+    if (!process_.ok()) return;  // exited: ok() is false, exit_status() says how
+    auto channel = grpc::CreateCustomChannel(process_.address(), creds, channel_args);
     inference_ = v1::Inference::NewStub(channel);
     admin_ = v1::Adapters::NewStub(channel);
   }
-  ~Server() { Kill(); }
-  void Kill() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-      pid_ = -1;
-    }
-  }
-  bool ok() const { return pid_ > 0 && port_ > 0; }
-  int exit_status() const { return exit_status_; }
-  int port() const { return port_; }
-  int metrics_port() const { return metrics_port_; }
+  void Kill() { process_.Kill(); }
+  bool ok() const { return process_.ok(); }
+  int exit_status() const { return process_.exit_status(); }
+  int port() const { return process_.port(); }
+  int metrics_port() const { return process_.metrics_port(); }
   v1::Inference::Stub& inference() { return *inference_; }
   v1::Adapters::Stub& admin() { return *admin_; }
 
  private:
-  pid_t pid_ = -1;
-  int port_ = 0, metrics_port_ = 0, exit_status_ = 0;
+  static std::vector<std::string> WithModel(std::vector<std::string> args) {
+    args.insert(args.begin(),
+                {"--model=" + testing::Stories260KDir() + "/stories260K.gguf", "--dtype=f32"});
+    return args;
+  }
+  testing::ServerProcess process_;
   std::unique_ptr<v1::Inference::Stub> inference_;
   std::unique_ptr<v1::Adapters::Stub> admin_;
 };
