@@ -19,32 +19,6 @@ namespace loraplex::adapters {
 using model::kNumLinearModules;
 using model::LinearModule;
 
-int64_t ModuleInFeatures(const model::LlamaConfig& c, LinearModule m) {
-  switch (m) {
-    case LinearModule::kO:
-      return c.q_dim();
-    case LinearModule::kDown:
-      return c.intermediate_size;
-    default:
-      return c.hidden_size;
-  }
-}
-
-int64_t ModuleOutFeatures(const model::LlamaConfig& c, LinearModule m) {
-  switch (m) {
-    case LinearModule::kQ:
-      return c.q_dim();
-    case LinearModule::kK:
-    case LinearModule::kV:
-      return c.kv_dim();
-    case LinearModule::kGate:
-    case LinearModule::kUp:
-      return c.intermediate_size;
-    default:
-      return c.hidden_size;
-  }
-}
-
 namespace {
 
 constexpr const char* kModuleNames[kNumLinearModules] = {
@@ -251,7 +225,7 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
       return absl::InvalidArgumentError(
           absl::StrCat(prefix, f.a ? "lora_B" : "lora_A", ".weight is missing"));
     }
-    const int64_t in = ModuleInFeatures(base, m), out = ModuleOutFeatures(base, m);
+    const int64_t in = model::LinearInFeatures(base, m), out = model::LinearOutFeatures(base, m);
     const int64_t r = f.a->shape[0];
     if (f.b->shape[1] != r) {
       return absl::InvalidArgumentError(

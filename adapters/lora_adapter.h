@@ -38,9 +38,6 @@ struct AdapterLoadOptions {
   int64_t max_rank = 256;                        // the server's --max-lora-rank
 };
 
-// In and out features of a linear module of a Llama-family base.
-int64_t ModuleInFeatures(const model::LlamaConfig& c, model::LinearModule m);
-int64_t ModuleOutFeatures(const model::LlamaConfig& c, model::LinearModule m);
 // "model.layers.<layer>.self_attn.q_proj" etc.: the HF module key PEFT matches against.
 std::string ModuleKey(int64_t layer, model::LinearModule m);
 

@@ -82,8 +82,8 @@ void WritePeftFolder(const std::string& dir, const model::LlamaConfig& c, int64_
   for (int64_t l = 0; l < c.num_layers; ++l) {
     for (int m = 0; m < model::kNumLinearModules; ++m) {
       const auto module = static_cast<model::LinearModule>(m);
-      const int64_t in = adapters::ModuleInFeatures(c, module);
-      const int64_t out = adapters::ModuleOutFeatures(c, module);
+      const int64_t in = model::LinearInFeatures(c, module);
+      const int64_t out = model::LinearOutFeatures(c, module);
       const std::string key = absl::StrCat("base_model.model.", adapters::ModuleKey(l, module));
       for (const auto& [which, rows, cols] :
            {std::tuple{"A", rank, in}, std::tuple{"B", out, rank}}) {

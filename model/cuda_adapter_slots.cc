@@ -9,32 +9,6 @@
 
 namespace loraplex::model {
 
-int64_t ModuleIn(const LlamaConfig& c, LinearModule m) {
-  switch (m) {
-    case LinearModule::kO:
-      return c.q_dim();
-    case LinearModule::kDown:
-      return c.intermediate_size;
-    default:
-      return c.hidden_size;
-  }
-}
-
-int64_t ModuleOut(const LlamaConfig& c, LinearModule m) {
-  switch (m) {
-    case LinearModule::kQ:
-      return c.q_dim();
-    case LinearModule::kK:
-    case LinearModule::kV:
-      return c.kv_dim();
-    case LinearModule::kGate:
-    case LinearModule::kUp:
-      return c.intermediate_size;
-    default:
-      return c.hidden_size;
-  }
-}
-
 namespace {
 
 // Appends the n elements of `v` widened to f32 (negated when negate) to *out.
@@ -78,7 +52,7 @@ absl::StatusOr<const CudaAdapterCopy*> CudaAdapterSlots::Acquire(const LoraWeigh
       const LoraPair* p = view.layers[l][m];
       if (p == nullptr) continue;
       const LinearModule mod = static_cast<LinearModule>(m);
-      const int64_t in = ModuleIn(config_, mod), out = ModuleOut(config_, mod);
+      const int64_t in = LinearInFeatures(config_, mod), out = LinearOutFeatures(config_, mod);
       if (p->rank < 1 || p->rank > kernels::cuda::kCudaMaxLoraRank || p->a.rows != p->rank ||
           p->a.cols != in || p->b.rows != out || p->b.cols != p->rank || p->a.data == nullptr ||
           p->b.data == nullptr) {
@@ -125,7 +99,7 @@ absl::StatusOr<const CudaAdapterCopy*> CudaAdapterSlots::Acquire(const LoraWeigh
     for (int m = 0; m < kNumLinearModules; ++m) {
       CudaLoraModule& mod = copy->layers[l][m];
       if (mod.rank == 0) continue;
-      const int64_t in = ModuleIn(config_, static_cast<LinearModule>(m));
+      const int64_t in = LinearInFeatures(config_, static_cast<LinearModule>(m));
       mod.a = base + offsets[l][m];
       mod.b = mod.a + mod.rank * in;
     }

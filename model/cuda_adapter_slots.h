@@ -75,8 +75,5 @@ class CudaAdapterSlots {
   std::map<std::pair<uint64_t, bool>, std::unique_ptr<CudaAdapterCopy>> copies_;
 };
 
-// In and out features of a linear module (the shapes a LoRA pair of it must have).
-int64_t ModuleIn(const LlamaConfig& c, LinearModule m);
-int64_t ModuleOut(const LlamaConfig& c, LinearModule m);
 
 }  // namespace loraplex::model

@@ -437,8 +437,8 @@ absl::Status CudaModelImpl::ApplyLora(int group, int64_t layer, const float* d_x
     w.num_adapters = pass->num_adapters;
     w.num_slices = g.num;
     w.dtype = DType::kF32;
-    w.in_features = ModuleIn(c_, g.modules[0]);
-    for (int s = 0; s < g.num; ++s) w.out_features[s] = ModuleOut(c_, g.modules[s]);
+    w.in_features = LinearInFeatures(c_, g.modules[0]);
+    for (int s = 0; s < g.num; ++s) w.out_features[s] = LinearOutFeatures(c_, g.modules[s]);
     w.max_rank = pass->max_rank;
     w.d_slices = reinterpret_cast<const CudaLoraSlice*>(meta() + pass->slices_off[layer][group]);
     float* v = lora_v_.as<float>();

@@ -125,30 +125,38 @@ kernels::WeightView LlamaModel::LinearWeight(int64_t layer, LinearModule m) cons
   return impl_->w.layers[layer].linear[static_cast<int>(m)].view();
 }
 
-int64_t LlamaModel::LinearInFeatures(LinearModule m) const {
+int64_t LinearInFeatures(const LlamaConfig& c, LinearModule m) {
   switch (m) {
     case LinearModule::kO:
-      return config_.q_dim();
+      return c.q_dim();
     case LinearModule::kDown:
-      return config_.intermediate_size;
+      return c.intermediate_size;
     default:
-      return config_.hidden_size;
+      return c.hidden_size;
   }
 }
 
-int64_t LlamaModel::LinearOutFeatures(LinearModule m) const {
+int64_t LinearOutFeatures(const LlamaConfig& c, LinearModule m) {
   switch (m) {
     case LinearModule::kQ:
-      return config_.q_dim();
+      return c.q_dim();
     case LinearModule::kK:
     case LinearModule::kV:
-      return config_.kv_dim();
+      return c.kv_dim();
     case LinearModule::kGate:
     case LinearModule::kUp:
-      return config_.intermediate_size;
+      return c.intermediate_size;
     default:
-      return config_.hidden_size;
+      return c.hidden_size;
   }
+}
+
+int64_t LlamaModel::LinearInFeatures(LinearModule m) const {
+  return model::LinearInFeatures(config_, m);
+}
+
+int64_t LlamaModel::LinearOutFeatures(LinearModule m) const {
+  return model::LinearOutFeatures(config_, m);
 }
 
 namespace {

@@ -26,6 +26,10 @@ enum class LinearModule : int { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
 inline constexpr int kNumLinearModules = 7;
 // "q_proj", "k_proj", ... "down_proj".
 const char* LinearModuleName(LinearModule m);
+// In and out features of module m of a decoder block of `c` (the shapes its weight and any LoRA
+// pair of it have: A [rank, in], B [out, rank]).
+int64_t LinearInFeatures(const LlamaConfig& c, LinearModule m);
+int64_t LinearOutFeatures(const LlamaConfig& c, LinearModule m);
 
 // One LoRA pair for one module of one layer, in compute layout: delta(x) = B (A x), with the scale
 // (alpha / r or alpha / sqrt(r)) already folded into B. For GGUF bases, q/k rows of B follow the
