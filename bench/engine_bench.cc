@@ -40,8 +40,8 @@ namespace lp = loraplex;
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   lp::model::LoadOptions load;
-  load.dtype = absl::GetFlag(FLAGS_dtype) == "f32" ? lp::kernels::DType::kF32
-                                                    : lp::kernels::DType::kBF16;
+  load.dtype =
+      absl::GetFlag(FLAGS_dtype) == "f32" ? lp::kernels::DType::kF32 : lp::kernels::DType::kBF16;
   auto model = lp::model::LlamaModel::Load(absl::GetFlag(FLAGS_model), load);
   if (!model.ok()) {
     std::cerr << "engine_bench: " << model.status() << "\n";
@@ -52,8 +52,8 @@ int main(int argc, char** argv) {
   for (int i = 0; i < absl::GetFlag(FLAGS_adapters); ++i) {
     lp::adapters::AdapterLoadOptions ao;
     ao.dtype = load.dtype;
-    auto a = lp::adapters::LoraAdapter::Load(absl::GetFlag(FLAGS_adapter_dir),
-                                              (*model)->config(), ao);
+    auto a =
+        lp::adapters::LoraAdapter::Load(absl::GetFlag(FLAGS_adapter_dir), (*model)->config(), ao);
     if (!a.ok()) {
       std::cerr << "engine_bench: " << a.status() << "\n";
       return 1;
@@ -79,7 +79,8 @@ int main(int argc, char** argv) {
   }
 
   std::mt19937 rng(1);
-  std::uniform_int_distribution<int32_t> id(100, static_cast<int32_t>((*model)->config().vocab_size) - 1);
+  std::uniform_int_distribution<int32_t> id(
+      100, static_cast<int32_t>((*model)->config().vocab_size) - 1);
   absl::Mutex mu;
   int submitted = 0, finished = 0, failed = 0;
   int64_t out_tokens = 0;
@@ -122,7 +123,7 @@ int main(int argc, char** argv) {
       "{\"concurrency\": %d, \"requests\": %d, \"adapters\": %d, \"failed\": %d, "
       "\"output_tokens\": %lld, \"seconds\": %.3f, \"output_tokens_per_s\": %.2f, "
       "\"requests_per_s\": %.3f}\n",
-      concurrency, total, absl::GetFlag(FLAGS_adapters), failed,
-      static_cast<long long>(out_tokens), s, out_tokens / s, total / s);
+      concurrency, total, absl::GetFlag(FLAGS_adapters), failed, static_cast<long long>(out_tokens),
+      s, out_tokens / s, total / s);
   return failed == 0 ? 0 : 1;
 }

@@ -75,5 +75,4 @@ class CudaAdapterSlots {
   std::map<std::pair<uint64_t, bool>, std::unique_ptr<CudaAdapterCopy>> copies_;
 };
 
-
 }  // namespace loraplex::model

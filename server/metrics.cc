@@ -1,12 +1,11 @@
 #include "server/metrics.h"
 
+#include <dlfcn.h>
 #include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
-
-#include <dlfcn.h>
 #include <pthread.h>
 
 #include <algorithm>

@@ -24,7 +24,6 @@
 #include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
-
 namespace loraplex {
 namespace {
 

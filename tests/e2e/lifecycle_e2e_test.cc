@@ -32,7 +32,6 @@
 #include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
-
 namespace loraplex {
 namespace {
 
@@ -151,22 +150,9 @@ Generated Generate(Server& s, const std::string& adapter, int max_tokens = kToke
   return g;
 }
 
-// loraplex-generate --json token_ids for a greedy run from BOS with the adapter folder `dir` (""
-// for the base model).
+// loraplex-generate's greedy ids from BOS with the adapter folder `dir` ("" for the base model).
 std::vector<int32_t> Offline(const std::string& dir, int max_tokens = kTokens) {
-  const std::string cmd =
-      absl::StrCat(LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
-                   " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
-                   dir.empty() ? "" : " --adapter " + dir, " 2>/dev/null");
-  std::string out;
-  if (FILE* p = popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    for (size_t n; (n = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, n);
-    pclose(p);
-  }
-  nlohmann::json j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
-  EXPECT_FALSE(j.is_discarded()) << cmd << " printed: " << out;
-  return j.is_discarded() ? std::vector<int32_t>{} : j["token_ids"].get<std::vector<int32_t>>();
+  return testing::Stories260KGreedyIds(LP_GENERATE_BINARY, dir, max_tokens);
 }
 
 std::vector<v1::AdapterInfo> List(Server& s) {
@@ -176,24 +162,6 @@ std::vector<v1::AdapterInfo> List(Server& s) {
   grpc::Status st = s.admin().ListAdapters(&ctx, {}, &resp);
   EXPECT_TRUE(st.ok()) << st.error_message();
   return {resp.adapters().begin(), resp.adapters().end()};
-}
-
-std::string Metrics(int port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  std::string body;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string get = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    if (write(fd, get.data(), get.size()) == static_cast<ssize_t>(get.size())) {
-      char buf[4096];
-      for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
-    }
-  }
-  close(fd);
-  return body;
 }
 
 // A safetensors file of small f32 tensors for every layer of stories260K:
@@ -413,7 +381,7 @@ TEST_F(LifecycleE2eTest, EvictionWithTwoSlotsKeepsOutputsCorrect) {
   for (const v1::AdapterInfo& info : List(*s)) resident += info.residency() == v1::DEVICE;
   EXPECT_EQ(resident, 2);
   absl::SleepFor(absl::Milliseconds(400));  // one metrics refresh
-  const std::string page = Metrics(s->metrics_port());
+  const std::string page = testing::FetchMetrics(s->metrics_port());
   double evictions = 0, reloads = 0;
   for (const std::string& f : folders) {
     evictions +=

@@ -27,7 +27,6 @@
 #include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
-
 namespace loraplex {
 namespace {
 
@@ -431,18 +430,8 @@ TEST_F(ServerE2eTest, TokenizeDetokenizeModelInfoHealthAndMetrics) {
   GenerateResponse gen_resp;
   ASSERT_TRUE(RunComplete(stub(), gen, &gen_resp).ok());
   absl::SleepFor(absl::Milliseconds(300));  // one gauge refresh
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(server_->metrics_port());
-  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
-  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  const std::string get = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  ASSERT_EQ(write(fd, get.data(), get.size()), static_cast<ssize_t>(get.size()));
-  std::string body;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
-  close(fd);
+  const std::string body = testing::FetchMetrics(server_->metrics_port());
+  ASSERT_FALSE(body.empty()) << "no answer from /metrics on port " << server_->metrics_port();
   for (const char* name :
        {"loraplex_requests_total{adapter=\"base\",code=\"OK\"}",
         "loraplex_time_to_first_token_seconds_count", "loraplex_inter_token_latency_seconds_count",
@@ -473,21 +462,9 @@ class ServerAdapterE2eTest : public ::testing::Test {
 ServerProcess* ServerAdapterE2eTest::server_ = nullptr;
 
 #ifdef LP_GENERATE_BINARY
-// loraplex-generate --json token_ids for a greedy run from BOS.
+// loraplex-generate's greedy ids from BOS.
 std::vector<int32_t> OfflineGreedy(const std::string& adapter_dir, int max_tokens) {
-  const std::string cmd =
-      absl::StrCat(LP_GENERATE_BINARY, " --model ", testing::Stories260KDir(), "/stories260K.gguf",
-                   " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
-                   adapter_dir.empty() ? "" : " --adapter " + adapter_dir, " 2>/dev/null");
-  std::string out;
-  if (FILE* p = popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    for (size_t n; (n = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, n);
-    pclose(p);
-  }
-  nlohmann::json j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
-  EXPECT_FALSE(j.is_discarded()) << cmd << " printed: " << out;
-  return j.is_discarded() ? std::vector<int32_t>{} : j["token_ids"].get<std::vector<int32_t>>();
+  return testing::Stories260KGreedyIds(LP_GENERATE_BINARY, adapter_dir, max_tokens);
 }
 
 TEST_F(ServerAdapterE2eTest, GreedyWithAnAdapterEqualsLoraplexGenerate) {

@@ -1,9 +1,13 @@
 #include "tests/testing/server_process.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -11,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
 
 extern char** environ;
@@ -94,6 +99,41 @@ void ServerProcess::Kill() {
     waitpid(pid_, nullptr, 0);
     pid_ = -1;
   }
+}
+
+std::string FetchMetrics(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  std::string body;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string get = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (write(fd, get.data(), get.size()) == static_cast<ssize_t>(get.size())) {
+      char buf[4096];
+      for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, n);
+    }
+  }
+  close(fd);
+  return body;
+}
+
+std::vector<int32_t> Stories260KGreedyIds(const std::string& generate_binary,
+                                          const std::string& adapter_dir, int max_tokens) {
+  const std::string cmd =
+      absl::StrCat(generate_binary, " --model ", Stories260KDir(), "/stories260K.gguf",
+                   " --dtype f32 --prompt-ids 1 --ignore-eos --json --max-tokens ", max_tokens,
+                   adapter_dir.empty() ? "" : " --adapter " + adapter_dir, " 2>/dev/null");
+  std::string out;
+  if (FILE* p = popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof(buf), p)) > 0;) out.append(buf, n);
+    pclose(p);
+  }
+  nlohmann::json j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_FALSE(j.is_discarded()) << cmd << " printed: " << out;
+  return j.is_discarded() ? std::vector<int32_t>{} : j["token_ids"].get<std::vector<int32_t>>();
 }
 
 }  // namespace loraplex::testing

@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -18,8 +19,8 @@ class ServerProcess {
   // serve. `work_dir` holds the port file and server.log; empty: a fresh temporary directory,
   // removed by the destructor. ok() is false when the server exited first (exit_status() says how)
   // or never wrote its ports.
-  ServerProcess(const std::string& binary, std::vector<std::string> args,
-                std::string work_dir = "", double timeout_s = 60);
+  ServerProcess(const std::string& binary, std::vector<std::string> args, std::string work_dir = "",
+                double timeout_s = 60);
   ~ServerProcess();  // SIGKILL if still running
   ServerProcess(const ServerProcess&) = delete;
   ServerProcess& operator=(const ServerProcess&) = delete;
@@ -45,5 +46,15 @@ class ServerProcess {
   pid_t pid_ = -1;
   int port_ = 0, metrics_port_ = 0, exit_status_ = 0;
 };
+
+// The body of GET /metrics from the metrics endpoint on 127.0.0.1:port ("" when it cannot be
+// reached).
+std::string FetchMetrics(int port);
+
+// The reference of the e2e tests: `generate_binary` (loraplex-generate) run greedily from BOS on
+// stories260K (f32) for max_tokens tokens, with the PEFT folder `adapter_dir` ("" for the base
+// model); its --json token_ids. Adds a test failure (and returns {}) when it prints no JSON.
+std::vector<int32_t> Stories260KGreedyIds(const std::string& generate_binary,
+                                          const std::string& adapter_dir, int max_tokens);
 
 }  // namespace loraplex::testing
