@@ -16,14 +16,8 @@ model="${3:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 b="${LP_BUILD_DIR:-build-release}"
 duration="${LP_BENCH_DURATION:-60}"
 rm -rf "$out" && mkdir -p "$out"
-python3 tools/make_random_adapter.py "$out/r16" --rank 16 --dtype f32 --model "$model" >/dev/null
-
-"$b/server/loraplex-server" --model "$model" --listen 127.0.0.1:0 --port_file "$out/port" \
-  --state_dir "$out/state" --kv_memory 1GiB --max_running 64 >"$out/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 600); do [[ -s "$out/port" ]] && break; sleep 0.1; done
-export LORAPLEX_SERVER="127.0.0.1:$(head -1 "$out/port")"
+source scripts/bench-common.sh
+start_bench_server --kv_memory 1GiB
 lp() { "$b/client/loraplex" "$@"; }
 
 if [[ -z "$rate" ]]; then

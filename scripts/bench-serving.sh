@@ -17,15 +17,9 @@ b="${LP_BUILD_DIR:-build-release}"
 requests_s1="${LP_S1_REQUESTS:-4}"
 requests_s2="${LP_S2_REQUESTS:-64}"
 rm -rf "$out" && mkdir -p "$out"
-python3 tools/make_random_adapter.py "$out/r16" --rank 16 --dtype f32 --model "$model" >/dev/null
-
-"$b/server/loraplex-server" --model "$model" --listen 127.0.0.1:0 --port_file "$out/port" \
-  --state_dir "$out/state" --kv_memory 384MiB --max_running 64 >"$out/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 600); do [[ -s "$out/port" ]] && break; sleep 0.1; done
-addr="127.0.0.1:$(head -1 "$out/port")"
-client() { LORAPLEX_SERVER="$addr" "$b/client/loraplex" "$@"; }
+source scripts/bench-common.sh
+start_bench_server --kv_memory 384MiB
+client() { "$b/client/loraplex" "$@"; }
 common=(--prompt-tokens 128 --max-tokens 128 --warmup 0 --duration 3600 --quiet --json)
 
 echo "== S1 in-process"
