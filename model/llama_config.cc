@@ -256,9 +256,12 @@ absl::StatusOr<LlamaConfig> LlamaConfig::FromGguf(const formats::GgufFile& gguf)
   }
   c.tie_word_embeddings = gguf.Find("output.weight") == nullptr;
   c.attention_bias = gguf.Find("blk.0.attn_q.bias") != nullptr;
-  // llama.cpp's key for the window; Mistral GGUFs converted as "llama" carry none and, as in
-  // llama.cpp, run with full attention.
-  if (c.architecture == "mistral") {
+  // llama.cpp's key for the window. llama.cpp converts MistralForCausalLM as architecture
+  // "llama"; a file that carries the key gets the window (tests/fixtures/tiny_llama/mistral_window/
+  // model.gguf), one without it runs with full attention as in llama.cpp. qwen2 files are left
+  // alone: transformers applies qwen2's window only with use_sliding_window, which GGUF has no key
+  // for (and llama.cpp's qwen2 never uses one).
+  if (c.architecture == "mistral" || c.architecture == "llama") {
     c.sliding_window = gguf.GetInt(a + "attention.sliding_window").value_or(0);
   }
   c.bos_token_id = static_cast<int32_t>(gguf.GetInt("tokenizer.ggml.bos_token_id").value_or(-1));

@@ -75,7 +75,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     LP_ASSIGN_OR_RETURN(auto gguf, formats::GgufFile::Open(path));
     LP_ASSIGN_OR_RETURN(m->config_, LlamaConfig::FromGguf(*gguf));
     LP_ASSIGN_OR_RETURN(m->impl_->w, LoadWeightsFromGguf(*gguf, m->config_, options.dtype));
-    if (options.tokenizer_path.empty()) {
+    // A GGUF without tokenizer metadata loads token-ids-only when no tokenizer is required.
+    const bool has_tokenizer = gguf->GetString("tokenizer.ggml.model").ok();
+    if (options.tokenizer_path.empty() && (has_tokenizer || options.require_tokenizer)) {
       LP_ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::FromGguf(*gguf));
     }
     m->from_gguf_ = true;

@@ -194,6 +194,19 @@ TEST(MistralWindowTest, WithoutTheWindowLogitsDifferPastIt) {
   }
 }
 
+// The same Mistral as a GGUF file laid out as llama.cpp converts one (architecture "llama",
+// q/k rows permuted for adjacent-pair RoPE, the window under llama.attention.sliding_window; made
+// by tools/make_mistral_gguf.py with the gguf package): the window is read from the GGUF key and
+// every prompt, long_48 past the window included, matches transformers' logits.
+TEST(MistralWindowTest, GgufWithTheWindowKeyMatchesTransformers) {
+  const std::string dir = FixturesDir() + "/tiny_llama/mistral_window";
+  auto m = LoadNoTokenizer(dir + "/model.gguf", kernels::DType::kF32);
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->config().architecture, "llama");
+  ASSERT_EQ(m->config().sliding_window, 8);
+  ExpectMatches(*m, ReadGolden(dir + "/logits.json"), testing::kF32ModelLogits);
+}
+
 TEST(Stories260KGoldenTest, HfCopyLogitsMatchTransformers) {
   auto m = LoadNoTokenizer(Stories260KDir(), kernels::DType::kF32);
   ASSERT_NE(m, nullptr);
