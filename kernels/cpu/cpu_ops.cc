@@ -10,10 +10,25 @@
 namespace loraplex::kernels::cpu {
 namespace {
 
+// The table called `name` when this CPU and build can run it, else nullptr.
+const CpuOps* Supported(const char* name) {
+  if (std::strcmp(name, "scalar") == 0) return &ScalarOps();
+  if (std::strcmp(name, "avx2") == 0) return Avx2Supported() ? Avx2Ops() : nullptr;
+  if (std::strcmp(name, "avx512") == 0) return Avx512Supported() ? Avx512Ops() : nullptr;
+  return nullptr;
+}
+
+// Best first.
+constexpr const char* kPreference[] = {"avx512", "avx2", "scalar"};
+
 const CpuOps* Choose() {
   const char* want = std::getenv("LP_CPU_ISA");
-  if (want != nullptr && std::strcmp(want, "scalar") == 0) return &ScalarOps();
-  if (Avx2Supported() && Avx2Ops() != nullptr) return Avx2Ops();
+  if (want != nullptr) {
+    if (const CpuOps* ops = Supported(want)) return ops;
+  }
+  for (const char* name : kPreference) {
+    if (const CpuOps* ops = Supported(name)) return ops;
+  }
   return &ScalarOps();
 }
 
@@ -24,6 +39,8 @@ std::atomic<const CpuOps*>& Active() {
 
 }  // namespace
 
+// __builtin_cpu_supports reports a vector extension only when the OS also saves its registers
+// (GCC and Clang check XCR0 for the ymm and zmm state), so these need no separate xgetbv.
 bool Avx2Supported() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
@@ -34,18 +51,25 @@ bool Avx2Supported() {
 #endif
 }
 
+// Every feature cpu_ops_avx512.cc is compiled for.
+bool Avx512Supported() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
 const CpuOps& ActiveCpuOps() { return *Active().load(std::memory_order_relaxed); }
 
 bool SetActiveCpuOpsForTesting(const char* name) {
-  if (std::strcmp(name, "scalar") == 0) {
-    Active().store(&ScalarOps());
-    return true;
-  }
-  if (std::strcmp(name, "avx2") == 0 && Avx2Supported() && Avx2Ops() != nullptr) {
-    Active().store(Avx2Ops());
-    return true;
-  }
-  return false;
+  const CpuOps* ops = Supported(name);
+  if (ops == nullptr) return false;
+  Active().store(ops);
+  return true;
 }
 
 }  // namespace loraplex::kernels::cpu

@@ -1,7 +1,8 @@
 // Internal to kernels/cpu: the per-ISA inner loops behind the fast ops of kernels.h.
 //
 // Each instruction set lives in its own translation unit compiled with its own flags
-// (cpu_ops_avx2.cc with -mavx2 -mfma -mf16c); nothing compiled with those flags may run before the
+// (cpu_ops_avx2.cc with -mavx2 -mfma -mf16c, cpu_ops_avx512.cc with -mavx512f -mavx512bw
+// -mavx512vl -mavx512dq -mfma -mf16c); nothing compiled with those flags may run before the
 // runtime check in cpu_ops.cc has picked that table, which is why the tables are reached only
 // through ActiveCpuOps(). The threading and blocking live in the op files (gemm.cc, attention.cc,
 // ...), once for all ISAs; the tables hold single-threaded loops.
@@ -12,7 +13,7 @@
 namespace loraplex::kernels::cpu {
 
 struct CpuOps {
-  const char* name;  // "avx2", "scalar"
+  const char* name;  // "avx512", "avx2", "scalar"
 
   // y[i, j] (+)= sum_c x[i, c] * w[j, c] for i < m and j in [j_begin, j_end).
   // x: [m, k] row-major, w: [n, k] row-major (only rows j_begin..j_end-1 are read), y: [m, n].
@@ -46,9 +47,15 @@ const CpuOps& ScalarOps();
 // FMA and F16C (see Avx2Supported()).
 const CpuOps* Avx2Ops();
 bool Avx2Supported();
+// The AVX-512 loops (same numerics as AVX2, 16 lanes), or nullptr when this build has none (a
+// non-x86 build, or a compiler without the flags). Callable only when Avx512Supported(): the CPU
+// has AVX-512 F/BW/VL/DQ, FMA and F16C and the OS saves the zmm registers.
+const CpuOps* Avx512Ops();
+bool Avx512Supported();
 
-// The table the fast ops use: chosen once from the CPU features, overridable with the environment
-// variable LP_CPU_ISA=scalar|avx2 (an unsupported request falls back to the best supported).
+// The table the fast ops use: the best one this CPU and build support (avx512 > avx2 > scalar),
+// chosen once; the environment variable LP_CPU_ISA=scalar|avx2|avx512 asks for another (a request
+// the CPU or build cannot serve, or an unknown name, falls back to the best supported).
 const CpuOps& ActiveCpuOps();
 
 // Tests only: makes `name` the active table. Returns false (and changes nothing) when that ISA is

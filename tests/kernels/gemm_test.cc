@@ -2,6 +2,7 @@
 // every ISA table this CPU supports.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -92,13 +93,32 @@ INSTANTIATE_TEST_SUITE_P(Isa, GemmTest, ::testing::ValuesIn(AllIsas()),
                          [](const auto& info) { return info.param; });
 
 TEST(CpuKernelIsaTest, ReportsTheBestSupportedIsa) {
-  // On an AVX2 machine the AVX2 table must be the automatic choice (unless LP_CPU_ISA forces
-  // scalar); elsewhere the scalar one.
-  const char* forced = std::getenv("LP_CPU_ISA");
-  if (forced != nullptr && std::string(forced) == "scalar") GTEST_SKIP() << "LP_CPU_ISA=scalar";
-  const std::string expected =
-      cpu::Avx2Supported() && cpu::Avx2Ops() != nullptr ? "avx2" : "scalar";
+  // The automatic choice is the best table this CPU and build support (unless LP_CPU_ISA asks
+  // for another).
+  if (std::getenv("LP_CPU_ISA") != nullptr) GTEST_SKIP() << "LP_CPU_ISA is set";
+  std::string expected = "scalar";
+  if (cpu::Avx512Supported() && cpu::Avx512Ops() != nullptr) {
+    expected = "avx512";
+  } else if (cpu::Avx2Supported() && cpu::Avx2Ops() != nullptr) {
+    expected = "avx2";
+  }
   EXPECT_EQ(CpuKernelIsa(), expected);
+}
+
+TEST(CpuKernelIsaTest, UnknownNameIsRefused) {
+  const std::string before = CpuKernelIsa();
+  EXPECT_FALSE(cpu::SetActiveCpuOpsForTesting("avx1024"));
+  EXPECT_EQ(CpuKernelIsa(), before);
+}
+
+// Every table the CPU supports can be selected by name and then reports that name.
+TEST(CpuKernelIsaTest, SelectsEachSupportedTableByName) {
+  const std::string before = CpuKernelIsa();
+  for (const std::string& isa : AllIsas()) {
+    if (!cpu::SetActiveCpuOpsForTesting(isa.c_str())) continue;
+    EXPECT_EQ(CpuKernelIsa(), isa);
+  }
+  ASSERT_TRUE(cpu::SetActiveCpuOpsForTesting(before.c_str()));
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Helpers shared by the kernel tests: seeded random tensors and a fixture that runs a test once
-// per CPU ISA table (scalar always, avx2 where the CPU has it).
+// per CPU ISA table (scalar always, avx2 and avx512 where the CPU has them).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -35,7 +35,9 @@ class IsaTest : public ::testing::TestWithParam<std::string> {
   void SetUp() override {
     saved_ = cpu::ActiveCpuOps().name;
     if (!cpu::SetActiveCpuOpsForTesting(GetParam().c_str())) {
-      GTEST_SKIP() << GetParam() << " is not supported on this CPU/build";
+      GTEST_SKIP() << "the " << GetParam()
+                   << " table is not available: this CPU lacks the instructions (or the build has "
+                      "no such table)";
     }
   }
   void TearDown() override { cpu::SetActiveCpuOpsForTesting(saved_.c_str()); }
@@ -44,6 +46,6 @@ class IsaTest : public ::testing::TestWithParam<std::string> {
   std::string saved_;
 };
 
-inline std::vector<std::string> AllIsas() { return {"scalar", "avx2"}; }
+inline std::vector<std::string> AllIsas() { return {"scalar", "avx2", "avx512"}; }
 
 }  // namespace loraplex::kernels::testing
