@@ -281,6 +281,9 @@ class AdapterRegistry {
   // started, not yet fsynced).
   absl::StatusOr<Staged> StageCopy(const std::string& dir, RegistrationPhases* phases);
   std::vector<ManifestEntry> ManifestLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // ALREADY_EXISTS when `name` has a current version and replace is false.
+  absl::Status CheckNewVersionAllowedLocked(const std::string& name, bool replace) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   AdapterInfo InfoLocked(const Version& v) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Evicts idle versions until one more of `bytes` fits. False when it cannot.
   bool MakeRoomLocked(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -223,6 +223,18 @@ absl::StatusOr<AdapterRegistry::Staged> AdapterRegistry::StageCopy(const std::st
   return staged;
 }
 
+// Checked early (before any bytes are copied) and again at commit, where it decides.
+absl::Status AdapterRegistry::CheckNewVersionAllowedLocked(const std::string& name,
+                                                           bool replace) const {
+  auto it = names_.find(name);
+  if (!replace && it != names_.end() && it->second->current != nullptr) {
+    return absl::AlreadyExistsError(absl::StrCat("adapter '", name, "' exists (version ",
+                                                 it->second->current->version,
+                                                 "); set replace to make a new version"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string& name,
                                                               const std::string& rel_path,
                                                               bool replace, bool pin) {
@@ -255,12 +267,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string&
   }
   {
     TsanLock lock(&mu_);
-    auto it = names_.find(name);
-    if (!replace && it != names_.end() && it->second->current != nullptr) {
-      return absl::AlreadyExistsError(absl::StrCat("adapter '", name, "' exists (version ",
-                                                   it->second->current->version,
-                                                   "); set replace to make a new version"));
-    }
+    LP_RETURN_IF_ERROR(CheckNewVersionAllowedLocked(name, replace));
   }
   RegistrationPhases phases;
   LP_ASSIGN_OR_RETURN(Staged staged, StageCopy(dir.string(), &phases));
@@ -288,12 +295,7 @@ absl::StatusOr<std::unique_ptr<PendingUpload>> AdapterRegistry::BeginUpload(
   }
   {
     TsanLock lock(&mu_);
-    auto it = names_.find(name);
-    if (!replace && it != names_.end() && it->second->current != nullptr) {
-      return absl::AlreadyExistsError(absl::StrCat("adapter '", name, "' exists (version ",
-                                                   it->second->current->version,
-                                                   "); set replace to make a new version"));
-    }
+    LP_RETURN_IF_ERROR(CheckNewVersionAllowedLocked(name, replace));
   }
   LP_ASSIGN_OR_RETURN(std::string staging, NewStagingDir());
   auto upload = std::unique_ptr<PendingUpload>(new PendingUpload());
@@ -390,15 +392,10 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
   std::vector<ManifestEntry> manifest;
   {
     TsanLock lock(&mu_);
-    auto it = names_.find(name);
-    if (it != names_.end()) {
-      if (!replace && it->second->current != nullptr) {
-        return discard(absl::AlreadyExistsError(
-            absl::StrCat("adapter '", name, "' exists (version ", it->second->current->version,
-                         "); set replace to make a new version")));
-      }
-      version = it->second->last_version + 1;
+    if (absl::Status allowed = CheckNewVersionAllowedLocked(name, replace); !allowed.ok()) {
+      return discard(std::move(allowed));
     }
+    if (auto it = names_.find(name); it != names_.end()) version = it->second->last_version + 1;
     manifest = ManifestLocked();
   }
   const std::string dir = VersionDir(options_.state_dir, name, version);
