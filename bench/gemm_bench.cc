@@ -1,5 +1,5 @@
-// Gemm on the SmolLM2-135M projection shapes: ours (f32 and bf16 weights) against OpenBLAS
-// (cblas_sgemm) and oneDNN matmul, all on the same
+// Gemm on the SmolLM2-135M projection shapes: ours (f32 and bf16 weights, once per CPU table this
+// machine supports: avx2, avx512) against OpenBLAS (cblas_sgemm) and oneDNN matmul, all on the same
 // number of threads as ThreadPool::Default(). Counters: GFLOP/s (2*m*n*k) and weight bytes/s, the
 // figure to set beside bandwidth_bench for decode (m = 1). Results and the choice they led to are
 // in docs/benchmarks.md. Filter with --benchmark_filter=..., e.g. 'm:1/'.
@@ -12,6 +12,7 @@
 
 #include "common/half.h"
 #include "common/thread_pool.h"
+#include "kernels/cpu/cpu_ops.h"
 #include "kernels/kernels.h"
 
 #if LP_BENCH_OPENBLAS
@@ -36,7 +37,10 @@ const Shape kShapes[] = {{"q_o", 576, 576},
                          {"gate_up", 1536, 576},
                          {"down", 576, 1536},
                          {"lm_head", 49152, 576}};
-const int64_t kTokens[] = {1, 16, 128};
+// Decode batches (1..8 sequences) and a 128-token prefill chunk.
+const int64_t kTokens[] = {1, 2, 4, 8, 16, 128};
+// Our tables to compare; those this CPU lacks are skipped.
+const char* const kIsas[] = {"avx2", "avx512"};
 
 struct Operands {
   std::vector<float> x, y, w32;
@@ -60,7 +64,12 @@ void SetCounters(benchmark::State& state, int64_t m, int64_t n, int64_t k, int64
       static_cast<double>(weight_bytes) * iters / 1e9, benchmark::Counter::kIsRate);
 }
 
-void BM_Ours(benchmark::State& state, Shape s, int64_t m, DType dtype) {
+void BM_Ours(benchmark::State& state, Shape s, int64_t m, DType dtype, const char* isa) {
+  const std::string saved = loraplex::kernels::CpuKernelIsa();
+  if (!loraplex::kernels::cpu::SetActiveCpuOpsForTesting(isa)) {
+    state.SkipWithError((std::string(isa) + " is not supported on this CPU").c_str());
+    return;
+  }
   Operands o(m, s.n, s.k);
   WeightView w{dtype, dtype == DType::kF32 ? static_cast<const void*>(o.w32.data()) : o.w16.data(),
                s.n, s.k};
@@ -70,6 +79,7 @@ void BM_Ours(benchmark::State& state, Shape s, int64_t m, DType dtype) {
   }
   SetCounters(state, m, s.n, s.k, s.n * s.k * (dtype == DType::kF32 ? 4 : 2));
   state.SetLabel(loraplex::kernels::CpuKernelIsa());
+  loraplex::kernels::cpu::SetActiveCpuOpsForTesting(saved.c_str());
 }
 
 #if LP_BENCH_OPENBLAS
@@ -133,8 +143,12 @@ void RegisterAll() {
             ->UseRealTime()
             ->MinTime(0.2);
       };
-      reg("ours_f32", [=](benchmark::State& st) { BM_Ours(st, s, m, DType::kF32); });
-      reg("ours_bf16", [=](benchmark::State& st) { BM_Ours(st, s, m, DType::kBF16); });
+      for (const char* isa : kIsas) {
+        reg(std::string("ours_f32_") + isa,
+            [=](benchmark::State& st) { BM_Ours(st, s, m, DType::kF32, isa); });
+        reg(std::string("ours_bf16_") + isa,
+            [=](benchmark::State& st) { BM_Ours(st, s, m, DType::kBF16, isa); });
+      }
 #if LP_BENCH_OPENBLAS
       reg("openblas_sgemm", [=](benchmark::State& st) { BM_OpenBlasSgemm(st, s, m); });
 #endif
