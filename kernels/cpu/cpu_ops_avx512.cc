@@ -7,11 +7,24 @@
 // What AVX-512 changes beyond the width: masked loads and stores replace every scalar tail (a
 // masked-off lane reads nothing and contributes a zero), and the register file holds 24
 // accumulators per GEMM tile instead of 12.
+//
+// Why no vdpbf16ps (AVX512-BF16) variant of gemm_bf16: activations are f32 (DESIGN.md section 3),
+// so x must be split into bf16 parts; hi+lo gave 2.5-4x the error of the f32 loops against
+// ref::Gemm and hi+mid+lo matched it, but on a Xeon with AVX512-BF16 both were slower than these
+// FMA loops (2.3x and 3x at 128 tokens; the instruction has half the FMA throughput there).
 #include "kernels/cpu/cpu_ops.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__) && defined(__FMA__)
 #include <immintrin.h>
+
+// GCC 12's AVX-512 headers start many intrinsics (_mm512_max_ps, _mm512_extractf64x4_pd, ...) from
+// _mm512_undefined_*(), which its -Wuninitialized then reports at every inlined use (GCC bug
+// 105593, fixed in GCC 13). Nothing here reads an uninitialized value.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <algorithm>
 #include <cstdint>
