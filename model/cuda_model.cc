@@ -494,18 +494,6 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
     }
   }
 
-  // CudaPagedAttention has no sliding window (Mistral) yet: below the window it is exact, past it
-  // it would attend to keys the model never sees, so refuse instead of answering wrongly.
-  if (c_.sliding_window > 0) {
-    for (int64_t t = 0; t < n; ++t) {
-      if (batch.positions[t] >= c_.sliding_window) {
-        return absl::UnimplementedError(absl::StrCat(
-            "CUDA attention has no sliding window yet: position ", batch.positions[t],
-            " is past the model's sliding_window ", c_.sliding_window, " (use --device cpu)"));
-      }
-    }
-  }
-
   // Everything that allocates or frees device memory happens here, before any work is queued.
   LP_ASSIGN_OR_RETURN(CudaKvStorage * kv, KvStorage(cache));
   packer_.Clear();
@@ -605,7 +593,7 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
                                        DType::kF32, ab, layout, st));
     LP_RETURN_IF_ERROR(cu::CudaPagedAttention(attn, q, DType::kF32, kv->k_layer(l), kv->v_layer(l),
                                               DType::kF32, ab, layout, c_.num_heads, attn_scale,
-                                              st));
+                                              c_.sliding_window, st));
     LP_RETURN_IF_ERROR(Linear(proj, attn, nullptr, n, W(LinearModule::kO)));
     const CudaLoraOutput o_out[1] = {{proj, hid}};
     LP_RETURN_IF_ERROR(ApplyLora(kGroupO, l, attn, qd, o_out));

@@ -43,9 +43,8 @@ class CudaModel {
   virtual ~CudaModel() = default;
 
   // The forward pass of LlamaModel::Forward (same contract; the batch was validated by the
-  // caller). UNIMPLEMENTED for a position at or past config.sliding_window (no windowed attention
-  // on CUDA yet; below the window the result is exact). `merged` is the adapter merged into the
-  // device weights, or null (mixed mode as on the CPU: other tokens get its delta subtracted).
+  // caller), config.sliding_window included. `merged` is the adapter merged into the device
+  // weights, or null (mixed mode as on the CPU: other tokens get its delta subtracted).
   virtual absl::Status Forward(const ForwardBatch& batch, KvCache* cache,
                                const LoraWeightsView* merged, std::vector<float>* logits) = 0;
 

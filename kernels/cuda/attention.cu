@@ -57,7 +57,8 @@ template <typename A, typename C, int kPerLane>
 __global__ void __launch_bounds__(kThreads)
     PagedAttentionKernel(A* out, const A* q, const C* k_cache, const C* v_cache,
                          const int32_t* token_seq, const int32_t* token_pos,
-                         const int32_t* block_tables, Layout l, int64_t n_heads, float scale) {
+                         const int32_t* block_tables, Layout l, int64_t n_heads, float scale,
+                         int64_t window) {
   const int64_t t = blockIdx.x;
   const int64_t h = blockIdx.y;
   const int warp = threadIdx.x / 32;
@@ -66,6 +67,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t kv_head = h / (n_heads / l.n_kv_heads);
   const int32_t* table = block_tables + token_seq[t] * l.max_blocks_per_seq;
   const int64_t len = int64_t{token_pos[t]} + 1;
+  // Sliding window W > 0: the last W positions (own included), as kernels::PagedAttention.
+  const int64_t first = window > 0 && len > window ? len - window : 0;
 
   float qv[kPerLane];
   float acc[kPerLane];
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   float m = -INFINITY;  // running max of this warp's scores
   float denom = 0.0f;   // running sum of exp(score - m)
-  for (int64_t p = warp; p < len; p += kWarps) {
+  for (int64_t p = first + warp; p < len; p += kWarps) {
     const int64_t base = CacheOffset(table, p, kv_head, l);
     float dot = 0.0f;
 #pragma unroll
@@ -115,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
   float total = 0.0f;
   float factor[kWarps];
   for (int w = 0; w < kWarps; ++w) {
-    // A warp that saw no position (len < kWarps) has m = -inf and contributes nothing.
+    // A warp that saw no position (fewer than kWarps positions) has m = -inf: contributes nothing.
     factor[w] = s_m[w] == -INFINITY ? 0.0f : expf(s_m[w] - max_m);
     total += s_denom[w] * factor[w];
   }
@@ -155,7 +158,8 @@ cudaError_t LaunchWriteKv(void* k_cache, void* v_cache, DType cache_dtype, const
 cudaError_t LaunchPagedAttention(void* out, const void* q, DType act_dtype, const void* k_cache,
                                  const void* v_cache, DType cache_dtype,
                                  const AttentionBatch& batch, const KvLayout& layout,
-                                 int64_t n_heads, float scale, cudaStream_t stream) {
+                                 int64_t n_heads, float scale, int64_t sliding_window,
+                                 cudaStream_t stream) {
   if (batch.num_tokens == 0 || n_heads == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(batch.num_tokens), static_cast<unsigned>(n_heads));
   return DispatchHeadDim(layout.head_dim, [&](auto per_lane) {
@@ -166,7 +170,7 @@ cudaError_t LaunchPagedAttention(void* out, const void* q, DType act_dtype, cons
         PagedAttentionKernel<A, C, decltype(per_lane)::value><<<grid, kThreads, 0, stream>>>(
             static_cast<A*>(out), static_cast<const A*>(q), static_cast<const C*>(k_cache),
             static_cast<const C*>(v_cache), batch.token_seq, batch.token_pos, batch.block_tables,
-            ToLayout(layout), n_heads, scale);
+            ToLayout(layout), n_heads, scale, sliding_window);
         return cudaGetLastError();
       });
     });

@@ -182,13 +182,15 @@ absl::Status CudaWriteKv(void* d_k_cache, void* d_v_cache, DType cache_dtype, co
                          const KvLayout& layout, void* stream = nullptr);
 
 // Causal attention of each token over positions 0..token_pos[t] of its sequence (prefill and decode
-// alike; CudaWriteKv must run first). d_q [num_tokens, n_heads, head_dim] and d_out
-// [num_tokens, n_heads * head_dim] have act_dtype; n_heads must be a multiple of n_kv_heads (GQA).
-// Softmax and sums in f32.
+// alike; CudaWriteKv must run first), or with sliding_window = W > 0 over the last W of them,
+// max(0, p - W + 1)..p as kernels::PagedAttention (Mistral); older blocks are never read. d_q
+// [num_tokens, n_heads, head_dim] and d_out [num_tokens, n_heads * head_dim] have act_dtype;
+// n_heads must be a multiple of n_kv_heads (GQA). Softmax and sums in f32.
 absl::Status CudaPagedAttention(void* d_out, const void* d_q, DType act_dtype,
                                 const void* d_k_cache, const void* d_v_cache, DType cache_dtype,
                                 const AttentionBatch& batch, const KvLayout& layout,
-                                int64_t n_heads, float scale, void* stream = nullptr);
+                                int64_t n_heads, float scale, int64_t sliding_window = 0,
+                                void* stream = nullptr);
 
 // ---- sampling on the device
 // -------------------------------------------------------------------------

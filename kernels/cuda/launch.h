@@ -42,7 +42,8 @@ cudaError_t LaunchWriteKv(void* k_cache, void* v_cache, DType cache_dtype, const
 cudaError_t LaunchPagedAttention(void* out, const void* q, DType act_dtype, const void* k_cache,
                                  const void* v_cache, DType cache_dtype,
                                  const AttentionBatch& batch, const KvLayout& layout,
-                                 int64_t n_heads, float scale, cudaStream_t stream);
+                                 int64_t n_heads, float scale, int64_t sliding_window,
+                                 cudaStream_t stream);
 
 // lora.cu. Exactly one of token_adapter (BGMV) and segments (SGMV, when token_adapter is null)
 // says which adapter each of the num_tokens tokens uses. x and y have dtype act_dtype.

@@ -149,8 +149,13 @@ absl::Status CudaWriteKv(void* d_k_cache, void* d_v_cache, DType cache_dtype, co
 absl::Status CudaPagedAttention(void* d_out, const void* d_q, DType act_dtype,
                                 const void* d_k_cache, const void* d_v_cache, DType cache_dtype,
                                 const AttentionBatch& batch, const KvLayout& layout,
-                                int64_t n_heads, float scale, void* stream) {
+                                int64_t n_heads, float scale, int64_t sliding_window,
+                                void* stream) {
   constexpr const char* kOp = "CudaPagedAttention";
+  if (sliding_window < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": sliding_window=", sliding_window, " must be >= 0 (0 = none)"));
+  }
   LP_RETURN_IF_ERROR(CheckAttention(kOp, batch, layout));
   LP_RETURN_IF_ERROR(internal::CheckDType(kOp, "act_dtype", act_dtype));
   LP_RETURN_IF_ERROR(internal::CheckDType(kOp, "cache_dtype", cache_dtype));
@@ -163,9 +168,9 @@ absl::Status CudaPagedAttention(void* d_out, const void* d_q, DType act_dtype,
     LP_RETURN_IF_ERROR(internal::CheckPointers(
         kOp, {{"d_out", d_out}, {"d_q", d_q}, {"d_k_cache", d_k_cache}, {"d_v_cache", d_v_cache}}));
   }
-  LP_CUDA_RETURN_IF_ERROR(internal::LaunchPagedAttention(d_out, d_q, act_dtype, d_k_cache,
-                                                         d_v_cache, cache_dtype, batch, layout,
-                                                         n_heads, scale, AsStream(stream)));
+  LP_CUDA_RETURN_IF_ERROR(internal::LaunchPagedAttention(
+      d_out, d_q, act_dtype, d_k_cache, d_v_cache, cache_dtype, batch, layout, n_heads, scale,
+      sliding_window, AsStream(stream)));
   return absl::OkStatus();
 }
 

@@ -1,7 +1,8 @@
 // CudaWriteKv + CudaPagedAttention against ref::WriteKv + ref::PagedAttention: scattered block
 // tables, block sizes that do not divide the lengths, GQA, head_dim from 8 (stories260K) to 256,
-// prefill (every position queried), decode (the last one) and a chunked-prefill mix; f32 and bf16
-// activations and cache. Skips without a device (see cuda_test_util.h).
+// prefill (every position queried), decode (the last one) and a chunked-prefill mix, with and
+// without a sliding window; f32 and bf16 activations and cache. Skips without a device (see
+// cuda_test_util.h).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -36,12 +37,14 @@ struct Case {
   int64_t n_heads, n_kv_heads, head_dim, block_size;
   std::vector<int64_t> seq_lens;
   Mode mode;
+  int64_t window = 0;  // sliding window; 0 = none
 };
 
 std::string Describe(const Case& c) {
   std::string s = "heads=" + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv_heads) +
                   " hd=" + std::to_string(c.head_dim) + " bs=" + std::to_string(c.block_size) +
-                  " mode=" + std::to_string(static_cast<int>(c.mode)) + " lens=";
+                  " mode=" + std::to_string(static_cast<int>(c.mode)) +
+                  " window=" + std::to_string(c.window) + " lens=";
   for (int64_t l : c.seq_lens) s += std::to_string(l) + ",";
   return s;
 }
@@ -112,7 +115,7 @@ void RunCase(const Case& c, DType act_dt, DType cache_dt, uint32_t seed) {
   std::vector<float> expected(nq * c.n_heads * c.head_dim);
   AttentionBatch ref_q{nq, queries.seq.data(), queries.pos.data(), tables.data()};
   ref::PagedAttention(expected.data(), q.data(), ref_k.data(), ref_v.data(), ref_q, layout,
-                      c.n_heads, scale);
+                      c.n_heads, scale, c.window);
 
   ASSERT_OK_AND_ASSIGN(CudaBuffer d_k_cache, Upload(std::vector<float>(cache_elems), cache_dt));
   ASSERT_OK_AND_ASSIGN(CudaBuffer d_v_cache, Upload(std::vector<float>(cache_elems), cache_dt));
@@ -131,7 +134,7 @@ void RunCase(const Case& c, DType act_dt, DType cache_dt, uint32_t seed) {
                         act_dt, hist, layout));
   AttentionBatch batch{nq, d_q_seq.as<int32_t>(), d_q_pos.as<int32_t>(), d_tables.as<int32_t>()};
   ASSERT_OK(CudaPagedAttention(d_out.data(), d_q.data(), act_dt, d_k_cache.data(), d_v_cache.data(),
-                               cache_dt, batch, layout, c.n_heads, scale));
+                               cache_dt, batch, layout, c.n_heads, scale, c.window));
 
   // The cache write is a scatter plus at most one rounding, which the reference applied too.
   ASSERT_OK_AND_ASSIGN(std::vector<float> got_k, Download(d_k_cache, cache_dt, cache_elems));
@@ -161,6 +164,12 @@ const Case kCases[] = {
     {8, 1, 128, 16, {1537}, Mode::kDecode},
     {2, 2, 256, 3, {65, 1}, Mode::kPrefill},
     {3, 1, 33, 1, {40, 9}, Mode::kMixed},
+    // Sliding windows (Mistral): smaller than a block, not a multiple of it, longer than some
+    // sequences, of one position, and past a long decode.
+    {8, 4, 8, 16, {1, 37, 60}, Mode::kPrefill, 8},
+    {9, 3, 64, 7, {301, 33, 1, 90}, Mode::kMixed, 40},
+    {8, 1, 128, 16, {1537, 5}, Mode::kDecode, 1000},
+    {3, 1, 33, 5, {40, 9}, Mode::kPrefill, 1},
 };
 
 TEST_F(CudaAttentionTest, MatchesReferenceF32) {
@@ -195,6 +204,9 @@ TEST(CudaAttentionTestArgs, RejectsBadArguments) {
   EXPECT_THAT(CudaPagedAttention(nullptr, nullptr, DType::kF32, nullptr, nullptr, DType::kF32,
                                  empty, big, 2, 1.0f),
               StatusIs(absl::StatusCode::kInvalidArgument, "layout.head_dim=320"));
+  EXPECT_THAT(CudaPagedAttention(nullptr, nullptr, DType::kF32, nullptr, nullptr, DType::kF32,
+                                 empty, layout, 2, 1.0f, -1),
+              StatusIs(absl::StatusCode::kInvalidArgument, "sliding_window=-1"));
   AttentionBatch one{1, nullptr, nullptr, nullptr};
   EXPECT_THAT(
       CudaWriteKv(nullptr, nullptr, DType::kF32, nullptr, nullptr, DType::kF32, one, layout),

@@ -202,12 +202,13 @@ absl::Status CudaWriteKv(void* d_k_cache, void* d_v_cache, DType cache_dtype, co
 absl::Status CudaPagedAttention(void* d_out, const void* d_q, DType act_dtype,
                                 const void* d_k_cache, const void* d_v_cache, DType cache_dtype,
                                 const AttentionBatch& batch, const KvLayout& layout,
-                                int64_t n_heads, float scale, void* stream) {
+                                int64_t n_heads, float scale, int64_t sliding_window,
+                                void* stream) {
   if (absl::Status s = F32Only("CudaPagedAttention", cache_dtype); !s.ok()) return s;
   if (absl::Status s = F32Only("CudaPagedAttention", act_dtype); !s.ok()) return s;
   ref::PagedAttention(static_cast<float*>(d_out), static_cast<const float*>(d_q),
                       static_cast<const float*>(d_k_cache), static_cast<const float*>(d_v_cache),
-                      batch, layout, n_heads, scale);
+                      batch, layout, n_heads, scale, sliding_window);
   return absl::OkStatus();
 }
 

@@ -164,34 +164,22 @@ TEST_F(CudaModelTest, TinyLlamaVariantsMatchCpu) {
   }
 }
 
-TEST_F(CudaModelTest, SlidingWindowMatchesCpuBelowTheWindowAndIsRefusedPastIt) {
+TEST_F(CudaModelTest, SlidingWindowMatchesCpuBeforeAndPastTheWindow) {
   const std::string path = FixturesDir() + "/tiny_llama/mistral_window";
   auto cpu = LoadModel(path, kernels::DType::kF32, Device::kCpu);
   auto cuda = LoadModel(path, kernels::DType::kF32, Device::kCuda);
   ASSERT_TRUE(cpu && cuda);
   const int64_t window = cpu->config().sliding_window;
-  ASSERT_GT(window, 2);
+  ASSERT_EQ(window, 8);
   const int vocab = static_cast<int>(cpu->config().vocab_size);
-  // Two sequences that stay below the window: prefill and decode mixed.
-  const std::vector<Seq> seqs = {{Ids(static_cast<int>(window), vocab, 7), -1},
-                                 {Ids(static_cast<int>(window), vocab, 8), -1}};
-  const std::vector<std::vector<Chunk>> steps = {{{0, static_cast<int>(window) - 2}, {1, 3}},
-                                                 {{0, 1}, {1, static_cast<int>(window) - 3}},
-                                                 {{1, 0}, {0, 1}}};
+  // Chunked prefill across the window edge, then decode steps far past it (RunSteps' blocks of 4
+  // slots: whole blocks fall out of the window), two sequences at different depths in one step.
+  const std::vector<Seq> seqs = {{Ids(29, vocab, 7), -1}, {Ids(23, vocab, 8), -1}};
+  const std::vector<std::vector<Chunk>> steps = {{{0, 6}, {1, 11}}, {{0, 13}, {1, 1}},
+                                                 {{0, 1}, {1, 9}},  {{0, 7}, {1, 1}},
+                                                 {{1, 1}, {0, 1}},  {{0, 1}}};
   ExpectStepsClose(RunSteps(*cuda, seqs, steps, {}), RunSteps(*cpu, seqs, steps, {}),
                    ::loraplex::testing::kCudaF32ModelLogits, "mistral_window");
-  // One token at the window: refused, not answered without the window.
-  auto cache = cuda->CreateKvCache(2, 16);
-  ASSERT_OK(cache);
-  ForwardBatch b;
-  b.tokens = {1};
-  b.positions = {static_cast<int32_t>(window)};
-  b.token_seq = {0};
-  b.max_blocks_per_seq = 2;
-  b.block_tables = {*cache->AllocateBlock(), *cache->AllocateBlock()};
-  std::vector<float> logits;
-  EXPECT_THAT(cuda->Forward(b, &*cache, &logits),
-              ::loraplex::testing::StatusIs(absl::StatusCode::kUnimplemented, "sliding window"));
 }
 
 TEST_F(CudaModelTest, Stories260KMatchesCpuInF32AndBf16) {
