@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/cublas_api.h"
 
 namespace loraplex::kernels::cuda {
 
@@ -72,8 +73,8 @@ inline absl::Status CublasErrorToStatus(cublasStatus_t err, const char* what, co
                                         int line) {
   if (err == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::Status(CublasErrorCode(err),
-                      absl::StrCat(what, " failed: ", cublasGetStatusName(err), " (",
-                                   cublasGetStatusString(err), ") at ", file, ":", line));
+                      absl::StrCat(what, " failed: ", CublasStatusName(err), " (",
+                                   CublasStatusString(err), ") at ", file, ":", line));
 }
 
 }  // namespace loraplex::kernels::cuda

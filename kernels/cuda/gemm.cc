@@ -11,6 +11,8 @@
 #include <memory>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/cuda/cublas_api.h"
 #include "kernels/cuda/cuda_gemm.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/validate.h"
@@ -28,19 +30,21 @@ absl::StatusOr<std::unique_ptr<CudaBlas>> CudaBlas::Create() {
   if (!CudaDeviceAvailable(&why)) {
     return absl::UnavailableError(absl::StrCat("CudaBlas: no CUDA device: ", why));
   }
+  LP_ASSIGN_OR_RETURN(const CublasApi* blas, LoadCublas());
   cublasHandle_t handle = nullptr;
-  LP_CUBLAS_RETURN_IF_ERROR(cublasCreate(&handle));
+  LP_CUBLAS_RETURN_IF_ERROR(blas->create(&handle));
   // Plain f32 GEMMs stay f32: no TF32 rounding of inputs behind the tests' backs.
-  if (cublasStatus_t err = cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH);
+  if (cublasStatus_t err = blas->set_math_mode(handle, CUBLAS_DEFAULT_MATH);
       err != CUBLAS_STATUS_SUCCESS) {
-    cublasDestroy(handle);
+    blas->destroy(handle);
     return CublasErrorToStatus(err, "cublasSetMathMode", __FILE__, __LINE__);
   }
   return std::unique_ptr<CudaBlas>(new CudaBlas(handle));
 }
 
 CudaBlas::~CudaBlas() {
-  if (handle_ != nullptr) cublasDestroy(handle_);
+  // A handle exists only after LoadCublas succeeded.
+  if (handle_ != nullptr) (*LoadCublas())->destroy(handle_);
 }
 
 absl::Status CudaBlas::Gemm(void* d_y, DType y_dtype, const void* d_x, DType x_dtype, int64_t m,
@@ -79,7 +83,8 @@ absl::Status CudaBlas::Gemm(void* d_y, DType y_dtype, const void* d_x, DType x_d
   LP_RETURN_IF_ERROR(
       internal::CheckPointers(kOp, {{"d_y", d_y}, {"d_x", d_x}, {"w.data", w.data}}));
 
-  LP_CUBLAS_RETURN_IF_ERROR(cublasSetStream(handle_, s));
+  const CublasApi& blas = **LoadCublas();  // loaded: this object has a handle
+  LP_CUBLAS_RETURN_IF_ERROR(blas.set_stream(handle_, s));
   const void* x = d_x;
   DType x_type = x_dtype;
   if (bf16_weights && x_dtype == DType::kF32) {
@@ -95,7 +100,7 @@ absl::Status CudaBlas::Gemm(void* d_y, DType y_dtype, const void* d_x, DType x_d
   }
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
-  LP_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, &alpha,
+  LP_CUBLAS_RETURN_IF_ERROR(blas.gemm_ex(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, &alpha,
                                          w.data, CudaType(w.dtype), k, x, CudaType(x_type), k,
                                          &beta, d_y, CudaType(y_dtype), n, CUBLAS_COMPUTE_32F,
                                          CUBLAS_GEMM_DEFAULT));
