@@ -86,6 +86,9 @@ Engine::Engine(model::LlamaModel* model, const EngineOptions& options, model::Kv
   TsanMutexLock lock(&stats_mu_);
   stats_.kv_blocks_total = kv_blocks_total_;
   stats_.kv_blocks_free = kv_blocks_total_;
+  stats_.weight_bytes = model_->weight_bytes();
+  stats_.kv_pool_bytes = cache_.pool_bytes();
+  stats_.scratch_bytes = model_->scratch_bytes();
 }
 
 Engine::~Engine() { Shutdown(); }
@@ -372,7 +375,10 @@ void Engine::PublishStats(int64_t new_tokens) {
   int64_t window_tokens = 0;
   for (const auto& [t, n] : rate_window_) window_tokens += n;
   const double span = absl::ToDoubleSeconds(now - rate_window_.front().first);
+  const int64_t scratch =
+      model_->scratch_bytes() + static_cast<int64_t>(logits_.capacity() * sizeof(float));
   TsanMutexLock lock(&stats_mu_);
+  stats_.scratch_bytes = scratch;
   stats_.running = scheduler_.num_running();
   stats_.waiting = scheduler_.num_waiting();
   stats_.kv_blocks_used = cache_.num_used_blocks();

@@ -64,6 +64,13 @@ struct EngineStats {
   int64_t cancelled_requests = 0;
   int64_t preemptions = 0;
   double tokens_per_second = 0;  // over the last few seconds
+  // Memory the engine accounts for, in bytes (the pieces an operator adds up against the
+  // process's resident size; adapters are the registry's): the model's stored weights, the KV
+  // pools (all of them, used or not), and the step scratch (the model's forward-pass buffers and
+  // the engine's logits, as large as the largest step so far).
+  int64_t weight_bytes = 0;
+  int64_t kv_pool_bytes = 0;
+  int64_t scratch_bytes = 0;
 };
 
 class Engine {

@@ -24,6 +24,7 @@ absl::StatusOr<KvCache> KvCache::Create(const LlamaConfig& config, int64_t num_b
   c.block_size_ = block_size;
   c.n_kv_heads_ = config.num_kv_heads;
   c.head_dim_ = config.head_dim;
+  c.num_layers_ = config.num_layers;
   c.layer_stride_ = num_blocks * block_size * config.num_kv_heads * config.head_dim;
   const int64_t total = c.layer_stride_ * config.num_layers;
   if (host_storage) {

@@ -28,6 +28,13 @@ class KvCache {
   int64_t block_size() const { return block_size_; }
   int64_t num_free_blocks() const { return static_cast<int64_t>(free_.size()); }
   int64_t num_used_blocks() const { return num_blocks_ - num_free_blocks(); }
+  // Bytes of the K and V pools of all layers (num_blocks * block_size * BytesPerToken), wherever
+  // they live (host, or the device for a cache without host storage). Host pools are committed
+  // page by page as blocks are first written, so resident memory reaches this only once every
+  // block has been used.
+  int64_t pool_bytes() const {
+    return 2 * layer_stride_ * num_layers_ * static_cast<int64_t>(sizeof(float));
+  }
 
   // RESOURCE_EXHAUSTED when no block is free.
   absl::StatusOr<int32_t> AllocateBlock();
@@ -58,6 +65,7 @@ class KvCache {
  private:
   KvCache() = default;
   int64_t num_blocks_ = 0, block_size_ = 0, n_kv_heads_ = 0, head_dim_ = 0, layer_stride_ = 0;
+  int64_t num_layers_ = 0;
   std::unique_ptr<float[]> k_, v_;
   std::vector<int32_t> free_;
   std::vector<bool> in_use_;

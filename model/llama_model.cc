@@ -118,6 +118,27 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
 // Shape-based, so it stays right after the CUDA model released the host matrices.
 int64_t LlamaModel::weight_bytes() const { return impl_->w.bytes(); }
 
+namespace {
+
+template <typename T>
+int64_t CapacityBytes(const std::vector<T>& v) {
+  return static_cast<int64_t>(v.capacity() * sizeof(T));
+}
+
+}  // namespace
+
+int64_t LlamaModel::scratch_bytes() const {
+  const Impl& s = *impl_;
+  int64_t total = 0;
+  for (const std::vector<float>* v :
+       {&s.x, &s.h, &s.q, &s.k, &s.v, &s.attn, &s.proj, &s.gate, &s.up, &s.sel}) {
+    total += CapacityBytes(*v);
+  }
+  const LoraScratch& l = s.lora;
+  return total + CapacityBytes(l.v) + CapacityBytes(l.a) + CapacityBytes(l.b) +
+         CapacityBytes(l.token_adapter) + CapacityBytes(l.starts) + CapacityBytes(l.seg_adapter);
+}
+
 absl::StatusOr<KvCache> LlamaModel::CreateKvCache(int64_t num_blocks, int64_t block_size) const {
   return KvCache::Create(config_, num_blocks, block_size,
                          /*host_storage=*/options_.device == Device::kCpu);

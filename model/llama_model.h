@@ -131,6 +131,10 @@ class LlamaModel {
   bool from_gguf() const { return from_gguf_; }
   // Bytes of the stored weights.
   int64_t weight_bytes() const;
+  // Bytes the CPU forward pass holds between steps as scratch (activations of the largest step so
+  // far and the LoRA buffers; it grows to what --max-batch-tokens needs and stays). 0 until the
+  // first CPU step; a CUDA model keeps its scratch on the device.
+  int64_t scratch_bytes() const;
   Device device() const { return options_.device; }
   // A KV cache for this model: host K/V pools on the CPU, block bookkeeping only on CUDA (the
   // device pools are attached to it at its first Forward). Errors as KvCache::Create.

@@ -49,6 +49,10 @@ struct Metrics::Impl {
   prometheus::Family<prometheus::Counter>* adapter_requests = nullptr;
   prometheus::Family<prometheus::Gauge>* adapter_resident = nullptr;
   prometheus::Family<prometheus::Gauge>* adapter_merged = nullptr;
+  prometheus::Gauge* memory_weights = nullptr;
+  prometheus::Gauge* memory_kv_pool = nullptr;
+  prometheus::Gauge* memory_scratch = nullptr;
+  prometheus::Gauge* memory_adapters = nullptr;
 };
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen) {
@@ -102,6 +106,16 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
                               .Name("loraplex_adapter_merged")
                               .Help("1 when the adapter is merged into the base weights")
                               .Register(r);
+  auto& memory = prometheus::BuildGauge()
+                     .Name("loraplex_memory_bytes")
+                     .Help(
+                         "Bytes held by the model weights, the KV pool (all blocks), the "
+                         "forward-pass scratch and the adapters in compute memory")
+                     .Register(r);
+  impl->memory_weights = &memory.Add({{"part", "weights"}});
+  impl->memory_kv_pool = &memory.Add({{"part", "kv_pool"}});
+  impl->memory_scratch = &memory.Add({{"part", "scratch"}});
+  impl->memory_adapters = &memory.Add({{"part", "adapters"}});
   if (!listen.empty()) {
     try {
       impl->exposer = std::make_unique<prometheus::Exposer>(listen, 1);
@@ -137,6 +151,9 @@ void Metrics::UpdateEngine(const engine::EngineStats& stats) {
   impl_->kv_used->Set(static_cast<double>(stats.kv_blocks_used));
   impl_->kv_free->Set(static_cast<double>(stats.kv_blocks_free));
   impl_->tokens_per_s->Set(stats.tokens_per_second);
+  impl_->memory_weights->Set(static_cast<double>(stats.weight_bytes));
+  impl_->memory_kv_pool->Set(static_cast<double>(stats.kv_pool_bytes));
+  impl_->memory_scratch->Set(static_cast<double>(stats.scratch_bytes));
 }
 
 }  // namespace loraplex::server
@@ -149,7 +166,9 @@ void Metrics::UpdateAdapters(const std::vector<adapters::AdapterInfo>& adapters)
     const double delta = static_cast<double>(total) - c.Value();
     if (delta > 0) c.Increment(delta);
   };
+  int64_t resident_bytes = 0;  // every version in memory, draining ones included
   for (const adapters::AdapterInfo& a : adapters) {
+    if (a.residency != adapters::Residency::kDisk) resident_bytes += a.bytes;
     if (a.state != adapters::AdapterState::kReady) continue;
     const std::map<std::string, std::string> label = {{"adapter", a.name}};
     advance(impl_->adapter_loads->Add(label), a.loads);
@@ -159,6 +178,7 @@ void Metrics::UpdateAdapters(const std::vector<adapters::AdapterInfo>& adapters)
     impl_->adapter_resident->Add(label).Set(a.residency == adapters::Residency::kDisk ? 0 : 1);
     impl_->adapter_merged->Add(label).Set(a.merged ? 1 : 0);
   }
+  impl_->memory_adapters->Set(static_cast<double>(resident_bytes));
 }
 
 }  // namespace loraplex::server

@@ -9,6 +9,8 @@
 //   loraplex_adapter_reloads_total{adapter}, loraplex_adapter_requests_total{adapter}
 //                                                 registry counters (since the process started)
 //   loraplex_adapter_resident{adapter}, loraplex_adapter_merged{adapter}   0/1 gauges
+//   loraplex_memory_bytes{part="weights"|"kv_pool"|"scratch"|"adapters"}   what the server holds
+//                                                 by design, to set against its resident size
 // The adapter label is "base" for the base model and "-" for requests refused before their adapter
 // was resolved (so that made-up names cannot grow the label set).
 //

@@ -141,6 +141,40 @@ TEST_F(EngineTest, GreedyFromBosIsTheGoldenStory) {
   EXPECT_EQ(results[id].text, Solo(r).text);
 }
 
+// The memory the engine reports (for /metrics): weights and KV pool from the shapes, computed here
+// from the config; scratch at least what a step of the longest prompt needs.
+TEST_F(EngineTest, MemoryStatsAreWeightsPoolAndScratch) {
+  const model::LlamaConfig& c = model_->config();
+  const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), ff = c.intermediate_size;
+  const int64_t matrices = c.vocab_size * h * (c.tie_word_embeddings ? 1 : 2) +
+                           c.num_layers * (h * qd + 2 * h * kvd + qd * h + 3 * h * ff);
+  const int64_t norms = h + c.num_layers * 2 * h;
+  ASSERT_FALSE(c.attention_bias);
+  const int64_t f32 = sizeof(float);  // SetUpTestSuite loads f32 weights
+
+  auto engine = MakeEngine({.max_batch_tokens = 64, .kv_block_size = 4, .kv_blocks = 20});
+  EngineStats s = engine->Stats();
+  EXPECT_EQ(s.weight_bytes, (matrices + norms) * f32);
+  EXPECT_EQ(s.weight_bytes, model_->weight_bytes());
+  EXPECT_EQ(s.kv_pool_bytes, 20 * 4 * 2 * c.num_layers * kvd * f32);
+
+  const std::vector<int32_t> story = GoldenIds();
+  std::vector<int32_t> prompt = {1};
+  prompt.insert(prompt.end(), story.begin(), story.begin() + 40);
+  GenerationRequest r = Greedy(prompt, 3);
+  r.ignore_eos = true;
+  Collector col;
+  ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(r, col.Sink()));
+  EXPECT_EQ(col.WaitFor(1)[id].ids.size(), 3u);
+  s = WaitForNoBlocks(*engine);
+  // One prefill step of 41 tokens: x, h, q, k, v, attention out, projection, gate, up, plus one
+  // row of logits.
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  const int64_t step = n * (3 * h + 2 * qd + 2 * kvd + 2 * ff) * f32 + c.vocab_size * f32;
+  EXPECT_GE(s.scratch_bytes, step);
+  EXPECT_EQ(s.kv_pool_bytes, 20 * 4 * 2 * c.num_layers * kvd * f32);  // unchanged by use
+}
+
 TEST_F(EngineTest, BatchedGreedyEqualsEachRequestAlone) {
   // A small token budget forces chunked prefill beside running decodes.
   auto engine = MakeEngine({.max_batch_tokens = 24, .max_running = 16});
