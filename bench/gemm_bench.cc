@@ -37,8 +37,9 @@ const Shape kShapes[] = {{"q_o", 576, 576},
                          {"gate_up", 1536, 576},
                          {"down", 576, 1536},
                          {"lm_head", 49152, 576}};
-// Decode batches (1..8 sequences) and a 128-token prefill chunk.
-const int64_t kTokens[] = {1, 2, 4, 8, 16, 128};
+// Decode batches (1..8 sequences), 16 and 32 tokens (around where the AVX-512 table switches to
+// its prefill tiles) and a 128-token prefill chunk.
+const int64_t kTokens[] = {1, 2, 4, 8, 16, 32, 128};
 // Our tables to compare; those this CPU lacks are skipped.
 const char* const kIsas[] = {"avx2", "avx512"};
 

@@ -5,8 +5,9 @@
 // instruction runs on a machine without it.
 //
 // What AVX-512 changes beyond the width: masked loads and stores replace every scalar tail (a
-// masked-off lane reads nothing and contributes a zero), and the register file holds 24
-// accumulators per GEMM tile instead of 12.
+// masked-off lane reads nothing and contributes a zero), the register file holds 24 accumulators
+// per GEMM tile instead of 12, and gathers/scatters make a prefill tile with tokens in the lanes
+// cheap to feed (see "prefill GEMM" below).
 //
 // Why no vdpbf16ps (AVX512-BF16) variant of gemm_bf16: activations are f32 (DESIGN.md section 3),
 // so x must be split into bf16 parts; hi+lo gave 2.5-4x the error of the f32 loops against
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace loraplex::kernels::cpu {
 namespace {
@@ -208,13 +210,128 @@ void GemmRange(float* y, const float* x, int64_t m, const WT* w, int64_t n, int6
   }
 }
 
+// ---- prefill GEMM: tokens in the lanes
+//
+// From kBcastMinTokens tokens on, the lanes hold 16 tokens instead of 16 steps of k: x is
+// transposed once per call into xt[k][tokens] (gathers, m*k elements, small beside the m*n*k
+// multiply-adds), and a tile of 32 tokens x 12 output features keeps 24 accumulators, each one FMA
+// chain along k for 16 outputs: every step broadcasts one weight per feature and loads two
+// 16-token vectors of xt. There is no horizontal reduction at all (the dot-product tiles reduce
+// 24 accumulators per tile), and the outputs, which are columns of y, go out with one masked
+// scatter per 16 tokens at the end of k. bf16 weights are widened a panel at a time into a
+// per-thread buffer (exact, so the same bits as widening in the tile), since a scalar bf16
+// broadcast costs three operations per weight. Measured on one Xeon core: 0.55-0.93x the time of
+// the dot-product tiles at 32-128 tokens (docs/benchmarks.md); below 32 tokens it was slower.
+constexpr int kBcastRows = 12;
+constexpr int64_t kBcastTokens = 32;  // two vectors of tokens per tile
+constexpr int64_t kBcastMinTokens = 32;
+
+template <int NR>
+void BcastTile(float* y, int64_t n, const float* xt, int64_t ldxt, const float* w, int64_t k,
+               int64_t valid, bool accumulate) {
+  __m512 acc[NR][2];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; ++c) {
+    const __m512 x0 = _mm512_loadu_ps(xt + c * ldxt);
+    const __m512 x1 = _mm512_loadu_ps(xt + c * ldxt + 16);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 b = _mm512_set1_ps(w[r * k + c]);
+      acc[r][0] = _mm512_fmadd_ps(b, x0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(b, x1, acc[r][1]);
+    }
+  }
+  // Token t of the tile is row t of y: offsets t * n (BcastUsable keeps 32 * n within int32).
+  const __m512i lo_rows =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int>(n)));
+  const __m512i hi_rows = _mm512_add_epi32(lo_rows, _mm512_set1_epi32(static_cast<int>(16 * n)));
+  const __mmask16 lo = FirstLanes(std::min<int64_t>(16, valid));
+  const __mmask16 hi = FirstLanes(std::clamp<int64_t>(valid - 16, 0, 16));
+  for (int r = 0; r < NR; ++r) {
+    __m512 a0 = acc[r][0], a1 = acc[r][1];
+    if (accumulate) {
+      a0 = _mm512_add_ps(a0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lo, lo_rows, y + r, 4));
+      a1 = _mm512_add_ps(a1, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), hi, hi_rows, y + r, 4));
+    }
+    _mm512_mask_i32scatter_ps(y + r, lo, lo_rows, a0, 4);
+    _mm512_mask_i32scatter_ps(y + r, hi, hi_rows, a1, 4);
+  }
+}
+
+using BcastFn = void (*)(float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t,
+                         bool);
+struct BcastTable {
+  BcastFn fn[kBcastRows] = {BcastTile<1>, BcastTile<2>,  BcastTile<3>,  BcastTile<4>,
+                            BcastTile<5>, BcastTile<6>,  BcastTile<7>,  BcastTile<8>,
+                            BcastTile<9>, BcastTile<10>, BcastTile<11>, BcastTile<12>};
+};
+
+// Gather/scatter offsets are int32: token rows of a tile lie up to 31 * n floats apart, and a
+// gather reads x rows up to 15 * k floats apart.
+bool BcastUsable(int64_t m, int64_t n, int64_t k) {
+  return m >= kBcastMinTokens && n < (int64_t{1} << 26) && k < (int64_t{1} << 27);
+}
+
+// xt[c * mp + i] = x[i * k + c] for i < m, 0 for m <= i < mp.
+void TransposeTokens(float* xt, int64_t mp, const float* x, int64_t m, int64_t k) {
+  const __m512i token_rows =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(static_cast<int>(k)));
+  for (int64_t i = 0; i < mp; i += 16) {
+    const __mmask16 lanes = FirstLanes(std::clamp<int64_t>(m - i, 0, 16));
+    const float* xi = x + i * k;
+    for (int64_t c = 0; c < k; ++c) {
+      _mm512_storeu_ps(xt + c * mp + i,
+                       _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, token_rows, xi + c, 4));
+    }
+  }
+}
+
+template <typename WT>
+void BcastGemm(float* y, const float* x, int64_t m, const WT* w, int64_t n, int64_t k,
+               int64_t j_begin, int64_t j_end, bool accumulate) {
+  static const BcastTable table;
+  const int64_t mp = (m + kBcastTokens - 1) / kBcastTokens * kBcastTokens;
+  thread_local std::vector<float> xt;
+  xt.resize(static_cast<size_t>(mp * k));
+  TransposeTokens(xt.data(), mp, x, m, k);
+  // A panel of weight rows (~256 KiB as f32) stays in L2 while every token tile passes over it.
+  const int64_t panel = std::max<int64_t>(
+      kBcastRows, (256 * 1024 / std::max<int64_t>(1, k * 4)) / kBcastRows * kBcastRows);
+  thread_local std::vector<float> wide;
+  for (int64_t jp = j_begin; jp < j_end; jp += panel) {
+    const int64_t jp_end = std::min(j_end, jp + panel);
+    const float* rows;  // rows jp..jp_end-1 as f32
+    if constexpr (sizeof(WT) == sizeof(float)) {
+      rows = w + jp * k;
+    } else {
+      const int64_t count = (jp_end - jp) * k;  // the panel's rows are contiguous
+      wide.resize(static_cast<size_t>(count));
+      for (int64_t e = 0; e < count; e += 16) {
+        const __mmask16 lanes = FirstLanes(std::min<int64_t>(16, count - e));
+        _mm512_mask_storeu_ps(wide.data() + e, lanes, Load16(w + jp * k + e, lanes));
+      }
+      rows = wide.data();
+    }
+    for (int64_t i = 0; i < m; i += kBcastTokens) {
+      for (int64_t j = jp; j < jp_end; j += kBcastRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kBcastRows, jp_end - j));
+        table.fn[nr - 1](y + i * n + j, n, xt.data() + i, mp, rows + (j - jp) * k, k, m - i,
+                         accumulate);
+      }
+    }
+  }
+}
+
 void GemmF32(float* y, const float* x, int64_t m, const float* w, int64_t n, int64_t k,
              int64_t j_begin, int64_t j_end, bool accumulate) {
+  if (BcastUsable(m, n, k)) return BcastGemm(y, x, m, w, n, k, j_begin, j_end, accumulate);
   GemmRange(y, x, m, w, n, k, j_begin, j_end, accumulate);
 }
 
 void GemmBf16(float* y, const float* x, int64_t m, const uint16_t* w, int64_t n, int64_t k,
               int64_t j_begin, int64_t j_end, bool accumulate) {
+  if (BcastUsable(m, n, k)) return BcastGemm(y, x, m, w, n, k, j_begin, j_end, accumulate);
   GemmRange(y, x, m, w, n, k, j_begin, j_end, accumulate);
 }
 

@@ -110,7 +110,7 @@ TEST_P(CpuOpsTest, AttentionScoresAndAccumulate) {
 // gemm_* on a sub-range of output features writes exactly those columns of every token row.
 TEST_P(CpuOpsTest, GemmWritesOnlyItsRange) {
   uint32_t seed = 400;
-  for (int64_t m : {1, 2, 5, 9}) {
+  for (int64_t m : {1, 2, 5, 9, 33}) {
     for (int64_t k : {1, 15, 17, 64, 577}) {
       const int64_t n = 29;
       for (const auto& [j0, j1] : {std::pair<int64_t, int64_t>{0, 29}, {3, 20}, {11, 12}}) {
