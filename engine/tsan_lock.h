@@ -37,6 +37,18 @@ inline void TsanRelease(absl::Mutex* mu) {
 #endif
 }
 
+// The same edges on any address (an object handed between threads by code TSan cannot see).
+inline void TsanAcquireAddress(const void* addr) {
+#ifdef LP_TSAN_ENABLED
+  __tsan_acquire(const_cast<void*>(addr));
+#endif
+}
+inline void TsanReleaseAddress(const void* addr) {
+#ifdef LP_TSAN_ENABLED
+  __tsan_release(const_cast<void*>(addr));
+#endif
+}
+
 class ABSL_SCOPED_LOCKABLE TsanMutexLock {
  public:
   explicit TsanMutexLock(absl::Mutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) {

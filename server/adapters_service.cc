@@ -9,6 +9,7 @@
 #include "common/status.h"
 #include "engine/tsan_lock.h"
 #include "server/status_mapping.h"
+#include "server/tsan_annotations.h"
 
 namespace loraplex::server {
 namespace {
@@ -39,8 +40,8 @@ v1::Residency ResidencyProto(adapters::Residency r) {
 
 grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
                                     const absl::Status& status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
+  auto* reactor = new FinishingReactor();
+  reactor->FinishWith(ToGrpcStatus(status));
   return reactor;
 }
 
@@ -52,16 +53,18 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
                 const absl::Status& auth, v1::AdapterInfo* response)
       : service_(service), registry_(registry), response_(response) {
     if (!auth.ok()) {
-      Finish(ToGrpcStatus(auth));
+      FinishWith(ToGrpcStatus(auth));
       return;
     }
-    StartRead(&message_);
+    sync_.Handoff([&] { StartRead(&message_); });
   }
 
   void OnReadDone(bool ok) override {
+    CheckOurs checked;
+    sync_.Reacted();
     if (!ok) {  // the client half-closed: commit
       if (upload_ == nullptr) {
-        Finish(ToGrpcStatus(
+        FinishWith(ToGrpcStatus(
             absl::InvalidArgumentError("UploadAdapter: the stream ended before a header")));
         return;
       }
@@ -72,7 +75,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
           service_->UnmergeIfStale();
           ToProto(*info, response_);
         }
-        Finish(ToGrpcStatus(info.status()));
+        FinishWith(ToGrpcStatus(info.status()));
       });
       return;
     }
@@ -101,15 +104,24 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     }
     if (!status.ok()) {
       upload_.reset();  // discards the staged files
-      Finish(ToGrpcStatus(status));
+      FinishWith(ToGrpcStatus(status));
       return;
     }
-    StartRead(&message_);
+    sync_.Handoff([&] { StartRead(&message_); });
   }
 
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    CheckOurs checked;
+    sync_.Reacted();
+    delete this;
+  }
 
  private:
+  void FinishWith(grpc::Status status) {
+    sync_.Handoff([&] { Finish(std::move(status)); });
+  }
+
+  ReactorSync sync_;  // server/tsan_annotations.h
   AdaptersService* const service_;
   adapters::AdapterRegistry* const registry_;
   v1::AdapterInfo* const response_;
@@ -182,8 +194,9 @@ void AdaptersService::RunDetached(std::function<void()> work) {
 grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerContext* context,
                                                        const v1::LoadAdapterRequest* request,
                                                        v1::AdapterInfo* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new FinishingReactor();
   RunDetached([this, reactor, request, response] {
     absl::StatusOr<adapters::AdapterInfo> info = registry_->RegisterFromPath(
         request->name(), request->path(), request->replace(), request->pin());
@@ -191,19 +204,21 @@ grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerConte
       UnmergeIfStale();
       ToProto(*info, response);
     }
-    reactor->Finish(ToGrpcStatus(info.status()));
+    reactor->FinishWith(ToGrpcStatus(info.status()));
   });
   return reactor;
 }
 
 grpc::ServerReadReactor<v1::UploadAdapterRequest>* AdaptersService::UploadAdapter(
     grpc::CallbackServerContext* context, v1::AdapterInfo* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   return new UploadReactor(this, registry_, auth_->Check(*context), response);
 }
 
 grpc::ServerUnaryReactor* AdaptersService::UnloadAdapter(grpc::CallbackServerContext* context,
                                                          const v1::UnloadAdapterRequest* request,
                                                          v1::UnloadAdapterResponse* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
   absl::StatusOr<adapters::AdapterInfo> info = registry_->Unload(request->name());
   if (!info.ok()) return FinishNow(context, info.status());
@@ -215,6 +230,7 @@ grpc::ServerUnaryReactor* AdaptersService::UnloadAdapter(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* AdaptersService::GetAdapter(grpc::CallbackServerContext* context,
                                                       const v1::GetAdapterRequest* request,
                                                       v1::AdapterInfo* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
   absl::StatusOr<adapters::AdapterInfo> info = registry_->Get(request->name());
   if (info.ok()) ToProto(*info, response);
@@ -224,6 +240,7 @@ grpc::ServerUnaryReactor* AdaptersService::GetAdapter(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* AdaptersService::ListAdapters(grpc::CallbackServerContext* context,
                                                         const v1::ListAdaptersRequest* request,
                                                         v1::ListAdaptersResponse* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
   for (const adapters::AdapterInfo& info : registry_->List())
     ToProto(info, response->add_adapters());
@@ -233,6 +250,7 @@ grpc::ServerUnaryReactor* AdaptersService::ListAdapters(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerContext* context,
                                                           const v1::SetAdapterModeRequest* request,
                                                           v1::AdapterInfo* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
   switch (request->mode()) {
     case v1::MERGED:

@@ -12,6 +12,7 @@
 #include "engine/tsan_lock.h"
 #include "server/request_mapping.h"
 #include "server/status_mapping.h"
+#include "server/tsan_annotations.h"
 
 namespace loraplex::server {
 namespace {
@@ -163,6 +164,9 @@ class GenerationCall {
 
   engine::Engine* const engine_;
   Metrics* const metrics_;
+  // Wraps every gRPC call that hands the reactor over and starts every reaction
+  // (server/tsan_annotations.h).
+  ReactorSync sync_;
   std::shared_ptr<Pending> pending_;  // set in Start (constructor) before any callback runs
   std::atomic<bool> cancel_requested_{false};
   // Atomic: the engine may finish a write (and OnWriteDone read it) before Start stores it; a
@@ -189,9 +193,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     // The engine's last output finishes the call (Pump): the sink never outlives us.
     Start(request, *adapters, draining,
           [this](engine::StepOutput out) { OnOutput(std::move(out)); });
+    sync_.Publish();
   }
 
   void OnWriteDone(bool ok) override {
+    CheckOurs checked;
+    sync_.Reacted();
     bool cancel = false;
     {
       engine::TsanMutexLock lock(&mu_);
@@ -209,15 +216,21 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   }
 
   void OnCancel() override {
+    CheckOurs checked;
+    sync_.Reacted();
     if (CancelWaiting()) FinishCall(Refuse(absl::CancelledError("the request was cancelled")));
   }
   void OnDone() override {
+    CheckOurs checked;
+    sync_.Reacted();
     if (OnDoneShouldDelete()) delete this;
   }
 
  private:
   // A refusal: no engine request exists, so no Pump can finish the call too.
-  void FinishCall(const absl::Status& status) override { Finish(ToGrpcStatus(status)); }
+  void FinishCall(const absl::Status& status) override {
+    sync_.Handoff([&] { Finish(ToGrpcStatus(status)); });
+  }
   void DeleteSelf() override { delete this; }
 
   // Engine thread.
@@ -258,9 +271,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       }
     }
     if (next != nullptr) {
-      StartWrite(next);
+      sync_.Handoff([&] { StartWrite(next); });
     } else if (finish) {
-      Finish(status);
+      sync_.Handoff([&] { Finish(status); });
     }
   }
 
@@ -281,32 +294,39 @@ class CompleteReactor final : public grpc::ServerUnaryReactor, private Generatio
       : GenerationCall(engine, metrics), response_(response) {
     Start(request, *adapters, draining,
           [this](engine::StepOutput out) { OnOutput(std::move(out)); });
+    sync_.Publish();
   }
 
   void OnCancel() override {
+    CheckOurs checked;
+    sync_.Reacted();
     if (CancelWaiting()) FinishCall(Refuse(absl::CancelledError("the request was cancelled")));
   }
   void OnDone() override {
+    CheckOurs checked;
+    sync_.Reacted();
     if (OnDoneShouldDelete()) delete this;
   }
 
  private:
-  void FinishCall(const absl::Status& status) override { Finish(ToGrpcStatus(status)); }
+  void FinishCall(const absl::Status& status) override {
+    sync_.Handoff([&] { Finish(ToGrpcStatus(status)); });
+  }
   void DeleteSelf() override { delete this; }
 
   // Engine thread; the only writer of response_ until Finish.
   void OnOutput(engine::StepOutput out) {
     Observe(out);
     AppendOutput(out, rendering_, response_);
-    if (out.finished) Finish(ToGrpcStatus(FinalStatus(out)));
+    if (out.finished) sync_.Handoff([&] { Finish(ToGrpcStatus(FinalStatus(out))); });
   }
 
   v1::GenerateResponse* response_;
 };
 
 grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context, grpc::Status status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(std::move(status));
+  auto* reactor = new FinishingReactor();
+  reactor->FinishWith(std::move(status));
   return reactor;
 }
 
@@ -315,8 +335,17 @@ const grpc::Status kDraining(grpc::StatusCode::UNAVAILABLE, "the server is shutt
 // A Generate call refused before it starts (bad or missing --api-token).
 class RefusedStream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  explicit RefusedStream(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
-  void OnDone() override { delete this; }
+  explicit RefusedStream(const absl::Status& status) {
+    sync_.Handoff([&] { Finish(ToGrpcStatus(status)); });
+  }
+  void OnDone() override {
+    CheckOurs checked;
+    sync_.Reacted();
+    delete this;
+  }
+
+ private:
+  ReactorSync sync_;
 };
 
 absl::Status CheckToken(const TokenAuth* auth, const grpc::CallbackServerContext& context) {
@@ -331,6 +360,7 @@ InferenceService::InferenceService(engine::Engine* engine, const AdapterTable* a
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) return new RefusedStream(s);
   return new GenerateReactor(engine_, adapters_, metrics_, draining(), *request);
 }
@@ -338,6 +368,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
 grpc::ServerUnaryReactor* InferenceService::Complete(grpc::CallbackServerContext* context,
                                                      const v1::GenerateRequest* request,
                                                      v1::GenerateResponse* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
@@ -347,6 +378,7 @@ grpc::ServerUnaryReactor* InferenceService::Complete(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
                                                      const v1::TokenizeRequest* request,
                                                      v1::TokenizeResponse* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
@@ -362,6 +394,7 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
                                                        const v1::DetokenizeRequest* request,
                                                        v1::DetokenizeResponse* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
@@ -384,6 +417,7 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
                                                          const v1::GetModelInfoRequest* request,
                                                          v1::ModelInfo* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
@@ -415,6 +449,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* InferenceService::GetEngineStats(grpc::CallbackServerContext* context,
                                                            const v1::GetEngineStatsRequest* request,
                                                            v1::EngineStats* response) {
+  CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }

@@ -13,6 +13,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "engine/tsan_lock.h"
+#include "server/tsan_annotations.h"
 
 namespace loraplex::server {
 namespace {
@@ -20,9 +21,21 @@ namespace {
 // Counts a call from its arrival until gRPC destroys it (after the handler's OnDone).
 class CallCounter : public grpc::experimental::Interceptor {
  public:
-  explicit CallCounter(std::shared_ptr<std::atomic<int64_t>> n) : n_(std::move(n)) { ++*n_; }
-  ~CallCounter() override { --*n_; }
+  explicit CallCounter(std::shared_ptr<std::atomic<int64_t>> n) : n_(std::move(n)) {
+    CheckOurs checked;  // server/tsan_annotations.h
+    ++*n_;
+    engine::TsanReleaseAddress(this);  // gRPC destroys us on another thread
+  }
+  ~CallCounter() override {
+    CheckOurs checked;
+    engine::TsanAcquireAddress(this);
+    --*n_;
+  }
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    // gRPC runs the rest of the call's batch, and at the first one our handler, inside Proceed:
+    // its own code unchecked, ours checked again (server/tsan_annotations.h).
+    CheckOurs checked;
+    IgnoreGrpc ignore;
     methods->Proceed();
   }
 

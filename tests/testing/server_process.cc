@@ -28,6 +28,9 @@ ServerProcess::ServerProcess(const std::string& binary, std::vector<std::string>
   dir_ = own_dir_ ? MakeTempDir("lp-e2e-server") : work_dir;
   const std::string port_file = dir_ + "/port";
   std::filesystem::remove(port_file);
+  std::error_code ec;
+  const auto log_size = std::filesystem::file_size(dir_ + "/server.log", ec);
+  log_start_ = ec ? 0 : static_cast<size_t>(log_size);
   std::vector<std::string> argv_s = {binary, "--listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0",
                                      "--port-file=" + port_file};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
@@ -53,6 +56,7 @@ ServerProcess::ServerProcess(const std::string& binary, std::vector<std::string>
     port_ = 0;
     if (waitpid(pid_, &exit_status_, WNOHANG) == pid_) {
       pid_ = -1;  // exited during start-up: ok() is false
+      FailOnSanitizerReports();
       return;
     }
     absl::SleepFor(absl::Milliseconds(20));
@@ -61,9 +65,33 @@ ServerProcess::ServerProcess(const std::string& binary, std::vector<std::string>
 
 ServerProcess::~ServerProcess() {
   Kill();
+  FailOnSanitizerReports();
   if (own_dir_) {
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
+  }
+}
+
+std::string ServerProcess::SanitizerReports() const {
+  const std::string all = log();
+  if (all.size() <= log_start_) return "";
+  const std::string mine = all.substr(log_start_);
+  for (const char* marker : {"WARNING: ThreadSanitizer", "ERROR: AddressSanitizer",
+                             "ERROR: LeakSanitizer", "runtime error:"}) {
+    if (size_t at = mine.find(marker); at != std::string::npos) {
+      // From the line before the report (TSan prints a separator there) to the end.
+      const size_t line = mine.rfind("\n==", at);
+      return mine.substr(line == std::string::npos ? at : line + 1);
+    }
+  }
+  return "";
+}
+
+void ServerProcess::FailOnSanitizerReports() {
+  if (reports_checked_ || dir_.empty()) return;
+  if (const std::string reports = SanitizerReports(); !reports.empty()) {
+    reports_checked_ = true;
+    ADD_FAILURE() << "loraplex-server reported:\n" << reports;
   }
 }
 
@@ -85,6 +113,7 @@ int ServerProcess::Wait() {
   int status = 0;
   waitpid(pid_, &status, 0);
   pid_ = -1;
+  FailOnSanitizerReports();
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
@@ -98,6 +127,7 @@ void ServerProcess::Kill() {
     kill(pid_, SIGKILL);
     waitpid(pid_, nullptr, 0);
     pid_ = -1;
+    FailOnSanitizerReports();
   }
 }
 

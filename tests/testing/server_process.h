@@ -33,6 +33,11 @@ class ServerProcess {
   int exit_status() const { return exit_status_; }
   // What the server wrote to stderr so far.
   std::string log() const;
+  // The sanitizer reports (ThreadSanitizer, AddressSanitizer, UBSan) in the log since this server
+  // started; "" when none. Wait, Kill and the destructor add a test failure with them, so a race
+  // in the server fails the test even when the server was killed (CI runs it with
+  // halt_on_error=1: it exits at the first report).
+  std::string SanitizerReports() const;
 
   void Signal(int sig);
   // Waits for the exit; returns the exit code, -1 when killed by a signal or not running.
@@ -41,8 +46,12 @@ class ServerProcess {
   void Kill();  // SIGKILL and reap
 
  private:
+  void FailOnSanitizerReports();
+
   std::string dir_;
   bool own_dir_ = false;
+  size_t log_start_ = 0;  // size of server.log before this server started
+  bool reports_checked_ = false;
   pid_t pid_ = -1;
   int port_ = 0, metrics_port_ = 0, exit_status_ = 0;
 };
