@@ -40,11 +40,9 @@ absl::StatusOr<std::string> ReadText(const std::string& path) {
 // everything to f32, scaling, checking and narrowing with F32ToBf16, done in chunks through
 // aligned buffers so that the compiler vectorises the loops: this is most of the CPU time of
 // LoadAdapter -> READY.
-bool ConvertScaled(const formats::TensorInfo& t, float scale, kernels::DType dtype,
-                   std::vector<uint8_t>* out) {
+bool ConvertScaled(const formats::TensorInfo& t, float scale, kernels::DType dtype, uint8_t* out) {
   const int64_t n = t.NumElements();
   const bool to_f32 = dtype == kernels::DType::kF32;
-  out->resize(n * (to_f32 ? 4 : 2));
   constexpr int64_t kChunk = 2048;
   alignas(64) float x[kChunk];
   alignas(64) uint16_t h[kChunk];
@@ -71,7 +69,7 @@ bool ConvertScaled(const formats::TensorInfo& t, float scale, kernels::DType dty
       special |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
     }
     if (to_f32) {
-      std::memcpy(out->data() + 4 * begin, x, 4 * m);
+      std::memcpy(out + 4 * begin, x, 4 * m);
     } else {
       // F32ToBf16 without its NaN branch: a NaN fails the whole tensor above.
       for (int64_t i = 0; i < m; ++i) {
@@ -79,7 +77,7 @@ bool ConvertScaled(const formats::TensorInfo& t, float scale, kernels::DType dty
         std::memcpy(&bits, &x[i], 4);
         h[i] = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
       }
-      std::memcpy(out->data() + 2 * begin, h, 2 * m);
+      std::memcpy(out + 2 * begin, h, 2 * m);
     }
   }
   return special == 0;
@@ -214,6 +212,21 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
         "serve it as the base model"));
   }
 
+  // One buffer for every converted matrix (see storage_), slices 64 bytes apart. Sized from
+  // the tensors as stored, so it is large enough before their shapes are checked below.
+  const int64_t elem = options.dtype == kernels::DType::kF32 ? 4 : 2;
+  auto slice_bytes = [elem](const formats::TensorInfo& t) {
+    return (t.NumElements() * elem + 63) / 64 * 64;
+  };
+  int64_t storage_bytes = 0;
+  for (const auto& [where, f] : found) {
+    if (f.a != nullptr) storage_bytes += slice_bytes(*f.a);
+    if (f.b != nullptr) storage_bytes += slice_bytes(*f.b);
+  }
+  // Default-initialised: every byte handed out below is written by ConvertScaled.
+  adapter->storage_.reset(new uint8_t[storage_bytes]);
+  uint8_t* next = adapter->storage_.get();
+
   // Shapes, ranks, scale folding, storage.
   adapter->view_.layers.assign(base.num_layers, {});
   for (auto& [where, f] : found) {
@@ -248,14 +261,17 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     }
     const float scale = cfg.ScaleFor(key);
     auto stored = std::make_unique<Stored>();
-    if (!ConvertScaled(*f.a, 1.0f, options.dtype, &stored->a_bytes) ||
-        !ConvertScaled(*f.b, scale, options.dtype, &stored->b_bytes)) {  // folded once, in f32
+    uint8_t* a_data = next;
+    uint8_t* b_data = a_data + slice_bytes(*f.a);
+    next = b_data + slice_bytes(*f.b);
+    if (!ConvertScaled(*f.a, 1.0f, options.dtype, a_data) ||
+        !ConvertScaled(*f.b, scale, options.dtype, b_data)) {  // folded once, in f32
       return absl::InvalidArgumentError(absl::StrCat(prefix, "has non-finite values"));
     }
     stored->pair.rank = r;
-    stored->pair.a = {options.dtype, stored->a_bytes.data(), r, in};
-    stored->pair.b = {options.dtype, stored->b_bytes.data(), out, r};
-    adapter->bytes_ += static_cast<int64_t>(stored->a_bytes.size() + stored->b_bytes.size());
+    stored->pair.a = {options.dtype, a_data, r, in};
+    stored->pair.b = {options.dtype, b_data, out, r};
+    adapter->bytes_ += (f.a->NumElements() + f.b->NumElements()) * elem;
     adapter->max_rank_ = std::max(adapter->max_rank_, r);
     adapter->view_.layers[layer][mi] = &stored->pair;
     adapter->pairs_.push_back(std::move(stored));
