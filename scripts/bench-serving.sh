@@ -18,7 +18,7 @@ requests_s1="${LP_S1_REQUESTS:-4}"
 requests_s2="${LP_S2_REQUESTS:-64}"
 rm -rf "$out" && mkdir -p "$out"
 source scripts/bench-common.sh
-start_bench_server --kv_memory 384MiB
+start_bench_server --kv_memory 384MiB --metrics_listen 127.0.0.1:0
 client() { "$b/client/loraplex" "$@"; }
 common=(--prompt-tokens 128 --max-tokens 128 --warmup 0 --duration 3600 --quiet --json)
 
@@ -40,6 +40,10 @@ client bench --concurrency 32 --adapters 64 --popularity distinct --requests 64 
 grep -E 'VmRSS|VmHWM|RssAnon|RssFile' "/proc/$server/status" | tee "$out/proc_status.txt"
 client info --json >"$out/info.json"
 client adapters list --json >"$out/adapters.json"
+# loraplex_memory_bytes{part=...}: what the server itself counts (weights, KV pool, scratch,
+# adapters), refreshed every metrics interval.
+sleep 1
+curl -s "http://127.0.0.1:$(sed -n 2p "$out/port")/metrics" >"$out/metrics.txt" || true
 
 python3 - "$out" <<'PY'
 import json, os, sys
@@ -75,6 +79,14 @@ w = int(info["weight_bytes"])
 total = w + kv + ad_bytes
 print(f"weights {w / 2**20:.1f} MiB + KV pool {kv / 2**20:.1f} MiB + {len(resident)} adapters "
       f"{ad_bytes / 2**20:.1f} MiB = {total / 2**20:.1f} MiB")
+parts = {}
+for line in open(os.path.join(d, "metrics.txt")):
+    if line.startswith('loraplex_memory_bytes{part="'):
+        key, value = line.split()
+        parts[key.split('"')[1]] = float(value)
+if parts:
+    print("/metrics loraplex_memory_bytes: " + ", ".join(
+        f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(parts.items())))
 print(f"VmRSS {kb('VmRSS') / 2**20:.1f} MiB (anon {kb('RssAnon') / 2**20:.1f}, file "
       f"{kb('RssFile') / 2**20:.1f}), VmHWM {kb('VmHWM') / 2**20:.1f} MiB: "
       f"RSS / sum = {kb('VmRSS') / total:.2f}, HWM / sum = {kb('VmHWM') / total:.2f}")
