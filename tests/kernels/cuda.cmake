@@ -4,6 +4,7 @@
 if(LP_ENABLE_CUDA)
   lp_test(cuda_kernels_test
     SRCS cuda_ops_test.cc cuda_attention_test.cc cuda_lora_test.cc cuda_gemm_test.cc
+         cuda_cublas_load_test.cc
     DEPS lp_kernels lp_kernels_cuda
     LABELS "kernels;cuda")
 endif()
