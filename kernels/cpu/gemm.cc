@@ -13,7 +13,8 @@
 namespace loraplex::kernels {
 namespace {
 
-// Output features per scheduling unit: a multiple of every tile width (3 and 4).
+// Output features per scheduling unit: a multiple of every tile width (AVX2: 3 and 4; AVX-512: 6
+// and 12).
 constexpr int64_t kBlock = 12;
 // Multiply-adds below which a share is not worth waking another thread for (~a few microseconds).
 constexpr int64_t kMinMacsPerShare = 1 << 17;
