@@ -110,7 +110,8 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
 // build support; LP_CPU_ISA=scalar|avx2|avx512 in the environment asks for another, for debugging
 // and for comparing them (a table this CPU cannot run falls back to the best supported). There is
 // no AVX512-BF16 (vdpbf16ps) table: with f32 activations split into bf16 parts to stay within f32
-// accuracy it measured 2-3x slower than the AVX-512 FMA loops (docs/benchmarks.md).
+// accuracy it measured 2.3-3.9x slower than the AVX-512 FMA loops at 128 tokens
+// (docs/benchmarks.md).
 const char* CpuKernelIsa();
 
 }  // namespace loraplex::kernels

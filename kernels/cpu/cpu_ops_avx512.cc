@@ -11,8 +11,9 @@
 //
 // Why no vdpbf16ps (AVX512-BF16) variant of gemm_bf16: activations are f32 (DESIGN.md section 3),
 // so x must be split into bf16 parts; hi+lo gave 2.5-4x the error of the f32 loops against
-// ref::Gemm and hi+mid+lo matched it, but on a Xeon with AVX512-BF16 both were slower than these
-// FMA loops (2.3x and 3x at 128 tokens; the instruction has half the FMA throughput there).
+// ref::Gemm and hi+mid+lo matched it, but on a Xeon with AVX512-BF16 both were slower than the
+// FMA dot-product tiles below (2.3-2.6x and 2.9-3.9x the time at 128 tokens): there the
+// instruction has half the FMA throughput, and each FMA it replaces costs two or three of them.
 #include "kernels/cpu/cpu_ops.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
