@@ -83,12 +83,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<CallCounterFactory>(server->calls_in_flight_));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
-  server->grpc_server_ = builder.BuildAndStart();
+  {
+    IgnoreGrpc ignore;  // gRPC's own code (server/tsan_annotations.h)
+    server->grpc_server_ = builder.BuildAndStart();
+  }
   if (server->grpc_server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(
         absl::StrCat("--listen ", options.listen, ": cannot listen there (in use or malformed)"));
   }
-  server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
+  {
+    IgnoreGrpc ignore;
+    server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
+  }
   server->metrics_thread_ = std::thread([s = server.get()] { s->MetricsLoop(); });
   LP_LOG(INFO) << "serving loraplex.v1.Inference and Adapters on port " << server->port_
                << (options.admin.tls.cert.empty() ? " (plaintext)" : " (TLS)")
@@ -165,7 +171,10 @@ void Server::Shutdown(absl::Duration grace) {
   }
   LP_LOG(INFO) << "shutting down: finishing calls in flight (grace " << grace << ")";
   service_->StartDraining();
-  grpc_server_->GetHealthCheckService()->SetServingStatus(false);
+  {
+    IgnoreGrpc ignore;
+    grpc_server_->GetHealthCheckService()->SetServingStatus(false);
+  }
   // Keep the listener open while the engine finishes what it has, so that every new call meets
   // our UNAVAILABLE instead of a transport-level CANCELLED from a gRPC server shutting down.
   // Calls that are not engine requests (uploads, adapter loads, tokenize) count too: wait until no
@@ -179,8 +188,11 @@ void Server::Shutdown(absl::Duration grace) {
   // Then stop gRPC at once: nothing is left, or the grace period is over and what is left is
   // cancelled (their OnCancel cancels the engine requests, which end within a step). A deadline in
   // the future would only make gRPC wait for idle client connections to go away (~5 s).
-  grpc_server_->Shutdown(absl::ToChronoTime(absl::Now()));
-  grpc_server_->Wait();
+  {
+    IgnoreGrpc ignore;
+    grpc_server_->Shutdown(absl::ToChronoTime(absl::Now()));
+    grpc_server_->Wait();
+  }
   engine_->Shutdown();
   if (metrics_thread_.joinable()) metrics_thread_.join();
   LP_LOG(INFO) << "shut down";

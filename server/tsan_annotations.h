@@ -3,20 +3,26 @@
 // gRPC core (completion queues, callback executors) and Abseil come from Debian, built without
 // TSan, so the handoffs inside them are invisible to a TSan build of ours: a reactor written on
 // the engine thread before StartWrite and read in OnWriteDone on a gRPC thread would be reported
-// as a race although gRPC orders the two. ReactorSync states these edges at our boundary with
-// gRPC instead of suppressing the reports: every call that hands a reactor to gRPC (StartWrite,
-// StartRead, StartSendInitialMetadata, Finish) runs inside Handoff, and every reaction
-// (OnWriteDone, OnReadDone, OnCancel, OnDone) starts with Reacted. Handoff holds a mutex while gRPC
-// serializes and queues the operation and Reacted takes it, so what the handing-off thread did up
-// to gRPC's return happens before the reaction (gRPC itself guarantees this much: it starts the
-// operation before it returns). gRPC never runs our reactions inline in these calls (our reactors
-// are not inlineable), so Reacted never waits on its own thread.
+// as a race although gRPC orders the two. Three pieces make the server checkable instead of
+// suppressing such reports wholesale:
+//  - ReactorSync: every call that hands a reactor to gRPC (StartWrite, StartRead, Finish) runs
+//    inside Handoff, and every reaction (OnWriteDone, OnReadDone, OnCancel, OnDone) starts with
+//    Reacted. Handoff holds a mutex while gRPC serializes and queues the operation and Reacted
+//    takes it, so what the handing-off thread did up to gRPC's return happens before the reaction
+//    (gRPC guarantees this much: it starts the operation before it returns). gRPC never runs our
+//    reactions inline in these calls (our reactors are not inlineable), so Reacted never waits on
+//    its own thread.
+//  - IgnoreGrpc: gRPC's inline header code is compiled into our objects with TSan while the rest
+//    of gRPC is not, so TSan would see one half of gRPC's own handoffs. Inside Handoff and the
+//    server interceptor's Proceed, TSan ignores this thread's memory accesses (not its
+//    synchronization).
+//  - CheckOurs: our handlers and reactions are checked again even when gRPC runs them inside an
+//    IgnoreGrpc; on gRPC's threads, gRPC's code between our calls stays unchecked.
+// In other builds Handoff just runs the call and the rest compiles to nothing. tests/tsan.supp
+// lists what no annotation here can order, one comment per entry.
 //
-// The edges are TSan-visible only (engine/tsan_lock.h); in other builds Handoff just runs the call
-// and Reacted does nothing, so release builds are unchanged. tests/tsan.supp lists what is left:
-// races between two pieces of gRPC's own code, which no annotation of ours can order.
-//
-// Thread-safety: all methods may be called from any thread.
+// Thread-safety: all methods may be called from any thread; IgnoreGrpc and CheckOurs are scopes of
+// the calling thread.
 #pragma once
 
 #include <grpcpp/support/server_callback.h>
