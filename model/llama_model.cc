@@ -52,6 +52,11 @@ struct LlamaModel::Impl {
   // Step scratch, reused across calls.
   std::vector<float> x, h, q, k, v, attn, proj, gate, up, sel;
   LoraScratch lora;
+  // Their capacities summed, published after each CPU step for scratch_bytes(), which other
+  // threads (metrics) read while a step may be resizing the vectors.
+  std::atomic<int64_t> scratch_bytes{0};
+
+  int64_t ScratchCapacityBytes() const;
 };
 
 LlamaModel::~LlamaModel() = default;
@@ -128,7 +133,11 @@ int64_t CapacityBytes(const std::vector<T>& v) {
 }  // namespace
 
 int64_t LlamaModel::scratch_bytes() const {
-  const Impl& s = *impl_;
+  return impl_->scratch_bytes.load(std::memory_order_relaxed);
+}
+
+int64_t LlamaModel::Impl::ScratchCapacityBytes() const {
+  const Impl& s = *this;
   int64_t total = 0;
   for (const std::vector<float>* v :
        {&s.x, &s.h, &s.q, &s.k, &s.v, &s.attn, &s.proj, &s.gate, &s.up, &s.sel}) {
@@ -333,6 +342,7 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
   kernels::RmsNorm(s.sel.data(), s.sel.data(), s.w.final_norm.data(), rows, hid, c.rms_norm_eps);
   logits->resize(rows * c.vocab_size);
   if (rows > 0) kernels::Gemm(logits->data(), s.sel.data(), rows, s.w.output().view());
+  s.scratch_bytes.store(s.ScratchCapacityBytes(), std::memory_order_relaxed);
   return absl::OkStatus();
 }
 

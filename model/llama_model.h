@@ -133,7 +133,8 @@ class LlamaModel {
   int64_t weight_bytes() const;
   // Bytes the CPU forward pass holds between steps as scratch (activations of the largest step so
   // far and the LoRA buffers; it grows to what --max-batch-tokens needs and stays). 0 until the
-  // first CPU step; a CUDA model keeps its scratch on the device.
+  // first CPU step; a CUDA model keeps its scratch on the device. Safe to call from any thread
+  // (published at the end of each step).
   int64_t scratch_bytes() const;
   Device device() const { return options_.device; }
   // A KV cache for this model: host K/V pools on the CPU, block bookkeeping only on CUDA (the
