@@ -38,8 +38,8 @@ v1::Residency ResidencyProto(adapters::Residency r) {
   return v1::RESIDENCY_UNSPECIFIED;
 }
 
-grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context,
-                                    const absl::Status& status) {
+// A unary call answered at once with `status`.
+grpc::ServerUnaryReactor* FinishNow(const absl::Status& status) {
   auto* reactor = new FinishingReactor();
   reactor->FinishWith(ToGrpcStatus(status));
   return reactor;
@@ -195,7 +195,7 @@ grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerConte
                                                        const v1::LoadAdapterRequest* request,
                                                        v1::AdapterInfo* response) {
   CheckOurs checked;  // server/tsan_annotations.h
-  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   auto* reactor = new FinishingReactor();
   RunDetached([this, reactor, request, response] {
     absl::StatusOr<adapters::AdapterInfo> info = registry_->RegisterFromPath(
@@ -219,46 +219,46 @@ grpc::ServerUnaryReactor* AdaptersService::UnloadAdapter(grpc::CallbackServerCon
                                                          const v1::UnloadAdapterRequest* request,
                                                          v1::UnloadAdapterResponse* response) {
   CheckOurs checked;  // server/tsan_annotations.h
-  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   absl::StatusOr<adapters::AdapterInfo> info = registry_->Unload(request->name());
-  if (!info.ok()) return FinishNow(context, info.status());
+  if (!info.ok()) return FinishNow(info.status());
   UnmergeIfStale();
   ToProto(*info, response->mutable_adapter());
-  return FinishNow(context, absl::OkStatus());
+  return FinishNow(absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* AdaptersService::GetAdapter(grpc::CallbackServerContext* context,
                                                       const v1::GetAdapterRequest* request,
                                                       v1::AdapterInfo* response) {
   CheckOurs checked;  // server/tsan_annotations.h
-  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   absl::StatusOr<adapters::AdapterInfo> info = registry_->Get(request->name());
   if (info.ok()) ToProto(*info, response);
-  return FinishNow(context, info.status());
+  return FinishNow(info.status());
 }
 
 grpc::ServerUnaryReactor* AdaptersService::ListAdapters(grpc::CallbackServerContext* context,
                                                         const v1::ListAdaptersRequest* request,
                                                         v1::ListAdaptersResponse* response) {
   CheckOurs checked;  // server/tsan_annotations.h
-  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   for (const adapters::AdapterInfo& info : registry_->List())
     ToProto(info, response->add_adapters());
-  return FinishNow(context, absl::OkStatus());
+  return FinishNow(absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerContext* context,
                                                           const v1::SetAdapterModeRequest* request,
                                                           v1::AdapterInfo* response) {
   CheckOurs checked;  // server/tsan_annotations.h
-  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(context, s);
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   switch (request->mode()) {
     case v1::MERGED:
-      return FinishNow(context, Merge(request->name(), response));
+      return FinishNow(Merge(request->name(), response));
     case v1::UNMERGED:
-      return FinishNow(context, Unmerge(request->name(), response));
+      return FinishNow(Unmerge(request->name(), response));
     default:
-      return FinishNow(context, absl::InvalidArgumentError("mode must be MERGED or UNMERGED"));
+      return FinishNow(absl::InvalidArgumentError("mode must be MERGED or UNMERGED"));
   }
 }
 

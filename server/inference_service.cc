@@ -324,7 +324,8 @@ class CompleteReactor final : public grpc::ServerUnaryReactor, private Generatio
   v1::GenerateResponse* response_;
 };
 
-grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context, grpc::Status status) {
+// A unary call answered at once with `status`.
+grpc::ServerUnaryReactor* FinishNow(grpc::Status status) {
   auto* reactor = new FinishingReactor();
   reactor->FinishWith(std::move(status));
   return reactor;
@@ -370,7 +371,7 @@ grpc::ServerUnaryReactor* InferenceService::Complete(grpc::CallbackServerContext
                                                      v1::GenerateResponse* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
-    return FinishNow(context, ToGrpcStatus(s));
+    return FinishNow(ToGrpcStatus(s));
   }
   return new CompleteReactor(engine_, adapters_, metrics_, draining(), *request, response);
 }
@@ -380,15 +381,15 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
                                                      v1::TokenizeResponse* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
-    return FinishNow(context, ToGrpcStatus(s));
+    return FinishNow(ToGrpcStatus(s));
   }
-  if (draining()) return FinishNow(context, kDraining);
+  if (draining()) return FinishNow(kDraining);
   const model::Tokenizer& tokenizer = engine_->model().tokenizer();
   for (int32_t id : tokenizer.Encode(request->text(), request->add_bos())) {
     response->add_token_ids(id);
     response->add_pieces(tokenizer.Piece(id));
   }
-  return FinishNow(context, grpc::Status::OK);
+  return FinishNow(grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
@@ -396,22 +397,20 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
                                                        v1::DetokenizeResponse* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
-    return FinishNow(context, ToGrpcStatus(s));
+    return FinishNow(ToGrpcStatus(s));
   }
-  if (draining()) return FinishNow(context, kDraining);
+  if (draining()) return FinishNow(kDraining);
   const model::Tokenizer& tokenizer = engine_->model().tokenizer();
   const int32_t vocab = tokenizer.vocab_size();
   for (int i = 0; i < request->token_ids_size(); ++i) {
     const int32_t id = request->token_ids(i);
     if (id < 0 || id >= vocab) {
-      return FinishNow(
-          context,
-          ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-              "token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"))));
+      return FinishNow(ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+          "token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"))));
     }
   }
   response->set_text(tokenizer.Decode({request->token_ids().begin(), request->token_ids().end()}));
-  return FinishNow(context, grpc::Status::OK);
+  return FinishNow(grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
@@ -419,7 +418,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
                                                          v1::ModelInfo* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
-    return FinishNow(context, ToGrpcStatus(s));
+    return FinishNow(ToGrpcStatus(s));
   }
   const model::LlamaModel& model = engine_->model();
   const model::LlamaConfig& c = model.config();
@@ -443,7 +442,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   response->set_max_batch_tokens(engine_->options().max_batch_tokens);
   response->set_max_queue(static_cast<int32_t>(engine_->options().max_queue));
   response->set_weight_bytes(model.weight_bytes());
-  return FinishNow(context, grpc::Status::OK);
+  return FinishNow(grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* InferenceService::GetEngineStats(grpc::CallbackServerContext* context,
@@ -451,7 +450,7 @@ grpc::ServerUnaryReactor* InferenceService::GetEngineStats(grpc::CallbackServerC
                                                            v1::EngineStats* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
-    return FinishNow(context, ToGrpcStatus(s));
+    return FinishNow(ToGrpcStatus(s));
   }
   const engine::EngineStats s = engine_->Stats();
   response->set_running(s.running);
@@ -464,7 +463,7 @@ grpc::ServerUnaryReactor* InferenceService::GetEngineStats(grpc::CallbackServerC
   response->set_tokens_per_second(s.tokens_per_second);
   response->set_finished_requests(s.finished_requests);
   response->set_cancelled_requests(s.cancelled_requests);
-  return FinishNow(context, grpc::Status::OK);
+  return FinishNow(grpc::Status::OK);
 }
 
 }  // namespace loraplex::server

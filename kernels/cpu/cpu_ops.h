@@ -12,6 +12,19 @@
 
 namespace loraplex::kernels::cpu {
 
+// exp(x) as the SIMD tables compute it (one definition of the constants for all of them): Cephes'
+// single-precision range reduction x = n ln2 + r (ln2 split in a hi and lo part) and degree-5
+// polynomial in r, on x clamped to +-clamp (about 2 ulp).
+struct ExpPolyConstants {
+  float clamp = 88.3762626647949f;
+  float log2e = 1.44269504088896341f;
+  float ln2_hi = 0.693359375f;
+  float ln2_lo = -2.12194440e-4f;
+  float p[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+};
+inline constexpr ExpPolyConstants kExpPoly{};
+
 struct CpuOps {
   const char* name;  // "avx512", "avx2", "scalar"
 

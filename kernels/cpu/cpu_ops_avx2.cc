@@ -41,18 +41,18 @@ inline float HorizontalSum(__m256 v) {
 // exp(x) for 8 lanes: Cephes' single-precision range reduction and degree-5 polynomial (about 2 ulp
 // over the clamped range). Inputs below -88.38 give 0 (the reference gives a denormal there).
 inline __m256 Exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
-                    _mm256_set1_ps(88.3762626647949f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-kExpPoly.clamp)),
+                    _mm256_set1_ps(kExpPoly.clamp));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(kExpPoly.log2e), _mm256_set1_ps(0.5f));
   fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kExpPoly.ln2_hi), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(kExpPoly.ln2_lo), x);
+  __m256 y = _mm256_set1_ps(kExpPoly.p[0]);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kExpPoly.p[1]));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kExpPoly.p[2]));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kExpPoly.p[3]));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kExpPoly.p[4]));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kExpPoly.p[5]));
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
   return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));

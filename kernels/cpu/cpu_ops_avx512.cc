@@ -93,18 +93,18 @@ LP_AVX512_INLINE float HorizontalSum(__m512 v) {
 // ulp over the clamped range), so both tables give the same softmax to within rounding. Inputs
 // below -88.38 give 0 (the reference gives a denormal there).
 LP_AVX512_INLINE __m512 Exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
-                    _mm512_set1_ps(88.3762626647949f));
-  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-kExpPoly.clamp)),
+                    _mm512_set1_ps(kExpPoly.clamp));
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(kExpPoly.log2e), _mm512_set1_ps(0.5f));
   fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kExpPoly.ln2_hi), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kExpPoly.ln2_lo), x);
+  __m512 y = _mm512_set1_ps(kExpPoly.p[0]);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly.p[1]));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly.p[2]));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly.p[3]));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly.p[4]));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kExpPoly.p[5]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   __m512i n = _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127));
   return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
