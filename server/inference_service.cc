@@ -324,30 +324,7 @@ class CompleteReactor final : public grpc::ServerUnaryReactor, private Generatio
   v1::GenerateResponse* response_;
 };
 
-// A unary call answered at once with `status`.
-grpc::ServerUnaryReactor* FinishNow(grpc::Status status) {
-  auto* reactor = new FinishingReactor();
-  reactor->FinishWith(std::move(status));
-  return reactor;
-}
-
 const grpc::Status kDraining(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
-
-// A Generate call refused before it starts (bad or missing --api-token).
-class RefusedStream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
- public:
-  explicit RefusedStream(const absl::Status& status) {
-    sync_.Handoff([&] { Finish(ToGrpcStatus(status)); });
-  }
-  void OnDone() override {
-    CheckOurs checked;
-    sync_.Reacted();
-    delete this;
-  }
-
- private:
-  ReactorSync sync_;
-};
 
 absl::Status CheckToken(const TokenAuth* auth, const grpc::CallbackServerContext& context) {
   return auth == nullptr ? absl::OkStatus() : auth->Check(context);
@@ -362,7 +339,12 @@ InferenceService::InferenceService(engine::Engine* engine, const AdapterTable* a
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   CheckOurs checked;  // server/tsan_annotations.h
-  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) return new RefusedStream(s);
+  if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
+    // Refused before it starts (bad or missing --api-token).
+    auto* refused = new FinishOnlyReactor<grpc::ServerWriteReactor<v1::GenerateResponse>>();
+    refused->FinishWith(ToGrpcStatus(s));
+    return refused;
+  }
   return new GenerateReactor(engine_, adapters_, metrics_, draining(), *request);
 }
 

@@ -160,13 +160,14 @@ class ReactorSync {
 #endif
 };
 
-// A unary call's reactor that only finishes (the callback API's DefaultReactor, whose OnDone is
-// gRPC's own and so cannot start with Reacted). Finish may come from any thread, once; the reactor
-// deletes itself in OnDone.
-class FinishingReactor final : public grpc::ServerUnaryReactor {
+// A reactor that only finishes: a unary call's (in place of the callback API's DefaultReactor,
+// whose OnDone is gRPC's own and so cannot start with Reacted) or a stream refused before it
+// starts. FinishWith may come from any thread, once; the reactor deletes itself in OnDone.
+template <typename Base>
+class FinishOnlyReactor final : public Base {
  public:
   void FinishWith(grpc::Status status) {
-    sync_.Handoff([&] { Finish(std::move(status)); });
+    sync_.Handoff([&] { this->Finish(std::move(status)); });
   }
   void OnDone() override {
     CheckOurs checked;
@@ -177,5 +178,13 @@ class FinishingReactor final : public grpc::ServerUnaryReactor {
  private:
   ReactorSync sync_;
 };
+using FinishingReactor = FinishOnlyReactor<grpc::ServerUnaryReactor>;
+
+// A unary call answered at once with `status`.
+inline grpc::ServerUnaryReactor* FinishNow(grpc::Status status) {
+  auto* reactor = new FinishingReactor();
+  reactor->FinishWith(std::move(status));
+  return reactor;
+}
 
 }  // namespace loraplex::server
