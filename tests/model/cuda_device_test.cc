@@ -99,6 +99,15 @@ struct RunResult {
   std::string out;  // stdout and stderr together
 };
 
+// The binaries built beside this test; LP_GENERATE_BIN / LP_SERVER_BIN in the environment override
+// the build paths compiled in (scripts/gpu-check.sh runs a prebuilt pack from another folder).
+std::string Binary(const char* env, const char* built) {
+  const char* v = std::getenv(env);
+  return v != nullptr && *v != '\0' ? v : built;
+}
+std::string GenerateBin() { return Binary("LP_GENERATE_BIN", LP_GENERATE_BIN); }
+std::string ServerBin() { return Binary("LP_SERVER_BIN", LP_SERVER_BIN); }
+
 RunResult RunCommand(const std::string& cmd) {
   RunResult r;
   FILE* p = popen((cmd + " 2>&1").c_str(), "r");
@@ -123,13 +132,13 @@ std::string StoryArgs(const std::string& model) {
 TEST(DeviceE2eTest, CudaWithoutADeviceFailsAtStartup) {
   std::string why;
   if (HaveCuda(&why)) GTEST_SKIP() << "a CUDA device is present";
-  RunResult g = RunCommand(std::string(LP_GENERATE_BIN) +
+  RunResult g = RunCommand(GenerateBin() +
                            StoryArgs(Stories260KDir() + "/stories260K.gguf") + " --device cuda");
   EXPECT_NE(g.exit_code, 0) << g.out;
   EXPECT_NE(g.out.find("no CUDA device found"), std::string::npos) << g.out;
-  ASSERT_TRUE(std::filesystem::exists(LP_SERVER_BIN))
-      << LP_SERVER_BIN << " missing: build loraplex-server too (CI builds everything)";
-  RunResult s = RunCommand(std::string(LP_SERVER_BIN) + " --model " + Stories260KDir() +
+  ASSERT_TRUE(std::filesystem::exists(ServerBin()))
+      << ServerBin() << " missing: build loraplex-server too (CI builds everything)";
+  RunResult s = RunCommand(ServerBin() + " --model " + Stories260KDir() +
                            "/stories260K.gguf --listen 127.0.0.1:0 --device cuda");
   EXPECT_NE(s.exit_code, 0) << s.out;
   EXPECT_NE(s.out.find("no CUDA device found"), std::string::npos) << s.out;
@@ -138,7 +147,7 @@ TEST(DeviceE2eTest, CudaWithoutADeviceFailsAtStartup) {
 TEST(DeviceE2eTest, AutoRunsTheGoldenStoryOnWhateverIsThere) {
   std::string why;
   const bool cuda = HaveCuda(&why);
-  RunResult r = RunCommand(std::string(LP_GENERATE_BIN) +
+  RunResult r = RunCommand(GenerateBin() +
                            StoryArgs(Stories260KDir() + "/stories260K.gguf") + " --device auto");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   nlohmann::json j = nlohmann::json::parse(r.out);
@@ -154,7 +163,7 @@ TEST(DeviceE2eTest, CudaReproducesTheGoldenStory) {
   }
   // The GGUF file and the HF copy, as tests/e2e/generate_e2e_test.cc does on the CPU.
   for (const std::string& model : {Stories260KDir() + "/stories260K.gguf", Stories260KDir()}) {
-    RunResult r = RunCommand(std::string(LP_GENERATE_BIN) + StoryArgs(model) + " --device cuda");
+    RunResult r = RunCommand(GenerateBin() + StoryArgs(model) + " --device cuda");
     ASSERT_EQ(r.exit_code, 0) << r.out;
     nlohmann::json j = nlohmann::json::parse(r.out);
     EXPECT_EQ(j["device"], "cuda");
