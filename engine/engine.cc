@@ -276,7 +276,18 @@ void Engine::RunStep(const StepPlan& plan) {
   }
   if (!any_adapter) batch.adapter_slot.clear();
 
-  absl::Status status = model_->Forward(batch, &cache_, &logits_);
+  // The best logits every sampled row needs; 0 (whole rows) when one request needs all of them.
+  int64_t top_k = 1;
+  for (const ScheduledChunk& c : plan.chunks) {
+    if (!c.sample) continue;
+    const int64_t need = model::Sampler::TopLogitsNeeded(c.seq->request.sampling);
+    if (need == 0 || need > model::LlamaModel::kMaxTopLogits) {
+      top_k = 0;
+      break;
+    }
+    top_k = std::max(top_k, need);
+  }
+  absl::Status status = model_->Forward(batch, &cache_, top_k, &logits_);
   if (!status.ok()) {
     // Requests were validated on submission, so this is a bug; fail this batch, keep serving.
     LP_LOG(ERROR) << "forward step failed: " << status.ToString();
@@ -291,15 +302,12 @@ void Engine::RunStep(const StepPlan& plan) {
   Scheduler::Commit(plan);
 
   const model::Tokenizer& tokenizer = model_->tokenizer();
-  const int64_t vocab = model_->config().vocab_size;
   int64_t row = 0;
   int64_t new_tokens = 0;
   for (const ScheduledChunk& c : plan.chunks) {
     if (!c.sample) continue;
     Sequence* seq = c.seq;
-    const float* logits = logits_.data() + row * vocab;
-    ++row;
-    model::SampleResult sample = seq->sampler.Sample(logits, vocab);
+    model::SampleResult sample = seq->sampler.Sample(logits_, row++);
     const int32_t id = sample.token_id;
     seq->tokens.push_back(id);
     ++new_tokens;
@@ -376,7 +384,8 @@ void Engine::PublishStats(int64_t new_tokens) {
   for (const auto& [t, n] : rate_window_) window_tokens += n;
   const double span = absl::ToDoubleSeconds(now - rate_window_.front().first);
   const int64_t scratch =
-      model_->scratch_bytes() + static_cast<int64_t>(logits_.capacity() * sizeof(float));
+      model_->scratch_bytes() + static_cast<int64_t>((logits_.logits.capacity() + logits_.logprobs.capacity()) * sizeof(float) +
+                           logits_.ids.capacity() * sizeof(int32_t));
   TsanMutexLock lock(&stats_mu_);
   stats_.scratch_bytes = scratch;
   stats_.running = scheduler_.num_running();

@@ -145,7 +145,7 @@ class Engine {
   Scheduler scheduler_;                                                 // engine thread only
   std::unordered_map<RequestId, std::unique_ptr<Sequence>> sequences_;  // engine thread only
   std::deque<std::pair<absl::Time, int64_t>> rate_window_;              // engine thread only
-  std::vector<float> logits_;                                           // engine thread only
+  model::StepLogits logits_;                                            // engine thread only
 
   // --- shared ----------------------------------------------------------------------------------
   Queue<Command> inbox_;  // the only way requests and cancellations reach the engine thread

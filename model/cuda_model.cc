@@ -147,8 +147,8 @@ class CudaModelImpl : public CudaModel {
   absl::Status Init(LlamaWeights* w, const std::vector<float>& inv_freq);
 
   absl::Status Forward(const ForwardBatch& batch, KvCache* cache, const LoraWeightsView* merged,
-                       std::vector<float>* logits) override {
-    absl::Status s = Step(batch, cache, merged, logits);
+                       int64_t top_k, StepLogits* out) override {
+    absl::Status s = Step(batch, cache, merged, top_k, out);
     if (!s.ok()) {
       // Leave nothing in flight, so the next step may again grow buffers and evict slots. The
       // errors of these waits would only repeat the first one.
@@ -171,7 +171,7 @@ class CudaModelImpl : public CudaModel {
   };
 
   absl::Status Step(const ForwardBatch& batch, KvCache* cache, const LoraWeightsView* merged,
-                    std::vector<float>* logits);
+                    int64_t top_k, StepLogits* out);
   absl::StatusOr<CudaKvStorage*> KvStorage(KvCache* cache);
   absl::Status PlanLora(const ForwardBatch& batch, const LoraWeightsView* merged, bool* uploaded);
   absl::Status BuildPass(const std::vector<const CudaAdapterCopy*>& copies,
@@ -205,6 +205,8 @@ class CudaModelImpl : public CudaModel {
   Packer packer_;
   CudaBuffer meta_;
   CudaBuffer x_, h_, q_, k_, v_, attn_, proj_, gate_, up_, sel_, logits_, xb_, lora_v_, ones_;
+  CudaBuffer top_;  // [rows, k] ids, then logits, then log-probs of an on-device top-k
+  std::vector<uint32_t> top_host_;  // top_'s bytes copied back
   std::vector<float> ones_host_;
   int64_t v_stride_ = 0;
   LoraPass own_, neg_;
@@ -463,8 +465,9 @@ absl::Status CudaModelImpl::ApplyLora(int group, int64_t layer, const float* d_x
 }
 
 absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
-                                 const LoraWeightsView* merged, std::vector<float>* logits) {
+                                 const LoraWeightsView* merged, int64_t top_k, StepLogits* out) {
   namespace cu = kernels::cuda;
+  static_assert(LlamaModel::kMaxTopLogits == cu::kCudaMaxTopK);
   const int64_t n = batch.num_tokens();
   const int64_t rows = static_cast<int64_t>(batch.logit_rows.size());
   const int64_t hid = c_.hidden_size, qd = c_.q_dim(), kvd = c_.kv_dim(), ff = c_.intermediate_size;
@@ -520,6 +523,7 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   LP_RETURN_IF_ERROR(Reserve(&up_, n * ff * 4));
   LP_RETURN_IF_ERROR(Reserve(&sel_, std::max<int64_t>(rows, 1) * hid * 4));
   LP_RETURN_IF_ERROR(Reserve(&logits_, std::max<int64_t>(rows, 1) * vocab * 4));
+  if (top_k > 0) LP_RETURN_IF_ERROR(Reserve(&top_, std::max<int64_t>(rows, 1) * top_k * 12));
   // The bf16 copy of a GEMM input: any [n, <= widest] activation, or the [rows, hid] logit rows
   // (rows may exceed n: a row can be asked for twice).
   if (wdtype_ == DType::kBF16) {
@@ -625,7 +629,11 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
     wait_for_upload_ = false;
   }
 
-  logits->resize(rows * vocab);
+  out->vocab = vocab;
+  out->k = top_k;
+  out->logits.resize(rows * (top_k > 0 ? top_k : vocab));
+  out->ids.resize(rows * top_k);
+  out->logprobs.resize(rows * top_k);
   if (rows > 0) {
     float* sel = sel_.as<float>();
     // Gather the logit rows: CudaEmbed with the residual stream as an f32 "table".
@@ -634,12 +642,32 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
         sel, DType::kF32, reinterpret_cast<const int32_t*>(meta() + rows_off), rows, xs, st));
     LP_RETURN_IF_ERROR(
         cu::CudaRmsNorm(sel, sel, final_norm_.as<const float>(), rows, hid, eps, st));
-    const DeviceMatrix& out = lm_head_.rows > 0 ? lm_head_ : embed_;
-    LP_RETURN_IF_ERROR(Linear(logits_.as<float>(), sel, nullptr, rows, out));
-    LP_RETURN_IF_ERROR(logits_.CopyToHostAsync(logits->data(), rows * vocab * 4, st));
+    const DeviceMatrix& head = lm_head_.rows > 0 ? lm_head_ : embed_;
+    LP_RETURN_IF_ERROR(Linear(logits_.as<float>(), sel, nullptr, rows, head));
+    if (top_k == 0) {
+      LP_RETURN_IF_ERROR(logits_.CopyToHostAsync(out->logits.data(), rows * vocab * 4, st));
+    } else {
+      // Sampling needs only each row's best top_k entries: select them here and copy back
+      // [rows, top_k] triples instead of [rows, vocab] logits.
+      int32_t* ids = top_.as<int32_t>();
+      float* values = reinterpret_cast<float*>(ids + rows * top_k);
+      float* logprobs = values + rows * top_k;
+      LP_RETURN_IF_ERROR(cu::CudaTopK(ids, values, logprobs, logits_.data(), DType::kF32, rows,
+                                      vocab, top_k, st));
+      // One copy of the three arrays, which lie back to back in top_, through a host staging
+      // vector; split below after the synchronisation.
+      top_host_.resize(rows * top_k * 3);
+      LP_RETURN_IF_ERROR(top_.CopyToHostAsync(top_host_.data(), rows * top_k * 12, st));
+    }
   }
   LP_RETURN_IF_ERROR(compute_.Synchronize());
   LP_RETURN_IF_ERROR(upload_.Synchronize());
+  if (top_k > 0 && rows > 0) {
+    const int64_t n = rows * top_k;
+    std::memcpy(out->ids.data(), top_host_.data(), n * 4);
+    std::memcpy(out->logits.data(), top_host_.data() + n, n * 4);
+    std::memcpy(out->logprobs.data(), top_host_.data() + 2 * n, n * 4);
+  }
   return absl::OkStatus();
 }
 

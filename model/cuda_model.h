@@ -42,11 +42,13 @@ class CudaModel {
  public:
   virtual ~CudaModel() = default;
 
-  // The forward pass of LlamaModel::Forward (same contract; the batch was validated by the
-  // caller), config.sliding_window included. `merged` is the adapter merged into the device
-  // weights, or null (mixed mode as on the CPU: other tokens get its delta subtracted).
+  // The forward pass of LlamaModel::Forward (same contract; the batch and top_k were validated by
+  // the caller), config.sliding_window included. `merged` is the adapter merged into the device
+  // weights, or null (mixed mode as on the CPU: other tokens get its delta subtracted). top_k = 0
+  // copies whole logit rows back; top_k > 0 selects each row's best top_k on the device
+  // (kernels/cuda CudaTopK) and copies back only those.
   virtual absl::Status Forward(const ForwardBatch& batch, KvCache* cache,
-                               const LoraWeightsView* merged, std::vector<float>* logits) = 0;
+                               const LoraWeightsView* merged, int64_t top_k, StepLogits* out) = 0;
 
   // W += B A on the device copy of every matrix `adapter` touches (f32 math on the host from the
   // device bits, rounded once to the storage dtype: the same bits as the CPU's Merge). The

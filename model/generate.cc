@@ -60,20 +60,24 @@ absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int
   }
   if (options.adapter != nullptr) batch.adapters.push_back(options.adapter);
 
+  // Sampling needs only this many of each row's best logits (0: the whole row); on CUDA only
+  // those come back from the device.
+  int64_t top_k = Sampler::TopLogitsNeeded(options.sampling);
+  if (top_k > LlamaModel::kMaxTopLogits) top_k = 0;
   auto run = [&](const int32_t* ids, int64_t count, int64_t start_pos,
-                 std::vector<float>* logits) -> absl::Status {
+                 StepLogits* logits) -> absl::Status {
     batch.tokens.assign(ids, ids + count);
     batch.positions.resize(count);
     for (int64_t i = 0; i < count; ++i) batch.positions[i] = static_cast<int32_t>(start_pos + i);
     batch.token_seq.assign(count, 0);
     batch.adapter_slot.assign(options.adapter ? count : 0, 0);
     batch.logit_rows = {static_cast<int32_t>(count - 1)};
-    return model.Forward(batch, &cache, logits);
+    return model.Forward(batch, &cache, top_k, logits);
   };
 
   GenerateResult result;
   result.prompt_tokens = static_cast<int32_t>(prompt.size());
-  std::vector<float> logits;
+  StepLogits logits;
   const int64_t chunk = std::max<int32_t>(1, options.prefill_chunk);
   for (int64_t start = 0; start < static_cast<int64_t>(prompt.size()); start += chunk) {
     int64_t count = std::min<int64_t>(chunk, prompt.size() - start);
@@ -89,7 +93,7 @@ absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int
   int64_t pos = static_cast<int64_t>(prompt.size());
   result.finish_reason = "length";
   for (int32_t step = 0; step < options.max_tokens; ++step) {
-    SampleResult sample = sampler.Sample(logits.data(), c.vocab_size);
+    SampleResult sample = sampler.Sample(logits, 0);
     result.tokens.push_back({sample.token_id, sample.logprob, std::move(sample.top)});
     const int32_t id = sample.token_id;
     const bool eos =

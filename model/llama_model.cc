@@ -258,11 +258,36 @@ inline float ViewAt(const kernels::WeightView& v, int64_t i) {
 
 }  // namespace
 
+absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache, int64_t top_k,
+                                 StepLogits* out) {
+  const int64_t vocab = config_.vocab_size;
+  if (top_k < 0 || top_k > kMaxTopLogits) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("forward: top_k=", top_k, " outside [0, ", kMaxTopLogits, "]"));
+  }
+  top_k = std::min(top_k, vocab);
+  if (cuda_ != nullptr && top_k > 0) {
+    LP_RETURN_IF_ERROR(ValidateBatch(batch, config_, *cache));
+    return cuda_->Forward(batch, cache, merged_, top_k, out);
+  }
+  out->vocab = vocab;
+  out->k = 0;
+  out->ids.clear();
+  out->logprobs.clear();
+  return Forward(batch, cache, &out->logits);
+}
+
 absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
                                  std::vector<float>* logits) {
   const LlamaConfig& c = config_;
   LP_RETURN_IF_ERROR(ValidateBatch(batch, c, *cache));
-  if (cuda_ != nullptr) return cuda_->Forward(batch, cache, merged_, logits);
+  if (cuda_ != nullptr) {
+    StepLogits step;
+    step.logits.swap(*logits);  // reuse the caller's buffer
+    absl::Status s = cuda_->Forward(batch, cache, merged_, /*top_k=*/0, &step);
+    logits->swap(step.logits);
+    return s;
+  }
   if (!cache->has_host_storage()) {
     return absl::FailedPreconditionError(
         "forward: the KV cache has no host storage (made for a CUDA model)");

@@ -17,6 +17,7 @@
 #include "kernels/kernels.h"
 #include "model/kv_cache.h"
 #include "model/llama_config.h"
+#include "model/sampler.h"
 #include "model/tokenizer.h"
 
 namespace loraplex::model {
@@ -148,6 +149,15 @@ class LlamaModel {
   // the call returns when the step has finished on the device; RESOURCE_EXHAUSTED when device
   // memory for the KV pools, scratch or adapter copies runs out.
   absl::Status Forward(const ForwardBatch& batch, KvCache* cache, std::vector<float>* logits);
+
+  // Runs one step for the samplers (engine and generate). top_k > 0 says that sampling needs only
+  // the best top_k entries of each row (Sampler::TopLogitsNeeded; at most kMaxTopLogits, else
+  // INVALID_ARGUMENT; more than the vocabulary counts as all of it): a CUDA model then selects them
+  // on the device and copies back [rows, top_k] (id, logit, log-prob) triples instead of
+  // [rows, vocab] logits; the CPU model hands over its whole rows (out->k = 0), which it has in
+  // host memory anyway. top_k = 0: whole rows on both. Errors as Forward.
+  absl::Status Forward(const ForwardBatch& batch, KvCache* cache, int64_t top_k, StepLogits* out);
+  static constexpr int64_t kMaxTopLogits = 256;  // kernels/cuda's kCudaMaxTopK
 
   // The base weight of one linear module (for LoRA shape validation and merging). On CUDA the
   // view has the shape and dtype but a null data pointer (the matrix lives on the device).

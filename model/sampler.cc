@@ -58,37 +58,9 @@ SampleResult Sampler::Sample(const float* logits, int64_t vocab_size) {
     } else {
       std::sort(ids.begin(), ids.end(), better);
     }
-    const double inv_t = 1.0 / params_.temperature;
-    std::vector<double> probs(ids.size());
-    double total = 0;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      probs[i] = std::exp((static_cast<double>(logits[ids[i]]) - max_logit) * inv_t);
-      total += probs[i];
-    }
-    if (params_.top_p < 1.0f) {
-      // Smallest prefix whose mass reaches top_p (always at least one token).
-      double cum = 0;
-      size_t cut = ids.size();
-      for (size_t i = 0; i < ids.size(); ++i) {
-        cum += probs[i] / total;
-        if (cum >= params_.top_p) {
-          cut = i + 1;
-          break;
-        }
-      }
-      ids.resize(cut);
-      probs.resize(cut);
-      total = std::accumulate(probs.begin(), probs.end(), 0.0);
-    }
-    double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_) * total;
-    size_t pick = ids.size() - 1;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      u -= probs[i];
-      if (u < 0) {
-        pick = i;
-        break;
-      }
-    }
+    std::vector<float> candidates(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) candidates[i] = logits[ids[i]];
+    const int64_t pick = Draw(candidates.data(), static_cast<int64_t>(ids.size()), max_logit);
     result.token_id = ids[pick];
   }
   result.logprob = logprob(result.token_id);
@@ -102,6 +74,62 @@ SampleResult Sampler::Sample(const float* logits, int64_t vocab_size) {
     });
     for (int64_t i = 0; i < k; ++i) result.top.push_back({ids[i], logprob(ids[i])});
   }
+  return result;
+}
+
+int64_t Sampler::Draw(const float* logits, int64_t n, float max_logit) {
+  const double inv_t = 1.0 / params_.temperature;
+  std::vector<double> probs(n);
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    probs[i] = std::exp((static_cast<double>(logits[i]) - max_logit) * inv_t);
+    total += probs[i];
+  }
+  if (params_.top_p < 1.0f) {
+    // Smallest prefix whose mass reaches top_p (always at least one token).
+    double cum = 0;
+    int64_t cut = n;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += probs[i] / total;
+      if (cum >= params_.top_p) {
+        cut = i + 1;
+        break;
+      }
+    }
+    n = cut;
+    total = std::accumulate(probs.begin(), probs.begin() + n, 0.0);
+  }
+  double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_) * total;
+  for (int64_t i = 0; i < n; ++i) {
+    u -= probs[i];
+    if (u < 0) return i;
+  }
+  return n - 1;
+}
+
+int64_t Sampler::TopLogitsNeeded(const SamplingParams& params) {
+  const int64_t alternatives = params.logprobs;
+  if (params.temperature == 0.0f) return std::max<int64_t>(1, alternatives);
+  if (params.top_k > 0) return std::max<int64_t>(params.top_k, alternatives);
+  return 0;
+}
+
+SampleResult Sampler::Sample(const StepLogits& step, int64_t row) {
+  if (step.k == 0) return Sample(step.logits.data() + row * step.vocab, step.vocab);
+  const int64_t k = step.k;
+  const float* logits = step.logits.data() + row * k;
+  const int32_t* ids = step.ids.data() + row * k;
+  const float* logprobs = step.logprobs.data() + row * k;
+  SampleResult result;
+  int64_t pick = 0;  // greedy: the best entry
+  if (params_.temperature != 0.0f) {
+    const int64_t keep = params_.top_k > 0 ? std::min<int64_t>(params_.top_k, k) : k;
+    pick = Draw(logits, keep, logits[0]);
+  }
+  result.token_id = ids[pick];
+  result.logprob = logprobs[pick];
+  const int64_t alternatives = std::min<int64_t>(params_.logprobs, k);
+  for (int64_t i = 0; i < alternatives; ++i) result.top.push_back({ids[i], logprobs[i]});
   return result;
 }
 

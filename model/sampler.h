@@ -33,13 +33,38 @@ struct SampleResult {
   std::vector<TokenLogprob> top;  // best first, `logprobs` entries
 };
 
+// One step's logits as LlamaModel::Forward hands them to the samplers: whole rows, or only the
+// best k entries of each row (what a CUDA model copies back when every request's sampling needs
+// no more; see Sampler::TopLogitsNeeded).
+struct StepLogits {
+  int64_t vocab = 0;
+  int64_t k = 0;                // 0: `logits` is [rows, vocab]; else [rows, k], best first
+  std::vector<float> logits;    // raw logits
+  std::vector<int32_t> ids;     // k > 0: [rows, k] token ids, best first (equal logits: lower id)
+  std::vector<float> logprobs;  // k > 0: [rows, k] log-softmax over the whole row
+};
+
 // Per-request sampler: holds the seeded generator, so the same seed gives the same tokens.
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
   SampleResult Sample(const float* logits, int64_t vocab_size);
+  // Row `row` of `step`, whole or its best k entries. With the best k entries (k at least
+  // TopLogitsNeeded(params)) the result is the one Sample gives on the whole row: the same draws
+  // from the generator over the same candidates in the same order; only the log-probs may differ
+  // in the last bits (the whole-row normaliser is summed where the logits are).
+  SampleResult Sample(const StepLogits& step, int64_t row);
+
+  // How many of a row's best logits sampling with `params` needs: the greedy pick or the top_k
+  // candidates, and the `logprobs` alternatives. 0 when it needs the whole row (temperature > 0
+  // with top_k off).
+  static int64_t TopLogitsNeeded(const SamplingParams& params);
 
  private:
+  // Draws among `n` candidates sorted best first, `logits` theirs, `max_logit` the row's
+  // maximum: temperature, top-p cut, then one uniform draw. Returns the index of the pick.
+  int64_t Draw(const float* logits, int64_t n, float max_logit);
+
   SamplingParams params_;
   std::mt19937_64 rng_;
 };

@@ -11,15 +11,18 @@
 // (a NaN in f32 and bf16), and the LoRA ops refuse slice tables that a real kernel would read past
 // (v_offset + rank > v_stride, rank > max_rank) with INTERNAL, as a device fault would end the
 // step.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
+#include "common/status.h"
 #include "kernels/cuda/cuda_gemm.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/cuda_lora.h"
@@ -346,6 +349,32 @@ absl::Status CudaBgmvExpand(const CudaLoraOutput* y, DType act_dtype, const floa
                             const CudaLoraWeights& w, void* stream) {
   return Expand("CudaBgmvExpand", y, act_dtype, d_v, v_stride, d_token_adapter, nullptr, num_tokens,
                 w);
+}
+
+absl::Status CudaTopK(int32_t* d_ids, float* d_values, float* d_logprobs, const void* d_logits,
+                      DType dtype, int64_t rows, int64_t vocab, int64_t k, void* stream) {
+  LP_RETURN_IF_ERROR(F32Only("CudaTopK", dtype));
+  if (k < 1 || k > vocab || k > kCudaMaxTopK) {
+    return absl::InvalidArgumentError(absl::StrCat("CudaTopK: k=", k, " outside 1..min(vocab=",
+                                                   vocab, ", ", kCudaMaxTopK, ")"));
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = static_cast<const float*>(d_logits) + r * vocab;
+    std::vector<int32_t> ids(vocab);
+    for (int64_t i = 0; i < vocab; ++i) ids[i] = static_cast<int32_t>(i);
+    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+      return row[a] > row[b] || (row[a] == row[b] && a < b);
+    });
+    double sum = 0;
+    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double{row[i]} - row[ids[0]]);
+    const double log_z = row[ids[0]] + std::log(sum);
+    for (int64_t i = 0; i < k; ++i) {
+      d_ids[r * k + i] = ids[i];
+      d_values[r * k + i] = row[ids[i]];
+      if (d_logprobs != nullptr) d_logprobs[r * k + i] = static_cast<float>(row[ids[i]] - log_z);
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace loraplex::kernels::cuda

@@ -11,6 +11,8 @@
 //
 // On failure: the CPU side is the reference (checked against transformers/PEFT by the CPU tests);
 // fixtures regenerate with tools/make_hf_goldens.py and tools/make_peft_goldens.py.
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -85,9 +87,13 @@ std::vector<int32_t> Ids(int n, int vocab, uint32_t seed) {
 
 // Runs the steps on a fresh cache of `m` and returns each step's logits (every token of the step,
 // in batch order). Blocks are handed out round-robin over the sequences, so no table is contiguous.
+// With `tops`, each step runs through the samplers' Forward with `top_k` instead and its StepLogits
+// go there (the returned logits are then empty).
 std::vector<std::vector<float>> RunSteps(LlamaModel& m, const std::vector<Seq>& seqs,
                                          const std::vector<std::vector<Chunk>>& steps,
-                                         const std::vector<const LoraWeightsView*>& adapters) {
+                                         const std::vector<const LoraWeightsView*>& adapters,
+                                         int64_t top_k = 0,
+                                         std::vector<StepLogits>* tops = nullptr) {
   constexpr int64_t kBlock = 4;  // small, so short sequences still span several blocks
   int64_t max_blocks = 1;
   for (const Seq& s : seqs) {
@@ -122,7 +128,12 @@ std::vector<std::vector<float>> RunSteps(LlamaModel& m, const std::vector<Seq>& 
     }
     if (!any_adapter) b.adapter_slot.clear();
     std::vector<float> logits;
-    EXPECT_OK(m.Forward(b, &*cache, &logits));
+    if (tops != nullptr) {
+      tops->emplace_back();
+      EXPECT_OK(m.Forward(b, &*cache, top_k, &tops->back()));
+    } else {
+      EXPECT_OK(m.Forward(b, &*cache, &logits));
+    }
     out.push_back(std::move(logits));
   }
   return out;
@@ -193,6 +204,58 @@ TEST_F(CudaModelTest, Stories260KMatchesCpuInF32AndBf16) {
         RunSteps(*cuda, seqs, MixedSteps(), {}), RunSteps(*cpu, seqs, MixedSteps(), {}),
         f32 ? ::loraplex::testing::kCudaF32ModelLogits : ::loraplex::testing::kCudaBf16ModelLogits,
         f32 ? "f32" : "bf16");
+  }
+}
+
+// Sampling's Forward with top_k on the device: each row's best k entries (ids best first, ties by
+// lower id; their logits; log-softmax over the whole row) must be what a host selection over the
+// whole rows of the same model gives, and top_k = 0 or a CPU model must hand over whole rows.
+TEST_F(CudaModelTest, TopLogitsSelectedOnTheDeviceMatchTheWholeRows) {
+  auto cuda = LoadModel(Stories260KDir() + "/stories260K.gguf", kernels::DType::kF32, Device::kCuda);
+  ASSERT_TRUE(cuda);
+  const int64_t vocab = cuda->config().vocab_size;
+  const auto seqs = MixedSeqs(static_cast<int>(vocab));
+  const auto whole = RunSteps(*cuda, seqs, MixedSteps(), {});
+  for (int64_t k : {int64_t{1}, int64_t{5}, int64_t{40}, LlamaModel::kMaxTopLogits}) {
+    std::vector<StepLogits> tops;
+    RunSteps(*cuda, seqs, MixedSteps(), {}, k, &tops);
+    ASSERT_EQ(tops.size(), whole.size());
+    for (size_t step = 0; step < whole.size(); ++step) {
+      const StepLogits& t = tops[step];
+      const int64_t rows = static_cast<int64_t>(whole[step].size()) / vocab;
+      ASSERT_EQ(t.k, std::min(k, vocab));
+      ASSERT_EQ(t.vocab, vocab);
+      ASSERT_EQ(static_cast<int64_t>(t.ids.size()), rows * t.k);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = whole[step].data() + r * vocab;
+        std::vector<int32_t> ids(vocab);
+        for (int64_t i = 0; i < vocab; ++i) ids[i] = static_cast<int32_t>(i);
+        std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
+          return row[a] > row[b] || (row[a] == row[b] && a < b);
+        });
+        double sum = 0;
+        for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double{row[i]} - row[ids[0]]);
+        const double log_z = row[ids[0]] + std::log(sum);
+        for (int64_t i = 0; i < t.k; ++i) {
+          ASSERT_EQ(t.ids[r * t.k + i], ids[i]) << "k " << k << " step " << step << " row " << r;
+          EXPECT_EQ(t.logits[r * t.k + i], row[ids[i]]);
+          EXPECT_NEAR(t.logprobs[r * t.k + i], row[ids[i]] - log_z, 1e-4);
+        }
+      }
+    }
+  }
+  // Whole rows: top_k = 0 on CUDA, and any top_k on the CPU.
+  std::vector<StepLogits> full;
+  RunSteps(*cuda, seqs, MixedSteps(), {}, 0, &full);
+  auto cpu = LoadModel(Stories260KDir() + "/stories260K.gguf", kernels::DType::kF32, Device::kCpu);
+  ASSERT_TRUE(cpu);
+  std::vector<StepLogits> cpu_full;
+  RunSteps(*cpu, seqs, MixedSteps(), {}, 5, &cpu_full);
+  for (size_t step = 0; step < whole.size(); ++step) {
+    EXPECT_EQ(full[step].k, 0);
+    EXPECT_EQ(full[step].logits, whole[step]) << step;
+    EXPECT_EQ(cpu_full[step].k, 0);
+    EXPECT_EQ(cpu_full[step].logits.size(), whole[step].size());
   }
 }
 

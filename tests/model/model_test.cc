@@ -195,6 +195,15 @@ TEST(ForwardTest, BadBatchesAreRejected) {
   bad = b;
   bad.adapter_slot = {0};  // no adapters given
   EXPECT_THAT(m->Forward(bad, &cache, &logits), StatusIs(absl::StatusCode::kInvalidArgument));
+  // The samplers' Forward: top_k outside [0, kMaxTopLogits]; on the CPU whole rows come back.
+  StepLogits step;
+  EXPECT_THAT(m->Forward(b, &cache, LlamaModel::kMaxTopLogits + 1, &step),
+              StatusIs(absl::StatusCode::kInvalidArgument, "top_k"));
+  EXPECT_THAT(m->Forward(b, &cache, -1, &step), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK(m->Forward(b, &cache, 5, &step));
+  EXPECT_EQ(step.k, 0);
+  EXPECT_EQ(step.vocab, m->config().vocab_size);
+  EXPECT_EQ(step.logits, logits);
   EXPECT_THAT(Generate(*m, {}, Greedy(4)), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(Generate(*m, {1}, Greedy(static_cast<int>(m->config().max_position_embeddings))),
               StatusIs(absl::StatusCode::kResourceExhausted, "context"));
