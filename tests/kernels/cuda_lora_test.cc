@@ -106,6 +106,9 @@ struct Case {
   std::vector<int64_t> rank_choices;  // cycled over (adapter, slice)
   int64_t num_tokens;
   bool sgmv;
+  // Elements between rows of x past `in`: odd pads misalign the rows (the kernels' one-element
+  // loads); 0 with `in` a multiple of 8 takes their 16-byte vector loads.
+  int64_t x_pad = 5;
 };
 
 // Per-token adapters with -1s; for SGMV also the segments that produce them.
@@ -154,7 +157,7 @@ void RunCase(const Case& c, DType wdt, DType adt, uint32_t seed) {
   ASSERT_OK(MakeAdapters(ad, wdt, c.in, c.out, ranks, seed));
   const Assignment as = Assign(c, seed + 7);
   const int64_t T = c.num_tokens;
-  const int64_t x_stride = c.in + 5;
+  const int64_t x_stride = c.in + c.x_pad;
   std::vector<float> x = RoundTo(RandomVector(T * x_stride, seed + 1), adt);
 
   // Shrink.
@@ -233,6 +236,10 @@ const Case kCases[] = {
     {"prefill 64 adapters", 1537, {577}, 64, {8, 16, 3, 64}, 611, true},
     {"prefill fused qkv", 577, {577, 193, 193}, 7, {16, 16, 0, 33, 1}, 257, true},
     {"prefill tiny", 8, {8}, 2, {1, 2}, 3, true},
+    {"decode aligned fused qkv", 576, {576, 192, 192}, 33, {16, 8, 64, 0, 24}, 45, false, 0},
+    {"decode aligned, misaligned rank", 1536, {576}, 4, {16, 3, 64}, 9, false, 0},
+    {"prefill aligned 64 adapters", 576, {1536}, 64, {8, 16, 5, 64}, 263, true, 0},
+    {"prefill aligned x, padded 8", 64, {64, 32}, 3, {4, 8, 16}, 21, true, 8},
 };
 
 class CudaLoraTest : public CudaTest {};
