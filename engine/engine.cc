@@ -384,7 +384,9 @@ void Engine::PublishStats(int64_t new_tokens) {
   for (const auto& [t, n] : rate_window_) window_tokens += n;
   const double span = absl::ToDoubleSeconds(now - rate_window_.front().first);
   const int64_t scratch =
-      model_->scratch_bytes() + static_cast<int64_t>((logits_.logits.capacity() + logits_.logprobs.capacity()) * sizeof(float) +
+      model_->scratch_bytes() +
+      static_cast<int64_t>((logits_.logits.capacity() + logits_.logprobs.capacity()) *
+                               sizeof(float) +
                            logits_.ids.capacity() * sizeof(int32_t));
   TsanMutexLock lock(&stats_mu_);
   stats_.scratch_bytes = scratch;

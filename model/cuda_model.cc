@@ -4,8 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -25,6 +28,7 @@ using kernels::WeightView;
 using kernels::cuda::CudaBlas;
 using kernels::cuda::CudaBuffer;
 using kernels::cuda::CudaEvent;
+using kernels::cuda::CudaGraph;
 using kernels::cuda::CudaLoraOutput;
 using kernels::cuda::CudaLoraSegments;
 using kernels::cuda::CudaLoraSlice;
@@ -141,8 +145,8 @@ struct LoraPass {
 
 class CudaModelImpl : public CudaModel {
  public:
-  CudaModelImpl(const LlamaConfig& config, int64_t adapter_slots)
-      : c_(config), slots_(config, adapter_slots) {}
+  CudaModelImpl(const LlamaConfig& config, int64_t adapter_slots, bool graphs)
+      : c_(config), slots_(config, adapter_slots), use_graphs_(graphs) {}
 
   absl::Status Init(LlamaWeights* w, const std::vector<float>& inv_freq);
 
@@ -163,6 +167,7 @@ class CudaModelImpl : public CudaModel {
   absl::Status MergeImpl(const LoraWeightsView& adapter);
   absl::Status Unmerge() override;
   int64_t weight_bytes() const override { return weight_bytes_; }
+  CudaGraphStats graph_stats() const override { return graph_stats_; }
 
  private:
   struct Layer {
@@ -185,6 +190,14 @@ class CudaModelImpl : public CudaModel {
   absl::Status ApplyLora(int group, int64_t layer, const float* d_x, int64_t x_stride,
                          const CudaLoraOutput* y);
   uint8_t* meta() const { return meta_.as<uint8_t>(); }
+  // Reserve() of a step buffer; a new allocation changes buffers_gen_ (graphs hold the old one).
+  absl::Status Grow(CudaBuffer* b, size_t bytes);
+  // Queues `body` (the step's launches) on the compute stream: replayed from a graph when a step
+  // with the same `key` ran before, captured when this is the key's second step, else launched op
+  // by op. The key holds every host value that reaches a launch (sizes, offsets into the metadata
+  // buffer, buffer generation, LoRA plan); what differs between steps of one key is only the
+  // content of device memory (the metadata upload queued before the body).
+  absl::Status RunBody(std::vector<int64_t> key, const std::function<absl::Status()>& body);
 
   LlamaConfig c_;
   DType wdtype_ = DType::kBF16;
@@ -211,7 +224,76 @@ class CudaModelImpl : public CudaModel {
   int64_t v_stride_ = 0;
   LoraPass own_, neg_;
   bool wait_for_upload_ = false;
+  std::vector<int32_t> tables_;  // block tables padded to a power-of-two row length
+
+  // CUDA graphs of earlier steps, most recently used first, and the keys seen once.
+  struct KeyedGraph {
+    std::vector<int64_t> key;
+    CudaGraph graph;
+  };
+  bool use_graphs_ = true;
+  uint64_t buffers_gen_ = 0;
+  std::vector<KeyedGraph> graphs_;
+  std::vector<std::vector<int64_t>> seen_once_;
+  CudaGraphStats graph_stats_;
 };
+
+// Graphs kept per model: a decode batch's shape changes as sequences join and leave and as their
+// block tables double; the last few shapes are the ones that recur.
+constexpr size_t kMaxGraphs = 16;
+// Graphs only for steps of at most this many tokens (decode and small mixed steps): launching op
+// by op costs the host the same whatever the batch, so the share it takes is largest there, and
+// prefill steps of many tokens rarely repeat a shape.
+constexpr int64_t kMaxGraphTokens = 256;
+
+absl::Status CudaModelImpl::Grow(CudaBuffer* b, size_t bytes) {
+  if (b->size() >= bytes) return absl::OkStatus();
+  ++buffers_gen_;
+  return Reserve(b, bytes);
+}
+
+absl::Status CudaModelImpl::RunBody(std::vector<int64_t> key,
+                                    const std::function<absl::Status()>& body) {
+  void* st = compute_.get();
+  if (!use_graphs_) return body();
+  for (size_t i = 0; i < graphs_.size(); ++i) {
+    if (graphs_[i].key == key) {
+      std::rotate(graphs_.begin(), graphs_.begin() + i, graphs_.begin() + i + 1);
+      LP_RETURN_IF_ERROR(graphs_.front().graph.Launch(st));
+      ++graph_stats_.replays;
+      return absl::OkStatus();
+    }
+  }
+  auto seen = std::find(seen_once_.begin(), seen_once_.end(), key);
+  if (seen == seen_once_.end()) {
+    // First sight: run it directly, capture it if it comes again.
+    if (seen_once_.size() >= 2 * kMaxGraphs) seen_once_.erase(seen_once_.begin());
+    seen_once_.push_back(std::move(key));
+    return body();
+  }
+  seen_once_.erase(seen);
+  if (absl::Status s = CudaGraph::BeginCapture(st); !s.ok()) {
+    // No graphs here (e.g. the host emulation of the tests): launch op by op from now on.
+    LP_LOG(WARNING) << "CUDA graphs off: " << s.ToString();
+    use_graphs_ = false;
+    return body();
+  }
+  absl::Status s = body();
+  absl::StatusOr<CudaGraph> graph = CudaGraph::EndCapture(st);
+  LP_RETURN_IF_ERROR(s);
+  if (!graph.ok()) {
+    // Something in the step cannot be captured: nothing ran, so run it op by op, and stay so.
+    LP_LOG(WARNING) << "CUDA graphs off: capturing a step failed: " << graph.status().ToString();
+    use_graphs_ = false;
+    return body();
+  }
+  if (graphs_.size() >= kMaxGraphs) graphs_.pop_back();
+  graphs_.insert(graphs_.begin(), KeyedGraph{std::move(key), *std::move(graph)});
+  ++graph_stats_.captures;
+  LP_RETURN_IF_ERROR(graphs_.front().graph.Launch(st));
+  ++graph_stats_.replays;
+  return absl::OkStatus();
+}
 
 absl::Status CudaModelImpl::Init(LlamaWeights* w, const std::vector<float>& inv_freq) {
   if (c_.head_dim % 2 != 0 || c_.head_dim > kMaxHeadDim) {
@@ -503,7 +585,17 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   const size_t tokens_off = packer_.Add(batch.tokens.data(), n);
   const size_t pos_off = packer_.Add(batch.positions.data(), n);
   const size_t seq_off = packer_.Add(batch.token_seq.data(), n);
-  const size_t tables_off = packer_.Add(batch.block_tables.data(), batch.block_tables.size());
+  // Block tables padded to a power-of-two row length (attention reads a sequence's entries only up
+  // to its own length): a decode batch's metadata layout then changes only when the longest table
+  // doubles, so CUDA graphs of its steps stay valid across many steps.
+  int64_t table_len = 1;
+  while (table_len < batch.max_blocks_per_seq) table_len *= 2;
+  tables_.assign(num_seqs * table_len, 0);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    std::copy_n(batch.block_tables.begin() + s * batch.max_blocks_per_seq, batch.max_blocks_per_seq,
+                tables_.begin() + s * table_len);
+  }
+  const size_t tables_off = packer_.Add(tables_.data(), tables_.size());
   const size_t rows_off = packer_.Add(batch.logit_rows.data(), rows);
   bool uploaded = false;
   LP_RETURN_IF_ERROR(PlanLora(batch, merged, &uploaded));
@@ -511,28 +603,29 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   wait_for_upload_ = uploaded;
 
   const int64_t widest = std::max({hid, qd, ff});
-  LP_RETURN_IF_ERROR(Reserve(&meta_, packer_.size()));
-  LP_RETURN_IF_ERROR(Reserve(&x_, n * hid * 4));
-  LP_RETURN_IF_ERROR(Reserve(&h_, n * hid * 4));
-  LP_RETURN_IF_ERROR(Reserve(&q_, n * qd * 4));
-  LP_RETURN_IF_ERROR(Reserve(&k_, n * kvd * 4));
-  LP_RETURN_IF_ERROR(Reserve(&v_, n * kvd * 4));
-  LP_RETURN_IF_ERROR(Reserve(&attn_, n * qd * 4));
-  LP_RETURN_IF_ERROR(Reserve(&proj_, n * hid * 4));
-  LP_RETURN_IF_ERROR(Reserve(&gate_, n * ff * 4));
-  LP_RETURN_IF_ERROR(Reserve(&up_, n * ff * 4));
-  LP_RETURN_IF_ERROR(Reserve(&sel_, std::max<int64_t>(rows, 1) * hid * 4));
-  LP_RETURN_IF_ERROR(Reserve(&logits_, std::max<int64_t>(rows, 1) * vocab * 4));
-  if (top_k > 0) LP_RETURN_IF_ERROR(Reserve(&top_, std::max<int64_t>(rows, 1) * top_k * 12));
+  LP_RETURN_IF_ERROR(Grow(&meta_, packer_.size()));
+  LP_RETURN_IF_ERROR(Grow(&x_, n * hid * 4));
+  LP_RETURN_IF_ERROR(Grow(&h_, n * hid * 4));
+  LP_RETURN_IF_ERROR(Grow(&q_, n * qd * 4));
+  LP_RETURN_IF_ERROR(Grow(&k_, n * kvd * 4));
+  LP_RETURN_IF_ERROR(Grow(&v_, n * kvd * 4));
+  LP_RETURN_IF_ERROR(Grow(&attn_, n * qd * 4));
+  LP_RETURN_IF_ERROR(Grow(&proj_, n * hid * 4));
+  LP_RETURN_IF_ERROR(Grow(&gate_, n * ff * 4));
+  LP_RETURN_IF_ERROR(Grow(&up_, n * ff * 4));
+  LP_RETURN_IF_ERROR(Grow(&sel_, std::max<int64_t>(rows, 1) * hid * 4));
+  LP_RETURN_IF_ERROR(Grow(&logits_, std::max<int64_t>(rows, 1) * vocab * 4));
+  if (top_k > 0) LP_RETURN_IF_ERROR(Grow(&top_, std::max<int64_t>(rows, 1) * top_k * 12));
   // The bf16 copy of a GEMM input: any [n, <= widest] activation, or the [rows, hid] logit rows
   // (rows may exceed n: a row can be asked for twice).
   if (wdtype_ == DType::kBF16) {
-    LP_RETURN_IF_ERROR(Reserve(&xb_, std::max(n * widest, rows * hid) * 2));
+    LP_RETURN_IF_ERROR(Grow(&xb_, std::max(n * widest, rows * hid) * 2));
   }
-  if (v_stride_ > 0) LP_RETURN_IF_ERROR(Reserve(&lora_v_, n * v_stride_ * 4));
+  if (v_stride_ > 0) LP_RETURN_IF_ERROR(Grow(&lora_v_, n * v_stride_ * 4));
   if (c_.attention_bias && static_cast<int64_t>(ones_host_.size()) < n) {
     ones_host_.assign(n + n / 4 + 16, 1.0f);
     ones_ = CudaBuffer();
+    ++buffers_gen_;
     LP_ASSIGN_OR_RETURN(ones_, CudaBuffer::Allocate(ones_host_.size() * 4));
     LP_RETURN_IF_ERROR(
         ones_.CopyFromHostAsync(ones_host_.data(), ones_host_.size() * 4, compute_.get()));
@@ -559,74 +652,131 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   ab.token_seq = reinterpret_cast<const int32_t*>(meta() + seq_off);
   ab.token_pos = d_pos;
   ab.block_tables = reinterpret_cast<const int32_t*>(meta() + tables_off);
-  const kernels::KvLayout layout = cache->layout(batch.max_blocks_per_seq);
+  const kernels::KvLayout layout = cache->layout(table_len);
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(c_.head_dim));
   const float eps = c_.rms_norm_eps;
   const float* inv_freq = inv_freq_.as<const float>();
 
-  LP_RETURN_IF_ERROR(cu::CudaEmbed(x, DType::kF32, d_tokens, n, embed_.view(), st));
-  LP_RETURN_IF_ERROR(
-      cu::CudaRmsNorm(h, x, layers_[0].attn_norm.as<const float>(), n, hid, eps, st));
-  for (int64_t l = 0; l < c_.num_layers; ++l) {
-    const Layer& lw = layers_[l];
-    auto W = [&](LinearModule m) -> const DeviceMatrix& { return lw.linear[static_cast<int>(m)]; };
-    // q, k, v read the same normed input: round it to bf16 once.
-    LP_ASSIGN_OR_RETURN(const uint16_t* hb, ToBf16(h, n, hid));
-    LP_RETURN_IF_ERROR(Linear(q, h, hb, n, W(LinearModule::kQ)));
-    LP_RETURN_IF_ERROR(Linear(k, h, hb, n, W(LinearModule::kK)));
-    LP_RETURN_IF_ERROR(Linear(v, h, hb, n, W(LinearModule::kV)));
-    const CudaLoraOutput qkv_out[3] = {{q, qd}, {k, kvd}, {v, kvd}};
-    LP_RETURN_IF_ERROR(ApplyLora(kGroupQkv, l, h, hid, qkv_out));
-    if (c_.attention_bias) {
-      // y[t] += bias as a rank-1 product ones[n, 1] bias[1, out], exact in f32 (one product by 1).
-      const float* ones = ones_.as<const float>();
-      const std::pair<float*, const CudaBuffer*> biases[3] = {
-          {q, &lw.q_bias}, {k, &lw.k_bias}, {v, &lw.v_bias}};
-      const int64_t outs[3] = {qd, kvd, kvd};
-      for (int i = 0; i < 3; ++i) {
-        const WeightView bias{DType::kF32, biases[i].second->data(), outs[i], 1};
-        LP_RETURN_IF_ERROR(blas_->Gemm(biases[i].first, DType::kF32, ones, DType::kF32, n, bias,
-                                       /*accumulate=*/true, st));
+  // The step's launches, from the embedding to the logits (or their top k): what a CUDA graph
+  // holds. Host values they use all go into `key` below.
+  auto launches = [&]() -> absl::Status {
+    LP_RETURN_IF_ERROR(cu::CudaEmbed(x, DType::kF32, d_tokens, n, embed_.view(), st));
+    LP_RETURN_IF_ERROR(
+        cu::CudaRmsNorm(h, x, layers_[0].attn_norm.as<const float>(), n, hid, eps, st));
+    for (int64_t l = 0; l < c_.num_layers; ++l) {
+      const Layer& lw = layers_[l];
+      auto W = [&](LinearModule m) -> const DeviceMatrix& {
+        return lw.linear[static_cast<int>(m)];
+      };
+      // q, k, v read the same normed input: round it to bf16 once.
+      LP_ASSIGN_OR_RETURN(const uint16_t* hb, ToBf16(h, n, hid));
+      LP_RETURN_IF_ERROR(Linear(q, h, hb, n, W(LinearModule::kQ)));
+      LP_RETURN_IF_ERROR(Linear(k, h, hb, n, W(LinearModule::kK)));
+      LP_RETURN_IF_ERROR(Linear(v, h, hb, n, W(LinearModule::kV)));
+      const CudaLoraOutput qkv_out[3] = {{q, qd}, {k, kvd}, {v, kvd}};
+      LP_RETURN_IF_ERROR(ApplyLora(kGroupQkv, l, h, hid, qkv_out));
+      if (c_.attention_bias) {
+        // y[t] += bias as a rank-1 product ones[n, 1] bias[1, out], exact in f32 (one product by
+        // 1).
+        const float* ones = ones_.as<const float>();
+        const std::pair<float*, const CudaBuffer*> biases[3] = {
+            {q, &lw.q_bias}, {k, &lw.k_bias}, {v, &lw.v_bias}};
+        const int64_t outs[3] = {qd, kvd, kvd};
+        for (int i = 0; i < 3; ++i) {
+          const WeightView bias{DType::kF32, biases[i].second->data(), outs[i], 1};
+          LP_RETURN_IF_ERROR(blas_->Gemm(biases[i].first, DType::kF32, ones, DType::kF32, n, bias,
+                                         /*accumulate=*/true, st));
+        }
+      }
+      LP_RETURN_IF_ERROR(
+          cu::CudaRope(q, DType::kF32, d_pos, n, c_.num_heads, c_.head_dim, inv_freq, st));
+      LP_RETURN_IF_ERROR(
+          cu::CudaRope(k, DType::kF32, d_pos, n, c_.num_kv_heads, c_.head_dim, inv_freq, st));
+      LP_RETURN_IF_ERROR(cu::CudaWriteKv(kv->k_layer(l), kv->v_layer(l), DType::kF32, k, v,
+                                         DType::kF32, ab, layout, st));
+      LP_RETURN_IF_ERROR(cu::CudaPagedAttention(attn, q, DType::kF32, kv->k_layer(l),
+                                                kv->v_layer(l), DType::kF32, ab, layout,
+                                                c_.num_heads, attn_scale, c_.sliding_window, st));
+      LP_RETURN_IF_ERROR(Linear(proj, attn, nullptr, n, W(LinearModule::kO)));
+      const CudaLoraOutput o_out[1] = {{proj, hid}};
+      LP_RETURN_IF_ERROR(ApplyLora(kGroupO, l, attn, qd, o_out));
+      // x += proj; h = RmsNorm(x) * ffn_norm
+      LP_RETURN_IF_ERROR(
+          cu::CudaAddRmsNorm(h, x, proj, lw.ffn_norm.data(), DType::kF32, n, hid, eps, st));
+
+      LP_ASSIGN_OR_RETURN(hb, ToBf16(h, n, hid));
+      LP_RETURN_IF_ERROR(Linear(gate, h, hb, n, W(LinearModule::kGate)));
+      LP_RETURN_IF_ERROR(Linear(up, h, hb, n, W(LinearModule::kUp)));
+      const CudaLoraOutput gu_out[2] = {{gate, ff}, {up, ff}};
+      LP_RETURN_IF_ERROR(ApplyLora(kGroupGateUp, l, h, hid, gu_out));
+      LP_RETURN_IF_ERROR(cu::CudaSiluMul(gate, gate, up, DType::kF32, n * ff, st));
+      LP_RETURN_IF_ERROR(Linear(proj, gate, nullptr, n, W(LinearModule::kDown)));
+      const CudaLoraOutput down_out[1] = {{proj, hid}};
+      LP_RETURN_IF_ERROR(ApplyLora(kGroupDown, l, gate, ff, down_out));
+      if (l + 1 < c_.num_layers) {
+        // x += proj; h = RmsNorm(x) * the next layer's attn_norm
+        LP_RETURN_IF_ERROR(cu::CudaAddRmsNorm(h, x, proj, layers_[l + 1].attn_norm.data(),
+                                              DType::kF32, n, hid, eps, st));
+      } else {
+        LP_RETURN_IF_ERROR(cu::CudaAdd(x, proj, DType::kF32, n * hid, st));
       }
     }
-    LP_RETURN_IF_ERROR(
-        cu::CudaRope(q, DType::kF32, d_pos, n, c_.num_heads, c_.head_dim, inv_freq, st));
-    LP_RETURN_IF_ERROR(
-        cu::CudaRope(k, DType::kF32, d_pos, n, c_.num_kv_heads, c_.head_dim, inv_freq, st));
-    LP_RETURN_IF_ERROR(cu::CudaWriteKv(kv->k_layer(l), kv->v_layer(l), DType::kF32, k, v,
-                                       DType::kF32, ab, layout, st));
-    LP_RETURN_IF_ERROR(cu::CudaPagedAttention(attn, q, DType::kF32, kv->k_layer(l), kv->v_layer(l),
-                                              DType::kF32, ab, layout, c_.num_heads, attn_scale,
-                                              c_.sliding_window, st));
-    LP_RETURN_IF_ERROR(Linear(proj, attn, nullptr, n, W(LinearModule::kO)));
-    const CudaLoraOutput o_out[1] = {{proj, hid}};
-    LP_RETURN_IF_ERROR(ApplyLora(kGroupO, l, attn, qd, o_out));
-    // x += proj; h = RmsNorm(x) * ffn_norm
-    LP_RETURN_IF_ERROR(
-        cu::CudaAddRmsNorm(h, x, proj, lw.ffn_norm.data(), DType::kF32, n, hid, eps, st));
-
-    LP_ASSIGN_OR_RETURN(hb, ToBf16(h, n, hid));
-    LP_RETURN_IF_ERROR(Linear(gate, h, hb, n, W(LinearModule::kGate)));
-    LP_RETURN_IF_ERROR(Linear(up, h, hb, n, W(LinearModule::kUp)));
-    const CudaLoraOutput gu_out[2] = {{gate, ff}, {up, ff}};
-    LP_RETURN_IF_ERROR(ApplyLora(kGroupGateUp, l, h, hid, gu_out));
-    LP_RETURN_IF_ERROR(cu::CudaSiluMul(gate, gate, up, DType::kF32, n * ff, st));
-    LP_RETURN_IF_ERROR(Linear(proj, gate, nullptr, n, W(LinearModule::kDown)));
-    const CudaLoraOutput down_out[1] = {{proj, hid}};
-    LP_RETURN_IF_ERROR(ApplyLora(kGroupDown, l, gate, ff, down_out));
-    if (l + 1 < c_.num_layers) {
-      // x += proj; h = RmsNorm(x) * the next layer's attn_norm
-      LP_RETURN_IF_ERROR(cu::CudaAddRmsNorm(h, x, proj, layers_[l + 1].attn_norm.data(),
-                                            DType::kF32, n, hid, eps, st));
-    } else {
-      LP_RETURN_IF_ERROR(cu::CudaAdd(x, proj, DType::kF32, n * hid, st));
+    if (wait_for_upload_) {
+      // Uploads that no op ended up reading (cannot happen with a planned pass, but the staging
+      // copies are released after this step, so the compute stream must still cover them).
+      LP_RETURN_IF_ERROR(uploaded_event_.StreamWait(st));
+      wait_for_upload_ = false;
     }
-  }
-  if (wait_for_upload_) {
-    // Uploads that no op ended up reading (cannot happen with a planned pass, but the staging
-    // copies are released after this step, so the compute stream must still cover them).
-    LP_RETURN_IF_ERROR(uploaded_event_.StreamWait(st));
-    wait_for_upload_ = false;
+    if (rows > 0) {
+      float* sel = sel_.as<float>();
+      // Gather the logit rows: CudaEmbed with the residual stream as an f32 "table".
+      const WeightView xs{DType::kF32, x, n, hid};
+      LP_RETURN_IF_ERROR(cu::CudaEmbed(
+          sel, DType::kF32, reinterpret_cast<const int32_t*>(meta() + rows_off), rows, xs, st));
+      LP_RETURN_IF_ERROR(
+          cu::CudaRmsNorm(sel, sel, final_norm_.as<const float>(), rows, hid, eps, st));
+      const DeviceMatrix& head = lm_head_.rows > 0 ? lm_head_ : embed_;
+      LP_RETURN_IF_ERROR(Linear(logits_.as<float>(), sel, nullptr, rows, head));
+      if (top_k > 0) {
+        // Sampling needs only each row's best top_k entries: select them here and copy back
+        // [rows, top_k] triples instead of [rows, vocab] logits.
+        int32_t* ids = top_.as<int32_t>();
+        float* values = reinterpret_cast<float*>(ids + rows * top_k);
+        LP_RETURN_IF_ERROR(cu::CudaTopK(ids, values, values + rows * top_k, logits_.data(),
+                                        DType::kF32, rows, vocab, top_k, st));
+      }
+    }
+    return absl::OkStatus();
+  };
+  // No graph for a step that waits for adapter uploads (an event wait inside) or that is large.
+  if (wait_for_upload_ || n > kMaxGraphTokens) {
+    LP_RETURN_IF_ERROR(launches());
+  } else {
+    std::vector<int64_t> key = {n,
+                                rows,
+                                top_k,
+                                num_seqs,
+                                table_len,
+                                static_cast<int64_t>(reinterpret_cast<intptr_t>(kv)),
+                                static_cast<int64_t>(buffers_gen_),
+                                static_cast<int64_t>(tokens_off),
+                                static_cast<int64_t>(pos_off),
+                                static_cast<int64_t>(seq_off),
+                                static_cast<int64_t>(tables_off),
+                                static_cast<int64_t>(rows_off),
+                                v_stride_,
+                                merged != nullptr};
+    for (const LoraPass* p : {&own_, &neg_}) {
+      key.insert(key.end(),
+                 {p->active, p->num_adapters, p->max_rank, p->sgmv, p->num_segments,
+                  static_cast<int64_t>(p->token_adapter_off), static_cast<int64_t>(p->starts_off),
+                  static_cast<int64_t>(p->seg_adapter_off)});
+      if (!p->active) continue;
+      for (const auto& groups : p->slices_off) {
+        for (size_t off : groups) key.push_back(static_cast<int64_t>(off));
+      }
+    }
+    LP_RETURN_IF_ERROR(RunBody(std::move(key), launches));
   }
 
   out->vocab = vocab;
@@ -635,25 +785,9 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   out->ids.resize(rows * top_k);
   out->logprobs.resize(rows * top_k);
   if (rows > 0) {
-    float* sel = sel_.as<float>();
-    // Gather the logit rows: CudaEmbed with the residual stream as an f32 "table".
-    const WeightView xs{DType::kF32, x, n, hid};
-    LP_RETURN_IF_ERROR(cu::CudaEmbed(
-        sel, DType::kF32, reinterpret_cast<const int32_t*>(meta() + rows_off), rows, xs, st));
-    LP_RETURN_IF_ERROR(
-        cu::CudaRmsNorm(sel, sel, final_norm_.as<const float>(), rows, hid, eps, st));
-    const DeviceMatrix& head = lm_head_.rows > 0 ? lm_head_ : embed_;
-    LP_RETURN_IF_ERROR(Linear(logits_.as<float>(), sel, nullptr, rows, head));
     if (top_k == 0) {
       LP_RETURN_IF_ERROR(logits_.CopyToHostAsync(out->logits.data(), rows * vocab * 4, st));
     } else {
-      // Sampling needs only each row's best top_k entries: select them here and copy back
-      // [rows, top_k] triples instead of [rows, vocab] logits.
-      int32_t* ids = top_.as<int32_t>();
-      float* values = reinterpret_cast<float*>(ids + rows * top_k);
-      float* logprobs = values + rows * top_k;
-      LP_RETURN_IF_ERROR(cu::CudaTopK(ids, values, logprobs, logits_.data(), DType::kF32, rows,
-                                      vocab, top_k, st));
       // One copy of the three arrays, which lie back to back in top_, through a host staging
       // vector; split below after the synchronisation.
       top_host_.resize(rows * top_k * 3);
@@ -663,10 +797,10 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   LP_RETURN_IF_ERROR(compute_.Synchronize());
   LP_RETURN_IF_ERROR(upload_.Synchronize());
   if (top_k > 0 && rows > 0) {
-    const int64_t n = rows * top_k;
-    std::memcpy(out->ids.data(), top_host_.data(), n * 4);
-    std::memcpy(out->logits.data(), top_host_.data() + n, n * 4);
-    std::memcpy(out->logprobs.data(), top_host_.data() + 2 * n, n * 4);
+    const int64_t k = rows * top_k;
+    std::memcpy(out->ids.data(), top_host_.data(), k * 4);
+    std::memcpy(out->logits.data(), top_host_.data() + k, k * 4);
+    std::memcpy(out->logprobs.data(), top_host_.data() + 2 * k, k * 4);
   }
   return absl::OkStatus();
 }
@@ -741,7 +875,9 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CreateCudaModel(const LlamaConfig& co
   if (!kernels::cuda::CudaDeviceAvailable(&why)) {
     return absl::UnavailableError(absl::StrCat("no CUDA device found: ", why));
   }
-  auto m = std::make_unique<CudaModelImpl>(config, options.cuda_adapter_slots);
+  const char* env = std::getenv("LP_CUDA_GRAPHS");
+  const bool graphs = options.cuda_graphs && !(env != nullptr && std::string(env) == "0");
+  auto m = std::make_unique<CudaModelImpl>(config, options.cuda_adapter_slots, graphs);
   LP_RETURN_IF_ERROR(m->Init(weights, inv_freq));
   absl::StatusOr<std::string> name = kernels::cuda::CudaDeviceName();
   LP_LOG(DEBUG) << "CUDA model on " << (name.ok() ? *name : "an unnamed device") << ": "

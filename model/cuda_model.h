@@ -59,6 +59,9 @@ class CudaModel {
 
   // Bytes of device memory held for the base weights.
   virtual int64_t weight_bytes() const = 0;
+
+  // LlamaModel::cuda_graph_stats.
+  virtual CudaGraphStats graph_stats() const = 0;
 };
 
 // W += B A for one pair, element by element in f32 from the current value, rounded once to w's

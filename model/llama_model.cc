@@ -258,6 +258,10 @@ inline float ViewAt(const kernels::WeightView& v, int64_t i) {
 
 }  // namespace
 
+CudaGraphStats LlamaModel::cuda_graph_stats() const {
+  return cuda_ != nullptr ? cuda_->graph_stats() : CudaGraphStats{};
+}
+
 absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache, int64_t top_k,
                                  StepLogits* out) {
   const int64_t vocab = config_.vocab_size;

@@ -92,6 +92,10 @@ struct LoadOptions {
   // CUDA only: how many adapters keep a device copy between steps (LRU; an adapter used by the
   // running step is never evicted, so one step may exceed this).
   int64_t cuda_adapter_slots = 64;
+  // CUDA only: replay the launches of a step as a CUDA graph when an earlier step had the same
+  // shape (small batches: decode), instead of launching each op from the host. The environment
+  // variable LP_CUDA_GRAPHS=0 turns it off too.
+  bool cuda_graphs = true;
 };
 
 // One step's input. Per-token arrays all have num_tokens entries. A sequence's tokens must appear
@@ -113,6 +117,12 @@ struct ForwardBatch {
 };
 
 class CudaModel;  // model/cuda_model.h
+
+// Steps a CUDA model replayed from captured CUDA graphs, and graphs it captured.
+struct CudaGraphStats {
+  int64_t replays = 0;
+  int64_t captures = 0;
+};
 
 class LlamaModel {
  public:
@@ -158,6 +168,9 @@ class LlamaModel {
   // host memory anyway. top_k = 0: whole rows on both. Errors as Forward.
   absl::Status Forward(const ForwardBatch& batch, KvCache* cache, int64_t top_k, StepLogits* out);
   static constexpr int64_t kMaxTopLogits = 256;  // kernels/cuda's kCudaMaxTopK
+
+  // CUDA graphs used so far (LoadOptions::cuda_graphs); zeros on the CPU.
+  CudaGraphStats cuda_graph_stats() const;
 
   // The base weight of one linear module (for LoRA shape validation and merging). On CUDA the
   // view has the shape and dtype but a null data pointer (the matrix lives on the device).

@@ -43,6 +43,7 @@ absl::StatusOr<CublasApi> Load() {
   resolve(&api.destroy, LP_CUBLAS_STR(cublasDestroy));
   resolve(&api.set_math_mode, LP_CUBLAS_STR(cublasSetMathMode));
   resolve(&api.set_stream, LP_CUBLAS_STR(cublasSetStream));
+  resolve(&api.set_workspace, LP_CUBLAS_STR(cublasSetWorkspace));
   resolve(&api.gemm_ex, LP_CUBLAS_STR(cublasGemmEx));
   resolve(&api.get_status_name, LP_CUBLAS_STR(cublasGetStatusName));
   resolve(&api.get_status_string, LP_CUBLAS_STR(cublasGetStatusString));

@@ -19,6 +19,7 @@ struct CublasApi {
   decltype(&cublasDestroy) destroy = nullptr;
   decltype(&cublasSetMathMode) set_math_mode = nullptr;
   decltype(&cublasSetStream) set_stream = nullptr;
+  decltype(&cublasSetWorkspace) set_workspace = nullptr;
   // The exported overload (computeType a cublasComputeType_t); cublas_api.h adds an inline C++
   // one taking cudaDataType.
   cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,

@@ -48,6 +48,9 @@ class CudaBlas {
 
   cublasContext* handle_ = nullptr;
   CudaBuffer scratch_;  // bf16 copy of f32 activations, grown on demand
+  // cuBLAS's workspace, set once (cublasSetWorkspace), so that no GEMM allocates: required for
+  // capturing GEMMs into CUDA graphs.
+  CudaBuffer workspace_;
 };
 
 }  // namespace loraplex::kernels::cuda

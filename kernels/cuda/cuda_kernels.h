@@ -116,6 +116,33 @@ class CudaEvent {
   void* event_ = nullptr;
 };
 
+// A sequence of launches captured from a stream and instantiated (a CUDA graph), replayed with one
+// launch: the same kernels with the same arguments, reading whatever the memory they point at
+// holds at replay time. Capture is per thread (cudaStreamCaptureModeThreadLocal): other threads'
+// CUDA calls are unaffected, and this thread must not allocate or synchronise until EndCapture.
+// Move-only.
+class CudaGraph {
+ public:
+  // Starts capturing `stream`: the ops queued on it from now on are recorded, not run.
+  static absl::Status BeginCapture(void* stream);
+  // Ends the capture begun on `stream` and instantiates what was recorded. Always ends it, so the
+  // stream is usable again even when an op failed in between (the capture is then discarded).
+  static absl::StatusOr<CudaGraph> EndCapture(void* stream);
+
+  CudaGraph() = default;
+  CudaGraph(CudaGraph&& other) noexcept;
+  CudaGraph& operator=(CudaGraph&& other) noexcept;
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  ~CudaGraph();
+
+  // Queues one replay on `stream`.
+  absl::Status Launch(void* stream) const;
+
+ private:
+  void* exec_ = nullptr;
+};
+
 // Device memory in bytes: free and total (cudaMemGetInfo), for sizing the KV pool and adapter
 // slots.
 struct CudaMemoryInfo {

@@ -178,6 +178,50 @@ absl::Status CudaEvent::StreamWait(void* stream) const {
   return absl::OkStatus();
 }
 
+absl::Status CudaGraph::BeginCapture(void* stream) {
+  LP_CUDA_RETURN_IF_ERROR(
+      cudaStreamBeginCapture(static_cast<cudaStream_t>(stream), cudaStreamCaptureModeThreadLocal));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CudaGraph> CudaGraph::EndCapture(void* stream) {
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(static_cast<cudaStream_t>(stream), &graph);
+  if (end != cudaSuccess) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    (void)cudaGetLastError();  // an invalidated capture's error is reported here, not left behind
+    LP_CUDA_RETURN_IF_ERROR(end);
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  LP_CUDA_RETURN_IF_ERROR(inst);
+  CudaGraph g;
+  g.exec_ = exec;
+  return g;
+}
+
+CudaGraph::CudaGraph(CudaGraph&& other) noexcept : exec_(std::exchange(other.exec_, nullptr)) {}
+
+CudaGraph& CudaGraph::operator=(CudaGraph&& other) noexcept {
+  if (this != &other) {
+    if (exec_ != nullptr) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+    exec_ = std::exchange(other.exec_, nullptr);
+  }
+  return *this;
+}
+
+CudaGraph::~CudaGraph() {
+  if (exec_ != nullptr) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+}
+
+absl::Status CudaGraph::Launch(void* stream) const {
+  if (exec_ == nullptr) return absl::FailedPreconditionError("CudaGraph::Launch: no graph");
+  LP_CUDA_RETURN_IF_ERROR(
+      cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(stream)));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<CudaMemoryInfo> GetCudaMemoryInfo() {
   CudaMemoryInfo info;
   LP_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&info.free_bytes, &info.total_bytes));

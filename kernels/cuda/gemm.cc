@@ -39,7 +39,13 @@ absl::StatusOr<std::unique_ptr<CudaBlas>> CudaBlas::Create() {
     blas->destroy(handle);
     return CublasErrorToStatus(err, "cublasSetMathMode", __FILE__, __LINE__);
   }
-  return std::unique_ptr<CudaBlas>(new CudaBlas(handle));
+  auto blas_obj = std::unique_ptr<CudaBlas>(new CudaBlas(handle));
+  // 32 MiB: what cuBLAS documents for Hopper; GEMMs that could use more pick other algorithms.
+  constexpr size_t kWorkspaceBytes = size_t{32} << 20;
+  LP_ASSIGN_OR_RETURN(blas_obj->workspace_, CudaBuffer::Allocate(kWorkspaceBytes));
+  LP_CUBLAS_RETURN_IF_ERROR(
+      blas->set_workspace(handle, blas_obj->workspace_.data(), kWorkspaceBytes));
+  return blas_obj;
 }
 
 CudaBlas::~CudaBlas() {

@@ -124,6 +124,23 @@ CudaEvent& CudaEvent::operator=(CudaEvent&& other) noexcept {
   return *this;
 }
 CudaEvent::~CudaEvent() = default;
+// No graphs here: the model falls back to launching op by op (every op runs at its call anyway).
+absl::Status CudaGraph::BeginCapture(void* stream) {
+  return absl::UnimplementedError("the host emulation has no CUDA graphs");
+}
+absl::StatusOr<CudaGraph> CudaGraph::EndCapture(void* stream) {
+  return absl::UnimplementedError("the host emulation has no CUDA graphs");
+}
+CudaGraph::CudaGraph(CudaGraph&& other) noexcept : exec_(std::exchange(other.exec_, nullptr)) {}
+CudaGraph& CudaGraph::operator=(CudaGraph&& other) noexcept {
+  exec_ = std::exchange(other.exec_, nullptr);
+  return *this;
+}
+CudaGraph::~CudaGraph() = default;
+absl::Status CudaGraph::Launch(void* stream) const {
+  return absl::UnimplementedError("the host emulation has no CUDA graphs");
+}
+
 absl::Status CudaEvent::Record(void* stream) {
   return event_ != nullptr ? absl::OkStatus() : absl::FailedPreconditionError("no event");
 }
@@ -355,8 +372,8 @@ absl::Status CudaTopK(int32_t* d_ids, float* d_values, float* d_logprobs, const 
                       DType dtype, int64_t rows, int64_t vocab, int64_t k, void* stream) {
   LP_RETURN_IF_ERROR(F32Only("CudaTopK", dtype));
   if (k < 1 || k > vocab || k > kCudaMaxTopK) {
-    return absl::InvalidArgumentError(absl::StrCat("CudaTopK: k=", k, " outside 1..min(vocab=",
-                                                   vocab, ", ", kCudaMaxTopK, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("CudaTopK: k=", k, " outside 1..min(vocab=", vocab, ", ", kCudaMaxTopK, ")"));
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = static_cast<const float*>(d_logits) + r * vocab;

@@ -53,8 +53,9 @@ class CudaModelTest : public ::testing::Test {
 };
 
 std::unique_ptr<LlamaModel> LoadModel(const std::string& path, kernels::DType dtype, Device device,
-                                      int64_t adapter_slots = 64) {
+                                      int64_t adapter_slots = 64, bool graphs = true) {
   LoadOptions o;
+  o.cuda_graphs = graphs;
   o.dtype = dtype;
   o.require_tokenizer = false;
   o.device = device;
@@ -211,7 +212,8 @@ TEST_F(CudaModelTest, Stories260KMatchesCpuInF32AndBf16) {
 // lower id; their logits; log-softmax over the whole row) must be what a host selection over the
 // whole rows of the same model gives, and top_k = 0 or a CPU model must hand over whole rows.
 TEST_F(CudaModelTest, TopLogitsSelectedOnTheDeviceMatchTheWholeRows) {
-  auto cuda = LoadModel(Stories260KDir() + "/stories260K.gguf", kernels::DType::kF32, Device::kCuda);
+  auto cuda =
+      LoadModel(Stories260KDir() + "/stories260K.gguf", kernels::DType::kF32, Device::kCuda);
   ASSERT_TRUE(cuda);
   const int64_t vocab = cuda->config().vocab_size;
   const auto seqs = MixedSeqs(static_cast<int>(vocab));
@@ -264,6 +266,43 @@ std::unique_ptr<adapters::LoraAdapter> LoadPeft(const std::string& name, const L
                                        {kernels::DType::kF32, 256});
   EXPECT_OK(a) << name;
   return a.ok() ? std::move(a).value() : nullptr;
+}
+
+// Decode steps replayed from CUDA graphs give the very bits of the same steps launched op by op:
+// prefill chunks, then decode steps of three sequences (two with PEFT adapters, so the graphs hold
+// BGMV launches) whose KV blocks and positions move on at every step, then one sequence leaves and
+// the batch changes shape. The graphs must have been used (on a GPU; the host emulation has none).
+TEST_F(CudaModelTest, GraphReplaysMatchOpByOpLaunches) {
+  for (kernels::DType dtype : {kernels::DType::kF32, kernels::DType::kBF16}) {
+    const std::string path = Stories260KDir() + "/stories260K.gguf";
+    auto graphs = LoadModel(path, dtype, Device::kCuda, 64, /*graphs=*/true);
+    auto direct = LoadModel(path, dtype, Device::kCuda, 64, /*graphs=*/false);
+    ASSERT_TRUE(graphs && direct);
+    auto qv = LoadPeft("qv", *graphs);
+    auto all = LoadPeft("all_linear", *graphs);
+    ASSERT_TRUE(qv && all);
+    const std::vector<const LoraWeightsView*> adapters = {&qv->view(), &all->view()};
+    const int vocab = static_cast<int>(graphs->config().vocab_size);
+    const std::vector<Seq> seqs = {{Ids(40, vocab, 4), 0}, {Ids(34, vocab, 5), -1},
+                                   {Ids(40, vocab, 6), 1}};
+    std::vector<std::vector<Chunk>> steps = {{{0, 7}, {1, 9}, {2, 3}}};
+    for (int i = 0; i < 25; ++i) steps.push_back({{0, 1}, {1, 1}, {2, 1}});
+    for (int i = 0; i < 8; ++i) steps.push_back({{0, 1}, {2, 1}});
+    const auto a = RunSteps(*graphs, seqs, steps, adapters);
+    const auto b = RunSteps(*direct, seqs, steps, adapters);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "step " << i;
+    const CudaGraphStats stats = graphs->cuda_graph_stats();
+    EXPECT_EQ(direct->cuda_graph_stats().replays, 0);
+#ifdef LP_CUDA_EMULATED
+    EXPECT_EQ(stats.replays, 0);
+#else
+    // 25 steps of one shape, 8 of another: each shape runs once, is captured at its second step
+    // and replayed from then on.
+    EXPECT_EQ(stats.captures, 2);
+    EXPECT_EQ(stats.replays, 24 + 7);
+#endif
+  }
 }
 
 class CudaAdapterTest : public CudaModelTest {

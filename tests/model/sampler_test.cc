@@ -1,13 +1,14 @@
 // The sampler on whole logit rows and on each row's best k entries (what a CUDA model copies back
 // instead of the whole vocabulary): for every kind of params, k = Sampler::TopLogitsNeeded must
 // give the same tokens, from the same seeded draws, as the whole row, with the same log-probs.
+#include "model/sampler.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
 
-#include "model/sampler.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex::model {
@@ -69,7 +70,8 @@ TEST(SamplerTest, BestEntriesGiveTheSameTokensAsWholeRows) {
     for (float t : {0.6f, 1.0f, 1.7f}) {
       for (int32_t k : {1, 2, 9, 64}) {
         for (float p : {1.0f, 0.9f, 0.3f}) {
-          grid.push_back({.temperature = t, .top_k = k, .top_p = p, .seed = 11, .logprobs = logprobs});
+          grid.push_back(
+              {.temperature = t, .top_k = k, .top_p = p, .seed = 11, .logprobs = logprobs});
         }
       }
     }
