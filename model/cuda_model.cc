@@ -324,6 +324,12 @@ absl::Status CudaModelImpl::Init(LlamaWeights* w, const std::vector<float>& inv_
   LP_ASSIGN_OR_RETURN(upload_, CudaStream::Create());
   LP_ASSIGN_OR_RETURN(uploaded_event_, CudaEvent::Create());
   LP_ASSIGN_OR_RETURN(blas_, CudaBlas::Create());
+  if (use_graphs_) {
+    if (absl::Status s = blas_->UseFixedWorkspace(size_t{32} << 20); !s.ok()) {
+      LP_LOG(WARNING) << "CUDA graphs off: no fixed cuBLAS workspace: " << s.ToString();
+      use_graphs_ = false;
+    }
+  }
 
   LP_ASSIGN_OR_RETURN(embed_, UploadMatrix(w->embed));
   if (w->lm_head.rows > 0) {
@@ -585,11 +591,14 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   const size_t tokens_off = packer_.Add(batch.tokens.data(), n);
   const size_t pos_off = packer_.Add(batch.positions.data(), n);
   const size_t seq_off = packer_.Add(batch.token_seq.data(), n);
-  // Block tables padded to a power-of-two row length (attention reads a sequence's entries only up
-  // to its own length): a decode batch's metadata layout then changes only when the longest table
-  // doubles, so CUDA graphs of its steps stay valid across many steps.
-  int64_t table_len = 1;
-  while (table_len < batch.max_blocks_per_seq) table_len *= 2;
+  // With graphs, block tables padded to a power-of-two row length (attention reads a sequence's
+  // entries only up to its own length): a decode batch's metadata layout then changes only when
+  // the longest table doubles, so the graph of its steps stays valid across many steps.
+  int64_t table_len = batch.max_blocks_per_seq;
+  if (use_graphs_) {
+    table_len = 1;
+    while (table_len < batch.max_blocks_per_seq) table_len *= 2;
+  }
   tables_.assign(num_seqs * table_len, 0);
   for (int64_t s = 0; s < num_seqs; ++s) {
     std::copy_n(batch.block_tables.begin() + s * batch.max_blocks_per_seq, batch.max_blocks_per_seq,
@@ -876,7 +885,10 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CreateCudaModel(const LlamaConfig& co
     return absl::UnavailableError(absl::StrCat("no CUDA device found: ", why));
   }
   const char* env = std::getenv("LP_CUDA_GRAPHS");
-  const bool graphs = options.cuda_graphs && !(env != nullptr && std::string(env) == "0");
+  bool graphs = options.cuda_graphs;
+  if (env != nullptr && (std::string(env) == "0" || std::string(env) == "1")) {
+    graphs = std::string(env) == "1";
+  }
   auto m = std::make_unique<CudaModelImpl>(config, options.cuda_adapter_slots, graphs);
   LP_RETURN_IF_ERROR(m->Init(weights, inv_freq));
   absl::StatusOr<std::string> name = kernels::cuda::CudaDeviceName();

@@ -93,9 +93,10 @@ struct LoadOptions {
   // running step is never evicted, so one step may exceed this).
   int64_t cuda_adapter_slots = 64;
   // CUDA only: replay the launches of a step as a CUDA graph when an earlier step had the same
-  // shape (small batches: decode), instead of launching each op from the host. The environment
-  // variable LP_CUDA_GRAPHS=0 turns it off too.
-  bool cuda_graphs = true;
+  // shape (small batches: decode), instead of launching each op from the host. Off by default
+  // until it has run on a GPU (docs/cuda.md); the environment variable LP_CUDA_GRAPHS=1 turns it
+  // on, LP_CUDA_GRAPHS=0 off, whatever this says.
+  bool cuda_graphs = false;
 };
 
 // One step's input. Per-token arrays all have num_tokens entries. A sequence's tokens must appear

@@ -43,14 +43,17 @@ class CudaBlas {
   // The raw cublasHandle_t, for benchmarks that compare against a plain cuBLAS call.
   cublasContext* handle() const { return handle_; }
 
+  // Gives cuBLAS a workspace of `bytes` of its own (cublasSetWorkspace), so that no GEMM
+  // allocates: needed before GEMMs are captured into CUDA graphs. 32 MiB is what cuBLAS documents
+  // for Hopper; GEMMs that could use more pick other algorithms.
+  absl::Status UseFixedWorkspace(size_t bytes);
+
  private:
   explicit CudaBlas(cublasContext* handle) : handle_(handle) {}
 
   cublasContext* handle_ = nullptr;
-  CudaBuffer scratch_;  // bf16 copy of f32 activations, grown on demand
-  // cuBLAS's workspace, set once (cublasSetWorkspace), so that no GEMM allocates: required for
-  // capturing GEMMs into CUDA graphs.
-  CudaBuffer workspace_;
+  CudaBuffer scratch_;    // bf16 copy of f32 activations, grown on demand
+  CudaBuffer workspace_;  // UseFixedWorkspace's
 };
 
 }  // namespace loraplex::kernels::cuda

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdint>
 #include <memory>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -39,13 +40,15 @@ absl::StatusOr<std::unique_ptr<CudaBlas>> CudaBlas::Create() {
     blas->destroy(handle);
     return CublasErrorToStatus(err, "cublasSetMathMode", __FILE__, __LINE__);
   }
-  auto blas_obj = std::unique_ptr<CudaBlas>(new CudaBlas(handle));
-  // 32 MiB: what cuBLAS documents for Hopper; GEMMs that could use more pick other algorithms.
-  constexpr size_t kWorkspaceBytes = size_t{32} << 20;
-  LP_ASSIGN_OR_RETURN(blas_obj->workspace_, CudaBuffer::Allocate(kWorkspaceBytes));
-  LP_CUBLAS_RETURN_IF_ERROR(
-      blas->set_workspace(handle, blas_obj->workspace_.data(), kWorkspaceBytes));
-  return blas_obj;
+  return std::unique_ptr<CudaBlas>(new CudaBlas(handle));
+}
+
+absl::Status CudaBlas::UseFixedWorkspace(size_t bytes) {
+  LP_ASSIGN_OR_RETURN(CudaBuffer workspace, CudaBuffer::Allocate(bytes));
+  const CublasApi& blas = **LoadCublas();  // loaded: this object has a handle
+  LP_CUBLAS_RETURN_IF_ERROR(blas.set_workspace(handle_, workspace.data(), bytes));
+  workspace_ = std::move(workspace);
+  return absl::OkStatus();
 }
 
 CudaBlas::~CudaBlas() {

@@ -239,6 +239,7 @@ absl::StatusOr<std::unique_ptr<CudaBlas>> CudaBlas::Create() {
 }
 
 CudaBlas::~CudaBlas() = default;
+absl::Status CudaBlas::UseFixedWorkspace(size_t bytes) { return absl::OkStatus(); }
 
 absl::Status CudaBlas::Gemm(void* d_y, DType y_dtype, const void* d_x, DType x_dtype, int64_t m,
                             const WeightView& w, bool accumulate, void* stream) {
