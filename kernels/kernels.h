@@ -50,6 +50,11 @@ void Add(float* y, const float* x, int64_t n);
 // out[t, :] = table[ids[t], :] for t < n (table rows widened to f32). ids must be < table.rows.
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table);
 
+// log(sum_i exp(x[i])) for n >= 1, with the maximum subtracted first (the log-softmax normaliser of
+// a logit row). The fast version takes exp in f32 SIMD over chunks and sums the chunks in f64; -inf
+// entries count as 0, NaN entries are skipped (as the sampler never picks them).
+double LogSumExp(const float* x, int64_t n);
+
 // ---- paged KV cache and attention ---------------------------------------------------------------
 //
 // One layer's cache is two pools, K and V, each [num_blocks, block_size, n_kv_heads, head_dim] f32.
@@ -98,6 +103,7 @@ void Rope(float* x, const int32_t* positions, int64_t tokens, int64_t heads, int
 void SiluMul(float* out, const float* gate, const float* up, int64_t n);
 void Add(float* y, const float* x, int64_t n);
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table);
+double LogSumExp(const float* x, int64_t n);
 void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
              const AttentionBatch& batch, const KvLayout& layout);
 void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,

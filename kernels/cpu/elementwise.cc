@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "common/half.h"
@@ -81,6 +82,28 @@ void SiluMul(float* out, const float* gate, const float* up, int64_t n) {
 
 void Add(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+double LogSumExp(const float* x, int64_t n) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) max = x[i] > max ? x[i] : max;  // NaN never wins
+  if (max == -std::numeric_limits<float>::infinity()) return max;
+  if (max == std::numeric_limits<float>::infinity()) return max;
+  // exp in f32 SIMD over chunks small enough that their f32 sums stay accurate; chunks summed in
+  // f64. NaN and -inf entries become 0 first (exp(-inf) = 0; NaN is not a candidate).
+  constexpr int64_t kChunk = 1024;
+  const cpu::CpuOps& ops = cpu::ActiveCpuOps();
+  float buf[kChunk];
+  double sum = 0;
+  for (int64_t b = 0; b < n; b += kChunk) {
+    const int64_t len = std::min(kChunk, n - b);
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = x[b + i];
+      buf[i] = v >= max - 200.0f ? v : max - 200.0f;  // exp(-200) underflows to 0 in f32 anyway
+    }
+    sum += ops.exp_shift_sum(buf, max, len);
+  }
+  return max + std::log(sum);
 }
 
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table) {

@@ -3,6 +3,7 @@
 // CUDA ops are tested against them. Nothing here is threaded or vectorised on purpose.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common/half.h"
@@ -81,6 +82,19 @@ void SiluMul(float* out, const float* gate, const float* up, int64_t n) {
 
 void Add(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+double LogSumExp(const float* x, int64_t n) {
+  double max = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] > max) max = x[i];
+  }
+  if (std::isinf(max)) return max;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isnan(x[i])) sum += std::exp(double{x[i]} - max);
+  }
+  return max + std::log(sum);
 }
 
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table) {

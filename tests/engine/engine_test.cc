@@ -8,8 +8,11 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
+#include "absl/synchronization/notification.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
@@ -274,7 +277,21 @@ TEST_F(EngineTest, QueueFullIsResourceExhaustedAndWaitersRunLater) {
   GenerationRequest r = Greedy(prompt, 20);
   r.ignore_eos = true;
   Collector c;
-  ASSERT_OK_AND_ASSIGN(RequestId first, engine->Submit(r, c.Sink()));
+  // The first request's sink holds the engine thread after its first token until the submissions
+  // below are made: else, on a slow or loaded machine, the first request could finish (and the
+  // next one leave the queue) in between, and the queue count would not be exact.
+  absl::Notification submitted;
+  auto release = [&] {
+    if (!submitted.HasBeenNotified()) submitted.Notify();
+  };
+  absl::Cleanup release_on_failure = release;  // an ASSERT below must not leave the engine held
+  bool first_token = true;                     // engine thread only
+  OutputSink to_collector = c.Sink();
+  OutputSink holding = [&](StepOutput out) {
+    to_collector(std::move(out));
+    if (std::exchange(first_token, false)) submitted.WaitForNotification();
+  };
+  ASSERT_OK_AND_ASSIGN(RequestId first, engine->Submit(r, holding));
   // Wait until the first one runs, so the queue count is exact.
   std::optional<StepOutput> first_out = c.Next();
   ASSERT_TRUE(first_out.has_value());
@@ -283,6 +300,7 @@ TEST_F(EngineTest, QueueFullIsResourceExhaustedAndWaitersRunLater) {
   ASSERT_OK(engine->Submit(r, c.Sink()));
   EXPECT_THAT(engine->Submit(r, c.Sink()),
               StatusIs(absl::StatusCode::kResourceExhausted, "queue is full"));
+  release();
   auto results = c.WaitFor(3);
   ASSERT_EQ(results.size(), 3u);
   const std::vector<int32_t> solo = Ids(Solo(r));

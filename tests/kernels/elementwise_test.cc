@@ -1,7 +1,9 @@
 // Fast RmsNorm, Rope, SiluMul, Add, Embed vs their references on odd sizes, per ISA table.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -126,6 +128,30 @@ TEST_P(ElementwiseTest, EmbedCopiesRowsExactly) {
     ref::Embed(expected.data(), ids.data(), ids.size(), table);
     ASSERT_TRUE(AllClose(fast, expected, kExact));
   }
+}
+
+TEST_P(ElementwiseTest, LogSumExpMatchesReference) {
+  uint32_t seed = 60;
+  for (int64_t n : {1, 7, 16, 17, 1023, 1024, 1025, 49152, 151936}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
+    for (float spread : {1.0f, 10.0f, 60.0f}) {
+      std::vector<float> x = RandomVector(n, seed++, -spread, spread);
+      const double got = LogSumExp(x.data(), n);
+      const double want = ref::LogSumExp(x.data(), n);
+      // What a log-prob inherits: the f32 exp's relative error, in absolute terms here.
+      EXPECT_NEAR(got, want, 2e-6 * std::max(1.0, std::abs(want))) << "spread " << spread;
+    }
+  }
+  // -inf entries count as 0, NaN entries are skipped, a row of one value v gives v + log(n).
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> x = {1.0f, -inf, 2.0f, std::nanf(""), -inf, 0.5f};
+  EXPECT_NEAR(LogSumExp(x.data(), x.size()), ref::LogSumExp(x.data(), x.size()), 1e-6);
+  EXPECT_NEAR(LogSumExp(x.data(), x.size()),
+              std::log(std::exp(1.0) + std::exp(2.0) + std::exp(0.5)), 1e-6);
+  std::vector<float> same(3000, -7.25f);
+  EXPECT_NEAR(LogSumExp(same.data(), same.size()), -7.25 + std::log(3000.0), 1e-6);
+  std::vector<float> all_inf(5, -inf);
+  EXPECT_EQ(LogSumExp(all_inf.data(), all_inf.size()), -inf);
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, ElementwiseTest, ::testing::ValuesIn(AllIsas()),

@@ -27,6 +27,7 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/cuda_lora.h"
 #include "kernels/kernels.h"
+#include "tests/testing/top_logits.h"
 
 namespace loraplex::kernels::cuda {
 namespace {
@@ -377,20 +378,12 @@ absl::Status CudaTopK(int32_t* d_ids, float* d_values, float* d_logprobs, const 
         absl::StrCat("CudaTopK: k=", k, " outside 1..min(vocab=", vocab, ", ", kCudaMaxTopK, ")"));
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = static_cast<const float*>(d_logits) + r * vocab;
-    std::vector<int32_t> ids(vocab);
-    for (int64_t i = 0; i < vocab; ++i) ids[i] = static_cast<int32_t>(i);
-    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
-      return row[a] > row[b] || (row[a] == row[b] && a < b);
-    });
-    double sum = 0;
-    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double{row[i]} - row[ids[0]]);
-    const double log_z = row[ids[0]] + std::log(sum);
-    for (int64_t i = 0; i < k; ++i) {
-      d_ids[r * k + i] = ids[i];
-      d_values[r * k + i] = row[ids[i]];
-      if (d_logprobs != nullptr) d_logprobs[r * k + i] = static_cast<float>(row[ids[i]] - log_z);
-    }
+    const ::loraplex::testing::HostTopLogits top = ::loraplex::testing::SelectTopLogits(
+        static_cast<const float*>(d_logits) + r * vocab, vocab, k);
+    std::copy(top.ids.begin(), top.ids.end(), d_ids + r * k);
+    std::copy(top.logits.begin(), top.logits.end(), d_values + r * k);
+    if (d_logprobs != nullptr)
+      std::copy(top.logprobs.begin(), top.logprobs.end(), d_logprobs + r * k);
   }
   return absl::OkStatus();
 }

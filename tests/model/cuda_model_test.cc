@@ -27,6 +27,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
 #include "tests/testing/tolerances.h"
+#include "tests/testing/top_logits.h"
 
 namespace loraplex::model {
 namespace {
@@ -229,19 +230,13 @@ TEST_F(CudaModelTest, TopLogitsSelectedOnTheDeviceMatchTheWholeRows) {
       ASSERT_EQ(t.vocab, vocab);
       ASSERT_EQ(static_cast<int64_t>(t.ids.size()), rows * t.k);
       for (int64_t r = 0; r < rows; ++r) {
-        const float* row = whole[step].data() + r * vocab;
-        std::vector<int32_t> ids(vocab);
-        for (int64_t i = 0; i < vocab; ++i) ids[i] = static_cast<int32_t>(i);
-        std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
-          return row[a] > row[b] || (row[a] == row[b] && a < b);
-        });
-        double sum = 0;
-        for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double{row[i]} - row[ids[0]]);
-        const double log_z = row[ids[0]] + std::log(sum);
+        const ::loraplex::testing::HostTopLogits want =
+            ::loraplex::testing::SelectTopLogits(whole[step].data() + r * vocab, vocab, t.k);
         for (int64_t i = 0; i < t.k; ++i) {
-          ASSERT_EQ(t.ids[r * t.k + i], ids[i]) << "k " << k << " step " << step << " row " << r;
-          EXPECT_EQ(t.logits[r * t.k + i], row[ids[i]]);
-          EXPECT_NEAR(t.logprobs[r * t.k + i], row[ids[i]] - log_z, 1e-4);
+          ASSERT_EQ(t.ids[r * t.k + i], want.ids[i])
+              << "k " << k << " step " << step << " row " << r;
+          EXPECT_EQ(t.logits[r * t.k + i], want.logits[i]);
+          EXPECT_NEAR(t.logprobs[r * t.k + i], want.logprobs[i], 1e-4);
         }
       }
     }
@@ -283,8 +278,8 @@ TEST_F(CudaModelTest, GraphReplaysMatchOpByOpLaunches) {
     ASSERT_TRUE(qv && all);
     const std::vector<const LoraWeightsView*> adapters = {&qv->view(), &all->view()};
     const int vocab = static_cast<int>(graphs->config().vocab_size);
-    const std::vector<Seq> seqs = {{Ids(40, vocab, 4), 0}, {Ids(34, vocab, 5), -1},
-                                   {Ids(40, vocab, 6), 1}};
+    const std::vector<Seq> seqs = {
+        {Ids(40, vocab, 4), 0}, {Ids(34, vocab, 5), -1}, {Ids(40, vocab, 6), 1}};
     std::vector<std::vector<Chunk>> steps = {{{0, 7}, {1, 9}, {2, 3}}};
     for (int i = 0; i < 25; ++i) steps.push_back({{0, 1}, {1, 1}, {2, 1}});
     for (int i = 0; i < 8; ++i) steps.push_back({{0, 1}, {2, 1}});

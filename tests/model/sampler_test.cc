@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tests/testing/testing.h"
+#include "tests/testing/top_logits.h"
 
 namespace loraplex::model {
 namespace {
@@ -35,20 +36,11 @@ StepLogits Top(const std::vector<float>& logits, int64_t rows, int64_t vocab, in
   t.vocab = vocab;
   t.k = k;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = logits.data() + r * vocab;
-    std::vector<int32_t> ids(vocab);
-    for (int64_t i = 0; i < vocab; ++i) ids[i] = static_cast<int32_t>(i);
-    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
-      return row[a] > row[b] || (row[a] == row[b] && a < b);
-    });
-    double sum = 0;
-    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double{row[i]} - row[ids[0]]);
-    const double log_z = row[ids[0]] + std::log(sum);
-    for (int64_t i = 0; i < k; ++i) {
-      t.ids.push_back(ids[i]);
-      t.logits.push_back(row[ids[i]]);
-      t.logprobs.push_back(static_cast<float>(row[ids[i]] - log_z));
-    }
+    const ::loraplex::testing::HostTopLogits top =
+        ::loraplex::testing::SelectTopLogits(logits.data() + r * vocab, vocab, k);
+    t.ids.insert(t.ids.end(), top.ids.begin(), top.ids.end());
+    t.logits.insert(t.logits.end(), top.logits.begin(), top.logits.end());
+    t.logprobs.insert(t.logprobs.end(), top.logprobs.begin(), top.logprobs.end());
   }
   return t;
 }
