@@ -79,6 +79,22 @@ void BM_SiluMul(benchmark::State& state) {
 }
 BENCHMARK(BM_SiluMul)->Arg(1)->Arg(128)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// The sampler's whole-row normaliser over SmolLM2's 49152 logits (uniform in [-6, 6], a logit-like
+// spread): the SIMD kernel (arg 0) against the reference's scalar f64 exp per logit (arg 1), which
+// the sampler used before. 32 rows of it are one S2 step's sampling.
+void BM_LogSumExp(benchmark::State& state) {
+  constexpr int64_t kVocab = 49152;
+  std::vector<float> x = Random(kVocab);
+  for (float& v : x) v *= 6.0f;
+  const bool reference = state.range(0) == 1;
+  for (auto _ : state) {
+    const double z = reference ? loraplex::kernels::ref::LogSumExp(x.data(), kVocab)
+                               : loraplex::kernels::LogSumExp(x.data(), kVocab);
+    benchmark::DoNotOptimize(z);
+  }
+}
+BENCHMARK(BM_LogSumExp)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 }  // namespace
 
 BENCHMARK_MAIN();
