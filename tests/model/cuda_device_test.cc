@@ -132,8 +132,8 @@ std::string StoryArgs(const std::string& model) {
 TEST(DeviceE2eTest, CudaWithoutADeviceFailsAtStartup) {
   std::string why;
   if (HaveCuda(&why)) GTEST_SKIP() << "a CUDA device is present";
-  RunResult g = RunCommand(GenerateBin() +
-                           StoryArgs(Stories260KDir() + "/stories260K.gguf") + " --device cuda");
+  RunResult g = RunCommand(GenerateBin() + StoryArgs(Stories260KDir() + "/stories260K.gguf") +
+                           " --device cuda");
   EXPECT_NE(g.exit_code, 0) << g.out;
   EXPECT_NE(g.out.find("no CUDA device found"), std::string::npos) << g.out;
   ASSERT_TRUE(std::filesystem::exists(ServerBin()))
@@ -147,8 +147,8 @@ TEST(DeviceE2eTest, CudaWithoutADeviceFailsAtStartup) {
 TEST(DeviceE2eTest, AutoRunsTheGoldenStoryOnWhateverIsThere) {
   std::string why;
   const bool cuda = HaveCuda(&why);
-  RunResult r = RunCommand(GenerateBin() +
-                           StoryArgs(Stories260KDir() + "/stories260K.gguf") + " --device auto");
+  RunResult r = RunCommand(GenerateBin() + StoryArgs(Stories260KDir() + "/stories260K.gguf") +
+                           " --device auto");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["device"], cuda ? "cuda" : "cpu") << j["device_reason"];
