@@ -19,6 +19,8 @@
 #include "kernels/cuda/cuda_lora.h"
 #include "kernels/cuda/cuda_types.h"
 #include "model/cuda_adapter_slots.h"
+#include "model/cuda_device_memory.h"
+#include "model/cuda_step_graphs.h"
 
 namespace loraplex::model {
 namespace {
@@ -28,7 +30,6 @@ using kernels::WeightView;
 using kernels::cuda::CudaBlas;
 using kernels::cuda::CudaBuffer;
 using kernels::cuda::CudaEvent;
-using kernels::cuda::CudaGraph;
 using kernels::cuda::CudaLoraOutput;
 using kernels::cuda::CudaLoraSegments;
 using kernels::cuda::CudaLoraSlice;
@@ -40,60 +41,6 @@ using kernels::cuda::CudaStream;
 constexpr int64_t kDeviceMemoryMargin = int64_t{256} << 20;
 // The attention kernel holds one head in a warp.
 constexpr int64_t kMaxHeadDim = 256;
-
-size_t DTypeBytes(DType d) { return d == DType::kF32 ? 4 : 2; }
-
-// One base matrix on the device, in its load dtype.
-struct DeviceMatrix {
-  CudaBuffer buffer;
-  DType dtype = DType::kBF16;
-  int64_t rows = 0, cols = 0;
-  WeightView view() const { return {dtype, buffer.data(), rows, cols}; }
-  size_t bytes() const { return static_cast<size_t>(rows) * cols * DTypeBytes(dtype); }
-};
-
-absl::StatusOr<DeviceMatrix> UploadMatrix(const StoredMatrix& m) {
-  DeviceMatrix d;
-  d.dtype = m.dtype;
-  d.rows = m.rows;
-  d.cols = m.cols;
-  LP_ASSIGN_OR_RETURN(d.buffer, CudaBuffer::Allocate(d.bytes()));
-  const void* src = m.dtype == DType::kF32 ? static_cast<const void*>(m.f32.data())
-                                           : static_cast<const void*>(m.bf16.data());
-  LP_RETURN_IF_ERROR(d.buffer.CopyFromHost(src, d.bytes()));
-  return d;
-}
-
-absl::StatusOr<CudaBuffer> UploadF32(const std::vector<float>& v) {
-  LP_ASSIGN_OR_RETURN(CudaBuffer b, CudaBuffer::Allocate(v.size() * sizeof(float)));
-  LP_RETURN_IF_ERROR(b.CopyFromHost(v.data(), v.size() * sizeof(float)));
-  return b;
-}
-
-// Drops the host storage of a matrix that now lives on the device; the shape stays.
-void ReleaseHost(StoredMatrix* m) {
-  std::vector<float>().swap(m->f32);
-  std::vector<uint16_t>().swap(m->bf16);
-}
-
-// Grows *b to at least `bytes` (never shrinks). Only called at the start of a step, when nothing
-// queued on the device can still read the old buffer.
-absl::Status Reserve(CudaBuffer* b, size_t bytes) {
-  if (b->size() >= bytes) return absl::OkStatus();
-  *b = CudaBuffer();  // free first: the old and new buffers need not coexist
-  LP_ASSIGN_OR_RETURN(*b, CudaBuffer::Allocate(std::max<size_t>(bytes + bytes / 4, 256)));
-  return absl::OkStatus();
-}
-
-// The device K/V pools of one KvCache: f32, per layer [num_blocks, block_size, n_kv_heads,
-// head_dim], all layers in one buffer each for K and V.
-struct CudaKvStorage : KvCache::DeviceStorage {
-  CudaBuffer k, v;
-  int64_t num_layers = 0, num_blocks = 0, block_size = 0, n_kv_heads = 0, head_dim = 0;
-  int64_t layer_elems() const { return num_blocks * block_size * n_kv_heads * head_dim; }
-  float* k_layer(int64_t l) const { return k.as<float>() + l * layer_elems(); }
-  float* v_layer(int64_t l) const { return v.as<float>() + l * layer_elems(); }
-};
 
 // The module groups that share an input, in forward order (as model/lora_apply.h groups them).
 struct ModuleGroup {
@@ -146,7 +93,7 @@ struct LoraPass {
 class CudaModelImpl : public CudaModel {
  public:
   CudaModelImpl(const LlamaConfig& config, int64_t adapter_slots, bool graphs)
-      : c_(config), slots_(config, adapter_slots), use_graphs_(graphs) {}
+      : c_(config), slots_(config, adapter_slots), graphs_(graphs) {}
 
   absl::Status Init(LlamaWeights* w, const std::vector<float>& inv_freq);
 
@@ -167,7 +114,7 @@ class CudaModelImpl : public CudaModel {
   absl::Status MergeImpl(const LoraWeightsView& adapter);
   absl::Status Unmerge() override;
   int64_t weight_bytes() const override { return weight_bytes_; }
-  CudaGraphStats graph_stats() const override { return graph_stats_; }
+  CudaGraphStats graph_stats() const override { return graphs_.stats(); }
 
  private:
   struct Layer {
@@ -192,12 +139,6 @@ class CudaModelImpl : public CudaModel {
   uint8_t* meta() const { return meta_.as<uint8_t>(); }
   // Reserve() of a step buffer; a new allocation changes buffers_gen_ (graphs hold the old one).
   absl::Status Grow(CudaBuffer* b, size_t bytes);
-  // Queues `body` (the step's launches) on the compute stream: replayed from a graph when a step
-  // with the same `key` ran before, captured when this is the key's second step, else launched op
-  // by op. The key holds every host value that reaches a launch (sizes, offsets into the metadata
-  // buffer, buffer generation, LoRA plan); what differs between steps of one key is only the
-  // content of device memory (the metadata upload queued before the body).
-  absl::Status RunBody(std::vector<int64_t> key, const std::function<absl::Status()>& body);
 
   LlamaConfig c_;
   DType wdtype_ = DType::kBF16;
@@ -226,21 +167,10 @@ class CudaModelImpl : public CudaModel {
   bool wait_for_upload_ = false;
   std::vector<int32_t> tables_;  // block tables padded to a power-of-two row length
 
-  // CUDA graphs of earlier steps, most recently used first, and the keys seen once.
-  struct KeyedGraph {
-    std::vector<int64_t> key;
-    CudaGraph graph;
-  };
-  bool use_graphs_ = true;
   uint64_t buffers_gen_ = 0;
-  std::vector<KeyedGraph> graphs_;
-  std::vector<std::vector<int64_t>> seen_once_;
-  CudaGraphStats graph_stats_;
+  CudaStepGraphs graphs_;
 };
 
-// Graphs kept per model: a decode batch's shape changes as sequences join and leave and as their
-// block tables double; the last few shapes are the ones that recur.
-constexpr size_t kMaxGraphs = 16;
 // Graphs only for steps of at most this many tokens (decode and small mixed steps): launching op
 // by op costs the host the same whatever the batch, so the share it takes is largest there, and
 // prefill steps of many tokens rarely repeat a shape.
@@ -250,49 +180,6 @@ absl::Status CudaModelImpl::Grow(CudaBuffer* b, size_t bytes) {
   if (b->size() >= bytes) return absl::OkStatus();
   ++buffers_gen_;
   return Reserve(b, bytes);
-}
-
-absl::Status CudaModelImpl::RunBody(std::vector<int64_t> key,
-                                    const std::function<absl::Status()>& body) {
-  void* st = compute_.get();
-  if (!use_graphs_) return body();
-  for (size_t i = 0; i < graphs_.size(); ++i) {
-    if (graphs_[i].key == key) {
-      std::rotate(graphs_.begin(), graphs_.begin() + i, graphs_.begin() + i + 1);
-      LP_RETURN_IF_ERROR(graphs_.front().graph.Launch(st));
-      ++graph_stats_.replays;
-      return absl::OkStatus();
-    }
-  }
-  auto seen = std::find(seen_once_.begin(), seen_once_.end(), key);
-  if (seen == seen_once_.end()) {
-    // First sight: run it directly, capture it if it comes again.
-    if (seen_once_.size() >= 2 * kMaxGraphs) seen_once_.erase(seen_once_.begin());
-    seen_once_.push_back(std::move(key));
-    return body();
-  }
-  seen_once_.erase(seen);
-  if (absl::Status s = CudaGraph::BeginCapture(st); !s.ok()) {
-    // No graphs here (e.g. the host emulation of the tests): launch op by op from now on.
-    LP_LOG(WARNING) << "CUDA graphs off: " << s.ToString();
-    use_graphs_ = false;
-    return body();
-  }
-  absl::Status s = body();
-  absl::StatusOr<CudaGraph> graph = CudaGraph::EndCapture(st);
-  LP_RETURN_IF_ERROR(s);
-  if (!graph.ok()) {
-    // Something in the step cannot be captured: nothing ran, so run it op by op, and stay so.
-    LP_LOG(WARNING) << "CUDA graphs off: capturing a step failed: " << graph.status().ToString();
-    use_graphs_ = false;
-    return body();
-  }
-  if (graphs_.size() >= kMaxGraphs) graphs_.pop_back();
-  graphs_.insert(graphs_.begin(), KeyedGraph{std::move(key), *std::move(graph)});
-  ++graph_stats_.captures;
-  LP_RETURN_IF_ERROR(graphs_.front().graph.Launch(st));
-  ++graph_stats_.replays;
-  return absl::OkStatus();
 }
 
 absl::Status CudaModelImpl::Init(LlamaWeights* w, const std::vector<float>& inv_freq) {
@@ -324,10 +211,10 @@ absl::Status CudaModelImpl::Init(LlamaWeights* w, const std::vector<float>& inv_
   LP_ASSIGN_OR_RETURN(upload_, CudaStream::Create());
   LP_ASSIGN_OR_RETURN(uploaded_event_, CudaEvent::Create());
   LP_ASSIGN_OR_RETURN(blas_, CudaBlas::Create());
-  if (use_graphs_) {
+  if (graphs_.enabled()) {
     if (absl::Status s = blas_->UseFixedWorkspace(size_t{32} << 20); !s.ok()) {
       LP_LOG(WARNING) << "CUDA graphs off: no fixed cuBLAS workspace: " << s.ToString();
-      use_graphs_ = false;
+      graphs_.Disable();
     }
   }
 
@@ -595,7 +482,7 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   // entries only up to its own length): a decode batch's metadata layout then changes only when
   // the longest table doubles, so the graph of its steps stays valid across many steps.
   int64_t table_len = batch.max_blocks_per_seq;
-  if (use_graphs_) {
+  if (graphs_.enabled()) {
     table_len = 1;
     while (table_len < batch.max_blocks_per_seq) table_len *= 2;
   }
@@ -758,7 +645,7 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
     return absl::OkStatus();
   };
   // No graph for a step that waits for adapter uploads (an event wait inside) or that is large.
-  if (wait_for_upload_ || n > kMaxGraphTokens) {
+  if (!graphs_.enabled() || wait_for_upload_ || n > kMaxGraphTokens) {
     LP_RETURN_IF_ERROR(launches());
   } else {
     std::vector<int64_t> key = {n,
@@ -785,7 +672,7 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
         for (size_t off : groups) key.push_back(static_cast<int64_t>(off));
       }
     }
-    LP_RETURN_IF_ERROR(RunBody(std::move(key), launches));
+    LP_RETURN_IF_ERROR(graphs_.Run(std::move(key), st, launches));
   }
 
   out->vocab = vocab;
