@@ -50,10 +50,20 @@ void Add(float* y, const float* x, int64_t n);
 // out[t, :] = table[ids[t], :] for t < n (table rows widened to f32). ids must be < table.rows.
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table);
 
+// The largest of x[0, n), NaN entries skipped; -inf when n is 0 or every entry is NaN or -inf. The
+// fast version keeps 16 running maxima (SIMD) instead of one (a chain of dependent compares).
+float Max(const float* x, int64_t n);
+
 // log(sum_i exp(x[i])) for n >= 1, with the maximum subtracted first (the log-softmax normaliser of
 // a logit row). The fast version takes exp in f32 SIMD over chunks and sums the chunks in f64; -inf
 // entries count as 0, NaN entries are skipped (as the sampler never picks them).
 double LogSumExp(const float* x, int64_t n);
+
+// sum_i exp((x[i] - max) * inv_t) for a row whose maximum is `max`: the softmax mass at
+// temperature 1 / inv_t (inv_t > 0) that the sampler scales its draw by. Entries equal to `max`
+// count 1 (also when it is +inf), NaN entries 0. The fast version takes exp in f32 SIMD over
+// chunks and sums the chunks in f64.
+double ExpMass(const float* x, int64_t n, float max, double inv_t);
 
 // ---- paged KV cache and attention ---------------------------------------------------------------
 //
@@ -103,7 +113,9 @@ void Rope(float* x, const int32_t* positions, int64_t tokens, int64_t heads, int
 void SiluMul(float* out, const float* gate, const float* up, int64_t n);
 void Add(float* y, const float* x, int64_t n);
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table);
+float Max(const float* x, int64_t n);
 double LogSumExp(const float* x, int64_t n);
+double ExpMass(const float* x, int64_t n, float max, double inv_t);
 void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
              const AttentionBatch& batch, const KvLayout& layout);
 void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,

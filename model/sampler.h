@@ -49,6 +49,9 @@ class Sampler {
  public:
   explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
   SampleResult Sample(const float* logits, int64_t vocab_size);
+  // The readable reference of Sample: sorts the whole row, then cuts and draws. The same result
+  // from the same generator state; tests and the sampler benchmark hold Sample to it.
+  SampleResult SampleReference(const float* logits, int64_t vocab_size);
   // Row `row` of `step`, whole or its best k entries. With the best k entries (k at least
   // TopLogitsNeeded(params)) the result is the one Sample gives on the whole row: the same draws
   // from the generator over the same candidates in the same order; only the log-probs may differ
@@ -63,7 +66,14 @@ class Sampler {
  private:
   // Draws among `n` candidates sorted best first, `logits` theirs, `max_logit` the row's
   // maximum: temperature, top-p cut, then one uniform draw. Returns the index of the pick.
-  int64_t Draw(const float* logits, int64_t n, float max_logit);
+  // `total` is the candidates' whole mass (sum of exp((logit - max_logit) / T)) when the caller
+  // has it, or < 0 to sum it here over the n candidates in order.
+  int64_t Draw(const float* logits, int64_t n, float max_logit, double total = -1.0);
+  // The greedy pick, log-probs and alternatives of a whole row; draw(max_logit) picks otherwise.
+  template <typename DrawFn>
+  SampleResult SampleRow(const float* logits, int64_t vocab_size, DrawFn&& draw);
+  // sum of exp((logit - max_logit) / T) over a whole row.
+  double WholeRowMass(const float* logits, int64_t n, float max_logit) const;
 
   SamplingParams params_;
   std::mt19937_64 rng_;

@@ -84,26 +84,51 @@ void Add(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
+float Max(const float* x, int64_t n) {
+  // 16 independent running maxima the compiler keeps in vector registers; `v > m ? v : m` is
+  // MAXPS exactly (a NaN v keeps m).
+  constexpr int64_t kLanes = 16;
+  float m[kLanes];
+  std::fill(m, m + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+  }
+  for (; i < n; ++i) m[0] = x[i] > m[0] ? x[i] : m[0];
+  float max = m[0];
+  for (int64_t j = 1; j < kLanes; ++j) max = m[j] > max ? m[j] : max;
+  return max;
+}
+
 double LogSumExp(const float* x, int64_t n) {
-  float max = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) max = x[i] > max ? x[i] : max;  // NaN never wins
-  if (max == -std::numeric_limits<float>::infinity()) return max;
-  if (max == std::numeric_limits<float>::infinity()) return max;
+  const float max = Max(x, n);
+  if (std::isinf(max)) return max;
+  return max + std::log(ExpMass(x, n, max, 1.0));
+}
+
+double ExpMass(const float* x, int64_t n, float max, double inv_t) {
   // exp in f32 SIMD over chunks small enough that their f32 sums stay accurate; chunks summed in
-  // f64. NaN and -inf entries become 0 first (exp(-inf) = 0; NaN is not a candidate).
+  // f64. Each entry becomes its scaled distance to the maximum first: 0 for the maximum itself,
+  // at most 200 below (exp(-200) underflows to 0 in f32 anyway), -200 for NaN (not a candidate)
+  // and -inf.
+  if (std::isinf(max)) {  // only the entries equal to it count (inf - inf would be NaN below)
+    return static_cast<double>(std::count(x, x + n, max));
+  }
   constexpr int64_t kChunk = 1024;
+  constexpr float kFloor = -200.0f;
   const cpu::CpuOps& ops = cpu::ActiveCpuOps();
+  const float scale = static_cast<float>(inv_t);
   float buf[kChunk];
   double sum = 0;
   for (int64_t b = 0; b < n; b += kChunk) {
     const int64_t len = std::min(kChunk, n - b);
     for (int64_t i = 0; i < len; ++i) {
-      const float v = x[b + i];
-      buf[i] = v >= max - 200.0f ? v : max - 200.0f;  // exp(-200) underflows to 0 in f32 anyway
+      const float d = (x[b + i] - max) * scale;
+      buf[i] = d >= kFloor ? d : kFloor;  // NaN compares false: the floor
     }
-    sum += ops.exp_shift_sum(buf, max, len);
+    sum += ops.exp_shift_sum(buf, 0.0f, len);
   }
-  return max + std::log(sum);
+  return sum;
 }
 
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table) {

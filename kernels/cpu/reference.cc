@@ -84,6 +84,14 @@ void Add(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
 }
 
+float Max(const float* x, int64_t n) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] > max) max = x[i];
+  }
+  return max;
+}
+
 double LogSumExp(const float* x, int64_t n) {
   double max = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) {
@@ -95,6 +103,18 @@ double LogSumExp(const float* x, int64_t n) {
     if (!std::isnan(x[i])) sum += std::exp(double{x[i]} - max);
   }
   return max + std::log(sum);
+}
+
+double ExpMass(const float* x, int64_t n, float max, double inv_t) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] == max) {
+      sum += 1.0;
+    } else if (!std::isnan(x[i])) {
+      sum += std::exp((double{x[i]} - max) * inv_t);
+    }
+  }
+  return sum;
 }
 
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table) {

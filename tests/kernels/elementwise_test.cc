@@ -130,6 +130,35 @@ TEST_P(ElementwiseTest, EmbedCopiesRowsExactly) {
   }
 }
 
+TEST_P(ElementwiseTest, MaxMatchesReference) {
+  uint32_t seed = 120;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n : {0, 1, 7, 15, 16, 17, 33, 1023, 49152, 151936}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
+    std::vector<float> x = RandomVector(n, seed++, -30.0f, 30.0f);
+    EXPECT_EQ(Max(x.data(), n), ref::Max(x.data(), n));
+    if (n == 0) {
+      EXPECT_EQ(Max(x.data(), n), -inf);
+      continue;
+    }
+    if (n == 1) continue;
+    // The maximum first, in the middle, in the last full block of 16 and in the tail, with a
+    // NaN after it and one first.
+    for (int64_t at : {int64_t{0}, n / 2, std::max<int64_t>(0, n - 17), n - 1}) {
+      std::vector<float> y = x;
+      y[at] = 31.0f;
+      y[(at + 1) % n] = std::nanf("");
+      if (at != 0) y[0] = std::nanf("");
+      EXPECT_EQ(Max(y.data(), n), 31.0f) << "at " << at;
+      EXPECT_EQ(ref::Max(y.data(), n), 31.0f) << "at " << at;
+    }
+  }
+  std::vector<float> nans(20, std::nanf(""));
+  EXPECT_EQ(Max(nans.data(), nans.size()), -inf);
+  std::vector<float> with_inf = {1.0f, inf, std::nanf(""), -inf};
+  EXPECT_EQ(Max(with_inf.data(), with_inf.size()), inf);
+}
+
 TEST_P(ElementwiseTest, LogSumExpMatchesReference) {
   uint32_t seed = 60;
   for (int64_t n : {1, 7, 16, 17, 1023, 1024, 1025, 49152, 151936}) {
@@ -152,6 +181,34 @@ TEST_P(ElementwiseTest, LogSumExpMatchesReference) {
   EXPECT_NEAR(LogSumExp(same.data(), same.size()), -7.25 + std::log(3000.0), 1e-6);
   std::vector<float> all_inf(5, -inf);
   EXPECT_EQ(LogSumExp(all_inf.data(), all_inf.size()), -inf);
+}
+
+TEST_P(ElementwiseTest, ExpMassMatchesReference) {
+  uint32_t seed = 90;
+  for (int64_t n : {1, 7, 16, 17, 1023, 1024, 1025, 49152, 151936}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
+    for (float spread : {1.0f, 10.0f, 60.0f}) {
+      std::vector<float> x = RandomVector(n, seed++, -spread, spread);
+      const float max = *std::max_element(x.begin(), x.end());
+      for (double inv_t : {1.0 / 0.05, 1.0 / 0.7, 1.0, 1.0 / 3.0}) {
+        const double got = ExpMass(x.data(), n, max, inv_t);
+        const double want = ref::ExpMass(x.data(), n, max, inv_t);
+        // The f32 exp's relative error (and the f32 scaled distance's, at a large 1 / T).
+        EXPECT_NEAR(got, want, 2e-6 * want) << "spread " << spread << " inv_t " << inv_t;
+      }
+    }
+  }
+  // The maximum counts 1 (+inf too), NaN and -inf count 0.
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> x = {1.0f, -inf, 2.0f, std::nanf(""), 0.5f};
+  for (double inv_t : {1.0, 2.0}) {
+    const double want = 1.0 + std::exp(-1.0 * inv_t) + std::exp(-1.5 * inv_t);
+    EXPECT_NEAR(ExpMass(x.data(), x.size(), 2.0f, inv_t), want, 1e-6);
+    EXPECT_NEAR(ref::ExpMass(x.data(), x.size(), 2.0f, inv_t), want, 1e-12);
+  }
+  std::vector<float> with_inf = {3.0f, inf, std::nanf(""), inf, -inf};
+  EXPECT_EQ(ExpMass(with_inf.data(), with_inf.size(), inf, 1.0), 2.0);
+  EXPECT_EQ(ref::ExpMass(with_inf.data(), with_inf.size(), inf, 1.0), 2.0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, ElementwiseTest, ::testing::ValuesIn(AllIsas()),

@@ -6,7 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <numeric>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "tests/testing/testing.h"
@@ -109,6 +112,137 @@ TEST(SamplerTest, WholeRowsThroughStepLogitsMatchThePointerOverload) {
     const SampleResult y = b.Sample(whole.logits.data() + r * kVocab, kVocab);
     EXPECT_EQ(x.token_id, y.token_id);
     EXPECT_EQ(x.logprob, y.logprob);
+  }
+}
+
+// Sample (which sorts only the bands of the row its draw walks) against SampleReference (which
+// sorts the whole row): the same tokens from the same seeds, over peaked and flat rows (a high
+// temperature walks thousands of entries deep), ties, every top_p, with and without top_k, a row
+// with NaN in it and one with two +inf maxima.
+TEST(SamplerTest, BandSortMatchesTheWholeRowReference) {
+  int deep_walks = 0;
+  for (int64_t vocab : {4, 300, 5003}) {
+    std::vector<float> logits = RandomLogits(6, vocab, 17 + vocab);
+    logits[5 * vocab + 1] = std::nanf("");  // the last row has a NaN
+    if (vocab > 4) {  // the fifth has two +inf maxima, the draw picks between them
+      logits[4 * vocab + 2] = logits[4 * vocab + vocab - 1] =
+          std::numeric_limits<float>::infinity();
+    }
+    for (float t : {0.3f, 1.0f, 8.0f, 40.0f}) {
+      // The fourth row is one maximum and a long tail 8.05 T to 14 T below it, holding a good
+      // part of the mass: the walk goes on into the second and later bands.
+      float* tail = logits.data() + 3 * vocab;
+      tail[0] = 1.0f;
+      for (int64_t i = 1; i < vocab; ++i) {
+        tail[i] = 1.0f - t * (8.05f + 6.0f * static_cast<float>(i % 97) / 96.0f);
+      }
+      for (float p : {1.0f, 0.999f, 0.9f, 0.2f}) {
+        for (int32_t k : {0, 5}) {
+          const SamplingParams params{.temperature = t,
+                                      .top_k = k,
+                                      .top_p = p,
+                                      .seed = static_cast<uint64_t>(7 + vocab),
+                                      .logprobs = 3};
+          Sampler fast(params), ref(params);
+          for (int rep = 0; rep < 4; ++rep) {
+            for (int64_t r = 0; r < 6; ++r) {
+              const SampleResult x = fast.Sample(logits.data() + r * vocab, vocab);
+              const SampleResult y = ref.SampleReference(logits.data() + r * vocab, vocab);
+              ASSERT_EQ(x.token_id, y.token_id)
+                  << "vocab " << vocab << " row " << r << " T " << t << " top_p " << p;
+              // (a +inf pick's log-prob is NaN: inf - inf; the two agree on that too)
+              EXPECT_TRUE(x.logprob == y.logprob ||
+                          (std::isnan(x.logprob) && std::isnan(y.logprob)));
+              EXPECT_FALSE(std::isnan(logits[r * vocab + x.token_id])) << "NaN is never drawn";
+              ASSERT_EQ(x.top.size(), y.top.size());
+              for (size_t i = 0; i < x.top.size(); ++i) {
+                EXPECT_EQ(x.top[i].token_id, y.top[i].token_id);
+              }
+              // A pick more than 8 T below the maximum: the walk went past the first band.
+              if (k == 0) {
+                const float* row = logits.data() + r * vocab;
+                const float max = *std::max_element(row, row + vocab, [](float a, float b) {
+                  return std::isnan(a) || (!std::isnan(b) && a < b);
+                });
+                deep_walks += row[x.token_id] < max - 8 * t;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(deep_walks, 8);  // the grid reaches the second band (LongTails... goes further)
+}
+
+// A row built so that the walk often ends in the second or third band: one maximum, 500 entries
+// 8.05 T below it and 40000 entries 12.05 T below (masses 1 : 0.16 : 0.23). Sample against
+// SampleReference, and the picks spread over all three bands as those masses say.
+TEST(SamplerTest, LongTailsWalkIntoLaterBands) {
+  constexpr int64_t kVocab = 40501;
+  constexpr int kDraws = 150;
+  for (auto [t, p] : {std::pair{0.5f, 1.0f}, std::pair{2.0f, 0.95f}}) {
+    std::vector<float> row(kVocab);
+    row[7] = 3.0f;  // the maximum, not first
+    for (int64_t i = 0, n = 0; i < kVocab; ++i) {
+      if (i != 7) row[i] = 3.0f - t * (n++ < 500 ? 8.05f : 12.05f) + 1e-4f * (i % 13);
+    }
+    Sampler fast({.temperature = t, .top_p = p, .seed = 5}),
+        ref({.temperature = t, .top_p = p, .seed = 5});
+    int band[3] = {0, 0, 0};
+    for (int d = 0; d < kDraws; ++d) {
+      const int32_t x = fast.Sample(row.data(), kVocab).token_id;
+      ASSERT_EQ(x, ref.SampleReference(row.data(), kVocab).token_id) << "T " << t << " draw " << d;
+      ++band[row[x] > 3.0f - 8 * t ? 0 : row[x] > 3.0f - 12 * t ? 1 : 2];
+    }
+    // Expected shares 72%, 12%, 16% (top_p 1); the nucleus at 0.95 drops some of the last band.
+    EXPECT_GT(band[0], kDraws / 2) << "T " << t;
+    EXPECT_GT(band[1], kDraws / 20) << "T " << t;
+    EXPECT_GT(band[2], kDraws / 40) << "T " << t;
+  }
+}
+
+// The distribution itself, against probabilities worked out here the way Hugging Face's
+// TemperatureLogitsWarper and TopPLogitsWarper define them: softmax(logits / T), then keep the
+// smallest set of best tokens whose mass reaches top_p and renormalise. 40000 seeded draws per
+// case; every token's frequency within 5 standard deviations (deterministic: fixed seeds).
+TEST(SamplerTest, FrequenciesFollowTemperatureAndTopP) {
+  constexpr int64_t kVocab = 40;
+  constexpr int kDraws = 40000;
+  const std::vector<float> logits = RandomLogits(1, kVocab, 23);
+  for (float t : {0.7f, 1.5f}) {
+    for (float p : {1.0f, 0.8f}) {
+      std::vector<double> prob(kVocab);
+      const double m = *std::max_element(logits.begin(), logits.end());
+      double z = 0;
+      for (int64_t i = 0; i < kVocab; ++i) z += prob[i] = std::exp((logits[i] - m) / t);
+      for (double& x : prob) x /= z;
+      std::vector<int64_t> order(kVocab);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+      double cum = 0, kept = 0;
+      std::vector<double> want(kVocab, 0.0);
+      for (int64_t i : order) {
+        if (cum >= p) break;
+        cum += prob[i];
+        want[i] = prob[i];
+        kept += prob[i];
+      }
+      for (double& x : want) x /= kept;
+      Sampler sampler({.temperature = t, .top_p = p, .seed = 99});
+      std::vector<int> count(kVocab, 0);
+      for (int d = 0; d < kDraws; ++d) ++count[sampler.Sample(logits.data(), kVocab).token_id];
+      for (int64_t i = 0; i < kVocab; ++i) {
+        const double expected = want[i] * kDraws;
+        const double sigma = std::sqrt(kDraws * want[i] * (1 - want[i]));
+        if (want[i] == 0) {
+          EXPECT_EQ(count[i], 0) << "token " << i << " is outside the nucleus";
+        } else {
+          EXPECT_NEAR(count[i], expected, 5 * sigma + 1) << "token " << i << " T " << t;
+        }
+      }
+    }
   }
 }
 

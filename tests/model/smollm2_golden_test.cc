@@ -122,7 +122,9 @@ TEST_F(SmolLM2Test, PromptsTokenizeAndGiveTheReferenceLogits) {
     for (size_t pos = 0; pos < ids.size(); ++pos) {
       const float* row = logits.data() + pos * vocab;
       int32_t best = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-      if (margin[pos] > 0.01) EXPECT_EQ(best, argmax[pos]) << "position " << pos;
+      if (margin[pos] > 0.01) {
+        EXPECT_EQ(best, argmax[pos]) << "position " << pos;
+      }
     }
   }
 }
