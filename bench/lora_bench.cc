@@ -248,7 +248,7 @@ void BM_DecodeBaseGemm(benchmark::State& state) {
 }
 
 void BM_PrefillSgmv(benchmark::State& state) {
-  const int64_t rank = state.range(0), segs = 8, per = 64, tokens = segs * per;
+  const int64_t rank = state.range(0), per = state.range(1), segs = 512 / per, tokens = segs * per;
   Setup s(segs, rank, tokens);
   std::vector<int64_t> starts;
   std::vector<int32_t> ads;
@@ -264,7 +264,7 @@ void BM_PrefillSgmv(benchmark::State& state) {
 }
 
 void BM_PrefillNaiveLoop(benchmark::State& state) {
-  const int64_t rank = state.range(0), segs = 8, per = 64;
+  const int64_t rank = state.range(0), per = state.range(1), segs = 512 / per;
   Setup s(segs, rank, segs * per);
   std::vector<float> tmp(per * kHidden);
   for (auto _ : state) {
@@ -280,8 +280,10 @@ void BM_PrefillNaiveLoop(benchmark::State& state) {
 BENCHMARK(BM_DecodeBgmv)->Arg(8)->Arg(16)->Arg(64);
 BENCHMARK(BM_DecodeNaiveLoop)->Arg(8)->Arg(16)->Arg(64);
 BENCHMARK(BM_DecodeBaseGemm);
-BENCHMARK(BM_PrefillSgmv)->Arg(16)->Arg(64);
-BENCHMARK(BM_PrefillNaiveLoop)->Arg(16)->Arg(64);
+// 512 prompt tokens in segments of 64 (8 prompts), and of 8, 16, 32 (short prompts or chunks):
+// where SGMV hands a segment to Gemm (kGemmMinTokens in kernels/cpu/lora_fast.cc).
+BENCHMARK(BM_PrefillSgmv)->ArgsProduct({{16, 64}, {8, 16, 32, 64}})->ArgNames({"rank", "seg"});
+BENCHMARK(BM_PrefillNaiveLoop)->ArgsProduct({{16, 64}, {8, 16, 32, 64}})->ArgNames({"rank", "seg"});
 
 }  // namespace
 }  // namespace loraplex::kernels

@@ -12,6 +12,10 @@
 //    process takes fewer tiles instead of holding up the step.
 // 4. A tile is a small strided GEMM done by the micro-kernel: AVX2/FMA (lora_fast_avx2.cc,
 //    compiled with its own ISA flags) when the CPU has it, else the portable one below.
+// 5. An adapter with many tokens in the call (a prefill segment) is a real GEMM: its slices go
+//    through the blocked, threaded Gemm instead (rows gathered into a contiguous block and the
+//    result added back), which is 2-3x faster there than tiles whose micro-kernel only reuses a
+//    weight row for 2 tokens (lora_bench BM_PrefillSgmv, docs/benchmarks.md).
 
 #include <algorithm>
 #include <atomic>
@@ -115,6 +119,11 @@ constexpr int64_t kTileMacs = 32 * 1024;
 constexpr int64_t kTokenBlock = 64;
 // Rows of a tile are a multiple of the micro-kernels' row block.
 constexpr int64_t kRowAlign = 8;
+// Tokens of one adapter from which its slices go through Gemm rather than tiles. Measured
+// (lora_bench, AVX-512 Xeon, 2 threads): 512 prompt tokens in segments of 16 take 0.55x the tiles'
+// time at rank 64 and 0.92x at rank 16; at 8 tokens Gemm still wins at rank 64 prefill but loses
+// to the tiles for decode groups streaming adapters from DRAM (BM_GroupedDecode, 1.15-1.3x).
+constexpr int64_t kGemmMinTokens = 16;
 
 // All tokens of one adapter (in `order`), for one slice.
 struct Job {
@@ -149,6 +158,8 @@ struct Scratch {
   std::vector<float> packed;
   std::vector<const float*> in;  // per (job, token)
   std::vector<float*> out;       // per (job, token)
+  std::vector<Job> gemm_jobs;    // the jobs of kGemmMinTokens tokens or more
+  std::vector<float> gemm_in, gemm_out;
 };
 
 Scratch& ThreadScratch() {
@@ -212,6 +223,56 @@ void MakeJobs(const LoraSliceWeights& w, bool shrink, Scratch* s) {
   s->out.resize(first);
 }
 
+// Moves the jobs with at least kGemmMinTokens tokens from s->jobs to s->gemm_jobs.
+void SplitOffGemmJobs(Scratch* s) {
+  s->gemm_jobs.clear();
+  size_t kept = 0;
+  for (size_t i = 0; i < s->jobs.size(); ++i) {
+    if (s->jobs[i].count >= kGemmMinTokens) {
+      s->gemm_jobs.push_back(s->jobs[i]);
+    } else {
+      s->jobs[kept++] = s->jobs[i];
+    }
+  }
+  s->jobs.resize(kept);
+}
+
+// One job as a GEMM over its tokens t: out row t (at out + t * out_stride, job.w->rows floats)
+// = or += W (in row t at in + t * in_stride, job.w->cols floats). The rows are read and written
+// in place when the tokens are consecutive and the rows packed (an SGMV segment), else gathered
+// into a block and the result scattered back.
+void GemmJob(const Job& job, const float* in, int64_t in_stride, float* out, int64_t out_stride,
+             bool accumulate, Scratch* s) {
+  const WeightView& m = *job.w;
+  const int64_t* tokens = s->order.data() + job.order_first;
+  bool consecutive = true;
+  for (int64_t i = 1; consecutive && i < job.count; ++i) consecutive = tokens[i] == tokens[0] + i;
+  const float* x = in + tokens[0] * in_stride;
+  if (!consecutive || in_stride != m.cols) {
+    s->gemm_in.resize(job.count * m.cols);
+    for (int64_t i = 0; i < job.count; ++i) {
+      const float* row = in + tokens[i] * in_stride;
+      std::copy(row, row + m.cols, s->gemm_in.begin() + i * m.cols);
+    }
+    x = s->gemm_in.data();
+  }
+  if (consecutive && out_stride == m.rows) {
+    Gemm(out + tokens[0] * out_stride, x, job.count, m, accumulate);
+    return;
+  }
+  s->gemm_out.resize(job.count * m.rows);
+  Gemm(s->gemm_out.data(), x, job.count, m);
+  for (int64_t i = 0; i < job.count; ++i) {
+    const float* row = s->gemm_out.data() + i * m.rows;
+    float* dst = out + tokens[i] * out_stride;
+    if (accumulate) {
+      Add(dst, row, m.rows);
+    } else {
+      std::copy(row, row + m.rows, dst);
+    }
+  }
+}
+
 // Cuts the jobs into tiles; returns the total multiply-adds.
 int64_t MakeTasks(Scratch* s) {
   s->tasks.clear();
@@ -271,9 +332,20 @@ void Shrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   }
   MakeJobs(w, /*shrink=*/true, &s);
   if (s.jobs.empty()) return;
+  const int64_t in = s.jobs[0].w->cols;  // x's width
+  for (const Job& job : s.jobs) {
+    LP_CHECK(job.w->cols == in) << "A of adapter " << job.adapter << " has " << job.w->cols
+                                << " columns, another has " << in;
+  }
+  SplitOffGemmJobs(&s);
+  for (const Job& job : s.gemm_jobs) {
+    GemmJob(job, x, x_stride, v + LoraSliceOffset(w, job.adapter, job.slice), v_stride,
+            /*accumulate=*/false, &s);
+  }
+  if (s.jobs.empty()) return;
   const MicroKernel& kernel = Kernel();
-  // x rows packed once per token and weight dtype (the layouts may differ), shared by all slices.
-  const int64_t in = s.jobs[0].w->cols;
+  // x rows packed once per token and weight dtype (the layouts may differ), shared by all slices;
+  // only the tokens of groups left to the tiles.
   const int64_t len = PackedLength(in);
   const int64_t tokens = static_cast<int64_t>(s.order.size());
   bool has[2] = {false, false};  // f32, bf16
@@ -281,14 +353,15 @@ void Shrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   s.packed.resize(2 * tokens * len);
   for (int d = 0; d < 2; ++d) {
     if (!has[d]) continue;
-    for (int64_t i = 0; i < tokens; ++i) {
-      kernel.pack(s.packed.data() + (d * tokens + i) * len, x + s.order[i] * x_stride, in,
-                  d ? DType::kBF16 : DType::kF32);
+    for (const Group& g : s.groups) {
+      if (g.count >= kGemmMinTokens) continue;
+      for (int64_t i = g.first; i < g.first + g.count; ++i) {
+        kernel.pack(s.packed.data() + (d * tokens + i) * len, x + s.order[i] * x_stride, in,
+                    d ? DType::kBF16 : DType::kF32);
+      }
     }
   }
   for (const Job& job : s.jobs) {
-    LP_CHECK(job.w->cols == in) << "A of adapter " << job.adapter << " has " << job.w->cols
-                                << " columns, another has " << in;
     const int64_t off = LoraSliceOffset(w, job.adapter, job.slice);
     const float* packed = s.packed.data() + (job.w->dtype == DType::kBF16) * tokens * len;
     for (int64_t i = 0; i < job.count; ++i) {
@@ -305,6 +378,11 @@ void Expand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t
   Scratch& s = ThreadScratch();
   GroupTokens(token_adapter, n, w, &s);
   MakeJobs(w, /*shrink=*/false, &s);
+  SplitOffGemmJobs(&s);
+  for (const Job& job : s.gemm_jobs) {
+    GemmJob(job, v + LoraSliceOffset(w, job.adapter, job.slice), v_stride, y[job.slice].data,
+            y[job.slice].stride, /*accumulate=*/true, &s);
+  }
   if (s.jobs.empty()) return;
   const MicroKernel& kernel = Kernel();
   // v rows packed per (token, slice): each slice has its own rank and B's dtype.

@@ -10,7 +10,10 @@
 //
 // Determinism: every kernel computes each output element with one fixed sequence of operations
 // that depends only on (dtype, w.cols), never on how tokens and rows were blocked into tiles. So
-// SGMV and BGMV (and any grouping of tokens) give the same bits.
+// SGMV and BGMV give the same bits, and so does any grouping of an adapter's tokens below
+// kGemmMinTokens (lora_fast.cc); an adapter with more tokens in the call goes through the blocked
+// Gemm instead, whose sums run in another order (as the base projections' do between decode and
+// prefill shapes).
 #pragma once
 
 #include <cstdint>

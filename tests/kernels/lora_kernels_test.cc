@@ -89,6 +89,11 @@ struct Case {
   uint32_t seed;
   // BGMV only: these per-token indices instead of random ones (size == tokens).
   std::vector<int32_t> fixed = {};
+  // x, v and y rows packed (strides = widths; one slice), so that a long segment's rows are one
+  // block the Gemm route reads and writes in place; else padded strides catch stride mix-ups.
+  bool packed = false;
+  // SGMV only: these segment lengths (one adapter each, in turn over 0..num_adapters-1 then -1).
+  std::vector<int64_t> lengths = {};
 };
 
 std::string Describe(const Case& c) {
@@ -107,8 +112,8 @@ void RunCase(const Case& c, bool force_scalar) {
   Adapters ad(c.num_adapters, c.in, c.outs, c.ranks, rng, c.bf16);
   const int64_t slices = static_cast<int64_t>(c.outs.size());
 
-  // x with a row stride wider than `in` to catch stride mix-ups.
-  const int64_t x_stride = c.in + 3;
+  // x with a row stride wider than `in` to catch stride mix-ups (unless packed).
+  const int64_t x_stride = c.packed ? c.in : c.in + 3;
   std::vector<float> x = Random(c.tokens * x_stride, rng, 1.0f);
 
   // Token -> adapter: -1 mixed in, duplicates, and (SGMV) segments incl. empty ones.
@@ -120,6 +125,15 @@ void RunCase(const Case& c, bool force_scalar) {
     per_token = c.fixed;
   } else if (c.decode) {
     for (int32_t& j : per_token) j = pick(rng);
+  } else if (!c.lengths.empty()) {
+    for (size_t i = 0; i < c.lengths.size(); ++i) {
+      const int64_t end = starts.back() + c.lengths[i];
+      const auto j = static_cast<int32_t>(i % (c.num_adapters + 1));
+      seg_adapter.push_back(j == c.num_adapters ? -1 : j);
+      for (int64_t t = starts.back(); t < end; ++t) per_token[t] = seg_adapter.back();
+      starts.push_back(end);
+    }
+    EXPECT_EQ(starts.back(), c.tokens);
   } else {
     std::uniform_int_distribution<int64_t> len(0, std::max<int64_t>(1, c.tokens / 3));
     while (starts.back() < c.tokens) {
@@ -131,11 +145,12 @@ void RunCase(const Case& c, bool force_scalar) {
   }
   LoraSegments seg{static_cast<int64_t>(seg_adapter.size()), starts.data(), seg_adapter.data()};
 
-  // Fused output: all slices side by side in one buffer with a padding column at each end.
-  int64_t y_stride = 2;
+  // Fused output: all slices side by side in one buffer with a padding column at each end
+  // (packed: one slice, no padding).
+  int64_t y_stride = c.packed ? 0 : 2;
   std::vector<int64_t> col(slices);
   for (int64_t s = 0; s < slices; ++s) {
-    col[s] = 1 + (s == 0 ? 0 : col[s - 1] + c.outs[s - 1] - 1);
+    col[s] = (c.packed ? 0 : 1) + (s == 0 ? 0 : col[s - 1] + c.outs[s - 1] - 1);
     y_stride += c.outs[s];
   }
   std::vector<float> y0 = Random(c.tokens * y_stride, rng, 1.0f);
@@ -175,6 +190,7 @@ void RunCase(const Case& c, bool force_scalar) {
         ASSERT_EQ(y_ref[t * y_stride + k], y0[t * y_stride + k]) << "token " << t;
       }
     }
+    if (c.packed) continue;
     ASSERT_EQ(y_ref[t * y_stride], y0[t * y_stride]) << "left padding column";
     ASSERT_EQ(y_ref[t * y_stride + y_stride - 1], y0[t * y_stride + y_stride - 1]);
   }
@@ -236,8 +252,45 @@ TEST_P(LoraGridTest, GroupingAndTails) {
   }
 }
 
+// An adapter with kGemmMinTokens (16) tokens or more in a call goes through the blocked Gemm
+// (kernels/cpu/lora_fast.cc): rows read and written in place when its tokens are one packed
+// segment, gathered and scattered otherwise (strided rows, interleaved tokens, fused slices), next
+// to adapters with fewer tokens that stay on the tiles.
+TEST_P(LoraGridTest, LongSegmentsGoThroughGemm) {
+  uint32_t seed = 200;
+  for (bool bf16 : {false, true}) {
+    // Packed, one rank (so v's stride is every adapter's rank): 16, 15, 40, 64 tokens and a 23
+    // token segment without adapter; the 15-token one stays on the tiles.
+    RunCase({158, 577, {193}, {16}, 4, bf16, false, seed++, {}, true, {16, 15, 40, 64, 23}},
+            GetParam());
+    RunCase({137, 64, {576}, {64}, 2, bf16, false, seed++, {}, true, {17, 100, 20}}, GetParam());
+    // The same lengths with padded strides and mixed ranks (gathered rows, scattered results).
+    RunCase(
+        {158, 577, {193}, {1, 16, 64, 5}, 4, bf16, false, seed++, {}, false, {16, 15, 40, 64, 23}},
+        GetParam());
+    // Fused q, k, v: every slice's output is strided.
+    RunCase({120,
+             576,
+             {576, 192, 192},
+             {8, 16, 64},
+             3,
+             bf16,
+             false,
+             seed++,
+             {},
+             false,
+             {40, 16, 33, 7, 24}},
+            GetParam());
+    // BGMV: 2 adapters with 20+ interleaved tokens (gathered) and 6 with 1-3 (tiles), one call.
+    std::vector<int32_t> idx;
+    for (int t = 0; t < 60; ++t) idx.push_back(t % 3 == 2 ? 2 + (t / 3) % 6 : t % 3);
+    RunCase({60, 300, {129, 65}, {16, 9}, 8, bf16, true, seed++, idx}, GetParam());
+  }
+}
+
 // Each output element is one fixed sequence of operations (kernels/cpu/lora_internal.h): a token's
-// result does not depend on which other tokens share its adapter or how the batch was blocked.
+// result does not depend on which other tokens share its adapter or how the batch was blocked
+// (while the adapter has fewer than 16 tokens in the call, as here: 8).
 TEST_P(LoraGridTest, TokenResultIndependentOfBatch) {
   std::mt19937 rng(31);
   Adapters ad(2, 583, {200}, {64}, rng, /*allow_bf16=*/true);
@@ -295,7 +348,8 @@ TEST(LoraReferenceTest, HandComputed) {
 }
 
 // SGMV and BGMV are two spellings of one op: same tokens, same adapters -> same bits, because each
-// output element is the same dot product whichever way the tokens were grouped.
+// output element is the same dot product whichever way the tokens were grouped (below 16 tokens
+// per adapter; from there both hand the adapter to the same Gemm).
 TEST(LoraKernelsTest, SgmvEqualsBgmvBitForBit) {
   std::mt19937 rng(77);
   Adapters ad(4, 300, {129}, {16}, rng, true);
