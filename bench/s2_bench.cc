@@ -2,6 +2,7 @@
 // LoRA adapter (rank r on q,k,v,o, random weights), against the same batch with no adapter; and
 // S6 (the same at ranks 8, 16, 64). Context 128 tokens (prefilled once, not timed).
 // BM_S2S6Interleaved measures S2 and S6 step by step in turns, for machines whose load drifts.
+// BM_PrefillAdapters: 4 prompts of 128 tokens in one prefill step, each with its own adapter.
 // Model: LP_BENCH_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf (skipped when missing).
 #include <benchmark/benchmark.h>
 
@@ -275,6 +276,56 @@ BENCHMARK(BM_S4SingleDecode)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->MinTime(3);
+
+// Prefill with adapters: 4 prompts of kPrompt tokens in one step, each with its own rank-r q,k,v,o
+// adapter (an SGMV segment of 128 tokens per adapter), against the same step with no adapter.
+void BM_PrefillAdapters(benchmark::State& state) {
+  constexpr int kPrompts = 4;
+  const bool with_adapters = state.range(0) != 0;
+  LlamaModel* m = Model();
+  if (m == nullptr) {
+    state.SkipWithError("model not found (scripts/fetch-model.sh)");
+    return;
+  }
+  std::vector<std::unique_ptr<RandomAdapter>> adapters;
+  ForwardBatch b;
+  for (int i = 0; with_adapters && i < kPrompts; ++i) {
+    adapters.push_back(std::make_unique<RandomAdapter>(*m, state.range(1), 2000 + i));
+    b.adapters.push_back(&adapters.back()->view);
+  }
+  constexpr int kBlocksPerSeq = kPrompt / kBlock;
+  auto cache = KvCache::Create(m->config(), kPrompts * kBlocksPerSeq, kBlock);
+  b.max_blocks_per_seq = kBlocksPerSeq;
+  for (int i = 0; i < kPrompts * kBlocksPerSeq; ++i) {
+    b.block_tables.push_back(*cache->AllocateBlock());
+  }
+  for (int s = 0; s < kPrompts; ++s) {
+    for (int i = 0; i < kPrompt; ++i) {
+      b.tokens.push_back(100 + (i * 37 + s * 11) % 1000);
+      b.positions.push_back(i);
+      b.token_seq.push_back(s);
+      if (with_adapters) b.adapter_slot.push_back(s);
+    }
+    b.logit_rows.push_back((s + 1) * kPrompt - 1);
+  }
+  std::vector<float> logits;
+  for (auto _ : state) {
+    if (!m->Forward(b, &*cache, &logits).ok()) {
+      state.SkipWithError("prefill failed");
+      return;
+    }
+  }
+  state.counters["prompt_tok/s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * kPrompts * kPrompt, benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_PrefillAdapters)
+    ->Args({0, 0})
+    ->Args({1, 16})
+    ->Args({1, 64})
+    ->ArgNames({"adapters", "rank"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2);
 
 }  // namespace
 
