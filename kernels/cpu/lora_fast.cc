@@ -13,9 +13,9 @@
 // 4. A tile is a small strided GEMM done by the micro-kernel: AVX2/FMA (lora_fast_avx2.cc,
 //    compiled with its own ISA flags) when the CPU has it, else the portable one below.
 // 5. An adapter with many tokens in the call (a prefill segment) is a real GEMM: its slices go
-//    through the blocked, threaded Gemm instead (rows gathered into a contiguous block and the
-//    result added back), which is 2-3x faster there than tiles whose micro-kernel only reuses a
-//    weight row for 2 tokens (lora_bench BM_PrefillSgmv, docs/benchmarks.md).
+//    through the blocked, threaded Gemm instead (in place for a packed segment, else gathered
+//    into a block and scattered back), which is 2-3x faster there than tiles whose micro-kernel
+//    reuses a weight row for at most 2 tokens (lora_bench BM_PrefillSgmv, docs/benchmarks.md).
 
 #include <algorithm>
 #include <atomic>
