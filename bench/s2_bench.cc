@@ -82,6 +82,15 @@ struct RandomAdapter {
   }
 };
 
+// n random rank-r adapters (seeds seed, seed + 1, ...) in adapter slots 0..n-1 of `b`.
+void AddAdapters(const LlamaModel& m, int n, int64_t rank, uint32_t seed,
+                 std::vector<std::unique_ptr<RandomAdapter>>* adapters, ForwardBatch* b) {
+  for (int i = 0; i < n; ++i) {
+    adapters->push_back(std::make_unique<RandomAdapter>(m, rank, seed + i));
+    b->adapters.push_back(&adapters->back()->view);
+  }
+}
+
 // Prefills kSeqs sequences of kPrompt tokens into `cache` (one sequence per step, not timed;
 // sequence s uses adapter slot s of b->adapters when `with_adapters`), then leaves `b` as the
 // decode batch: one token per sequence at position kPrompt. False, with the state skipped, on
@@ -130,12 +139,7 @@ void BM_S2Decode32(benchmark::State& state) {
   }
   std::vector<std::unique_ptr<RandomAdapter>> adapters;
   ForwardBatch b;
-  if (with_adapters) {
-    for (int i = 0; i < kSeqs; ++i) {
-      adapters.push_back(std::make_unique<RandomAdapter>(*m, rank, 1000 + i));
-      b.adapters.push_back(&adapters.back()->view);
-    }
-  }
+  if (with_adapters) AddAdapters(*m, kSeqs, rank, 1000, &adapters, &b);
   auto cache = KvCache::Create(m->config(), kSeqs * kMaxBlocks, kBlock);
   std::vector<float> logits;
   // Decode: one token per sequence per step, every sequence its own adapter.
@@ -289,10 +293,7 @@ void BM_PrefillAdapters(benchmark::State& state) {
   }
   std::vector<std::unique_ptr<RandomAdapter>> adapters;
   ForwardBatch b;
-  for (int i = 0; with_adapters && i < kPrompts; ++i) {
-    adapters.push_back(std::make_unique<RandomAdapter>(*m, state.range(1), 2000 + i));
-    b.adapters.push_back(&adapters.back()->view);
-  }
+  if (with_adapters) AddAdapters(*m, kPrompts, state.range(1), 2000, &adapters, &b);
   constexpr int kBlocksPerSeq = kPrompt / kBlock;
   auto cache = KvCache::Create(m->config(), kPrompts * kBlocksPerSeq, kBlock);
   b.max_blocks_per_seq = kBlocksPerSeq;

@@ -73,10 +73,12 @@ template <typename DrawFn>
 SampleResult Sampler::SampleRow(const float* logits, int64_t vocab_size, DrawFn&& draw) {
   SampleResult result;
   const auto [argmax, max_logit] = Argmax(logits, vocab_size);
-  // The log-softmax normaliser of the raw logits (SIMD exp, f64 sums of chunks): the full-row
-  // pass every sampled token pays on the host; 3.5x cheaper than a scalar f64 exp per logit
-  // (kernels_bench BM_LogSumExp; its scalar max pass is most of what is left).
-  const double log_z = kernels::LogSumExp(logits, vocab_size);
+  // The log-softmax normaliser of the raw logits (kernels::LogSumExp without its own max pass:
+  // the arg-max found it): the full-row exp pass every sampled token pays on the host.
+  const double log_z =
+      std::isinf(max_logit)
+          ? max_logit
+          : max_logit + std::log(kernels::ExpMass(logits, vocab_size, max_logit, 1.0));
   auto logprob = [&](int32_t id) { return static_cast<float>(logits[id] - log_z); };
   result.token_id = params_.temperature == 0.0f ? argmax : draw(max_logit);
   result.logprob = logprob(result.token_id);
@@ -91,8 +93,8 @@ SampleResult Sampler::SampleRow(const float* logits, int64_t vocab_size, DrawFn&
 }
 
 double Sampler::WholeRowMass(const float* logits, int64_t n, float max_logit) const {
-  // f32 SIMD exp (kernels::ExpMass): 4.6x cheaper than Weight's f64 exp per logit. The walk's
-  // f64 weights of the few candidates it visits sum to this within the f32 exp's ~1e-7.
+  // The f32 SIMD exp pass of the log-sum-exp (kernels::ExpMass) rather than Weight's f64 exp per
+  // logit. The walk's f64 weights of the candidates it visits sum to this within ~1e-7.
   return kernels::ExpMass(logits, n, max_logit, 1.0 / params_.temperature);
 }
 
