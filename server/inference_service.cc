@@ -11,7 +11,9 @@
 #include "absl/time/clock.h"
 #include "engine/tsan_lock.h"
 #include "server/request_mapping.h"
+#include "server/reactor_refs.h"
 #include "server/status_mapping.h"
+#include "server/test_hooks.h"
 #include "server/tsan_annotations.h"
 
 namespace loraplex::server {
@@ -32,22 +34,28 @@ absl::Status FinalStatus(const engine::StepOutput& out) {
 }
 
 // What both generation reactors share: turning a proto into a submitted engine request, latency
-// metrics, and the request fields needed to render outputs.
+// metrics, the request fields needed to render outputs, and the reactor's lifetime.
+//
+// Lifetime (server/reactor_refs.h): the reactor is deleted when gRPC's OnDone and every other
+// thread that may still call into it have let go. The engine's sink holds a reference until the
+// engine destroys it (right after the final output, or when Submit refuses), the adapter resolve
+// callback until the registry has run or dropped it, and each reaction while it runs. So OnDone,
+// which may come on a gRPC thread as soon as another thread has called Finish, never frees the
+// reactor under the engine thread's feet.
 //
 // A request for an adapter that is not in memory is resolved asynchronously (AdapterTable::
 // ResolveAsync): the gRPC thread returns at once and a registry loader thread submits the request
 // once the adapter is back, or ends the call with the error. While it waits, a cancellation (client
-// gone, deadline) ends the call at once; the lease that arrives later is dropped. The reactor is
-// not deleted while a loader thread is still starting its request (OnDone defers to it).
-class GenerationCall {
+// gone, deadline) ends the call at once; the lease that arrives later is dropped.
+class GenerationCall : public RefCounted {
  protected:
   GenerationCall(engine::Engine* engine, Metrics* metrics) : engine_(engine), metrics_(metrics) {}
-  virtual ~GenerationCall() = default;
+  ~GenerationCall() override {
+    if (GetTestHooks().generation_destroyed) GetTestHooks().generation_destroyed();
+  }
 
-  // Ends the call with `status` (the reactor's Finish). Nothing may touch the reactor after it
-  // unless it is kept alive (see OnDoneShouldDelete).
+  // Ends the call with `status` (the reactor's Finish).
   virtual void FinishCall(const absl::Status& status) = 0;
-  virtual void DeleteSelf() = 0;
 
   // Validates and submits; `sink` receives the engine outputs. A refused request ends the call
   // through FinishCall, possibly later on a loader thread (see above).
@@ -65,58 +73,39 @@ class GenerationCall {
     rest.clear_adapter();
     absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(rest, *engine_, adapters);
     if (!req.ok()) return FinishCall(Refuse(req.status()));
+    {
+      engine::TsanMutexLock lock(&wait_mu_);
+      waiting_ = true;
+    }
+    // std::function wants a copyable callable: the request travels in a shared_ptr.
     auto request = std::make_shared<engine::GenerationRequest>(*std::move(req));
-    pending_ = std::make_shared<Pending>();
     adapters.ResolveAsync(
         proto.adapter(),
-        [this, pending = pending_, request, sink = std::move(sink)](
+        [self = RefPtr<GenerationCall>(this), request, sink = std::move(sink)](
             absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> handle) mutable {
-          {
-            engine::TsanMutexLock lock(&pending->mu);
-            if (pending->cancelled) return;  // the call ended; the lease goes with `handle`
-            pending->resolved = true;        // from here OnCancel cancels the engine request
-          }
-          if (!handle.ok()) {
-            FinishCall(Refuse(handle.status()));
-          } else {
-            request->adapter = *std::move(handle);
-            Submit(std::move(*request), std::move(sink));
-          }
-          bool delete_now;
-          {
-            engine::TsanMutexLock lock(&pending->mu);
-            pending->started = true;
-            delete_now = pending->done;
-          }
-          if (delete_now) DeleteSelf();  // OnDone came while this thread was starting
+          self->Resolved(std::move(handle), std::move(*request), std::move(sink));
         });
   }
 
   // For OnCancel. True when the call was waiting for its adapter: the caller then ends it as
   // cancelled. Otherwise cancels the engine request (now, or as soon as Submit has its id).
   bool CancelWaiting() {
-    if (pending_ != nullptr) {
-      engine::TsanMutexLock lock(&pending_->mu);
-      if (!pending_->resolved && !pending_->cancelled) {
-        pending_->cancelled = true;
+    {
+      engine::TsanMutexLock lock(&wait_mu_);
+      if (waiting_) {
+        waiting_ = false;
+        wait_cancelled_ = true;
         return true;
       }
     }
-    cancel_requested_.store(true);
-    engine_->Cancel(id_);
+    CancelRequest();
     return false;
   }
 
-  // For OnDone: false while a loader thread is still inside Start's callback (it deletes the
-  // reactor when it leaves).
-  bool OnDoneShouldDelete() {
-    if (pending_ == nullptr) return true;
-    engine::TsanMutexLock lock(&pending_->mu);
-    if (pending_->resolved && !pending_->started) {
-      pending_->done = true;
-      return false;
-    }
-    return true;
+  // Cancels the engine request, now or as soon as Submit has its id.
+  void CancelRequest() {
+    cancel_requested_.store(true);
+    engine_->Cancel(id_.load());
   }
 
   // Latency metrics for one engine output (engine thread).
@@ -142,10 +131,39 @@ class GenerationCall {
     return status;
   }
 
+  engine::Engine* const engine_;
+  Metrics* const metrics_;
+  // Wraps every gRPC call that hands the reactor over and starts every reaction
+  // (server/tsan_annotations.h).
+  ReactorSync sync_;
+  // The request minus its prompt and its adapter's weights (name and version only, so that the
+  // lease goes back to the registry when the engine is done, not when gRPC is): what AppendOutput
+  // needs. Written before Submit, read by the engine thread's sink after.
+  engine::GenerationRequest rendering_;
+
+ private:
+  // The adapter resolve callback (this thread, or a registry loader thread).
+  void Resolved(absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> handle,
+                engine::GenerationRequest request, engine::OutputSink sink) {
+    {
+      engine::TsanMutexLock lock(&wait_mu_);
+      if (wait_cancelled_) return;  // the call ended; the lease goes with `handle`
+      waiting_ = false;             // from here on OnCancel cancels the engine request
+    }
+    if (!handle.ok()) return FinishCall(Refuse(handle.status()));
+    request.adapter = *std::move(handle);
+    Submit(std::move(request), std::move(sink));
+  }
+
   void Submit(engine::GenerationRequest req, engine::OutputSink sink) {
     adapter_label_ = req.adapter == nullptr ? "base" : req.adapter->name;
     rendering_.sampling = req.sampling;
-    rendering_.adapter = req.adapter;
+    if (req.adapter != nullptr) {
+      auto named = std::make_shared<engine::AdapterHandle>();
+      named->name = req.adapter->name;
+      named->version = req.adapter->version;
+      rendering_.adapter = std::move(named);
+    }
     start_ = absl::Now();
     absl::StatusOr<engine::RequestId> id = engine_->Submit(std::move(req), std::move(sink));
     if (!id.ok()) return FinishCall(Refuse(id.status()));
@@ -153,29 +171,13 @@ class GenerationCall {
     if (cancel_requested_.load()) engine_->Cancel(*id);  // OnCancel came before the id existed
   }
 
-  // What Start's resolve callback and the reactor's OnCancel/OnDone share; outlives the reactor.
-  struct Pending {
-    absl::Mutex mu;                              // guards the flags
-    bool resolved ABSL_GUARDED_BY(mu) = false;   // the callback has taken over the call
-    bool cancelled ABSL_GUARDED_BY(mu) = false;  // ended as cancelled while waiting
-    bool started ABSL_GUARDED_BY(mu) = false;    // the callback has left the reactor alone
-    bool done ABSL_GUARDED_BY(mu) = false;       // OnDone came before `started`
-  };
-
-  engine::Engine* const engine_;
-  Metrics* const metrics_;
-  // Wraps every gRPC call that hands the reactor over and starts every reaction
-  // (server/tsan_annotations.h).
-  ReactorSync sync_;
-  std::shared_ptr<Pending> pending_;  // set in Start (constructor) before any callback runs
+  absl::Mutex wait_mu_;  // guards the adapter wait's two flags
+  bool waiting_ ABSL_GUARDED_BY(wait_mu_) = false;         // the adapter is being resolved
+  bool wait_cancelled_ ABSL_GUARDED_BY(wait_mu_) = false;  // ended as cancelled while waiting
   std::atomic<bool> cancel_requested_{false};
-  // Atomic: the engine may finish a write (and OnWriteDone read it) before Start stores it; a
-  // 0 read then cancels nothing, which is harmless.
+  // Atomic: OnCancel may read it before Submit stores it; a 0 then cancels nothing, and Submit
+  // cancels the request itself once it has the id.
   std::atomic<engine::RequestId> id_{0};
-  // The request minus its prompt: what AppendOutput needs.
-  engine::GenerationRequest rendering_;
-
- private:
   std::string adapter_label_ = "-";
   absl::Time start_;
   absl::Time last_token_;          // engine thread
@@ -190,15 +192,18 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   GenerateReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
                   bool draining, const v1::GenerateRequest& request)
       : GenerationCall(engine, metrics) {
-    // The engine's last output finishes the call (Pump): the sink never outlives us.
     Start(request, *adapters, draining,
-          [this](engine::StepOutput out) { OnOutput(std::move(out)); });
+          [self = RefPtr<GenerateReactor>(this)](engine::StepOutput out) {
+            self->OnOutput(std::move(out));
+          });
     sync_.Publish();
   }
 
   void OnWriteDone(bool ok) override {
     CheckOurs checked;
     sync_.Reacted();
+    ScopedRef<GenerateReactor> reacting(this);
+    if (GetTestHooks().generate_write_done) GetTestHooks().generate_write_done();
     bool cancel = false;
     {
       engine::TsanMutexLock lock(&mu_);
@@ -211,27 +216,30 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         cancel = !final_received_;
       }
     }
-    if (cancel) engine_->Cancel(id_);
+    if (cancel) CancelRequest();
     Pump();
   }
 
   void OnCancel() override {
     CheckOurs checked;
     sync_.Reacted();
+    ScopedRef<GenerateReactor> reacting(this);
     if (CancelWaiting()) FinishCall(Refuse(absl::CancelledError("the request was cancelled")));
   }
   void OnDone() override {
     CheckOurs checked;
     sync_.Reacted();
-    if (OnDoneShouldDelete()) delete this;
+    if (GetTestHooks().generation_done) GetTestHooks().generation_done();
+    Unref();  // gRPC's reference
   }
 
  private:
+  friend class RefPtr<GenerateReactor>;
+
   // A refusal: no engine request exists, so no Pump can finish the call too.
   void FinishCall(const absl::Status& status) override {
     sync_.Handoff([&] { Finish(ToGrpcStatus(status)); });
   }
-  void DeleteSelf() override { delete this; }
 
   // Engine thread.
   void OnOutput(engine::StepOutput out) {
@@ -249,11 +257,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         final_status_ = ToGrpcStatus(FinalStatus(out));
       }
     }
+    if (out.finished && GetTestHooks().generate_final_output_queued) {
+      GetTestHooks().generate_final_output_queued();
+    }
     Pump();
   }
 
   // Starts the next write, or finishes the call once everything is written. gRPC calls happen
-  // outside the lock, and nothing touches members after Finish (OnDone may delete us at once).
+  // outside the lock; the caller holds a reference, so OnDone cannot free the reactor meanwhile.
   void Pump() {
     const v1::GenerateResponse* next = nullptr;
     bool finish = false;
@@ -293,26 +304,31 @@ class CompleteReactor final : public grpc::ServerUnaryReactor, private Generatio
                   bool draining, const v1::GenerateRequest& request, v1::GenerateResponse* response)
       : GenerationCall(engine, metrics), response_(response) {
     Start(request, *adapters, draining,
-          [this](engine::StepOutput out) { OnOutput(std::move(out)); });
+          [self = RefPtr<CompleteReactor>(this)](engine::StepOutput out) {
+            self->OnOutput(std::move(out));
+          });
     sync_.Publish();
   }
 
   void OnCancel() override {
     CheckOurs checked;
     sync_.Reacted();
+    ScopedRef<CompleteReactor> reacting(this);
     if (CancelWaiting()) FinishCall(Refuse(absl::CancelledError("the request was cancelled")));
   }
   void OnDone() override {
     CheckOurs checked;
     sync_.Reacted();
-    if (OnDoneShouldDelete()) delete this;
+    if (GetTestHooks().generation_done) GetTestHooks().generation_done();
+    Unref();  // gRPC's reference
   }
 
  private:
+  friend class RefPtr<CompleteReactor>;
+
   void FinishCall(const absl::Status& status) override {
     sync_.Handoff([&] { Finish(ToGrpcStatus(status)); });
   }
-  void DeleteSelf() override { delete this; }
 
   // Engine thread; the only writer of response_ until Finish.
   void OnOutput(engine::StepOutput out) {
