@@ -160,8 +160,11 @@ class PendingUpload {
   // otherwise). RESOURCE_EXHAUSTED once the files together pass max_upload_bytes.
   absl::Status Append(absl::string_view file_name, absl::string_view data);
   // Fsyncs, checks the sha256 when the header gave one (INVALID_ARGUMENT on mismatch), then
-  // registers as RegisterFromPath does (same codes). Call once.
-  absl::StatusOr<AdapterInfo> Commit();
+  // registers as RegisterFromPath does (same codes). Call once. `abandoned` (may be empty) is
+  // asked just before the version is moved into place and again just before the manifest that
+  // names it is published; when it says true the upload is discarded instead (CANCELLED): the
+  // client went away while the commit ran.
+  absl::StatusOr<AdapterInfo> Commit(std::function<bool()> abandoned = nullptr);
 
  private:
   friend class AdapterRegistry;
@@ -273,9 +276,11 @@ class AdapterRegistry {
   // when not empty: INVALID_ARGUMENT on mismatch), fsyncs it, moves it into adapters/<name>/v<N>,
   // updates the manifest and makes it current. Removes the staging folder on failure. `phases`
   // holds what the caller measured (stage) and `start` the start time of the call.
+  // `abandoned`: see PendingUpload::Commit.
   absl::StatusOr<AdapterInfo> Commit(const std::string& name, Staged staged, bool replace, bool pin,
                                      const std::string& source, const std::string& expected_sha256,
-                                     RegistrationPhases phases, absl::Time start);
+                                     RegistrationPhases phases, absl::Time start,
+                                     const std::function<bool()>& abandoned = nullptr);
   absl::StatusOr<std::string> NewStagingDir();
   // Copies the two PEFT files of `dir` into a new staging folder (in the kernel, writeback
   // started, not yet fsynced).

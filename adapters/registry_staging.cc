@@ -156,7 +156,7 @@ absl::Status PendingUpload::Append(absl::string_view file_name, absl::string_vie
   return absl::OkStatus();
 }
 
-absl::StatusOr<AdapterInfo> PendingUpload::Commit() {
+absl::StatusOr<AdapterInfo> PendingUpload::Commit(std::function<bool()> abandoned) {
   if (committed_) return absl::FailedPreconditionError("upload already committed");
   committed_ = true;  // from here on Commit owns (and on failure removes) the staging folder
   const absl::Time start = absl::Now();
@@ -168,7 +168,7 @@ absl::StatusOr<AdapterInfo> PendingUpload::Commit() {
   }
   fds_.clear();
   return registry_->Commit(name_, std::move(staged), replace_, pin_, "upload",
-                           absl::AsciiStrToLower(sha256_), RegistrationPhases(), start);
+                           absl::AsciiStrToLower(sha256_), RegistrationPhases(), start, abandoned);
 }
 
 absl::StatusOr<std::string> AdapterRegistry::NewStagingDir() {
@@ -312,8 +312,15 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
                                                     bool replace, bool pin,
                                                     const std::string& source,
                                                     const std::string& expected_sha256,
-                                                    RegistrationPhases phases, absl::Time start) {
+                                                    RegistrationPhases phases, absl::Time start,
+                                                    const std::function<bool()>& abandoned) {
   const std::string staging = staged.dir;
+  auto cancelled = [&abandoned, &name] {
+    return abandoned && abandoned()
+               ? absl::CancelledError(absl::StrCat("the upload of '", name,
+                                                   "' was cancelled; nothing was registered"))
+               : absl::OkStatus();
+  };
   auto discard = [&staging](absl::Status s) {
     std::error_code ec;
     fs::remove_all(staging, ec);
@@ -398,6 +405,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
     if (auto it = names_.find(name); it != names_.end()) version = it->second->last_version + 1;
     manifest = ManifestLocked();
   }
+  if (absl::Status c = cancelled(); !c.ok()) return discard(std::move(c));
   const std::string dir = VersionDir(options_.state_dir, name, version);
   const std::string parent = absl::StrCat(options_.state_dir, "/adapters/", name);
   std::error_code ec;
@@ -427,6 +435,8 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
   absl::Status synced = StageManifest(options_.state_dir, manifest);
   dir_syncer.join();
   if (synced.ok()) synced = dir_synced;
+  // The last moment a cancel can still undo the upload: publishing the manifest is the commit.
+  if (synced.ok()) synced = cancelled();
   if (synced.ok()) synced = PublishManifest(options_.state_dir);
   if (!synced.ok()) {
     fs::remove_all(dir, ec);

@@ -187,6 +187,12 @@ grpc::Status UploadPeft(v1::Adapters::Stub& stub, const ConnectionOptions& conn,
       ok = writer->Write(msg);
     }
   }
+  if (ok) {
+    msg.Clear();
+    msg.mutable_end()->set_config_bytes(static_cast<int64_t>(files.config_json.size()));
+    msg.mutable_end()->set_model_bytes(static_cast<int64_t>(files.safetensors.size()));
+    ok = writer->Write(msg);
+  }
   // A failed Write means the server has ended the call; Finish says why.
   writer->WritesDone();
   return writer->Finish();

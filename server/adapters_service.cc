@@ -1,5 +1,7 @@
 #include "server/adapters_service.h"
 
+#include <atomic>
+#include <map>
 #include <thread>
 #include <utility>
 
@@ -8,6 +10,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "engine/tsan_lock.h"
+#include "server/reactor_refs.h"
 #include "server/status_mapping.h"
 #include "server/tsan_annotations.h"
 
@@ -42,9 +45,15 @@ grpc::ServerUnaryReactor* FinishNow(const absl::Status& status) {
   return ::loraplex::server::FinishNow(ToGrpcStatus(status));  // tsan_annotations.h
 }
 
-// UploadAdapter: header, then chunks appended to the staging files as they arrive; the commit
-// (fsync, sha256, validation, manifest) runs on a thread of its own after the client half-closes.
-class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequest> {
+// UploadAdapter: header, chunks appended to the staging files as they arrive, the end message,
+// then the client's half-close; the commit (fsync, sha256, validation, manifest) then runs on an
+// admin worker. A cancel (OnCancel: the client cancelled, its deadline passed or the connection
+// broke) discards the upload: before the end message nothing is committed (the failed read that
+// follows a cancel looks like a half-close, so a stream that ends without the end message is
+// refused), and once the commit runs it asks the cancel flag up to the manifest's rename.
+// Lifetime: server/reactor_refs.h (gRPC, the commit worker, each reaction).
+class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequest>,
+                            public RefCounted {
  public:
   UploadReactor(AdaptersService* service, adapters::AdapterRegistry* registry,
                 const absl::Status& auth, v1::AdapterInfo* response)
@@ -59,25 +68,12 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   void OnReadDone(bool ok) override {
     CheckOurs checked;
     sync_.Reacted();
-    if (!ok) {  // the client half-closed: commit
-      if (upload_ == nullptr) {
-        FinishWith(ToGrpcStatus(
-            absl::InvalidArgumentError("UploadAdapter: the stream ended before a header")));
-        return;
-      }
-      service_->RunDetached([this] {
-        absl::StatusOr<adapters::AdapterInfo> info = upload_->Commit();
-        upload_.reset();
-        if (info.ok()) {
-          service_->UnmergeIfStale();
-          ToProto(*info, response_);
-        }
-        FinishWith(ToGrpcStatus(info.status()));
-      });
-      return;
-    }
+    ScopedRef<UploadReactor> reacting(this);
+    if (!ok) return OnStreamEnd();
     absl::Status status;
-    if (message_.has_header()) {
+    if (end_received_) {
+      status = absl::InvalidArgumentError("UploadAdapter: a message after the end message");
+    } else if (message_.has_header()) {
       const v1::UploadAdapterHeader& h = message_.header();
       if (upload_ != nullptr) {
         status = absl::InvalidArgumentError("UploadAdapter: a second header in one stream");
@@ -90,14 +86,18 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
           status = upload.status();
         }
       }
+    } else if (upload_ == nullptr) {
+      status = absl::InvalidArgumentError("UploadAdapter: the first message must be the header");
     } else if (message_.has_chunk()) {
-      if (upload_ == nullptr) {
-        status = absl::InvalidArgumentError("UploadAdapter: the first message must be the header");
-      } else {
-        status = upload_->Append(message_.chunk().file_name(), message_.chunk().data());
-      }
+      const v1::FileChunk& chunk = message_.chunk();
+      status = upload_->Append(chunk.file_name(), chunk.data());
+      if (status.ok()) received_[chunk.file_name()] += static_cast<int64_t>(chunk.data().size());
+    } else if (message_.has_end()) {
+      status = CheckSizes(message_.end());
+      end_received_ = status.ok();
     } else {
-      status = absl::InvalidArgumentError("UploadAdapter: a message with neither header nor chunk");
+      status = absl::InvalidArgumentError(
+          "UploadAdapter: a message with neither header, chunk nor end");
     }
     if (!status.ok()) {
       upload_.reset();  // discards the staged files
@@ -107,13 +107,71 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     sync_.Handoff([&] { StartRead(&message_); });
   }
 
+  void OnCancel() override {
+    CheckOurs checked;
+    sync_.Reacted();
+    ScopedRef<UploadReactor> reacting(this);
+    cancelled_.store(true);
+  }
+
   void OnDone() override {
     CheckOurs checked;
     sync_.Reacted();
-    delete this;
+    Unref();  // gRPC's reference
   }
 
  private:
+  // The read after the last message failed: the client half-closed, or the call was cancelled.
+  void OnStreamEnd() {
+    if (cancelled_.load()) {
+      upload_.reset();
+      FinishWith(ToGrpcStatus(absl::CancelledError("the upload was cancelled; nothing was registered")));
+      return;
+    }
+    if (upload_ == nullptr) {
+      FinishWith(ToGrpcStatus(
+          absl::InvalidArgumentError("UploadAdapter: the stream ended before a header")));
+      return;
+    }
+    if (!end_received_) {
+      upload_.reset();
+      FinishWith(ToGrpcStatus(absl::InvalidArgumentError(
+          "UploadAdapter: the stream ended without the end message (UploadAdapterEnd) that "
+          "confirms the upload is complete; nothing was registered")));
+      return;
+    }
+    absl::Status started = service_->RunDetached([self = RefPtr<UploadReactor>(this)] {
+      absl::StatusOr<adapters::AdapterInfo> info =
+          self->upload_->Commit([raw = &*self] { return raw->cancelled_.load(); });
+      self->upload_.reset();
+      if (info.ok()) {
+        self->service_->UnmergeIfStale();
+        ToProto(*info, self->response_);
+      }
+      self->FinishWith(ToGrpcStatus(info.status()));
+    });
+    if (!started.ok()) {
+      upload_.reset();
+      FinishWith(ToGrpcStatus(started));
+    }
+  }
+
+  // The end message's byte counts against what arrived.
+  absl::Status CheckSizes(const v1::UploadAdapterEnd& end) {
+    const std::pair<const char*, int64_t> files[] = {
+        {adapters::kAdapterConfigFile, end.config_bytes()},
+        {adapters::kAdapterWeightsFile, end.model_bytes()}};
+    for (const auto& [file, sent] : files) {
+      const int64_t got = received_[file];
+      if (got != sent) {
+        return absl::InvalidArgumentError(absl::StrCat("UploadAdapter: the end message says ",
+                                                       sent, " bytes of ", file, " were sent, ",
+                                                       got, " arrived"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   void FinishWith(grpc::Status status) {
     sync_.Handoff([&] { Finish(std::move(status)); });
   }
@@ -122,10 +180,13 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   AdaptersService* const service_;
   adapters::AdapterRegistry* const registry_;
   v1::AdapterInfo* const response_;
+  std::atomic<bool> cancelled_{false};  // OnCancel came
+  // gRPC runs one OnReadDone at a time and the commit worker starts after the last one, so the
+  // fields below are never touched by two threads at once.
   v1::UploadAdapterRequest message_;
-  // gRPC runs one OnReadDone at a time and the commit thread starts after the last one, so the
-  // upload is never touched by two threads at once.
   std::unique_ptr<adapters::PendingUpload> upload_;
+  std::map<std::string, int64_t> received_;  // bytes per file name
+  bool end_received_ = false;
 };
 
 }  // namespace
@@ -176,9 +237,13 @@ AdaptersService::~AdaptersService() {
   engine::TsanAcquire(&threads_mu_);
 }
 
-void AdaptersService::RunDetached(std::function<void()> work) {
+absl::Status AdaptersService::RunDetached(std::function<void()> work) {
   {
     engine::TsanMutexLock lock(&threads_mu_);
+    if (running_ >= kMaxOperationsInFlight) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(running_, " adapter operations are in flight already; retry later"));
+    }
     ++running_;
   }
   std::thread([this, work = std::move(work)] {
@@ -186,6 +251,16 @@ void AdaptersService::RunDetached(std::function<void()> work) {
     engine::TsanMutexLock lock(&threads_mu_);
     --running_;
   }).detach();
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* AdaptersService::OnWorker(
+    std::function<absl::Status()> work) {
+  auto* reactor = new FinishingReactor();
+  absl::Status started =
+      RunDetached([reactor, work = std::move(work)] { reactor->FinishWith(ToGrpcStatus(work())); });
+  if (!started.ok()) reactor->FinishWith(ToGrpcStatus(started));
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerContext* context,
@@ -193,17 +268,14 @@ grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerConte
                                                        v1::AdapterInfo* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
-  auto* reactor = new FinishingReactor();
-  RunDetached([this, reactor, request, response] {
-    absl::StatusOr<adapters::AdapterInfo> info = registry_->RegisterFromPath(
-        request->name(), request->path(), request->replace(), request->pin());
-    if (info.ok()) {
-      UnmergeIfStale();
-      ToProto(*info, response);
-    }
-    reactor->FinishWith(ToGrpcStatus(info.status()));
+  return OnWorker([this, request, response]() -> absl::Status {
+    LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info,
+                        registry_->RegisterFromPath(request->name(), request->path(),
+                                                    request->replace(), request->pin()));
+    UnmergeIfStale();
+    ToProto(info, response);
+    return absl::OkStatus();
   });
-  return reactor;
 }
 
 grpc::ServerReadReactor<v1::UploadAdapterRequest>* AdaptersService::UploadAdapter(
@@ -217,11 +289,13 @@ grpc::ServerUnaryReactor* AdaptersService::UnloadAdapter(grpc::CallbackServerCon
                                                          v1::UnloadAdapterResponse* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
-  absl::StatusOr<adapters::AdapterInfo> info = registry_->Unload(request->name());
-  if (!info.ok()) return FinishNow(info.status());
-  UnmergeIfStale();
-  ToProto(*info, response->mutable_adapter());
-  return FinishNow(absl::OkStatus());
+  // Unmerging runs on the engine thread and waits for it: not on a gRPC thread.
+  return OnWorker([this, request, response]() -> absl::Status {
+    LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info, registry_->Unload(request->name()));
+    UnmergeIfStale();
+    ToProto(info, response->mutable_adapter());
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerUnaryReactor* AdaptersService::GetAdapter(grpc::CallbackServerContext* context,
@@ -249,49 +323,72 @@ grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerCo
                                                           v1::AdapterInfo* response) {
   CheckOurs checked;  // server/tsan_annotations.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
+  // A merge may wait for its adapter to come back from disk and both wait for the engine
+  // thread: on a worker, never on a gRPC thread.
   switch (request->mode()) {
     case v1::MERGED:
-      return FinishNow(Merge(request->name(), response));
+      return OnWorker([this, request, response] { return Merge(request->name(), response); });
     case v1::UNMERGED:
-      return FinishNow(Unmerge(request->name(), response));
+      return OnWorker([this, request, response] { return Unmerge(request->name(), response); });
     default:
       return FinishNow(absl::InvalidArgumentError("mode must be MERGED or UNMERGED"));
   }
 }
 
 absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* response) {
-  engine::TsanMutexLock lock(&merge_mu_);
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
-  if (merged_ != nullptr) {
-    if (merged_->name() != current.name || merged_->version() != current.version) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("adapter '", merged_->name(), "' v", merged_->version(),
-                       " is merged; set it UNMERGED first (one merged adapter at a time)"));
+  {
+    engine::TsanMutexLock lock(&merge_mu_);
+    LP_RETURN_IF_ERROR(CheckMergeableLocked(current));
+  }
+  // The lease keeps the version in memory (never evicted) for as long as it is merged. Taking it
+  // may wait for a reload (and for room): without merge_mu_, so that unloads, replacements and
+  // other merges' answers never wait behind it.
+  LP_ASSIGN_OR_RETURN(
+      std::shared_ptr<const adapters::Lease> lease,
+      registry_->Acquire(absl::StrCat(name, "@", current.version), /*count_request=*/false));
+  {
+    engine::TsanMutexLock lock(&merge_mu_);
+    // Checked again: another merge, a replacement or an unload may have come meanwhile.
+    LP_ASSIGN_OR_RETURN(current, registry_->Get(name));
+    if (current.version != lease->version()) {
+      return absl::AbortedError(absl::StrCat("adapter '", name, "' v", lease->version(),
+                                             " was replaced while it was being merged; retry"));
     }
-  } else {
-    // The lease keeps the version in memory (never evicted) for as long as it is merged.
-    LP_ASSIGN_OR_RETURN(std::shared_ptr<const adapters::Lease> lease,
-                        registry_->Acquire(name, /*count_request=*/false));
-    const model::LoraWeightsView* view = &lease->view();
-    LP_RETURN_IF_ERROR(
-        engine_->RunOnEngineThread([view](model::LlamaModel& model) { return model.Merge(view); }));
-    if (absl::Status recorded = registry_->SetMerged(*lease, true); !recorded.ok()) {
-      // Not recorded, so a restart would not merge it: undo, so that what runs is what is stored.
-      absl::Status undone =
-          engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
-      if (!undone.ok()) {  // keep the lease: the weights stay merged and must stay alive
-        merged_ = std::move(lease);
-        return Annotate(undone, std::string(recorded.message()));
+    LP_RETURN_IF_ERROR(CheckMergeableLocked(current));
+    if (merged_ == nullptr) {
+      const model::LoraWeightsView* view = &lease->view();
+      LP_RETURN_IF_ERROR(engine_->RunOnEngineThread(
+          [view](model::LlamaModel& model) { return model.Merge(view); }));
+      if (absl::Status recorded = registry_->SetMerged(*lease, true); !recorded.ok()) {
+        // Not recorded, so a restart would not merge it: undo, so that what runs is what is
+        // stored.
+        absl::Status undone =
+            engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
+        if (!undone.ok()) {  // keep the lease: the weights stay merged and must stay alive
+          merged_ = std::move(lease);
+          return Annotate(undone, std::string(recorded.message()));
+        }
+        registry_->SetMerged(*lease, false).IgnoreError();  // the manifest already says unmerged
+        return recorded;
       }
-      registry_->SetMerged(*lease, false).IgnoreError();  // the manifest already says unmerged
-      return recorded;
+      merged_ = std::move(lease);
+      LP_LOG(INFO) << "adapter " << name << " v" << merged_->version() << " merged";
     }
-    merged_ = std::move(lease);
-    LP_LOG(INFO) << "adapter " << name << " v" << merged_->version() << " merged";
   }
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info,
-                      registry_->Get(absl::StrCat(name, "@", merged_->version())));
+                      registry_->Get(absl::StrCat(name, "@", current.version)));
   ToProto(info, response);
+  return absl::OkStatus();
+}
+
+absl::Status AdaptersService::CheckMergeableLocked(const adapters::AdapterInfo& current) {
+  if (merged_ != nullptr &&
+      (merged_->name() != current.name || merged_->version() != current.version)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("adapter '", merged_->name(), "' v", merged_->version(),
+                     " is merged; set it UNMERGED first (one merged adapter at a time)"));
+  }
   return absl::OkStatus();
 }
 

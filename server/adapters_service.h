@@ -1,11 +1,15 @@
 // The loraplex.v1.Adapters admin service (DESIGN.md sections 4 and 5) over the adapter registry
 // (adapters/registry.h), on the gRPC callback API. Every call first checks the admin token.
 //
-// LoadAdapter and the commit of UploadAdapter validate and copy files, which can take a while for
-// big adapters: they run on a thread of their own (never the engine thread, never a gRPC
-// callback thread), so generation and other calls go on meanwhile. UploadAdapter is a client
-// stream: a header, then chunks of adapter_config.json and adapter_model.safetensors, written to
-// the state directory's staging area as they arrive; a stream that breaks off is discarded.
+// No handler blocks a gRPC callback thread (there are few of them, and every call of every
+// service needs one): LoadAdapter, the commit of UploadAdapter, UnloadAdapter and SetAdapterMode
+// may wait (disk, a reload, the engine thread between two steps), so they run on admin workers
+// (a thread each, at most kMaxOperationsInFlight) that finish the call; GetAdapter and
+// ListAdapters answer at once. A merge waits for its adapter without holding the merge lock, so
+// no other admin call waits behind it. UploadAdapter is a client stream: a header, chunks of
+// adapter_config.json and adapter_model.safetensors written to the state directory's staging
+// area as they arrive, and an end message with the byte counts; a stream that is cancelled or
+// breaks off, or ends without the end message, is discarded (proto/loraplex/v1/adapters.proto).
 //
 // SetAdapterMode merges one adapter's current version into the base weights (one at a time) on
 // the engine thread between two steps; other adapters keep working in mixed mode. The merged
@@ -18,10 +22,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "adapters/registry.h"
 #include "engine/engine.h"
@@ -72,8 +78,9 @@ class AdaptersService final : public v1::Adapters::CallbackService {
                                            const v1::SetAdapterModeRequest* request,
                                            v1::AdapterInfo* response) override;
 
-  // Runs `work` on a thread of its own; the destructor waits for it.
-  void RunDetached(std::function<void()> work);
+  // Runs `work` on a thread of its own (an admin worker); the destructor waits for it.
+  // RESOURCE_EXHAUSTED (and `work` is dropped) when kMaxOperationsInFlight are running already.
+  absl::Status RunDetached(std::function<void()> work);
   // After a replace or unload: unmerges when the merged version is no longer current.
   void UnmergeIfStale();
 
@@ -81,6 +88,16 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   // Sets `response` to the adapter's current info, with merged state.
   absl::Status Merge(const std::string& name, v1::AdapterInfo* response);
   absl::Status Unmerge(const std::string& name, v1::AdapterInfo* response);
+  // FAILED_PRECONDITION when another adapter (or version) than `current` is merged.
+  absl::Status CheckMergeableLocked(const adapters::AdapterInfo& current)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(merge_mu_);
+  // A unary reactor finished with what `work` returns, run on an admin worker: for calls that may
+  // wait (for the engine thread, a reload, disk), which must never hold a gRPC callback thread.
+  grpc::ServerUnaryReactor* OnWorker(std::function<absl::Status()> work);
+
+  // Admin operations running on workers at once (each is a thread, mostly waiting on disk or
+  // the engine); more are refused with RESOURCE_EXHAUSTED rather than piling up threads.
+  static constexpr int64_t kMaxOperationsInFlight = 64;
 
   adapters::AdapterRegistry* const registry_;
   engine::Engine* const engine_;

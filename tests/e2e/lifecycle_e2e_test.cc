@@ -29,6 +29,7 @@
 #include "loraplex/v1/adapters.grpc.pb.h"
 #include "loraplex/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "tests/e2e/admin_e2e.h"
 #include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
@@ -38,56 +39,22 @@ namespace {
 namespace fs = std::filesystem;
 using grpc::StatusCode;
 
-constexpr char kToken[] = "s3cret-admin-token";
 constexpr int kTokens = 24;  // greedy tokens per comparison: enough to tell adapters apart
+constexpr const char* kToken = e2e::kAdminToken;
+using e2e::Authorize;
+using e2e::Fixture;
+using e2e::ReadAll;
+using e2e::Upload;
 
-std::string Fixture(const std::string& name) {
-  return testing::FixturesDir() + "/peft/stories260k/" + name;
-}
-
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// A loraplex-server child process on stories260K (tests/testing/server_process.h) whose port file
-// and log live in `dir`, with stubs for both services; `extra` are its flags besides the model.
-class Server {
+// A loraplex-server child on stories260K (tests/e2e/admin_e2e.h).
+class Server : public e2e::AdminServer {
  public:
   Server(const std::string& dir, std::vector<std::string> extra,
          std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials(),
          grpc::ChannelArguments channel_args = {})
-      : process_(LP_SERVER_BINARY, WithModel(std::move(extra)), dir) {
-    if (!process_.ok()) return;  // exited: ok() is false, exit_status() says how
-    auto channel = grpc::CreateCustomChannel(process_.address(), creds, channel_args);
-    inference_ = v1::Inference::NewStub(channel);
-    admin_ = v1::Adapters::NewStub(channel);
-  }
-  void Kill() { process_.Kill(); }
-  bool ok() const { return process_.ok(); }
-  int exit_status() const { return process_.exit_status(); }
-  int port() const { return process_.port(); }
-  int metrics_port() const { return process_.metrics_port(); }
-  v1::Inference::Stub& inference() { return *inference_; }
-  v1::Adapters::Stub& admin() { return *admin_; }
-
- private:
-  static std::vector<std::string> WithModel(std::vector<std::string> args) {
-    args.insert(args.begin(),
-                {"--model=" + testing::Stories260KDir() + "/stories260K.gguf", "--dtype=f32"});
-    return args;
-  }
-  testing::ServerProcess process_;
-  std::unique_ptr<v1::Inference::Stub> inference_;
-  std::unique_ptr<v1::Adapters::Stub> admin_;
+      : AdminServer(LP_SERVER_BINARY, dir, std::move(extra), std::move(creds),
+                    std::move(channel_args)) {}
 };
-
-void Authorize(grpc::ClientContext* ctx, const std::string& token = kToken) {
-  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
-  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-}
 
 grpc::Status Load(Server& s, const std::string& name, const std::string& path, bool replace,
                   v1::AdapterInfo* info = nullptr, const std::string& token = kToken) {
@@ -99,33 +66,6 @@ grpc::Status Load(Server& s, const std::string& name, const std::string& path, b
   req.set_replace(replace);
   v1::AdapterInfo local;
   return s.admin().LoadAdapter(&ctx, req, info != nullptr ? info : &local);
-}
-
-// Uploads `dir`'s two files in 16 KiB chunks. `sha256`: "" for none, "auto" for the right one.
-grpc::Status Upload(Server& s, const std::string& name, const std::string& dir, bool replace,
-                    std::string sha256, v1::AdapterInfo* info = nullptr) {
-  grpc::ClientContext ctx;
-  Authorize(&ctx);
-  v1::AdapterInfo local;
-  auto writer = s.admin().UploadAdapter(&ctx, info != nullptr ? info : &local);
-  const std::string weights = ReadAll(dir + "/" + adapters::kAdapterWeightsFile);
-  if (sha256 == "auto") sha256 = adapters::Sha256Hex(weights.data(), weights.size());
-  v1::UploadAdapterRequest header;
-  header.mutable_header()->set_name(name);
-  header.mutable_header()->set_replace(replace);
-  header.mutable_header()->set_sha256(sha256);
-  bool open = writer->Write(header);
-  for (const std::string file : {adapters::kAdapterConfigFile, adapters::kAdapterWeightsFile}) {
-    const std::string data = ReadAll(dir + "/" + file);
-    for (size_t at = 0; open && at < data.size(); at += 16384) {
-      v1::UploadAdapterRequest chunk;
-      chunk.mutable_chunk()->set_file_name(file);
-      chunk.mutable_chunk()->set_data(data.substr(at, 16384));
-      open = writer->Write(chunk);
-    }
-  }
-  writer->WritesDone();
-  return writer->Finish();
 }
 
 struct Generated {

@@ -1,0 +1,121 @@
+// What the adapter-lifecycle e2e tests share: a loraplex-server child on stories260K with stubs
+// for both services, the admin token, the stories260K PEFT fixtures and the upload stream.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "adapters/manifest.h"
+#include "loraplex/v1/adapters.grpc.pb.h"
+#include "loraplex/v1/inference.grpc.pb.h"
+#include "tests/testing/server_process.h"
+#include "tests/testing/testing.h"
+
+namespace loraplex::e2e {
+
+inline constexpr char kAdminToken[] = "s3cret-admin-token";
+
+// A stories260K PEFT fixture folder (tests/fixtures/peft/stories260k/NAME).
+inline std::string Fixture(const std::string& name) {
+  return testing::FixturesDir() + "/peft/stories260k/" + name;
+}
+
+inline std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// A loraplex-server child process (`binary`) on stories260K (tests/testing/server_process.h)
+// whose port file and log live in `dir`, with stubs for both services; `extra` are its flags
+// besides the model.
+class AdminServer {
+ public:
+  AdminServer(const std::string& binary, const std::string& dir, std::vector<std::string> extra,
+              std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials(),
+              grpc::ChannelArguments channel_args = {})
+      : process_(binary, WithModel(std::move(extra)), dir) {
+    if (!process_.ok()) return;  // exited: ok() is false, exit_status() says how
+    auto channel = grpc::CreateCustomChannel(process_.address(), creds, channel_args);
+    inference_ = v1::Inference::NewStub(channel);
+    admin_ = v1::Adapters::NewStub(channel);
+  }
+  void Kill() { process_.Kill(); }
+  bool ok() const { return process_.ok(); }
+  int exit_status() const { return process_.exit_status(); }
+  int port() const { return process_.port(); }
+  int metrics_port() const { return process_.metrics_port(); }
+  std::string log() const { return process_.log(); }
+  testing::ServerProcess& process() { return process_; }
+  v1::Inference::Stub& inference() { return *inference_; }
+  v1::Adapters::Stub& admin() { return *admin_; }
+
+ private:
+  static std::vector<std::string> WithModel(std::vector<std::string> args) {
+    args.insert(args.begin(),
+                {"--model=" + testing::Stories260KDir() + "/stories260K.gguf", "--dtype=f32"});
+    return args;
+  }
+  testing::ServerProcess process_;
+  std::unique_ptr<v1::Inference::Stub> inference_;
+  std::unique_ptr<v1::Adapters::Stub> admin_;
+};
+
+// The admin token and a 60 s deadline.
+inline void Authorize(grpc::ClientContext* ctx, const std::string& token = kAdminToken) {
+  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+}
+
+// The messages of a whole upload of `dir`'s two files: the header, 16 KiB chunks, the end
+// message. `sha256`: "" for none, "auto" for the right one.
+inline std::vector<v1::UploadAdapterRequest> UploadMessages(const std::string& name,
+                                                            const std::string& dir, bool replace,
+                                                            std::string sha256) {
+  std::vector<v1::UploadAdapterRequest> out(1);
+  const std::string weights = ReadAll(dir + "/" + adapters::kAdapterWeightsFile);
+  if (sha256 == "auto") sha256 = adapters::Sha256Hex(weights.data(), weights.size());
+  out[0].mutable_header()->set_name(name);
+  out[0].mutable_header()->set_replace(replace);
+  out[0].mutable_header()->set_sha256(sha256);
+  v1::UploadAdapterRequest end;
+  for (const std::string file : {adapters::kAdapterConfigFile, adapters::kAdapterWeightsFile}) {
+    const std::string data = ReadAll(dir + "/" + file);
+    for (size_t at = 0; at < data.size(); at += 16384) {
+      v1::UploadAdapterRequest& chunk = out.emplace_back();
+      chunk.mutable_chunk()->set_file_name(file);
+      chunk.mutable_chunk()->set_data(data.substr(at, 16384));
+    }
+    if (file == adapters::kAdapterConfigFile) {
+      end.mutable_end()->set_config_bytes(static_cast<int64_t>(data.size()));
+    } else {
+      end.mutable_end()->set_model_bytes(static_cast<int64_t>(data.size()));
+    }
+  }
+  out.push_back(std::move(end));
+  return out;
+}
+
+// Uploads `dir` (UploadMessages) and half-closes.
+inline grpc::Status Upload(AdminServer& s, const std::string& name, const std::string& dir,
+                           bool replace, std::string sha256, v1::AdapterInfo* info = nullptr) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::AdapterInfo local;
+  auto writer = s.admin().UploadAdapter(&ctx, info != nullptr ? info : &local);
+  for (const v1::UploadAdapterRequest& m : UploadMessages(name, dir, replace, std::move(sha256))) {
+    if (!writer->Write(m)) break;  // the server ended the call: Finish says why
+  }
+  writer->WritesDone();
+  return writer->Finish();
+}
+
+}  // namespace loraplex::e2e
