@@ -133,8 +133,13 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
   std::error_code ec;
   fs::create_directories(fs::path(root) / "adapters", ec);
   if (ec) return FsError(absl::StrCat("--state-dir ", root), ec);
-  // Uploads and copies a crash interrupted: never registered, never served.
-  fs::remove_all(fs::path(root) / "staging", ec);
+  // Uploads and copies a crash interrupted: never registered, never served. Emptied rather than
+  // removed and made again: on a full disk a new directory may not fit, and the server must start.
+  for (const fs::directory_entry& e : fs::directory_iterator(fs::path(root) / "staging", ec)) {
+    std::error_code ec2;
+    fs::remove_all(e.path(), ec2);
+  }
+  ec.clear();
   fs::create_directories(fs::path(root) / "staging", ec);
   if (ec) return FsError(absl::StrCat("--state-dir ", root, "/staging"), ec);
 
@@ -575,7 +580,11 @@ absl::Status AdapterRegistry::SetMerged(const Lease& lease, bool merged) {
     TsanLock lock(&mu_);
     Version& v = *lease.version_;
     v.merged = merged;
-    if (merge_to_restore_ == absl::StrCat(v.name, "@", v.version)) merge_to_restore_.clear();
+    const bool restoring = merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
+    if (restoring) merge_to_restore_.clear();
+    // The restart's merge of what the manifest already records as merged: nothing to write, so
+    // that it also comes back on a full disk.
+    if (restoring && merged) return absl::OkStatus();
     auto it = names_.find(v.name);
     // A replaced or unloaded version is no longer in the manifest: nothing to record.
     if (it == names_.end() || it->second->current.get() != &v) return absl::OkStatus();

@@ -439,6 +439,21 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
   if (synced.ok()) synced = cancelled();
   if (synced.ok()) synced = PublishManifest(options_.state_dir);
   if (!synced.ok()) {
+    // When only the fsync after the manifest's rename failed, manifest.json names the new folder
+    // already: keep it (a restart then serves this version instead of refusing to start with
+    // DATA_LOSS), and never hand its version number out again in this process.
+    absl::StatusOr<std::vector<ManifestEntry>> on_disk = ReadManifest(options_.state_dir);
+    if (on_disk.ok() && std::any_of(on_disk->begin(), on_disk->end(), [&](const ManifestEntry& e) {
+          return e.name == name && e.version == version;
+        })) {
+      LP_LOG(WARNING) << "adapter " << name << " v" << version << ": " << synced
+                      << "; manifest.json names it, so a restart may serve it";
+      TsanLock lock(&mu_);
+      std::unique_ptr<Name>& n = names_[name];
+      if (n == nullptr) n = std::make_unique<Name>();
+      n->last_version = std::max(n->last_version, version);
+      return synced;
+    }
     fs::remove_all(dir, ec);
     return synced;
   }
