@@ -5,8 +5,10 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -34,6 +36,37 @@ inline std::string ReadAll(const std::string& path) {
   return s.str();
 }
 
+// Environment variables: name, value.
+using Env = std::vector<std::pair<std::string, std::string>>;
+
+// Sets `env` in this process while it lives and then puts back what was there (set or unset).
+// ServerProcess hands its child this process's environment, so one around a spawn sets variables
+// for that child only. Not thread-safe: nothing else may read or write the environment meanwhile.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(const Env& env) {
+    for (const auto& [key, value] : env) {
+      const char* old = std::getenv(key.c_str());
+      saved_.emplace_back(key, old != nullptr ? std::optional<std::string>(old) : std::nullopt);
+      setenv(key.c_str(), value.c_str(), 1);
+    }
+  }
+  ~ScopedEnv() {
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+      if (it->second.has_value()) {
+        setenv(it->first.c_str(), it->second->c_str(), 1);
+      } else {
+        unsetenv(it->first.c_str());
+      }
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> saved_;
+};
+
 // A loraplex-server child process (`binary`) on stories260K (tests/testing/server_process.h)
 // whose port file and log live in `dir`, with stubs for both services; `extra` are its flags
 // besides the model.
@@ -48,6 +81,13 @@ class AdminServer {
     inference_ = v1::Inference::NewStub(channel);
     admin_ = v1::Adapters::NewStub(channel);
   }
+  // The same with `env` set for the child (ScopedEnv around the spawn), e.g. LD_PRELOAD.
+  AdminServer(const Env& env, const std::string& binary, const std::string& dir,
+              std::vector<std::string> extra,
+              std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials(),
+              grpc::ChannelArguments channel_args = {})
+      : AdminServer(ScopedEnv(env), binary, dir, std::move(extra), std::move(creds),
+                    std::move(channel_args)) {}
   void Kill() { process_.Kill(); }
   bool ok() const { return process_.ok(); }
   int exit_status() const { return process_.exit_status(); }
@@ -59,6 +99,12 @@ class AdminServer {
   v1::Adapters::Stub& admin() { return *admin_; }
 
  private:
+  // `scope` (a parameter: it lives until this constructor returns) holds the environment set for
+  // the spawn.
+  AdminServer(ScopedEnv /*scope*/, const std::string& binary, const std::string& dir,
+              std::vector<std::string> extra, std::shared_ptr<grpc::ChannelCredentials> creds,
+              grpc::ChannelArguments channel_args)
+      : AdminServer(binary, dir, std::move(extra), std::move(creds), std::move(channel_args)) {}
   static std::vector<std::string> WithModel(std::vector<std::string> args) {
     args.insert(args.begin(),
                 {"--model=" + testing::Stories260KDir() + "/stories260K.gguf", "--dtype=f32"});
@@ -75,11 +121,12 @@ inline void Authorize(grpc::ClientContext* ctx, const std::string& token = kAdmi
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
 }
 
-// The messages of a whole upload of `dir`'s two files: the header, 16 KiB chunks, the end
-// message. `sha256`: "" for none, "auto" for the right one.
+// The messages of a whole upload of `dir`'s two files: the header, chunks of `chunk_bytes`
+// (16 KiB unless told), the end message. `sha256`: "" for none, "auto" for the right one.
 inline std::vector<v1::UploadAdapterRequest> UploadMessages(const std::string& name,
                                                             const std::string& dir, bool replace,
-                                                            std::string sha256) {
+                                                            std::string sha256,
+                                                            size_t chunk_bytes = 16384) {
   std::vector<v1::UploadAdapterRequest> out(1);
   const std::string weights = ReadAll(dir + "/" + adapters::kAdapterWeightsFile);
   if (sha256 == "auto") sha256 = adapters::Sha256Hex(weights.data(), weights.size());
@@ -89,10 +136,10 @@ inline std::vector<v1::UploadAdapterRequest> UploadMessages(const std::string& n
   v1::UploadAdapterRequest end;
   for (const std::string file : {adapters::kAdapterConfigFile, adapters::kAdapterWeightsFile}) {
     const std::string data = ReadAll(dir + "/" + file);
-    for (size_t at = 0; at < data.size(); at += 16384) {
+    for (size_t at = 0; at < data.size(); at += chunk_bytes) {
       v1::UploadAdapterRequest& chunk = out.emplace_back();
       chunk.mutable_chunk()->set_file_name(file);
-      chunk.mutable_chunk()->set_data(data.substr(at, 16384));
+      chunk.mutable_chunk()->set_data(data.substr(at, chunk_bytes));
     }
     if (file == adapters::kAdapterConfigFile) {
       end.mutable_end()->set_config_bytes(static_cast<int64_t>(data.size()));
