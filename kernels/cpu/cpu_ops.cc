@@ -5,10 +5,23 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include "kernels/kernels.h"
 
 namespace loraplex::kernels::cpu {
 namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+// F16C from CPUID leaf 1 (ECX bit 29): clang before 16 rejects "f16c" in __builtin_cpu_supports.
+// Its registers are the AVX (ymm) state, which the avx2/avx512f checks find the OS saving.
+bool F16cSupported() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+#endif
 
 // The table called `name` when this CPU and build can run it, else nullptr.
 const CpuOps* Supported(const char* name) {
@@ -44,8 +57,7 @@ std::atomic<const CpuOps*>& Active() {
 bool Avx2Supported() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && F16cSupported();
 #else
   return false;
 #endif
@@ -57,7 +69,7 @@ bool Avx512Supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+         __builtin_cpu_supports("fma") && F16cSupported();
 #else
   return false;
 #endif
