@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "re2/re2.h"
@@ -233,6 +234,12 @@ absl::StatusOr<PeftConfig> ParsePeftConfig(const std::string& json_text,
     if (is_single && !single.empty()) c.layers_pattern.push_back(single);
     for (const std::string& p : c.layers_pattern) {
       if (auto s = CheckRegex(source, "layers_pattern", p); !s.ok()) return s;
+      // PEFT reads the layer index as group 1 of "...{pattern}\.(\d+)\.", so a group of the
+      // pattern's own would be read as the index (int() fails there; Targets would crash here).
+      if (RE2(p, RE2::Quiet).NumberOfCapturingGroups() > 0) {
+        return Field(source, "layers_pattern",
+                     absl::StrCat("'", p, "' has a capturing group; use (?:...)"));
+      }
     }
   }
   return c;
@@ -267,12 +274,15 @@ bool PeftConfig::Targets(const std::string& key) const {
   int64_t index = -1;
   std::string digits;
   if (layers_pattern.empty()) {
-    if (RE2::PartialMatch(key, R"(^.*?\.[^.]*\.(\d+)\.)", &digits)) index = std::stoll(digits);
+    if (RE2::PartialMatch(key, R"(^.*?\.[^.]*\.(\d+)\.)", &digits) &&
+        !absl::SimpleAtoi(digits, &index)) {
+      index = -1;  // more digits than int64 holds: no layer of any model
+    }
   } else {
     for (const std::string& p : layers_pattern) {
       RE2 re(absl::StrCat(R"(^(?:.*?\.)?)", p, R"(\.(\d+)\.)"), RE2::Quiet);
       if (re.ok() && RE2::PartialMatch(key, re, &digits)) {
-        index = std::stoll(digits);
+        if (!absl::SimpleAtoi(digits, &index)) index = -1;
         break;
       }
     }

@@ -160,6 +160,25 @@ TEST(PeftConfigTest, MalformedJson) {
               StatusIs(absl::StatusCode::kInvalidArgument, "not a JSON object"));
 }
 
+// Found by fuzz/peft_config_fuzz.cc: the layer index was read with std::stoll from the first
+// capturing group, so a group in layers_pattern (or a pattern whose alternation leaves the index
+// group empty) threw std::invalid_argument out of Targets and took the server down.
+TEST(PeftConfigTest, LayersPatternWithCapturingGroupIsRefused) {
+  EXPECT_THAT(ParsePeftConfig(R"j({"r": 8, "target_modules": ["q_proj"], "layers_to_transform": [0],
+                                    "layers_pattern": "(layers)"})j",
+                              "cfg.json"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "layers_pattern"));
+  PeftConfig c = Parse(R"j({"r": 8, "target_modules": ["q_proj"], "layers_to_transform": [0],
+                             "layers_pattern": "(?:layers)"})j");
+  EXPECT_TRUE(c.Targets("model.layers.0.self_attn.q_proj"));
+  // "^(?:.*?\.)?layers|h\.(\d+)\." matches through its first branch: no index.
+  c = Parse(R"({"r": 8, "target_modules": ["q_proj"], "layers_to_transform": [0],
+                "layers_pattern": "layers|h"})");
+  EXPECT_FALSE(c.Targets("model.layers.0.self_attn.q_proj"));
+  c = Parse(R"({"r": 8, "target_modules": ["mlp"], "layers_to_transform": [0]})");
+  EXPECT_FALSE(c.Targets("model.layers.99999999999999999999.mlp"));  // past int64
+}
+
 TEST(PeftConfigTest, FalseOrNullUnsupportedFieldsAreFine) {
   Parse(R"({"r": 8, "target_modules": ["q_proj"], "use_dora": false, "modules_to_save": null,
             "bias": "none", "lora_bias": false, "layer_replication": null, "use_qalora": false,
