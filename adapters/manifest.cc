@@ -21,6 +21,7 @@ namespace {
 constexpr char kManifestFile[] = "manifest.json";
 constexpr char kManifestFormat[] = "loraplex-adapter-manifest";
 constexpr int kManifestVersion = 1;
+constexpr int64_t kMaxVersion = int64_t{1} << 53;
 
 absl::Status Errno(const std::string& what, const std::string& path) {
   return absl::FailedPreconditionError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
@@ -144,7 +145,11 @@ absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state
         return bad(absl::StrCat(where, " is the second adapter marked merged (one at a time)"));
       }
     }
-    if (e.version < 1) return bad(absl::StrCat(where, ".version must be >= 1"));
+    // No process registers 2^53 versions of a name; a larger number is damage, and at INT64_MAX
+    // the next registration's version would overflow.
+    if (e.version < 1 || e.version >= kMaxVersion) {
+      return bad(absl::StrCat(where, ".version must be in [1, 2^53)"));
+    }
     entries.push_back(std::move(e));
   }
   return entries;

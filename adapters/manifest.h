@@ -39,8 +39,8 @@ struct ManifestEntry {
 };
 
 // Reads <state_dir>/manifest.json. A missing file is an empty manifest. DATA_LOSS naming the file
-// and field when it is malformed, or when more than one entry is merged (it is only ever replaced
-// whole, so that means outside damage).
+// and field when it is malformed (a version outside [1, 2^53) included), or when more than one
+// entry is merged (it is only ever replaced whole, so that means outside damage).
 absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state_dir);
 
 // Replaces <state_dir>/manifest.json atomically and durably. FAILED_PRECONDITION naming the file

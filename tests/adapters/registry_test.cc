@@ -379,7 +379,10 @@ TEST_F(RegistryTest, ReopenServesTheSameVersionsAndDropsLeftovers) {
     ASSERT_THAT(up->Append("adapter_config.json", "{"), IsOk());
     fs::create_directories(state_dir_ + "/staging/crash");
     fs::copy(Fixture("qv"), VersionDir(state_dir_, "x", 7));
-    up.release();  // never committed nor discarded, as after kill -9
+    // Never committed nor discarded, as after kill -9. Held by a global so that LeakSanitizer (the
+    // ASan stage) sees it reachable; never destroyed, as its registry is gone.
+    static PendingUpload* crashed_upload = nullptr;
+    crashed_upload = up.release();
   }
   auto r = Open();
   ASSERT_NE(r, nullptr);
@@ -533,6 +536,27 @@ TEST(ManifestTest, MergedFieldIsOptionalAndAtMostOnce) {
       "format_version": 1, "adapters": [{"name": "a", "version": 1, "sha256": "ab",
       "merged": "yes"}]})";
   EXPECT_THAT(ReadManifest(dir), StatusIs(absl::StatusCode::kDataLoss, "adapters[0].merged"));
+  fs::remove_all(dir);
+}
+
+// Found by fuzz/manifest_fuzz.cc: a manifest naming version INT64_MAX opened, and the next replace
+// overflowed the version counter (signed overflow). Versions from 2^53 on are damage.
+TEST(ManifestTest, VersionOutsideOneToTwoPow53IsDamage) {
+  const std::string dir = MakeTempDir("lp-manifest");
+  auto write = [&](const std::string& version) {
+    std::ofstream(dir + "/manifest.json")
+        << R"({"format": "loraplex-adapter-manifest", "format_version": 1, "adapters": [)"
+        << R"({"name": "a", "version": )" << version << R"(, "sha256": "ab"}]})";
+  };
+  for (const char* v :
+       {"0", "-1", "9007199254740992", "9223372036854775807", "18446744073709551615"}) {
+    write(v);
+    EXPECT_THAT(ReadManifest(dir), StatusIs(absl::StatusCode::kDataLoss, "adapters[0].version"))
+        << v;
+  }
+  write("9007199254740991");
+  ASSERT_OK_AND_ASSIGN(std::vector<ManifestEntry> entries, ReadManifest(dir));
+  EXPECT_EQ(entries[0].version, (int64_t{1} << 53) - 1);
   fs::remove_all(dir);
 }
 
