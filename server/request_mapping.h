@@ -14,11 +14,16 @@ namespace loraplex::server {
 // Without max_tokens a request generates up to the context length (and what the KV pool holds),
 // at most this many tokens.
 inline constexpr int32_t kDefaultMaxTokens = 256;
+// Bounds on a request's stop conditions (the engine thread checks them on every token).
+inline constexpr int kMaxStopStrings = 16;
+inline constexpr size_t kMaxStopBytes = 256;
 
 // Builds an engine request: tokenizes `prompt`, resolves the adapter, checks fields. Codes:
 //   INVALID_ARGUMENT: both or neither of prompt / prompt_token_ids, an empty prompt, token ids
 //     outside the vocabulary, temperature < 0 or not finite, top_k < 0, top_p outside (0, 1],
-//     logprobs outside [0, 20], max_tokens present and < 1, a malformed adapter version;
+//     logprobs outside [0, 20], max_tokens present and < 1, a malformed adapter version, more
+//     than kMaxStopStrings stop strings or stop_token_ids, a stop string empty or longer than
+//     kMaxStopBytes;
 //   NOT_FOUND: unknown adapter or version;
 //   RESOURCE_EXHAUSTED: prompt or prompt + max_tokens past the context (from Engine::Validate).
 absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::GenerateRequest& proto,

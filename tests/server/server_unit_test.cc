@@ -129,6 +129,18 @@ TEST_F(RequestMappingTest, ErrorTable) {
   r.set_logprobs(21);
   EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "logprobs"));
   r = Ids({1});
+  for (int i = 0; i <= kMaxStopStrings; ++i) r.add_stop("s");
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "stop strings"));
+  r = Ids({1});
+  r.add_stop(std::string(kMaxStopBytes + 1, 'x'));
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "stop[0]"));
+  r = Ids({1});
+  r.add_stop("");
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "stop[0]"));
+  r = Ids({1});
+  for (int i = 0; i <= kMaxStopStrings; ++i) r.add_stop_token_ids(2);
+  EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "stop_token_ids"));
+  r = Ids({1});
   r.set_adapter("nope");
   EXPECT_THAT(Map(r), StatusIs(StatusCode::kNotFound, "nope"));
   const int64_t ctx = model_->config().max_position_embeddings;
