@@ -84,6 +84,9 @@ case "$sanitizer" in
     # TSan keeps shadow memory and access history for every address the server touched and never
     # gives them back, so RSS grows with the soak's address churn, not with leaks.
     slack=(--rss-slack-frac 0.5 --rss-slack-mib 256)
+    # TSan runs the server 5-15x slower; on 2 busy cores a probe once took 2.4 s with nothing
+    # held up. The freeze this guards against lasted 60 s, so 5 s still catches it.
+    slack+=(--max-probe-s 5)
     ;;
   address)
     server_env=("ASAN_OPTIONS=halt_on_error=1 detect_leaks=1 abort_on_error=0"
@@ -92,6 +95,7 @@ case "$sanitizer" in
     driver_env=("ASAN_OPTIONS=detect_leaks=0")
     # ASan's quarantine holds up to 256 MiB of freed memory before reusing it.
     slack=(--rss-slack-frac 0.5 --rss-slack-mib 320)
+    slack+=(--max-probe-s 5)  # as for TSan: a sanitizer's slowdown, not a wait behind another call
     ;;
   undefined)
     server_env=("UBSAN_OPTIONS=halt_on_error=1 print_stacktrace=1")
@@ -110,8 +114,10 @@ echo "soak.sh: ${sanitizer:-release} build $build_dir, ${duration} s, work folde
 env "${server_env[@]}" "$server_bin" "${server_flags[@]}" 2>"$work/server.log" &
 server_pid=$!
 
-alive() { # the server has not exited (a zombie counts as exited)
-  [[ -e /proc/$server_pid ]] && ! grep -q '^[0-9]* (.*) Z' "/proc/$server_pid/stat" 2>/dev/null
+alive() { # the server has not exited (a zombie counts as exited, and so does a reaped one)
+  local stat  # read once: bash may reap the server between two looks at /proc
+  stat="$(cat "/proc/$server_pid/stat" 2>/dev/null)" || return 1
+  [[ -n "$stat" && ! "$stat" =~ ^[0-9]+\ \(.*\)\ Z ]]
 }
 cleanup() {
   if alive; then kill -KILL "$server_pid" 2>/dev/null; fi

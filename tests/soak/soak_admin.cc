@@ -154,7 +154,11 @@ void Soak::RegistrationLoop(Clock::time_point end) {
                                      : "after the end message";
       // Mostly to a fresh name (its appearance is the evidence), sometimes over a churn name (an
       // unexpected version then shows in the greedy and registry checks).
-      const bool fresh = Chance(rng, 0.7);
+      // A cancel after the end message races with the commit the end message asked for (as for
+      // any call cancelled after the server has all of it): the server discards the upload when
+      // it sees the cancel before the manifest's rename, else the version is registered, whole.
+      // So those go to fresh names, whose registration is not held against the server.
+      const bool fresh = cut == Cut::kAfterEnd || Chance(rng, 0.7);
       const std::string target =
           fresh ? absl::StrCat("cx-", cancelled_upload_seq_.fetch_add(1)) : name;
       what = absl::StrCat("cancelled UploadAdapter ", target, " <- ", folder, " ", cut_name);
@@ -162,7 +166,7 @@ void Soak::RegistrationLoop(Clock::time_point end) {
           Upload(*stub, target, Folder(folder), true, Chance(rng, 0.5), cut, rng, &info);
       Outcome("admin UploadAdapter cancelled", st, {StatusCode::CANCELLED}, what);
       Count(absl::StrCat("uploads cancelled ", cut_name));
-      if (fresh) {
+      if (fresh && cut != Cut::kAfterEnd) {
         std::lock_guard<std::mutex> lock(mu_);
         cancelled_uploads_[target] = Clock::now();
       }
