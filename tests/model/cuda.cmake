@@ -22,8 +22,12 @@ endif()
 # tables and passes, mixed mode, merge/unmerge and slot eviction; the real kernels are covered by
 # tests/kernels/cuda_*_test.cc and, on a GPU, by cuda_model_test itself.
 if(TARGET lp_model AND TARGET lp_adapters)
+  # The CUDA model's sources are listed here too: in a build without LP_ENABLE_CUDA lp_model lacks
+  # them (model/cuda.cmake), and this test must link there (CI's sanitizer and CUDA-off builds).
   set(_lp_emulated_srcs cuda_model_test.cc cuda_emulation.cc
-      ${PROJECT_SOURCE_DIR}/model/cuda_model.cc ${PROJECT_SOURCE_DIR}/model/cuda_adapter_slots.cc)
+      ${PROJECT_SOURCE_DIR}/model/cuda_model.cc ${PROJECT_SOURCE_DIR}/model/cuda_adapter_slots.cc
+      ${PROJECT_SOURCE_DIR}/model/cuda_step_graphs.cc
+      ${PROJECT_SOURCE_DIR}/model/cuda_device_memory.cc)
   foreach(_lp_tgt lp_model lp_adapters)
     get_target_property(_lp_srcs ${_lp_tgt} SOURCES)
     get_target_property(_lp_dir ${_lp_tgt} SOURCE_DIR)
