@@ -111,11 +111,6 @@ class ClientE2eTest : public ::testing::Test {
     args.push_back("--server=" + server_->address());
     return Cli(args, input);
   }
-  // True when the server offers the Adapters service (it arrives in a later issue).
-  static bool HasAdapters() {
-    const CliResult r = Run({"adapters", "list"});
-    return r.code != 7;
-  }
   static ServerProcess* server_;
 };
 ServerProcess* ClientE2eTest::server_ = nullptr;
@@ -238,9 +233,7 @@ TEST(ClientE2eNoServerTest, StoppedServerIsReportedForEveryCommand) {
 
 TEST(ClientE2eTokenTest, WrongTokenIsRefused) {
   ServerProcess server({"--api_token=s3cret", "--admin_token=s3cret"});
-  if (!server.ok()) {
-    GTEST_SKIP() << "loraplex-server does not start with --api-token yet: " << server.log();
-  }
+  ASSERT_TRUE(server.ok()) << "loraplex-server refused --api-token:\n" << server.log();
   const std::string at = "--server=" + server.address();
   CliResult r = Cli({"info", at, "--token=wrong"});
   EXPECT_EQ(r.code, 4) << Describe(r);
@@ -265,10 +258,6 @@ TEST_F(ClientE2eTest, Chat) {
 
 TEST_F(ClientE2eTest, AdaptersLifecycle) {
   CliResult r = Run({"adapters", "list"});
-  if (r.code == 7) {
-    EXPECT_NE(r.err.find("does not offer this call"), std::string::npos) << r.err;
-    GTEST_SKIP() << "the server has no Adapters service yet: " << r.err;
-  }
   ASSERT_EQ(r.code, 0) << Describe(r);
   r = Run({"adapters", "upload", "qv", PeftRoot() + "/qv", "--replace"});
   ASSERT_EQ(r.code, 0) << Describe(r);
@@ -364,7 +353,6 @@ TEST_F(ClientE2eTest, BenchOpenLoopGammaArrivals) {
 }
 
 TEST_F(ClientE2eTest, BenchEightAdaptersZipf) {
-  if (!HasAdapters()) GTEST_SKIP() << "the server has no Adapters service yet";
   const std::string out = testing::MakeTempDir("lp-client-bench-zipf");
   CliResult r =
       Run({"bench", "--concurrency=8", "--duration=4", "--warmup=0.5",
