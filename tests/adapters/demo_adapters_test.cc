@@ -70,9 +70,7 @@ class DemoAdaptersTest : public ::testing::Test {
   }
 
   void SetUp() override {
-    if (!std::filesystem::exists(kModel)) {
-      GTEST_SKIP() << kModel << " absent: run scripts/fetch-model.sh";
-    }
+    LP_SKIP_UNLESS_MODEL_EXISTS(kModel);
     ASSERT_NE(model_, nullptr) << "loading " << kModel << " failed (see above)";
   }
 

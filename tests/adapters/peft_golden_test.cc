@@ -436,7 +436,7 @@ class SmolLm2PeftTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(SmolLm2PeftTest, LastLogitsAndTop20MatchPeft) {
   const std::string gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (!std::filesystem::exists(gguf)) GTEST_SKIP() << gguf << " absent: run scripts/fetch-model.sh";
+  LP_SKIP_UNLESS_MODEL_EXISTS(gguf);
   auto m = LoadModel(gguf);
   ASSERT_NE(m, nullptr);
   const std::string dir = FixturesDir() + "/peft/smollm2/" + GetParam();
@@ -467,7 +467,7 @@ INSTANTIATE_TEST_SUITE_P(Adapters, SmolLm2PeftTest, ::testing::Values("qv", "all
 
 TEST_P(SmolLm2PeftTest, GreedyContinuationsMatchPeftUnmergedAndMerged) {
   const std::string gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (!std::filesystem::exists(gguf)) GTEST_SKIP() << gguf << " absent: run scripts/fetch-model.sh";
+  LP_SKIP_UNLESS_MODEL_EXISTS(gguf);
   auto m = LoadModel(gguf);
   ASSERT_NE(m, nullptr);
   const std::string dir = FixturesDir() + "/peft/smollm2/" + GetParam();

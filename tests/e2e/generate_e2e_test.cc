@@ -157,7 +157,7 @@ TEST(GenerateE2eTest, AdapterGreedyContinuationEqualsPeftStories260K) {
 
 TEST(GenerateE2eTest, AdapterGreedyContinuationEqualsPeftSmolLm2) {
   const std::string gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-  if (!std::filesystem::exists(gguf)) GTEST_SKIP() << gguf << " absent: run scripts/fetch-model.sh";
+  LP_SKIP_UNLESS_MODEL_EXISTS(gguf);
   const std::string dir = testing::FixturesDir() + "/peft/smollm2/all_linear";
   std::ifstream in(dir + "/logits.json");
   ExpectGenerateFollowsPeft(gguf, dir, nlohmann::json::parse(in)["prompts"][0], "greedy");

@@ -1,7 +1,8 @@
 // SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantized) against HF transformers loading the same
 // GGUF in f32: tokenization, chat template, last-position logits, per-position argmax and greedy
 // continuations. Fixture: tests/fixtures/hf/smollm2_logits.json (tools/make_hf_goldens.py).
-// Skipped with a message when the model is absent (scripts/fetch-model.sh fetches it).
+// Skipped with a message when the model is absent (scripts/fetch-model.sh fetches it); fails
+// instead under LP_REQUIRE_MODELS=1 or CI=true (tests/testing/testing.h).
 #include <filesystem>
 #include <fstream>
 
@@ -53,7 +54,8 @@ class SmolLM2Test : public ::testing::Test {
   void SetUp() override {
     if (setup_error_ != nullptr) FAIL() << *setup_error_;
     if (model_ == nullptr) {
-      GTEST_SKIP() << ModelPath() << " not found: run scripts/fetch-model.sh to run this test";
+      LP_SKIP_UNLESS_MODEL_EXISTS(ModelPath());
+      FAIL() << ModelPath() << " appeared after the suite's set-up";
     }
   }
   std::string Regenerate() const { return (*fixture_)["regenerate"].get<std::string>(); }

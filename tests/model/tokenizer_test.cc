@@ -548,7 +548,7 @@ std::string FindSmolLm2Gguf() {
 
 TEST(SmolLm2GgufTest, AgreesWithTokenizerJson) {
   const std::string path = FindSmolLm2Gguf();
-  if (path.empty()) GTEST_SKIP() << "models/SmolLM2*.gguf absent; run scripts/fetch-model.sh";
+  LP_SKIP_UNLESS_MODEL_EXISTS(path.empty() ? std::string(::loraplex::testing::kSmolLm2Gguf) : path);
   ASSERT_OK_AND_ASSIGN(auto gguf, formats::GgufFile::Open(path));
   ASSERT_OK_AND_ASSIGN(auto from_gguf, Tokenizer::FromGguf(*gguf));
   ASSERT_OK_AND_ASSIGN(auto from_json, Tokenizer::FromHfDir(TokDir() + "/smollm2"));

@@ -32,6 +32,19 @@ std::string MakeTempDir(const std::string& prefix) {
   return (root / prefix).string();
 }
 
+bool MissingModelMustFail() {
+  for (const char* var : {"LP_REQUIRE_MODELS", "CI"}) {
+    const char* v = std::getenv(var);
+    if (v != nullptr && (std::string(v) == "1" || std::string(v) == "true")) return true;
+  }
+  return false;
+}
+
+bool PathExists(const std::string& path) {
+  std::error_code ec;
+  return std::filesystem::exists(path, ec);
+}
+
 ::testing::AssertionResult AllClose(const float* actual, const float* expected, size_t n,
                                     Tolerance tol) {
   double max_err = 0;

@@ -23,6 +23,14 @@ std::string FixturesDir();
 // A fresh empty directory under TEST_TMPDIR or /tmp, removed by nobody (tests are short-lived).
 std::string MakeTempDir(const std::string& prefix);
 
+// SmolLM2-135M-Instruct's GGUF as scripts/fetch-model.sh puts it, relative to the repository root.
+inline constexpr const char* kSmolLm2Gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+// True when a test whose model file is absent must fail instead of skipping: with
+// LP_REQUIRE_MODELS=1 (scripts/test.sh, after scripts/fetch-model.sh succeeded) or CI=true, so
+// that a download that went wrong cannot pass as a row of skipped tests.
+bool MissingModelMustFail();
+bool PathExists(const std::string& path);
+
 inline const absl::Status& GetStatus(const absl::Status& s) { return s; }
 template <typename T>
 const absl::Status& GetStatus(const absl::StatusOr<T>& s) {
@@ -67,6 +75,19 @@ inline ::testing::AssertionResult AllClose(const std::vector<float>& actual,
 #define LP_TEST_CONCAT_(a, b) LP_TEST_CONCAT_INNER_(a, b)
 #define ASSERT_OK(expr) ASSERT_THAT((expr), ::loraplex::testing::IsOk())
 #define EXPECT_OK(expr) EXPECT_THAT((expr), ::loraplex::testing::IsOk())
+// In a test body or SetUp (it returns from there): when `path` (a model fetched by
+// scripts/fetch-model.sh) is absent, skips the test, or fails it where MissingModelMustFail().
+#define LP_SKIP_UNLESS_MODEL_EXISTS(path)                                                        \
+  do {                                                                                         \
+    const std::string lp_model_path_ = (path);                                                 \
+    if (!::loraplex::testing::PathExists(lp_model_path_)) {                                    \
+      if (::loraplex::testing::MissingModelMustFail()) {                                       \
+        FAIL() << lp_model_path_                                                               \
+               << " absent, and LP_REQUIRE_MODELS=1 or CI=true: run scripts/fetch-model.sh";   \
+      }                                                                                        \
+      GTEST_SKIP() << lp_model_path_ << " absent: run scripts/fetch-model.sh to run this test"; \
+    }                                                                                          \
+  } while (0)
 #define ASSERT_OK_AND_ASSIGN(lhs, rexpr) \
   ASSERT_OK_AND_ASSIGN_IMPL_(LP_TEST_CONCAT_(lp_test_statusor_, __LINE__), lhs, rexpr)
 #define ASSERT_OK_AND_ASSIGN_IMPL_(so, lhs, rexpr) \
