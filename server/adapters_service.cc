@@ -246,8 +246,9 @@ absl::Status AdaptersService::RunDetached(std::function<void()> work) {
     }
     ++running_;
   }
-  std::thread([this, work = std::move(work)] {
+  std::thread([this, work = std::move(work)]() mutable {
     work();
+    work = nullptr;  // what it holds (a reactor's reference) goes before the service may
     engine::TsanMutexLock lock(&threads_mu_);
     --running_;
   }).detach();
