@@ -1,14 +1,20 @@
 // What the adapter-lifecycle e2e tests share: a loraplex-server child on stories260K with stubs
-// for both services, the admin token, the stories260K PEFT fixtures and the upload stream.
+// for both services, the admin token, the stories260K PEFT fixtures and their offline greedy
+// outputs, the upload stream, the admin calls and greedy generation from BOS.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -164,5 +170,126 @@ inline grpc::Status Upload(AdminServer& s, const std::string& name, const std::s
   writer->WritesDone();
   return writer->Finish();
 }
+
+// LoadAdapter of the folder `path` (relative to --adapter-dir) as `name`, with `token` (none when
+// empty); `info` (may be null) gets the answer.
+inline grpc::Status Load(AdminServer& s, const std::string& name, const std::string& path,
+                         bool replace = false, v1::AdapterInfo* info = nullptr,
+                         const std::string& token = kAdminToken, bool pin = false) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx, token);
+  v1::LoadAdapterRequest req;
+  req.set_name(name);
+  req.set_path(path);
+  req.set_replace(replace);
+  req.set_pin(pin);
+  v1::AdapterInfo local;
+  return s.admin().LoadAdapter(&ctx, req, info != nullptr ? info : &local);
+}
+
+inline grpc::Status Get(AdminServer& s, const std::string& name, v1::AdapterInfo* info) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::GetAdapterRequest req;
+  req.set_name(name);
+  return s.admin().GetAdapter(&ctx, req, info);
+}
+
+inline grpc::Status List(AdminServer& s, std::vector<v1::AdapterInfo>* out) {
+  grpc::ClientContext ctx;
+  Authorize(&ctx);
+  v1::ListAdaptersResponse resp;
+  grpc::Status st = s.admin().ListAdapters(&ctx, {}, &resp);
+  out->assign(resp.adapters().begin(), resp.adapters().end());
+  return st;
+}
+
+// Greedy tokens per comparison unless told: enough to tell the fixtures apart.
+inline constexpr int kGreedyTokens = 24;
+
+// A greedy request from BOS that ignores EOS: `max_tokens` with `adapter` ("" for the base model).
+inline v1::GenerateRequest GreedyRequest(const std::string& adapter,
+                                         int max_tokens = kGreedyTokens) {
+  v1::GenerateRequest req;
+  req.add_prompt_token_ids(1);
+  req.set_max_tokens(max_tokens);
+  req.set_ignore_eos(true);
+  req.set_adapter(adapter);
+  return req;
+}
+
+// What a Complete call answered.
+struct Generated {
+  grpc::Status status;
+  std::vector<int32_t> ids;
+  int64_t version = 0;
+};
+
+// Complete of GreedyRequest(adapter, max_tokens) with a `seconds` deadline.
+inline Generated Complete(AdminServer& s, const std::string& adapter,
+                          int max_tokens = kGreedyTokens, int seconds = 60) {
+  v1::GenerateRequest req = GreedyRequest(adapter, max_tokens);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
+  v1::GenerateResponse resp;
+  Generated g;
+  g.status = s.inference().Complete(&ctx, req, &resp);
+  g.ids.assign(resp.token_ids().begin(), resp.token_ids().end());
+  g.version = resp.adapter_version();
+  return g;
+}
+
+// A test suite over one adapter root: stories260K PEFT fixtures copied to ROOT/adapters (so
+// LoadAdapter can name them) with loraplex-generate's greedy outputs from BOS, computed once, and a
+// scratch folder with an empty state/ for each test.
+class AdapterRootTest : public ::testing::Test {
+ protected:
+  // For SetUpTestSuite: makes the root (a temporary folder named after `prefix`), copies `folders`
+  // there and keeps `generate_binary`'s greedy `max_tokens` ids of each of them but `copy_only`,
+  // and as "base" those of the base model.
+  static void SetUpAdapterRoot(const std::string& prefix, const std::vector<std::string>& folders,
+                               const std::string& generate_binary, int max_tokens,
+                               const std::set<std::string>& copy_only = {}) {
+    root_ = new std::string(testing::MakeTempDir(prefix));
+    expected_ = new std::map<std::string, std::vector<int32_t>>();
+    std::filesystem::create_directories(*root_ + "/adapters");
+    for (const std::string& name : folders) {
+      std::filesystem::copy(Fixture(name), *root_ + "/adapters/" + name);
+      if (copy_only.count(name) == 0) {
+        (*expected_)[name] =
+            testing::Stories260KGreedyIds(generate_binary, Fixture(name), max_tokens);
+      }
+    }
+    (*expected_)["base"] = testing::Stories260KGreedyIds(generate_binary, "", max_tokens);
+  }
+  static void TearDownTestSuite() {
+    std::filesystem::remove_all(*root_);
+    delete root_;
+    delete expected_;
+  }
+  void SetUp() override {
+    dir_ = testing::MakeTempDir(*root_ + "/t");
+    std::filesystem::create_directories(dir_ + "/state");
+  }
+  // A server (`binary`) over the shared adapter root with the admin token and this test's state
+  // directory; `extra`: its other flags.
+  std::unique_ptr<AdminServer> StartServer(const std::string& binary,
+                                           std::vector<std::string> extra) {
+    extra.push_back("--adapter-dir=" + *root_ + "/adapters");
+    extra.push_back("--state-dir=" + dir_ + "/state");
+    extra.push_back(std::string("--admin-token=") + kAdminToken);
+    auto s = std::make_unique<AdminServer>(binary, dir_, std::move(extra));
+    EXPECT_TRUE(s->ok()) << "server did not start, status " << s->exit_status();
+    return s;
+  }
+  // The offline greedy ids of `folder` ("base": the base model).
+  static const std::vector<int32_t>& Expected(const std::string& folder) {
+    return expected_->at(folder);
+  }
+
+  static inline std::string* root_ = nullptr;
+  static inline std::map<std::string, std::vector<int32_t>>* expected_ = nullptr;
+  std::string dir_;
+};
 
 }  // namespace loraplex::e2e

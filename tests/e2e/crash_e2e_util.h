@@ -1,8 +1,8 @@
 // What the crash-consistency e2e tests (crash_e2e_test.cc: kill -9; disk_fault_e2e_test.cc: full
 // and failing disks) share: the stories260K fixtures copied under an adapter root with their
-// sha256 and offline greedy outputs, the admin calls, and the checks that a server serves exactly
-// what returned OK, with a state directory on disk to match. Needs LP_SERVER_BINARY and
-// LP_GENERATE_BINARY.
+// sha256 and offline greedy outputs, the admin calls (most from admin_e2e.h), and the checks that a
+// server serves exactly what returned OK, with a state directory on disk to match. Needs
+// LP_SERVER_BINARY and LP_GENERATE_BINARY.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -31,6 +31,10 @@ namespace loraplex::crash_e2e {
 
 namespace fs = std::filesystem;
 using e2e::AdminServer;
+using e2e::Generated;
+using e2e::Get;
+using e2e::List;
+using e2e::Load;
 using e2e::ReadAll;
 
 constexpr int kTokens = 16;      // greedy tokens per comparison
@@ -66,17 +70,6 @@ inline grpc::Status UploadInChunks(AdminServer& s, const std::string& name, cons
   return writer->Finish();
 }
 
-inline grpc::Status Load(AdminServer& s, const std::string& name, const std::string& path,
-                         bool replace, v1::AdapterInfo* info) {
-  grpc::ClientContext ctx;
-  e2e::Authorize(&ctx);
-  v1::LoadAdapterRequest req;
-  req.set_name(name);
-  req.set_path(path);
-  req.set_replace(replace);
-  return s.admin().LoadAdapter(&ctx, req, info);
-}
-
 inline grpc::Status Unload(AdminServer& s, const std::string& name) {
   grpc::ClientContext ctx;
   e2e::Authorize(&ctx);
@@ -96,43 +89,9 @@ inline grpc::Status SetMode(AdminServer& s, const std::string& name, bool merged
   return s.admin().SetAdapterMode(&ctx, req, info);
 }
 
-inline grpc::Status Get(AdminServer& s, const std::string& name, v1::AdapterInfo* info) {
-  grpc::ClientContext ctx;
-  e2e::Authorize(&ctx);
-  v1::GetAdapterRequest req;
-  req.set_name(name);
-  return s.admin().GetAdapter(&ctx, req, info);
-}
-
-inline grpc::Status List(AdminServer& s, std::vector<v1::AdapterInfo>* out) {
-  grpc::ClientContext ctx;
-  e2e::Authorize(&ctx);
-  v1::ListAdaptersResponse resp;
-  grpc::Status st = s.admin().ListAdapters(&ctx, {}, &resp);
-  out->assign(resp.adapters().begin(), resp.adapters().end());
-  return st;
-}
-
-struct Generated {
-  grpc::Status status;
-  std::vector<int32_t> ids;
-  int64_t version = 0;
-};
-
+// Complete from BOS: kTokens greedy tokens within 30 s.
 inline Generated Generate(AdminServer& s, const std::string& adapter) {
-  v1::GenerateRequest req;
-  req.add_prompt_token_ids(1);
-  req.set_max_tokens(kTokens);
-  req.set_ignore_eos(true);
-  req.set_adapter(adapter);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-  v1::GenerateResponse resp;
-  Generated g;
-  g.status = s.inference().Complete(&ctx, req, &resp);
-  g.ids.assign(resp.token_ids().begin(), resp.token_ids().end());
-  g.version = resp.adapter_version();
-  return g;
+  return e2e::Complete(s, adapter, kTokens, 30);
 }
 
 inline std::string Describe(const grpc::Status& st) {

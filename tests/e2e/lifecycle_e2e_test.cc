@@ -39,10 +39,14 @@ namespace {
 namespace fs = std::filesystem;
 using grpc::StatusCode;
 
-constexpr int kTokens = 24;  // greedy tokens per comparison: enough to tell adapters apart
+constexpr int kTokens = e2e::kGreedyTokens;  // greedy tokens per comparison
 constexpr const char* kToken = e2e::kAdminToken;
+using e2e::AdminServer;
 using e2e::Authorize;
+using e2e::Complete;
 using e2e::Fixture;
+using e2e::Generated;
+using e2e::Load;
 using e2e::ReadAll;
 using e2e::Upload;
 
@@ -56,52 +60,11 @@ class Server : public e2e::AdminServer {
                     std::move(channel_args)) {}
 };
 
-grpc::Status Load(Server& s, const std::string& name, const std::string& path, bool replace,
-                  v1::AdapterInfo* info = nullptr, const std::string& token = kToken) {
-  grpc::ClientContext ctx;
-  Authorize(&ctx, token);
-  v1::LoadAdapterRequest req;
-  req.set_name(name);
-  req.set_path(path);
-  req.set_replace(replace);
-  v1::AdapterInfo local;
-  return s.admin().LoadAdapter(&ctx, req, info != nullptr ? info : &local);
-}
-
-struct Generated {
-  grpc::Status status;
-  std::vector<int32_t> ids;
-  int64_t version = 0;
-};
-
-Generated Generate(Server& s, const std::string& adapter, int max_tokens = kTokens) {
-  v1::GenerateRequest req;
-  req.add_prompt_token_ids(1);
-  req.set_max_tokens(max_tokens);
-  req.set_ignore_eos(true);
-  req.set_adapter(adapter);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  v1::GenerateResponse resp;
-  Generated g;
-  g.status = s.inference().Complete(&ctx, req, &resp);
-  g.ids.assign(resp.token_ids().begin(), resp.token_ids().end());
-  g.version = resp.adapter_version();
-  return g;
-}
-
-// loraplex-generate's greedy ids from BOS with the adapter folder `dir` ("" for the base model).
-std::vector<int32_t> Offline(const std::string& dir, int max_tokens = kTokens) {
-  return testing::Stories260KGreedyIds(LP_GENERATE_BINARY, dir, max_tokens);
-}
-
-std::vector<v1::AdapterInfo> List(Server& s) {
-  grpc::ClientContext ctx;
-  Authorize(&ctx);
-  v1::ListAdaptersResponse resp;
-  grpc::Status st = s.admin().ListAdapters(&ctx, {}, &resp);
+std::vector<v1::AdapterInfo> List(AdminServer& s) {
+  std::vector<v1::AdapterInfo> list;
+  grpc::Status st = e2e::List(s, &list);
   EXPECT_TRUE(st.ok()) << st.error_message();
-  return {resp.adapters().begin(), resp.adapters().end()};
+  return list;
 }
 
 // A safetensors file of small f32 tensors for every layer of stories260K:
@@ -132,48 +95,20 @@ double Sample(const std::string& page, const std::string& series) {
   return at == std::string::npos ? -1 : std::stod(page.substr(at + series.size() + 1));
 }
 
-// The folders, their offline outputs (computed once) and a scratch area shared by the tests.
-class LifecycleE2eTest : public ::testing::Test {
+// The folders, their offline outputs (computed once) and a scratch area shared by the tests
+// (tests/e2e/admin_e2e.h); rank64 is only copied.
+class LifecycleE2eTest : public e2e::AdapterRootTest {
  protected:
   static void SetUpTestSuite() {
-    root_ = new std::string(testing::MakeTempDir("lp-lifecycle"));
-    expected_ = new std::map<std::string, std::vector<int32_t>>();
-    fs::create_directories(*root_ + "/adapters");
-    for (const char* name :
-         {"qv", "all_linear", "rank1", "layers", "regex", "patterns", "rank64"}) {
-      fs::copy(Fixture(name), *root_ + "/adapters/" + name);
-      if (std::string(name) != "rank64") (*expected_)[name] = Offline(Fixture(name));
-    }
-    (*expected_)["base"] = Offline("");
-  }
-  static void TearDownTestSuite() {
-    fs::remove_all(*root_);
-    delete root_;
-    delete expected_;
-  }
-  void SetUp() override {
-    dir_ = testing::MakeTempDir(*root_ + "/t");
-    fs::create_directories(dir_ + "/state");
+    SetUpAdapterRoot("lp-lifecycle",
+                     {"qv", "all_linear", "rank1", "layers", "regex", "patterns", "rank64"},
+                     LP_GENERATE_BINARY, kTokens, {"rank64"});
   }
   // A server over the shared adapter root with the admin token and its own state directory.
-  std::unique_ptr<Server> Start(std::vector<std::string> extra = {}) {
-    extra.push_back("--adapter-dir=" + *root_ + "/adapters");
-    extra.push_back("--state-dir=" + dir_ + "/state");
-    extra.push_back(std::string("--admin-token=") + kToken);
-    auto s = std::make_unique<Server>(dir_, std::move(extra));
-    EXPECT_TRUE(s->ok()) << "server did not start, status " << s->exit_status();
-    return s;
+  std::unique_ptr<AdminServer> Start(std::vector<std::string> extra = {}) {
+    return StartServer(LP_SERVER_BINARY, std::move(extra));
   }
-  static const std::vector<int32_t>& Expected(const std::string& folder) {
-    return expected_->at(folder);
-  }
-
-  static std::string* root_;
-  static std::map<std::string, std::vector<int32_t>>* expected_;
-  std::string dir_;
 };
-std::string* LifecycleE2eTest::root_ = nullptr;
-std::map<std::string, std::vector<int32_t>>* LifecycleE2eTest::expected_ = nullptr;
 
 TEST_F(LifecycleE2eTest, RegisteredAtRuntimeOutputsEqualLoraplexGenerate) {
   auto s = Start();
@@ -193,7 +128,7 @@ TEST_F(LifecycleE2eTest, RegisteredAtRuntimeOutputsEqualLoraplexGenerate) {
                                 ReadAll(Fixture("rank1/adapter_model.safetensors")).size()));
   for (const auto& [name, folder] : std::vector<std::pair<std::string, std::string>>{
            {"a", "qv"}, {"b", "all_linear"}, {"c", "rank1"}}) {
-    Generated g = Generate(*s, name);
+    Generated g = Complete(*s, name);
     ASSERT_TRUE(g.status.ok()) << name << ": " << g.status.error_message();
     EXPECT_EQ(g.ids, Expected(folder)) << name;
     EXPECT_EQ(g.version, 1);
@@ -222,7 +157,7 @@ TEST_F(LifecycleE2eTest, HotSwapUnderLoadFailsNothing) {
     clients.emplace_back([&, t] {
       while (!stop.load()) {
         const int64_t floor = published.load();
-        Generated g = Generate(*s, "x", 12);
+        Generated g = Complete(*s, "x", 12);
         requests.fetch_add(1);
         const std::vector<int32_t>& want = Expected(g.version % 2 == 1 ? "qv" : "all_linear");
         if (!g.status.ok()) {
@@ -251,9 +186,9 @@ TEST_F(LifecycleE2eTest, HotSwapUnderLoadFailsNothing) {
         << "client " << t << ": " << errors[t].size() << " bad, first: " << errors[t][0];
   }
   EXPECT_GT(requests.load(), 40);
-  Generated last = Generate(*s, "x@21", 12);
+  Generated last = Complete(*s, "x@21", 12);
   EXPECT_TRUE(last.status.ok());
-  EXPECT_EQ(Generate(*s, "x@20", 12).status.error_code(), StatusCode::NOT_FOUND);
+  EXPECT_EQ(Complete(*s, "x@20", 12).status.error_code(), StatusCode::NOT_FOUND);
   bool drained = false;  // handles are dropped just after the last responses went out
   for (int i = 0; i < 200 && !drained; ++i) {
     drained = List(*s).size() == 1;
@@ -266,11 +201,7 @@ TEST_F(LifecycleE2eTest, UnloadWhileInUseFinishesRunningRequests) {
   auto s = Start();
   ASSERT_TRUE(s->ok());
   ASSERT_TRUE(Load(*s, "u", "qv", false).ok());
-  v1::GenerateRequest long_req;
-  long_req.add_prompt_token_ids(1);
-  long_req.set_max_tokens(480);
-  long_req.set_ignore_eos(true);
-  long_req.set_adapter("u");
+  v1::GenerateRequest long_req = e2e::GreedyRequest("u", 480);
   grpc::ClientContext stream_ctx;
   auto stream = s->inference().Generate(&stream_ctx, long_req);
   v1::GenerateResponse msg;
@@ -284,7 +215,7 @@ TEST_F(LifecycleE2eTest, UnloadWhileInUseFinishesRunningRequests) {
   v1::UnloadAdapterResponse resp;
   ASSERT_TRUE(s->admin().UnloadAdapter(&ctx, req, &resp).ok());
   EXPECT_EQ(resp.adapter().state(), v1::DRAINING);
-  EXPECT_EQ(Generate(*s, "u").status.error_code(), StatusCode::NOT_FOUND);
+  EXPECT_EQ(Complete(*s, "u").status.error_code(), StatusCode::NOT_FOUND);
   int64_t version = 0;
   while (stream->Read(&msg)) {
     ids.insert(ids.end(), msg.token_ids().begin(), msg.token_ids().end());
@@ -312,7 +243,7 @@ TEST_F(LifecycleE2eTest, EvictionWithTwoSlotsKeepsOutputsCorrect) {
   for (const std::string& f : folders) ASSERT_TRUE(Load(*s, f, f, false).ok()) << f;
   for (int round = 0; round < 2; ++round) {
     for (const std::string& f : folders) {
-      Generated g = Generate(*s, f);
+      Generated g = Complete(*s, f);
       ASSERT_TRUE(g.status.ok()) << f << ": " << g.status.error_message();
       EXPECT_EQ(g.ids, Expected(f)) << f << " round " << round;
     }
@@ -365,10 +296,10 @@ TEST_F(LifecycleE2eTest, RestartAndKillNineServeWhatReturnedOk) {
   EXPECT_EQ(list[0].version(), 2);
   EXPECT_EQ(list[1].name(), "q");
   EXPECT_EQ(list[1].version(), 1);
-  Generated p = Generate(*s, "p@2");
+  Generated p = Complete(*s, "p@2");
   ASSERT_TRUE(p.status.ok()) << p.status.error_message();
   EXPECT_EQ(p.ids, Expected("all_linear"));
-  EXPECT_EQ(Generate(*s, "q").ids, Expected("rank1"));
+  EXPECT_EQ(Complete(*s, "q").ids, Expected("rank1"));
   EXPECT_TRUE(fs::is_empty(dir_ + "/state/staging"));
   EXPECT_FALSE(fs::exists(dir_ + "/state/adapters/partial"));
   EXPECT_FALSE(fs::exists(dir_ + "/state/adapters/p/v1"));
@@ -408,7 +339,7 @@ TEST_F(LifecycleE2eTest, BadRequestsGetTheirCodesAndDisturbNothing) {
   std::atomic<int> traffic_errors{0}, traffic{0};
   std::thread background([&] {
     while (!stop.load()) {
-      Generated g = Generate(*s, "good", 8);
+      Generated g = Complete(*s, "good", 8);
       traffic.fetch_add(1);
       if (!g.status.ok() || !std::equal(g.ids.begin(), g.ids.end(), Expected("qv").begin())) {
         traffic_errors.fetch_add(1);
@@ -437,7 +368,7 @@ TEST_F(LifecycleE2eTest, BadRequestsGetTheirCodesAndDisturbNothing) {
       {"name with a slash", Load(*s, "a/b", "qv", false), StatusCode::INVALID_ARGUMENT},
       {"path traversal", Load(*s, "n", "../../etc", false), StatusCode::PERMISSION_DENIED},
       {"existing name", Load(*s, "good", "all_linear", false), StatusCode::ALREADY_EXISTS},
-      {"unknown adapter", Generate(*s, "nope").status, StatusCode::NOT_FOUND},
+      {"unknown adapter", Complete(*s, "nope").status, StatusCode::NOT_FOUND},
   };
   stop.store(true);
   background.join();
@@ -467,10 +398,8 @@ TEST_F(LifecycleE2eTest, TlsRoundTripWithATestCertificate) {
              {"--tls-cert=" + cert, "--tls-key=" + key, std::string("--admin-token=") + kToken},
              grpc::SslCredentials(ssl));
   ASSERT_TRUE(tls.ok());
-  grpc::ClientContext ctx;
-  Authorize(&ctx);
-  v1::ListAdaptersResponse resp;
-  grpc::Status st = tls.admin().ListAdapters(&ctx, {}, &resp);
+  std::vector<v1::AdapterInfo> listed;
+  grpc::Status st = e2e::List(tls, &listed);
   EXPECT_TRUE(st.ok()) << st.error_message();
   grpc::ClientContext ctx2;
   ctx2.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -539,7 +468,7 @@ TEST_F(LifecycleE2eTest, ApiTokenGuardsInference) {
   EXPECT_EQ(s->inference().Complete(&ctx, req, &resp).error_code(), StatusCode::PERMISSION_DENIED);
 }
 
-grpc::Status SetMode(Server& s, const std::string& name, v1::AdapterMode mode,
+grpc::Status SetMode(AdminServer& s, const std::string& name, v1::AdapterMode mode,
                      v1::AdapterInfo* info) {
   grpc::ClientContext ctx;
   Authorize(&ctx);
@@ -558,32 +487,28 @@ TEST_F(LifecycleE2eTest, MergedAdapterAndMixedModeKeepOutputs) {
   ASSERT_TRUE(SetMode(*s, "m", v1::MERGED, &info).ok());
   EXPECT_TRUE(info.merged());
   // Merged, the adapter's own tokens pay no LoRA; others and the base run in mixed mode.
-  EXPECT_EQ(Generate(*s, "m").ids, Expected("qv"));
-  EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
-  EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
+  EXPECT_EQ(Complete(*s, "m").ids, Expected("qv"));
+  EXPECT_EQ(Complete(*s, "o").ids, Expected("all_linear"));
+  EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
   EXPECT_EQ(SetMode(*s, "o", v1::MERGED, &info).error_code(), StatusCode::FAILED_PRECONDITION);
   EXPECT_EQ(SetMode(*s, "m", v1::ADAPTER_MODE_UNSPECIFIED, &info).error_code(),
             StatusCode::INVALID_ARGUMENT);
   // Replacing the merged adapter unmerges it; the new version starts unmerged.
   ASSERT_TRUE(Load(*s, "m", "rank1", true, &info).ok());
   EXPECT_FALSE(info.merged());
-  EXPECT_EQ(Generate(*s, "m").ids, Expected("rank1"));
-  EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
+  EXPECT_EQ(Complete(*s, "m").ids, Expected("rank1"));
+  EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
   ASSERT_TRUE(SetMode(*s, "o", v1::MERGED, &info).ok());
-  EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
+  EXPECT_EQ(Complete(*s, "o").ids, Expected("all_linear"));
   ASSERT_TRUE(SetMode(*s, "o", v1::UNMERGED, &info).ok());
   EXPECT_FALSE(info.merged());
-  EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
-  EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
+  EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
+  EXPECT_EQ(Complete(*s, "o").ids, Expected("all_linear"));
 }
 
-v1::AdapterInfo GetInfo(Server& s, const std::string& name) {
-  grpc::ClientContext ctx;
-  Authorize(&ctx);
-  v1::GetAdapterRequest req;
-  req.set_name(name);
+v1::AdapterInfo GetInfo(AdminServer& s, const std::string& name) {
   v1::AdapterInfo info;
-  grpc::Status st = s.admin().GetAdapter(&ctx, req, &info);
+  grpc::Status st = e2e::Get(s, name, &info);
   EXPECT_TRUE(st.ok()) << name << ": " << st.error_message();
   return info;
 }
@@ -607,9 +532,9 @@ TEST_F(LifecycleE2eTest, MergedModeSurvivesARestart) {
     EXPECT_TRUE(info.merged()) << "the merge was not restored";
     EXPECT_EQ(info.version(), 1);
     EXPECT_FALSE(GetInfo(*s, "o").merged());
-    EXPECT_EQ(Generate(*s, "m").ids, Expected("qv"));
-    EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
-    EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
+    EXPECT_EQ(Complete(*s, "m").ids, Expected("qv"));
+    EXPECT_EQ(Complete(*s, "o").ids, Expected("all_linear"));
+    EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
     // One at a time still holds for a restored merge.
     EXPECT_EQ(SetMode(*s, "o", v1::MERGED, &info).error_code(), StatusCode::FAILED_PRECONDITION);
     ASSERT_TRUE(SetMode(*s, "m", v1::UNMERGED, &info).ok());
@@ -621,8 +546,8 @@ TEST_F(LifecycleE2eTest, MergedModeSurvivesARestart) {
     ASSERT_TRUE(s->ok());
     EXPECT_FALSE(GetInfo(*s, "m").merged());
     EXPECT_TRUE(GetInfo(*s, "o").merged());
-    EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
-    EXPECT_EQ(Generate(*s, "o").ids, Expected("all_linear"));
+    EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
+    EXPECT_EQ(Complete(*s, "o").ids, Expected("all_linear"));
     // Replacing the merged adapter unmerges it, and the new version is recorded unmerged.
     ASSERT_TRUE(Load(*s, "o", "rank1", true, &info).ok());
     EXPECT_FALSE(info.merged());
@@ -634,24 +559,8 @@ TEST_F(LifecycleE2eTest, MergedModeSurvivesARestart) {
   EXPECT_EQ(info.version(), 2);
   EXPECT_FALSE(info.merged());
   EXPECT_FALSE(GetInfo(*s, "m").merged());
-  EXPECT_EQ(Generate(*s, "o").ids, Expected("rank1"));
-  EXPECT_EQ(Generate(*s, "").ids, Expected("base"));
-}
-
-Generated GenerateWithin(Server& s, const std::string& adapter, int seconds) {
-  v1::GenerateRequest req;
-  req.add_prompt_token_ids(1);
-  req.set_max_tokens(kTokens);
-  req.set_ignore_eos(true);
-  req.set_adapter(adapter);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
-  v1::GenerateResponse resp;
-  Generated g;
-  g.status = s.inference().Complete(&ctx, req, &resp);
-  g.ids.assign(resp.token_ids().begin(), resp.token_ids().end());
-  g.version = resp.adapter_version();
-  return g;
+  EXPECT_EQ(Complete(*s, "o").ids, Expected("rank1"));
+  EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
 }
 
 // Requests for an evicted adapter whose reload is held up (its adapter_config.json in the state
@@ -663,16 +572,7 @@ TEST_F(LifecycleE2eTest, SlowReloadDoesNotBlockOtherRequests) {
   auto s = Start({"--max-loaded-adapters=1"});
   ASSERT_TRUE(s->ok());
   ASSERT_TRUE(Load(*s, "slow", "qv", false).ok());
-  {
-    grpc::ClientContext ctx;
-    Authorize(&ctx);
-    v1::LoadAdapterRequest req;
-    req.set_name("pinned");
-    req.set_path("all_linear");
-    req.set_pin(true);
-    v1::AdapterInfo info;
-    ASSERT_TRUE(s->admin().LoadAdapter(&ctx, req, &info).ok());
-  }
+  ASSERT_TRUE(Load(*s, "pinned", "all_linear", false, nullptr, kToken, /*pin=*/true).ok());
   ASSERT_TRUE(Load(*s, "other", "rank1", false).ok());  // the one slot: "slow" goes to disk
   ASSERT_EQ(GetInfo(*s, "slow").residency(), v1::DISK);
 
@@ -684,19 +584,19 @@ TEST_F(LifecycleE2eTest, SlowReloadDoesNotBlockOtherRequests) {
   std::vector<Generated> waited(16);
   std::vector<std::thread> waiters;
   for (size_t i = 0; i < waited.size(); ++i) {
-    waiters.emplace_back([&, i] { waited[i] = GenerateWithin(*s, "slow", 120); });
+    waiters.emplace_back([&, i] { waited[i] = Complete(*s, "slow", kTokens, 120); });
   }
   absl::SleepFor(absl::Milliseconds(500));  // all of them in the server, waiting
 
   const absl::Time t = absl::Now();
-  Generated impatient = GenerateWithin(*s, "slow", 1);
+  Generated impatient = Complete(*s, "slow", kTokens, 1);
   EXPECT_EQ(impatient.status.error_code(), StatusCode::DEADLINE_EXCEEDED);
   // No ASSERT until the waiters are joined: returning early would leave them blocked.
-  Generated base = GenerateWithin(*s, "", 20);
+  Generated base = Complete(*s, "", kTokens, 20);
   EXPECT_TRUE(base.status.ok()) << "base model request while a reload is held up: "
                                 << base.status.error_message();
   EXPECT_EQ(base.ids, Expected("base"));
-  Generated pinned = GenerateWithin(*s, "pinned", 20);
+  Generated pinned = Complete(*s, "pinned", kTokens, 20);
   EXPECT_TRUE(pinned.status.ok()) << pinned.status.error_message();
   EXPECT_EQ(pinned.ids, Expected("all_linear"));
   EXPECT_LT(absl::Now() - t, absl::Seconds(20));

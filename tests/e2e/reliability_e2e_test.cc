@@ -39,98 +39,37 @@ namespace {
 namespace fs = std::filesystem;
 using e2e::AdminServer;
 using e2e::Authorize;
+using e2e::Complete;
 using e2e::Fixture;
+using e2e::Generated;
+using e2e::Load;
 using e2e::ReadAll;
 using grpc::StatusCode;
 
-constexpr int kTokens = 24;  // greedy tokens per comparison: enough to tell adapters apart
+constexpr int kTokens = e2e::kGreedyTokens;  // greedy tokens per comparison
 // How long an RPC may take while another adapter operation is held up. Generous for a loaded
 // 2-core machine under a sanitizer; the freeze this guards against lasted 60 s.
 constexpr absl::Duration kLiveness = absl::Seconds(2);
 
-class ReliabilityE2eTest : public ::testing::Test {
+// The fixtures, their offline outputs (computed once) and a scratch area shared by the tests
+// (tests/e2e/admin_e2e.h).
+class ReliabilityE2eTest : public e2e::AdapterRootTest {
  protected:
   static void SetUpTestSuite() {
-    root_ = new std::string(testing::MakeTempDir("lp-reliability"));
-    expected_ = new std::map<std::string, std::vector<int32_t>>();
-    fs::create_directories(*root_ + "/adapters");
-    for (const char* name : {"qv", "all_linear", "rank1"}) {
-      fs::copy(Fixture(name), *root_ + "/adapters/" + name);
-      (*expected_)[name] = testing::Stories260KGreedyIds(LP_GENERATE_BINARY, Fixture(name), kTokens);
-    }
-    (*expected_)["base"] = testing::Stories260KGreedyIds(LP_GENERATE_BINARY, "", kTokens);
-  }
-  static void TearDownTestSuite() {
-    fs::remove_all(*root_);
-    delete root_;
-    delete expected_;
-  }
-  void SetUp() override {
-    dir_ = testing::MakeTempDir(*root_ + "/t");
-    fs::create_directories(dir_ + "/state");
+    SetUpAdapterRoot("lp-reliability", {"qv", "all_linear", "rank1"}, LP_GENERATE_BINARY, kTokens);
   }
   std::unique_ptr<AdminServer> Start(std::vector<std::string> extra = {}) {
-    extra.push_back("--adapter-dir=" + *root_ + "/adapters");
-    extra.push_back("--state-dir=" + dir_ + "/state");
-    extra.push_back(std::string("--admin-token=") + e2e::kAdminToken);
-    auto s = std::make_unique<AdminServer>(LP_SERVER_BINARY, dir_, std::move(extra));
-    EXPECT_TRUE(s->ok()) << "server did not start, status " << s->exit_status();
-    return s;
+    return StartServer(LP_SERVER_BINARY, std::move(extra));
   }
-  static const std::vector<int32_t>& Expected(const std::string& folder) {
-    return expected_->at(folder);
-  }
-
-  static std::string* root_;
-  static std::map<std::string, std::vector<int32_t>>* expected_;
-  std::string dir_;
 };
-std::string* ReliabilityE2eTest::root_ = nullptr;
-std::map<std::string, std::vector<int32_t>>* ReliabilityE2eTest::expected_ = nullptr;
-
-grpc::Status Load(AdminServer& s, const std::string& name, const std::string& path,
-                  bool pin = false) {
-  grpc::ClientContext ctx;
-  Authorize(&ctx);
-  v1::LoadAdapterRequest req;
-  req.set_name(name);
-  req.set_path(path);
-  req.set_pin(pin);
-  v1::AdapterInfo info;
-  return s.admin().LoadAdapter(&ctx, req, &info);
-}
 
 absl::StatusOr<v1::AdapterInfo> Get(AdminServer& s, const std::string& name) {
-  grpc::ClientContext ctx;
-  Authorize(&ctx);
-  v1::GetAdapterRequest req;
-  req.set_name(name);
   v1::AdapterInfo info;
-  grpc::Status st = s.admin().GetAdapter(&ctx, req, &info);
-  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  grpc::Status st = e2e::Get(s, name, &info);
+  if (!st.ok()) {
+    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  }
   return info;
-}
-
-struct Generated {
-  grpc::Status status;
-  std::vector<int32_t> ids;
-  int64_t version = 0;
-};
-
-Generated Complete(AdminServer& s, const std::string& adapter, int seconds = 60) {
-  v1::GenerateRequest req;
-  req.add_prompt_token_ids(1);
-  req.set_max_tokens(kTokens);
-  req.set_ignore_eos(true);
-  req.set_adapter(adapter);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
-  v1::GenerateResponse resp;
-  Generated g;
-  g.status = s.inference().Complete(&ctx, req, &resp);
-  g.ids.assign(resp.token_ids().begin(), resp.token_ids().end());
-  g.version = resp.adapter_version();
-  return g;
 }
 
 // Runs `call` and returns how long it took.
@@ -206,13 +145,11 @@ TEST_F(ReliabilityE2eTest, MergeWaitingForItsAdapterHoldsUpNoOtherCall) {
                     }));
   took.emplace_back("GetAdapter", Timed([&] { EXPECT_TRUE(Get(*s, "third").ok()); }));
   took.emplace_back("ListAdapters", Timed([&] {
-                      grpc::ClientContext ctx;
-                      Authorize(&ctx);
-                      v1::ListAdaptersResponse resp;
-                      EXPECT_TRUE(s->admin().ListAdapters(&ctx, {}, &resp).ok());
+                      std::vector<v1::AdapterInfo> list;
+                      EXPECT_TRUE(e2e::List(*s, &list).ok());
                     }));
   took.emplace_back("Complete (base)", Timed([&] {
-                      Generated g = Complete(*s, "", 20);
+                      Generated g = Complete(*s, "", kTokens, 20);
                       EXPECT_TRUE(g.status.ok()) << g.status.error_message();
                       EXPECT_EQ(g.ids, Expected("base"));
                     }));
@@ -250,12 +187,12 @@ TEST_F(ReliabilityE2eTest, MergeWaitingForItsAdapterHoldsUpNoOtherCall) {
 
 // How an upload stream ends in the cases below.
 enum class UploadEnding {
-  kCancelMidStream,        // TryCancel after half of the chunks
-  kCancelAfterLastChunk,   // TryCancel after every chunk, before the end message
-  kCancelAfterEnd,         // TryCancel after the end message, without a half-close (racy)
-  kHalfCloseWithoutEnd,    // every chunk, then WritesDone without the end message
-  kDeadlineMidStream,      // a 300 ms deadline, chunks sent slower than that
-  kWrongByteCount,         // the end message counts one byte too many
+  kCancelMidStream,       // TryCancel after half of the chunks
+  kCancelAfterLastChunk,  // TryCancel after every chunk, before the end message
+  kCancelAfterEnd,        // TryCancel after the end message, without a half-close (racy)
+  kHalfCloseWithoutEnd,   // every chunk, then WritesDone without the end message
+  kDeadlineMidStream,     // a 300 ms deadline, chunks sent slower than that
+  kWrongByteCount,        // the end message counts one byte too many
 };
 
 grpc::Status UploadEndingWith(AdminServer& s, const std::string& name, const std::string& dir,
@@ -395,15 +332,10 @@ TEST_F(ReliabilityE2eTest, ImpatientClientsAndCancelledUploadsHarmNothing) {
       for (int i = 0; i < kStreamsPerThread; ++i) {
         const auto kind = static_cast<Impatience>(rng() % 5);
         const std::string adapter = std::vector<std::string>{"", "a", "b"}[rng() % 3];
-        v1::GenerateRequest req;
-        req.add_prompt_token_ids(1);
-        req.set_max_tokens(kTokens);
-        req.set_ignore_eos(true);
-        req.set_adapter(adapter);
+        v1::GenerateRequest req = e2e::GreedyRequest(adapter, kTokens);
         grpc::ClientContext ctx;
         const int deadline_ms = kind == Impatience::kTinyDeadline ? 1 + rng() % 30 : 60000;
-        ctx.set_deadline(std::chrono::system_clock::now() +
-                         std::chrono::milliseconds(deadline_ms));
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
         auto reader = s->inference().Generate(&ctx, req);
         const int cancel_after = static_cast<int>(rng() % 9);
         std::vector<int32_t> ids;
@@ -427,7 +359,7 @@ TEST_F(ReliabilityE2eTest, ImpatientClientsAndCancelledUploadsHarmNothing) {
           if (!st.ok()) {
             ++unexpected;
             ADD_FAILURE() << "stream " << t << "/" << i << ": " << st.error_message();
-          } else if (ids != Expected(adapter.empty() ? "base"
+          } else if (ids != Expected(adapter.empty()  ? "base"
                                      : adapter == "a" ? "qv"
                                                       : "all_linear")) {
             ++mismatches;
@@ -448,8 +380,7 @@ TEST_F(ReliabilityE2eTest, ImpatientClientsAndCancelledUploadsHarmNothing) {
     for (int i = 0; i < 10; ++i) {
       const UploadEnding ending =
           i % 2 == 0 ? UploadEnding::kCancelMidStream : UploadEnding::kCancelAfterLastChunk;
-      grpc::Status st =
-          UploadEndingWith(*s, absl::StrCat("u", i), Fixture("rank1"), false, ending);
+      grpc::Status st = UploadEndingWith(*s, absl::StrCat("u", i), Fixture("rank1"), false, ending);
       EXPECT_EQ(st.error_code(), StatusCode::CANCELLED) << st.error_message();
       st = UploadEndingWith(*s, "a", Fixture("rank1"), true, ending);
       EXPECT_EQ(st.error_code(), StatusCode::CANCELLED) << st.error_message();
