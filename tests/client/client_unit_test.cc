@@ -222,9 +222,13 @@ class RecordingAdapters final : public v1::Adapters::Service {
       if (first != msg.has_header()) {
         return grpc::Status(grpc::INVALID_ARGUMENT, "header must come first, once");
       }
-      if (first)
+      if (ends > 0) return grpc::Status(grpc::INVALID_ARGUMENT, "a message after the end");
+      if (first) {
         header = msg.header();
-      else {
+      } else if (msg.has_end()) {
+        ++ends;
+        end = msg.end();
+      } else {
         ++chunks;
         files[msg.chunk().file_name()] += msg.chunk().data();
       }
@@ -240,10 +244,12 @@ class RecordingAdapters final : public v1::Adapters::Service {
   v1::UploadAdapterHeader header;
   std::map<std::string, std::string> files;
   int chunks = 0;
+  int ends = 0;  // end messages
+  v1::UploadAdapterEnd end;
   std::string auth;
 };
 
-TEST(AdapterFilesTest, UploadStreamsHeaderThenChunks) {
+TEST(AdapterFilesTest, UploadStreamsHeaderThenChunksThenEnd) {
   RecordingAdapters service;
   grpc::ServerBuilder builder;
   int port = 0;
@@ -272,6 +278,10 @@ TEST(AdapterFilesTest, UploadStreamsHeaderThenChunks) {
   const size_t want_chunks =
       (files->config_json.size() + 4095) / 4096 + (files->safetensors.size() + 4095) / 4096;
   EXPECT_EQ(service.chunks, static_cast<int>(want_chunks));
+  // Last, the end message with each file's byte count: the server commits only after it.
+  EXPECT_EQ(service.ends, 1);
+  EXPECT_EQ(service.end.config_bytes(), static_cast<int64_t>(files->config_json.size()));
+  EXPECT_EQ(service.end.model_bytes(), static_cast<int64_t>(files->safetensors.size()));
   EXPECT_EQ(service.auth, "Bearer t0k");
   server->Shutdown();
 }
