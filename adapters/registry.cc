@@ -148,7 +148,12 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
   for (const ManifestEntry& e : entries) {
     const std::string where =
         absl::StrCat(root, "/manifest.json: adapter '", e.name, "' v", e.version);
-    if (!ValidateAdapterName(e.name).ok() || registry->names_.count(e.name) > 0) {
+    bool repeated;
+    {
+      TsanLock lock(&registry->mu_);
+      repeated = registry->names_.count(e.name) > 0;
+    }
+    if (!ValidateAdapterName(e.name).ok() || repeated) {
       return absl::DataLossError(absl::StrCat(where, ": bad or repeated name"));
     }
     const std::string dir = VersionDir(root, e.name, e.version);
