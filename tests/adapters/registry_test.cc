@@ -380,8 +380,9 @@ TEST_F(RegistryTest, ReopenServesTheSameVersionsAndDropsLeftovers) {
     fs::create_directories(state_dir_ + "/staging/crash");
     fs::copy(Fixture("qv"), VersionDir(state_dir_, "x", 7));
     // Never committed nor discarded, as after kill -9. Held by a global so that LeakSanitizer (the
-    // ASan stage) sees it reachable; never destroyed, as its registry is gone.
-    static PendingUpload* crashed_upload = nullptr;
+    // ASan stage) sees it reachable (volatile: not optimized away); never destroyed, as its
+    // registry is gone.
+    static PendingUpload* volatile crashed_upload = nullptr;
     crashed_upload = up.release();
   }
   auto r = Open();
