@@ -80,7 +80,7 @@ driver_env=()
 slack=()
 case "$sanitizer" in
   thread)
-    server_env=("TSAN_OPTIONS=halt_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/tsan.supp")
+    server_env=("TSAN_OPTIONS=halt_on_error=1 history_size=4 second_deadlock_stack=1 suppressions=$root/tests/tsan.supp")
     # TSan keeps shadow memory and access history for every address the server touched and never
     # gives them back, so RSS grows with the soak's address churn, not with leaks.
     slack=(--rss-slack-frac 0.5 --rss-slack-mib 256)
