@@ -96,8 +96,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
       status = CheckSizes(message_.end());
       end_received_ = status.ok();
     } else {
-      status = absl::InvalidArgumentError(
-          "UploadAdapter: a message with neither header, chunk nor end");
+      status =
+          absl::InvalidArgumentError("UploadAdapter: a message with neither header, chunk nor end");
     }
     if (!status.ok()) {
       upload_.reset();  // discards the staged files
@@ -125,7 +125,8 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
   void OnStreamEnd() {
     if (cancelled_.load()) {
       upload_.reset();
-      FinishWith(ToGrpcStatus(absl::CancelledError("the upload was cancelled; nothing was registered")));
+      FinishWith(
+          ToGrpcStatus(absl::CancelledError("the upload was cancelled; nothing was registered")));
       return;
     }
     if (upload_ == nullptr) {
@@ -164,9 +165,9 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     for (const auto& [file, sent] : files) {
       const int64_t got = received_[file];
       if (got != sent) {
-        return absl::InvalidArgumentError(absl::StrCat("UploadAdapter: the end message says ",
-                                                       sent, " bytes of ", file, " were sent, ",
-                                                       got, " arrived"));
+        return absl::InvalidArgumentError(absl::StrCat("UploadAdapter: the end message says ", sent,
+                                                       " bytes of ", file, " were sent, ", got,
+                                                       " arrived"));
       }
     }
     return absl::OkStatus();
@@ -255,8 +256,7 @@ absl::Status AdaptersService::RunDetached(std::function<void()> work) {
   return absl::OkStatus();
 }
 
-grpc::ServerUnaryReactor* AdaptersService::OnWorker(
-    std::function<absl::Status()> work) {
+grpc::ServerUnaryReactor* AdaptersService::OnWorker(std::function<absl::Status()> work) {
   auto* reactor = new FinishingReactor();
   absl::Status started =
       RunDetached([reactor, work = std::move(work)] { reactor->FinishWith(ToGrpcStatus(work())); });

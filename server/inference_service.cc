@@ -10,8 +10,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "engine/tsan_lock.h"
-#include "server/request_mapping.h"
 #include "server/reactor_refs.h"
+#include "server/request_mapping.h"
 #include "server/status_mapping.h"
 #include "server/test_hooks.h"
 #include "server/tsan_annotations.h"
@@ -171,7 +171,7 @@ class GenerationCall : public RefCounted {
     if (cancel_requested_.load()) engine_->Cancel(*id);  // OnCancel came before the id existed
   }
 
-  absl::Mutex wait_mu_;  // guards the adapter wait's two flags
+  absl::Mutex wait_mu_;                                    // guards the adapter wait's two flags
   bool waiting_ ABSL_GUARDED_BY(wait_mu_) = false;         // the adapter is being resolved
   bool wait_cancelled_ ABSL_GUARDED_BY(wait_mu_) = false;  // ended as cancelled while waiting
   std::atomic<bool> cancel_requested_{false};

@@ -94,8 +94,8 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
   // The engine thread matches every stop string against every new token's text: bounded, so
   // that one request cannot slow the steps of all the others.
   if (proto.stop_size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxStopStrings,
-                                                   " stop strings, got ", proto.stop_size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("at most ", kMaxStopStrings, " stop strings, got ", proto.stop_size()));
   }
   for (int i = 0; i < proto.stop_size(); ++i) {
     if (proto.stop(i).empty() || proto.stop(i).size() > kMaxStopBytes) {
@@ -104,9 +104,8 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
     }
   }
   if (proto.stop_token_ids_size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxStopStrings,
-                                                   " stop_token_ids, got ",
-                                                   proto.stop_token_ids_size()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "at most ", kMaxStopStrings, " stop_token_ids, got ", proto.stop_token_ids_size()));
   }
   req.stop.assign(proto.stop().begin(), proto.stop().end());
   req.stop_token_ids.assign(proto.stop_token_ids().begin(), proto.stop_token_ids().end());

@@ -49,8 +49,8 @@ struct Config {
 };
 
 pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
-Config g_config;                         // guarded by g_mu
-struct stat g_seen = {};                 // the control file's identity when last read
+Config g_config;          // guarded by g_mu
+struct stat g_seen = {};  // the control file's identity when last read
 int64_t g_written = 0, g_created = 0, g_fsynced = 0, g_renamed = 0;  // since that read
 
 template <typename F>
@@ -71,8 +71,8 @@ int ErrnoByName(const char* v, int fallback) {
   struct {
     const char* name;
     int value;
-  } const kNames[] = {{"ENOSPC", ENOSPC}, {"EIO", EIO},       {"EDQUOT", EDQUOT},
-                      {"EROFS", EROFS},   {"EFBIG", EFBIG},   {"EACCES", EACCES}};
+  } const kNames[] = {{"ENOSPC", ENOSPC}, {"EIO", EIO},     {"EDQUOT", EDQUOT},
+                      {"EROFS", EROFS},   {"EFBIG", EFBIG}, {"EACCES", EACCES}};
   for (const auto& n : kNames) {
     if (std::strcmp(v, n.name) == 0) return n.value;
   }
@@ -117,17 +117,28 @@ void RefreshLocked() {
       std::strncpy(to, value, PATH_MAX - 1);
       to[PATH_MAX - 1] = 0;
     };
-    if (std::strcmp(key, "prefix") == 0) copy(g_config.prefix);
-    else if (std::strcmp(key, "fsync_path") == 0) copy(g_config.fsync_path);
-    else if (std::strcmp(key, "rename_path") == 0) copy(g_config.rename_path);
-    else if (std::strcmp(key, "write_after") == 0) g_config.write_after = std::atoll(value);
-    else if (std::strcmp(key, "create_after") == 0) g_config.create_after = std::atoll(value);
-    else if (std::strcmp(key, "fsync_after") == 0) g_config.fsync_after = std::atoll(value);
-    else if (std::strcmp(key, "rename_after") == 0) g_config.rename_after = std::atoll(value);
-    else if (std::strcmp(key, "write_errno") == 0) g_config.write_errno = ErrnoByName(value, ENOSPC);
-    else if (std::strcmp(key, "create_errno") == 0) g_config.create_errno = ErrnoByName(value, ENOSPC);
-    else if (std::strcmp(key, "fsync_errno") == 0) g_config.fsync_errno = ErrnoByName(value, EIO);
-    else if (std::strcmp(key, "rename_errno") == 0) g_config.rename_errno = ErrnoByName(value, EIO);
+    if (std::strcmp(key, "prefix") == 0)
+      copy(g_config.prefix);
+    else if (std::strcmp(key, "fsync_path") == 0)
+      copy(g_config.fsync_path);
+    else if (std::strcmp(key, "rename_path") == 0)
+      copy(g_config.rename_path);
+    else if (std::strcmp(key, "write_after") == 0)
+      g_config.write_after = std::atoll(value);
+    else if (std::strcmp(key, "create_after") == 0)
+      g_config.create_after = std::atoll(value);
+    else if (std::strcmp(key, "fsync_after") == 0)
+      g_config.fsync_after = std::atoll(value);
+    else if (std::strcmp(key, "rename_after") == 0)
+      g_config.rename_after = std::atoll(value);
+    else if (std::strcmp(key, "write_errno") == 0)
+      g_config.write_errno = ErrnoByName(value, ENOSPC);
+    else if (std::strcmp(key, "create_errno") == 0)
+      g_config.create_errno = ErrnoByName(value, ENOSPC);
+    else if (std::strcmp(key, "fsync_errno") == 0)
+      g_config.fsync_errno = ErrnoByName(value, EIO);
+    else if (std::strcmp(key, "rename_errno") == 0)
+      g_config.rename_errno = ErrnoByName(value, EIO);
   }
   g_config.active = g_config.prefix[0] != 0;
 }
@@ -234,9 +245,9 @@ bool Fails(const char* path, Kind kind, const char* call) {
       exact = g_config.rename_path;
       break;
   }
-  const bool candidate = g_config.active && after >= 0 &&
-                         (exact[0] != 0 ? std::strcmp(path, exact) == 0
-                                        : Under(path, g_config.prefix));
+  const bool candidate =
+      g_config.active && after >= 0 &&
+      (exact[0] != 0 ? std::strcmp(path, exact) == 0 : Under(path, g_config.prefix));
   bool fail = false;
   if (candidate) {
     fail = *counter >= after;
@@ -357,8 +368,7 @@ static int OpenCommon(const char* name, const char* path, int flags, mode_t mode
     char abs[PATH_MAX];
     Absolute(path, abs);
     struct stat st;
-    if (stat(abs, &st) != 0 &&
-        Fails(abs, Kind::kCreate, name)) {
+    if (stat(abs, &st) != 0 && Fails(abs, Kind::kCreate, name)) {
       return -1;
     }
   }

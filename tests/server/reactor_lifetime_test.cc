@@ -56,8 +56,7 @@ TEST(ReactorLifetimeTest, OnDoneWhileTheEngineThreadPumpsTheFinalOutput) {
     seen.final_queued = true;
     seen.in_final_hook = true;
     // gRPC now writes the final output, finishes the call and calls OnDone meanwhile.
-    seen.done_during_final_hook =
-        seen.mu.AwaitWithTimeout(absl::Condition(&seen.done), kHookWait);
+    seen.done_during_final_hook = seen.mu.AwaitWithTimeout(absl::Condition(&seen.done), kHookWait);
     seen.in_final_hook = false;
   };
   hooks.generation_done = [&seen] {
@@ -91,15 +90,17 @@ TEST(ReactorLifetimeTest, OnDoneWhileTheEngineThreadPumpsTheFinalOutput) {
   auto reader = stub->Generate(&ctx, req);
   v1::GenerateResponse resp;
   std::vector<int32_t> ids;
-  while (reader->Read(&resp)) ids.insert(ids.end(), resp.token_ids().begin(), resp.token_ids().end());
+  while (reader->Read(&resp))
+    ids.insert(ids.end(), resp.token_ids().begin(), resp.token_ids().end());
   grpc::Status status = reader->Finish();
   EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(ids.size(), 8u);
 
   {
     absl::MutexLock lock(&seen.mu);
-    EXPECT_TRUE(seen.mu.AwaitWithTimeout(
-        absl::Condition(+[](int* n) { return *n == 1; }, &seen.destroyed), kHookWait))
+    EXPECT_TRUE(seen.mu.AwaitWithTimeout(absl::Condition(
+                                             +[](int* n) { return *n == 1; }, &seen.destroyed),
+                                         kHookWait))
         << "the reactor was never deleted";
     // The interleaving happened: OnDone came while the engine thread was between queueing the
     // final output and pumping it...

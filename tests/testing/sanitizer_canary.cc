@@ -14,7 +14,7 @@ namespace {
 
 volatile int sink = 0;
 int* volatile leaked = nullptr;  // --bug=leak: the only pointer to the block, then cleared
-int shared_counter = 0;  // written by two threads without a lock (--bug=data-race)
+int shared_counter = 0;          // written by two threads without a lock (--bug=data-race)
 
 void Race() {
   for (int i = 0; i < 1000; ++i) shared_counter = shared_counter + 1;

@@ -53,8 +53,8 @@ std::string FakeServer(const std::string& body, bool serve) {
 ::testing::AssertionResult OneFailureWith(const std::vector<std::string>& failures,
                                           const std::string& text) {
   if (failures.size() != 1 || failures[0].find(text) == std::string::npos) {
-    auto r = ::testing::AssertionFailure() << failures.size() << " failures, want one with '"
-                                           << text << "':";
+    auto r = ::testing::AssertionFailure()
+             << failures.size() << " failures, want one with '" << text << "':";
     for (const std::string& f : failures) r << "\n---\n" << f;
     return r;
   }
@@ -87,9 +87,10 @@ TEST(ServerProcessTest, ReportWhileServingFailsTheTestWhenTheServerIsKilled) {
 TEST(ServerProcessTest, ReportAtExitFailsTheTest) {
   for (const char* report :
        {"ERROR: LeakSanitizer: detected memory leaks", "WARNING: ThreadSanitizer: data race"}) {
-    const std::string bin = FakeServer(std::string("echo serving >&2; trap 'echo \"==9==") + report +
-                                           "\" >&2; exit 0' TERM; while :; do sleep 0.05; done",
-                                       /*serve=*/true);
+    const std::string bin =
+        FakeServer(std::string("echo serving >&2; trap 'echo \"==9==") + report +
+                       "\" >&2; exit 0' TERM; while :; do sleep 0.05; done",
+                   /*serve=*/true);
     EXPECT_TRUE(OneFailureWith(FailuresOf([&] {
                                  ServerProcess server(bin, {});
                                  ASSERT_TRUE(server.ok());

@@ -77,16 +77,16 @@ inline ::testing::AssertionResult AllClose(const std::vector<float>& actual,
 #define EXPECT_OK(expr) EXPECT_THAT((expr), ::loraplex::testing::IsOk())
 // In a test body or SetUp (it returns from there): when `path` (a model fetched by
 // scripts/fetch-model.sh) is absent, skips the test, or fails it where MissingModelMustFail().
-#define LP_SKIP_UNLESS_MODEL_EXISTS(path)                                                        \
-  do {                                                                                         \
-    const std::string lp_model_path_ = (path);                                                 \
-    if (!::loraplex::testing::PathExists(lp_model_path_)) {                                    \
-      if (::loraplex::testing::MissingModelMustFail()) {                                       \
-        FAIL() << lp_model_path_                                                               \
-               << " absent, and LP_REQUIRE_MODELS=1 or CI=true: run scripts/fetch-model.sh";   \
-      }                                                                                        \
+#define LP_SKIP_UNLESS_MODEL_EXISTS(path)                                                       \
+  do {                                                                                          \
+    const std::string lp_model_path_ = (path);                                                  \
+    if (!::loraplex::testing::PathExists(lp_model_path_)) {                                     \
+      if (::loraplex::testing::MissingModelMustFail()) {                                        \
+        FAIL() << lp_model_path_                                                                \
+               << " absent, and LP_REQUIRE_MODELS=1 or CI=true: run scripts/fetch-model.sh";    \
+      }                                                                                         \
       GTEST_SKIP() << lp_model_path_ << " absent: run scripts/fetch-model.sh to run this test"; \
-    }                                                                                          \
+    }                                                                                           \
   } while (0)
 #define ASSERT_OK_AND_ASSIGN(lhs, rexpr) \
   ASSERT_OK_AND_ASSIGN_IMPL_(LP_TEST_CONCAT_(lp_test_statusor_, __LINE__), lhs, rexpr)
