@@ -20,29 +20,25 @@ namespace loraplex::adapters {
 namespace fs = std::filesystem;
 using internal::Describe;
 using internal::FsError;
-using internal::TsanAcquire;
-using internal::TsanLock;
-using internal::TsanRelease;
 
-namespace {
-
-// Parses "name" or "name@version" (version 0: the current one).
-absl::Status ParseSpec(absl::string_view spec, std::string* name, int64_t* version) {
-  *version = 0;
-  absl::string_view n = spec;
+absl::StatusOr<AdapterSpec> ParseAdapterSpec(absl::string_view spec) {
+  AdapterSpec out;
+  absl::string_view name = spec;
   if (size_t at = spec.rfind('@'); at != absl::string_view::npos) {
-    n = spec.substr(0, at);
-    if (!absl::SimpleAtoi(spec.substr(at + 1), version) || *version < 1) {
+    name = spec.substr(0, at);
+    if (!absl::SimpleAtoi(spec.substr(at + 1), &out.version) || out.version < 1) {
       return absl::InvalidArgumentError(
           absl::StrCat("adapter '", spec, "': the version after '@' must be a positive integer"));
     }
   }
-  LP_RETURN_IF_ERROR(ValidateAdapterName(n));
-  *name = std::string(n);
-  return absl::OkStatus();
+  LP_RETURN_IF_ERROR(ValidateAdapterName(name));
+  out.name = std::string(name);
+  return out;
 }
 
-}  // namespace
+std::string AdapterSpec::ToString() const {
+  return version == 0 ? name : absl::StrCat(name, "@", version);
+}
 
 namespace internal {
 
@@ -150,7 +146,7 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
         absl::StrCat(root, "/manifest.json: adapter '", e.name, "' v", e.version);
     bool repeated;
     {
-      TsanLock lock(&registry->mu_);
+      MutexLock lock(&registry->mu_);
       repeated = registry->names_.count(e.name) > 0;
     }
     if (!ValidateAdapterName(e.name).ok() || repeated) {
@@ -178,7 +174,7 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
     auto name = std::make_unique<Name>();
     name->last_version = e.version;
     name->current = v;
-    TsanLock lock(&registry->mu_);
+    MutexLock lock(&registry->mu_);
     if (v->pinned || registry->FitsLocked(v->meta.bytes)) {
       v->weights = *std::move(adapter);
       registry->ChargeLocked(*v, +1);
@@ -210,40 +206,48 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
   return registry;
 }
 
-AdapterRegistry::AdapterRegistry(RegistryOptions options) : options_(std::move(options)) {}
+AdapterRegistry::AdapterRegistry(RegistryOptions options)
+    : options_(std::move(options)),
+      loaders_(Executor::Options{.name = "adapter reload",
+                                 .max_threads = std::max(1, options_.loader_threads)}) {}
+
 AdapterRegistry::~AdapterRegistry() {
-  std::vector<std::thread> loaders;
+  std::shared_ptr<const Lease> merged;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
+    merged = std::move(merged_);
+    merged_ = nullptr;
+  }
+  merged.reset();  // its Release takes mu_
+  {
+    MutexLock lock(&mu_);
     stopping_ = true;  // queued and waiting AcquireAsync calls end with UNAVAILABLE
-    loaders.swap(loaders_);
-    load_work_.SignalAll();
     changed_.SignalAll();
   }
-  for (std::thread& t : loaders) t.join();
+  loaders_.Shutdown();  // the queued reloads run (and refuse at once) before the rest goes
 }
 
 int64_t AdapterRegistry::loaded_count() const {
-  TsanLock lock(&mu_);
+  MutexLock lock(&mu_);
   return loaded_count_;
 }
 
 int64_t AdapterRegistry::loaded_bytes() const {
-  TsanLock lock(&mu_);
+  MutexLock lock(&mu_);
   return loaded_bytes_;
 }
 
 RegistrationPhases AdapterRegistry::last_registration() const {
-  TsanLock lock(&mu_);
+  MutexLock lock(&mu_);
   return last_registration_;
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::Unload(const std::string& name) {
   LP_RETURN_IF_ERROR(ValidateAdapterName(name));
-  TsanLock admin(&admin_mu_);
+  MutexLock admin(&admin_mu_);
   std::vector<ManifestEntry> manifest;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     auto it = names_.find(name);
     if (it == names_.end() || it->second->current == nullptr) {
       return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not registered"));
@@ -257,7 +261,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Unload(const std::string& name) {
   std::shared_ptr<Version> drained;
   AdapterInfo info;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     Name& n = *names_[name];
     std::shared_ptr<Version> v = std::move(n.current);
     v->state = AdapterState::kDraining;
@@ -284,7 +288,8 @@ std::vector<ManifestEntry> AdapterRegistry::ManifestLocked() const {
   for (const auto& [name, n] : names_) {
     if (n->current == nullptr) continue;
     const Version& v = *n->current;
-    const bool merged = v.merged || merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
+    const bool merged =
+        IsMergedLocked(v) || merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
     out.push_back({v.name, v.version, v.sha256, v.pinned, v.source, merged});
   }
   return out;
@@ -297,7 +302,7 @@ AdapterInfo AdapterRegistry::InfoLocked(const Version& v) const {
   info.state = v.state;
   info.residency = v.weights != nullptr ? Residency::kDevice : Residency::kDisk;
   info.pinned = v.pinned;
-  info.merged = v.merged;
+  info.merged = IsMergedLocked(v);
   info.last_used = v.last_used;
   info.sha256 = v.sha256;
   info.source = v.source;
@@ -313,9 +318,9 @@ AdapterInfo AdapterRegistry::InfoLocked(const Version& v) const {
 
 absl::StatusOr<std::shared_ptr<AdapterRegistry::Version>> AdapterRegistry::FindLocked(
     absl::string_view spec) const {
-  std::string name;
-  int64_t version = 0;
-  LP_RETURN_IF_ERROR(ParseSpec(spec, &name, &version));
+  LP_ASSIGN_OR_RETURN(AdapterSpec parsed, ParseAdapterSpec(spec));
+  const std::string& name = parsed.name;
+  const int64_t version = parsed.version;
   auto it = names_.find(name);
   if (it == names_.end() || it->second->current == nullptr) {
     return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded on this server"));
@@ -330,13 +335,13 @@ absl::StatusOr<std::shared_ptr<AdapterRegistry::Version>> AdapterRegistry::FindL
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::Get(absl::string_view spec) const {
-  TsanLock lock(&mu_);
+  MutexLock lock(&mu_);
   LP_ASSIGN_OR_RETURN(std::shared_ptr<Version> v, FindLocked(spec));
   return InfoLocked(*v);
 }
 
 std::vector<AdapterInfo> AdapterRegistry::List() const {
-  TsanLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::vector<AdapterInfo> out;
   for (const auto& [name, n] : names_) {
     for (const auto& [version, v] : n->draining) out.push_back(InfoLocked(*v));
@@ -378,7 +383,7 @@ bool AdapterRegistry::MakeRoomLocked(int64_t bytes) {
     for (const auto& [name, n] : names_) {
       Version* v = n->current.get();
       if (v == nullptr || v->weights == nullptr || v->loading || v->leases > 0 || v->pinned ||
-          v->merged) {
+          IsMergedLocked(*v)) {
         continue;
       }
       if (lru == nullptr || v->last_used < lru->last_used) lru = v;
@@ -397,8 +402,9 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
   std::shared_ptr<Version> v;
   std::shared_ptr<const LoraAdapter> weights;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     LP_ASSIGN_OR_RETURN(v, FindLocked(spec));
+    const bool names_version = ParseAdapterSpec(spec)->version != 0;  // FindLocked parsed it
     ++v->leases;  // from here on the version cannot be evicted or removed under us
     v->last_used = absl::Now();
     if (count_request) ++names_[v->name]->requests;
@@ -410,22 +416,12 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
         // current version (the replace returned after this request started, so it must not run
         // on the old one anyway).
         absl::StatusOr<std::shared_ptr<Version>> next =
-            absl::StrContains(spec, '@') ? absl::NotFoundError("") : FindLocked(spec);
+            names_version ? absl::NotFoundError("") : FindLocked(spec);
         if (next.ok()) {
           ++(*next)->leases;
           (*next)->last_used = absl::Now();
           std::swap(v, *next);
-          if (--(*next)->leases == 0) {
-            changed_.SignalAll();
-            if ((*next)->state == AdapterState::kDraining) {
-              std::shared_ptr<Version> old = *next;
-              TsanRelease(&mu_);
-              mu_.Unlock();
-              RemoveDrained(old);
-              mu_.Lock();
-              TsanAcquire(&mu_);
-            }
-          }
+          DropLeaseLocked(*std::move(next));
           continue;
         }
         refused =
@@ -439,12 +435,11 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
         // Reload from the state directory outside the lock; the reservation keeps the room.
         v->loading = true;
         ChargeLocked(*v, +1);
-        TsanRelease(&mu_);
-        mu_.Unlock();
-        absl::StatusOr<std::unique_ptr<LoraAdapter>> loaded =
-            LoraAdapter::Load(v->dir, options_.base, options_.load);
-        mu_.Lock();
-        TsanAcquire(&mu_);
+        absl::StatusOr<std::unique_ptr<LoraAdapter>> loaded;
+        {
+          MutexUnlock unlock(&mu_);
+          loaded = LoraAdapter::Load(v->dir, options_.base, options_.load);
+        }
         v->loading = false;
         changed_.SignalAll();
         if (loaded.ok()) {
@@ -476,25 +471,15 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
                          " requests already wait for room (--max-queue); retry later"));
       }
       if (!refused.ok()) {
-        --v->leases;
-        const bool gone = v->leases == 0 && v->state == AdapterState::kDraining;
-        if (v->leases == 0) changed_.SignalAll();
-        if (gone) {
-          TsanRelease(&mu_);
-          mu_.Unlock();
-          RemoveDrained(v);
-          mu_.Lock();
-          TsanAcquire(&mu_);
-        }
+        if (waited) --waiters_;
+        DropLeaseLocked(std::move(v));
         return refused;
       }
       if (!waited) {
         waited = true;
         ++waiters_;
       }
-      TsanRelease(&mu_);
-      changed_.WaitWithDeadline(&mu_, deadline);
-      TsanAcquire(&mu_);
+      CondWaitWithDeadline(&changed_, &mu_, deadline);
     }
     if (waited) --waiters_;
     weights = v->weights;
@@ -507,7 +492,7 @@ void AdapterRegistry::AcquireAsync(absl::string_view spec, AcquireCallback done,
   absl::StatusOr<std::shared_ptr<const Lease>> now = absl::UnavailableError("");
   bool queued = false;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     absl::StatusOr<std::shared_ptr<Version>> v = FindLocked(spec);
     if (!v.ok()) {
       now = v.status();
@@ -520,53 +505,40 @@ void AdapterRegistry::AcquireAsync(absl::string_view spec, AcquireCallback done,
     } else if (stopping_) {
       now = absl::UnavailableError("the adapter registry is shutting down");
     } else {
-      load_queue_.push_back([this, spec = std::string(spec), done = std::move(done),
-                             count_request] { done(Acquire(spec, count_request)); });
       queued = true;
-      if (idle_loaders_ == 0 && static_cast<int>(loaders_.size()) < options_.loader_threads) {
-        loaders_.emplace_back([this] { LoaderLoop(); });
-      } else {
-        load_work_.Signal();
-      }
     }
   }
-  if (!queued) done(std::move(now));  // outside mu_: dropping a lease takes it
-}
-
-void AdapterRegistry::LoaderLoop() {
-  for (;;) {
-    std::function<void()> job;
-    {
-      TsanLock lock(&mu_);
-      ++idle_loaders_;
-      while (load_queue_.empty() && !stopping_) {
-        TsanRelease(&mu_);
-        load_work_.Wait(&mu_);
-        TsanAcquire(&mu_);
-      }
-      --idle_loaders_;
-      if (load_queue_.empty()) return;  // stopping, and nothing left to answer
-      job = std::move(load_queue_.front());
-      load_queue_.pop_front();
-    }
-    job();  // Acquire refuses at once with UNAVAILABLE once stopping_
+  if (queued) {
+    // The caller's callback travels in a shared_ptr: a refused job is destroyed unrun, and then
+    // the callback still has to answer.
+    auto pending = std::make_shared<AcquireCallback>(std::move(done));
+    absl::Status submitted = loaders_.Submit(
+        [this, spec = std::string(spec), pending, count_request] {
+          (*pending)(Acquire(spec, count_request));
+        });
+    if (submitted.ok()) return;
+    done = std::move(*pending);
+    now = absl::UnavailableError("the adapter registry is shutting down");
   }
+  done(std::move(now));  // outside mu_: dropping a lease takes it
 }
 
 void AdapterRegistry::Release(const std::shared_ptr<Version>& v) {
-  bool gone = false;
-  {
-    TsanLock lock(&mu_);
-    if (--v->leases > 0) return;
-    changed_.SignalAll();  // an idle version may now be evicted to make room for a waiter
-    gone = v->state == AdapterState::kDraining;
-  }
-  if (gone) RemoveDrained(v);
+  MutexLock lock(&mu_);
+  DropLeaseLocked(v);
+}
+
+void AdapterRegistry::DropLeaseLocked(std::shared_ptr<Version> v) {
+  if (--v->leases > 0) return;
+  changed_.SignalAll();  // an idle version may now be evicted to make room for a waiter
+  if (v->state != AdapterState::kDraining) return;
+  MutexUnlock unlock(&mu_);  // RemoveDrained deletes files
+  RemoveDrained(v);
 }
 
 void AdapterRegistry::RemoveDrained(const std::shared_ptr<Version>& v) {
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (v->leases > 0) return;
     auto it = names_.find(v->name);
     if (it == names_.end() || it->second->draining.erase(v->version) == 0) return;  // done
@@ -578,18 +550,34 @@ void AdapterRegistry::RemoveDrained(const std::shared_ptr<Version>& v) {
   LP_LOG(INFO) << "adapter " << v->name << " v" << v->version << " drained and removed";
 }
 
-absl::Status AdapterRegistry::SetMerged(const Lease& lease, bool merged) {
-  TsanLock admin(&admin_mu_);
+bool AdapterRegistry::IsMergedLocked(const Version& v) const {
+  return merged_ != nullptr && merged_->version_.get() == &v;
+}
+
+std::shared_ptr<const Lease> AdapterRegistry::merged() const {
+  MutexLock lock(&mu_);
+  return merged_;
+}
+
+absl::Status AdapterRegistry::SetMerged(std::shared_ptr<const Lease> lease) {
+  MutexLock admin(&admin_mu_);
   std::vector<ManifestEntry> manifest;
   {
-    TsanLock lock(&mu_);
-    Version& v = *lease.version_;
-    v.merged = merged;
-    const bool restoring = merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
-    if (restoring) merge_to_restore_.clear();
+    MutexLock lock(&mu_);
+    if (merged_ != nullptr) {
+      if (merged_->version_ == lease->version_) return absl::OkStatus();
+      return absl::FailedPreconditionError(
+          absl::StrCat("adapter '", merged_->name(), "' v", merged_->version(),
+                       " is merged; set it UNMERGED first (one merged adapter at a time)"));
+    }
+    merged_ = std::move(lease);
+    const Version& v = *merged_->version_;
     // The restart's merge of what the manifest already records as merged: nothing to write, so
     // that it also comes back on a full disk.
-    if (restoring && merged) return absl::OkStatus();
+    if (merge_to_restore_ == absl::StrCat(v.name, "@", v.version)) {
+      merge_to_restore_.clear();
+      return absl::OkStatus();
+    }
     auto it = names_.find(v.name);
     // A replaced or unloaded version is no longer in the manifest: nothing to record.
     if (it == names_.end() || it->second->current.get() != &v) return absl::OkStatus();
@@ -598,8 +586,27 @@ absl::Status AdapterRegistry::SetMerged(const Lease& lease, bool merged) {
   return WriteManifest(options_.state_dir, manifest);
 }
 
+absl::Status AdapterRegistry::ClearMerged() {
+  MutexLock admin(&admin_mu_);
+  std::shared_ptr<const Lease> was;
+  std::vector<ManifestEntry> manifest;
+  bool write = false;
+  {
+    MutexLock lock(&mu_);
+    was = std::move(merged_);
+    merged_ = nullptr;
+    if (was == nullptr) return absl::OkStatus();
+    const Version& v = *was->version_;
+    auto it = names_.find(v.name);
+    write = it != names_.end() && it->second->current.get() == &v;
+    if (write) manifest = ManifestLocked();
+  }
+  was.reset();  // outside mu_: a drained version's last lease removes its files
+  return write ? WriteManifest(options_.state_dir, manifest) : absl::OkStatus();
+}
+
 std::string AdapterRegistry::merge_to_restore() const {
-  TsanLock lock(&mu_);
+  MutexLock lock(&mu_);
   return merge_to_restore_;
 }
 

@@ -36,12 +36,10 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -51,11 +49,22 @@
 #include "absl/time/time.h"
 #include "adapters/lora_adapter.h"
 #include "adapters/manifest.h"
+#include "common/executor.h"
 #include "model/llama_config.h"
 
 namespace loraplex::adapters {
 
 inline constexpr size_t kMaxAdapterNameLength = 128;
+
+// How requests and admin calls name an adapter: "name" (its current version) or "name@version".
+struct AdapterSpec {
+  std::string name;
+  int64_t version = 0;  // 0: the current one
+  std::string ToString() const;  // the spec back: "name" or "name@version"
+};
+// The one parser of specs. INVALID_ARGUMENT for a bad name (ValidateAdapterName) or a version
+// that is not a positive integer.
+absl::StatusOr<AdapterSpec> ParseAdapterSpec(absl::string_view spec);
 
 // OK when `name` is 1..128 characters of [A-Za-z0-9._-] and not "." or "..";
 // INVALID_ARGUMENT naming the offending character otherwise.
@@ -234,12 +243,22 @@ class AdapterRegistry {
   using AcquireCallback = std::function<void(absl::StatusOr<std::shared_ptr<const Lease>>)>;
   void AcquireAsync(absl::string_view spec, AcquireCallback done, bool count_request = true);
 
-  // Marks the version of `lease` merged (or not): a merged version is never evicted (the holder
-  // keeps a lease) and shows merged = true. The caller does the merge itself on the engine thread.
-  // When the version is its name's current one the manifest records it, so that a restart merges
-  // it again (merge_to_restore); FAILED_PRECONDITION when that write fails (the in-memory mark is
-  // set all the same: it must follow the model's weights).
-  absl::Status SetMerged(const Lease& lease, bool merged);
+  // Which version is merged into the base weights: the registry is the one record of it (the
+  // model only knows which delta its weights hold). The caller merges and unmerges on the engine
+  // thread and tells the registry here.
+  //
+  // The merged version, or null. The registry holds this lease from SetMerged to ClearMerged, so
+  // the version stays in memory (never evicted), and it shows merged = true.
+  std::shared_ptr<const Lease> merged() const;
+  // Records `lease`'s version as merged (the caller has merged it). When the version is its name's
+  // current one the manifest records it, so that a restart merges it again (merge_to_restore).
+  // FAILED_PRECONDITION when that write fails (the record is kept all the same: it must follow
+  // the model's weights), or when another version is merged (nothing changes then). OK when this
+  // version is merged already.
+  absl::Status SetMerged(std::shared_ptr<const Lease> lease);
+  // Forgets the merged version (the caller has unmerged it) and drops its lease; the manifest
+  // stops recording it. FAILED_PRECONDITION when that write fails. OK when nothing is merged.
+  absl::Status ClearMerged();
   // "name@version" of the version the manifest recorded as merged when the registry was opened,
   // until SetMerged is called for it; empty when none. The server merges it again after the
   // engine starts (the manifest keeps recording it meanwhile).
@@ -300,8 +319,10 @@ class AdapterRegistry {
   absl::StatusOr<std::shared_ptr<Version>> FindLocked(absl::string_view spec) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Release(const std::shared_ptr<Version>& v);
-  // Runs load_queue_'s jobs until the registry is destroyed.
-  void LoaderLoop();
+  // Drops one lease of `v` (mu_ held); a drained version's files go with its last lease
+  // (RemoveDrained, with mu_ released meanwhile).
+  void DropLeaseLocked(std::shared_ptr<Version> v) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool IsMergedLocked(const Version& v) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Forgets a drained version and deletes its folder.
   void RemoveDrained(const std::shared_ptr<Version>& v);
 
@@ -325,12 +346,11 @@ class AdapterRegistry {
   int64_t staging_counter_ ABSL_GUARDED_BY(mu_) = 0;
   RegistrationPhases last_registration_ ABSL_GUARDED_BY(mu_);
   std::string merge_to_restore_ ABSL_GUARDED_BY(mu_);  // see merge_to_restore()
-  // AcquireAsync's loader threads and their work (reloads that would block the caller).
-  std::vector<std::thread> loaders_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::function<void()>> load_queue_ ABSL_GUARDED_BY(mu_);
-  int idle_loaders_ ABSL_GUARDED_BY(mu_) = 0;
+  std::shared_ptr<const Lease> merged_ ABSL_GUARDED_BY(mu_);  // see merged()
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;  // the destructor has begun
-  absl::CondVar load_work_;                     // signalled when load_queue_ grows or stopping_
+  // AcquireAsync's reloads (and their waits for room): loader_threads threads, FIFO. Last, so
+  // that its jobs have finished before the members they use go.
+  Executor loaders_;
 };
 
 }  // namespace loraplex::adapters

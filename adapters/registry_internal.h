@@ -14,46 +14,10 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "adapters/registry.h"
+#include "common/sync.h"
 
 namespace loraplex::adapters {
 namespace internal {
-
-// absl::MutexLock that ThreadSanitizer can see through: Debian's Abseil is not built with TSan, so
-// without these edges every handoff through mu_ is reported as a race. The same helper as
-// engine/tsan_lock.h, which adapters/ cannot include (it sits below engine/ in the layering).
-#if defined(__SANITIZE_THREAD__)
-#define LP_REGISTRY_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define LP_REGISTRY_TSAN 1
-#endif
-#endif
-#ifdef LP_REGISTRY_TSAN
-extern "C" void __tsan_acquire(void* addr);
-extern "C" void __tsan_release(void* addr);
-inline void TsanAcquire(absl::Mutex* mu) { __tsan_acquire(mu); }
-inline void TsanRelease(absl::Mutex* mu) { __tsan_release(mu); }
-#else
-inline void TsanAcquire(absl::Mutex*) {}
-inline void TsanRelease(absl::Mutex*) {}
-#endif
-
-class ABSL_SCOPED_LOCKABLE TsanLock {
- public:
-  explicit TsanLock(absl::Mutex* mu) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu) : mu_(mu) {
-    mu_->Lock();
-    TsanAcquire(mu_);
-  }
-  ~TsanLock() ABSL_UNLOCK_FUNCTION() {
-    TsanRelease(mu_);
-    mu_->Unlock();
-  }
-  TsanLock(const TsanLock&) = delete;
-  TsanLock& operator=(const TsanLock&) = delete;
-
- private:
-  absl::Mutex* const mu_;
-};
 
 // One version of one name. Fields other than the immutable ones are guarded by the registry's mu_.
 struct RegistryVersion {
@@ -67,7 +31,6 @@ struct RegistryVersion {
   // Guarded by AdapterRegistry::mu_.
   AdapterState state = AdapterState::kReady;
   bool pinned = false;
-  bool merged = false;
   std::shared_ptr<const LoraAdapter> weights;  // null while only on disk
   bool loading = false;  // a reload from disk is in flight (it holds a memory reservation)
   int64_t leases = 0;

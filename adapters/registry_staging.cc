@@ -28,7 +28,6 @@ namespace loraplex::adapters {
 namespace fs = std::filesystem;
 using internal::Describe;
 using internal::FsError;
-using internal::TsanLock;
 
 namespace {
 
@@ -174,7 +173,7 @@ absl::StatusOr<AdapterInfo> PendingUpload::Commit(std::function<bool()> abandone
 absl::StatusOr<std::string> AdapterRegistry::NewStagingDir() {
   int64_t n;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     n = ++staging_counter_;
   }
   std::random_device rd;
@@ -266,7 +265,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string&
     }
   }
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     LP_RETURN_IF_ERROR(CheckNewVersionAllowedLocked(name, replace));
   }
   RegistrationPhases phases;
@@ -294,7 +293,7 @@ absl::StatusOr<std::unique_ptr<PendingUpload>> AdapterRegistry::BeginUpload(
         absl::StrCat("header.sha256 must be 64 hex digits, got ", sha256.size(), " characters"));
   }
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     LP_RETURN_IF_ERROR(CheckNewVersionAllowedLocked(name, replace));
   }
   LP_ASSIGN_OR_RETURN(std::string staging, NewStagingDir());
@@ -327,14 +326,14 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
     return s;
   };
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     ++loading_[name];
   }
   struct Unmark {
     AdapterRegistry* r;
     const std::string& name;
     ~Unmark() {
-      TsanLock lock(&r->mu_);
+      MutexLock lock(&r->mu_);
       if (--r->loading_[name] == 0) r->loading_.erase(name);
     }
   } unmark{this, name};
@@ -393,12 +392,12 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
                      options_.memory_bytes, " (--adapter-memory); pin it or raise it")));
   }
 
-  TsanLock admin(&admin_mu_);
+  MutexLock admin(&admin_mu_);
   const absl::Time commit_start = absl::Now();
   int64_t version = 1;
   std::vector<ManifestEntry> manifest;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (absl::Status allowed = CheckNewVersionAllowedLocked(name, replace); !allowed.ok()) {
       return discard(std::move(allowed));
     }
@@ -448,7 +447,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
         })) {
       LP_LOG(WARNING) << "adapter " << name << " v" << version << ": " << synced
                       << "; manifest.json names it, so a restart may serve it";
-      TsanLock lock(&mu_);
+      MutexLock lock(&mu_);
       std::unique_ptr<Name>& n = names_[name];
       if (n == nullptr) n = std::make_unique<Name>();
       n->last_version = std::max(n->last_version, version);
@@ -470,7 +469,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
   std::shared_ptr<Version> drained;  // the replaced version, when nothing leases it
   AdapterInfo info;
   {
-    TsanLock lock(&mu_);
+    MutexLock lock(&mu_);
     std::unique_ptr<Name>& n = names_[name];
     if (n == nullptr) n = std::make_unique<Name>();
     n->last_version = version;

@@ -9,7 +9,10 @@
 //       [--adapter-dir DIR --adapters 32] [--dtype bf16] [--prompt 128] [--max-tokens 128]
 //
 // Prints one JSON line: output tokens, seconds, output tok/s, requests/s.
+#include <stdlib.h>
+
 #include <atomic>
+#include <filesystem>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -22,7 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "adapters/lora_adapter.h"
+#include "adapters/registry.h"
 #include "engine/engine.h"
 #include "model/llama_model.h"
 
@@ -47,23 +50,38 @@ int main(int argc, char** argv) {
     std::cerr << "engine_bench: " << model.status() << "\n";
     return 1;
   }
-  std::vector<std::unique_ptr<lp::adapters::LoraAdapter>> loaded;
-  std::vector<std::shared_ptr<const lp::engine::AdapterHandle>> handles;
-  for (int i = 0; i < absl::GetFlag(FLAGS_adapters); ++i) {
-    lp::adapters::AdapterLoadOptions ao;
-    ao.dtype = load.dtype;
-    auto a =
-        lp::adapters::LoraAdapter::Load(absl::GetFlag(FLAGS_adapter_dir), (*model)->config(), ao);
-    if (!a.ok()) {
-      std::cerr << "engine_bench: " << a.status() << "\n";
+  // The adapters are registered as the server registers them (a registry in a scratch state
+  // directory, every one pinned in memory), and requests hold their leases.
+  std::unique_ptr<lp::adapters::AdapterRegistry> registry;
+  std::vector<std::shared_ptr<const lp::adapters::Lease>> leases;
+  char state_template[] = "/tmp/engine_bench_XXXXXX";
+  const std::string state_dir = absl::GetFlag(FLAGS_adapters) > 0 ? mkdtemp(state_template) : "";
+  if (absl::GetFlag(FLAGS_adapters) > 0) {
+    lp::adapters::RegistryOptions ro;
+    ro.state_dir = state_dir;
+    ro.base = (*model)->config();
+    ro.load.dtype = load.dtype;
+    auto opened = lp::adapters::AdapterRegistry::Open(ro);
+    if (!opened.ok()) {
+      std::cerr << "engine_bench: " << opened.status() << "\n";
       return 1;
     }
-    auto h = std::make_shared<lp::engine::AdapterHandle>();
-    h->name = absl::StrCat("a", i);
-    h->version = 1;
-    h->weights = &(*a)->view();
-    handles.push_back(std::move(h));
-    loaded.push_back(*std::move(a));
+    registry = *std::move(opened);
+  }
+  for (int i = 0; i < absl::GetFlag(FLAGS_adapters); ++i) {
+    const std::string name = absl::StrCat("a", i);
+    auto info = registry->RegisterFromDir(name, absl::GetFlag(FLAGS_adapter_dir),
+                                          /*replace=*/false, /*pin=*/true);
+    if (!info.ok()) {
+      std::cerr << "engine_bench: " << info.status() << "\n";
+      return 1;
+    }
+    auto lease = registry->Acquire(name);
+    if (!lease.ok()) {
+      std::cerr << "engine_bench: " << lease.status() << "\n";
+      return 1;
+    }
+    leases.push_back(*std::move(lease));
   }
 
   const int concurrency = absl::GetFlag(FLAGS_concurrency);
@@ -96,7 +114,7 @@ int main(int argc, char** argv) {
     }
     r.max_tokens = max_tokens;
     r.ignore_eos = true;
-    if (!handles.empty()) r.adapter = handles[i % handles.size()];
+    if (!leases.empty()) r.adapter = leases[i % leases.size()];
     auto st = (*engine)->Submit(std::move(r), [&](lp::engine::StepOutput out) {
       if (!out.finished) return;
       submit_next();  // before counting this one, so nothing runs here once main sees the total
@@ -125,5 +143,8 @@ int main(int argc, char** argv) {
       "\"requests_per_s\": %.3f}\n",
       concurrency, total, absl::GetFlag(FLAGS_adapters), failed, static_cast<long long>(out_tokens),
       s, out_tokens / s, total / s);
+  leases.clear();
+  registry.reset();
+  if (!state_dir.empty()) std::filesystem::remove_all(state_dir);
   return failed == 0 ? 0 : 1;
 }

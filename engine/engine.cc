@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status.h"
-#include "engine/tsan_lock.h"
+#include "common/sync.h"
 
 namespace loraplex::engine {
 namespace {
@@ -83,7 +83,7 @@ Engine::Engine(model::LlamaModel* model, const EngineOptions& options, model::Kv
       cache_(std::move(cache)),
       kv_blocks_total_(cache_.num_blocks()),
       scheduler_(&cache_, SchedulerOptions{options.max_batch_tokens, options.max_running}) {
-  TsanMutexLock lock(&stats_mu_);
+  MutexLock lock(&stats_mu_);
   stats_.kv_blocks_total = kv_blocks_total_;
   stats_.kv_blocks_free = kv_blocks_total_;
   stats_.weight_bytes = model_->weight_bytes();
@@ -105,6 +105,21 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
       return absl::InvalidArgumentError(absl::StrCat(
           "prompt_token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"));
     }
+  }
+  if (request.stop.size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("at most ", kMaxStopStrings, " stop strings, got ", request.stop.size()));
+  }
+  for (size_t i = 0; i < request.stop.size(); ++i) {
+    if (request.stop[i].empty() || request.stop[i].size() > kMaxStopBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] must have 1 to ", kMaxStopBytes,
+                                                     " bytes, got ", request.stop[i].size()));
+    }
+  }
+  if (request.stop_token_ids.size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxStopStrings,
+                                                   " stop_token_ids, got ",
+                                                   request.stop_token_ids.size()));
   }
   for (size_t i = 0; i < request.stop_token_ids.size(); ++i) {
     const int32_t id = request.stop_token_ids[i];
@@ -188,7 +203,7 @@ void Engine::Shutdown() {
 }
 
 EngineStats Engine::Stats() const {
-  TsanMutexLock lock(&stats_mu_);
+  MutexLock lock(&stats_mu_);
   return stats_;
 }
 
@@ -205,7 +220,7 @@ void Engine::Loop() {
       }
     }
     if (plan.num_preempted > 0) {
-      TsanMutexLock lock(&stats_mu_);
+      MutexLock lock(&stats_mu_);
       stats_.preemptions += plan.num_preempted;
     }
     if (plan.chunks.empty()) {
@@ -259,8 +274,8 @@ void Engine::RunStep(const StepPlan& plan) {
     const Sequence& seq = *c.seq;
     std::copy(seq.blocks.begin(), seq.blocks.end(), batch.block_tables.begin() + i * max_blocks);
     int32_t slot = -1;
-    if (seq.request.adapter != nullptr && seq.request.adapter->weights != nullptr) {
-      const model::LoraWeightsView* w = seq.request.adapter->weights;
+    if (seq.request.adapter != nullptr) {
+      const model::LoraWeightsView* w = &seq.request.adapter->view();
       auto it = std::find(batch.adapters.begin(), batch.adapters.end(), w);
       slot = static_cast<int32_t>(it - batch.adapters.begin());
       if (it == batch.adapters.end()) batch.adapters.push_back(w);
@@ -348,7 +363,7 @@ void Engine::RunStep(const StepPlan& plan) {
     Finish(seq, std::move(out), reason);
   }
   {
-    TsanMutexLock lock(&stats_mu_);
+    MutexLock lock(&stats_mu_);
     ++stats_.steps;
   }
   PublishStats(new_tokens);
@@ -366,7 +381,7 @@ void Engine::Finish(Sequence* seq, StepOutput out, FinishReason reason) {
   out.prompt_tokens = static_cast<int32_t>(seq->num_prompt_tokens);
   out.completion_tokens = static_cast<int32_t>(seq->num_generated());
   {
-    TsanMutexLock lock(&stats_mu_);
+    MutexLock lock(&stats_mu_);
     ++stats_.finished_requests;
     if (reason == FinishReason::kCancelled) ++stats_.cancelled_requests;
   }
@@ -388,7 +403,7 @@ void Engine::PublishStats(int64_t new_tokens) {
       static_cast<int64_t>((logits_.logits.capacity() + logits_.logprobs.capacity()) *
                                sizeof(float) +
                            logits_.ids.capacity() * sizeof(int32_t));
-  TsanMutexLock lock(&stats_mu_);
+  MutexLock lock(&stats_mu_);
   stats_.scratch_bytes = scratch;
   stats_.running = scheduler_.num_running();
   stats_.waiting = scheduler_.num_waiting();

@@ -31,7 +31,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "engine/queue.h"
+#include "common/queue.h"
 #include "engine/request.h"
 #include "engine/scheduler.h"
 #include "engine/sequence.h"
@@ -83,10 +83,12 @@ class Engine {
   // Cancels what is still running (sinks get kCancelled) and joins the thread.
   ~Engine();
 
-  // Checks a request against the model without queueing it:
-  //   INVALID_ARGUMENT: empty prompt, prompt id outside the vocabulary, max_tokens < 1, bad
-  //   sampling
-  //                     parameters (SamplingParams::Validate), negative stop token id;
+  // Checks a request against the model without queueing it. The one owner of these rules (the
+  // server maps proto shape only):
+  //   INVALID_ARGUMENT: empty prompt, prompt or stop token id outside the vocabulary,
+  //                     max_tokens < 1, bad sampling parameters (SamplingParams::Validate), more
+  //                     than kMaxStopStrings stop strings or stop token ids, a stop string empty
+  //                     or longer than kMaxStopBytes;
   //   RESOURCE_EXHAUSTED: prompt longer than the context, prompt + max_tokens past the context,
   //                     or more KV blocks than the whole pool holds.
   absl::Status Validate(const GenerationRequest& request) const;

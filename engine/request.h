@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "adapters/registry.h"
 #include "model/llama_model.h"
 #include "model/sampler.h"
 
@@ -18,16 +19,10 @@ namespace loraplex::engine {
 // priority when memory is short).
 using RequestId = uint64_t;
 
-// An adapter resolved by the caller (the server, later the adapter registry) before submission.
-// The engine holds a shared_ptr to it for as long as the request runs, so a registry can replace
-// or unload the adapter at any time: requests already running finish on the version they started
-// with, and the weights are released when the last handle goes.
-struct AdapterHandle {
-  std::string name;
-  int64_t version = 0;
-  const model::LoraWeightsView* weights = nullptr;  // owned by `owner`
-  std::shared_ptr<const void> owner;                // keeps `weights` alive
-};
+// Bounds on a request's stop conditions: the engine thread checks them on every token, so that one
+// request cannot slow the steps of all the others.
+inline constexpr int kMaxStopStrings = 16;
+inline constexpr size_t kMaxStopBytes = 256;
 
 struct GenerationRequest {
   // The prompt as token ids (the server tokenizes text). Must be non-empty, ids < vocab size.
@@ -36,14 +31,18 @@ struct GenerationRequest {
   // Tokens to generate at most; >= 1, and prompt + max_tokens must fit the context length.
   int32_t max_tokens = 16;
   // Generation stops when the generated text contains one of these; the text from the match on is
-  // not returned (the tokens are).
+  // not returned (the tokens are). At most kMaxStopStrings, each of 1 to kMaxStopBytes bytes.
   std::vector<std::string> stop;
-  // Generation stops after one of these ids is sampled (its text is not returned).
+  // Generation stops after one of these ids is sampled (its text is not returned). At most
+  // kMaxStopStrings, each inside the vocabulary.
   std::vector<int32_t> stop_token_ids;
   // Keep going past the model's end-of-generation tokens (until max_tokens or a stop condition).
   bool ignore_eos = false;
-  // Null for the base model.
-  std::shared_ptr<const AdapterHandle> adapter;
+  // The adapter's lease (adapters/registry.h), taken by the caller before submission; null for
+  // the base model. The engine holds it for as long as the request runs, so the registry can
+  // replace or unload the adapter at any time: a running request finishes on the version it
+  // started with, and that version's weights go when the engine drops the request.
+  std::shared_ptr<const adapters::Lease> adapter;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kEos, kCancelled, kError };
@@ -70,7 +69,7 @@ struct StepOutput {
 };
 
 // Called on the engine thread for every StepOutput of a request. It must return quickly and never
-// block on the engine (hand the output to another thread through engine::Queue or a gRPC write).
+// block on the engine (hand the output to another thread through a Queue, common/queue.h, or a gRPC write).
 using OutputSink = std::function<void(StepOutput)>;
 
 }  // namespace loraplex::engine

@@ -1,6 +1,7 @@
 // Fuzzes GenerateRequest handling: bytes parsed as the proto, then the server's mapping and
-// validation (server/request_mapping.cc ToGenerationRequest: tokenization, chat template, sampling
-// checks, adapter resolution through the registry, Engine::Validate) against a real engine on
+// validation (server/request_mapping.cc ToGenerationRequest: tokenization, chat template,
+// Engine::Validate; then the adapter's lease from the registry, as the server takes it) against a
+// real engine on
 // stories260K (CPU, 8 KV blocks of 16) with the stories260k "qv" adapter registered as "qv".
 // Accepted requests also run their stop strings (engine/stop_matcher.cc) over the decoded prompt.
 // Invariants: only the documented codes; an accepted request is one the engine would take (ids
@@ -20,7 +21,6 @@
 #include "google/protobuf/stubs/logging.h"
 #include "loraplex/v1/inference.pb.h"
 #include "model/llama_model.h"
-#include "server/adapter_table.h"
 #include "server/request_mapping.h"
 
 namespace {
@@ -31,7 +31,6 @@ struct Setup {
   std::unique_ptr<loraplex::model::LlamaModel> model;
   std::unique_ptr<loraplex::adapters::AdapterRegistry> registry;
   std::unique_ptr<loraplex::engine::Engine> engine;
-  loraplex::server::AdapterTable table;
 };
 
 const Setup& GetSetup() {
@@ -56,7 +55,6 @@ const Setup& GetSetup() {
                               loraplex::fuzz::RepoRoot() + "/tests/fixtures/peft/stories260k/qv",
                               /*replace=*/false, /*pin=*/true)
             .status());
-    s->table.UseRegistry(s->registry.get());
     auto engine =
         loraplex::engine::Engine::Create(s->model.get(), {.kv_block_size = 16, .kv_blocks = 8});
     LP_FUZZ_CHECK_OK(engine.status());
@@ -98,7 +96,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const Setup& setup = GetSetup();
   loraplex::v1::GenerateRequest proto;
   if (!proto.ParseFromArray(data, static_cast<int>(size))) return 0;
-  auto req = loraplex::server::ToGenerationRequest(proto, *setup.engine, setup.table);
+  auto req = loraplex::server::ToGenerationRequest(proto, *setup.engine);
+  if (req.ok() && !proto.adapter().empty()) {
+    auto lease = setup.registry->Acquire(proto.adapter());
+    if (lease.ok()) {
+      req->adapter = *std::move(lease);
+    } else {
+      req = lease.status();
+    }
+  }
   if (!req.ok()) {
     const absl::StatusCode code = req.status().code();
     LP_FUZZ_CHECK(
@@ -115,7 +121,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                 config.max_position_embeddings);
   LP_FUZZ_CHECK_OK(req->sampling.Validate());
   LP_FUZZ_CHECK((req->adapter != nullptr) == !proto.adapter().empty());
-  if (req->adapter != nullptr) LP_FUZZ_CHECK(req->adapter->name == "qv");
+  if (req->adapter != nullptr) LP_FUZZ_CHECK(req->adapter->name() == "qv");
   CheckStops(setup.model->tokenizer(), *req);
   return 0;
 }

@@ -15,14 +15,17 @@ namespace loraplex::model {
 absl::Status SamplingParams::Validate() const {
   if (!std::isfinite(temperature) || temperature < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("temperature must be a finite number >= 0, got ", temperature));
+        absl::StrCat("temperature must be a finite number >= 0 (0 = greedy), got ", temperature));
   }
-  if (top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", top_k));
+  if (top_k < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0 (0 = off), got ", top_k));
+  }
   if (!(top_p > 0.0f && top_p <= 1.0f)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", top_p));
   }
-  if (logprobs < 0 || logprobs > 20) {
-    return absl::InvalidArgumentError(absl::StrCat("logprobs must be in [0, 20], got ", logprobs));
+  if (logprobs < 0 || logprobs > kMaxLogprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logprobs must be in [0, ", kMaxLogprobs, "], got ", logprobs));
   }
   return absl::OkStatus();
 }

@@ -10,6 +10,9 @@
 
 namespace loraplex::model {
 
+// The most alternatives a request may ask log-probabilities for.
+inline constexpr int32_t kMaxLogprobs = 20;
+
 struct SamplingParams {
   float temperature = 0.0f;  // 0 = greedy
   int32_t top_k = 0;         // 0 = off
@@ -17,8 +20,8 @@ struct SamplingParams {
   uint64_t seed = 0;
   int32_t logprobs = 0;  // number of top alternatives to report (0 = none)
 
-  // INVALID_ARGUMENT naming the field: temperature < 0 or not finite, top_k < 0,
-  // top_p outside (0, 1], logprobs outside [0, 20].
+  // The one owner of these rules. INVALID_ARGUMENT naming the field: temperature < 0 or not
+  // finite, top_k < 0, top_p outside (0, 1], logprobs outside [0, kMaxLogprobs].
   absl::Status Validate() const;
 };
 

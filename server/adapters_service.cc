@@ -9,10 +9,9 @@
 #include "absl/time/time.h"
 #include "common/logging.h"
 #include "common/status.h"
-#include "engine/tsan_lock.h"
-#include "server/reactor_refs.h"
+#include "common/sync.h"
+#include "server/reactors.h"
 #include "server/status_mapping.h"
-#include "server/tsan_annotations.h"
 
 namespace loraplex::server {
 namespace {
@@ -42,7 +41,7 @@ v1::Residency ResidencyProto(adapters::Residency r) {
 }
 
 grpc::ServerUnaryReactor* FinishNow(const absl::Status& status) {
-  return ::loraplex::server::FinishNow(ToGrpcStatus(status));  // tsan_annotations.h
+  return ::loraplex::server::FinishNow(ToGrpcStatus(status));  // server/reactors.h
 }
 
 // UploadAdapter: header, chunks appended to the staging files as they arrive, the end message,
@@ -51,7 +50,7 @@ grpc::ServerUnaryReactor* FinishNow(const absl::Status& status) {
 // broke) discards the upload: before the end message nothing is committed (the failed read that
 // follows a cancel looks like a half-close, so a stream that ends without the end message is
 // refused), and once the commit runs it asks the cancel flag up to the manifest's rename.
-// Lifetime: server/reactor_refs.h (gRPC, the commit worker, each reaction).
+// Lifetime: server/reactors.h (gRPC, the commit worker, each reaction).
 class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequest>,
                             public RefCounted {
  public:
@@ -141,7 +140,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
           "confirms the upload is complete; nothing was registered")));
       return;
     }
-    absl::Status started = service_->RunDetached([self = RefPtr<UploadReactor>(this)] {
+    absl::Status started = service_->RunOnWorker([self = RefPtr<UploadReactor>(this)] {
       absl::StatusOr<adapters::AdapterInfo> info =
           self->upload_->Commit([raw = &*self] { return raw->cancelled_.load(); });
       self->upload_.reset();
@@ -177,7 +176,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
     sync_.Handoff([&] { Finish(std::move(status)); });
   }
 
-  ReactorSync sync_;  // server/tsan_annotations.h
+  ReactorSync sync_;  // server/reactors.h
   AdaptersService* const service_;
   adapters::AdapterRegistry* const registry_;
   v1::AdapterInfo* const response_;
@@ -220,9 +219,9 @@ AdaptersService::AdaptersService(adapters::AdapterRegistry* registry, engine::En
   // (outputs stay right; only the speed differs) and is logged, rather than refusing to start.
   const std::string spec = registry_->merge_to_restore();
   if (spec.empty()) return;
-  const std::string name = spec.substr(0, spec.rfind('@'));
+  absl::StatusOr<adapters::AdapterSpec> parsed = adapters::ParseAdapterSpec(spec);
   v1::AdapterInfo info;
-  if (absl::Status s = Merge(name, &info); !s.ok()) {
+  if (absl::Status s = parsed.ok() ? Merge(parsed->name, &info) : parsed.status(); !s.ok()) {
     LP_LOG(ERROR) << "adapter " << spec << " was merged before the restart but cannot be merged "
                   << "again; serving it unmerged: " << s.ToString();
   } else {
@@ -230,36 +229,16 @@ AdaptersService::AdaptersService(adapters::AdapterRegistry* registry, engine::En
   }
 }
 
-AdaptersService::~AdaptersService() {
-  engine::TsanMutexLock lock(&threads_mu_);
-  engine::TsanRelease(&threads_mu_);
-  threads_mu_.Await(absl::Condition(
-      +[](int64_t* running) { return *running == 0; }, &running_));
-  engine::TsanAcquire(&threads_mu_);
-}
+AdaptersService::~AdaptersService() { workers_.Shutdown(); }
 
-absl::Status AdaptersService::RunDetached(std::function<void()> work) {
-  {
-    engine::TsanMutexLock lock(&threads_mu_);
-    if (running_ >= kMaxOperationsInFlight) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat(running_, " adapter operations are in flight already; retry later"));
-    }
-    ++running_;
-  }
-  std::thread([this, work = std::move(work)]() mutable {
-    work();
-    work = nullptr;  // what it holds (a reactor's reference) goes before the service may
-    engine::TsanMutexLock lock(&threads_mu_);
-    --running_;
-  }).detach();
-  return absl::OkStatus();
+absl::Status AdaptersService::RunOnWorker(std::function<void()> work) {
+  return workers_.Submit(std::move(work));
 }
 
 grpc::ServerUnaryReactor* AdaptersService::OnWorker(std::function<absl::Status()> work) {
   auto* reactor = new FinishingReactor();
   absl::Status started =
-      RunDetached([reactor, work = std::move(work)] { reactor->FinishWith(ToGrpcStatus(work())); });
+      RunOnWorker([reactor, work = std::move(work)] { reactor->FinishWith(ToGrpcStatus(work())); });
   if (!started.ok()) reactor->FinishWith(ToGrpcStatus(started));
   return reactor;
 }
@@ -267,7 +246,7 @@ grpc::ServerUnaryReactor* AdaptersService::OnWorker(std::function<absl::Status()
 grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerContext* context,
                                                        const v1::LoadAdapterRequest* request,
                                                        v1::AdapterInfo* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   return OnWorker([this, request, response]() -> absl::Status {
     LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info,
@@ -281,14 +260,14 @@ grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerConte
 
 grpc::ServerReadReactor<v1::UploadAdapterRequest>* AdaptersService::UploadAdapter(
     grpc::CallbackServerContext* context, v1::AdapterInfo* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   return new UploadReactor(this, registry_, auth_->Check(*context), response);
 }
 
 grpc::ServerUnaryReactor* AdaptersService::UnloadAdapter(grpc::CallbackServerContext* context,
                                                          const v1::UnloadAdapterRequest* request,
                                                          v1::UnloadAdapterResponse* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   // Unmerging runs on the engine thread and waits for it: not on a gRPC thread.
   return OnWorker([this, request, response]() -> absl::Status {
@@ -302,7 +281,7 @@ grpc::ServerUnaryReactor* AdaptersService::UnloadAdapter(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* AdaptersService::GetAdapter(grpc::CallbackServerContext* context,
                                                       const v1::GetAdapterRequest* request,
                                                       v1::AdapterInfo* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   absl::StatusOr<adapters::AdapterInfo> info = registry_->Get(request->name());
   if (info.ok()) ToProto(*info, response);
@@ -312,7 +291,7 @@ grpc::ServerUnaryReactor* AdaptersService::GetAdapter(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* AdaptersService::ListAdapters(grpc::CallbackServerContext* context,
                                                         const v1::ListAdaptersRequest* request,
                                                         v1::ListAdaptersResponse* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   for (const adapters::AdapterInfo& info : registry_->List())
     ToProto(info, response->add_adapters());
@@ -322,7 +301,7 @@ grpc::ServerUnaryReactor* AdaptersService::ListAdapters(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerContext* context,
                                                           const v1::SetAdapterModeRequest* request,
                                                           v1::AdapterInfo* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   // A merge may wait for its adapter to come back from disk and both wait for the engine
   // thread: on a worker, never on a gRPC thread.
@@ -338,10 +317,7 @@ grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerCo
 
 absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* response) {
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
-  {
-    engine::TsanMutexLock lock(&merge_mu_);
-    LP_RETURN_IF_ERROR(CheckMergeableLocked(current));
-  }
+  LP_RETURN_IF_ERROR(CheckMergeable(current));
   // The lease keeps the version in memory (never evicted) for as long as it is merged. Taking it
   // may wait for a reload (and for room): without merge_mu_, so that unloads, replacements and
   // other merges' answers never wait behind it.
@@ -349,32 +325,29 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
       std::shared_ptr<const adapters::Lease> lease,
       registry_->Acquire(absl::StrCat(name, "@", current.version), /*count_request=*/false));
   {
-    engine::TsanMutexLock lock(&merge_mu_);
+    MutexLock lock(&merge_mu_);
     // Checked again: another merge, a replacement or an unload may have come meanwhile.
     LP_ASSIGN_OR_RETURN(current, registry_->Get(name));
     if (current.version != lease->version()) {
       return absl::AbortedError(absl::StrCat("adapter '", name, "' v", lease->version(),
                                              " was replaced while it was being merged; retry"));
     }
-    LP_RETURN_IF_ERROR(CheckMergeableLocked(current));
-    if (merged_ == nullptr) {
+    LP_RETURN_IF_ERROR(CheckMergeable(current));
+    if (registry_->merged() == nullptr) {
       const model::LoraWeightsView* view = &lease->view();
       LP_RETURN_IF_ERROR(engine_->RunOnEngineThread(
           [view](model::LlamaModel& model) { return model.Merge(view); }));
-      if (absl::Status recorded = registry_->SetMerged(*lease, true); !recorded.ok()) {
-        // Not recorded, so a restart would not merge it: undo, so that what runs is what is
-        // stored.
+      if (absl::Status recorded = registry_->SetMerged(lease); !recorded.ok()) {
+        // Not in the manifest, so a restart would not merge it: undo, so that what runs is what
+        // is stored.
         absl::Status undone =
             engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
-        if (!undone.ok()) {  // keep the lease: the weights stay merged and must stay alive
-          merged_ = std::move(lease);
-          return Annotate(undone, std::string(recorded.message()));
-        }
-        registry_->SetMerged(*lease, false).IgnoreError();  // the manifest already says unmerged
+        // When the undo failed the record stays: the weights stay merged and must stay alive.
+        if (!undone.ok()) return Annotate(undone, std::string(recorded.message()));
+        registry_->ClearMerged().IgnoreError();  // the manifest already says unmerged
         return recorded;
       }
-      merged_ = std::move(lease);
-      LP_LOG(INFO) << "adapter " << name << " v" << merged_->version() << " merged";
+      LP_LOG(INFO) << "adapter " << name << " v" << lease->version() << " merged";
     }
   }
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info,
@@ -383,24 +356,25 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
   return absl::OkStatus();
 }
 
-absl::Status AdaptersService::CheckMergeableLocked(const adapters::AdapterInfo& current) {
-  if (merged_ != nullptr &&
-      (merged_->name() != current.name || merged_->version() != current.version)) {
+absl::Status AdaptersService::CheckMergeable(const adapters::AdapterInfo& current) const {
+  std::shared_ptr<const adapters::Lease> merged = registry_->merged();
+  if (merged != nullptr && (merged->name() != current.name || merged->version() != current.version)) {
     return absl::FailedPreconditionError(
-        absl::StrCat("adapter '", merged_->name(), "' v", merged_->version(),
+        absl::StrCat("adapter '", merged->name(), "' v", merged->version(),
                      " is merged; set it UNMERGED first (one merged adapter at a time)"));
   }
   return absl::OkStatus();
 }
 
 absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* response) {
-  engine::TsanMutexLock lock(&merge_mu_);
+  MutexLock lock(&merge_mu_);
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
-  if (merged_ != nullptr && merged_->name() == current.name) {
+  std::shared_ptr<const adapters::Lease> merged = registry_->merged();
+  if (merged != nullptr && merged->name() == current.name) {
     LP_RETURN_IF_ERROR(
         engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); }));
-    absl::Status recorded = registry_->SetMerged(*merged_, false);
-    merged_.reset();
+    merged.reset();
+    absl::Status recorded = registry_->ClearMerged();
     LP_LOG(INFO) << "adapter " << name << " unmerged";
     // The model is unmerged either way; say so when a restart would merge it again.
     if (!recorded.ok()) return recorded;
@@ -412,21 +386,23 @@ absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* 
 }
 
 void AdaptersService::UnmergeIfStale() {
-  engine::TsanMutexLock lock(&merge_mu_);
-  if (merged_ == nullptr) return;
-  absl::StatusOr<adapters::AdapterInfo> current = registry_->Get(merged_->name());
-  if (current.ok() && current->version == merged_->version()) return;
+  MutexLock lock(&merge_mu_);
+  std::shared_ptr<const adapters::Lease> merged = registry_->merged();
+  if (merged == nullptr) return;
+  absl::StatusOr<adapters::AdapterInfo> current = registry_->Get(merged->name());
+  if (current.ok() && current->version == merged->version()) return;
   absl::Status s =
       engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
   if (!s.ok()) {
-    LP_LOG(ERROR) << "unmerging replaced adapter " << merged_->name() << ": " << s.ToString();
-    return;  // keep the lease: the weights stay merged and must stay alive
+    // The record stays: the weights stay merged and must stay alive.
+    LP_LOG(ERROR) << "unmerging replaced adapter " << merged->name() << ": " << s.ToString();
+    return;
   }
-  // A replaced or unloaded version is out of the manifest already: nothing to write.
-  registry_->SetMerged(*merged_, false).IgnoreError();
-  LP_LOG(INFO) << "adapter " << merged_->name() << " v" << merged_->version()
+  LP_LOG(INFO) << "adapter " << merged->name() << " v" << merged->version()
                << " unmerged (replaced or unloaded)";
-  merged_.reset();
+  merged.reset();
+  // A replaced or unloaded version is out of the manifest already: nothing to write.
+  registry_->ClearMerged().IgnoreError();
 }
 
 }  // namespace loraplex::server

@@ -30,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "adapters/registry.h"
+#include "common/executor.h"
 #include "engine/engine.h"
 #include "loraplex/v1/adapters.grpc.pb.h"
 #include "server/auth.h"
@@ -57,7 +58,7 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   // recorded as merged (AdapterRegistry::merge_to_restore) on the running engine.
   AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
                   const TokenAuth* auth);
-  // Waits for the load/commit threads still running.
+  // Waits for the admin operations still running.
   ~AdaptersService() override;
 
   grpc::ServerUnaryReactor* LoadAdapter(grpc::CallbackServerContext* context,
@@ -78,9 +79,9 @@ class AdaptersService final : public v1::Adapters::CallbackService {
                                            const v1::SetAdapterModeRequest* request,
                                            v1::AdapterInfo* response) override;
 
-  // Runs `work` on a thread of its own (an admin worker); the destructor waits for it.
-  // RESOURCE_EXHAUSTED (and `work` is dropped) when kMaxOperationsInFlight are running already.
-  absl::Status RunDetached(std::function<void()> work);
+  // Runs `work` on an admin worker; the destructor waits for it. RESOURCE_EXHAUSTED (and `work`
+  // is dropped) when kMaxOperationsInFlight are running already.
+  absl::Status RunOnWorker(std::function<void()> work);
   // After a replace or unload: unmerges when the merged version is no longer current.
   void UnmergeIfStale();
 
@@ -89,25 +90,27 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   absl::Status Merge(const std::string& name, v1::AdapterInfo* response);
   absl::Status Unmerge(const std::string& name, v1::AdapterInfo* response);
   // FAILED_PRECONDITION when another adapter (or version) than `current` is merged.
-  absl::Status CheckMergeableLocked(const adapters::AdapterInfo& current)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(merge_mu_);
+  absl::Status CheckMergeable(const adapters::AdapterInfo& current) const;
   // A unary reactor finished with what `work` returns, run on an admin worker: for calls that may
   // wait (for the engine thread, a reload, disk), which must never hold a gRPC callback thread.
   grpc::ServerUnaryReactor* OnWorker(std::function<absl::Status()> work);
 
-  // Admin operations running on workers at once (each is a thread, mostly waiting on disk or
+  // Admin operations running on workers at once (each has a thread, mostly waiting on disk or
   // the engine); more are refused with RESOURCE_EXHAUSTED rather than piling up threads.
-  static constexpr int64_t kMaxOperationsInFlight = 64;
+  static constexpr int kMaxOperationsInFlight = 64;
 
   adapters::AdapterRegistry* const registry_;
   engine::Engine* const engine_;
   const TokenAuth* const auth_;
 
-  absl::Mutex merge_mu_;  // guards merged_ and serialises merges
-  std::shared_ptr<const adapters::Lease> merged_ ABSL_GUARDED_BY(merge_mu_);
+  // Serialises merges and unmerges: the model's weights and the registry's record of the merged
+  // version (AdapterRegistry::merged) change together under it.
+  absl::Mutex merge_mu_;
 
-  absl::Mutex threads_mu_;  // guards running_
-  int64_t running_ ABSL_GUARDED_BY(threads_mu_) = 0;
+  // Last: its jobs finish before the rest of the service goes.
+  Executor workers_{Executor::Options{.name = "adapter operation",
+                                      .max_threads = kMaxOperationsInFlight,
+                                      .max_jobs = kMaxOperationsInFlight}};
 };
 
 }  // namespace loraplex::server

@@ -9,12 +9,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "engine/tsan_lock.h"
-#include "server/reactor_refs.h"
+#include "common/sync.h"
+#include "server/reactors.h"
 #include "server/request_mapping.h"
 #include "server/status_mapping.h"
 #include "server/test_hooks.h"
-#include "server/tsan_annotations.h"
 
 namespace loraplex::server {
 namespace {
@@ -36,15 +35,15 @@ absl::Status FinalStatus(const engine::StepOutput& out) {
 // What both generation reactors share: turning a proto into a submitted engine request, latency
 // metrics, the request fields needed to render outputs, and the reactor's lifetime.
 //
-// Lifetime (server/reactor_refs.h): the reactor is deleted when gRPC's OnDone and every other
+// Lifetime (server/reactors.h): the reactor is deleted when gRPC's OnDone and every other
 // thread that may still call into it have let go. The engine's sink holds a reference until the
 // engine destroys it (right after the final output, or when Submit refuses), the adapter resolve
 // callback until the registry has run or dropped it, and each reaction while it runs. So OnDone,
 // which may come on a gRPC thread as soon as another thread has called Finish, never frees the
 // reactor under the engine thread's feet.
 //
-// A request for an adapter that is not in memory is resolved asynchronously (AdapterTable::
-// ResolveAsync): the gRPC thread returns at once and a registry loader thread submits the request
+// A request for an adapter that is not in memory is resolved asynchronously (AdapterRegistry::
+// AcquireAsync): the gRPC thread returns at once and a registry loader thread submits the request
 // once the adapter is back, or ends the call with the error. While it waits, a cancellation (client
 // gone, deadline) ends the call at once; the lease that arrives later is dropped.
 class GenerationCall : public RefCounted {
@@ -59,31 +58,31 @@ class GenerationCall : public RefCounted {
 
   // Validates and submits; `sink` receives the engine outputs. A refused request ends the call
   // through FinishCall, possibly later on a loader thread (see above).
-  void Start(const v1::GenerateRequest& proto, const AdapterTable& adapters, bool draining,
+  void Start(const v1::GenerateRequest& proto, adapters::AdapterRegistry& registry, bool draining,
              engine::OutputSink sink) {
     if (draining) return FinishCall(Refuse(absl::UnavailableError("the server is shutting down")));
     if (proto.adapter().empty()) {
       absl::StatusOr<engine::GenerationRequest> req =
-          ToGenerationRequest(proto, *engine_, adapters);
+          ToGenerationRequest(proto, *engine_);
       if (!req.ok()) return FinishCall(Refuse(req.status()));
       return Submit(*std::move(req), std::move(sink));
     }
     // Everything but the adapter is checked first, so a bad request never causes a reload.
     v1::GenerateRequest rest = proto;
     rest.clear_adapter();
-    absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(rest, *engine_, adapters);
+    absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(rest, *engine_);
     if (!req.ok()) return FinishCall(Refuse(req.status()));
     {
-      engine::TsanMutexLock lock(&wait_mu_);
+      MutexLock lock(&wait_mu_);
       waiting_ = true;
     }
     // std::function wants a copyable callable: the request travels in a shared_ptr.
     auto request = std::make_shared<engine::GenerationRequest>(*std::move(req));
-    adapters.ResolveAsync(
+    registry.AcquireAsync(
         proto.adapter(),
         [self = RefPtr<GenerationCall>(this), request, sink = std::move(sink)](
-            absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> handle) mutable {
-          self->Resolved(std::move(handle), std::move(*request), std::move(sink));
+            absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
+          self->Resolved(std::move(lease), std::move(*request), std::move(sink));
         });
   }
 
@@ -91,7 +90,7 @@ class GenerationCall : public RefCounted {
   // cancelled. Otherwise cancels the engine request (now, or as soon as Submit has its id).
   bool CancelWaiting() {
     {
-      engine::TsanMutexLock lock(&wait_mu_);
+      MutexLock lock(&wait_mu_);
       if (waiting_) {
         waiting_ = false;
         wait_cancelled_ = true;
@@ -134,35 +133,33 @@ class GenerationCall : public RefCounted {
   engine::Engine* const engine_;
   Metrics* const metrics_;
   // Wraps every gRPC call that hands the reactor over and starts every reaction
-  // (server/tsan_annotations.h).
+  // (server/reactors.h).
   ReactorSync sync_;
-  // The request minus its prompt and its adapter's weights (name and version only, so that the
-  // lease goes back to the registry when the engine is done, not when gRPC is): what AppendOutput
-  // needs. Written before Submit, read by the engine thread's sink after.
-  engine::GenerationRequest rendering_;
+  // What AppendOutput needs of the request (the adapter's name and version, not its lease, so that
+  // the lease goes back to the registry when the engine is done, not when gRPC is). Written
+  // before Submit, read by the engine thread's sink after.
+  OutputContext rendering_;
 
  private:
   // The adapter resolve callback (this thread, or a registry loader thread).
-  void Resolved(absl::StatusOr<std::shared_ptr<const engine::AdapterHandle>> handle,
+  void Resolved(absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease,
                 engine::GenerationRequest request, engine::OutputSink sink) {
     {
-      engine::TsanMutexLock lock(&wait_mu_);
-      if (wait_cancelled_) return;  // the call ended; the lease goes with `handle`
+      MutexLock lock(&wait_mu_);
+      if (wait_cancelled_) return;  // the call ended; the lease goes with `lease`
       waiting_ = false;             // from here on OnCancel cancels the engine request
     }
-    if (!handle.ok()) return FinishCall(Refuse(handle.status()));
-    request.adapter = *std::move(handle);
+    if (!lease.ok()) return FinishCall(Refuse(lease.status()));
+    request.adapter = *std::move(lease);
     Submit(std::move(request), std::move(sink));
   }
 
   void Submit(engine::GenerationRequest req, engine::OutputSink sink) {
-    adapter_label_ = req.adapter == nullptr ? "base" : req.adapter->name;
-    rendering_.sampling = req.sampling;
+    adapter_label_ = req.adapter == nullptr ? "base" : req.adapter->name();
+    rendering_.logprobs = req.sampling.logprobs;
     if (req.adapter != nullptr) {
-      auto named = std::make_shared<engine::AdapterHandle>();
-      named->name = req.adapter->name;
-      named->version = req.adapter->version;
-      rendering_.adapter = std::move(named);
+      rendering_.adapter = req.adapter->name();
+      rendering_.adapter_version = req.adapter->version();
     }
     start_ = absl::Now();
     absl::StatusOr<engine::RequestId> id = engine_->Submit(std::move(req), std::move(sink));
@@ -189,7 +186,7 @@ class GenerationCall : public RefCounted {
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
                               private GenerationCall {
  public:
-  GenerateReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
+  GenerateReactor(engine::Engine* engine, adapters::AdapterRegistry* adapters, Metrics* metrics,
                   bool draining, const v1::GenerateRequest& request)
       : GenerationCall(engine, metrics) {
     Start(request, *adapters, draining,
@@ -206,7 +203,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     if (GetTestHooks().generate_write_done) GetTestHooks().generate_write_done();
     bool cancel = false;
     {
-      engine::TsanMutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       writing_ = false;
       pending_.pop_front();
       if (!ok && !write_failed_) {
@@ -245,7 +242,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   void OnOutput(engine::StepOutput out) {
     Observe(out);
     {
-      engine::TsanMutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       if (!write_failed_) {
         // The front message is being written only while writing_; merge into the back otherwise.
         const bool back_free = !pending_.empty() && !(writing_ && pending_.size() == 1);
@@ -270,7 +267,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     bool finish = false;
     grpc::Status status;
     {
-      engine::TsanMutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       if (writing_ || finish_called_) return;
       if (!pending_.empty()) {
         writing_ = true;
@@ -300,7 +297,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 // Complete: the same generation, gathered into the one response.
 class CompleteReactor final : public grpc::ServerUnaryReactor, private GenerationCall {
  public:
-  CompleteReactor(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
+  CompleteReactor(engine::Engine* engine, adapters::AdapterRegistry* adapters, Metrics* metrics,
                   bool draining, const v1::GenerateRequest& request, v1::GenerateResponse* response)
       : GenerationCall(engine, metrics), response_(response) {
     Start(request, *adapters, draining,
@@ -348,13 +345,13 @@ absl::Status CheckToken(const TokenAuth* auth, const grpc::CallbackServerContext
 
 }  // namespace
 
-InferenceService::InferenceService(engine::Engine* engine, const AdapterTable* adapters,
+InferenceService::InferenceService(engine::Engine* engine, adapters::AdapterRegistry* adapters,
                                    Metrics* metrics, ServedModelInfo info)
     : engine_(engine), adapters_(adapters), metrics_(metrics), info_(std::move(info)) {}
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     // Refused before it starts (bad or missing --api-token).
     auto* refused = new FinishOnlyReactor<grpc::ServerWriteReactor<v1::GenerateResponse>>();
@@ -367,7 +364,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* InferenceService::Generate(
 grpc::ServerUnaryReactor* InferenceService::Complete(grpc::CallbackServerContext* context,
                                                      const v1::GenerateRequest* request,
                                                      v1::GenerateResponse* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(ToGrpcStatus(s));
   }
@@ -377,7 +374,7 @@ grpc::ServerUnaryReactor* InferenceService::Complete(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
                                                      const v1::TokenizeRequest* request,
                                                      v1::TokenizeResponse* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(ToGrpcStatus(s));
   }
@@ -393,7 +390,7 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerContext* context,
                                                        const v1::DetokenizeRequest* request,
                                                        v1::DetokenizeResponse* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(ToGrpcStatus(s));
   }
@@ -414,7 +411,7 @@ grpc::ServerUnaryReactor* InferenceService::Detokenize(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerContext* context,
                                                          const v1::GetModelInfoRequest* request,
                                                          v1::ModelInfo* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(ToGrpcStatus(s));
   }
@@ -446,7 +443,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
 grpc::ServerUnaryReactor* InferenceService::GetEngineStats(grpc::CallbackServerContext* context,
                                                            const v1::GetEngineStatsRequest* request,
                                                            v1::EngineStats* response) {
-  CheckOurs checked;  // server/tsan_annotations.h
+  CheckOurs checked;  // server/reactors.h
   if (absl::Status s = CheckToken(auth_, *context); !s.ok()) {
     return FinishNow(ToGrpcStatus(s));
   }

@@ -13,9 +13,9 @@
 #include <atomic>
 #include <string>
 
+#include "adapters/registry.h"
 #include "engine/engine.h"
 #include "loraplex/v1/inference.grpc.pb.h"
-#include "server/adapter_table.h"
 #include "server/auth.h"
 #include "server/metrics.h"
 
@@ -31,8 +31,9 @@ struct ServedModelInfo {
 
 class InferenceService final : public v1::Inference::CallbackService {
  public:
-  // All pointers must outlive the service and every call it serves.
-  InferenceService(engine::Engine* engine, const AdapterTable* adapters, Metrics* metrics,
+  // All pointers must outlive the service and every call it serves. Requests that name an
+  // adapter take a lease on it from `adapters` (AcquireAsync).
+  InferenceService(engine::Engine* engine, adapters::AdapterRegistry* adapters, Metrics* metrics,
                    ServedModelInfo info);
 
   // Every call must carry this bearer token (--api-token) from now on; null or disabled: open.
@@ -63,7 +64,7 @@ class InferenceService final : public v1::Inference::CallbackService {
 
  private:
   engine::Engine* engine_;
-  const AdapterTable* adapters_;
+  adapters::AdapterRegistry* adapters_;
   Metrics* metrics_;
   const ServedModelInfo info_;
   std::atomic<bool> draining_{false};

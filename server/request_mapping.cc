@@ -1,7 +1,6 @@
 #include "server/request_mapping.h"
 
 #include <algorithm>
-#include <cmath>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -10,8 +9,7 @@
 namespace loraplex::server {
 
 absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::GenerateRequest& proto,
-                                                              const engine::Engine& engine,
-                                                              const AdapterTable& adapters) {
+                                                              const engine::Engine& engine) {
   const model::LlamaModel& model = engine.model();
   const model::Tokenizer& tokenizer = model.tokenizer();
   engine::GenerationRequest req;
@@ -25,15 +23,7 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
         forms > 1 ? "give only one of prompt, prompt_token_ids and messages"
                   : "give a prompt: prompt (text), prompt_token_ids or messages");
   }
-  const int64_t vocab = model.config().vocab_size;
   if (has_ids) {
-    for (int i = 0; i < proto.prompt_token_ids_size(); ++i) {
-      const int32_t id = proto.prompt_token_ids(i);
-      if (id < 0 || id >= vocab) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "prompt_token_ids[", i, "] = ", id, " is outside the vocabulary [0, ", vocab, ")"));
-      }
-    }
     req.prompt_ids.assign(proto.prompt_token_ids().begin(), proto.prompt_token_ids().end());
   } else if (has_messages) {
     std::vector<model::ChatMessage> messages;
@@ -49,27 +39,8 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
     req.prompt_ids = tokenizer.Encode(text, /*add_bos=*/tokenizer.spec().add_bos);
   } else {
     req.prompt_ids = tokenizer.Encode(proto.prompt(), /*add_bos=*/tokenizer.spec().add_bos);
-    if (req.prompt_ids.empty()) {
-      return absl::InvalidArgumentError(
-          "prompt is empty and this model adds no BOS token: give some text");
-    }
   }
 
-  if (!std::isfinite(proto.temperature()) || proto.temperature() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("temperature must be >= 0 (0 = greedy), got ", proto.temperature()));
-  }
-  if (proto.top_k() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("top_k must be >= 0 (0 = off), got ", proto.top_k()));
-  }
-  if (proto.has_top_p() && !(proto.top_p() > 0.0f && proto.top_p() <= 1.0f)) {
-    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", proto.top_p()));
-  }
-  if (proto.logprobs() < 0 || proto.logprobs() > 20) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("logprobs must be in [0, 20], got ", proto.logprobs()));
-  }
   req.sampling.temperature = proto.temperature();
   req.sampling.top_k = proto.top_k();
   req.sampling.top_p = proto.has_top_p() ? proto.top_p() : 1.0f;
@@ -79,10 +50,6 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
   const int64_t context = model.config().max_position_embeddings;
   const int64_t prompt = static_cast<int64_t>(req.prompt_ids.size());
   if (proto.has_max_tokens()) {
-    if (proto.max_tokens() < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("max_tokens must be at least 1, got ", proto.max_tokens()));
-    }
     req.max_tokens = proto.max_tokens();
   } else {
     // As much as the context and the whole KV pool leave room for, at most the default; a prompt
@@ -91,36 +58,19 @@ absl::StatusOr<engine::GenerationRequest> ToGenerationRequest(const v1::Generate
     req.max_tokens = static_cast<int32_t>(
         std::clamp<int64_t>(std::min(context, pool) - prompt, 1, kDefaultMaxTokens));
   }
-  // The engine thread matches every stop string against every new token's text: bounded, so
-  // that one request cannot slow the steps of all the others.
-  if (proto.stop_size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("at most ", kMaxStopStrings, " stop strings, got ", proto.stop_size()));
-  }
-  for (int i = 0; i < proto.stop_size(); ++i) {
-    if (proto.stop(i).empty() || proto.stop(i).size() > kMaxStopBytes) {
-      return absl::InvalidArgumentError(absl::StrCat("stop[", i, "] must have 1 to ", kMaxStopBytes,
-                                                     " bytes, got ", proto.stop(i).size()));
-    }
-  }
-  if (proto.stop_token_ids_size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "at most ", kMaxStopStrings, " stop_token_ids, got ", proto.stop_token_ids_size()));
-  }
   req.stop.assign(proto.stop().begin(), proto.stop().end());
   req.stop_token_ids.assign(proto.stop_token_ids().begin(), proto.stop_token_ids().end());
   req.ignore_eos = proto.ignore_eos();
 
-  LP_ASSIGN_OR_RETURN(req.adapter, adapters.Resolve(proto.adapter()));
   LP_RETURN_IF_ERROR(engine.Validate(req));
   return req;
 }
 
-void AppendOutput(const engine::StepOutput& out, const engine::GenerationRequest& request,
+void AppendOutput(const engine::StepOutput& out, const OutputContext& request,
                   v1::GenerateResponse* response) {
   for (const engine::GeneratedToken& t : out.tokens) {
     response->add_token_ids(t.token_id);
-    if (request.sampling.logprobs > 0) {
+    if (request.logprobs > 0) {
       v1::TokenLogprobs* lp = response->add_logprobs();
       lp->set_token_id(t.token_id);
       lp->set_logprob(t.logprob);
@@ -136,9 +86,9 @@ void AppendOutput(const engine::StepOutput& out, const engine::GenerationRequest
     response->set_finish_reason(engine::FinishReasonName(out.finish_reason));
     response->mutable_usage()->set_prompt_tokens(out.prompt_tokens);
     response->mutable_usage()->set_completion_tokens(out.completion_tokens);
-    if (request.adapter != nullptr) {
-      response->set_adapter(request.adapter->name);
-      response->set_adapter_version(request.adapter->version);
+    if (!request.adapter.empty()) {
+      response->set_adapter(request.adapter);
+      response->set_adapter_version(request.adapter_version);
     }
   }
 }

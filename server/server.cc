@@ -12,8 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status.h"
-#include "engine/tsan_lock.h"
-#include "server/tsan_annotations.h"
+#include "common/sync.h"
+#include "server/reactors.h"
 
 namespace loraplex::server {
 namespace {
@@ -22,18 +22,18 @@ namespace {
 class CallCounter : public grpc::experimental::Interceptor {
  public:
   explicit CallCounter(std::shared_ptr<std::atomic<int64_t>> n) : n_(std::move(n)) {
-    CheckOurs checked;  // server/tsan_annotations.h
+    CheckOurs checked;  // server/reactors.h
     ++*n_;
-    engine::TsanReleaseAddress(this);  // gRPC destroys us on another thread
+    TsanRelease(this);  // gRPC destroys us on another thread
   }
   ~CallCounter() override {
     CheckOurs checked;
-    engine::TsanAcquireAddress(this);
+    TsanAcquire(this);
     --*n_;
   }
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     // gRPC runs the rest of the call's batch, and at the first one our handler, inside Proceed:
-    // its own code unchecked, ours checked again (server/tsan_annotations.h).
+    // its own code unchecked, ours checked again (server/reactors.h).
     CheckOurs checked;
     IgnoreGrpc ignore;
     methods->Proceed();
@@ -68,7 +68,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   LP_ASSIGN_OR_RETURN(server->engine_,
                       engine::Engine::Create(server->model_.get(), options.engine));
   LP_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_listen));
-  server->service_ = std::make_unique<InferenceService>(server->engine_.get(), &server->adapters_,
+  server->service_ = std::make_unique<InferenceService>(server->engine_.get(), server->registry_.get(),
                                                         server->metrics_.get(), options.info);
   server->service_->RequireToken(&server->api_auth_);
   server->adapters_service_ = std::make_unique<AdaptersService>(
@@ -84,7 +84,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   interceptors.push_back(std::make_unique<CallCounterFactory>(server->calls_in_flight_));
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   {
-    IgnoreGrpc ignore;  // gRPC's own code (server/tsan_annotations.h)
+    IgnoreGrpc ignore;  // gRPC's own code (server/reactors.h)
     server->grpc_server_ = builder.BuildAndStart();
   }
   if (server->grpc_server_ == nullptr || server->port_ == 0) {
@@ -135,7 +135,6 @@ absl::Status Server::OpenRegistry(const ServerOptions& options) {
     }
     if (!info.ok()) return Annotate(info.status(), absl::StrCat("--adapter ", name));
   }
-  adapters_.UseRegistry(registry_.get());
   return absl::OkStatus();
 }
 
@@ -149,19 +148,17 @@ Server::~Server() {
 }
 
 void Server::MetricsLoop() {
-  engine::TsanMutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   while (!shutdown_) {
     metrics_->UpdateEngine(engine_->Stats());
     metrics_->UpdateAdapters(registry_->List());
-    engine::TsanRelease(&mu_);  // Await unlocks and relocks inside
-    mu_.AwaitWithTimeout(absl::Condition(&shutdown_), metrics_interval_);
-    engine::TsanAcquire(&mu_);
+    AwaitWithTimeout(&mu_, absl::Condition(&shutdown_), metrics_interval_);
   }
 }
 
 void Server::Shutdown(absl::Duration grace) {
   {
-    engine::TsanMutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (shutdown_) return;
     shutdown_ = true;
   }

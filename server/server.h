@@ -18,7 +18,6 @@
 #include "adapters/registry.h"
 #include "engine/engine.h"
 #include "model/llama_model.h"
-#include "server/adapter_table.h"
 #include "server/adapters_service.h"
 #include "server/auth.h"
 #include "server/inference_service.h"
@@ -51,7 +50,6 @@ class Server {
 
   int port() const { return port_; }
   int metrics_port() const { return metrics_->port(); }
-  AdapterTable& adapters() { return adapters_; }
   adapters::AdapterRegistry& registry() { return *registry_; }
 
   // Graceful shutdown: health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
@@ -73,7 +71,6 @@ class Server {
   TokenAuth admin_auth_;
   TokenAuth api_auth_;
   std::unique_ptr<engine::Engine> engine_;
-  AdapterTable adapters_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<AdaptersService> adapters_service_;

@@ -80,6 +80,21 @@ TEST(AdapterNameTest, AcceptsTheAllowedAlphabetUpTo128) {
   EXPECT_THAT(ValidateAdapterName("a@1"), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+TEST(AdapterSpecTest, ParsesNameAndOptionalVersion) {
+  ASSERT_OK_AND_ASSIGN(AdapterSpec plain, ParseAdapterSpec("sql"));
+  EXPECT_EQ(plain.name, "sql");
+  EXPECT_EQ(plain.version, 0);
+  EXPECT_EQ(plain.ToString(), "sql");
+  ASSERT_OK_AND_ASSIGN(AdapterSpec versioned, ParseAdapterSpec("sql@12"));
+  EXPECT_EQ(versioned.name, "sql");
+  EXPECT_EQ(versioned.version, 12);
+  EXPECT_EQ(versioned.ToString(), "sql@12");
+  for (const char* bad : {"sql@", "sql@0", "sql@-1", "sql@x", "sql@99999999999999999999", "@1",
+                          "", "a/b@1", "a@1@2"}) {
+    EXPECT_THAT(ParseAdapterSpec(bad), StatusIs(absl::StatusCode::kInvalidArgument)) << bad;
+  }
+}
+
 TEST_F(RegistryTest, RegisterDescribesTheAdapterAndRefusesADuplicateName) {
   auto r = Open();
   ASSERT_NE(r, nullptr);
@@ -354,6 +369,29 @@ TEST_F(RegistryTest, MemoryBudgetCountsBytes) {
   EXPECT_THAT(small->RegisterFromPath("all", "all_linear", false, /*pin=*/true), IsOk());
 }
 
+// A waiter that gives up (timeout) no longer counts against max_waiters: the next caller waits
+// and gets in once there is room.
+TEST_F(RegistryTest, WaitersThatGiveUpLeaveTheirPlace) {
+  options_.max_loaded = 1;
+  options_.max_waiters = 1;
+  options_.acquire_timeout = absl::Milliseconds(100);
+  auto r = Open();
+  ASSERT_NE(r, nullptr);
+  ASSERT_THAT(r->RegisterFromPath("a", "qv", false, false), IsOk());
+  ASSERT_THAT(r->RegisterFromPath("b", "rank1", false, false), IsOk());
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> b, r->Acquire("b"));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_THAT(r->Acquire("a"), StatusIs(absl::StatusCode::kResourceExhausted, "in use")) << i;
+  }
+  std::thread releaser([&b] {
+    absl::SleepFor(absl::Milliseconds(30));
+    b.reset();
+  });
+  auto a = r->Acquire("a");
+  releaser.join();
+  ASSERT_THAT(a, IsOk());
+}
+
 TEST_F(RegistryTest, TooManyWaitersAreRefused) {
   options_.max_loaded = 1;
   options_.max_waiters = 0;
@@ -428,10 +466,19 @@ TEST_F(RegistryTest, MergeIsRecordedAndOfferedBackAfterReopen) {
     ASSERT_THAT(r->RegisterFromPath("m", "qv", false, false), IsOk());
     ASSERT_THAT(r->RegisterFromPath("o", "rank1", false, false), IsOk());
     ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> lease, r->Acquire("m", false));
-    ASSERT_THAT(r->SetMerged(*lease, true), IsOk());
+    ASSERT_THAT(r->SetMerged(lease), IsOk());
+    EXPECT_EQ(r->merged(), lease);
     EXPECT_EQ(r->merge_to_restore(), "");
     ASSERT_OK_AND_ASSIGN(AdapterInfo m, r->Get("m"));
     EXPECT_TRUE(m.merged);
+    // One merged version at a time.
+    ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> other, r->Acquire("o", false));
+    EXPECT_THAT(r->SetMerged(other), StatusIs(absl::StatusCode::kFailedPrecondition, "'m' v1"));
+    EXPECT_EQ(r->merged(), lease);
+    // The registry's own lease keeps the version in memory once the caller's is gone.
+    lease.reset();
+    ASSERT_OK_AND_ASSIGN(m, r->Get("m"));
+    EXPECT_EQ(m.leases, 1);
   }
   {
     auto r = Open();
@@ -446,9 +493,12 @@ TEST_F(RegistryTest, MergeIsRecordedAndOfferedBackAfterReopen) {
     EXPECT_TRUE(manifest[0].merged);
     EXPECT_FALSE(manifest[1].merged);
     ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> lease, r->Acquire("m", false));
-    ASSERT_THAT(r->SetMerged(*lease, true), IsOk());
+    ASSERT_THAT(r->SetMerged(lease), IsOk());
     EXPECT_EQ(r->merge_to_restore(), "");
-    ASSERT_THAT(r->SetMerged(*lease, false), IsOk());
+    ASSERT_THAT(r->ClearMerged(), IsOk());
+    EXPECT_EQ(r->merged(), nullptr);
+    ASSERT_OK_AND_ASSIGN(m, r->Get("m"));
+    EXPECT_FALSE(m.merged);
   }
   auto r = Open();
   ASSERT_NE(r, nullptr);

@@ -4,7 +4,7 @@ if(TARGET loraplex-server)
     DEPS lp_proto gRPC::grpc++ nlohmann_json::nlohmann_json absl::strings absl::time
     LABELS "e2e")
   # The TSan stage runs the cases below against a TSan-built server (tests/tsan.supp,
-  # server/tsan_annotations.h); the others take minutes under TSan on two cores and add no
+  # server/reactors.h); the others take minutes under TSan on two cores and add no
   # concurrency the first ones lack (SmolLM2 alone takes ~4 min).
   lp_tsan_subset(server_e2e_test "e2e"
     ServerE2eTest.GreedyStreamAndCompleteGiveTheGoldenStory

@@ -30,7 +30,7 @@ struct Result {
   int outputs = 0;
 };
 
-// Collects the outputs of several requests; the sinks hand them over through engine::Queue.
+// Collects the outputs of several requests; the sinks hand them over through Queue.
 class Collector {
  public:
   OutputSink Sink() {

@@ -18,7 +18,7 @@
 #include "model/llama_model.h"
 #include "server/server.h"
 #include "server/test_hooks.h"
-#include "server/tsan_annotations.h"
+#include "server/reactors.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex::server {
@@ -77,7 +77,7 @@ TEST(ReactorLifetimeTest, OnDoneWhileTheEngineThreadPumpsTheFinalOutput) {
 
   // The client half of gRPC runs in this process too, uninstrumented: under TSan its handoffs
   // are invisible (as they are to the e2e tests' client processes, whose reports are off), so the
-  // client calls run ignored. The server's code stays checked (server/tsan_annotations.h).
+  // client calls run ignored. The server's code stays checked (server/reactors.h).
   IgnoreGrpc client_calls;
   auto stub = v1::Inference::NewStub(grpc::CreateChannel(
       "127.0.0.1:" + std::to_string((*server)->port()), grpc::InsecureChannelCredentials()));

@@ -1,10 +1,10 @@
-// Server pieces without a network: the status mapping, flag parsing helpers, the adapter table and
-// the proto -> engine request mapping with DESIGN.md's error table (on the real stories260K).
+// Server pieces without a network: the status mapping, flag parsing helpers and the proto -> engine
+// request mapping with DESIGN.md's error table (on the real stories260K; the rules on values are
+// Engine::Validate's, reached through the mapping).
 #include <gtest/gtest.h>
 
 #include <memory>
 
-#include "server/adapter_table.h"
 #include "server/options.h"
 #include "server/request_mapping.h"
 #include "server/status_mapping.h"
@@ -14,6 +14,8 @@ namespace loraplex::server {
 namespace {
 
 using ::loraplex::testing::StatusIs;
+using engine::kMaxStopBytes;
+using engine::kMaxStopStrings;
 
 TEST(StatusMappingTest, EveryCanonicalCodeMapsOneToOneWithItsMessage) {
   const std::pair<absl::StatusCode, grpc::StatusCode> pairs[] = {
@@ -48,23 +50,6 @@ TEST(OptionsTest, ParseByteSize) {
   EXPECT_THAT(ParseByteSize("5TB"), StatusIs(absl::StatusCode::kInvalidArgument, "unit"));
 }
 
-TEST(AdapterTableTest, ResolvesNamesAndVersions) {
-  AdapterTable table;
-  auto h = std::make_shared<engine::AdapterHandle>();
-  h->name = "sql";
-  h->version = 2;
-  table.Put(h);
-  ASSERT_OK_AND_ASSIGN(auto base, table.Resolve(""));
-  EXPECT_EQ(base, nullptr);
-  ASSERT_OK_AND_ASSIGN(auto got, table.Resolve("sql"));
-  EXPECT_EQ(got, h);
-  ASSERT_OK_AND_ASSIGN(got, table.Resolve("sql@2"));
-  EXPECT_EQ(got, h);
-  EXPECT_THAT(table.Resolve("sql@1"), StatusIs(absl::StatusCode::kNotFound, "no version 1"));
-  EXPECT_THAT(table.Resolve("chat"), StatusIs(absl::StatusCode::kNotFound, "'chat'"));
-  EXPECT_THAT(table.Resolve("sql@x"), StatusIs(absl::StatusCode::kInvalidArgument));
-}
-
 class RequestMappingTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -80,7 +65,7 @@ class RequestMappingTest : public ::testing::Test {
     delete model_;
   }
   absl::StatusOr<engine::GenerationRequest> Map(const v1::GenerateRequest& r) {
-    return ToGenerationRequest(r, *engine_, table_);
+    return ToGenerationRequest(r, *engine_);
   }
   static v1::GenerateRequest Ids(std::vector<int32_t> ids) {
     v1::GenerateRequest r;
@@ -88,7 +73,6 @@ class RequestMappingTest : public ::testing::Test {
     return r;
   }
 
-  AdapterTable table_;
   static model::LlamaModel* model_;
   static engine::Engine* engine_;
 };
@@ -140,9 +124,11 @@ TEST_F(RequestMappingTest, ErrorTable) {
   r = Ids({1});
   for (int i = 0; i <= kMaxStopStrings; ++i) r.add_stop_token_ids(2);
   EXPECT_THAT(Map(r), StatusIs(StatusCode::kInvalidArgument, "stop_token_ids"));
+  // The adapter is the caller's to resolve (the server takes a lease from the registry).
   r = Ids({1});
   r.set_adapter("nope");
-  EXPECT_THAT(Map(r), StatusIs(StatusCode::kNotFound, "nope"));
+  ASSERT_OK_AND_ASSIGN(engine::GenerationRequest unresolved, Map(r));
+  EXPECT_EQ(unresolved.adapter, nullptr);
   const int64_t ctx = model_->config().max_position_embeddings;
   r = Ids({1});
   r.set_max_tokens(static_cast<int32_t>(ctx));
@@ -152,7 +138,7 @@ TEST_F(RequestMappingTest, ErrorTable) {
 }
 
 TEST_F(RequestMappingTest, AppendOutputWritesLogprobsOnlyWhenAsked) {
-  engine::GenerationRequest req;
+  OutputContext req;
   engine::StepOutput out;
   out.tokens.push_back({7, -0.25f, {{7, -0.25f}, {9, -2.0f}}});
   out.text = "hi";
@@ -161,7 +147,10 @@ TEST_F(RequestMappingTest, AppendOutputWritesLogprobsOnlyWhenAsked) {
   EXPECT_EQ(plain.token_ids_size(), 1);
   EXPECT_EQ(plain.logprobs_size(), 0);
   EXPECT_EQ(plain.finish_reason(), "");
-  req.sampling.logprobs = 2;
+  EXPECT_EQ(plain.adapter(), "");
+  req.logprobs = 2;
+  req.adapter = "sql";
+  req.adapter_version = 3;
   out.finished = true;
   out.finish_reason = engine::FinishReason::kLength;
   out.prompt_tokens = 3;
@@ -174,6 +163,8 @@ TEST_F(RequestMappingTest, AppendOutputWritesLogprobsOnlyWhenAsked) {
   EXPECT_EQ(with.finish_reason(), "length");
   EXPECT_EQ(with.usage().prompt_tokens(), 3);
   EXPECT_EQ(with.text(), "hi");
+  EXPECT_EQ(with.adapter(), "sql");
+  EXPECT_EQ(with.adapter_version(), 3);
 }
 
 }  // namespace

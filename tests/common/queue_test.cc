@@ -1,11 +1,11 @@
-#include "engine/queue.h"
+#include "common/queue.h"
 
 #include <gtest/gtest.h>
 
 #include <thread>
 #include <vector>
 
-namespace loraplex::engine {
+namespace loraplex {
 namespace {
 
 using Result = Queue<int>::PushResult;
@@ -79,4 +79,4 @@ TEST(QueueTest, ManyProducersOneConsumerLoseNothing) {
 }
 
 }  // namespace
-}  // namespace loraplex::engine
+}  // namespace loraplex

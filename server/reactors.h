@@ -1,4 +1,21 @@
-// Happens-before edges of gRPC's callback API that ThreadSanitizer cannot see by itself.
+// Helpers for our gRPC callback-API reactors: who keeps a reactor alive (RefCounted, RefPtr), and
+// the happens-before edges of gRPC that ThreadSanitizer cannot see by itself (ReactorSync,
+// IgnoreGrpc, CheckOurs), plus the reactor that only finishes (FinishNow).
+//
+// Lifetime. A reactor that other threads call into (the engine thread's
+// output sink, a registry loader's adapter callback, an admin worker) must not be deleted by
+// gRPC's OnDone while one of them is still inside it: OnDone can come on a gRPC thread the moment
+// another thread has called Finish, and that thread may still be on its way out of the reactor.
+// So the reactor counts its holders and the last one to let go deletes it:
+//   - gRPC, from the handler's `new` until OnDone (the count starts at 1 for it);
+//   - every RefPtr: an engine sink or a callback that may still run, and a ScopedRef around every
+//     reaction.
+// The count changes with acquire-release ordering, so all a holder did happens before the delete
+// that another holder performs; ThreadSanitizer sees that edge too (it reads our atomics), which
+// is why every reaction holds a ScopedRef even where gRPC itself orders it before OnDone.
+//
+// ThreadSanitizer edges: the happens-before edges of gRPC's callback API that TSan cannot see by
+// itself.
 //
 // gRPC core (completion queues, callback executors) and Abseil come from Debian, built without
 // TSan, so the handoffs inside them are invisible to a TSan build of ours: a reactor written on
@@ -21,18 +38,19 @@
 // In other builds Handoff just runs the call and the rest compiles to nothing. tests/tsan.supp
 // lists what no annotation here can order, one comment per entry.
 //
-// Thread-safety: all methods may be called from any thread; IgnoreGrpc and CheckOurs are scopes of
-// the calling thread.
+// Thread-safety: all methods may be called from any thread (Ref, Unref and RefPtr's copies and
+// destruction too); IgnoreGrpc and CheckOurs are scopes of the calling thread.
 #pragma once
 
 #include <grpcpp/support/server_callback.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <utility>
 
 #include "absl/synchronization/mutex.h"
-#include "engine/tsan_lock.h"
+#include "common/sync.h"
 
 #ifdef LP_TSAN_ENABLED
 extern "C" void __tsan_ignore_thread_begin();
@@ -40,6 +58,49 @@ extern "C" void __tsan_ignore_thread_end();
 #endif
 
 namespace loraplex::server {
+
+class RefCounted {
+ public:
+  RefCounted() = default;
+  RefCounted(const RefCounted&) = delete;
+  RefCounted& operator=(const RefCounted&) = delete;
+
+  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
+  // Deletes the object when this was the last reference.
+  void Unref() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+
+ protected:
+  virtual ~RefCounted() = default;
+
+ private:
+  std::atomic<int> refs_{1};  // gRPC's, until OnDone
+};
+
+// A counted reference to a reactor; copyable, so that it can live in a std::function.
+template <typename T>
+class RefPtr {
+ public:
+  explicit RefPtr(T* p) : p_(p) { p_->Ref(); }
+  RefPtr(const RefPtr& o) : p_(o.p_) { p_->Ref(); }
+  RefPtr(RefPtr&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  RefPtr& operator=(const RefPtr&) = delete;
+  RefPtr& operator=(RefPtr&&) = delete;
+  ~RefPtr() {
+    if (p_ != nullptr) p_->Unref();
+  }
+  T* operator->() const { return p_; }
+  T& operator*() const { return *p_; }
+
+ private:
+  T* p_;
+};
+
+// Held for the length of one reaction: `ScopedRef<MyReactor> reacting(this);`.
+template <typename T>
+using ScopedRef = const RefPtr<T>;
+
 
 namespace tsan_internal {
 // How many ignores this thread has begun and not ended (TSan's own counter is not readable). A
@@ -123,7 +184,7 @@ class ReactorSync {
       IgnoreGrpc ignore;
       std::forward<Op>(op)();
     }
-    engine::TsanReleaseAddress(this);
+    TsanRelease(this);
     mu.Unlock();
 #else
     std::forward<Op>(op)();
@@ -143,7 +204,7 @@ class ReactorSync {
 #ifdef LP_TSAN_ENABLED
     absl::Mutex& mu = Stripe();
     mu.Lock();
-    engine::TsanAcquireAddress(this);
+    TsanAcquire(this);
     mu.Unlock();
 #endif
   }

@@ -1,6 +1,8 @@
 // The one cross-thread handoff type of loraplex: a FIFO of values guarded by an absl::Mutex, with a
-// capacity and a close flag. Producers never block (TryPush reports a full or closed queue, so a
-// gRPC thread can answer RESOURCE_EXHAUSTED or UNAVAILABLE at once); consumers may wait.
+// capacity and a close flag. Requests and cancellations reach the engine thread through one, and
+// background jobs reach their threads through one (common/executor.h). Producers never block
+// (TryPush reports a full or closed queue, so a gRPC thread can answer RESOURCE_EXHAUSTED or
+// UNAVAILABLE at once); consumers may wait.
 //
 // Thread-safety: every method may be called from any thread at any time.
 #pragma once
@@ -15,9 +17,9 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "engine/tsan_lock.h"
+#include "common/sync.h"
 
-namespace loraplex::engine {
+namespace loraplex {
 
 template <typename T>
 class Queue {
@@ -33,7 +35,7 @@ class Queue {
   // Appends `value` unless the queue is full or closed; never blocks. On failure `value` is left
   // untouched (it is taken by rvalue reference, not moved from).
   PushResult TryPush(T&& value) {
-    TsanMutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     if (closed_) return PushResult::kClosed;
     if (items_.size() >= capacity_) return PushResult::kFull;
     items_.push_back(std::move(value));
@@ -44,10 +46,10 @@ class Queue {
   // Waits until an item is there (returns it), the queue is closed and empty (nullopt), or
   // `timeout` passes (nullopt).
   std::optional<T> Pop(absl::Duration timeout = absl::InfiniteDuration()) {
-    TsanMutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     const absl::Time deadline = absl::Now() + timeout;
     while (items_.empty() && !closed_) {
-      if (TsanWaitWithDeadline(&cv_, &mu_, deadline)) break;  // true: deadline passed
+      if (CondWaitWithDeadline(&cv_, &mu_, deadline)) break;  // true: deadline passed
     }
     if (items_.empty()) return std::nullopt;
     T value = std::move(items_.front());
@@ -57,7 +59,7 @@ class Queue {
 
   // Takes every item present without waiting, oldest first.
   std::vector<T> PopAll() {
-    TsanMutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     std::vector<T> out;
     out.reserve(items_.size());
     for (T& item : items_) out.push_back(std::move(item));
@@ -67,17 +69,17 @@ class Queue {
 
   // After Close, TryPush fails with kClosed; items already queued can still be popped.
   void Close() {
-    TsanMutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     closed_ = true;
     cv_.SignalAll();
   }
 
   bool closed() const {
-    TsanMutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     return closed_;
   }
   size_t size() const {
-    TsanMutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     return items_.size();
   }
   size_t capacity() const { return capacity_; }
@@ -90,4 +92,4 @@ class Queue {
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-}  // namespace loraplex::engine
+}  // namespace loraplex
