@@ -3,7 +3,9 @@
 // outputs, the upload stream, the admin calls and greedy generation from BOS.
 #pragma once
 
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
+#include <unistd.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -20,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/time/clock.h"
 #include "adapters/manifest.h"
 #include "loraplex/v1/adapters.grpc.pb.h"
 #include "loraplex/v1/inference.grpc.pb.h"
@@ -120,6 +123,24 @@ class AdminServer {
   std::unique_ptr<v1::Inference::Stub> inference_;
   std::unique_ptr<v1::Adapters::Stub> admin_;
 };
+
+// Writes `text` into the FIFO at `path` once a reader has it open (a reload the test held up by
+// making a state directory file a FIFO): open fails with ENXIO until then. Waits up to 30 s; on
+// failure kills `s`, so that what waits on the reload fails instead of hanging.
+inline void FeedFifo(AdminServer& s, const std::string& path, const std::string& text) {
+  int fd = -1;
+  for (int i = 0; i < 300 && fd < 0; ++i) {
+    fd = open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_GE(fd, 0) << "the reload never opened " << path;
+  if (fd < 0) {
+    s.Kill();
+    return;
+  }
+  EXPECT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+  close(fd);
+}
 
 // The admin token and a 60 s deadline.
 inline void Authorize(grpc::ClientContext* ctx, const std::string& token = kAdminToken) {

@@ -31,6 +31,7 @@
 #include "nlohmann/json.hpp"
 #include "tests/e2e/admin_e2e.h"
 #include "tests/testing/server_process.h"
+#include "tests/testing/peft_files.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex {
@@ -67,27 +68,6 @@ std::vector<v1::AdapterInfo> List(AdminServer& s) {
   return list;
 }
 
-// A safetensors file of small f32 tensors for every layer of stories260K:
-// "base_model.model.model.layers.<l>.self_attn.<key>.weight" -> shape.
-std::string Safetensors(const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors) {
-  nlohmann::json header = nlohmann::json::object();
-  std::string data;
-  for (int layer = 0; layer < 5; ++layer) {
-    for (const auto& [key, shape] : tensors) {
-      int64_t n = 1;
-      for (int64_t d : shape) n *= d;
-      std::vector<float> values(n, 0.01f);
-      const size_t begin = data.size();
-      data.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
-      header[absl::StrCat("base_model.model.model.layers.", layer, ".self_attn.", key, ".weight")] =
-          {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
-    }
-  }
-  std::string h = header.dump();
-  while (h.size() % 8 != 0) h += ' ';
-  const uint64_t len = h.size();
-  return std::string(reinterpret_cast<const char*>(&len), 8) + h + data;
-}
 
 // The value of one sample line "name{labels} value" in a metrics page, or -1.
 double Sample(const std::string& page, const std::string& series) {
@@ -328,7 +308,7 @@ TEST_F(LifecycleE2eTest, BadRequestsGetTheirCodesAndDisturbNothing) {
   make("dora", dora, weights);
   // Shapes that do not fit the base: q_proj's lora_A reads 48 features, stories260K has 64.
   make("shape", config,
-       Safetensors({{"q_proj.lora_A", {8, 48}},
+       testing::SelfAttnSafetensors({{"q_proj.lora_A", {8, 48}},
                     {"q_proj.lora_B", {64, 8}},
                     {"v_proj.lora_A", {8, 64}},
                     {"v_proj.lora_B", {32, 8}}}));
@@ -602,19 +582,8 @@ TEST_F(LifecycleE2eTest, SlowReloadDoesNotBlockOtherRequests) {
   EXPECT_LT(absl::Now() - t, absl::Seconds(20));
   EXPECT_EQ(GetInfo(*s, "pinned").residency(), v1::DEVICE);
 
-  // Let the reload go on: it has the FIFO open for reading (ENXIO until it has).
-  int fd = -1;
-  for (int i = 0; i < 300 && fd < 0; ++i) {
-    fd = open(config.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) absl::SleepFor(absl::Milliseconds(100));
-  }
-  EXPECT_GE(fd, 0) << "the reload never opened " << config;
-  if (fd >= 0) {
-    EXPECT_EQ(write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
-    close(fd);
-  } else {
-    s->Kill();  // the waiters then fail instead of hanging
-  }
+  // Let the reload go on.
+  e2e::FeedFifo(*s, config, text);
   for (std::thread& w : waiters) w.join();
   for (const Generated& g : waited) {
     ASSERT_TRUE(g.status.ok()) << g.status.error_message();

@@ -17,36 +17,11 @@
 #include "tests/soak/soak.h"
 #include "tests/soak/soak_mix.h"
 #include "tests/soak/soak_util.h"
+#include "tests/testing/peft_files.h"
 
 namespace loraplex::soak {
 
 namespace fs = std::filesystem;
-
-namespace {
-
-// A safetensors file of f32 tensors "base_model.model.model.layers.<l>.self_attn.<key>.weight"
-// for the 5 layers of stories260K (tests/e2e/lifecycle_e2e_test.cc makes the same).
-std::string Safetensors(const std::vector<std::pair<std::string, std::vector<int64_t>>>& tensors) {
-  nlohmann::json header = nlohmann::json::object();
-  std::string data;
-  for (int layer = 0; layer < 5; ++layer) {
-    for (const auto& [key, shape] : tensors) {
-      int64_t n = 1;
-      for (int64_t d : shape) n *= d;
-      std::vector<float> values(n, 0.01f);
-      const size_t begin = data.size();
-      data.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
-      header[absl::StrCat("base_model.model.model.layers.", layer, ".self_attn.", key, ".weight")] =
-          {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {begin, data.size()}}};
-    }
-  }
-  std::string h = header.dump();
-  while (h.size() % 8 != 0) h += ' ';
-  const uint64_t len = h.size();
-  return std::string(reinterpret_cast<const char*>(&len), 8) + h + data;
-}
-
-}  // namespace
 
 // Bad adapter folders under --adapter-root/soak-bad (LoadAdapter paths).
 void Soak::MakeBadFolders() {
@@ -70,7 +45,7 @@ void Soak::MakeBadFolders() {
   make("dora", dora, weights);
   // q_proj's lora_A reads 48 features; stories260K has 64.
   make("shape", config,
-       Safetensors({{"q_proj.lora_A", {8, 48}},
+       testing::SelfAttnSafetensors({{"q_proj.lora_A", {8, 48}},
                     {"q_proj.lora_B", {64, 8}},
                     {"v_proj.lora_A", {8, 64}},
                     {"v_proj.lora_B", {32, 8}}}));
@@ -78,7 +53,7 @@ void Soak::MakeBadFolders() {
   std::string r128 = config;
   if (size_t at = r128.find("\"r\": 8"); at != std::string::npos) r128.replace(at, 6, "\"r\": 128");
   make("rank128", r128,
-       Safetensors({{"q_proj.lora_A", {128, 64}},
+       testing::SelfAttnSafetensors({{"q_proj.lora_A", {128, 64}},
                     {"q_proj.lora_B", {64, 128}},
                     {"v_proj.lora_A", {128, 64}},
                     {"v_proj.lora_B", {32, 128}}}));
