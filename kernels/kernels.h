@@ -8,7 +8,9 @@
 //
 // Conventions:
 // - Activations are f32, row-major, one row per token.
-// - Weights are row-major [out, in] (PyTorch nn.Linear layout), stored f32 or bf16.
+// - Weights are row-major [out, in] (PyTorch nn.Linear layout), stored f32, bf16 or in one of
+//   GGUF's quantized block formats (kernels/quant.h), which Gemm multiplies with integer dot
+//   products on activations quantized to int8 per block.
 // - Shapes that do not fit are programmer errors (LP_CHECK), not runtime errors: callers
 //   validate model and request shapes before they reach a kernel.
 // - Ops run on ThreadPool::Default() and are safe to call from one thread at a time per output.
@@ -19,17 +21,24 @@
 
 namespace loraplex::kernels {
 
-enum class DType { kF32, kBF16 };
+// kQ8_0 ... kQ6_K are GGUF/ggml block formats (layouts and helpers in kernels/quant.h).
+enum class DType { kF32, kBF16, kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ5_K, kQ6_K };
 
 // A weight matrix W[rows, cols] (rows = output features, cols = input features).
 struct WeightView {
   DType dtype = DType::kF32;
-  const void* data = nullptr;  // f32 or uint16_t bf16 bits, rows * cols elements, row-major
+  // f32 or uint16_t bf16 bits, rows * cols elements, row-major; for a quantized dtype the rows'
+  // blocks as ggml stores them, rows * cols / BlockSize(dtype) blocks (cols a multiple of it).
+  const void* data = nullptr;
   int64_t rows = 0;
   int64_t cols = 0;
 };
 
 // y[m, w.rows] = x[m, w.cols] * W^T (+ y when accumulate). x and y must not alias.
+// Quantized W: the fast version quantizes each row of x to int8 per block (32 values for Q8_0,
+// Q4_0, Q4_1; 256 for the K-quants; scale max|x| / 127, round to nearest even) and sums integer
+// products, so it differs from ref::Gemm (W dequantized, f32 x) by that rounding of x: at most
+// sum over blocks of max|x_block| / 254 * sum |w| over the block, per output.
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate = false);
 
 // out[rows, dim] = x / sqrt(mean(x^2) + eps) * weight, per row. out may alias x.
@@ -47,7 +56,8 @@ void SiluMul(float* out, const float* gate, const float* up, int64_t n);
 // y[i] += x[i] for i < n.
 void Add(float* y, const float* x, int64_t n);
 
-// out[t, :] = table[ids[t], :] for t < n (table rows widened to f32). ids must be < table.rows.
+// out[t, :] = table[ids[t], :] for t < n (table rows widened or dequantized to f32). ids must be
+// < table.rows.
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table);
 
 // The largest of x[0, n), NaN entries skipped; -inf when n is 0 or every entry is NaN or -inf. The

@@ -12,6 +12,7 @@
 #include "common/thread_pool.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/kernels.h"
+#include "kernels/quant.h"
 
 namespace loraplex::kernels {
 namespace {
@@ -136,7 +137,11 @@ void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table) {
   for (int64_t t = 0; t < n; ++t) {
     LP_CHECK(ids[t] >= 0 && ids[t] < table.rows) << "token id " << ids[t] << " of " << table.rows;
     float* o = out + t * dim;
-    if (table.dtype == DType::kF32) {
+    if (IsQuantized(table.dtype)) {
+      const int64_t row_bytes = RowBytes(table.dtype, dim);
+      DequantizeRow(table.dtype, static_cast<const uint8_t*>(table.data) + ids[t] * row_bytes, o,
+                    dim);
+    } else if (table.dtype == DType::kF32) {
       std::memcpy(o, static_cast<const float*>(table.data) + ids[t] * dim, dim * sizeof(float));
     } else {
       const uint16_t* row = static_cast<const uint16_t*>(table.data) + ids[t] * dim;

@@ -8,7 +8,9 @@
 #include "common/logging.h"
 #include "common/thread_pool.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/quant_ops.h"
 #include "kernels/kernels.h"
+#include "kernels/quant.h"
 
 namespace loraplex::kernels {
 namespace {
@@ -24,6 +26,7 @@ constexpr int64_t kMinMacsPerShare = 1 << 17;
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
   LP_CHECK(m >= 0 && w.rows >= 0 && w.cols >= 0)
       << "Gemm shape m=" << m << " w=" << w.rows << "x" << w.cols;
+  if (IsQuantized(w.dtype)) return cpu::QuantGemm(y, x, m, w, accumulate);  // quant_gemm.cc
   const int64_t n = w.rows;
   const int64_t k = w.cols;
   if (m == 0 || n == 0) return;

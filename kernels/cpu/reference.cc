@@ -9,6 +9,7 @@
 #include "common/half.h"
 #include "common/logging.h"
 #include "kernels/kernels.h"
+#include "kernels/quant.h"
 
 namespace loraplex::kernels::ref {
 namespace {
@@ -32,6 +33,14 @@ int64_t CacheOffset(const int32_t* block_table, int64_t pos, int64_t kv_head,
 }  // namespace
 
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
+  if (IsQuantized(w.dtype)) {  // dequantize W to f32, then the loop below
+    std::vector<float> wf(static_cast<size_t>(w.rows * w.cols));
+    for (int64_t r = 0; r < w.rows; ++r) {
+      DequantizeRow(w.dtype, static_cast<const uint8_t*>(w.data) + r * RowBytes(w.dtype, w.cols),
+                    wf.data() + r * w.cols, w.cols);
+    }
+    return ref::Gemm(y, x, m, WeightView{DType::kF32, wf.data(), w.rows, w.cols}, accumulate);
+  }
   const int64_t n = w.rows;            // output features
   const int64_t k = w.cols;            // input features
   for (int64_t i = 0; i < m; ++i) {    // token
@@ -120,6 +129,12 @@ double ExpMass(const float* x, int64_t n, float max, double inv_t) {
 void Embed(float* out, const int32_t* ids, int64_t n, const WeightView& table) {
   for (int64_t t = 0; t < n; ++t) {
     LP_CHECK(ids[t] >= 0 && ids[t] < table.rows) << "token id " << ids[t];
+    if (IsQuantized(table.dtype)) {
+      const int64_t row_bytes = RowBytes(table.dtype, table.cols);
+      DequantizeRow(table.dtype, static_cast<const uint8_t*>(table.data) + ids[t] * row_bytes,
+                    out + t * table.cols, table.cols);
+      continue;
+    }
     for (int64_t c = 0; c < table.cols; ++c) out[t * table.cols + c] = WeightAt(table, ids[t], c);
   }
 }

@@ -1,0 +1,102 @@
+// Gemm on quantized weights: quantizes the activations once per call (in parallel over tokens when
+// there are many), then splits the output features across ThreadPool::Default() as gemm.cc does,
+// so that each thread streams a disjoint slice of the weight blocks and decode (m = 1) reads every
+// weight byte once. Also the runtime choice of the QuantOps table (quant_ops.h).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/logging.h"
+#include "common/thread_pool.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/quant_ops.h"
+#include "kernels/kernels.h"
+#include "kernels/quant.h"
+
+namespace loraplex::kernels::cpu {
+namespace {
+
+// Output features per scheduling unit: a multiple of every tile height of the tables (1, 2, 4).
+constexpr int64_t kBlock = 16;
+// Multiply-adds below which a share is not worth waking another thread for (as gemm.cc).
+constexpr int64_t kMinMacsPerShare = 1 << 17;
+// Activation values below which quantization stays on the calling thread.
+constexpr int64_t kMinQuantizePerShare = 1 << 15;
+
+// One cache line: a vector of these is 64-byte aligned, as the SIMD tables' activation loads
+// expect.
+struct alignas(64) Line {
+  uint8_t bytes[64];
+};
+
+}  // namespace
+
+bool Avx512VnniSupported() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return Avx512Supported() && __builtin_cpu_supports("avx512vnni");
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+const QuantOps& ActiveQuantOps() {
+  const CpuOps& ops = ActiveCpuOps();
+  if (&ops == Avx512Ops()) {
+    if (Avx512VnniQuantOps() != nullptr && Avx512VnniSupported()) return *Avx512VnniQuantOps();
+    if (Avx2QuantOps() != nullptr) return *Avx2QuantOps();  // AVX-512 implies AVX2, FMA, F16C
+  }
+  if (&ops == Avx2Ops() && Avx2QuantOps() != nullptr) return *Avx2QuantOps();
+  return ScalarQuantOps();
+}
+
+void QuantGemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
+  const int64_t n = w.rows;
+  const int64_t k = w.cols;
+  LP_CHECK(IsQuantized(w.dtype) && m >= 0 && n >= 0 && k >= 0 && k % BlockSize(w.dtype) == 0)
+      << "Gemm on " << DTypeName(w.dtype) << " weights: m=" << m << " w=" << n << "x" << k
+      << " (columns must be a multiple of " << BlockSize(w.dtype) << ")";
+  if (m == 0 || n == 0) return;
+  LP_CHECK(y != nullptr);
+  if (k == 0) {
+    if (!accumulate) std::memset(y, 0, static_cast<size_t>(m * n) * sizeof(float));
+    return;
+  }
+  LP_CHECK(x != nullptr && w.data != nullptr);
+  const QuantOps& ops = ActiveQuantOps();
+  const DType t = w.dtype;
+
+  // The activations, quantized: small (about k bytes per token), kept per calling thread.
+  const int64_t row_bytes = ops.act_row_bytes(t, k);
+  thread_local std::vector<Line> xq_buffer;
+  xq_buffer.resize(static_cast<size_t>((m * row_bytes + 63) / 64));
+  uint8_t* xq = xq_buffer.data()->bytes;
+  ThreadPool::Default().ParallelFor(
+      m, [&](int64_t i0, int64_t i1) { ops.quantize_act(t, x, k, i0, i1, xq); },
+      std::max<int64_t>(1, kMinQuantizePerShare / k));
+
+  const uint8_t* weights = static_cast<const uint8_t*>(w.data);
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  const int64_t macs_per_block = std::max<int64_t>(1, m * k * kBlock);
+  const int64_t grain = std::max<int64_t>(1, kMinMacsPerShare / macs_per_block);
+  ThreadPool::Default().ParallelFor(
+      blocks,
+      [&](int64_t b0, int64_t b1) {
+        const int64_t j0 = b0 * kBlock;
+        const int64_t j1 = std::min(n, b1 * kBlock);
+        ops.gemm(t, y, xq, m, weights, n, k, j0, j1, accumulate);
+      },
+      grain);
+}
+
+}  // namespace loraplex::kernels::cpu
+
+namespace loraplex::kernels {
+
+const char* QuantKernelIsa() { return cpu::ActiveQuantOps().name; }
+
+}  // namespace loraplex::kernels
