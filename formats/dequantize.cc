@@ -102,32 +102,47 @@ void DequantizeQ4_1(const uint8_t* src, int64_t n, float* dst) {
 //   bytes 4..7:  mn[0..3] in bits 0-5, bits 6-7 are bits 4-5 of mn[4..7]
 //   bytes 8..11: low nibble = bits 0-3 of sc[4..7], high nibble = bits 0-3 of mn[4..7].
 // Sub-block 2i holds the low nibbles of qs[32i .. 32i+31], sub-block 2i+1 their high nibbles.
-// x = (d * sc) * nibble - (dmin * mn).
+// x = (d * sc) * q - (dmin * mn).
+// Q5_K, 176 bytes: f16 d | f16 dmin | scales[12] | qh[32] | qs[128]: Q4_K plus a fifth bit, bit s
+// of qh[l] for element l of sub-block s (q = nibble | bit << 4).
+void DequantizeK4or5(const uint8_t* src, const uint8_t* qh, const uint8_t* qs, const float* table,
+                     float* dst) {
+  const float d = LoadF16(table, src);
+  const float dmin = LoadF16(table, src + 2);
+  const uint8_t* sc_bytes = src + 4;
+  uint8_t sc[8], mn[8];
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = sc_bytes[j] & 0x3F;
+    mn[j] = sc_bytes[4 + j] & 0x3F;
+    sc[4 + j] = (sc_bytes[8 + j] & 0x0F) | ((sc_bytes[j] >> 2) & 0x30);
+    mn[4 + j] = (sc_bytes[8 + j] >> 4) | ((sc_bytes[4 + j] >> 2) & 0x30);
+  }
+  for (int s = 0; s < 8; ++s) {
+    const float ds = d * static_cast<float>(sc[s]);
+    const float ms = dmin * static_cast<float>(mn[s]);
+    const uint8_t* q = qs + 32 * (s / 2);
+    const int shift = 4 * (s % 2);
+    float* o = dst + 32 * s;
+    for (int i = 0; i < 32; ++i) {
+      int v = (q[i] >> shift) & 0x0F;
+      if (qh != nullptr) v |= ((qh[i] >> s) & 1) << 4;
+      const float p = ds * static_cast<float>(v);
+      o[i] = p - ms;
+    }
+  }
+}
+
 void DequantizeQ4_K(const uint8_t* src, int64_t n, float* dst) {
   const float* table = F16Table();
   for (int64_t b = 0; b < n; ++b, src += 144, dst += kQKK) {
-    const float d = LoadF16(table, src);
-    const float dmin = LoadF16(table, src + 2);
-    const uint8_t* sc_bytes = src + 4;
-    const uint8_t* qs = src + 16;
-    uint8_t sc[8], mn[8];
-    for (int j = 0; j < 4; ++j) {
-      sc[j] = sc_bytes[j] & 0x3F;
-      mn[j] = sc_bytes[4 + j] & 0x3F;
-      sc[4 + j] = (sc_bytes[8 + j] & 0x0F) | ((sc_bytes[j] >> 2) & 0x30);
-      mn[4 + j] = (sc_bytes[8 + j] >> 4) | ((sc_bytes[4 + j] >> 2) & 0x30);
-    }
-    for (int s = 0; s < 8; ++s) {
-      const float ds = d * static_cast<float>(sc[s]);
-      const float ms = dmin * static_cast<float>(mn[s]);
-      const uint8_t* q = qs + 32 * (s / 2);
-      const int shift = 4 * (s % 2);
-      float* o = dst + 32 * s;
-      for (int i = 0; i < 32; ++i) {
-        const float p = ds * static_cast<float>((q[i] >> shift) & 0x0F);
-        o[i] = p - ms;
-      }
-    }
+    DequantizeK4or5(src, nullptr, src + 16, table, dst);
+  }
+}
+
+void DequantizeQ5_K(const uint8_t* src, int64_t n, float* dst) {
+  const float* table = F16Table();
+  for (int64_t b = 0; b < n; ++b, src += 176, dst += kQKK) {
+    DequantizeK4or5(src, src + 16, src + 48, table, dst);
   }
 }
 
@@ -181,6 +196,8 @@ BlockFn BlockFnOf(StoredType t) {
       return DequantizeQ4_1;
     case StoredType::kQ4_K:
       return DequantizeQ4_K;
+    case StoredType::kQ5_K:
+      return DequantizeQ5_K;
     case StoredType::kQ6_K:
       return DequantizeQ6_K;
   }
@@ -190,6 +207,10 @@ BlockFn BlockFnOf(StoredType t) {
 bool MulOverflows(int64_t a, int64_t b, int64_t* out) { return __builtin_mul_overflow(a, b, out); }
 
 }  // namespace
+
+void DequantizeBlocks(StoredType t, const uint8_t* src, int64_t num_blocks, float* dst) {
+  BlockFnOf(t)(src, num_blocks, dst);
+}
 
 BlockLayout LayoutOf(StoredType t) {
   switch (t) {
@@ -206,6 +227,8 @@ BlockLayout LayoutOf(StoredType t) {
       return {kQK, 20};
     case StoredType::kQ4_K:
       return {kQKK, 144};
+    case StoredType::kQ5_K:
+      return {kQKK, 176};
     case StoredType::kQ6_K:
       return {kQKK, 210};
   }

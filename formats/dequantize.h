@@ -1,4 +1,5 @@
-// Storage layout of every StoredType (block sizes) and conversion of stored tensors to f32.
+// Storage layout of every StoredType (block sizes) and conversion of stored tensors to f32: the one
+// dequantizer of the tree (kernels::DequantizeRow and the model loader go through it).
 //
 // DequantizeToF32 (declared in formats/gguf.h) converts a whole tensor; the functions here add the
 // byte-size arithmetic the readers share and a row-range variant for callers that need only a few
@@ -32,6 +33,11 @@ BlockLayout LayoutOf(StoredType t);
 // negative, the element or byte count overflows int64, or the innermost dim is not a multiple of
 // the block size of a quantized type. A scalar (empty shape) counts as one element.
 absl::StatusOr<size_t> StoredByteSize(StoredType t, const int64_t* shape, size_t rank);
+
+// Converts `num_blocks` consecutive blocks of type `t` at `src` (LayoutOf(t).block_bytes each)
+// into num_blocks * LayoutOf(t).block_elems floats at `dst`. No checks: for callers that hold a
+// validated tensor (kernels::DequantizeRow).
+void DequantizeBlocks(StoredType t, const uint8_t* src, int64_t num_blocks, float* dst);
 
 // Converts rows [first_row, first_row + num_rows) of `t` (rows of shape.back() elements) into
 // `out` (num_rows * shape.back() floats, caller-owned). INVALID_ARGUMENT (naming the tensor) when

@@ -98,6 +98,9 @@ bool StoredTypeFromGgml(uint32_t id, StoredType* out) {
     case 12:
       *out = StoredType::kQ4_K;
       return true;
+    case 13:
+      *out = StoredType::kQ5_K;
+      return true;
     case 14:
       *out = StoredType::kQ6_K;
       return true;

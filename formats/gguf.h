@@ -1,5 +1,5 @@
 // Reader for GGUF v3 files (llama.cpp's model format): metadata of every value type, tensor
-// directory, and dequantization of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K to f32.
+// directory, and dequantization of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K to f32.
 // Memory-mapped; every count, string length, offset and size is checked before use, so a truncated
 // or corrupt file is an INVALID_ARGUMENT naming the file (and tensor or key), never a crash.
 #pragma once

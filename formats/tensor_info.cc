@@ -18,6 +18,8 @@ std::string_view StoredTypeName(StoredType t) {
       return "Q4_1";
     case StoredType::kQ4_K:
       return "Q4_K";
+    case StoredType::kQ5_K:
+      return "Q5_K";
     case StoredType::kQ6_K:
       return "Q6_K";
   }

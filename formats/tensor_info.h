@@ -10,7 +10,7 @@
 namespace loraplex::formats {
 
 // Storage types the readers understand. Quantized types are GGUF block formats.
-enum class StoredType { kF32, kF16, kBF16, kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ6_K };
+enum class StoredType { kF32, kF16, kBF16, kQ8_0, kQ4_0, kQ4_1, kQ4_K, kQ5_K, kQ6_K };
 
 std::string_view StoredTypeName(StoredType t);
 

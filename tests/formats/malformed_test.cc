@@ -182,7 +182,7 @@ TEST(GgufMalformedTest, TensorDirectory) {
   EXPECT_THAT(one(Tensor("t", {1ull << 32, 1ull << 32}, 0, 0), 32), StatusIs(kInvalid, "overflow"));
   EXPECT_THAT(one(Tensor("t", {1ull << 31, 1ull << 31, 4}, 0, 0), 32),
               StatusIs(kInvalid, "overflow"));
-  EXPECT_THAT(one(Tensor("t", {32}, 13, 0), 32), StatusIs(kInvalid, "Q5_K (id 13)"));
+  EXPECT_THAT(one(Tensor("t", {32}, 6, 0), 32), StatusIs(kInvalid, "Q5_0 (id 6)"));
   EXPECT_THAT(one(Tensor("t", {32}, 1000, 0), 32), StatusIs(kInvalid, "ggml type id 1000"));
   EXPECT_THAT(one(Tensor("t", {33}, 2, 0), 64), StatusIs(kInvalid, "not a multiple of the Q4_0"));
   EXPECT_THAT(one(Tensor("t", {8}, 0, 0), 31), StatusIs(kInvalid, "outside the data section"));
