@@ -82,7 +82,7 @@ struct RandomAdapter {
   }
 };
 
-// n random rank-r adapters (seeds seed, seed + 1, ...) in adapter slots 0..n-1 of `b`.
+// n random rank-r adapters (seeds seed, seed + 1, ...) as adapters 0..n-1 of `b`.
 void AddAdapters(const LlamaModel& m, int n, int64_t rank, uint32_t seed,
                  std::vector<std::unique_ptr<RandomAdapter>>* adapters, ForwardBatch* b) {
   for (int i = 0; i < n; ++i) {
@@ -92,7 +92,7 @@ void AddAdapters(const LlamaModel& m, int n, int64_t rank, uint32_t seed,
 }
 
 // Prefills kSeqs sequences of kPrompt tokens into `cache` (one sequence per step, not timed;
-// sequence s uses adapter slot s of b->adapters when `with_adapters`), then leaves `b` as the
+// sequence s uses adapter s of b->adapters when `with_adapters`), then leaves `b` as the
 // decode batch: one token per sequence at position kPrompt. False, with the state skipped, on
 // failure.
 bool PrefillThenDecodeBatch(LlamaModel* m, KvCache* cache, bool with_adapters, ForwardBatch* b,
@@ -103,12 +103,12 @@ bool PrefillThenDecodeBatch(LlamaModel* m, KvCache* cache, bool with_adapters, F
     b->tokens.clear();
     b->positions.clear();
     b->token_seq.clear();
-    b->adapter_slot.clear();
+    b->token_adapter.clear();
     for (int i = 0; i < kPrompt; ++i) {
       b->tokens.push_back(100 + (i * 37 + s * 11) % 1000);
       b->positions.push_back(i);
       b->token_seq.push_back(s);
-      if (with_adapters) b->adapter_slot.push_back(s);
+      if (with_adapters) b->token_adapter.push_back(s);
     }
     b->logit_rows = {kPrompt - 1};
     if (!m->Forward(*b, cache, logits).ok()) {
@@ -120,11 +120,11 @@ bool PrefillThenDecodeBatch(LlamaModel* m, KvCache* cache, bool with_adapters, F
   b->positions.assign(kSeqs, kPrompt);
   b->token_seq.clear();
   b->logit_rows.clear();
-  b->adapter_slot.clear();
+  b->token_adapter.clear();
   for (int s = 0; s < kSeqs; ++s) {
     b->token_seq.push_back(s);
     b->logit_rows.push_back(s);
-    if (with_adapters) b->adapter_slot.push_back(s);
+    if (with_adapters) b->token_adapter.push_back(s);
   }
   return true;
 }
@@ -189,16 +189,16 @@ void BM_S2S6Interleaved(benchmark::State& state) {
   ForwardBatch b;
   std::vector<float> logits;
   if (!PrefillThenDecodeBatch(m, &*cache, /*with_adapters=*/false, &b, &logits, state)) return;
-  std::vector<int32_t> slots(kSeqs);
-  for (int s = 0; s < kSeqs; ++s) slots[s] = s;
+  std::vector<int32_t> token_adapter(kSeqs);
+  for (int s = 0; s < kSeqs; ++s) token_adapter[s] = s;
   std::vector<double> ms[kConfigs];
   for (auto _ : state) {
     for (int c = 0; c < kConfigs; ++c) {
       b.adapters = views[c];
       if (c == 0) {
-        b.adapter_slot.clear();
+        b.token_adapter.clear();
       } else {
-        b.adapter_slot = slots;
+        b.token_adapter = token_adapter;
       }
       const auto t0 = std::chrono::steady_clock::now();
       if (!m->Forward(b, &*cache, &logits).ok()) {
@@ -252,7 +252,7 @@ void BM_S4SingleDecode(benchmark::State& state) {
     b.tokens.push_back(100 + (i * 37) % 1000);
     b.positions.push_back(i);
     b.token_seq.push_back(0);
-    if (mode != 0) b.adapter_slot.push_back(0);
+    if (mode != 0) b.token_adapter.push_back(0);
   }
   b.logit_rows = {kPrompt - 1};
   if (!m->Forward(b, &*cache, &logits).ok()) state.SkipWithError("prefill failed");
@@ -260,7 +260,7 @@ void BM_S4SingleDecode(benchmark::State& state) {
   b.positions = {kPrompt};
   b.token_seq = {0};
   b.logit_rows = {0};
-  if (mode != 0) b.adapter_slot = {0};
+  if (mode != 0) b.token_adapter = {0};
   for (auto _ : state) {
     if (!m->Forward(b, &*cache, &logits).ok()) {
       state.SkipWithError("decode failed");
@@ -305,7 +305,7 @@ void BM_PrefillAdapters(benchmark::State& state) {
       b.tokens.push_back(100 + (i * 37 + s * 11) % 1000);
       b.positions.push_back(i);
       b.token_seq.push_back(s);
-      if (with_adapters) b.adapter_slot.push_back(s);
+      if (with_adapters) b.token_adapter.push_back(s);
     }
     b.logit_rows.push_back((s + 1) * kPrompt - 1);
   }

@@ -273,11 +273,11 @@ void Engine::RunStep(const StepPlan& plan) {
     const ScheduledChunk& c = plan.chunks[i];
     const Sequence& seq = *c.seq;
     std::copy(seq.blocks.begin(), seq.blocks.end(), batch.block_tables.begin() + i * max_blocks);
-    int32_t slot = -1;
+    int32_t adapter = -1;  // index into batch.adapters
     if (seq.request.adapter != nullptr) {
       const model::LoraWeightsView* w = &seq.request.adapter->view();
       auto it = std::find(batch.adapters.begin(), batch.adapters.end(), w);
-      slot = static_cast<int32_t>(it - batch.adapters.begin());
+      adapter = static_cast<int32_t>(it - batch.adapters.begin());
       if (it == batch.adapters.end()) batch.adapters.push_back(w);
       any_adapter = true;
     }
@@ -285,11 +285,11 @@ void Engine::RunStep(const StepPlan& plan) {
       batch.tokens.push_back(seq.tokens[t]);
       batch.positions.push_back(static_cast<int32_t>(t));
       batch.token_seq.push_back(static_cast<int32_t>(i));
-      batch.adapter_slot.push_back(slot);
+      batch.token_adapter.push_back(adapter);
     }
     if (c.sample) batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size() - 1));
   }
-  if (!any_adapter) batch.adapter_slot.clear();
+  if (!any_adapter) batch.token_adapter.clear();
 
   // The best logits every sampled row needs; 0 (whole rows) when one request needs all of them.
   int64_t top_k = 1;

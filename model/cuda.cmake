@@ -1,4 +1,4 @@
-# Device choice (model/device.h) for every build, and with LP_ENABLE_CUDA the CUDA model
+# Device choice (model/device.h) for every build, and with LP_ENABLE_CUDA the CUDA backend
 # (model/cuda_model.h, model/cuda_adapter_slots.h) behind LoadOptions.device = kCuda. These files
 # include only kernels/cuda's plain C++ headers; LP_HAVE_CUDA tells device.cc the backend exists.
 target_sources(lp_model PRIVATE ${CMAKE_CURRENT_LIST_DIR}/device.cc)

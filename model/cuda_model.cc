@@ -1,4 +1,4 @@
-// The CUDA model (cuda_model.h): device weights, the KV pools attached to the cache, the per-step
+// The CUDA backend (cuda_model.h): device weights, the KV pools attached to the cache, the per-step
 // metadata upload, and the forward pass as a sequence of kernels/cuda ops on one stream.
 #include "model/cuda_model.h"
 
@@ -6,8 +6,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <map>
 #include <string>
 #include <utility>
 
@@ -21,6 +19,7 @@
 #include "model/cuda_adapter_slots.h"
 #include "model/cuda_device_memory.h"
 #include "model/cuda_step_graphs.h"
+#include "model/lora_plan.h"
 
 namespace loraplex::model {
 namespace {
@@ -42,20 +41,6 @@ constexpr int64_t kDeviceMemoryMargin = int64_t{256} << 20;
 // The attention kernel holds one head in a warp.
 constexpr int64_t kMaxHeadDim = 256;
 
-// The module groups that share an input, in forward order (as model/lora_apply.h groups them).
-struct ModuleGroup {
-  int num = 0;
-  LinearModule modules[kernels::kMaxLoraSlices];
-};
-constexpr int kNumGroups = 4;
-constexpr ModuleGroup kGroups[kNumGroups] = {
-    {3, {LinearModule::kQ, LinearModule::kK, LinearModule::kV}},
-    {1, {LinearModule::kO}},
-    {2, {LinearModule::kGate, LinearModule::kUp}},
-    {1, {LinearModule::kDown}},
-};
-enum GroupIndex { kGroupQkv = 0, kGroupO = 1, kGroupGateUp = 2, kGroupDown = 3 };
-
 // Packs host arrays into one byte buffer for a single upload; each array starts 16-byte aligned.
 class Packer {
  public:
@@ -74,9 +59,8 @@ class Packer {
   std::vector<uint8_t> bytes_;
 };
 
-// One LoRA pass of a step: the adapters' own deltas, or (mixed mode) the merged adapter's delta
-// taken back out. Offsets are into the step's metadata buffer.
-struct LoraPass {
+// One LoRA pass of the plan as the device reads it. Offsets are into the step's metadata buffer.
+struct DeviceLoraPass {
   bool active = false;
   int64_t num_adapters = 0;
   int64_t max_rank = 0;
@@ -85,21 +69,36 @@ struct LoraPass {
   size_t starts_off = 0;         // int64 [num_segments + 1]
   size_t seg_adapter_off = 0;    // int32 [num_segments]
   int64_t num_segments = 0;
-  // Per layer and group: offset of the CudaLoraSlice array [num_adapters * group.num], or
+  // Per layer and group: offset of the CudaLoraSlice array [num_adapters * group size], or
   // SIZE_MAX when no adapter of the pass touches the group in that layer.
-  std::vector<std::array<size_t, kNumGroups>> slices_off;
+  std::vector<std::array<size_t, kNumLoraGroups>> slices_off;
 };
 
-class CudaModelImpl : public CudaModel {
+// The host values of one step that its launches use: sizes, where each metadata array lies in
+// the metadata buffer, and the KV pools. All of them reach the step's graph key (the layout through
+// kv and table_len).
+struct StepMeta {
+  int64_t n = 0;      // tokens
+  int64_t rows = 0;   // logit rows
+  int64_t top_k = 0;  // 0 = whole rows
+  int64_t num_seqs = 0;
+  int64_t table_len = 0;  // block table row length as uploaded (padded with graphs)
+  bool merged = false;
+  size_t tokens_off = 0, pos_off = 0, seq_off = 0, tables_off = 0, rows_off = 0;
+  CudaKvStorage* kv = nullptr;
+  kernels::KvLayout layout;
+};
+
+class CudaBackend : public Backend {
  public:
-  CudaModelImpl(const LlamaConfig& config, int64_t adapter_slots, bool graphs)
+  CudaBackend(const LlamaConfig& config, int64_t adapter_slots, bool graphs)
       : c_(config), slots_(config, adapter_slots), graphs_(graphs) {}
 
   absl::Status Init(LlamaWeights* w, const std::vector<float>& inv_freq);
 
-  absl::Status Forward(const ForwardBatch& batch, KvCache* cache, const LoraWeightsView* merged,
+  absl::Status Forward(const ForwardBatch& batch, const LoraPlan& plan, KvCache* cache,
                        int64_t top_k, StepLogits* out) override {
-    absl::Status s = Step(batch, cache, merged, top_k, out);
+    absl::Status s = Step(batch, plan, cache, top_k, out);
     if (!s.ok()) {
       // Leave nothing in flight, so the next step may again grow buffers and evict slots. The
       // errors of these waits would only repeat the first one.
@@ -110,10 +109,15 @@ class CudaModelImpl : public CudaModel {
     return s;
   }
 
-  absl::Status Merge(const LoraWeightsView& adapter) override;
-  absl::Status MergeImpl(const LoraWeightsView& adapter);
-  absl::Status Unmerge() override;
+  bool host_kv_storage() const override { return false; }
+  kernels::WeightView LinearWeight(int64_t layer, LinearModule m) const override {
+    const DeviceMatrix& d = layers_[layer].linear[static_cast<int>(m)];
+    return {d.dtype, nullptr, d.rows, d.cols};
+  }
+  absl::StatusOr<StoredMatrix> ReadLinear(int64_t layer, LinearModule m) const override;
+  absl::Status WriteLinear(int64_t layer, LinearModule m, StoredMatrix&& w) override;
   int64_t weight_bytes() const override { return weight_bytes_; }
+  int64_t scratch_bytes() const override { return 0; }  // the scratch lives on the device
   CudaGraphStats graph_stats() const override { return graphs_.stats(); }
 
  private:
@@ -122,19 +126,39 @@ class CudaModelImpl : public CudaModel {
     CudaBuffer attn_norm, ffn_norm, q_bias, k_bias, v_bias;  // f32; biases empty unless used
   };
 
-  absl::Status Step(const ForwardBatch& batch, KvCache* cache, const LoraWeightsView* merged,
-                    int64_t top_k, StepLogits* out);
+  // One step, in order: the named parts below.
+  absl::Status Step(const ForwardBatch& batch, const LoraPlan& plan, KvCache* cache, int64_t top_k,
+                    StepLogits* out);
+  // The cache's device KV pools, allocated and attached at its first step.
   absl::StatusOr<CudaKvStorage*> KvStorage(KvCache* cache);
-  absl::Status PlanLora(const ForwardBatch& batch, const LoraWeightsView* merged, bool* uploaded);
-  absl::Status BuildPass(const std::vector<const CudaAdapterCopy*>& copies,
-                         const std::vector<int32_t>& token_adapter, LoraPass* pass);
+  // Metadata upload, host half: packs tokens, positions, block tables, logit rows and the LoRA
+  // plan into packer_ and fills *m; acquires the plan's adapter copies (queuing their uploads).
+  absl::Status PackMetadata(const ForwardBatch& batch, const LoraPlan& plan, int64_t top_k,
+                            StepMeta* m);
+  // The plan's passes: adapter copies, their index arrays and per-layer slice tables.
+  absl::Status PackLora(const LoraPlan& plan, bool* uploaded);
+  absl::Status PackPass(const std::vector<const CudaAdapterCopy*>& copies, const LoraPass& pass,
+                        DeviceLoraPass* out);
+  // Grows every step buffer to what the step needs (before any of the step's work is queued).
+  absl::Status GrowBuffers(const StepMeta& m);
+  // Metadata upload, device half: one asynchronous copy of the packed metadata.
+  absl::Status UploadMetadata();
+  // Queues the step's launches, replayed from a CUDA graph when one fits (graph capture/replay).
+  absl::Status EnqueueStep(const StepMeta& m);
+  // The graph key of a step: every host value that reaches one of its launches.
+  std::vector<int64_t> GraphKey(const StepMeta& m) const;
+  // The step's launches, from the embedding to the logits (or their top k): what a graph holds.
+  absl::Status EnqueueForward(const StepMeta& m);
+  // Copies the logits (or the top-k triples) back and waits for the step to finish.
+  absl::Status CopyLogitsBack(const StepMeta& m, StepLogits* out);
+
   // y = W x for f32 x [m, W.cols] and f32 y; x_bf16 (when non-null) is x already rounded to bf16.
   absl::Status Linear(float* d_y, const float* d_x, const uint16_t* d_x_bf16, int64_t m,
                       const DeviceMatrix& w, bool accumulate = false);
   // Rounds d_x [m, k] to bf16 into the step's bf16 scratch (for bf16 weights) and returns it, or
   // null for f32 weights (cuBLAS takes f32 x directly then).
   absl::StatusOr<const uint16_t*> ToBf16(const float* d_x, int64_t m, int64_t k);
-  absl::Status ApplyLora(int group, int64_t layer, const float* d_x, int64_t x_stride,
+  absl::Status ApplyLora(LoraGroup group, int64_t layer, const float* d_x, int64_t x_stride,
                          const CudaLoraOutput* y);
   uint8_t* meta() const { return meta_.as<uint8_t>(); }
   // Reserve() of a step buffer; a new allocation changes buffers_gen_ (graphs hold the old one).
@@ -150,8 +174,6 @@ class CudaModelImpl : public CudaModel {
   CudaStream compute_, upload_;
   CudaEvent uploaded_event_;
   CudaAdapterSlots slots_;
-  // Pristine host bits of the matrices a merge changed, restored by Unmerge.
-  std::map<std::pair<int64_t, int>, StoredMatrix> merge_backup_;
 
   // Step state, reused across steps.
   uint64_t step_ = 0;
@@ -163,7 +185,7 @@ class CudaModelImpl : public CudaModel {
   std::vector<uint32_t> top_host_;  // top_'s bytes copied back
   std::vector<float> ones_host_;
   int64_t v_stride_ = 0;
-  LoraPass own_, neg_;
+  DeviceLoraPass own_, neg_;  // the plan's own and unmerge passes
   bool wait_for_upload_ = false;
   std::vector<int32_t> tables_;  // block tables padded to a power-of-two row length
 
@@ -176,13 +198,13 @@ class CudaModelImpl : public CudaModel {
 // prefill steps of many tokens rarely repeat a shape.
 constexpr int64_t kMaxGraphTokens = 256;
 
-absl::Status CudaModelImpl::Grow(CudaBuffer* b, size_t bytes) {
+absl::Status CudaBackend::Grow(CudaBuffer* b, size_t bytes) {
   if (b->size() >= bytes) return absl::OkStatus();
   ++buffers_gen_;
   return Reserve(b, bytes);
 }
 
-absl::Status CudaModelImpl::Init(LlamaWeights* w, const std::vector<float>& inv_freq) {
+absl::Status CudaBackend::Init(LlamaWeights* w, const std::vector<float>& inv_freq) {
   if (c_.head_dim % 2 != 0 || c_.head_dim > kMaxHeadDim) {
     return absl::InvalidArgumentError(absl::StrCat("CUDA model: head_dim ", c_.head_dim,
                                                    " must be even and at most ", kMaxHeadDim));
@@ -246,7 +268,7 @@ absl::Status CudaModelImpl::Init(LlamaWeights* w, const std::vector<float>& inv_
   return absl::OkStatus();
 }
 
-absl::StatusOr<CudaKvStorage*> CudaModelImpl::KvStorage(KvCache* cache) {
+absl::StatusOr<CudaKvStorage*> CudaBackend::KvStorage(KvCache* cache) {
   if (auto* kv = dynamic_cast<CudaKvStorage*>(cache->device_storage()); kv != nullptr) {
     if (kv->num_layers != c_.num_layers || kv->n_kv_heads != c_.num_kv_heads ||
         kv->head_dim != c_.head_dim || kv->num_blocks != cache->num_blocks() ||
@@ -280,48 +302,33 @@ absl::StatusOr<CudaKvStorage*> CudaModelImpl::KvStorage(KvCache* cache) {
   return result;
 }
 
-absl::Status CudaModelImpl::BuildPass(const std::vector<const CudaAdapterCopy*>& copies,
-                                      const std::vector<int32_t>& token_adapter, LoraPass* pass) {
-  *pass = LoraPass();
-  const int64_t n = static_cast<int64_t>(token_adapter.size());
-  // Runs of equal indices, as model/lora_apply.cc forms them.
-  std::vector<int64_t> starts;
-  std::vector<int32_t> seg_adapter;
-  int64_t active = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    if (t == 0 || token_adapter[t] != token_adapter[t - 1]) {
-      starts.push_back(t);
-      seg_adapter.push_back(token_adapter[t]);
-    }
-    active += token_adapter[t] >= 0;
-  }
-  if (active == 0) return absl::OkStatus();
-  starts.push_back(n);
-  pass->active = true;
-  pass->num_adapters = static_cast<int64_t>(copies.size());
-  pass->num_segments = static_cast<int64_t>(seg_adapter.size());
-  // Segments pay off when each reuses its weights over a few tokens (the CPU's rule).
-  pass->sgmv = n >= 4 * pass->num_segments;
-  pass->token_adapter_off = packer_.Add(token_adapter.data(), token_adapter.size());
-  pass->starts_off = packer_.Add(starts.data(), starts.size());
-  pass->seg_adapter_off = packer_.Add(seg_adapter.data(), seg_adapter.size());
+absl::Status CudaBackend::PackPass(const std::vector<const CudaAdapterCopy*>& copies,
+                                   const LoraPass& pass, DeviceLoraPass* out) {
+  *out = DeviceLoraPass();
+  out->active = true;
+  out->num_adapters = static_cast<int64_t>(copies.size());
+  out->num_segments = pass.num_segments();
+  out->sgmv = pass.sgmv;
+  out->token_adapter_off = packer_.Add(pass.token_adapter.data(), pass.token_adapter.size());
+  out->starts_off = packer_.Add(pass.starts.data(), pass.starts.size());
+  out->seg_adapter_off = packer_.Add(pass.seg_adapter.data(), pass.seg_adapter.size());
   for (const CudaAdapterCopy* copy : copies) {
-    if (copy != nullptr) pass->max_rank = std::max(pass->max_rank, copy->max_rank);
+    if (copy != nullptr) out->max_rank = std::max(out->max_rank, copy->max_rank);
   }
-  pass->slices_off.assign(c_.num_layers, {});
+  out->slices_off.assign(c_.num_layers, {});
   std::vector<CudaLoraSlice> slices;
   for (int64_t l = 0; l < c_.num_layers; ++l) {
-    for (int g = 0; g < kNumGroups; ++g) {
-      const ModuleGroup& group = kGroups[g];
-      slices.assign(copies.size() * group.num, CudaLoraSlice{});
+    for (int g = 0; g < kNumLoraGroups; ++g) {
+      const LoraModuleGroup& group = kLoraModuleGroups[g];
+      slices.assign(copies.size() * group.num_modules, CudaLoraSlice{});
       bool any = false;
       for (size_t j = 0; j < copies.size(); ++j) {
         if (copies[j] == nullptr) continue;
         int32_t offset = 0;
-        for (int s = 0; s < group.num; ++s) {
+        for (int s = 0; s < group.num_modules; ++s) {
           const CudaLoraModule& mod = copies[j]->layers[l][static_cast<int>(group.modules[s])];
           if (mod.rank == 0) continue;
-          CudaLoraSlice& slice = slices[j * group.num + s];
+          CudaLoraSlice& slice = slices[j * group.num_modules + s];
           slice.a = mod.a;
           slice.b = mod.b;
           slice.rank = mod.rank;
@@ -331,63 +338,43 @@ absl::Status CudaModelImpl::BuildPass(const std::vector<const CudaAdapterCopy*>&
         }
         v_stride_ = std::max<int64_t>(v_stride_, offset);
       }
-      pass->slices_off[l][g] = any ? packer_.Add(slices.data(), slices.size()) : SIZE_MAX;
+      out->slices_off[l][g] = any ? packer_.Add(slices.data(), slices.size()) : SIZE_MAX;
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status CudaModelImpl::PlanLora(const ForwardBatch& batch, const LoraWeightsView* merged,
-                                     bool* uploaded) {
-  const int64_t n = batch.num_tokens();
-  own_ = LoraPass();
-  neg_ = LoraPass();
+absl::Status CudaBackend::PackLora(const LoraPlan& plan, bool* uploaded) {
+  own_ = DeviceLoraPass();
+  neg_ = DeviceLoraPass();
   v_stride_ = 0;
-  // The adapters' own deltas: every token with an adapter other than the merged one.
-  std::vector<int32_t> token_adapter(n, -1);
-  std::vector<const CudaAdapterCopy*> copies(batch.adapters.size(), nullptr);
-  bool any = false;
-  for (int64_t t = 0; t < static_cast<int64_t>(batch.adapter_slot.size()); ++t) {
-    const int32_t slot = batch.adapter_slot[t];
-    if (slot < 0 || batch.adapters[slot] == merged) continue;
-    token_adapter[t] = slot;
-    any = true;
-    if (copies[slot] == nullptr) {
-      LP_ASSIGN_OR_RETURN(copies[slot], slots_.Acquire(*batch.adapters[slot], /*negate=*/false,
-                                                       step_, upload_.get(), uploaded));
+  // The own pass with each adapter's copy; the unmerge pass with the merged adapter's -B copy.
+  const std::pair<const LoraPass*, DeviceLoraPass*> passes[2] = {{&plan.own(), &own_},
+                                                                 {&plan.unmerge(), &neg_}};
+  std::vector<const CudaAdapterCopy*> copies;
+  for (const auto& [pass, device_pass] : passes) {
+    if (!pass->active) continue;
+    // Only the adapters some token takes, in token order.
+    copies.assign(pass->adapters.size(), nullptr);
+    for (const int32_t j : pass->token_adapter) {
+      if (j < 0 || copies[j] != nullptr) continue;
+      LP_ASSIGN_OR_RETURN(copies[j], slots_.Acquire(*pass->adapters[j], pass->negate, step_,
+                                                    upload_.get(), uploaded));
     }
-  }
-  if (any) LP_RETURN_IF_ERROR(BuildPass(copies, token_adapter, &own_));
-  // Mixed mode: every token not of the merged adapter takes its delta back out (-B copy).
-  if (merged != nullptr) {
-    std::vector<int32_t> neg_adapter(n, 0);
-    bool any_neg = false;
-    for (int64_t t = 0; t < n; ++t) {
-      const int32_t slot = batch.adapter_slot.empty() ? -1 : batch.adapter_slot[t];
-      if (slot >= 0 && batch.adapters[slot] == merged) {
-        neg_adapter[t] = -1;
-      } else {
-        any_neg = true;
-      }
-    }
-    if (any_neg) {
-      LP_ASSIGN_OR_RETURN(const CudaAdapterCopy* copy,
-                          slots_.Acquire(*merged, /*negate=*/true, step_, upload_.get(), uploaded));
-      LP_RETURN_IF_ERROR(BuildPass({copy}, neg_adapter, &neg_));
-    }
+    LP_RETURN_IF_ERROR(PackPass(copies, *pass, device_pass));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<const uint16_t*> CudaModelImpl::ToBf16(const float* d_x, int64_t m, int64_t k) {
+absl::StatusOr<const uint16_t*> CudaBackend::ToBf16(const float* d_x, int64_t m, int64_t k) {
   if (wdtype_ != DType::kBF16) return nullptr;
   LP_RETURN_IF_ERROR(kernels::cuda::CudaConvert(xb_.data(), DType::kBF16, d_x, DType::kF32, m * k,
                                                 compute_.get()));
   return xb_.as<const uint16_t>();
 }
 
-absl::Status CudaModelImpl::Linear(float* d_y, const float* d_x, const uint16_t* d_x_bf16,
-                                   int64_t m, const DeviceMatrix& w, bool accumulate) {
+absl::Status CudaBackend::Linear(float* d_y, const float* d_x, const uint16_t* d_x_bf16, int64_t m,
+                                 const DeviceMatrix& w, bool accumulate) {
   if (w.dtype == DType::kBF16) {
     // cuBLAS has no bf16 x f32 product: the activations are rounded to bf16 once per input (by
     // ToBf16), which is what CudaBlas would do per call, without its mid-step scratch growth.
@@ -400,24 +387,27 @@ absl::Status CudaModelImpl::Linear(float* d_y, const float* d_x, const uint16_t*
   return blas_->Gemm(d_y, DType::kF32, d_x, DType::kF32, m, w.view(), accumulate, compute_.get());
 }
 
-absl::Status CudaModelImpl::ApplyLora(int group, int64_t layer, const float* d_x, int64_t x_stride,
-                                      const CudaLoraOutput* y) {
-  for (LoraPass* pass : {&own_, &neg_}) {
-    if (!pass->active || pass->slices_off[layer][group] == SIZE_MAX) continue;
+absl::Status CudaBackend::ApplyLora(LoraGroup group, int64_t layer, const float* d_x,
+                                    int64_t x_stride, const CudaLoraOutput* y) {
+  const int g = static_cast<int>(group);
+  for (const DeviceLoraPass* pass : {&own_, &neg_}) {
+    if (!pass->active || pass->slices_off[layer][g] == SIZE_MAX) continue;
     if (wait_for_upload_) {
       // The copies queued on the upload stream must land before the first kernel reads them.
       LP_RETURN_IF_ERROR(uploaded_event_.StreamWait(compute_.get()));
       wait_for_upload_ = false;
     }
-    const ModuleGroup& g = kGroups[group];
+    const LoraModuleGroup& modules = ModulesOf(group);
     CudaLoraWeights w;
     w.num_adapters = pass->num_adapters;
-    w.num_slices = g.num;
+    w.num_slices = modules.num_modules;
     w.dtype = DType::kF32;
-    w.in_features = LinearInFeatures(c_, g.modules[0]);
-    for (int s = 0; s < g.num; ++s) w.out_features[s] = LinearOutFeatures(c_, g.modules[s]);
+    w.in_features = LinearInFeatures(c_, modules.modules[0]);
+    for (int s = 0; s < modules.num_modules; ++s) {
+      w.out_features[s] = LinearOutFeatures(c_, modules.modules[s]);
+    }
     w.max_rank = pass->max_rank;
-    w.d_slices = reinterpret_cast<const CudaLoraSlice*>(meta() + pass->slices_off[layer][group]);
+    w.d_slices = reinterpret_cast<const CudaLoraSlice*>(meta() + pass->slices_off[layer][g]);
     float* v = lora_v_.as<float>();
     if (pass->sgmv) {
       CudaLoraSegments seg;
@@ -439,65 +429,60 @@ absl::Status CudaModelImpl::ApplyLora(int group, int64_t layer, const float* d_x
   return absl::OkStatus();
 }
 
-absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
-                                 const LoraWeightsView* merged, int64_t top_k, StepLogits* out) {
-  namespace cu = kernels::cuda;
-  static_assert(LlamaModel::kMaxTopLogits == cu::kCudaMaxTopK);
-  const int64_t n = batch.num_tokens();
-  const int64_t rows = static_cast<int64_t>(batch.logit_rows.size());
-  const int64_t hid = c_.hidden_size, qd = c_.q_dim(), kvd = c_.kv_dim(), ff = c_.intermediate_size;
-  const int64_t vocab = c_.vocab_size;
-  const int64_t num_seqs =
-      static_cast<int64_t>(batch.block_tables.size()) / batch.max_blocks_per_seq;
-  n_ = n;
+absl::Status CudaBackend::Step(const ForwardBatch& batch, const LoraPlan& plan, KvCache* cache,
+                               int64_t top_k, StepLogits* out) {
+  static_assert(LlamaModel::kMaxTopLogits == kernels::cuda::kCudaMaxTopK);
+  n_ = batch.num_tokens();
   ++step_;
-
-  // The device cannot report an out-of-range block id (and a fault would end the CUDA context), so
-  // every table entry attention may read is checked here: for each sequence, entries 0..p / bs of
-  // its highest position p. (ValidateBatch checked each token's own block.)
-  std::vector<int64_t> max_pos(num_seqs, -1);
-  for (int64_t t = 0; t < n; ++t) {
-    max_pos[batch.token_seq[t]] =
-        std::max<int64_t>(max_pos[batch.token_seq[t]], batch.positions[t]);
-  }
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    if (max_pos[s] < 0) continue;
-    for (int64_t b = 0; b <= max_pos[s] / cache->block_size(); ++b) {
-      const int32_t blk = batch.block_tables[s * batch.max_blocks_per_seq + b];
-      if (blk < 0 || blk >= cache->num_blocks()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("forward: sequence ", s, " block table entry ", b, " = ", blk,
-                         " is outside the KV pool [0, ", cache->num_blocks(), ")"));
-      }
-    }
-  }
-
-  // Everything that allocates or frees device memory happens here, before any work is queued.
+  // Everything that allocates or frees device memory happens first, before any work is queued.
   LP_ASSIGN_OR_RETURN(CudaKvStorage * kv, KvStorage(cache));
+  StepMeta m;
+  LP_RETURN_IF_ERROR(PackMetadata(batch, plan, top_k, &m));
+  m.kv = kv;
+  m.layout = cache->layout(m.table_len);
+  LP_RETURN_IF_ERROR(GrowBuffers(m));
+  LP_RETURN_IF_ERROR(UploadMetadata());
+  LP_RETURN_IF_ERROR(EnqueueStep(m));
+  return CopyLogitsBack(m, out);
+}
+
+absl::Status CudaBackend::PackMetadata(const ForwardBatch& batch, const LoraPlan& plan,
+                                       int64_t top_k, StepMeta* m) {
+  const int64_t n = batch.num_tokens();
+  m->n = n;
+  m->rows = static_cast<int64_t>(batch.logit_rows.size());
+  m->top_k = top_k;
+  m->num_seqs = static_cast<int64_t>(batch.block_tables.size()) / batch.max_blocks_per_seq;
+  m->merged = plan.merged() != nullptr;
   packer_.Clear();
-  const size_t tokens_off = packer_.Add(batch.tokens.data(), n);
-  const size_t pos_off = packer_.Add(batch.positions.data(), n);
-  const size_t seq_off = packer_.Add(batch.token_seq.data(), n);
+  m->tokens_off = packer_.Add(batch.tokens.data(), n);
+  m->pos_off = packer_.Add(batch.positions.data(), n);
+  m->seq_off = packer_.Add(batch.token_seq.data(), n);
   // With graphs, block tables padded to a power-of-two row length (attention reads a sequence's
   // entries only up to its own length): a decode batch's metadata layout then changes only when
   // the longest table doubles, so the graph of its steps stays valid across many steps.
-  int64_t table_len = batch.max_blocks_per_seq;
+  m->table_len = batch.max_blocks_per_seq;
   if (graphs_.enabled()) {
-    table_len = 1;
-    while (table_len < batch.max_blocks_per_seq) table_len *= 2;
+    m->table_len = 1;
+    while (m->table_len < batch.max_blocks_per_seq) m->table_len *= 2;
   }
-  tables_.assign(num_seqs * table_len, 0);
-  for (int64_t s = 0; s < num_seqs; ++s) {
+  tables_.assign(m->num_seqs * m->table_len, 0);
+  for (int64_t s = 0; s < m->num_seqs; ++s) {
     std::copy_n(batch.block_tables.begin() + s * batch.max_blocks_per_seq, batch.max_blocks_per_seq,
-                tables_.begin() + s * table_len);
+                tables_.begin() + s * m->table_len);
   }
-  const size_t tables_off = packer_.Add(tables_.data(), tables_.size());
-  const size_t rows_off = packer_.Add(batch.logit_rows.data(), rows);
+  m->tables_off = packer_.Add(tables_.data(), tables_.size());
+  m->rows_off = packer_.Add(batch.logit_rows.data(), m->rows);
   bool uploaded = false;
-  LP_RETURN_IF_ERROR(PlanLora(batch, merged, &uploaded));
+  LP_RETURN_IF_ERROR(PackLora(plan, &uploaded));
   if (uploaded) LP_RETURN_IF_ERROR(uploaded_event_.Record(upload_.get()));
   wait_for_upload_ = uploaded;
+  return absl::OkStatus();
+}
 
+absl::Status CudaBackend::GrowBuffers(const StepMeta& m) {
+  const int64_t n = m.n, rows = m.rows;
+  const int64_t hid = c_.hidden_size, qd = c_.q_dim(), kvd = c_.kv_dim(), ff = c_.intermediate_size;
   const int64_t widest = std::max({hid, qd, ff});
   LP_RETURN_IF_ERROR(Grow(&meta_, packer_.size()));
   LP_RETURN_IF_ERROR(Grow(&x_, n * hid * 4));
@@ -510,8 +495,8 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   LP_RETURN_IF_ERROR(Grow(&gate_, n * ff * 4));
   LP_RETURN_IF_ERROR(Grow(&up_, n * ff * 4));
   LP_RETURN_IF_ERROR(Grow(&sel_, std::max<int64_t>(rows, 1) * hid * 4));
-  LP_RETURN_IF_ERROR(Grow(&logits_, std::max<int64_t>(rows, 1) * vocab * 4));
-  if (top_k > 0) LP_RETURN_IF_ERROR(Grow(&top_, std::max<int64_t>(rows, 1) * top_k * 12));
+  LP_RETURN_IF_ERROR(Grow(&logits_, std::max<int64_t>(rows, 1) * c_.vocab_size * 4));
+  if (m.top_k > 0) LP_RETURN_IF_ERROR(Grow(&top_, std::max<int64_t>(rows, 1) * m.top_k * 12));
   // The bf16 copy of a GEMM input: any [n, <= widest] activation, or the [rows, hid] logit rows
   // (rows may exceed n: a row can be asked for twice).
   if (wdtype_ == DType::kBF16) {
@@ -526,10 +511,54 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
     LP_RETURN_IF_ERROR(
         ones_.CopyFromHostAsync(ones_host_.data(), ones_host_.size() * 4, compute_.get()));
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::UploadMetadata() {
   // packer_ stays unchanged until the step's final synchronisation, so the host source of this
   // asynchronous copy outlives it.
-  LP_RETURN_IF_ERROR(meta_.CopyFromHostAsync(packer_.data(), packer_.size(), compute_.get()));
+  return meta_.CopyFromHostAsync(packer_.data(), packer_.size(), compute_.get());
+}
 
+std::vector<int64_t> CudaBackend::GraphKey(const StepMeta& m) const {
+  std::vector<int64_t> key = {m.n,
+                              m.rows,
+                              m.top_k,
+                              m.num_seqs,
+                              m.table_len,
+                              static_cast<int64_t>(reinterpret_cast<intptr_t>(m.kv)),
+                              static_cast<int64_t>(buffers_gen_),
+                              static_cast<int64_t>(m.tokens_off),
+                              static_cast<int64_t>(m.pos_off),
+                              static_cast<int64_t>(m.seq_off),
+                              static_cast<int64_t>(m.tables_off),
+                              static_cast<int64_t>(m.rows_off),
+                              v_stride_,
+                              m.merged};
+  for (const DeviceLoraPass* p : {&own_, &neg_}) {
+    key.insert(key.end(),
+               {p->active, p->num_adapters, p->max_rank, p->sgmv, p->num_segments,
+                static_cast<int64_t>(p->token_adapter_off), static_cast<int64_t>(p->starts_off),
+                static_cast<int64_t>(p->seg_adapter_off)});
+    if (!p->active) continue;
+    for (const auto& groups : p->slices_off) {
+      for (size_t off : groups) key.push_back(static_cast<int64_t>(off));
+    }
+  }
+  return key;
+}
+
+absl::Status CudaBackend::EnqueueStep(const StepMeta& m) {
+  // No graph for a step that waits for adapter uploads (an event wait inside) or that is large.
+  if (!graphs_.enabled() || wait_for_upload_ || m.n > kMaxGraphTokens) return EnqueueForward(m);
+  return graphs_.Run(GraphKey(m), compute_.get(), [&] { return EnqueueForward(m); });
+}
+
+absl::Status CudaBackend::EnqueueForward(const StepMeta& m) {
+  namespace cu = kernels::cuda;
+  const int64_t n = m.n, rows = m.rows, top_k = m.top_k;
+  const int64_t hid = c_.hidden_size, qd = c_.q_dim(), kvd = c_.kv_dim(), ff = c_.intermediate_size;
+  const int64_t vocab = c_.vocab_size;
   void* st = compute_.get();
   float* x = x_.as<float>();
   float* h = h_.as<float>();
@@ -540,141 +569,112 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   float* proj = proj_.as<float>();
   float* gate = gate_.as<float>();
   float* up = up_.as<float>();
-  const int32_t* d_tokens = reinterpret_cast<const int32_t*>(meta() + tokens_off);
-  const int32_t* d_pos = reinterpret_cast<const int32_t*>(meta() + pos_off);
+  const int32_t* d_tokens = reinterpret_cast<const int32_t*>(meta() + m.tokens_off);
+  const int32_t* d_pos = reinterpret_cast<const int32_t*>(meta() + m.pos_off);
+  const CudaKvStorage* kv = m.kv;
 
   kernels::AttentionBatch ab;
   ab.num_tokens = n;
-  ab.token_seq = reinterpret_cast<const int32_t*>(meta() + seq_off);
+  ab.token_seq = reinterpret_cast<const int32_t*>(meta() + m.seq_off);
   ab.token_pos = d_pos;
-  ab.block_tables = reinterpret_cast<const int32_t*>(meta() + tables_off);
-  const kernels::KvLayout layout = cache->layout(table_len);
+  ab.block_tables = reinterpret_cast<const int32_t*>(meta() + m.tables_off);
+  const kernels::KvLayout& layout = m.layout;
   const float attn_scale = 1.0f / std::sqrt(static_cast<float>(c_.head_dim));
   const float eps = c_.rms_norm_eps;
   const float* inv_freq = inv_freq_.as<const float>();
 
-  // The step's launches, from the embedding to the logits (or their top k): what a CUDA graph
-  // holds. Host values they use all go into `key` below.
-  auto launches = [&]() -> absl::Status {
-    LP_RETURN_IF_ERROR(cu::CudaEmbed(x, DType::kF32, d_tokens, n, embed_.view(), st));
+  LP_RETURN_IF_ERROR(cu::CudaEmbed(x, DType::kF32, d_tokens, n, embed_.view(), st));
+  LP_RETURN_IF_ERROR(
+      cu::CudaRmsNorm(h, x, layers_[0].attn_norm.as<const float>(), n, hid, eps, st));
+  for (int64_t l = 0; l < c_.num_layers; ++l) {
+    const Layer& lw = layers_[l];
+    auto W = [&](LinearModule module) -> const DeviceMatrix& {
+      return lw.linear[static_cast<int>(module)];
+    };
+    // q, k, v read the same normed input: round it to bf16 once.
+    LP_ASSIGN_OR_RETURN(const uint16_t* hb, ToBf16(h, n, hid));
+    LP_RETURN_IF_ERROR(Linear(q, h, hb, n, W(LinearModule::kQ)));
+    LP_RETURN_IF_ERROR(Linear(k, h, hb, n, W(LinearModule::kK)));
+    LP_RETURN_IF_ERROR(Linear(v, h, hb, n, W(LinearModule::kV)));
+    const CudaLoraOutput qkv_out[3] = {{q, qd}, {k, kvd}, {v, kvd}};
+    LP_RETURN_IF_ERROR(ApplyLora(LoraGroup::kQkv, l, h, hid, qkv_out));
+    if (c_.attention_bias) {
+      // y[t] += bias as a rank-1 product ones[n, 1] bias[1, out], exact in f32 (one product by
+      // 1).
+      const float* ones = ones_.as<const float>();
+      const std::pair<float*, const CudaBuffer*> biases[3] = {
+          {q, &lw.q_bias}, {k, &lw.k_bias}, {v, &lw.v_bias}};
+      const int64_t outs[3] = {qd, kvd, kvd};
+      for (int i = 0; i < 3; ++i) {
+        const WeightView bias{DType::kF32, biases[i].second->data(), outs[i], 1};
+        LP_RETURN_IF_ERROR(blas_->Gemm(biases[i].first, DType::kF32, ones, DType::kF32, n, bias,
+                                       /*accumulate=*/true, st));
+      }
+    }
     LP_RETURN_IF_ERROR(
-        cu::CudaRmsNorm(h, x, layers_[0].attn_norm.as<const float>(), n, hid, eps, st));
-    for (int64_t l = 0; l < c_.num_layers; ++l) {
-      const Layer& lw = layers_[l];
-      auto W = [&](LinearModule m) -> const DeviceMatrix& {
-        return lw.linear[static_cast<int>(m)];
-      };
-      // q, k, v read the same normed input: round it to bf16 once.
-      LP_ASSIGN_OR_RETURN(const uint16_t* hb, ToBf16(h, n, hid));
-      LP_RETURN_IF_ERROR(Linear(q, h, hb, n, W(LinearModule::kQ)));
-      LP_RETURN_IF_ERROR(Linear(k, h, hb, n, W(LinearModule::kK)));
-      LP_RETURN_IF_ERROR(Linear(v, h, hb, n, W(LinearModule::kV)));
-      const CudaLoraOutput qkv_out[3] = {{q, qd}, {k, kvd}, {v, kvd}};
-      LP_RETURN_IF_ERROR(ApplyLora(kGroupQkv, l, h, hid, qkv_out));
-      if (c_.attention_bias) {
-        // y[t] += bias as a rank-1 product ones[n, 1] bias[1, out], exact in f32 (one product by
-        // 1).
-        const float* ones = ones_.as<const float>();
-        const std::pair<float*, const CudaBuffer*> biases[3] = {
-            {q, &lw.q_bias}, {k, &lw.k_bias}, {v, &lw.v_bias}};
-        const int64_t outs[3] = {qd, kvd, kvd};
-        for (int i = 0; i < 3; ++i) {
-          const WeightView bias{DType::kF32, biases[i].second->data(), outs[i], 1};
-          LP_RETURN_IF_ERROR(blas_->Gemm(biases[i].first, DType::kF32, ones, DType::kF32, n, bias,
-                                         /*accumulate=*/true, st));
-        }
-      }
-      LP_RETURN_IF_ERROR(
-          cu::CudaRope(q, DType::kF32, d_pos, n, c_.num_heads, c_.head_dim, inv_freq, st));
-      LP_RETURN_IF_ERROR(
-          cu::CudaRope(k, DType::kF32, d_pos, n, c_.num_kv_heads, c_.head_dim, inv_freq, st));
-      LP_RETURN_IF_ERROR(cu::CudaWriteKv(kv->k_layer(l), kv->v_layer(l), DType::kF32, k, v,
-                                         DType::kF32, ab, layout, st));
-      LP_RETURN_IF_ERROR(cu::CudaPagedAttention(attn, q, DType::kF32, kv->k_layer(l),
-                                                kv->v_layer(l), DType::kF32, ab, layout,
-                                                c_.num_heads, attn_scale, c_.sliding_window, st));
-      LP_RETURN_IF_ERROR(Linear(proj, attn, nullptr, n, W(LinearModule::kO)));
-      const CudaLoraOutput o_out[1] = {{proj, hid}};
-      LP_RETURN_IF_ERROR(ApplyLora(kGroupO, l, attn, qd, o_out));
-      // x += proj; h = RmsNorm(x) * ffn_norm
-      LP_RETURN_IF_ERROR(
-          cu::CudaAddRmsNorm(h, x, proj, lw.ffn_norm.data(), DType::kF32, n, hid, eps, st));
+        cu::CudaRope(q, DType::kF32, d_pos, n, c_.num_heads, c_.head_dim, inv_freq, st));
+    LP_RETURN_IF_ERROR(
+        cu::CudaRope(k, DType::kF32, d_pos, n, c_.num_kv_heads, c_.head_dim, inv_freq, st));
+    LP_RETURN_IF_ERROR(cu::CudaWriteKv(kv->k_layer(l), kv->v_layer(l), DType::kF32, k, v,
+                                       DType::kF32, ab, layout, st));
+    LP_RETURN_IF_ERROR(cu::CudaPagedAttention(attn, q, DType::kF32, kv->k_layer(l), kv->v_layer(l),
+                                              DType::kF32, ab, layout, c_.num_heads, attn_scale,
+                                              c_.sliding_window, st));
+    LP_RETURN_IF_ERROR(Linear(proj, attn, nullptr, n, W(LinearModule::kO)));
+    const CudaLoraOutput o_out[1] = {{proj, hid}};
+    LP_RETURN_IF_ERROR(ApplyLora(LoraGroup::kO, l, attn, qd, o_out));
+    // x += proj; h = RmsNorm(x) * ffn_norm
+    LP_RETURN_IF_ERROR(
+        cu::CudaAddRmsNorm(h, x, proj, lw.ffn_norm.data(), DType::kF32, n, hid, eps, st));
 
-      LP_ASSIGN_OR_RETURN(hb, ToBf16(h, n, hid));
-      LP_RETURN_IF_ERROR(Linear(gate, h, hb, n, W(LinearModule::kGate)));
-      LP_RETURN_IF_ERROR(Linear(up, h, hb, n, W(LinearModule::kUp)));
-      const CudaLoraOutput gu_out[2] = {{gate, ff}, {up, ff}};
-      LP_RETURN_IF_ERROR(ApplyLora(kGroupGateUp, l, h, hid, gu_out));
-      LP_RETURN_IF_ERROR(cu::CudaSiluMul(gate, gate, up, DType::kF32, n * ff, st));
-      LP_RETURN_IF_ERROR(Linear(proj, gate, nullptr, n, W(LinearModule::kDown)));
-      const CudaLoraOutput down_out[1] = {{proj, hid}};
-      LP_RETURN_IF_ERROR(ApplyLora(kGroupDown, l, gate, ff, down_out));
-      if (l + 1 < c_.num_layers) {
-        // x += proj; h = RmsNorm(x) * the next layer's attn_norm
-        LP_RETURN_IF_ERROR(cu::CudaAddRmsNorm(h, x, proj, layers_[l + 1].attn_norm.data(),
-                                              DType::kF32, n, hid, eps, st));
-      } else {
-        LP_RETURN_IF_ERROR(cu::CudaAdd(x, proj, DType::kF32, n * hid, st));
-      }
+    LP_ASSIGN_OR_RETURN(hb, ToBf16(h, n, hid));
+    LP_RETURN_IF_ERROR(Linear(gate, h, hb, n, W(LinearModule::kGate)));
+    LP_RETURN_IF_ERROR(Linear(up, h, hb, n, W(LinearModule::kUp)));
+    const CudaLoraOutput gu_out[2] = {{gate, ff}, {up, ff}};
+    LP_RETURN_IF_ERROR(ApplyLora(LoraGroup::kGateUp, l, h, hid, gu_out));
+    LP_RETURN_IF_ERROR(cu::CudaSiluMul(gate, gate, up, DType::kF32, n * ff, st));
+    LP_RETURN_IF_ERROR(Linear(proj, gate, nullptr, n, W(LinearModule::kDown)));
+    const CudaLoraOutput down_out[1] = {{proj, hid}};
+    LP_RETURN_IF_ERROR(ApplyLora(LoraGroup::kDown, l, gate, ff, down_out));
+    if (l + 1 < c_.num_layers) {
+      // x += proj; h = RmsNorm(x) * the next layer's attn_norm
+      LP_RETURN_IF_ERROR(cu::CudaAddRmsNorm(h, x, proj, layers_[l + 1].attn_norm.data(),
+                                            DType::kF32, n, hid, eps, st));
+    } else {
+      LP_RETURN_IF_ERROR(cu::CudaAdd(x, proj, DType::kF32, n * hid, st));
     }
-    if (wait_for_upload_) {
-      // Uploads that no op ended up reading (cannot happen with a planned pass, but the staging
-      // copies are released after this step, so the compute stream must still cover them).
-      LP_RETURN_IF_ERROR(uploaded_event_.StreamWait(st));
-      wait_for_upload_ = false;
-    }
-    if (rows > 0) {
-      float* sel = sel_.as<float>();
-      // Gather the logit rows: CudaEmbed with the residual stream as an f32 "table".
-      const WeightView xs{DType::kF32, x, n, hid};
-      LP_RETURN_IF_ERROR(cu::CudaEmbed(
-          sel, DType::kF32, reinterpret_cast<const int32_t*>(meta() + rows_off), rows, xs, st));
-      LP_RETURN_IF_ERROR(
-          cu::CudaRmsNorm(sel, sel, final_norm_.as<const float>(), rows, hid, eps, st));
-      const DeviceMatrix& head = lm_head_.rows > 0 ? lm_head_ : embed_;
-      LP_RETURN_IF_ERROR(Linear(logits_.as<float>(), sel, nullptr, rows, head));
-      if (top_k > 0) {
-        // Sampling needs only each row's best top_k entries: select them here and copy back
-        // [rows, top_k] triples instead of [rows, vocab] logits.
-        int32_t* ids = top_.as<int32_t>();
-        float* values = reinterpret_cast<float*>(ids + rows * top_k);
-        LP_RETURN_IF_ERROR(cu::CudaTopK(ids, values, values + rows * top_k, logits_.data(),
-                                        DType::kF32, rows, vocab, top_k, st));
-      }
-    }
-    return absl::OkStatus();
-  };
-  // No graph for a step that waits for adapter uploads (an event wait inside) or that is large.
-  if (!graphs_.enabled() || wait_for_upload_ || n > kMaxGraphTokens) {
-    LP_RETURN_IF_ERROR(launches());
-  } else {
-    std::vector<int64_t> key = {n,
-                                rows,
-                                top_k,
-                                num_seqs,
-                                table_len,
-                                static_cast<int64_t>(reinterpret_cast<intptr_t>(kv)),
-                                static_cast<int64_t>(buffers_gen_),
-                                static_cast<int64_t>(tokens_off),
-                                static_cast<int64_t>(pos_off),
-                                static_cast<int64_t>(seq_off),
-                                static_cast<int64_t>(tables_off),
-                                static_cast<int64_t>(rows_off),
-                                v_stride_,
-                                merged != nullptr};
-    for (const LoraPass* p : {&own_, &neg_}) {
-      key.insert(key.end(),
-                 {p->active, p->num_adapters, p->max_rank, p->sgmv, p->num_segments,
-                  static_cast<int64_t>(p->token_adapter_off), static_cast<int64_t>(p->starts_off),
-                  static_cast<int64_t>(p->seg_adapter_off)});
-      if (!p->active) continue;
-      for (const auto& groups : p->slices_off) {
-        for (size_t off : groups) key.push_back(static_cast<int64_t>(off));
-      }
-    }
-    LP_RETURN_IF_ERROR(graphs_.Run(std::move(key), st, launches));
   }
+  if (wait_for_upload_) {
+    // Uploads that no op ended up reading (cannot happen with a planned pass, but the staging
+    // copies are released after this step, so the compute stream must still cover them).
+    LP_RETURN_IF_ERROR(uploaded_event_.StreamWait(st));
+    wait_for_upload_ = false;
+  }
+  if (rows > 0) {
+    float* sel = sel_.as<float>();
+    // Gather the logit rows: CudaEmbed with the residual stream as an f32 "table".
+    const WeightView xs{DType::kF32, x, n, hid};
+    LP_RETURN_IF_ERROR(cu::CudaEmbed(
+        sel, DType::kF32, reinterpret_cast<const int32_t*>(meta() + m.rows_off), rows, xs, st));
+    LP_RETURN_IF_ERROR(
+        cu::CudaRmsNorm(sel, sel, final_norm_.as<const float>(), rows, hid, eps, st));
+    const DeviceMatrix& head = lm_head_.rows > 0 ? lm_head_ : embed_;
+    LP_RETURN_IF_ERROR(Linear(logits_.as<float>(), sel, nullptr, rows, head));
+    if (top_k > 0) {
+      // Sampling needs only each row's best top_k entries: select them here and copy back
+      // [rows, top_k] triples instead of [rows, vocab] logits.
+      int32_t* ids = top_.as<int32_t>();
+      float* values = reinterpret_cast<float*>(ids + rows * top_k);
+      LP_RETURN_IF_ERROR(cu::CudaTopK(ids, values, values + rows * top_k, logits_.data(),
+                                      DType::kF32, rows, vocab, top_k, st));
+    }
+  }
+  return absl::OkStatus();
+}
 
+absl::Status CudaBackend::CopyLogitsBack(const StepMeta& m, StepLogits* out) {
+  const int64_t rows = m.rows, top_k = m.top_k, vocab = c_.vocab_size;
+  void* st = compute_.get();
   out->vocab = vocab;
   out->k = top_k;
   out->logits.resize(rows * (top_k > 0 ? top_k : vocab));
@@ -701,70 +701,38 @@ absl::Status CudaModelImpl::Step(const ForwardBatch& batch, KvCache* cache,
   return absl::OkStatus();
 }
 
-absl::Status CudaModelImpl::Merge(const LoraWeightsView& adapter) {
+absl::StatusOr<StoredMatrix> CudaBackend::ReadLinear(int64_t layer, LinearModule m) const {
   // Nothing is in flight between steps (Forward synchronises), so plain synchronous copies are
   // ordered after every earlier kernel.
-  if (!merge_backup_.empty()) return absl::FailedPreconditionError("CUDA merge: already merged");
-  absl::Status s = MergeImpl(adapter);
-  if (!s.ok()) {
-    // Put back whatever was already replaced; the base stays pristine on failure.
-    absl::Status restore = Unmerge();
-    if (!restore.ok()) LP_LOG(ERROR) << "CUDA merge rollback: " << restore.ToString();
+  const DeviceMatrix& d = layers_[layer].linear[static_cast<int>(m)];
+  StoredMatrix w;
+  w.dtype = d.dtype;
+  w.rows = d.rows;
+  w.cols = d.cols;
+  if (d.dtype == DType::kF32) {
+    w.f32.resize(d.rows * d.cols);
+    LP_RETURN_IF_ERROR(d.buffer.CopyToHost(w.f32.data(), d.bytes()));
+  } else {
+    w.bf16.resize(d.rows * d.cols);
+    LP_RETURN_IF_ERROR(d.buffer.CopyToHost(w.bf16.data(), d.bytes()));
   }
-  return s;
+  return w;
 }
 
-absl::Status CudaModelImpl::MergeImpl(const LoraWeightsView& adapter) {
-  std::vector<std::pair<std::pair<int64_t, int>, StoredMatrix>> merged, backups;
-  for (int64_t l = 0; l < c_.num_layers; ++l) {
-    for (int m = 0; m < kNumLinearModules; ++m) {
-      const LoraPair* pair = adapter.layers[l][m];
-      if (pair == nullptr) continue;
-      const DeviceMatrix& d = layers_[l].linear[m];
-      StoredMatrix w;
-      w.dtype = d.dtype;
-      w.rows = d.rows;
-      w.cols = d.cols;
-      if (d.dtype == DType::kF32) {
-        w.f32.resize(d.rows * d.cols);
-        LP_RETURN_IF_ERROR(d.buffer.CopyToHost(w.f32.data(), d.bytes()));
-      } else {
-        w.bf16.resize(d.rows * d.cols);
-        LP_RETURN_IF_ERROR(d.buffer.CopyToHost(w.bf16.data(), d.bytes()));
-      }
-      StoredMatrix updated = w;
-      MergePairInto(*pair, &updated);
-      merged.emplace_back(std::make_pair(l, m), std::move(updated));
-      backups.emplace_back(std::make_pair(l, m), std::move(w));
-    }
+absl::Status CudaBackend::WriteLinear(int64_t layer, LinearModule m, StoredMatrix&& w) {
+  DeviceMatrix& d = layers_[layer].linear[static_cast<int>(m)];
+  if (w.dtype != d.dtype || w.rows != d.rows || w.cols != d.cols) {
+    return absl::InvalidArgumentError("CUDA model: a written matrix differs in shape or dtype");
   }
-  for (size_t i = 0; i < merged.size(); ++i) {
-    const auto& [key, w] = merged[i];
-    // Recorded before the upload, so a failed upload is rolled back too.
-    merge_backup_.insert(std::move(backups[i]));
-    DeviceMatrix& d = layers_[key.first].linear[key.second];
-    const void* src = w.dtype == DType::kF32 ? static_cast<const void*>(w.f32.data())
-                                             : static_cast<const void*>(w.bf16.data());
-    LP_RETURN_IF_ERROR(d.buffer.CopyFromHost(src, d.bytes()));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CudaModelImpl::Unmerge() {
-  for (auto& [key, w] : merge_backup_) {
-    DeviceMatrix& d = layers_[key.first].linear[key.second];
-    const void* src = w.dtype == DType::kF32 ? static_cast<const void*>(w.f32.data())
-                                             : static_cast<const void*>(w.bf16.data());
-    LP_RETURN_IF_ERROR(d.buffer.CopyFromHost(src, d.bytes()));
-  }
-  merge_backup_.clear();
-  return absl::OkStatus();
+  const void* src = w.dtype == DType::kF32 ? static_cast<const void*>(w.f32.data())
+                                           : static_cast<const void*>(w.bf16.data());
+  return d.buffer.CopyFromHost(src, d.bytes());
 }
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<CudaModel>> CreateCudaModel(const LlamaConfig& config,
-                                                           LlamaWeights* weights,
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const LlamaConfig& config,
+                                                           LlamaWeights weights,
                                                            const std::vector<float>& inv_freq,
                                                            const LoadOptions& options) {
   std::string why;
@@ -776,8 +744,8 @@ absl::StatusOr<std::unique_ptr<CudaModel>> CreateCudaModel(const LlamaConfig& co
   if (env != nullptr && (std::string(env) == "0" || std::string(env) == "1")) {
     graphs = std::string(env) == "1";
   }
-  auto m = std::make_unique<CudaModelImpl>(config, options.cuda_adapter_slots, graphs);
-  LP_RETURN_IF_ERROR(m->Init(weights, inv_freq));
+  auto m = std::make_unique<CudaBackend>(config, options.cuda_adapter_slots, graphs);
+  LP_RETURN_IF_ERROR(m->Init(&weights, inv_freq));
   absl::StatusOr<std::string> name = kernels::cuda::CudaDeviceName();
   LP_LOG(DEBUG) << "CUDA model on " << (name.ok() ? *name : "an unnamed device") << ": "
                 << (m->weight_bytes() >> 20) << " MiB of weights";

@@ -1,10 +1,10 @@
-// The CUDA twin of LlamaModel's state and forward pass (internal to model/; LlamaModel dispatches
-// here when LoadOptions.device is kCuda). Plain C++: no CUDA headers, only kernels/cuda's wrappers.
+// The CUDA backend (model/backend.h; internal to model/): LlamaModel holds one when
+// LoadOptions.device is kCuda. Plain C++: no CUDA headers, only kernels/cuda's wrappers.
 //
 // Device memory (all plain cudaMalloc):
 // - base weights: every matrix in the load dtype (bf16 by default, f32 on request) in its own
-//   buffer; norms, biases and the RoPE frequencies in f32; uploaded once by CreateCudaModel, after
-//   which the host copies of the matrices are released (LlamaWeights keeps shapes only);
+//   buffer; norms, biases and the RoPE frequencies in f32; uploaded once by CreateCudaBackend,
+//   which releases the host copies as it goes (the host keeps none);
 // - the KV pools, f32 [num_blocks, block_size, n_kv_heads, head_dim] per layer, attached to the
 //   KvCache at its first Forward (KvCache::DeviceStorage), so their size is the engine's choice
 //   (--kv-blocks / --kv-memory); refused with RESOURCE_EXHAUSTED when they do not fit the free
@@ -20,8 +20,21 @@
 //
 // Streams: one compute stream runs every op of a step in order; Forward ends by copying the logits
 // back on it and synchronising, so between calls nothing is in flight (which is what lets scratch
-// grow and slots be evicted at the start of a step). Adapter uploads go on a second stream, and the
-// compute stream waits on an event recorded after them before the first LoRA op.
+// grow, slots be evicted and Merge write weights at the start of a step or between steps). Adapter
+// uploads go on a second stream, and the compute stream waits on an event recorded after them
+// before the first LoRA op.
+//
+// A step (model/cuda_model.cc), in order: attach the KV pools to the cache on its first use; pack
+// the step's metadata into one host buffer (tokens, positions, block tables, logit rows and the
+// LoRA plan's passes with their device slice tables, acquiring adapter copies); grow the step
+// buffers; upload the metadata; enqueue the forward pass (replayed from a CUDA graph when an
+// earlier step had the same shape, LoadOptions.cuda_graphs); copy the logits (or their top k) back.
+//
+// Forward's contract is Backend::Forward's, config.sliding_window included; with top_k > 0 it
+// selects each row's best top_k on the device (kernels/cuda CudaTopK) and copies back only those.
+// Mixed mode as on the CPU: the plan's unmerge pass runs with a copy of the merged adapter whose B
+// is negated. ReadLinear / WriteLinear (LlamaModel::Merge and Unmerge) copy a matrix's device bits
+// to and from the host.
 //
 // Not thread-safe: one engine thread owns the model (as LlamaModel).
 #pragma once
@@ -29,51 +42,20 @@
 #include <memory>
 #include <vector>
 
-#include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "model/kv_cache.h"
+#include "model/backend.h"
 #include "model/llama_config.h"
 #include "model/llama_model.h"
 #include "model/llama_weights.h"
 
 namespace loraplex::model {
 
-class CudaModel {
- public:
-  virtual ~CudaModel() = default;
-
-  // The forward pass of LlamaModel::Forward (same contract; the batch and top_k were validated by
-  // the caller), config.sliding_window included. `merged` is the adapter merged into the device
-  // weights, or null (mixed mode as on the CPU: other tokens get its delta subtracted). top_k = 0
-  // copies whole logit rows back; top_k > 0 selects each row's best top_k on the device
-  // (kernels/cuda CudaTopK) and copies back only those.
-  virtual absl::Status Forward(const ForwardBatch& batch, KvCache* cache,
-                               const LoraWeightsView* merged, int64_t top_k, StepLogits* out) = 0;
-
-  // W += B A on the device copy of every matrix `adapter` touches (f32 math on the host from the
-  // device bits, rounded once to the storage dtype: the same bits as the CPU's Merge). The
-  // pristine bits are kept on the host so Unmerge restores them exactly. Shapes were checked by
-  // the caller.
-  virtual absl::Status Merge(const LoraWeightsView& adapter) = 0;
-  virtual absl::Status Unmerge() = 0;
-
-  // Bytes of device memory held for the base weights.
-  virtual int64_t weight_bytes() const = 0;
-
-  // LlamaModel::cuda_graph_stats.
-  virtual CudaGraphStats graph_stats() const = 0;
-};
-
-// W += B A for one pair, element by element in f32 from the current value, rounded once to w's
-// dtype (defined in llama_model.cc; the CPU and CUDA merges share it, so both give the same bits).
-void MergePairInto(const LoraPair& pair, StoredMatrix* w);
-
-// Uploads `weights` (then releases their host matrices). UNAVAILABLE without a device or in a
-// build without CUDA ("no CUDA device found: ..."); RESOURCE_EXHAUSTED when the weights do not fit
-// the free device memory (the message gives both sizes); INVALID_ARGUMENT when head_dim is odd or
-// over 256 (the attention kernel's limit).
-absl::StatusOr<std::unique_ptr<CudaModel>> CreateCudaModel(const LlamaConfig& config,
-                                                           LlamaWeights* weights,
+// Uploads `weights` (releasing their host matrices as it goes). UNAVAILABLE without a device or in
+// a build without CUDA ("no CUDA device found: ..."); RESOURCE_EXHAUSTED when the weights do not
+// fit the free device memory (the message gives both sizes); INVALID_ARGUMENT when head_dim is odd
+// or over 256 (the attention kernel's limit) or the matrices mix dtypes.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const LlamaConfig& config,
+                                                           LlamaWeights weights,
                                                            const std::vector<float>& inv_freq,
                                                            const LoadOptions& options);
 

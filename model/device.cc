@@ -47,7 +47,7 @@ absl::StatusOr<Device> ResolveDevice(absl::string_view flag, std::string* reason
 }
 
 #ifndef LP_HAVE_CUDA
-absl::StatusOr<std::unique_ptr<CudaModel>> CreateCudaModel(const LlamaConfig&, LlamaWeights*,
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const LlamaConfig&, LlamaWeights,
                                                            const std::vector<float>&,
                                                            const LoadOptions&) {
   return absl::UnavailableError(

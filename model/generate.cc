@@ -70,7 +70,7 @@ absl::StatusOr<GenerateResult> Generate(LlamaModel& model, const std::vector<int
     batch.positions.resize(count);
     for (int64_t i = 0; i < count; ++i) batch.positions[i] = static_cast<int32_t>(start_pos + i);
     batch.token_seq.assign(count, 0);
-    batch.adapter_slot.assign(options.adapter ? count : 0, 0);
+    batch.token_adapter.assign(options.adapter ? count : 0, 0);
     batch.logit_rows = {static_cast<int32_t>(count - 1)};
     return model.Forward(batch, &cache, top_k, logits);
   };

@@ -1,9 +1,12 @@
 // A Llama-family model in memory and its batched forward pass. Start here for the model.
 //
-// One LlamaModel holds the frozen base weights (f32 or bf16), the tokenizer and the scratch of the
-// forward pass. Forward() runs one step over a batch that mixes prefill chunks and single decode
-// tokens of many sequences, each token with its own LoRA adapter slot (or none), against a paged
-// KvCache. Not thread-safe: one engine thread owns a model; Load may run anywhere.
+// One LlamaModel holds the config, the tokenizer and one backend, chosen at load
+// (LoadOptions.device): the CPU or the CUDA device, which stores the frozen base weights (f32 or
+// bf16) and runs the forward pass (model/backend.h). Forward() runs one step over a batch that
+// mixes prefill chunks and single decode tokens of many sequences, each token with its own LoRA
+// adapter (or none), against a paged KvCache: the model validates the batch, plans its LoRA work
+// once (model/lora_plan.h) and hands both to the backend. Not thread-safe: one engine thread owns a
+// model; Load may run anywhere.
 #pragma once
 
 #include <array>
@@ -110,14 +113,13 @@ struct ForwardBatch {
   // Which tokens need logits (usually the last token of each sequence); logits come out in this
   // order.
   std::vector<int32_t> logit_rows;
-  // LoRA: per token, an index into `adapters` or -1 for the base model. Empty = all base.
-  std::vector<int32_t> adapter_slot;
+  // LoRA: per token, the token's adapter as an index into `adapters`, or -1 for the base model.
+  // Empty = all base.
+  std::vector<int32_t> token_adapter;
   std::vector<const LoraWeightsView*> adapters;
 
   int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
 };
-
-class CudaModel;  // model/cuda_model.h
 
 // Steps a CUDA model replayed from captured CUDA graphs, and graphs it captured.
 struct CudaGraphStats {
@@ -154,11 +156,11 @@ class LlamaModel {
   absl::StatusOr<KvCache> CreateKvCache(int64_t num_blocks, int64_t block_size) const;
 
   // Runs one step. Writes [batch.logit_rows.size(), vocab_size] logits into *logits (resized).
-  // INVALID_ARGUMENT for token ids out of the vocabulary, positions past max context, or
-  // inconsistent batch arrays; nothing is written to the cache then. FAILED_PRECONDITION for a
-  // CPU model given a cache without host storage. On CUDA the logits are copied back as f32 and
-  // the call returns when the step has finished on the device; RESOURCE_EXHAUSTED when device
-  // memory for the KV pools, scratch or adapter copies runs out.
+  // INVALID_ARGUMENT for token ids out of the vocabulary, positions past max context, block table
+  // entries outside the KV pool, or inconsistent batch arrays; nothing is written to the cache
+  // then. FAILED_PRECONDITION for a CPU model given a cache without host storage. On CUDA the
+  // logits are copied back as f32 and the call returns when the step has finished on the device;
+  // RESOURCE_EXHAUSTED when device memory for the KV pools, scratch or adapter copies runs out.
   absl::Status Forward(const ForwardBatch& batch, KvCache* cache, std::vector<float>* logits);
 
   // Runs one step for the samplers (engine and generate). top_k > 0 says that sampling needs only
@@ -197,8 +199,8 @@ class LlamaModel {
   std::unique_ptr<Tokenizer> tokenizer_;
   bool from_gguf_ = false;
   const LoraWeightsView* merged_ = nullptr;
+  // The backend, the step's LoRA plan and the pristine matrices of a merge (model/llama_model.cc).
   std::unique_ptr<Impl> impl_;
-  std::unique_ptr<CudaModel> cuda_;  // set when options_.device == kCuda
 };
 
 }  // namespace loraplex::model

@@ -8,63 +8,47 @@ namespace loraplex::model {
 namespace {
 
 using kernels::LoraOutput;
-using kernels::LoraSegments;
 using kernels::LoraSliceWeights;
 using kernels::WeightView;
 
-// Shrink + expand of `w` for the tokens with an index in token_adapter (-1 = none); `negate` flips
-// the sign of the delta (mixed mode). Picks SGMV when runs of equal indices are long.
-void ShrinkExpand(const LoraSliceWeights& w, const std::vector<int32_t>& token_adapter,
-                  const float* x, int64_t x_stride, const LoraOutput* y, bool negate,
-                  LoraScratch* s) {
-  const int64_t n = static_cast<int64_t>(token_adapter.size());
+// Shrink + expand of `w` for the tokens of `pass` (which is active). SGMV or BGMV as the plan
+// chose; a negated pass flips the sign of the shrink's output, so the delta is subtracted.
+void ShrinkExpand(const LoraSliceWeights& w, const LoraPass& pass, const float* x, int64_t x_stride,
+                  const LoraOutput* y, LoraScratch* s) {
+  const int64_t n = static_cast<int64_t>(pass.token_adapter.size());
   int64_t v_stride = 0;
   for (int64_t j = 0; j < w.num_adapters; ++j) {
     v_stride = std::max(v_stride, kernels::LoraTotalRank(w, j));
   }
   if (v_stride == 0) return;
   s->v.resize(n * v_stride);
+  const kernels::LoraSegments seg = pass.segments();
+  const int32_t* token_adapter = pass.token_adapter.data();
 
-  // Runs of equal indices.
-  s->starts.clear();
-  s->seg_adapter.clear();
-  int64_t active = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    if (t == 0 || token_adapter[t] != token_adapter[t - 1]) {
-      s->starts.push_back(t);
-      s->seg_adapter.push_back(token_adapter[t]);
-    }
-    active += token_adapter[t] >= 0;
-  }
-  if (active == 0) return;
-  s->starts.push_back(n);
-  const int64_t runs = static_cast<int64_t>(s->seg_adapter.size());
-  // Segments pay off when each reuses its weights over a few tokens.
-  const bool sgmv = n >= 4 * runs;
-  LoraSegments seg{runs, s->starts.data(), s->seg_adapter.data()};
-
-  if (sgmv) {
+  if (pass.sgmv) {
     kernels::SgmvShrink(s->v.data(), v_stride, x, x_stride, seg, w);
   } else {
-    kernels::BgmvShrink(s->v.data(), v_stride, x, x_stride, token_adapter.data(), n, w);
+    kernels::BgmvShrink(s->v.data(), v_stride, x, x_stride, token_adapter, n, w);
   }
-  if (negate) {
+  if (pass.negate) {
     for (int64_t t = 0; t < n; ++t) {
       if (token_adapter[t] < 0) continue;
       const int64_t r = kernels::LoraTotalRank(w, token_adapter[t]);
       for (int64_t i = 0; i < r; ++i) s->v[t * v_stride + i] = -s->v[t * v_stride + i];
     }
   }
-  if (sgmv) {
+  if (pass.sgmv) {
     kernels::SgmvExpand(y, s->v.data(), v_stride, seg, w);
   } else {
-    kernels::BgmvExpand(y, s->v.data(), v_stride, token_adapter.data(), n, w);
+    kernels::BgmvExpand(y, s->v.data(), v_stride, token_adapter, n, w);
   }
 }
 
-// Fills s->a / s->b for `views` x modules of one layer; returns false when no pair exists.
-bool Gather(const std::vector<const LoraWeightsView*>& views, const LinearModule* modules,
-            int num_modules, int64_t layer, LoraScratch* s) {
+// Fills s->a / s->b for `views` x the group's modules in one layer; returns false when no pair
+// exists.
+bool Gather(const std::vector<const LoraWeightsView*>& views, const LoraModuleGroup& group,
+            int64_t layer, LoraScratch* s) {
+  const int num_modules = group.num_modules;
   s->a.assign(views.size() * num_modules, WeightView{});
   s->b.assign(views.size() * num_modules, WeightView{});
   bool any = false;
@@ -72,7 +56,7 @@ bool Gather(const std::vector<const LoraWeightsView*>& views, const LinearModule
     if (views[j] == nullptr) continue;
     LP_CHECK(layer < static_cast<int64_t>(views[j]->layers.size()));
     for (int i = 0; i < num_modules; ++i) {
-      const LoraPair* p = views[j]->layers[layer][static_cast<int>(modules[i])];
+      const LoraPair* p = views[j]->layers[layer][static_cast<int>(group.modules[i])];
       if (p == nullptr) continue;
       s->a[j * num_modules + i] = p->a;
       s->b[j * num_modules + i] = p->b;
@@ -84,45 +68,23 @@ bool Gather(const std::vector<const LoraWeightsView*>& views, const LinearModule
 
 }  // namespace
 
-void ApplyLora(const LinearModule* modules, int num_modules, int64_t layer, const float* x,
-               int64_t x_stride, const LoraOutput* y, const ForwardBatch& batch,
-               const LoraWeightsView* merged, LoraScratch* s) {
-  LP_CHECK(num_modules >= 1 && num_modules <= kernels::kMaxLoraSlices);
-  const int64_t n = batch.num_tokens();
-  const bool any_slot = std::any_of(batch.adapter_slot.begin(), batch.adapter_slot.end(),
-                                    [](int32_t v) { return v >= 0; });
-  if (!any_slot && merged == nullptr) return;
-
-  // Each token's own adapter, except the merged one (already in W).
-  if (any_slot && Gather(batch.adapters, modules, num_modules, layer, s)) {
-    s->token_adapter.assign(n, -1);
-    for (int64_t t = 0; t < n; ++t) {
-      const int32_t slot = batch.adapter_slot[t];
-      if (slot >= 0 && batch.adapters[slot] != merged) s->token_adapter[t] = slot;
-    }
-    LoraSliceWeights w{static_cast<int64_t>(batch.adapters.size()), num_modules, s->a.data(),
-                       s->b.data()};
-    ShrinkExpand(w, s->token_adapter, x, x_stride, y, /*negate=*/false, s);
-  }
-
-  // Mixed mode: every token not of the merged adapter takes its delta back out.
-  if (merged != nullptr && Gather({merged}, modules, num_modules, layer, s)) {
-    s->token_adapter.assign(n, 0);
-    for (int64_t t = 0; t < n; ++t) {
-      const int32_t slot = batch.adapter_slot.empty() ? -1 : batch.adapter_slot[t];
-      if (slot >= 0 && batch.adapters[slot] == merged) s->token_adapter[t] = -1;
-    }
-    LoraSliceWeights w{1, num_modules, s->a.data(), s->b.data()};
-    ShrinkExpand(w, s->token_adapter, x, x_stride, y, /*negate=*/true, s);
+void ApplyLora(const LoraPlan& plan, LoraGroup group, int64_t layer, const float* x,
+               int64_t x_stride, const LoraOutput* y, LoraScratch* s) {
+  if (plan.empty()) return;
+  const LoraModuleGroup& modules = ModulesOf(group);
+  for (const LoraPass* pass : {&plan.own(), &plan.unmerge()}) {
+    if (!pass->active || !Gather(pass->adapters, modules, layer, s)) continue;
+    const LoraSliceWeights w{static_cast<int64_t>(pass->adapters.size()), modules.num_modules,
+                             s->a.data(), s->b.data()};
+    ShrinkExpand(w, *pass, x, x_stride, y, s);
   }
 }
 
-void ApplyLora(std::initializer_list<LinearModule> modules, int64_t layer, const float* x,
-               int64_t x_stride, std::initializer_list<LoraOutput> y, const ForwardBatch& batch,
-               const LoraWeightsView* merged, LoraScratch* scratch) {
-  LP_CHECK(modules.size() == y.size()) << "one output per module";
-  ApplyLora(modules.begin(), static_cast<int>(modules.size()), layer, x, x_stride, y.begin(), batch,
-            merged, scratch);
+void ApplyLora(const LoraPlan& plan, LoraGroup group, int64_t layer, const float* x,
+               int64_t x_stride, std::initializer_list<LoraOutput> y, LoraScratch* scratch) {
+  LP_CHECK(static_cast<int>(y.size()) == ModulesOf(group).num_modules)
+      << "one output per module of the group";
+  ApplyLora(plan, group, layer, x, x_stride, y.begin(), scratch);
 }
 
 }  // namespace loraplex::model

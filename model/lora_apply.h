@@ -1,20 +1,16 @@
-// LoRA in the forward pass: after a base linear y = W x, adds to every token's row the delta of the
-// token's own adapter, y[t] += s_j B_j (A_j x[t]), with the batched multi-adapter kernels
-// (kernels/lora.h). Modules that read the same x (q, k, v; or gate, up) go in one call so the
-// shrink reads each x row once for all of them.
+// LoRA in the CPU forward pass: after a group's base linears y = W x, adds to every token's row the
+// deltas the step's LoraPlan (model/lora_plan.h) gives it, y[t] += s_j B_j (A_j x[t]) for its own
+// adapter and, in mixed mode, y[t] -= s_M B_M (A_M x[t]) for the merged adapter M, with the batched
+// multi-adapter kernels (kernels/lora.h). The modules of a group (q, k, v; o; gate, up; down) go in
+// one call so the shrink reads each x row once for all of them. Each pass runs as SGMV or BGMV as
+// the plan chose; both give the same bits.
 //
-// Mixed mode (DESIGN.md section 3): while adapter M is merged into W, a token of M gets nothing
-// (its delta is in W), and every other token, base-model ones included, also gets -s_M B_M A_M x.
-//
-// Grouping: when consecutive tokens share an adapter (prefill chunks) the tokens go to SGMV as
-// segments; when runs are short (decode, one token per sequence) to BGMV. Both give the same bits.
-//
-// Where the forward pass calls it (model/llama_model.cc), per layer l, after the base GEMMs:
-//   q,k,v:    ApplyLora({kQ, kK, kV}, l, x_normed, hidden, {q, k, v outputs}, batch, merged_, &s)
-//   o:        ApplyLora({kO}, l, attn_out, q_dim, {o output}, ...)
-//   gate,up:  ApplyLora({kGate, kUp}, l, x_normed, hidden, {gate, up outputs}, ...)
-//   down:     ApplyLora({kDown}, l, act, intermediate, {down output}, ...)
-// It returns at once when no token has an adapter and nothing is merged.
+// Where the CPU forward pass calls it (model/cpu_backend.cc), per layer l, after the base GEMMs:
+//   q,k,v:    ApplyLora(plan, LoraGroup::kQkv, l, x_normed, hidden, {q, k, v outputs}, &s)
+//   o:        ApplyLora(plan, LoraGroup::kO, l, attn_out, q_dim, {o output}, &s)
+//   gate,up:  ApplyLora(plan, LoraGroup::kGateUp, l, x_normed, hidden, {gate, up outputs}, &s)
+//   down:     ApplyLora(plan, LoraGroup::kDown, l, act, intermediate, {down output}, &s)
+// It returns at once when the plan is empty (no token takes a delta in this step).
 //
 // Thread-safety: like the kernels; one caller per scratch.
 #pragma once
@@ -26,29 +22,25 @@
 #include "kernels/kernels.h"
 #include "kernels/lora.h"
 #include "model/llama_model.h"
+#include "model/lora_plan.h"
 
 namespace loraplex::model {
 
 // Reused buffers, so a step allocates nothing once warm. Owned by the caller (one per model).
 struct LoraScratch {
-  std::vector<float> v;
-  std::vector<kernels::WeightView> a, b;
-  std::vector<int32_t> token_adapter;
-  std::vector<int64_t> starts;
-  std::vector<int32_t> seg_adapter;
+  std::vector<float> v;                   // the shrink's output [num_tokens, v_stride]
+  std::vector<kernels::WeightView> a, b;  // one pass's pairs for one layer and group
 };
 
-// x: [batch.num_tokens(), in] with row stride x_stride (in = the modules' common input size).
-// y[i]: where module modules[i] adds its output for token 0, with its row stride.
-// batch.adapter_slot (empty = all base) and batch.adapters say each token's adapter; `merged` is
-// the adapter merged into W, or null. 1..kernels::kMaxLoraSlices modules.
-void ApplyLora(std::initializer_list<LinearModule> modules, int64_t layer, const float* x,
-               int64_t x_stride, std::initializer_list<kernels::LoraOutput> y,
-               const ForwardBatch& batch, const LoraWeightsView* merged, LoraScratch* scratch);
+// x: [plan.num_tokens(), in] with row stride x_stride (in = the group's common input size).
+// y[i]: where module i of the group (ModulesOf(group)) adds its output for token 0, with its row
+// stride; ModulesOf(group).num_modules entries.
+void ApplyLora(const LoraPlan& plan, LoraGroup group, int64_t layer, const float* x,
+               int64_t x_stride, const kernels::LoraOutput* y, LoraScratch* scratch);
 
-// The same with arrays (modules[i] -> y[i], i < num_modules).
-void ApplyLora(const LinearModule* modules, int num_modules, int64_t layer, const float* x,
-               int64_t x_stride, const kernels::LoraOutput* y, const ForwardBatch& batch,
-               const LoraWeightsView* merged, LoraScratch* scratch);
+// The same with the outputs listed in place (one per module of the group).
+void ApplyLora(const LoraPlan& plan, LoraGroup group, int64_t layer, const float* x,
+               int64_t x_stride, std::initializer_list<kernels::LoraOutput> y,
+               LoraScratch* scratch);
 
 }  // namespace loraplex::model

@@ -1,6 +1,7 @@
-// ApplyLora (model/lora_apply.h) against a per-token loop written from the formula
-// y[t] += B_j (A_j x[t]) (- B_M (A_M x[t]) while M is merged), on random adapters: fused q/k/v
-// with GQA widths, modules some adapters skip, prefill runs (SGMV) and decode (BGMV), base tokens.
+// ApplyLora (model/lora_apply.h), driven by a LoraPlan (model/lora_plan.h) built from the batch,
+// against a per-token loop written from the formula y[t] += B_j (A_j x[t]) (- B_M (A_M x[t]) while
+// M is merged), on random adapters: fused q/k/v with GQA widths, modules some adapters skip,
+// prefill runs (SGMV) and decode (BGMV), base tokens.
 
 #include "model/lora_apply.h"
 
@@ -64,7 +65,7 @@ void AddDelta(float* y, const float* x, const LoraPair* p, float sign) {
   }
 }
 
-void Check(const std::vector<int32_t>& slots, bool with_merged) {
+void Check(const std::vector<int32_t>& token_adapter, bool with_merged) {
   std::vector<std::unique_ptr<RandomAdapter>> ads;
   ForwardBatch batch;
   for (uint32_t j = 0; j < 5; ++j) {
@@ -72,9 +73,9 @@ void Check(const std::vector<int32_t>& slots, bool with_merged) {
     batch.adapters.push_back(&ads.back()->view);
   }
   const LoraWeightsView* merged = with_merged ? batch.adapters[2] : nullptr;
-  const int64_t n = static_cast<int64_t>(slots.size());
+  const int64_t n = static_cast<int64_t>(token_adapter.size());
   batch.tokens.assign(n, 0);
-  batch.adapter_slot = slots;
+  batch.token_adapter = token_adapter;
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   std::vector<float> x(n * 100);  // row stride 100 > in 96
@@ -85,8 +86,8 @@ void Check(const std::vector<int32_t>& slots, bool with_merged) {
   std::vector<float> expected = y;
   const int64_t col[3] = {0, 96, 128};
   for (int64_t t = 0; t < n; ++t) {
-    const int32_t s = slots.empty() ? -1 : slots[t];
-    const LoraWeightsView* mine = s >= 0 ? batch.adapters[s] : nullptr;
+    const int32_t j = token_adapter.empty() ? -1 : token_adapter[t];
+    const LoraWeightsView* mine = j >= 0 ? batch.adapters[j] : nullptr;
     for (int m = 0; m < 3; ++m) {
       float* yt = expected.data() + t * stride + col[m];
       if (mine != nullptr && mine != merged) AddDelta(yt, &x[t * 100], mine->layers[0][m], 1.0f);
@@ -94,10 +95,12 @@ void Check(const std::vector<int32_t>& slots, bool with_merged) {
         AddDelta(yt, &x[t * 100], merged->layers[0][m], -1.0f);
     }
   }
+  LoraPlan plan;
+  plan.Build(batch, merged);
   LoraScratch scratch;
-  ApplyLora({LinearModule::kQ, LinearModule::kK, LinearModule::kV}, 0, x.data(), 100,
+  ApplyLora(plan, LoraGroup::kQkv, 0, x.data(), 100,
             {{y.data() + col[0], stride}, {y.data() + col[1], stride}, {y.data() + col[2], stride}},
-            batch, merged, &scratch);
+            &scratch);
   EXPECT_TRUE(AllClose(y, expected, kF32KernelVsReference));
 }
 
@@ -106,16 +109,16 @@ TEST(LoraApplyTest, DecodeTokensEachTheirOwnAdapter) {
 }
 
 TEST(LoraApplyTest, PrefillRunsUseSegments) {
-  std::vector<int32_t> slots;
-  for (int32_t s : {1, -1, 3, 0, 4, 2}) slots.insert(slots.end(), 9, s);
-  Check(slots, false);
+  std::vector<int32_t> token_adapter;
+  for (int32_t j : {1, -1, 3, 0, 4, 2}) token_adapter.insert(token_adapter.end(), 9, j);
+  Check(token_adapter, false);
 }
 
 TEST(LoraApplyTest, MixedModeWhileMerged) {
   Check({0, 1, -1, 2, 3, 4, 2, -1, 4}, true);
-  std::vector<int32_t> slots;
-  for (int32_t s : {2, -1, 3, 2, 0}) slots.insert(slots.end(), 8, s);
-  Check(slots, true);
+  std::vector<int32_t> token_adapter;
+  for (int32_t j : {2, -1, 3, 2, 0}) token_adapter.insert(token_adapter.end(), 8, j);
+  Check(token_adapter, true);
   Check({}, true);  // an all-base batch while merged
 }
 
@@ -123,8 +126,10 @@ TEST(LoraApplyTest, NothingToDoLeavesYAlone) {
   ForwardBatch batch;
   batch.tokens.assign(3, 0);
   std::vector<float> x(3 * 96, 1.0f), y(3 * 96, 5.0f);
+  LoraPlan plan;
+  plan.Build(batch, nullptr);
   LoraScratch scratch;
-  ApplyLora({LinearModule::kQ}, 0, x.data(), 96, {{y.data(), 96}}, batch, nullptr, &scratch);
+  ApplyLora(plan, LoraGroup::kO, 0, x.data(), 96, {{y.data(), 96}}, &scratch);
   EXPECT_EQ(y, std::vector<float>(3 * 96, 5.0f));
 }
 

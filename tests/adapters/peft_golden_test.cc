@@ -114,12 +114,13 @@ std::vector<GoldenPrompt> ReadGolden(const std::string& json_path) {
   return out;
 }
 
-// One sequence per entry of `seqs`, all in one step; seq i uses adapters[slot[i]] (-1 = base).
+// One sequence per entry of `seqs`, all in one step; seq i uses adapters[seq_adapter[i]] (-1 =
+// base).
 // Returns per sequence the logits of the requested positions.
 std::vector<std::vector<float>> RunBatch(LlamaModel& m,
                                          const std::vector<std::vector<int32_t>>& seqs,
                                          const std::vector<std::vector<int32_t>>& positions,
-                                         const std::vector<int32_t>& slot,
+                                         const std::vector<int32_t>& seq_adapter,
                                          const std::vector<const LoraWeightsView*>& adapters) {
   const int64_t block = 16;
   int64_t max_blocks = 1;
@@ -139,7 +140,7 @@ std::vector<std::vector<float>> RunBatch(LlamaModel& m,
       b.tokens.push_back(seqs[s][i]);
       b.positions.push_back(static_cast<int32_t>(i));
       b.token_seq.push_back(static_cast<int32_t>(s));
-      b.adapter_slot.push_back(slot[s]);
+      b.token_adapter.push_back(seq_adapter[s]);
     }
     for (int32_t p : positions[s]) b.logit_rows.push_back(base + p);
   }
@@ -248,14 +249,14 @@ TEST(StoriesPeftTest, MixedBatchEqualsEachAlone) {
   std::vector<const LoraWeightsView*> views;
   std::vector<std::vector<int32_t>> seqs, positions;
   std::vector<std::vector<float>> expected;
-  std::vector<int32_t> slots;
+  std::vector<int32_t> seq_adapters;
   // Base first.
   std::vector<GoldenPrompt> base = ReadGolden(StoriesFixture("base_logits.json"));
   ASSERT_EQ(base.size(), 2u);
   seqs.push_back(base[1].ids);
   positions.push_back(base[1].positions);
   expected.push_back(base[1].logits);
-  slots.push_back(-1);
+  seq_adapters.push_back(-1);
   for (size_t i = 0; i < names.size(); ++i) {
     ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(StoriesFixture(names[i]), m->config(),
                                                     {kernels::DType::kF32, 256}));
@@ -267,14 +268,14 @@ TEST(StoriesPeftTest, MixedBatchEqualsEachAlone) {
     seqs.push_back(p.ids);
     positions.push_back(p.positions);
     expected.push_back(p.logits);
-    slots.push_back(static_cast<int32_t>(i));
+    seq_adapters.push_back(static_cast<int32_t>(i));
   }
   // The same adapter twice, non-adjacent, too.
   seqs.push_back(seqs[1]);
   positions.push_back(positions[1]);
   expected.push_back(expected[1]);
-  slots.push_back(0);
-  std::vector<std::vector<float>> got = RunBatch(*m, seqs, positions, slots, views);
+  seq_adapters.push_back(0);
+  std::vector<std::vector<float>> got = RunBatch(*m, seqs, positions, seq_adapters, views);
   for (size_t s = 0; s < seqs.size(); ++s) {
     EXPECT_TRUE(AllClose(got[s], expected[s], testing::kF32ModelLogits)) << "sequence " << s;
   }
@@ -299,10 +300,10 @@ std::vector<int32_t> SoloGreedy(LlamaModel& m, const std::vector<int32_t>& promp
 
 // Greedy continuations of many sequences decoded together, as the engine steps them: one batch
 // holds every sequence's prefill, then each step one decode token per sequence, each token with
-// its sequence's adapter slot (-1 = base), over one shared paged KV cache.
+// its sequence's adapter (an index into `adapters`, -1 = base), over one shared paged KV cache.
 std::vector<std::vector<int32_t>> BatchedGreedy(
     LlamaModel& m, const std::vector<std::vector<int32_t>>& prompts, size_t n,
-    const std::vector<int32_t>& slot, const std::vector<const LoraWeightsView*>& adapters) {
+    const std::vector<int32_t>& seq_adapter, const std::vector<const LoraWeightsView*>& adapters) {
   const int64_t block = 16, vocab = m.config().vocab_size;
   int64_t max_blocks = 1;
   for (const auto& p : prompts) {
@@ -323,7 +324,7 @@ std::vector<std::vector<int32_t>> BatchedGreedy(
     b.tokens.clear();
     b.positions.clear();
     b.token_seq.clear();
-    b.adapter_slot.clear();
+    b.token_adapter.clear();
     b.logit_rows.clear();
     for (size_t s = 0; s < prompts.size(); ++s) {
       // Step 0 feeds the whole prompt, later steps the token generated last.
@@ -334,7 +335,7 @@ std::vector<std::vector<int32_t>> BatchedGreedy(
                                                    : out[s][pos - prompts[s].size()]);
         b.positions.push_back(static_cast<int32_t>(pos));
         b.token_seq.push_back(static_cast<int32_t>(s));
-        b.adapter_slot.push_back(slot[s]);
+        b.token_adapter.push_back(seq_adapter[s]);
       }
       b.logit_rows.push_back(static_cast<int32_t>(b.tokens.size()) - 1);
     }
@@ -381,7 +382,7 @@ TEST(StoriesPeftGreedyTest, ContinuationsMatchPeftBatchedUnmergedAndSoloMerged) 
     std::vector<std::unique_ptr<LoraAdapter>> ads;
     std::vector<const LoraWeightsView*> views;
     std::vector<std::vector<int32_t>> prompts;
-    std::vector<int32_t> slots;
+    std::vector<int32_t> seq_adapters;
     std::vector<const GoldenGreedy*> want;
     std::vector<std::string> what;
     std::vector<std::vector<GoldenPrompt>> golden;
@@ -402,14 +403,14 @@ TEST(StoriesPeftGreedyTest, ContinuationsMatchPeftBatchedUnmergedAndSoloMerged) 
             << "with " << kRegenerate;
         if (g.name.ends_with("_merged")) continue;
         prompts.push_back(g.ids);
-        slots.push_back(static_cast<int32_t>(a));
+        seq_adapters.push_back(static_cast<int32_t>(a));
         want.push_back(&g.greedy);
         what.push_back(kStoriesAdapters[a] + "/" + g.name + " batched, unmerged");
       }
     }
     const size_t n = want[0]->ids.size();
     ASSERT_GE(n, 32u);
-    std::vector<std::vector<int32_t>> got = BatchedGreedy(*m, prompts, n, slots, views);
+    std::vector<std::vector<int32_t>> got = BatchedGreedy(*m, prompts, n, seq_adapters, views);
     for (size_t s = 0; s < prompts.size(); ++s) {
       compared += ExpectSameContinuation(got[s], *want[s], what[s]);
       total += n;

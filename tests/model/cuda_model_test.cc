@@ -66,10 +66,11 @@ std::unique_ptr<LlamaModel> LoadModel(const std::string& path, kernels::DType dt
   return m.ok() ? std::move(m).value() : nullptr;
 }
 
-// One sequence of a script: its token ids and its adapter slot (-1 = base model).
+// One sequence of a script: its token ids and its adapter, an index into the step's adapters (-1 =
+// base model).
 struct Seq {
   std::vector<int32_t> ids;
-  int32_t slot = -1;
+  int32_t adapter = -1;
 };
 // A step feeds `count` further tokens of sequence `seq`.
 struct Chunk {
@@ -124,11 +125,11 @@ std::vector<std::vector<float>> RunSteps(LlamaModel& m, const std::vector<Seq>& 
         b.tokens.push_back(seqs[c.seq].ids.at(pos));
         b.positions.push_back(pos);
         b.token_seq.push_back(c.seq);
-        b.adapter_slot.push_back(seqs[c.seq].slot);
-        any_adapter |= seqs[c.seq].slot >= 0;
+        b.token_adapter.push_back(seqs[c.seq].adapter);
+        any_adapter |= seqs[c.seq].adapter >= 0;
       }
     }
-    if (!any_adapter) b.adapter_slot.clear();
+    if (!any_adapter) b.token_adapter.clear();
     std::vector<float> logits;
     if (tops != nullptr) {
       tops->emplace_back();
@@ -149,9 +150,11 @@ std::vector<std::vector<Chunk>> MixedSteps() {
           {{2, 1}, {0, 1}},
           {{1, 1}, {2, 1}, {0, 1}}};
 }
-std::vector<Seq> MixedSeqs(int vocab, int32_t slot0 = -1, int32_t slot1 = -1, int32_t slot2 = -1) {
+std::vector<Seq> MixedSeqs(int vocab, int32_t adapter0 = -1, int32_t adapter1 = -1,
+                           int32_t adapter2 = -1) {
   // Exactly as long as MixedSteps consumes: 13+1+1+1+1, 5+6+1+1, 9+1+1+1.
-  return {{Ids(17, vocab, 1), slot0}, {Ids(13, vocab, 2), slot1}, {Ids(12, vocab, 3), slot2}};
+  return {
+      {Ids(17, vocab, 1), adapter0}, {Ids(13, vocab, 2), adapter1}, {Ids(12, vocab, 3), adapter2}};
 }
 
 void ExpectStepsClose(const std::vector<std::vector<float>>& cuda,
@@ -424,7 +427,7 @@ std::vector<PeftPrompt> ReadPeftGolden(const std::string& json_path) {
   return out;
 }
 
-// Logits at g.positions of one sequence run as a single prefill step (slot 0 of `adapters`, or
+// Logits at g.positions of one sequence run as a single prefill step (adapter 0 of `adapters`, or
 // the base model when empty).
 std::vector<float> RunPrompt(LlamaModel& m, const PeftPrompt& g,
                              const std::vector<const LoraWeightsView*>& adapters) {

@@ -193,7 +193,7 @@ TEST(ForwardTest, BadBatchesAreRejected) {
   EXPECT_THAT(m->Forward(bad, &cache, &logits),
               StatusIs(absl::StatusCode::kInvalidArgument, "not allocated"));
   bad = b;
-  bad.adapter_slot = {0};  // no adapters given
+  bad.token_adapter = {0};  // no adapters given
   EXPECT_THAT(m->Forward(bad, &cache, &logits), StatusIs(absl::StatusCode::kInvalidArgument));
   // The samplers' Forward: top_k outside [0, kMaxTopLogits]; on the CPU whole rows come back.
   StepLogits step;

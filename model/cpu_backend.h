@@ -1,0 +1,37 @@
+// The CPU backend (model/backend.h; internal to model/): the base weights in host memory and the
+// batched forward pass as a sequence of kernels/kernels.h ops, with LoRA applied per module group
+// by ApplyLora (model/lora_apply.h) from the step's plan.
+//
+// Weight formats. Every product with a stored matrix (the seven linears of each layer and the LM
+// head) goes through CpuLinear, and every row lookup (the token embedding) through CpuEmbed; both
+// switch on the matrix's storage format (kernels::DType, today f32 or bf16). A new CPU storage
+// format (quantized blocks with integer kernels) is another case of these two functions plus its
+// storage in StoredMatrix; the forward pass itself does not change.
+//
+// Scratch: activations of the largest step so far and the LoRA buffers, kept between steps and
+// reported (with the LoRA plan's vectors) through scratch_bytes().
+//
+// Not thread-safe (one engine thread owns the model), except scratch_bytes().
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "model/backend.h"
+#include "model/llama_config.h"
+#include "model/llama_weights.h"
+
+namespace loraplex::model {
+
+// y[m, w.rows] = x[m, w.cols] W^T for a stored matrix in any CPU weight format; x and y f32.
+void CpuLinear(float* y, const float* x, int64_t m, const kernels::WeightView& w);
+// out[t, :] = table[ids[t], :] widened to f32, for a table in any CPU weight format.
+void CpuEmbed(float* out, const int32_t* ids, int64_t n, const kernels::WeightView& table);
+
+// Takes the host weights and the RoPE inverse frequencies (LlamaConfig::RopeInvFreq).
+std::unique_ptr<Backend> CreateCpuBackend(const LlamaConfig& config, LlamaWeights weights,
+                                          std::vector<float> inv_freq);
+
+}  // namespace loraplex::model
