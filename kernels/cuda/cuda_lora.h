@@ -11,7 +11,7 @@
 // Weights: CudaLoraWeights (cuda_types.h) points at a device array of per-(adapter, slice) A/B
 // pointers and ranks; nothing is specialised per rank or size. Ranks must be <= w.max_rank <=
 // kCudaMaxLoraRank; v_offset and rank of every slice must fit v_stride (v_offset + rank <=
-// v_stride), which the adapter slot manager guarantees when it fills the array.
+// v_stride), which the CUDA backend guarantees when it fills the array.
 //
 // dtypes: x and y (act_dtype) f32 or bf16; A and B (w.dtype) f32 or bf16; v is always f32 (it is
 // tiny, and keeping it f32 avoids a second rounding between shrink and expand); sums in f32; y is

@@ -11,8 +11,8 @@
 namespace loraplex::kernels::cuda {
 
 // One (adapter, slice) of a layer's LoRA weights, as the kernels read it from DEVICE memory. The
-// adapter slot manager fills an array of these once per layer when it places an adapter on the
-// device; kernels gather the pointers per token or segment, so neither ranks nor sizes are baked
+// CUDA backend fills an array of these per step and module group from the step's LoRA plan
+// (model/cuda_model.cc PackPass), pointing into the adapters' device copies; kernels gather the pointers per token or segment, so neither ranks nor sizes are baked
 // into the code (no shape lists).
 struct CudaLoraSlice {
   const void* a = nullptr;  // device, A [rank, in_features] row-major, dtype of CudaLoraWeights
