@@ -1,5 +1,6 @@
 // Scenario S1 (DESIGN.md section 6) on the CPU: one sequence, no adapter, SmolLM2-135M-Instruct,
-// a 128-token prompt then decode steps at context 128..256. Reports tokens/s and the bytes of
+// a 128-token prompt then decode steps at context 128..256, for each weight storage (argument
+// dtype: 0 bf16, 1 f32, 2 native = the file's Q4_1/Q8_0 blocks, 3 q8_0; the label says which). Reports tokens/s and the bytes of
 // weights streamed per second (weight bytes x tokens/s), to set beside bandwidth_bench's
 // BM_StreamRead from the same run (scripts/bench-s1.sh prints the ratio).
 //
@@ -17,7 +18,6 @@
 
 namespace {
 
-using loraplex::kernels::DType;
 using loraplex::model::ForwardBatch;
 using loraplex::model::KvCache;
 using loraplex::model::LlamaModel;
@@ -27,11 +27,15 @@ std::string ModelPath() {
   return env ? env : "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
-LlamaModel* GetModel(DType dtype) {
-  static std::map<DType, std::unique_ptr<LlamaModel>> models;
-  auto it = models.find(dtype);
+// The weight storage of argument `arg` (the benchmarks' "dtype" argument): --dtype values.
+constexpr const char* kStorage[] = {"bf16", "f32", "native", "q8_0"};
+
+LlamaModel* GetModel(int64_t arg) {
+  static std::map<int64_t, std::unique_ptr<LlamaModel>> models;
+  auto it = models.find(arg);
   if (it != models.end()) return it->second.get();
-  loraplex::model::LoadOptions options{dtype};
+  loraplex::model::LoadOptions options;
+  if (!loraplex::model::ParseWeightStorage(kStorage[arg], &options).ok()) return nullptr;
   // LP_BENCH_DEVICE=cuda runs S1 on the GPU (scripts/gpu-check.sh); the CPU otherwise.
   const char* device = std::getenv("LP_BENCH_DEVICE");
   if (device != nullptr && std::string(device) == "cuda") {
@@ -42,7 +46,7 @@ LlamaModel* GetModel(DType dtype) {
     std::fprintf(stderr, "LlamaModel::Load: %s\n", m.status().ToString().c_str());
     return nullptr;
   }
-  return (models[dtype] = std::move(m).value()).get();
+  return (models[arg] = std::move(m).value()).get();
 }
 
 constexpr int kPrompt = 128;
@@ -50,8 +54,8 @@ constexpr int kMaxContext = 256;
 constexpr int kBlock = 16;
 
 void BM_S1DecodeStep(benchmark::State& state) {
-  const DType dtype = state.range(0) == 0 ? DType::kBF16 : DType::kF32;
-  LlamaModel* m = GetModel(dtype);
+  LlamaModel* m = GetModel(state.range(0));
+  state.SetLabel(kStorage[state.range(0)]);
   if (m == nullptr) {
     state.SkipWithError(("model not found: " + ModelPath() + " (scripts/fetch-model.sh)").c_str());
     return;
@@ -97,16 +101,15 @@ void BM_S1DecodeStep(benchmark::State& state) {
   state.counters["weight_MB"] = m->weight_bytes() / 1e6;
 }
 BENCHMARK(BM_S1DecodeStep)
-    ->Arg(0)
-    ->Arg(1)
-    ->ArgName("f32")
+    ->DenseRange(0, 3)
+    ->ArgName("dtype")
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
 // The 128-token prompt as one prefill step (the TTFT part of S1).
 void BM_S1Prefill128(benchmark::State& state) {
-  const DType dtype = state.range(0) == 0 ? DType::kBF16 : DType::kF32;
-  LlamaModel* m = GetModel(dtype);
+  LlamaModel* m = GetModel(state.range(0));
+  state.SetLabel(kStorage[state.range(0)]);
   if (m == nullptr) {
     state.SkipWithError(("model not found: " + ModelPath()).c_str());
     return;
@@ -132,9 +135,8 @@ void BM_S1Prefill128(benchmark::State& state) {
       static_cast<double>(state.iterations()) * kPrompt, benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_S1Prefill128)
-    ->Arg(0)
-    ->Arg(1)
-    ->ArgName("f32")
+    ->DenseRange(0, 3)
+    ->ArgName("dtype")
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 

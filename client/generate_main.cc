@@ -31,7 +31,7 @@ ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(bool, ignore_eos, false, "keep generating past end-of-sequence");
 ABSL_FLAG(int32_t, logprobs, 0, "top alternatives per token to report (0-20)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "comma-separated stop strings");
-ABSL_FLAG(std::string, dtype, "bf16", "weight storage: bf16 or f32");
+ABSL_FLAG(std::string, dtype, "bf16", "weight storage: bf16, f32, q8_0, q4_0 or native");
 ABSL_FLAG(
     std::string, device, "auto",
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
@@ -101,13 +101,8 @@ int Run() {
   load.device = *device;
   // The choice is reported in --json ("device", "device_reason") rather than on stderr, so the
   // plain-text output stays exactly the generated text.
-  const std::string dtype = absl::GetFlag(FLAGS_dtype);
-  if (dtype == "bf16") {
-    load.dtype = kernels::DType::kBF16;
-  } else if (dtype == "f32") {
-    load.dtype = kernels::DType::kF32;
-  } else {
-    return Fail(absl::InvalidArgumentError("--dtype must be bf16 or f32, got " + dtype));
+  if (absl::Status s = model::ParseWeightStorage(absl::GetFlag(FLAGS_dtype), &load); !s.ok()) {
+    return Fail(s);
   }
   load.tokenizer_path = absl::GetFlag(FLAGS_tokenizer);
   load.require_tokenizer = absl::GetFlag(FLAGS_prompt_ids).empty();

@@ -14,7 +14,7 @@ OfflineAdapter::~OfflineAdapter() = default;
 absl::Status OfflineAdapter::Load(const std::string& dir, const model::LlamaModel& model,
                                   int max_rank) {
   adapters::AdapterLoadOptions opts;
-  opts.dtype = model.dtype();
+  opts.dtype = model.adapter_dtype();
   opts.max_rank = max_rank;
   auto a = adapters::LoraAdapter::Load(dir, model.config(), opts);
   if (!a.ok()) return a.status();

@@ -4,9 +4,9 @@
 //
 // Weight formats. Every product with a stored matrix (the seven linears of each layer and the LM
 // head) goes through CpuLinear, and every row lookup (the token embedding) through CpuEmbed; both
-// switch on the matrix's storage format (kernels::DType, today f32 or bf16). A new CPU storage
-// format (quantized blocks with integer kernels) is another case of these two functions plus its
-// storage in StoredMatrix; the forward pass itself does not change.
+// switch on the matrix's storage format (kernels::DType: f32, bf16, or GGUF's quantized blocks,
+// which kernels::Gemm multiplies with integer dot products). A new CPU storage format is another
+// case of these two functions plus its storage in StoredMatrix; the forward pass does not change.
 //
 // Scratch: activations of the largest step so far and the LoRA buffers, kept between steps and
 // reported (with the LoRA plan's vectors) through scratch_bytes().

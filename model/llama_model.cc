@@ -9,6 +9,7 @@
 #include "common/half.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "kernels/quant.h"
 #include "formats/gguf.h"
 #include "formats/safetensors.h"
 #include "model/backend.h"
@@ -62,6 +63,13 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   m->options_ = options;
   m->impl_ = std::make_unique<Impl>();
+  using kernels::DType;
+  if (options.dtype != DType::kF32 && options.dtype != DType::kBF16 &&
+      options.dtype != DType::kQ8_0 && options.dtype != DType::kQ4_0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "weights can be stored f32, bf16, q8_0 or q4_0, not ", kernels::DTypeName(options.dtype)));
+  }
+  const WeightStorage storage{options.dtype, options.keep_quantized};
   LlamaWeights weights;
   std::error_code ec;
   if (!fs::exists(path, ec)) {
@@ -70,11 +78,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   if (fs::is_directory(path, ec)) {
     LP_ASSIGN_OR_RETURN(m->config_, LlamaConfig::FromHfJson(path + "/config.json"));
     LP_ASSIGN_OR_RETURN(auto st, formats::SafetensorsModel::Open(path));
-    LP_ASSIGN_OR_RETURN(weights, LoadWeightsFromSafetensors(*st, path, m->config_, options.dtype));
+    LP_ASSIGN_OR_RETURN(weights, LoadWeightsFromSafetensors(*st, path, m->config_, storage));
   } else {
     LP_ASSIGN_OR_RETURN(auto gguf, formats::GgufFile::Open(path));
     LP_ASSIGN_OR_RETURN(m->config_, LlamaConfig::FromGguf(*gguf));
-    LP_ASSIGN_OR_RETURN(weights, LoadWeightsFromGguf(*gguf, m->config_, options.dtype));
+    LP_ASSIGN_OR_RETURN(weights, LoadWeightsFromGguf(*gguf, m->config_, storage));
     // A GGUF without tokenizer metadata loads token-ids-only when no tokenizer is required.
     const bool has_tokenizer = gguf->GetString("tokenizer.ggml.model").ok();
     if (options.tokenizer_path.empty() && (has_tokenizer || options.require_tokenizer)) {
@@ -107,6 +115,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     if (m->config_.bos_token_id < 0) m->config_.bos_token_id = m->tokenizer_->bos_id();
     if (m->config_.eos_token_id < 0) m->config_.eos_token_id = m->tokenizer_->eos_id();
   }
+  m->weight_formats_ = weights.Formats();
+  if (options.device == Device::kCuda && weights.AnyQuantized()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": the CUDA backend runs f32 or bf16 weights, not ", m->weight_formats_,
+        " (give --dtype bf16 or f32)"));
+  }
   // The one choice of backend; nothing below branches on the device.
   std::vector<float> inv_freq = m->config_.RopeInvFreq();
   if (options.device == Device::kCuda) {
@@ -116,6 +130,21 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     m->impl_->backend = CreateCpuBackend(m->config_, std::move(weights), std::move(inv_freq));
   }
   return m;
+}
+
+absl::Status ParseWeightStorage(const std::string& name, LoadOptions* options) {
+  static const std::pair<const char*, kernels::DType> kNames[] = {
+      {"native", kernels::DType::kBF16}, {"bf16", kernels::DType::kBF16},
+      {"f32", kernels::DType::kF32},     {"q8_0", kernels::DType::kQ8_0},
+      {"q4_0", kernels::DType::kQ4_0}};
+  for (const auto& [n, dtype] : kNames) {
+    if (name != n) continue;
+    options->dtype = dtype;
+    options->keep_quantized = name == "native";
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--dtype must be native, bf16, f32, q8_0 or q4_0, got '", name, "'"));
 }
 
 int64_t LlamaModel::weight_bytes() const { return impl_->backend->weight_bytes(); }
@@ -326,6 +355,15 @@ absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
       const LoraPair* pair = adapter->layers[l][m];
       if (pair == nullptr) continue;
       const kernels::WeightView w = s.backend->LinearWeight(l, static_cast<LinearModule>(m));
+      if (kernels::IsQuantized(w.dtype)) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "merge: the base weight of layer ", l, " ",
+            LinearModuleName(static_cast<LinearModule>(m)), " is stored ",
+            kernels::DTypeName(w.dtype),
+            "; merging would round W + BA to that format again and change the base for every "
+            "request, so this adapter is served unmerged (load the model with --dtype bf16 to "
+            "merge)"));
+      }
       if (pair->a.cols != w.cols || pair->b.rows != w.rows || pair->a.rows != pair->rank ||
           pair->b.cols != pair->rank) {
         return absl::FailedPreconditionError(

@@ -81,7 +81,14 @@ enum class Device { kCpu, kCuda };
 const char* DeviceName(Device d);  // "cpu", "cuda"
 
 struct LoadOptions {
-  kernels::DType dtype = kernels::DType::kBF16;  // storage of the big matrices
+  // Storage of the big matrices: kF32 or kBF16 (converted), kQ8_0 or kQ4_0 (quantized at load
+  // with ggml's reference rounding; matrices whose rows do not split into 32-value blocks stay
+  // bf16). Other values: INVALID_ARGUMENT from Load.
+  kernels::DType dtype = kernels::DType::kBF16;
+  // A GGUF file's quantized matrices (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) keep their own blocks
+  // and run on the integer kernels (kernels/quant.h); only the others take `dtype` (--dtype
+  // native). CPU only (the CUDA backend has no quantized kernels: INVALID_ARGUMENT).
+  bool keep_quantized = false;
   // Take the tokenizer from this GGUF file or HF folder instead of the model's own files (for HF
   // folders that ship no tokenizer.json, like the test copy of stories260K).
   std::string tokenizer_path;
@@ -101,6 +108,10 @@ struct LoadOptions {
   // on, LP_CUDA_GRAPHS=0 off, whatever this says.
   bool cuda_graphs = false;
 };
+
+// Sets options->dtype and keep_quantized from a --dtype value: "native" (a GGUF file's quantized
+// matrices as stored, the rest bf16), "bf16", "f32", "q8_0", "q4_0". INVALID_ARGUMENT otherwise.
+absl::Status ParseWeightStorage(const std::string& name, LoadOptions* options);
 
 // One step's input. Per-token arrays all have num_tokens entries. A sequence's tokens must appear
 // in position order, and their KV slots must already be covered by its block table.
@@ -140,6 +151,13 @@ class LlamaModel {
   bool has_tokenizer() const { return tokenizer_ != nullptr; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }  // requires has_tokenizer()
   kernels::DType dtype() const { return options_.dtype; }
+  // What the big matrices are stored as, e.g. "bf16" or "q4_1 x210, q8_0 x1" (GetModelInfo).
+  const std::string& weight_formats() const { return weight_formats_; }
+  // The dtype LoRA weights for this model are kept in: f32 for an f32 model, else bf16 (the
+  // LoRA kernels take f32 or bf16; a quantized base keeps its adapters in bf16).
+  kernels::DType adapter_dtype() const {
+    return options_.dtype == kernels::DType::kF32 ? kernels::DType::kF32 : kernels::DType::kBF16;
+  }
   // True when q/k rows are in GGUF's adjacent-pair order in the source file (they are un-permuted
   // at load, so adapters need no change; informational).
   bool from_gguf() const { return from_gguf_; }
@@ -182,7 +200,10 @@ class LlamaModel {
   int64_t LinearOutFeatures(LinearModule m) const;
 
   // Merge: W += B A for every pair of `adapter` (f32 math, rounded once to the storage dtype). The
-  // touched matrices are copied first so Unmerge restores them bit for bit. While merged, tokens
+  // touched matrices are copied first so Unmerge restores them bit for bit. A matrix stored
+  // quantized is refused (FAILED_PRECONDITION): rounding W + B A to 4 or 8 bits again would lose
+  // most of a low-rank delta and change the base for every other request; such adapters are served
+  // unmerged. While merged, tokens
   // of other adapters or of the base model get the merged delta subtracted in the forward pass
   // (mixed mode), so the batch stays correct. FAILED_PRECONDITION when one is already merged.
   absl::Status Merge(const LoraWeightsView* adapter);
@@ -198,6 +219,7 @@ class LlamaModel {
   LoadOptions options_;
   std::unique_ptr<Tokenizer> tokenizer_;
   bool from_gguf_ = false;
+  std::string weight_formats_;
   const LoraWeightsView* merged_ = nullptr;
   // The backend, the step's LoRA plan and the pristine matrices of a merge (model/llama_model.cc).
   std::unique_ptr<Impl> impl_;

@@ -1,12 +1,16 @@
 #include "model/llama_weights.h"
 
+#include <algorithm>
 #include <cstring>
+#include <map>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
 #include "common/status.h"
 #include "formats/gguf.h"
 #include "formats/safetensors.h"
+#include "kernels/quant.h"
 #include "model/llama_model.h"
 
 namespace loraplex::model {
@@ -43,15 +47,65 @@ absl::StatusOr<std::vector<float>> ReadF32(const Source& src, const std::string&
   return std::move(data).value();
 }
 
+// The kernel format of a stored quantized type, or false for the plain types.
+bool KernelQuantType(formats::StoredType t, kernels::DType* out) {
+  switch (t) {
+    case formats::StoredType::kQ8_0:
+      *out = kernels::DType::kQ8_0;
+      return true;
+    case formats::StoredType::kQ4_0:
+      *out = kernels::DType::kQ4_0;
+      return true;
+    case formats::StoredType::kQ4_1:
+      *out = kernels::DType::kQ4_1;
+      return true;
+    case formats::StoredType::kQ4_K:
+      *out = kernels::DType::kQ4_K;
+      return true;
+    case formats::StoredType::kQ5_K:
+      *out = kernels::DType::kQ5_K;
+      return true;
+    case formats::StoredType::kQ6_K:
+      *out = kernels::DType::kQ6_K;
+      return true;
+    case formats::StoredType::kF32:
+    case formats::StoredType::kF16:
+    case formats::StoredType::kBF16:
+      return false;
+  }
+  return false;
+}
+
 // Fills LlamaWeights given a function that maps an HF tensor name to its Source.
 template <typename Lookup>
-absl::StatusOr<LlamaWeights> LoadWith(const LlamaConfig& c, kernels::DType dtype, Lookup lookup) {
+absl::StatusOr<LlamaWeights> LoadWith(const LlamaConfig& c, WeightStorage storage, Lookup lookup) {
   LlamaWeights w;
   const int64_t h = c.hidden_size;
   auto matrix = [&](const std::string& name, int64_t rows, int64_t cols,
                     StoredMatrix* out) -> absl::Status {
-    LP_ASSIGN_OR_RETURN(std::vector<float> data,
-                        ReadF32(lookup(name), name, {rows, cols}, c.head_dim));
+    const Source src = lookup(name);
+    kernels::DType quant;
+    if (storage.keep_quantized && src.info != nullptr && KernelQuantType(src.info->type, &quant) &&
+        src.info->shape == std::vector<int64_t>{rows, cols}) {
+      // Kept as stored: the blocks copied (whole rows reordered for q/k).
+      const int64_t row_bytes = kernels::RowBytes(quant, cols);
+      if (static_cast<int64_t>(src.info->nbytes) != rows * row_bytes) {
+        return absl::InvalidArgumentError(absl::StrCat(src.file, ": tensor '", src.info->name,
+                                                       "' has ", src.info->nbytes, " bytes, ",
+                                                       "expected ", rows * row_bytes));
+      }
+      out->dtype = quant;
+      out->rows = rows;
+      out->cols = cols;
+      out->blocks.assign(src.info->data, src.info->data + src.info->nbytes);
+      if (src.unpermute) UnpermuteGgufRowBytes(out->blocks.data(), src.heads, c.head_dim, row_bytes);
+      return absl::OkStatus();
+    }
+    LP_ASSIGN_OR_RETURN(std::vector<float> data, ReadF32(src, name, {rows, cols}, c.head_dim));
+    kernels::DType dtype = storage.dtype;
+    if (kernels::IsQuantized(dtype) && cols % kernels::BlockSize(dtype) != 0) {
+      dtype = kernels::DType::kBF16;  // rows that do not split into blocks
+    }
     out->Assign(dtype, rows, cols, data.data());
     return absl::OkStatus();
   };
@@ -146,8 +200,13 @@ kernels::WeightView StoredMatrix::view() const {
   v.dtype = dtype;
   v.rows = rows;
   v.cols = cols;
-  v.data = dtype == kernels::DType::kF32 ? static_cast<const void*>(f32.data())
-                                         : static_cast<const void*>(bf16.data());
+  if (dtype == kernels::DType::kF32) {
+    v.data = f32.data();
+  } else if (dtype == kernels::DType::kBF16) {
+    v.data = bf16.data();
+  } else {
+    v.data = blocks.data();
+  }
   return v;
 }
 
@@ -156,22 +215,35 @@ void StoredMatrix::Assign(kernels::DType d, int64_t r, int64_t c, const float* s
   rows = r;
   cols = c;
   const int64_t n = r * c;
+  f32.clear();
+  bf16.clear();
+  blocks.clear();
   if (d == kernels::DType::kF32) {
     f32.assign(src, src + n);
-    bf16.clear();
-  } else {
+  } else if (d == kernels::DType::kBF16) {
     bf16.resize(n);
     for (int64_t i = 0; i < n; ++i) bf16[i] = F32ToBf16(src[i]);
-    f32.clear();
+  } else {
+    const int64_t row_bytes = kernels::RowBytes(d, c);
+    blocks.resize(r * row_bytes);
+    for (int64_t i = 0; i < r; ++i) {
+      kernels::QuantizeRow(d, src + i * c, blocks.data() + i * row_bytes, c);
+    }
   }
 }
 
 float StoredMatrix::At(int64_t r, int64_t c) const {
   const int64_t i = r * cols + c;
-  return dtype == kernels::DType::kF32 ? f32[i] : Bf16ToF32(bf16[i]);
+  if (dtype == kernels::DType::kF32) return f32[i];
+  if (dtype == kernels::DType::kBF16) return Bf16ToF32(bf16[i]);
+  std::vector<float> row(cols);
+  kernels::DequantizeRow(dtype, blocks.data() + r * kernels::RowBytes(dtype, cols), row.data(),
+                         cols);
+  return row[c];
 }
 
 int64_t StoredMatrix::bytes() const {
+  if (kernels::IsQuantized(dtype)) return static_cast<int64_t>(blocks.size());
   return rows * cols * (dtype == kernels::DType::kF32 ? 4 : 2);
 }
 
@@ -184,6 +256,35 @@ int64_t LlamaWeights::bytes() const {
              4;
   }
   return total;
+}
+
+namespace {
+template <typename Fn>
+void ForEachMatrix(const LlamaWeights& w, Fn fn) {
+  fn(w.embed);
+  if (w.lm_head.rows > 0) fn(w.lm_head);
+  for (const auto& l : w.layers) {
+    for (const auto& m : l.linear) fn(m);
+  }
+}
+}  // namespace
+
+std::string LlamaWeights::Formats() const {
+  std::map<std::string, int> count;
+  ForEachMatrix(*this, [&](const StoredMatrix& m) { ++count[kernels::DTypeName(m.dtype)]; });
+  if (count.size() == 1) return count.begin()->first;
+  std::vector<std::pair<int, std::string>> order;
+  for (const auto& [name, n] : count) order.push_back({-n, name});
+  std::sort(order.begin(), order.end());
+  std::string out;
+  for (const auto& [n, name] : order) absl::StrAppend(&out, out.empty() ? "" : ", ", name, " x", -n);
+  return out;
+}
+
+bool LlamaWeights::AnyQuantized() const {
+  bool any = false;
+  ForEachMatrix(*this, [&](const StoredMatrix& m) { any |= kernels::IsQuantized(m.dtype); });
+  return any;
 }
 
 void UnpermuteGgufRows(float* data, int64_t n_heads, int64_t head_dim, int64_t cols) {
@@ -202,11 +303,26 @@ void UnpermuteGgufRows(float* data, int64_t n_heads, int64_t head_dim, int64_t c
   }
 }
 
+void UnpermuteGgufRowBytes(uint8_t* data, int64_t n_heads, int64_t head_dim, int64_t row_bytes) {
+  const int64_t half = head_dim / 2;
+  std::vector<uint8_t> head(head_dim * row_bytes);
+  for (int64_t h = 0; h < n_heads; ++h) {
+    uint8_t* base = data + h * head_dim * row_bytes;
+    std::memcpy(head.data(), base, head.size());
+    for (int64_t i = 0; i < half; ++i) {
+      for (int64_t j = 0; j < 2; ++j) {
+        std::memcpy(base + (j * half + i) * row_bytes, head.data() + (2 * i + j) * row_bytes,
+                    row_bytes);
+      }
+    }
+  }
+}
+
 absl::StatusOr<LlamaWeights> LoadWeightsFromGguf(const formats::GgufFile& gguf,
-                                                 const LlamaConfig& config, kernels::DType dtype) {
+                                                 const LlamaConfig& config, WeightStorage storage) {
   // llama.cpp permutes q/k rows only for architectures it runs with adjacent-pair (normal) RoPE.
   const bool permuted = config.architecture == "llama" || config.architecture == "mistral";
-  return LoadWith(config, dtype, [&](const std::string& hf) {
+  return LoadWith(config, storage, [&](const std::string& hf) {
     Source s;
     s.file = gguf.path();
     s.info = gguf.Find(GgufName(hf));
@@ -224,8 +340,9 @@ absl::StatusOr<LlamaWeights> LoadWeightsFromGguf(const formats::GgufFile& gguf,
 absl::StatusOr<LlamaWeights> LoadWeightsFromSafetensors(const formats::SafetensorsModel& st,
                                                         const std::string& path,
                                                         const LlamaConfig& config,
-                                                        kernels::DType dtype) {
-  return LoadWith(config, dtype, [&](const std::string& hf) {
+                                                        WeightStorage storage) {
+  storage.keep_quantized = false;  // safetensors hold no ggml blocks
+  return LoadWith(config, storage, [&](const std::string& hf) {
     Source s;
     s.file = path;
     s.info = st.Find(hf);

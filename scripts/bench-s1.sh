@@ -18,11 +18,11 @@ best_bw = max(b.get("bytes_per_second", 0) for b in bw) / 1e9
 print(f"stream read bandwidth (best of 1 thread / all threads): {best_bw:.2f} GB/s")
 for b in dec:
     if "DecodeStep" in b["name"]:
-        dtype = "f32" if b["name"].endswith(":1/real_time") else "bf16"
+        dtype = b.get("label", "?")
         tps = b["tok/s"]; gbs = b["weight_GB/s"]
         print(f"S1 decode {dtype}: {tps:.1f} tok/s, {gbs:.2f} GB/s of weights = "
               f"{gbs / best_bw:.2f} of the bandwidth bound ({best_bw / (b['weight_MB'] / 1e3):.1f} tok/s)")
     elif "Prefill" in b["name"]:
-        dtype = "f32" if b["name"].endswith(":1/real_time") else "bf16"
+        dtype = b.get("label", "?")
         print(f"S1 prefill 128 {dtype}: {b['prompt_tok/s']:.0f} prompt tok/s")
 PY

@@ -437,6 +437,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   response->set_max_batch_tokens(engine_->options().max_batch_tokens);
   response->set_max_queue(static_cast<int32_t>(engine_->options().max_queue));
   response->set_weight_bytes(model.weight_bytes());
+  response->set_weight_formats(model.weight_formats());
   return FinishNow(grpc::Status::OK);
 }
 

@@ -15,7 +15,9 @@
 
 ABSL_FLAG(std::string, model, "", "GGUF file or HF model folder (required)");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC address HOST:PORT (port 0: any free one)");
-ABSL_FLAG(std::string, dtype, "bf16", "storage of the base weights: bf16 or f32");
+ABSL_FLAG(std::string, dtype, "bf16",
+          "storage of the base weights: bf16, f32, q8_0, q4_0, or native (a GGUF file's "
+          "quantized matrices as stored, integer kernels; CPU only)");
 ABSL_FLAG(
     std::string, device, "auto",
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
@@ -85,13 +87,7 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   if (cl.model_path.empty()) return absl::InvalidArgumentError("--model is required");
 
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
-  if (dtype == "bf16") {
-    cl.load.dtype = kernels::DType::kBF16;
-  } else if (dtype == "f32") {
-    cl.load.dtype = kernels::DType::kF32;
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat("--dtype must be bf16 or f32, got ", dtype));
-  }
+  LP_RETURN_IF_ERROR(model::ParseWeightStorage(dtype, &cl.load));
   std::string device_reason;
   LP_ASSIGN_OR_RETURN(cl.load.device,
                       model::ResolveDevice(absl::GetFlag(FLAGS_device), &device_reason));

@@ -119,7 +119,7 @@ absl::Status Server::OpenRegistry(const ServerOptions& options) {
   }
   r.adapter_dir = admin.adapter_dir;
   r.base = model_->config();
-  r.load.dtype = model_->dtype();
+  r.load.dtype = model_->adapter_dtype();
   r.load.max_rank = options.info.max_lora_rank;
   r.max_loaded = admin.max_loaded;
   r.memory_bytes = admin.memory_bytes;

@@ -77,7 +77,7 @@ class DemoAdaptersTest : public ::testing::Test {
   static std::unique_ptr<LoraAdapter> LoadAdapter(const std::string& name) {
     const std::string dir = "adapters/examples/" + name;
     AdapterLoadOptions opts;
-    opts.dtype = model_->dtype();
+    opts.dtype = model_->adapter_dtype();
     auto a = LoraAdapter::Load(dir, model_->config(), opts);
     EXPECT_TRUE(a.ok()) << dir << ": " << a.status() << "; " << kRetrain;
     return a.ok() ? std::move(a).value() : nullptr;
