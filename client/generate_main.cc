@@ -1,5 +1,7 @@
 // loraplex-generate: offline generation from a model file, no server. See README.md for usage.
 #include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -14,6 +16,7 @@
 #include "model/device.h"
 #include "model/generate.h"
 #include "model/llama_model.h"
+#include "model/score.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, model, "", "GGUF file or HF model folder");
@@ -37,6 +40,10 @@ ABSL_FLAG(
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
 ABSL_FLAG(int32_t, max_lora_rank, 256, "largest adapter rank accepted");
 ABSL_FLAG(bool, json, false, "print one JSON object instead of streaming text");
+ABSL_FLAG(std::string, score, "",
+          "instead of generating: the perplexity of this text file, as llama-perplexity computes "
+          "it (model/score.h)");
+ABSL_FLAG(int64_t, score_context, 512, "tokens per chunk for --score (llama-perplexity -c)");
 
 namespace loraplex {
 namespace {
@@ -84,6 +91,38 @@ absl::StatusOr<std::vector<int32_t>> BuildPrompt(const model::LlamaModel& m) {
   return out;
 }
 
+// --score FILE: prints the chunks, scored tokens, mean negative log-likelihood and perplexity.
+int Score(model::LlamaModel& m) {
+  if (!m.has_tokenizer()) return Fail(absl::InvalidArgumentError("--score needs a tokenizer"));
+  std::ifstream in(absl::GetFlag(FLAGS_score), std::ios::binary);
+  if (!in) {
+    return Fail(absl::NotFoundError("--score: cannot read " + absl::GetFlag(FLAGS_score)));
+  }
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::vector<int32_t> tokens = m.tokenizer().Encode(text, m.tokenizer().spec().add_bos);
+  OfflineAdapter adapter;
+  if (!absl::GetFlag(FLAGS_adapter).empty()) {
+    absl::Status s =
+        adapter.Load(absl::GetFlag(FLAGS_adapter), m, absl::GetFlag(FLAGS_max_lora_rank));
+    if (!s.ok()) return Fail(s);
+  }
+  auto r = model::ScoreTokens(m, tokens, absl::GetFlag(FLAGS_score_context),
+                              absl::GetFlag(FLAGS_adapter).empty() ? nullptr : adapter.view());
+  if (!r.ok()) return Fail(r.status());
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json out = {{"tokens", tokens.size()},         {"chunks", r->chunks},
+                          {"scored_tokens", r->scored_tokens}, {"mean_nll", r->mean_nll},
+                          {"perplexity", r->perplexity},       {"weights", m.weight_formats()}};
+    std::cout << out.dump() << "\n";
+  } else {
+    std::printf("%zu tokens, %lld chunks of %lld, %lld scored: mean NLL %.6f, perplexity %.4f\n",
+                tokens.size(), static_cast<long long>(r->chunks),
+                static_cast<long long>(absl::GetFlag(FLAGS_score_context)),
+                static_cast<long long>(r->scored_tokens), r->mean_nll, r->perplexity);
+  }
+  return 0;
+}
+
 int Run() {
   if (absl::GetFlag(FLAGS_model).empty()) {
     return Fail(absl::InvalidArgumentError("--model is required (a GGUF file or HF folder)"));
@@ -108,6 +147,7 @@ int Run() {
   load.require_tokenizer = absl::GetFlag(FLAGS_prompt_ids).empty();
   auto m = model::LlamaModel::Load(absl::GetFlag(FLAGS_model), load);
   if (!m.ok()) return Fail(m.status());
+  if (!absl::GetFlag(FLAGS_score).empty()) return Score(**m);
   auto prompt = BuildPrompt(**m);
   if (!prompt.ok()) return Fail(prompt.status());
 
