@@ -64,14 +64,23 @@ class ABSL_SCOPED_LOCKABLE MutexLock {
   absl::Mutex* const mu_;
 };
 
+// Clang's analysis treats a scoped capability whose constructor releases `mu` *exclusively* as
+// an unlock scope (its destructor relocks); Abseil's ABSL_UNLOCK_FUNCTION is the generic release,
+// which it does not, so MutexUnlock spells the attribute itself.
+#if defined(__clang__)
+#define LP_RELEASE_EXCLUSIVE(...) __attribute__((release_capability(__VA_ARGS__)))
+#else
+#define LP_RELEASE_EXCLUSIVE(...)
+#endif
+
 // The reverse: unlocks a held mutex for its scope (file IO, a callback) and locks it again.
 class ABSL_SCOPED_LOCKABLE MutexUnlock {
  public:
-  explicit MutexUnlock(absl::Mutex* mu) ABSL_UNLOCK_FUNCTION(mu) : mu_(mu) {
+  explicit MutexUnlock(absl::Mutex* mu) LP_RELEASE_EXCLUSIVE(mu) : mu_(mu) {
     TsanRelease(mu_);
     mu_->Unlock();
   }
-  ~MutexUnlock() ABSL_UNLOCK_FUNCTION() {
+  ~MutexUnlock() LP_RELEASE_EXCLUSIVE() {
     mu_->Lock();
     TsanAcquire(mu_);
   }
