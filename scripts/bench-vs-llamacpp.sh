@@ -12,8 +12,8 @@
 #       llama-perplexity -c 512 on TEXT (default tests/fixtures/perplexity/text.txt); prints the PPL
 #
 # llama.cpp comes from the PyPI sdist of llama-cpp-python (which vendors it under vendor/llama.cpp),
-# built with clang, CMake Release, GGML_NATIVE=ON (so -march=native; ggml picks AMX at run time
-# where the CPU has it) into LP_LLAMACPP_DIR (default out/llamacpp), which later runs reuse. The
+# built with clang, CMake Release, GGML_NATIVE=ON (so -march=native, which defines the AMX macros on
+# a CPU with AMX; -mamx-* are added where the compiler's native target lacks them) into LP_LLAMACPP_DIR (default out/llamacpp), which later runs reuse. The
 # PEFT adapters become GGUF LoRA files through llama.cpp's convert_lora_to_gguf.py, run in a venv
 # under the same directory on Debian's python3-torch (tools/llamacpp_convert_lora.py).
 #
@@ -27,6 +27,11 @@
 #   LP_DTYPE            loraplex-server --dtype: native (the GGUF's own quantized blocks, as llama.cpp
 #                       computes on them), bf16, f32, q8_0, q4_0 (default: native where the server
 #                       has it, else bf16)
+#   LP_QUIET_WAIT       seconds to wait before each measurement for other processes to leave the
+#                       cores (default 300); LP_QUIET_BUSY: the share of all cores that counts as
+#                       quiet (default 25). The share others took during each measurement is printed;
+#                       above 10% the rows are disturbed (llama.cpp's spinning threads suffer most).
+#   LP_PPL_CTX          --perplexity context (default 512; the text needs >= 2x as many tokens)
 # Needs: the loraplex release build, the model (scripts/fetch-model.sh), apt (clang, cmake,
 # python3-torch, python3-venv are installed when missing) and pip for the sdist.
 set -euo pipefail
