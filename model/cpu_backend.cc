@@ -10,40 +10,14 @@
 
 namespace loraplex::model {
 
+// kernels::Gemm and Embed serve every weight format (f32 and bf16 widened; the quantized blocks
+// with integer dot products on int8 activations, kernels/quant.h).
 void CpuLinear(float* y, const float* x, int64_t m, const kernels::WeightView& w) {
-  switch (w.dtype) {
-    case kernels::DType::kF32:
-    case kernels::DType::kBF16:
-      kernels::Gemm(y, x, m, w);  // f32 FMA over widened weights
-      return;
-    case kernels::DType::kQ8_0:
-    case kernels::DType::kQ4_0:
-    case kernels::DType::kQ4_1:
-    case kernels::DType::kQ4_K:
-    case kernels::DType::kQ5_K:
-    case kernels::DType::kQ6_K:
-      kernels::Gemm(y, x, m, w);  // integer dot products on int8 activations (kernels/quant.h)
-      return;
-  }
-  LP_CHECK(false) << "CpuLinear: the CPU backend has no kernel for weight format "
-                  << static_cast<int>(w.dtype);
+  kernels::Gemm(y, x, m, w);
 }
 
 void CpuEmbed(float* out, const int32_t* ids, int64_t n, const kernels::WeightView& table) {
-  switch (table.dtype) {
-    case kernels::DType::kF32:
-    case kernels::DType::kBF16:
-    case kernels::DType::kQ8_0:
-    case kernels::DType::kQ4_0:
-    case kernels::DType::kQ4_1:
-    case kernels::DType::kQ4_K:
-    case kernels::DType::kQ5_K:
-    case kernels::DType::kQ6_K:
-      kernels::Embed(out, ids, n, table);  // rows widened or dequantized to f32
-      return;
-  }
-  LP_CHECK(false) << "CpuEmbed: the CPU backend has no kernel for weight format "
-                  << static_cast<int>(table.dtype);
+  kernels::Embed(out, ids, n, table);
 }
 
 namespace {
