@@ -512,8 +512,8 @@ void AdapterRegistry::AcquireAsync(absl::string_view spec, AcquireCallback done,
     // The caller's callback travels in a shared_ptr: a refused job is destroyed unrun, and then
     // the callback still has to answer.
     auto pending = std::make_shared<AcquireCallback>(std::move(done));
-    absl::Status submitted = loaders_.Submit(
-        [this, spec = std::string(spec), pending, count_request] {
+    absl::Status submitted =
+        loaders_.Submit([this, spec = std::string(spec), pending, count_request] {
           (*pending)(Acquire(spec, count_request));
         });
     if (submitted.ok()) return;

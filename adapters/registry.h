@@ -59,7 +59,7 @@ inline constexpr size_t kMaxAdapterNameLength = 128;
 // How requests and admin calls name an adapter: "name" (its current version) or "name@version".
 struct AdapterSpec {
   std::string name;
-  int64_t version = 0;  // 0: the current one
+  int64_t version = 0;           // 0: the current one
   std::string ToString() const;  // the spec back: "name" or "name@version"
 };
 // The one parser of specs. INVALID_ARGUMENT for a bad name (ValidateAdapterName) or a version
@@ -345,9 +345,9 @@ class AdapterRegistry {
   absl::CondVar changed_;
   int64_t staging_counter_ ABSL_GUARDED_BY(mu_) = 0;
   RegistrationPhases last_registration_ ABSL_GUARDED_BY(mu_);
-  std::string merge_to_restore_ ABSL_GUARDED_BY(mu_);  // see merge_to_restore()
+  std::string merge_to_restore_ ABSL_GUARDED_BY(mu_);         // see merge_to_restore()
   std::shared_ptr<const Lease> merged_ ABSL_GUARDED_BY(mu_);  // see merged()
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;  // the destructor has begun
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;                // the destructor has begun
   // AcquireAsync's reloads (and their waits for room): loader_threads threads, FIFO. Last, so
   // that its jobs have finished before the members they use go.
   Executor loaders_;

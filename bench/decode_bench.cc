@@ -1,8 +1,8 @@
 // Scenario S1 (DESIGN.md section 6) on the CPU: one sequence, no adapter, SmolLM2-135M-Instruct,
 // a 128-token prompt then decode steps at context 128..256, for each weight storage (argument
-// dtype: 0 bf16, 1 f32, 2 native = the file's Q4_1/Q8_0 blocks, 3 q8_0; the label says which). Reports tokens/s and the bytes of
-// weights streamed per second (weight bytes x tokens/s), to set beside bandwidth_bench's
-// BM_StreamRead from the same run (scripts/bench-s1.sh prints the ratio).
+// dtype: 0 bf16, 1 f32, 2 native = the file's Q4_1/Q8_0 blocks, 3 q8_0; the label says which).
+// Reports tokens/s and the bytes of weights streamed per second (weight bytes x tokens/s), to set
+// beside bandwidth_bench's BM_StreamRead from the same run (scripts/bench-s1.sh prints the ratio).
 //
 // The model path comes from LP_BENCH_MODEL (default models/SmolLM2-135M-Instruct.Q4_1.gguf, run
 // from the repository root); the benchmark is skipped with a message when it is missing.

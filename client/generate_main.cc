@@ -1,8 +1,8 @@
 // loraplex-generate: offline generation from a model file, no server. See README.md for usage.
 #include <cstdio>
 #include <fstream>
-#include <iterator>
 #include <iostream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -110,7 +110,7 @@ int Score(model::LlamaModel& m) {
                               absl::GetFlag(FLAGS_adapter).empty() ? nullptr : adapter.view());
   if (!r.ok()) return Fail(r.status());
   if (absl::GetFlag(FLAGS_json)) {
-    nlohmann::json out = {{"tokens", tokens.size()},         {"chunks", r->chunks},
+    nlohmann::json out = {{"tokens", tokens.size()},           {"chunks", r->chunks},
                           {"scored_tokens", r->scored_tokens}, {"mean_nll", r->mean_nll},
                           {"perplexity", r->perplexity},       {"weights", m.weight_formats()}};
     std::cout << out.dump() << "\n";

@@ -117,9 +117,8 @@ absl::Status Engine::Validate(const GenerationRequest& request) const {
     }
   }
   if (request.stop_token_ids.size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxStopStrings,
-                                                   " stop_token_ids, got ",
-                                                   request.stop_token_ids.size()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "at most ", kMaxStopStrings, " stop_token_ids, got ", request.stop_token_ids.size()));
   }
   for (size_t i = 0; i < request.stop_token_ids.size(); ++i) {
     const int32_t id = request.stop_token_ids[i];

@@ -69,7 +69,8 @@ struct StepOutput {
 };
 
 // Called on the engine thread for every StepOutput of a request. It must return quickly and never
-// block on the engine (hand the output to another thread through a Queue, common/queue.h, or a gRPC write).
+// block on the engine (hand the output to another thread through a Queue, common/queue.h, or a gRPC
+// write).
 using OutputSink = std::function<void(StepOutput)>;
 
 }  // namespace loraplex::engine

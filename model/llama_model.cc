@@ -9,9 +9,9 @@
 #include "common/half.h"
 #include "common/logging.h"
 #include "common/status.h"
-#include "kernels/quant.h"
 #include "formats/gguf.h"
 #include "formats/safetensors.h"
+#include "kernels/quant.h"
 #include "model/backend.h"
 #include "model/cpu_backend.h"
 #include "model/cuda_model.h"
@@ -117,9 +117,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   }
   m->weight_formats_ = weights.Formats();
   if (options.device == Device::kCuda && weights.AnyQuantized()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": the CUDA backend runs f32 or bf16 weights, not ", m->weight_formats_,
-        " (give --dtype bf16 or f32)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": the CUDA backend runs f32 or bf16 weights, not ", m->weight_formats_,
+                     " (give --dtype bf16 or f32)"));
   }
   // The one choice of backend; nothing below branches on the device.
   std::vector<float> inv_freq = m->config_.RopeInvFreq();
@@ -133,10 +133,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
 }
 
 absl::Status ParseWeightStorage(const std::string& name, LoadOptions* options) {
-  static const std::pair<const char*, kernels::DType> kNames[] = {
-      {"native", kernels::DType::kBF16}, {"bf16", kernels::DType::kBF16},
-      {"f32", kernels::DType::kF32},     {"q8_0", kernels::DType::kQ8_0},
-      {"q4_0", kernels::DType::kQ4_0}};
+  static const std::pair<const char*, kernels::DType> kNames[] = {{"native", kernels::DType::kBF16},
+                                                                  {"bf16", kernels::DType::kBF16},
+                                                                  {"f32", kernels::DType::kF32},
+                                                                  {"q8_0", kernels::DType::kQ8_0},
+                                                                  {"q4_0", kernels::DType::kQ4_0}};
   for (const auto& [n, dtype] : kNames) {
     if (name != n) continue;
     options->dtype = dtype;

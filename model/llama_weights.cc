@@ -98,7 +98,8 @@ absl::StatusOr<LlamaWeights> LoadWith(const LlamaConfig& c, WeightStorage storag
       out->rows = rows;
       out->cols = cols;
       out->blocks.assign(src.info->data, src.info->data + src.info->nbytes);
-      if (src.unpermute) UnpermuteGgufRowBytes(out->blocks.data(), src.heads, c.head_dim, row_bytes);
+      if (src.unpermute)
+        UnpermuteGgufRowBytes(out->blocks.data(), src.heads, c.head_dim, row_bytes);
       return absl::OkStatus();
     }
     LP_ASSIGN_OR_RETURN(std::vector<float> data, ReadF32(src, name, {rows, cols}, c.head_dim));
@@ -277,7 +278,8 @@ std::string LlamaWeights::Formats() const {
   for (const auto& [name, n] : count) order.push_back({-n, name});
   std::sort(order.begin(), order.end());
   std::string out;
-  for (const auto& [n, name] : order) absl::StrAppend(&out, out.empty() ? "" : ", ", name, " x", -n);
+  for (const auto& [n, name] : order)
+    absl::StrAppend(&out, out.empty() ? "" : ", ", name, " x", -n);
   return out;
 }
 

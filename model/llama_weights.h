@@ -24,8 +24,8 @@ struct StoredMatrix {
   kernels::DType dtype = kernels::DType::kF32;
   int64_t rows = 0;
   int64_t cols = 0;
-  std::vector<float> f32;      // when dtype == kF32
-  std::vector<uint16_t> bf16;  // when dtype == kBF16
+  std::vector<float> f32;       // when dtype == kF32
+  std::vector<uint16_t> bf16;   // when dtype == kBF16
   std::vector<uint8_t> blocks;  // a quantized dtype: the rows' blocks (kernels/quant.h)
 
   kernels::WeightView view() const;

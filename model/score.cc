@@ -12,8 +12,8 @@ absl::StatusOr<ScoreResult> ScoreTokens(LlamaModel& model, const std::vector<int
                                         int64_t context, const LoraWeightsView* adapter) {
   const LlamaConfig& c = model.config();
   if (context < 4 || context > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("score: context ", context, " outside [4, ",
-                                                   c.max_position_embeddings, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("score: context ", context, " outside [4, ", c.max_position_embeddings, "]"));
   }
   const int64_t chunks = static_cast<int64_t>(tokens.size()) / context;
   if (chunks < 1) {

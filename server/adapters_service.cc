@@ -358,7 +358,8 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
 
 absl::Status AdaptersService::CheckMergeable(const adapters::AdapterInfo& current) const {
   std::shared_ptr<const adapters::Lease> merged = registry_->merged();
-  if (merged != nullptr && (merged->name() != current.name || merged->version() != current.version)) {
+  if (merged != nullptr &&
+      (merged->name() != current.name || merged->version() != current.version)) {
     return absl::FailedPreconditionError(
         absl::StrCat("adapter '", merged->name(), "' v", merged->version(),
                      " is merged; set it UNMERGED first (one merged adapter at a time)"));

@@ -62,8 +62,7 @@ class GenerationCall : public RefCounted {
              engine::OutputSink sink) {
     if (draining) return FinishCall(Refuse(absl::UnavailableError("the server is shutting down")));
     if (proto.adapter().empty()) {
-      absl::StatusOr<engine::GenerationRequest> req =
-          ToGenerationRequest(proto, *engine_);
+      absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(proto, *engine_);
       if (!req.ok()) return FinishCall(Refuse(req.status()));
       return Submit(*std::move(req), std::move(sink));
     }
@@ -79,9 +78,8 @@ class GenerationCall : public RefCounted {
     // std::function wants a copyable callable: the request travels in a shared_ptr.
     auto request = std::make_shared<engine::GenerationRequest>(*std::move(req));
     registry.AcquireAsync(
-        proto.adapter(),
-        [self = RefPtr<GenerationCall>(this), request, sink = std::move(sink)](
-            absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
+        proto.adapter(), [self = RefPtr<GenerationCall>(this), request, sink = std::move(sink)](
+                             absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
           self->Resolved(std::move(lease), std::move(*request), std::move(sink));
         });
   }

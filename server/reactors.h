@@ -101,7 +101,6 @@ class RefPtr {
 template <typename T>
 using ScopedRef = const RefPtr<T>;
 
-
 namespace tsan_internal {
 // How many ignores this thread has begun and not ended (TSan's own counter is not readable). A
 // gRPC thread ends in gRPC's code, with one begun (CheckOurs): the destructor ends it before TSan

@@ -68,8 +68,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   LP_ASSIGN_OR_RETURN(server->engine_,
                       engine::Engine::Create(server->model_.get(), options.engine));
   LP_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_listen));
-  server->service_ = std::make_unique<InferenceService>(server->engine_.get(), server->registry_.get(),
-                                                        server->metrics_.get(), options.info);
+  server->service_ = std::make_unique<InferenceService>(
+      server->engine_.get(), server->registry_.get(), server->metrics_.get(), options.info);
   server->service_->RequireToken(&server->api_auth_);
   server->adapters_service_ = std::make_unique<AdaptersService>(
       server->registry_.get(), server->engine_.get(), &server->admin_auth_);

@@ -12,8 +12,9 @@ namespace loraplex::kernels::cuda {
 
 // One (adapter, slice) of a layer's LoRA weights, as the kernels read it from DEVICE memory. The
 // CUDA backend fills an array of these per step and module group from the step's LoRA plan
-// (model/cuda_model.cc PackPass), pointing into the adapters' device copies; kernels gather the pointers per token or segment, so neither ranks nor sizes are baked
-// into the code (no shape lists).
+// (model/cuda_model.cc PackPass), pointing into the adapters' device copies; kernels gather the
+// pointers per token or segment, so neither ranks nor sizes are baked into the code (no shape
+// lists).
 struct CudaLoraSlice {
   const void* a = nullptr;  // device, A [rank, in_features] row-major, dtype of CudaLoraWeights
   const void* b = nullptr;  // device, B [out_features[s], rank] row-major (scale folded in)

@@ -89,8 +89,8 @@ TEST(AdapterSpecTest, ParsesNameAndOptionalVersion) {
   EXPECT_EQ(versioned.name, "sql");
   EXPECT_EQ(versioned.version, 12);
   EXPECT_EQ(versioned.ToString(), "sql@12");
-  for (const char* bad : {"sql@", "sql@0", "sql@-1", "sql@x", "sql@99999999999999999999", "@1",
-                          "", "a/b@1", "a@1@2"}) {
+  for (const char* bad : {"sql@", "sql@0", "sql@-1", "sql@x", "sql@99999999999999999999", "@1", "",
+                          "a/b@1", "a@1@2"}) {
     EXPECT_THAT(ParseAdapterSpec(bad), StatusIs(absl::StatusCode::kInvalidArgument)) << bad;
   }
 }

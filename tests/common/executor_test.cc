@@ -21,7 +21,8 @@ TEST(ExecutorTest, OneThreadRunsJobsInSubmissionOrder) {
   std::vector<int> order;
   {
     Executor ex({.name = "test", .max_threads = 1});
-    for (int i = 0; i < 50; ++i) ASSERT_THAT(ex.Submit([&order, i] { order.push_back(i); }), IsOk());
+    for (int i = 0; i < 50; ++i)
+      ASSERT_THAT(ex.Submit([&order, i] { order.push_back(i); }), IsOk());
   }  // the destructor runs what is queued
   ASSERT_EQ(order.size(), 50u);
   for (int i = 0; i < 50; ++i) EXPECT_EQ(order[i], i);

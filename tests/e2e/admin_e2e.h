@@ -5,8 +5,8 @@
 
 #include <fcntl.h>
 #include <grpcpp/grpcpp.h>
-#include <unistd.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdint>

@@ -30,8 +30,8 @@
 #include "loraplex/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/e2e/admin_e2e.h"
-#include "tests/testing/server_process.h"
 #include "tests/testing/peft_files.h"
+#include "tests/testing/server_process.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex {
@@ -67,7 +67,6 @@ std::vector<v1::AdapterInfo> List(AdminServer& s) {
   EXPECT_TRUE(st.ok()) << st.error_message();
   return list;
 }
-
 
 // The value of one sample line "name{labels} value" in a metrics page, or -1.
 double Sample(const std::string& page, const std::string& series) {
@@ -309,9 +308,9 @@ TEST_F(LifecycleE2eTest, BadRequestsGetTheirCodesAndDisturbNothing) {
   // Shapes that do not fit the base: q_proj's lora_A reads 48 features, stories260K has 64.
   make("shape", config,
        testing::SelfAttnSafetensors({{"q_proj.lora_A", {8, 48}},
-                    {"q_proj.lora_B", {64, 8}},
-                    {"v_proj.lora_A", {8, 64}},
-                    {"v_proj.lora_B", {32, 8}}}));
+                                     {"q_proj.lora_B", {64, 8}},
+                                     {"v_proj.lora_A", {8, 64}},
+                                     {"v_proj.lora_B", {32, 8}}}));
   const std::string rel = fs::path(bad_root).filename().string();
 
   // Traffic on "good" while the bad loads come in: it must not notice.

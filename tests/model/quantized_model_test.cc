@@ -1,8 +1,8 @@
 // The model on quantized weights (LoadOptions::keep_quantized, dtype q8_0/q4_0): what is stored,
 // how far the logits move from the f32 model, and what is refused (merging into quantized
 // matrices, the CUDA backend). SmolLM2's Q4_1 file kept as stored is checked against the HF
-// transformers reference of the same file dequantized to f32 (tests/fixtures/hf/smollm2_logits.json,
-// also used by smollm2_golden_test).
+// transformers reference of the same file dequantized to f32
+// (tests/fixtures/hf/smollm2_logits.json, also used by smollm2_golden_test).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,7 +33,8 @@ std::vector<float> AllLogits(LlamaModel& m, const std::vector<int32_t>& ids) {
   ForwardBatch b;
   b.tokens = ids;
   b.max_blocks_per_seq = cache->num_blocks();
-  for (int64_t i = 0; i < cache->num_blocks(); ++i) b.block_tables.push_back(*cache->AllocateBlock());
+  for (int64_t i = 0; i < cache->num_blocks(); ++i)
+    b.block_tables.push_back(*cache->AllocateBlock());
   for (size_t i = 0; i < ids.size(); ++i) {
     b.positions.push_back(static_cast<int32_t>(i));
     b.token_seq.push_back(0);

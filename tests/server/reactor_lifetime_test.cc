@@ -16,9 +16,9 @@
 #include "absl/time/time.h"
 #include "loraplex/v1/inference.grpc.pb.h"
 #include "model/llama_model.h"
+#include "server/reactors.h"
 #include "server/server.h"
 #include "server/test_hooks.h"
-#include "server/reactors.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex::server {

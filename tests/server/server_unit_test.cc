@@ -13,9 +13,9 @@
 namespace loraplex::server {
 namespace {
 
-using ::loraplex::testing::StatusIs;
 using engine::kMaxStopBytes;
 using engine::kMaxStopStrings;
+using ::loraplex::testing::StatusIs;
 
 TEST(StatusMappingTest, EveryCanonicalCodeMapsOneToOneWithItsMessage) {
   const std::pair<absl::StatusCode, grpc::StatusCode> pairs[] = {

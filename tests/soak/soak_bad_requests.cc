@@ -46,17 +46,17 @@ void Soak::MakeBadFolders() {
   // q_proj's lora_A reads 48 features; stories260K has 64.
   make("shape", config,
        testing::SelfAttnSafetensors({{"q_proj.lora_A", {8, 48}},
-                    {"q_proj.lora_B", {64, 8}},
-                    {"v_proj.lora_A", {8, 64}},
-                    {"v_proj.lora_B", {32, 8}}}));
+                                     {"q_proj.lora_B", {64, 8}},
+                                     {"v_proj.lora_A", {8, 64}},
+                                     {"v_proj.lora_B", {32, 8}}}));
   // Rank 128, over the server's --max-lora-rank (64).
   std::string r128 = config;
   if (size_t at = r128.find("\"r\": 8"); at != std::string::npos) r128.replace(at, 6, "\"r\": 128");
   make("rank128", r128,
        testing::SelfAttnSafetensors({{"q_proj.lora_A", {128, 64}},
-                    {"q_proj.lora_B", {64, 128}},
-                    {"v_proj.lora_A", {128, 64}},
-                    {"v_proj.lora_B", {32, 128}}}));
+                                     {"q_proj.lora_B", {64, 128}},
+                                     {"v_proj.lora_A", {128, 64}},
+                                     {"v_proj.lora_B", {32, 128}}}));
 }
 
 // A well-formed upload of rank1 as "bad-up" but for its end: end 0 = no end message, -1 = one byte
