@@ -30,7 +30,8 @@
 #include "model/llama_model.h"
 
 ABSL_FLAG(std::string, model, "models/SmolLM2-135M-Instruct.Q4_1.gguf", "GGUF file or HF folder");
-ABSL_FLAG(std::string, dtype, "bf16", "bf16 or f32 base weights");
+ABSL_FLAG(std::string, dtype, "bf16",
+          "base weights: native (a GGUF's quantized blocks), bf16, f32, q8_0 or q4_0");
 ABSL_FLAG(std::string, adapter_dir, "", "PEFT folder; copies of it serve as the adapters");
 ABSL_FLAG(int, adapters, 0, "distinct adapters (0: base model only)");
 ABSL_FLAG(int, concurrency, 1, "requests in flight");
@@ -43,8 +44,10 @@ namespace lp = loraplex;
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   lp::model::LoadOptions load;
-  load.dtype =
-      absl::GetFlag(FLAGS_dtype) == "f32" ? lp::kernels::DType::kF32 : lp::kernels::DType::kBF16;
+  if (auto st = lp::model::ParseWeightStorage(absl::GetFlag(FLAGS_dtype), &load); !st.ok()) {
+    std::cerr << "engine_bench: " << st << "\n";
+    return 1;
+  }
   auto model = lp::model::LlamaModel::Load(absl::GetFlag(FLAGS_model), load);
   if (!model.ok()) {
     std::cerr << "engine_bench: " << model.status() << "\n";
@@ -60,7 +63,7 @@ int main(int argc, char** argv) {
     lp::adapters::RegistryOptions ro;
     ro.state_dir = state_dir;
     ro.base = (*model)->config();
-    ro.load.dtype = load.dtype;
+    ro.load.dtype = (*model)->adapter_dtype();
     auto opened = lp::adapters::AdapterRegistry::Open(ro);
     if (!opened.ok()) {
       std::cerr << "engine_bench: " << opened.status() << "\n";

@@ -56,6 +56,7 @@ BENCHMARK(BM_PagedAttention)
     ->Args({2048, 1, 1})
     ->Args({2048, 1, 8})
     ->Args({128, 128, 1})
+    ->Args({192, 1, 32})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 

@@ -3,7 +3,8 @@
 // S6 (the same at ranks 8, 16, 64). Context 128 tokens (prefilled once, not timed).
 // BM_S2S6Interleaved measures S2 and S6 step by step in turns, for machines whose load drifts.
 // BM_PrefillAdapters: 4 prompts of 128 tokens in one prefill step, each with its own adapter.
-// Model: LP_BENCH_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf (skipped when missing).
+// Model: LP_BENCH_MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf (skipped when missing), its
+// base weights stored as LP_BENCH_DTYPE says (default bf16).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -41,6 +42,13 @@ LlamaModel* Model() {
     const char* device = std::getenv("LP_BENCH_DEVICE");
     if (device != nullptr && std::string(device) == "cuda") {
       options.device = loraplex::model::Device::kCuda;
+    }
+    // LP_BENCH_DTYPE: the --dtype of the base weights (native, bf16, f32, q8_0, q4_0; bf16 unset).
+    if (const char* dtype = std::getenv("LP_BENCH_DTYPE"); dtype != nullptr) {
+      if (auto st = loraplex::model::ParseWeightStorage(dtype, &options); !st.ok()) {
+        std::fprintf(stderr, "LP_BENCH_DTYPE: %s\n", st.ToString().c_str());
+        return static_cast<LlamaModel*>(nullptr);
+      }
     }
     auto r = LlamaModel::Load(env ? env : "models/SmolLM2-135M-Instruct.Q4_1.gguf", options);
     if (!r.ok()) std::fprintf(stderr, "LlamaModel::Load: %s\n", r.status().ToString().c_str());

@@ -243,10 +243,23 @@ void AttnScores(float* scores, const float* q, const float* k, int64_t stride, i
   for (; c < count; ++c) scores[c] = Dot(q, k + c * stride, dim) * scale;
 }
 
+// 32 dims at a time in four accumulators, each value row's weight broadcast once for all four:
+// one accumulator per 8 dims over all `count` rows was a chain of dependent FMAs, latency-bound.
 void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
                     int64_t dim) {
+  const int64_t dim32 = dim / 32 * 32;
+  for (int64_t i = 0; i < dim32; i += 32) {
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = Load8(out + i + 8 * j);
+    for (int64_t c = 0; c < count; ++c) {
+      const __m256 pc = _mm256_set1_ps(p[c]);
+      const float* vc = v + c * stride + i;
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(pc, Load8(vc + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + i + 8 * j, acc[j]);
+  }
   const int64_t dim8 = dim / 8 * 8;
-  for (int64_t i = 0; i < dim8; i += 8) {
+  for (int64_t i = dim32; i < dim8; i += 8) {
     __m256 acc = Load8(out + i);
     for (int64_t c = 0; c < count; ++c) {
       acc = _mm256_fmadd_ps(_mm256_set1_ps(p[c]), Load8(v + c * stride + i), acc);

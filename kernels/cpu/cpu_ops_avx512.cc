@@ -405,15 +405,23 @@ void AttnScores(float* scores, const float* q, const float* k, int64_t stride, i
   for (; c < count; ++c) scores[c] = Dot(q, k + c * stride, dim) * scale;
 }
 
+// 64 dims at a time in four accumulators, each value row's weight broadcast once for all four:
+// one accumulator per 16 dims over all `count` rows was a chain of dependent FMAs, latency-bound.
 void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
                     int64_t dim) {
-  for (int64_t i = 0; i < dim; i += 16) {
-    const __mmask16 lanes = FirstLanes(std::min<int64_t>(16, dim - i));
-    __m512 acc = Load16(out + i, lanes);
-    for (int64_t c = 0; c < count; ++c) {
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[c]), Load16(v + c * stride + i, lanes), acc);
+  for (int64_t i = 0; i < dim; i += 64) {
+    __mmask16 lanes[4];
+    __m512 acc[4];
+    for (int j = 0; j < 4; ++j) {
+      lanes[j] = FirstLanes(std::clamp<int64_t>(dim - i - 16 * j, 0, 16));
+      acc[j] = Load16(out + i + 16 * j, lanes[j]);
     }
-    _mm512_mask_storeu_ps(out + i, lanes, acc);
+    for (int64_t c = 0; c < count; ++c) {
+      const __m512 pc = _mm512_set1_ps(p[c]);
+      const float* vc = v + c * stride + i;
+      for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(pc, Load16(vc + 16 * j, lanes[j]), acc[j]);
+    }
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(out + i + 16 * j, lanes[j], acc[j]);
   }
 }
 
