@@ -6,7 +6,7 @@
 // every adapter a separate copy of one PEFT folder (so the batch gathers distinct weights).
 //
 //   engine_bench --model models/SmolLM2-135M-Instruct.Q4_1.gguf --concurrency 32 --requests 64
-//       [--adapter-dir DIR --adapters 32] [--dtype bf16] [--prompt 128] [--max-tokens 128]
+//       [--adapter-dir DIR --adapters 32] [--dtype native] [--prompt 128] [--max-tokens 128]
 //
 // Prints one JSON line: output tokens, seconds, output tok/s, requests/s.
 #include <stdlib.h>
@@ -30,7 +30,7 @@
 #include "model/llama_model.h"
 
 ABSL_FLAG(std::string, model, "models/SmolLM2-135M-Instruct.Q4_1.gguf", "GGUF file or HF folder");
-ABSL_FLAG(std::string, dtype, "bf16",
+ABSL_FLAG(std::string, dtype, "native",
           "base weights: native (a GGUF's quantized blocks), bf16, f32, q8_0 or q4_0");
 ABSL_FLAG(std::string, adapter_dir, "", "PEFT folder; copies of it serve as the adapters");
 ABSL_FLAG(int, adapters, 0, "distinct adapters (0: base model only)");

@@ -34,7 +34,9 @@ ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(bool, ignore_eos, false, "keep generating past end-of-sequence");
 ABSL_FLAG(int32_t, logprobs, 0, "top alternatives per token to report (0-20)");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "comma-separated stop strings");
-ABSL_FLAG(std::string, dtype, "bf16", "weight storage: bf16, f32, q8_0, q4_0 or native");
+ABSL_FLAG(std::string, dtype, "native",
+          "weight storage: native (a GGUF's quantized blocks as stored, the rest bf16), bf16, f32, "
+          "q8_0 or q4_0");
 ABSL_FLAG(
     std::string, device, "auto",
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");

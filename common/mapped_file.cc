@@ -52,6 +52,29 @@ absl::StatusOr<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& 
   return std::unique_ptr<MappedFile>(new MappedFile(path, data, size));
 }
 
+namespace {
+
+// The whole pages inside [p, p + n) (outward: false) or the pages that cover it (outward: true).
+void Advise(const uint8_t* p, size_t n, bool outward, int advice) {
+  if (p == nullptr || n == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  uintptr_t end = begin + n;
+  begin = outward ? begin / page * page : (begin + page - 1) / page * page;
+  end = outward ? (end + page - 1) / page * page : end / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, advice);
+}
+
+}  // namespace
+
+void MappedFile::WillNeed(const uint8_t* p, size_t n) const {
+  Advise(p, n, /*outward=*/true, MADV_WILLNEED);
+}
+
+void MappedFile::DontNeed(const uint8_t* p, size_t n) const {
+  Advise(p, n, /*outward=*/false, MADV_DONTNEED);
+}
+
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
 }

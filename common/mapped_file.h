@@ -24,6 +24,13 @@ class MappedFile {
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
 
+  // Hints for the pages of [p, p + n), a range inside the mapping: WillNeed starts reading them in
+  // (asynchronously); DontNeed drops the whole pages inside the range from this process's resident
+  // set (they stay in the page cache, and a later read maps them again). Both are advice: errors
+  // are ignored.
+  void WillNeed(const uint8_t* p, size_t n) const;
+  void DontNeed(const uint8_t* p, size_t n) const;
+
  private:
   MappedFile(std::string path, const uint8_t* data, size_t size)
       : path_(std::move(path)), data_(data), size_(size) {}

@@ -63,6 +63,8 @@ class GgufFile {
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* Find(const std::string& name) const;
   const std::string& path() const { return file_->path(); }
+  // The mapping every TensorInfo::data points into.
+  const MappedFile& mapping() const { return *file_; }
 
  private:
   uint32_t version_ = 0;

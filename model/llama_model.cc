@@ -69,7 +69,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     return absl::InvalidArgumentError(absl::StrCat(
         "weights can be stored f32, bf16, q8_0 or q4_0, not ", kernels::DTypeName(options.dtype)));
   }
-  const WeightStorage storage{options.dtype, options.keep_quantized};
+  // The CUDA backend has no quantized kernels: there --dtype native stores what would stay
+  // quantized as `dtype` (bf16) instead.
+  const WeightStorage storage{options.dtype,
+                              options.keep_quantized && options.device != Device::kCuda};
   LlamaWeights weights;
   std::error_code ec;
   if (!fs::exists(path, ec)) {
@@ -80,9 +83,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     LP_ASSIGN_OR_RETURN(auto st, formats::SafetensorsModel::Open(path));
     LP_ASSIGN_OR_RETURN(weights, LoadWeightsFromSafetensors(*st, path, m->config_, storage));
   } else {
-    LP_ASSIGN_OR_RETURN(auto gguf, formats::GgufFile::Open(path));
+    LP_ASSIGN_OR_RETURN(std::shared_ptr<const formats::GgufFile> gguf,
+                        formats::GgufFile::Open(path));
     LP_ASSIGN_OR_RETURN(m->config_, LlamaConfig::FromGguf(*gguf));
-    LP_ASSIGN_OR_RETURN(weights, LoadWeightsFromGguf(*gguf, m->config_, storage));
+    LP_ASSIGN_OR_RETURN(weights, LoadWeightsFromGguf(gguf, m->config_, storage));
     // A GGUF without tokenizer metadata loads token-ids-only when no tokenizer is required.
     const bool has_tokenizer = gguf->GetString("tokenizer.ggml.model").ok();
     if (options.tokenizer_path.empty() && (has_tokenizer || options.require_tokenizer)) {
@@ -116,6 +120,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
     if (m->config_.eos_token_id < 0) m->config_.eos_token_id = m->tokenizer_->eos_id();
   }
   m->weight_formats_ = weights.Formats();
+  m->weight_mapped_bytes_ = weights.mapped_bytes();
   if (options.device == Device::kCuda && weights.AnyQuantized()) {
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": the CUDA backend runs f32 or bf16 weights, not ", m->weight_formats_,

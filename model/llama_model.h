@@ -153,6 +153,8 @@ class LlamaModel {
   kernels::DType dtype() const { return options_.dtype; }
   // What the big matrices are stored as, e.g. "bf16" or "q4_1 x210, q8_0 x1" (GetModelInfo).
   const std::string& weight_formats() const { return weight_formats_; }
+  // The part of weight_bytes() read in place from the model file's mapping (--dtype native).
+  int64_t weight_mapped_bytes() const { return weight_mapped_bytes_; }
   // The dtype LoRA weights for this model are kept in: f32 for an f32 model, else bf16 (the
   // LoRA kernels take f32 or bf16; a quantized base keeps its adapters in bf16).
   kernels::DType adapter_dtype() const {
@@ -220,6 +222,7 @@ class LlamaModel {
   std::unique_ptr<Tokenizer> tokenizer_;
   bool from_gguf_ = false;
   std::string weight_formats_;
+  int64_t weight_mapped_bytes_ = 0;
   const LoraWeightsView* merged_ = nullptr;
   // The backend, the step's LoRA plan and the pristine matrices of a merge (model/llama_model.cc).
   std::unique_ptr<Impl> impl_;

@@ -24,6 +24,14 @@ struct Source {
   std::string file;
   bool unpermute = false;
   int64_t heads = 0;
+  // The GGUF mapping that info->data points into (nullptr for safetensors, whose tensors are
+  // always converted): a quantized matrix kept as stored is used in place.
+  const MappedFile* mapping = nullptr;
+
+  // The tensor's pages, read once for a copy or conversion, leave the resident set.
+  void Release() const {
+    if (mapping != nullptr && info != nullptr) mapping->DontNeed(info->data, info->nbytes);
+  }
 };
 
 absl::StatusOr<std::vector<float>> ReadF32(const Source& src, const std::string& name,
@@ -97,12 +105,19 @@ absl::StatusOr<LlamaWeights> LoadWith(const LlamaConfig& c, WeightStorage storag
       out->dtype = quant;
       out->rows = rows;
       out->cols = cols;
+      if (src.mapping != nullptr && !src.unpermute) {
+        out->mapped = src.info->data;  // in place; its pages are read in ahead of the first step
+        src.mapping->WillNeed(src.info->data, src.info->nbytes);
+        return absl::OkStatus();
+      }
       out->blocks.assign(src.info->data, src.info->data + src.info->nbytes);
       if (src.unpermute)
         UnpermuteGgufRowBytes(out->blocks.data(), src.heads, c.head_dim, row_bytes);
+      src.Release();
       return absl::OkStatus();
     }
     LP_ASSIGN_OR_RETURN(std::vector<float> data, ReadF32(src, name, {rows, cols}, c.head_dim));
+    src.Release();
     kernels::DType dtype = storage.dtype;
     if (kernels::IsQuantized(dtype) && cols % kernels::BlockSize(dtype) != 0) {
       dtype = kernels::DType::kBF16;  // rows that do not split into blocks
@@ -111,7 +126,9 @@ absl::StatusOr<LlamaWeights> LoadWith(const LlamaConfig& c, WeightStorage storag
     return absl::OkStatus();
   };
   auto vec = [&](const std::string& name, int64_t n, std::vector<float>* out) -> absl::Status {
-    LP_ASSIGN_OR_RETURN(*out, ReadF32(lookup(name), name, {n}, c.head_dim));
+    const Source src = lookup(name);
+    LP_ASSIGN_OR_RETURN(*out, ReadF32(src, name, {n}, c.head_dim));
+    src.Release();
     return absl::OkStatus();
   };
   LP_RETURN_IF_ERROR(matrix("model.embed_tokens.weight", c.vocab_size, h, &w.embed));
@@ -206,7 +223,7 @@ kernels::WeightView StoredMatrix::view() const {
   } else if (dtype == kernels::DType::kBF16) {
     v.data = bf16.data();
   } else {
-    v.data = blocks.data();
+    v.data = block_data();
   }
   return v;
 }
@@ -219,6 +236,7 @@ void StoredMatrix::Assign(kernels::DType d, int64_t r, int64_t c, const float* s
   f32.clear();
   bf16.clear();
   blocks.clear();
+  mapped = nullptr;
   if (d == kernels::DType::kF32) {
     f32.assign(src, src + n);
   } else if (d == kernels::DType::kBF16) {
@@ -238,13 +256,13 @@ float StoredMatrix::At(int64_t r, int64_t c) const {
   if (dtype == kernels::DType::kF32) return f32[i];
   if (dtype == kernels::DType::kBF16) return Bf16ToF32(bf16[i]);
   std::vector<float> row(cols);
-  kernels::DequantizeRow(dtype, blocks.data() + r * kernels::RowBytes(dtype, cols), row.data(),
+  kernels::DequantizeRow(dtype, block_data() + r * kernels::RowBytes(dtype, cols), row.data(),
                          cols);
   return row[c];
 }
 
 int64_t StoredMatrix::bytes() const {
-  if (kernels::IsQuantized(dtype)) return static_cast<int64_t>(blocks.size());
+  if (kernels::IsQuantized(dtype)) return rows * kernels::RowBytes(dtype, cols);
   return rows * cols * (dtype == kernels::DType::kF32 ? 4 : 2);
 }
 
@@ -269,6 +287,12 @@ void ForEachMatrix(const LlamaWeights& w, Fn fn) {
   }
 }
 }  // namespace
+
+int64_t LlamaWeights::mapped_bytes() const {
+  int64_t total = 0;
+  ForEachMatrix(*this, [&](const StoredMatrix& m) { total += m.mapped_bytes(); });
+  return total;
+}
 
 std::string LlamaWeights::Formats() const {
   std::map<std::string, int> count;
@@ -320,14 +344,15 @@ void UnpermuteGgufRowBytes(uint8_t* data, int64_t n_heads, int64_t head_dim, int
   }
 }
 
-absl::StatusOr<LlamaWeights> LoadWeightsFromGguf(const formats::GgufFile& gguf,
+absl::StatusOr<LlamaWeights> LoadWeightsFromGguf(std::shared_ptr<const formats::GgufFile> gguf,
                                                  const LlamaConfig& config, WeightStorage storage) {
   // llama.cpp permutes q/k rows only for architectures it runs with adjacent-pair (normal) RoPE.
   const bool permuted = config.architecture == "llama" || config.architecture == "mistral";
-  return LoadWith(config, storage, [&](const std::string& hf) {
+  auto weights = LoadWith(config, storage, [&](const std::string& hf) {
     Source s;
-    s.file = gguf.path();
-    s.info = gguf.Find(GgufName(hf));
+    s.file = gguf->path();
+    s.info = gguf->Find(GgufName(hf));
+    s.mapping = &gguf->mapping();
     if (permuted && (hf.find("self_attn.q_proj.") != std::string::npos)) {
       s.unpermute = true;
       s.heads = config.num_heads;
@@ -337,6 +362,8 @@ absl::StatusOr<LlamaWeights> LoadWeightsFromGguf(const formats::GgufFile& gguf,
     }
     return s;
   });
+  if (weights.ok() && weights->mapped_bytes() > 0) weights->mapping = std::move(gguf);
+  return weights;
 }
 
 absl::StatusOr<LlamaWeights> LoadWeightsFromSafetensors(const formats::SafetensorsModel& st,

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -26,8 +27,13 @@ struct StoredMatrix {
   int64_t cols = 0;
   std::vector<float> f32;       // when dtype == kF32
   std::vector<uint16_t> bf16;   // when dtype == kBF16
-  std::vector<uint8_t> blocks;  // a quantized dtype: the rows' blocks (kernels/quant.h)
+  // A quantized dtype: the rows' blocks (kernels/quant.h), either in `blocks` or, for a matrix
+  // kept as a GGUF file stores it, at `mapped` inside the file's mapping (LlamaWeights::mapping
+  // keeps it alive; `blocks` is then empty).
+  std::vector<uint8_t> blocks;
+  const uint8_t* mapped = nullptr;
 
+  const uint8_t* block_data() const { return mapped != nullptr ? mapped : blocks.data(); }
   kernels::WeightView view() const;
   // Stores rows*cols f32 values, rounding to bf16 (nearest even) when dtype is kBF16 and
   // quantizing per row when it is kQ8_0 or kQ4_0 (kernels::QuantizeRow; c a multiple of 32).
@@ -35,6 +41,8 @@ struct StoredMatrix {
   // Reads element (r, c) widened (or dequantized) to f32.
   float At(int64_t r, int64_t c) const;
   int64_t bytes() const;
+  // The bytes that are the file's own pages (0 unless `mapped`).
+  int64_t mapped_bytes() const { return mapped != nullptr ? bytes() : 0; }
 };
 
 // How the big matrices are stored (LoadOptions::dtype and keep_quantized in llama_model.h).
@@ -59,17 +67,26 @@ struct LlamaWeights {
   StoredMatrix lm_head;  // [vocab, hidden]; empty when tied to embed
   std::vector<float> final_norm;
   std::vector<LayerWeights> layers;
+  // The model file whose mapping the `mapped` matrices point into (empty when none does).
+  std::shared_ptr<const void> mapping;
 
   const StoredMatrix& output() const { return lm_head.rows > 0 ? lm_head : embed; }
+  // All the weights, and the part of them read in place from the file's mapping.
   int64_t bytes() const;
+  int64_t mapped_bytes() const;
   // The storage formats of the matrices, most common first: "bf16", "q4_1 x210, q8_0 x1".
   std::string Formats() const;
   bool AnyQuantized() const;
 };
 
 // Errors name the file and tensor: NOT_FOUND for a missing tensor, INVALID_ARGUMENT for a shape
-// that does not match the config or an unsupported stored type.
-absl::StatusOr<LlamaWeights> LoadWeightsFromGguf(const formats::GgufFile& gguf,
+// that does not match the config or an unsupported stored type. With storage.keep_quantized, a
+// GGUF's quantized matrices are used where the file maps them (no copy), except q/k of the
+// architectures whose rows GGUF reorders (copied, their rows put back in HF order); the pages
+// of every tensor copied or converted are then dropped from the resident set, so the resident
+// weights are the file's tensor bytes (for the formats kept). The file must not be truncated or
+// rewritten in place while the model is loaded (a replaced file, a new inode, is fine).
+absl::StatusOr<LlamaWeights> LoadWeightsFromGguf(std::shared_ptr<const formats::GgufFile> gguf,
                                                  const LlamaConfig& config, WeightStorage storage);
 absl::StatusOr<LlamaWeights> LoadWeightsFromSafetensors(const formats::SafetensorsModel& st,
                                                         const std::string& path,

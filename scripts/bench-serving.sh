@@ -8,6 +8,7 @@
 #
 #   scripts/bench-serving.sh [OUT_DIR] [MODEL]
 # Needs a release build (LP_BUILD_DIR, default build-release) and the model (scripts/fetch-model.sh).
+# LP_DTYPE: the --dtype of the base weights, in-process and in the server (default native).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -23,12 +24,12 @@ client() { "$b/client/loraplex" "$@"; }
 common=(--prompt-tokens 128 --max-tokens 128 --warmup 0 --duration 3600 --quiet --json)
 
 echo "== S1 in-process"
-"$b/bench/engine_bench" --model "$model" --concurrency 1 --requests "$requests_s1" | tee "$out/s1_inproc.json"
+"$b/bench/engine_bench" --model "$model" --dtype "${LP_DTYPE:-native}" --concurrency 1 --requests "$requests_s1" | tee "$out/s1_inproc.json"
 echo "== S1 server"
 client bench --scenario S1 --requests "$requests_s1" "${common[@]}" --out "$out/s1_server" >/dev/null
 echo "== S2 in-process, base then 32 adapters"
-"$b/bench/engine_bench" --model "$model" --concurrency 32 --requests "$requests_s2" | tee "$out/s2_inproc_base.json"
-"$b/bench/engine_bench" --model "$model" --concurrency 32 --requests "$requests_s2" \
+"$b/bench/engine_bench" --model "$model" --dtype "${LP_DTYPE:-native}" --concurrency 32 --requests "$requests_s2" | tee "$out/s2_inproc_base.json"
+"$b/bench/engine_bench" --model "$model" --dtype "${LP_DTYPE:-native}" --concurrency 32 --requests "$requests_s2" \
   --adapter_dir "$out/r16" --adapters 32 | tee "$out/s2_inproc_adapters.json"
 echo "== S2 server, base then 32 adapters"
 client bench --scenario S2 --requests "$requests_s2" --make-adapters "$out/r16" "${common[@]}" \

@@ -436,6 +436,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   response->set_max_queue(static_cast<int32_t>(engine_->options().max_queue));
   response->set_weight_bytes(model.weight_bytes());
   response->set_weight_formats(model.weight_formats());
+  response->set_weight_mapped_bytes(model.weight_mapped_bytes());
   return FinishNow(grpc::Status::OK);
 }
 

@@ -15,9 +15,10 @@
 
 ABSL_FLAG(std::string, model, "", "GGUF file or HF model folder (required)");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "gRPC address HOST:PORT (port 0: any free one)");
-ABSL_FLAG(std::string, dtype, "bf16",
-          "storage of the base weights: bf16, f32, q8_0, q4_0, or native (a GGUF file's "
-          "quantized matrices as stored, integer kernels; CPU only)");
+ABSL_FLAG(std::string, dtype, "native",
+          "storage of the base weights: native (a GGUF file's quantized matrices as stored, read "
+          "in place from the file, on integer kernels; on CUDA, and for the other tensors, bf16), "
+          "bf16, f32, q8_0 or q4_0");
 ABSL_FLAG(
     std::string, device, "auto",
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");

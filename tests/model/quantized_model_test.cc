@@ -116,10 +116,18 @@ TEST(QuantizedSmolLM2Test, NativeKeepsTheFileBlocksAndFollowsTheReference) {
   ASSERT_OK_AND_ASSIGN(auto m, LlamaModel::Load(testing::kSmolLm2Gguf, native));
   EXPECT_EQ(m->weight_formats(), "q4_1 x210, q8_0 x1");
   ASSERT_OK_AND_ASSIGN(auto gguf, formats::GgufFile::Open(testing::kSmolLm2Gguf));
-  int64_t file_bytes = 0;
-  for (const formats::TensorInfo& t : gguf->tensors()) file_bytes += t.nbytes;
+  int64_t file_bytes = 0, in_place = 0;
+  for (const formats::TensorInfo& t : gguf->tensors()) {
+    file_bytes += t.nbytes;
+    // Every quantized matrix is read in place but q and k, whose rows are put back in HF order.
+    const bool reordered = t.name.find("attn_q.") != std::string::npos ||
+                           t.name.find("attn_k.") != std::string::npos;
+    if (t.type != formats::StoredType::kF32 && !reordered) in_place += t.nbytes;
+  }
   EXPECT_NEAR(static_cast<double>(m->weight_bytes()) / file_bytes, 1.0, 0.05)
       << m->weight_bytes() << " resident vs " << file_bytes << " in the file";
+  EXPECT_EQ(m->weight_mapped_bytes(), in_place);
+  EXPECT_GT(in_place, file_bytes * 8 / 10);
 
   std::ifstream in(FixturesDir() + "/hf/smollm2_logits.json");
   const nlohmann::json fixture = nlohmann::json::parse(in);
@@ -159,10 +167,22 @@ TEST(QuantizedSmolLM2Test, NativeKeepsTheFileBlocksAndFollowsTheReference) {
   EXPECT_THAT(m->Merge(&view), StatusIs(absl::StatusCode::kFailedPrecondition, "q4_1"));
   EXPECT_EQ(m->merged(), nullptr);
 
-  // The CUDA backend has no quantized kernels: refused before it is asked for a device.
-  native.device = Device::kCuda;
-  EXPECT_THAT(LlamaModel::Load(testing::kSmolLm2Gguf, native),
+  // The CUDA backend has no quantized kernels: q8_0 is refused before it is asked for a device,
+  // and native stores the quantized matrices as bf16 there (so it fails, without a device, only
+  // for the want of one).
+  LoadOptions q8;
+  ASSERT_OK(ParseWeightStorage("q8_0", &q8));
+  q8.device = Device::kCuda;
+  EXPECT_THAT(LlamaModel::Load(testing::kSmolLm2Gguf, q8),
               StatusIs(absl::StatusCode::kInvalidArgument, "CUDA backend"));
+  native.device = Device::kCuda;
+  auto on_cuda = LlamaModel::Load(testing::kSmolLm2Gguf, native);
+  if (on_cuda.ok()) {
+    EXPECT_EQ((*on_cuda)->weight_formats(), "bf16");
+    EXPECT_EQ((*on_cuda)->weight_mapped_bytes(), 0);
+  } else {
+    EXPECT_EQ(on_cuda.status().code(), absl::StatusCode::kUnavailable) << on_cuda.status();
+  }
 }
 
 // The perplexity of a fixed text (model/score.h, llama-perplexity's method) on SmolLM2's Q4_1 file
