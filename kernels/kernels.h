@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 namespace loraplex::kernels {
 
@@ -40,6 +41,15 @@ struct WeightView {
 // products, so it differs from ref::Gemm (W dequantized, f32 x) by that rounding of x: at most
 // sum over blocks of max|x_block| / 254 * sum |w| over the block, per output.
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate = false);
+
+// One input, several weight matrices with its columns (q, k, v; gate, up): y_i = x * W_i^T for
+// each output, exactly as a Gemm per pair, but with one split of all the outputs' rows across the
+// threads and, when every W_i has the same quantized dtype, x quantized once for all of them.
+struct GemmOutput {
+  float* y;
+  WeightView w;
+};
+void GemmShared(const float* x, int64_t m, std::initializer_list<GemmOutput> outputs);
 
 // out[rows, dim] = x / sqrt(mean(x^2) + eps) * weight, per row. out may alias x.
 void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim, float eps);

@@ -49,4 +49,18 @@ void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumul
       grain);
 }
 
+void GemmShared(const float* x, int64_t m, std::initializer_list<GemmOutput> outputs) {
+  if (outputs.size() == 0) return;
+  const WeightView& first = outputs.begin()->w;
+  bool one_quantized_format = IsQuantized(first.dtype);
+  for (const GemmOutput& o : outputs) {
+    one_quantized_format &= o.w.dtype == first.dtype && o.w.cols == first.cols;
+  }
+  if (one_quantized_format) {
+    return cpu::QuantGemmShared(x, m, outputs.begin(), static_cast<int>(outputs.size()),
+                                /*accumulate=*/false);
+  }
+  for (const GemmOutput& o : outputs) Gemm(o.y, x, m, o.w);
+}
+
 }  // namespace loraplex::kernels

@@ -55,22 +55,42 @@ const QuantOps& ActiveQuantOps() {
 }
 
 void QuantGemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
-  const int64_t n = w.rows;
-  const int64_t k = w.cols;
-  LP_CHECK(IsQuantized(w.dtype) && m >= 0 && n >= 0 && k >= 0 && k % BlockSize(w.dtype) == 0)
-      << "Gemm on " << DTypeName(w.dtype) << " weights: m=" << m << " w=" << n << "x" << k
-      << " (columns must be a multiple of " << BlockSize(w.dtype) << ")";
-  if (m == 0 || n == 0) return;
-  LP_CHECK(y != nullptr);
+  const GemmOutput one{y, w};
+  QuantGemmShared(x, m, &one, 1, accumulate);
+}
+
+void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int count,
+                     bool accumulate) {
+  LP_CHECK(count > 0);
+  const DType t = outputs[0].w.dtype;
+  const int64_t k = outputs[0].w.cols;
+  int64_t blocks = 0;  // of all the outputs' rows, each output's starting on a block
+  for (int i = 0; i < count; ++i) {
+    const WeightView& w = outputs[i].w;
+    LP_CHECK(IsQuantized(w.dtype) && w.dtype == t && w.cols == k && m >= 0 && w.rows >= 0 &&
+             k >= 0 && k % BlockSize(t) == 0)
+        << "Gemm on " << DTypeName(w.dtype) << " weights: m=" << m << " w=" << w.rows << "x"
+        << w.cols << " (columns must be a multiple of " << BlockSize(w.dtype)
+        << "; shared inputs need one dtype and column count)";
+    blocks += (w.rows + kBlock - 1) / kBlock;
+  }
+  if (m == 0 || blocks == 0) return;
   if (k == 0) {
-    if (!accumulate) std::memset(y, 0, static_cast<size_t>(m * n) * sizeof(float));
+    if (!accumulate) {
+      for (int i = 0; i < count; ++i) {
+        std::memset(outputs[i].y, 0, static_cast<size_t>(m * outputs[i].w.rows) * sizeof(float));
+      }
+    }
     return;
   }
-  LP_CHECK(x != nullptr && w.data != nullptr);
+  LP_CHECK(x != nullptr);
+  for (int i = 0; i < count; ++i) {
+    LP_CHECK(outputs[i].w.rows == 0 || (outputs[i].y != nullptr && outputs[i].w.data != nullptr));
+  }
   const QuantOps& ops = ActiveQuantOps();
-  const DType t = w.dtype;
 
-  // The activations, quantized: small (about k bytes per token), kept per calling thread.
+  // The activations, quantized once for every output: small (about k bytes per token), kept per
+  // calling thread.
   const int64_t row_bytes = ops.act_row_bytes(t, k);
   thread_local std::vector<Line> xq_buffer;
   xq_buffer.resize(static_cast<size_t>((m * row_bytes + 63) / 64));
@@ -79,16 +99,25 @@ void QuantGemm(float* y, const float* x, int64_t m, const WeightView& w, bool ac
       m, [&](int64_t i0, int64_t i1) { ops.quantize_act(t, x, k, i0, i1, xq); },
       std::max<int64_t>(1, kMinQuantizePerShare / k));
 
-  const uint8_t* weights = static_cast<const uint8_t*>(w.data);
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  // One split of the blocks of all outputs, in order: a share may span the end of one output and
+  // the start of the next.
   const int64_t macs_per_block = std::max<int64_t>(1, m * k * kBlock);
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerShare / macs_per_block);
   ThreadPool::Default().ParallelFor(
       blocks,
       [&](int64_t b0, int64_t b1) {
-        const int64_t j0 = b0 * kBlock;
-        const int64_t j1 = std::min(n, b1 * kBlock);
-        ops.gemm(t, y, xq, m, weights, n, k, j0, j1, accumulate);
+        int64_t first = 0;  // global block index of output i's first block
+        for (int i = 0; i < count && first < b1; ++i) {
+          const WeightView& w = outputs[i].w;
+          const int64_t n = w.rows;
+          const int64_t own = (n + kBlock - 1) / kBlock;
+          const int64_t lo = std::max(b0, first), hi = std::min(b1, first + own);
+          if (lo < hi) {
+            ops.gemm(t, outputs[i].y, xq, m, static_cast<const uint8_t*>(w.data), n, k,
+                     (lo - first) * kBlock, std::min(n, (hi - first) * kBlock), accumulate);
+          }
+          first += own;
+        }
       },
       grain);
 }

@@ -68,5 +68,9 @@ const QuantOps& ActiveQuantOps();
 // The fast Gemm's quantized branch (kernels::Gemm calls it for IsQuantized(w.dtype)): quantizes x,
 // then splits the output features across ThreadPool::Default().
 void QuantGemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate);
+// GemmShared's quantized branch: every output's weights have one quantized dtype and x's columns;
+// x is quantized once, and the rows of all outputs are split across the threads together.
+void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int count,
+                     bool accumulate);
 
 }  // namespace loraplex::kernels::cpu

@@ -417,6 +417,46 @@ TEST_P(QuantGemmTest, EmptyShapes) {
   for (float v : y) EXPECT_EQ(v, 0.0f);  // k = 0: zeros
 }
 
+// GemmShared is a Gemm per output, bit for bit, whatever the outputs' row counts (not multiples
+// of the scheduling block, so thread shares span the end of one output and the start of the next)
+// and whether the formats are one quantized dtype (x quantized once) or mixed (a Gemm each).
+TEST_P(QuantGemmTest, SharedInputEqualsAGemmPerOutput) {
+  const int64_t k = 256;
+  for (const std::vector<DType>& formats :
+       {std::vector<DType>{DType::kQ4_1, DType::kQ4_1, DType::kQ4_1},
+        std::vector<DType>{DType::kQ8_0, DType::kQ8_0}, std::vector<DType>{DType::kQ6_K, DType::kQ6_K},
+        std::vector<DType>{DType::kQ4_1, DType::kQ8_0, DType::kQ4_1}}) {
+    for (int64_t m : {1, 7, 33}) {
+      SCOPED_TRACE(::testing::Message() << DTypeName(formats[0]) << " x" << formats.size()
+                                        << " m=" << m);
+      const int64_t rows[3] = {37, 5, 211};
+      std::vector<std::vector<uint8_t>> blocks;
+      std::vector<std::vector<float>> shared, single;
+      std::vector<GemmOutput> outputs;
+      const std::vector<float> x = RandomActivations(m, k, 11);
+      for (size_t i = 0; i < formats.size(); ++i) {
+        blocks.push_back(RandomBlocks(formats[i], rows[i], k, 20 + static_cast<uint32_t>(i)));
+        shared.emplace_back(m * rows[i], -1.0f);
+        single.emplace_back(m * rows[i]);
+      }
+      for (size_t i = 0; i < formats.size(); ++i) {
+        const WeightView w{formats[i], blocks[i].data(), rows[i], k};
+        outputs.push_back({shared[i].data(), w});
+        Gemm(single[i].data(), x.data(), m, w);
+      }
+      if (outputs.size() == 2) {
+        GemmShared(x.data(), m, {outputs[0], outputs[1]});
+      } else {
+        GemmShared(x.data(), m, {outputs[0], outputs[1], outputs[2]});
+      }
+      for (size_t i = 0; i < formats.size(); ++i) {
+        EXPECT_EQ(FirstBitDifference(shared[i].data(), single[i].data(), m * rows[i]), -1)
+            << "output " << i;
+      }
+    }
+  }
+}
+
 // Activation blocks too small to scale (max|x| below ~4e-37, where 127 / max|x| overflows) are
 // taken as zeros by every table, not as garbage codes.
 TEST_P(QuantGemmTest, TinyActivationsGiveZeros) {
