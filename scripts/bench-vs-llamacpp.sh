@@ -32,6 +32,11 @@
 #                       quiet (default 25). The share others took during each measurement is printed;
 #                       above 10% the rows are disturbed (llama.cpp's spinning threads suffer most).
 #   LP_PPL_CTX          --perplexity context (default 512; the text needs >= 2x as many tokens)
+#   LP_ISA              native (default): llama.cpp built with GGML_NATIVE=ON, loraplex on the kernel
+#                       table it picks (LP_CPU_ISA unset); avx2: both as on a CPU with AVX2 and FMA
+#                       but no AVX-512 or AMX: llama.cpp built with GGML_NATIVE=OFF and only the
+#                       AVX/AVX2/FMA/F16C/BMI2 paths (kept apart, in LP_LLAMACPP_DIR/bin-avx2), and
+#                       loraplex with LP_CPU_ISA=avx2
 # Needs: the loraplex release build, the model (scripts/fetch-model.sh), apt (clang, cmake,
 # python3-torch, python3-venv are installed when missing) and pip for the sdist.
 set -euo pipefail
@@ -49,7 +54,16 @@ lcp_dir="$(cd "$lcp_dir" && pwd)"
 lcp_version="${LP_LLAMACPP_VERSION:-0.3.36}"
 b="${LP_BUILD_DIR:-build-release}"
 threads="${LP_THREADS:-$(nproc)}"
-lcp_bin="$lcp_dir/bin"
+lp_isa="${LP_ISA:-native}"
+case "$lp_isa" in
+  native) lcp_bin="$lcp_dir/bin"; lcp_build_flags=(-DGGML_NATIVE=ON); unset LP_CPU_ISA ;;
+  avx2)
+    lcp_bin="$lcp_dir/bin-avx2"
+    lcp_build_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                     -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF)
+    export LP_CPU_ISA=avx2 ;;
+  *) echo "bench-vs-llamacpp: LP_ISA must be native or avx2, got '$lp_isa'" >&2; exit 1 ;;
+esac
 venv="$lcp_dir/venv"
 
 # Debian packages, installed only when missing.
@@ -103,16 +117,17 @@ build_llamacpp() {
   fetch_llamacpp_source
   local src bdir commit cflags=""
   src="$(lcp_src)"; bdir="$lcp_dir/build-$lcp_version"; commit="$(lcp_commit)"
+  [[ "$lp_isa" == native ]] || bdir="$bdir-$lp_isa"
   # GGML_NATIVE=ON means -march=native. Where the CPU has AMX but the compiler's native target
   # does not define the AMX macros (an older clang), add them so ggml's AMX path is compiled in;
   # ggml still checks the CPU at run time.
-  if grep -qw amx_int8 /proc/cpuinfo &&
+  if [[ "$lp_isa" == native ]] && grep -qw amx_int8 /proc/cpuinfo &&
      ! clang -march=native -dM -E - </dev/null | grep -q __AMX_INT8__; then
     cflags="-mamx-tile -mamx-int8 -mamx-bf16"
   fi
   log "building llama.cpp $commit (llama-cpp-python $lcp_version) with clang in $bdir"
   CC=clang CXX=clang++ cmake -S "$src" -B "$bdir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    "${lcp_build_flags[@]}" -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_BUILD_COMMIT="$commit" -DLLAMA_BUILD_NUMBER=0 \
     -DCMAKE_C_FLAGS="$cflags" -DCMAKE_CXX_FLAGS="$cflags" >"$lcp_dir/cmake.log" 2>&1 ||
@@ -253,6 +268,8 @@ cat >"$out/machine.json" <<JSON
  "llamacpp_version_line": "$("$lcp_bin/llama-server" --version 2>&1 | grep -m1 version | tr -d '"')",
  "loraplex_commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo '+local changes')",
  "loraplex_binaries_built": "$(date -u -r "$lpb/loraplex-server" +%Y-%m-%dT%H:%M:%SZ)",
+ "isa_choice": "$lp_isa", "llamacpp_build": "${lcp_build_flags[*]}",
+ "loraplex_kernel_table": "${LP_CPU_ISA:-auto}",
  "loraplex_dtype": "$dtype", "model": "$model", "adapter_rank": 16, "adapters": $n_adapters,
  "concurrency_s2": $concurrency, "requests_s1": $requests_s1, "requests_s2": $requests_s2,
  "prompt_tokens": 128, "output_tokens": 128}
@@ -497,9 +514,9 @@ print()
 print(f"loraplex vs llama.cpp on {os.path.basename(m['model'])}, {m['date']}")
 print(f"- CPU: {m['cpu']}, {m['cores']} cores, {m['threads']} threads for both; ISA: {m['isa']}")
 print(f"- llama.cpp: {m['llamacpp_commit']} (vendored by llama-cpp-python {m['llamacpp_python_version']}), "
-      f"clang, Release, GGML_NATIVE=ON; {m['llamacpp_version_line']}")
+      f"clang, Release, {m['llamacpp_build']}; {m['llamacpp_version_line']}")
 print(f"- loraplex: {m['loraplex_commit']} (binaries built {m['loraplex_binaries_built']}), "
-      f"base weights {info['dtype']}")
+      f"base weights {info['dtype']}, kernel table LP_CPU_ISA={m['loraplex_kernel_table']}")
 print(f"- workload: {m['prompt_tokens']}-token prompts of random ids, {m['output_tokens']} greedy output "
       f"tokens ignoring EOS; S1 {m['requests_s1']} requests, S2 {m['requests_s2']} requests closed loop")
 print(f"- load average at start {m['loadavg_start']}, at end {m['loadavg_end']}; share of all cores "
