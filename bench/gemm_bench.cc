@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/smollm2_shapes.h"
 #include "common/half.h"
 #include "common/thread_pool.h"
 #include "kernels/cpu/cpu_ops.h"
@@ -27,16 +28,8 @@ namespace {
 using loraplex::kernels::DType;
 using loraplex::kernels::WeightView;
 
-struct Shape {
-  const char* name;
-  int64_t n, k;  // weight [n, k]
-};
-// SmolLM2-135M: hidden 576, intermediate 1536, 9 query heads / 3 kv heads of 64, vocab 49152.
-const Shape kShapes[] = {{"q_o", 576, 576},
-                         {"k_v", 192, 576},
-                         {"gate_up", 1536, 576},
-                         {"down", 576, 1536},
-                         {"lm_head", 49152, 576}};
+using loraplex::bench::Shape;
+constexpr const auto& kShapes = loraplex::bench::kSmolLm2Shapes;
 // Decode batches (1..8 sequences), 16 and 32 tokens (around where the AVX-512 table switches to
 // its prefill tiles) and a 128-token prefill chunk.
 const int64_t kTokens[] = {1, 2, 4, 8, 16, 32, 128};

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/smollm2_shapes.h"
 #include "common/half.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/kernels.h"
@@ -26,15 +27,8 @@ namespace {
 using loraplex::kernels::DType;
 using loraplex::kernels::WeightView;
 
-struct Shape {
-  const char* name;
-  int64_t n, k;  // weight [n, k]
-};
-const Shape kShapes[] = {{"q_o", 576, 576},
-                         {"k_v", 192, 576},
-                         {"gate_up", 1536, 576},
-                         {"down", 576, 1536},
-                         {"lm_head", 49152, 576}};
+using loraplex::bench::Shape;
+constexpr const auto& kShapes = loraplex::bench::kSmolLm2Shapes;
 const int64_t kTokens[] = {1, 32};
 const DType kTypes[] = {DType::kBF16, DType::kQ4_1, DType::kQ8_0, DType::kQ4_K};
 const char* const kIsas[] = {"avx512", "avx2"};

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/half.h"
 #include "kernels/kernels.h"
@@ -96,6 +97,29 @@ inline void UnpackScalesMins64(const uint8_t* s, uint64_t* sc, uint64_t* mn) {
   const uint32_t mn_hi = ((u[2] >> 4) & k4) | (((u[1] >> 6) & k2) << 4);
   *sc = sc_lo | static_cast<uint64_t>(sc_hi) << 32;
   *mn = mn_lo | static_cast<uint64_t>(mn_hi) << 32;
+}
+
+// Calls fn(std::integral_constant<DType, T>{}) with T = t, for the quantized formats (a table's
+// templated loops, chosen once per call); f32 and bf16 call nothing.
+template <typename Fn>
+inline void WithQuantType(DType t, Fn&& fn) {
+  switch (t) {
+    case DType::kQ8_0:
+      return fn(std::integral_constant<DType, DType::kQ8_0>{});
+    case DType::kQ4_0:
+      return fn(std::integral_constant<DType, DType::kQ4_0>{});
+    case DType::kQ4_1:
+      return fn(std::integral_constant<DType, DType::kQ4_1>{});
+    case DType::kQ4_K:
+      return fn(std::integral_constant<DType, DType::kQ4_K>{});
+    case DType::kQ5_K:
+      return fn(std::integral_constant<DType, DType::kQ5_K>{});
+    case DType::kQ6_K:
+      return fn(std::integral_constant<DType, DType::kQ6_K>{});
+    case DType::kF32:
+    case DType::kBF16:
+      break;
+  }
 }
 
 }  // namespace

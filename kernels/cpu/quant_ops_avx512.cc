@@ -620,23 +620,9 @@ void GemmT(float* y, const uint8_t* xq, int64_t m, const uint8_t* w, int64_t n, 
 
 void Gemm(DType t, float* y, const uint8_t* xq, int64_t m, const uint8_t* w, int64_t n, int64_t k,
           int64_t j_begin, int64_t j_end, bool accumulate) {
-  switch (t) {
-    case DType::kQ8_0:
-      return GemmT<DType::kQ8_0>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ4_0:
-      return GemmT<DType::kQ4_0>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ4_1:
-      return GemmT<DType::kQ4_1>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ4_K:
-      return GemmT<DType::kQ4_K>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ5_K:
-      return GemmT<DType::kQ5_K>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ6_K:
-      return GemmT<DType::kQ6_K>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kF32:
-    case DType::kBF16:
-      break;
-  }
+  WithQuantType(t, [&](auto type) {
+    GemmT<decltype(type)::value>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
+  });
 }
 
 const QuantOps kAvx512VnniQuantOps = {
