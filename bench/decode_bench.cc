@@ -60,7 +60,7 @@ void BM_S1DecodeStep(benchmark::State& state) {
     state.SkipWithError(("model not found: " + ModelPath() + " (scripts/fetch-model.sh)").c_str());
     return;
   }
-  auto cache = KvCache::Create(m->config(), kMaxContext / kBlock, kBlock);
+  auto cache = m->CreateKvCache(kMaxContext / kBlock, kBlock);
   ForwardBatch b;
   b.max_blocks_per_seq = kMaxContext / kBlock;
   for (int i = 0; i < kMaxContext / kBlock; ++i) b.block_tables.push_back(*cache->AllocateBlock());
@@ -114,7 +114,7 @@ void BM_S1Prefill128(benchmark::State& state) {
     state.SkipWithError(("model not found: " + ModelPath()).c_str());
     return;
   }
-  auto cache = KvCache::Create(m->config(), kPrompt / kBlock, kBlock);
+  auto cache = m->CreateKvCache(kPrompt / kBlock, kBlock);
   ForwardBatch b;
   b.max_blocks_per_seq = kPrompt / kBlock;
   for (int i = 0; i < kPrompt / kBlock; ++i) b.block_tables.push_back(*cache->AllocateBlock());

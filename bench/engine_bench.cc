@@ -6,7 +6,7 @@
 // every adapter a separate copy of one PEFT folder (so the batch gathers distinct weights).
 //
 //   engine_bench --model models/SmolLM2-135M-Instruct.Q4_1.gguf --concurrency 32 --requests 64
-//       [--adapter-dir DIR --adapters 32] [--dtype native] [--prompt 128] [--max-tokens 128]
+//       [--adapter-dir DIR --adapters 32] [--dtype native] [--kv_dtype auto] [--prompt 128] [--max-tokens 128]
 //
 // Prints one JSON line: output tokens, seconds, output tok/s, requests/s.
 #include <stdlib.h>
@@ -32,6 +32,7 @@
 ABSL_FLAG(std::string, model, "models/SmolLM2-135M-Instruct.Q4_1.gguf", "GGUF file or HF folder");
 ABSL_FLAG(std::string, dtype, "native",
           "base weights: native (a GGUF's quantized blocks), bf16, f32, q8_0 or q4_0");
+ABSL_FLAG(std::string, kv_dtype, "auto", "KV cache elements: auto, f32 or f16");
 ABSL_FLAG(std::string, adapter_dir, "", "PEFT folder; copies of it serve as the adapters");
 ABSL_FLAG(int, adapters, 0, "distinct adapters (0: base model only)");
 ABSL_FLAG(int, concurrency, 1, "requests in flight");
@@ -44,9 +45,12 @@ namespace lp = loraplex;
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   lp::model::LoadOptions load;
-  if (auto st = lp::model::ParseWeightStorage(absl::GetFlag(FLAGS_dtype), &load); !st.ok()) {
-    std::cerr << "engine_bench: " << st << "\n";
-    return 1;
+  for (absl::Status st : {lp::model::ParseWeightStorage(absl::GetFlag(FLAGS_dtype), &load),
+                          lp::model::ParseKvDType(absl::GetFlag(FLAGS_kv_dtype), &load)}) {
+    if (!st.ok()) {
+      std::cerr << "engine_bench: " << st << "\n";
+      return 1;
+    }
   }
   auto model = lp::model::LlamaModel::Load(absl::GetFlag(FLAGS_model), load);
   if (!model.ok()) {

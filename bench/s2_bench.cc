@@ -148,7 +148,7 @@ void BM_S2Decode32(benchmark::State& state) {
   std::vector<std::unique_ptr<RandomAdapter>> adapters;
   ForwardBatch b;
   if (with_adapters) AddAdapters(*m, kSeqs, rank, 1000, &adapters, &b);
-  auto cache = KvCache::Create(m->config(), kSeqs * kMaxBlocks, kBlock);
+  auto cache = m->CreateKvCache(kSeqs * kMaxBlocks, kBlock);
   std::vector<float> logits;
   // Decode: one token per sequence per step, every sequence its own adapter.
   if (!PrefillThenDecodeBatch(m, &*cache, with_adapters, &b, &logits, state)) return;
@@ -193,7 +193,7 @@ void BM_S2S6Interleaved(benchmark::State& state) {
       views[c].push_back(&adapters.back()->view);
     }
   }
-  auto cache = KvCache::Create(m->config(), kSeqs * kMaxBlocks, kBlock);
+  auto cache = m->CreateKvCache(kSeqs * kMaxBlocks, kBlock);
   ForwardBatch b;
   std::vector<float> logits;
   if (!PrefillThenDecodeBatch(m, &*cache, /*with_adapters=*/false, &b, &logits, state)) return;
@@ -252,7 +252,7 @@ void BM_S4SingleDecode(benchmark::State& state) {
     state.SkipWithError("merge failed");
     return;
   }
-  auto cache = KvCache::Create(m->config(), kMaxBlocks, kBlock);
+  auto cache = m->CreateKvCache(kMaxBlocks, kBlock);
   b.max_blocks_per_seq = kMaxBlocks;
   for (int i = 0; i < kMaxBlocks; ++i) b.block_tables.push_back(*cache->AllocateBlock());
   std::vector<float> logits;
@@ -303,7 +303,7 @@ void BM_PrefillAdapters(benchmark::State& state) {
   ForwardBatch b;
   if (with_adapters) AddAdapters(*m, kPrompts, state.range(1), 2000, &adapters, &b);
   constexpr int kBlocksPerSeq = kPrompt / kBlock;
-  auto cache = KvCache::Create(m->config(), kPrompts * kBlocksPerSeq, kBlock);
+  auto cache = m->CreateKvCache(kPrompts * kBlocksPerSeq, kBlock);
   b.max_blocks_per_seq = kBlocksPerSeq;
   for (int i = 0; i < kPrompts * kBlocksPerSeq; ++i) {
     b.block_tables.push_back(*cache->AllocateBlock());

@@ -117,8 +117,8 @@ int RunInfo(const std::vector<std::string>& args) {
                                        " read in place from the file")
                         : "",
                     ")")},
-      {"kv cache",
-       absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(), " tokens")},
+      {"kv cache", absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(),
+                                " tokens, ", info.kv_dtype())},
       {"max batch tokens / queue", absl::StrCat(info.max_batch_tokens(), " / ", info.max_queue())},
       {"max lora rank", absl::StrCat(info.max_lora_rank())},
       {"max adapters",

@@ -37,6 +37,9 @@ ABSL_FLAG(std::vector<std::string>, stop, {}, "comma-separated stop strings");
 ABSL_FLAG(std::string, dtype, "native",
           "weight storage: native (a GGUF's quantized blocks as stored, the rest bf16), bf16, f32, "
           "q8_0 or q4_0");
+ABSL_FLAG(std::string, kv_dtype, "auto",
+          "KV cache elements: auto (f16 when base weights are quantized on the CPU, else f32), "
+          "f32 or f16");
 ABSL_FLAG(
     std::string, device, "auto",
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
@@ -143,6 +146,9 @@ int Run() {
   // The choice is reported in --json ("device", "device_reason") rather than on stderr, so the
   // plain-text output stays exactly the generated text.
   if (absl::Status s = model::ParseWeightStorage(absl::GetFlag(FLAGS_dtype), &load); !s.ok()) {
+    return Fail(s);
+  }
+  if (absl::Status s = model::ParseKvDType(absl::GetFlag(FLAGS_kv_dtype), &load); !s.ok()) {
     return Fail(s);
   }
   load.tokenizer_path = absl::GetFlag(FLAGS_tokenizer);

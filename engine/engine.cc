@@ -51,7 +51,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(model::LlamaModel* model,
         options.kv_block_size, ") must be >= 1; kv_blocks and kv_memory_bytes >= 0"));
   }
   const model::LlamaConfig& config = model->config();
-  const int64_t bytes_per_block = model::KvCache::BytesPerToken(config) * options.kv_block_size;
+  const int64_t bytes_per_block = model->kv_bytes_per_token() * options.kv_block_size;
   int64_t blocks = options.kv_blocks;
   if (blocks == 0 && options.kv_memory_bytes > 0) {
     blocks = options.kv_memory_bytes / bytes_per_block;

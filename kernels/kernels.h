@@ -124,6 +124,16 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
                     const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
                     float scale, int64_t sliding_window = 0);
 
+// The same two on f16 pools (IEEE half bits, half the bytes of f32): WriteKv rounds the new keys
+// and values to f16 (nearest even), PagedAttention widens each cached value to f32 as it reads
+// it and computes in f32 as above. The attention equals the f32 version run on pools holding the
+// f16-rounded values, up to the order of the f32 sums.
+void WriteKv(uint16_t* k_cache, uint16_t* v_cache, const float* k, const float* v,
+             const AttentionBatch& batch, const KvLayout& layout);
+void PagedAttention(float* out, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                    const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
+                    float scale, int64_t sliding_window = 0);
+
 // The readable twins.
 namespace ref {
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate = false);

@@ -143,9 +143,15 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, const LoraPlan& plan
     kernels::Rope(q_.data(), batch.positions.data(), n, c.num_heads, c.head_dim, inv_freq_.data());
     kernels::Rope(k_.data(), batch.positions.data(), n, c.num_kv_heads, c.head_dim,
                   inv_freq_.data());
-    kernels::WriteKv(cache->k(l), cache->v(l), k_.data(), v_.data(), ab, layout);
-    kernels::PagedAttention(attn_.data(), q_.data(), cache->k(l), cache->v(l), ab, layout,
-                            c.num_heads, attn_scale, c.sliding_window);
+    if (cache->dtype() == KvDType::kF16) {
+      kernels::WriteKv(cache->k16(l), cache->v16(l), k_.data(), v_.data(), ab, layout);
+      kernels::PagedAttention(attn_.data(), q_.data(), cache->k16(l), cache->v16(l), ab, layout,
+                              c.num_heads, attn_scale, c.sliding_window);
+    } else {
+      kernels::WriteKv(cache->k(l), cache->v(l), k_.data(), v_.data(), ab, layout);
+      kernels::PagedAttention(attn_.data(), q_.data(), cache->k(l), cache->v(l), ab, layout,
+                              c.num_heads, attn_scale, c.sliding_window);
+    }
     base(proj_.data(), attn_.data(), l, M::kO);
     ApplyLora(plan, G::kO, l, attn_.data(), qd, {{proj_.data(), hid}}, &lora_);
     kernels::Add(x_.data(), proj_.data(), n * hid);

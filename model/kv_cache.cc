@@ -7,13 +7,15 @@
 
 namespace loraplex::model {
 
-int64_t KvCache::BytesPerToken(const LlamaConfig& config) {
+const char* KvDTypeName(KvDType t) { return t == KvDType::kF16 ? "f16" : "f32"; }
+
+int64_t KvCache::BytesPerToken(const LlamaConfig& config, KvDType dtype) {
   return 2 * config.num_layers * config.num_kv_heads * config.head_dim *
-         static_cast<int64_t>(sizeof(float));
+         (dtype == KvDType::kF32 ? 4 : 2);
 }
 
 absl::StatusOr<KvCache> KvCache::Create(const LlamaConfig& config, int64_t num_blocks,
-                                        int64_t block_size, bool host_storage) {
+                                        int64_t block_size, bool host_storage, KvDType dtype) {
   if (num_blocks <= 0 || block_size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("KV cache: num_blocks (", num_blocks,
                                                    ") and block_size (", block_size,
@@ -25,15 +27,24 @@ absl::StatusOr<KvCache> KvCache::Create(const LlamaConfig& config, int64_t num_b
   c.n_kv_heads_ = config.num_kv_heads;
   c.head_dim_ = config.head_dim;
   c.num_layers_ = config.num_layers;
+  c.dtype_ = dtype;
   c.layer_stride_ = num_blocks * block_size * config.num_kv_heads * config.head_dim;
   const int64_t total = c.layer_stride_ * config.num_layers;
   if (host_storage) {
     // Default-initialised storage: pages are only touched (and committed) when a block is written.
-    c.k_.reset(new (std::nothrow) float[total]);
-    c.v_.reset(new (std::nothrow) float[total]);
-    if (!c.k_ || !c.v_) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "KV cache: cannot allocate ", 2 * total * sizeof(float) / (1 << 20), " MiB"));
+    bool ok;
+    if (dtype == KvDType::kF32) {
+      c.k_.reset(new (std::nothrow) float[total]);
+      c.v_.reset(new (std::nothrow) float[total]);
+      ok = c.k_ && c.v_;
+    } else {
+      c.k16_.reset(new (std::nothrow) uint16_t[total]);
+      c.v16_.reset(new (std::nothrow) uint16_t[total]);
+      ok = c.k16_ && c.v16_;
+    }
+    if (!ok) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("KV cache: cannot allocate ", c.pool_bytes() / (1 << 20), " MiB"));
     }
   }
   c.free_.reserve(num_blocks);

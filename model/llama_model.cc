@@ -126,6 +126,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
         absl::StrCat(path, ": the CUDA backend runs f32 or bf16 weights, not ", m->weight_formats_,
                      " (give --dtype bf16 or f32)"));
   }
+  m->kv_dtype_ = options.kv_dtype.value_or(
+      options.device == Device::kCpu && weights.AnyQuantized() ? KvDType::kF16 : KvDType::kF32);
+  if (options.device == Device::kCuda && m->kv_dtype_ != KvDType::kF32) {
+    return absl::InvalidArgumentError(
+        "the CUDA backend keeps an f32 KV cache, not f16 (give --kv-dtype f32 or auto)");
+  }
   // The one choice of backend; nothing below branches on the device.
   std::vector<float> inv_freq = m->config_.RopeInvFreq();
   if (options.device == Device::kCuda) {
@@ -153,13 +159,25 @@ absl::Status ParseWeightStorage(const std::string& name, LoadOptions* options) {
       absl::StrCat("--dtype must be native, bf16, f32, q8_0 or q4_0, got '", name, "'"));
 }
 
+absl::Status ParseKvDType(const std::string& name, LoadOptions* options) {
+  if (name == "auto") {
+    options->kv_dtype.reset();
+  } else if (name == "f32" || name == "f16") {
+    options->kv_dtype = name == "f16" ? KvDType::kF16 : KvDType::kF32;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-dtype must be auto, f32 or f16, got '", name, "'"));
+  }
+  return absl::OkStatus();
+}
+
 int64_t LlamaModel::weight_bytes() const { return impl_->backend->weight_bytes(); }
 
 int64_t LlamaModel::scratch_bytes() const { return impl_->backend->scratch_bytes(); }
 
 absl::StatusOr<KvCache> LlamaModel::CreateKvCache(int64_t num_blocks, int64_t block_size) const {
   return KvCache::Create(config_, num_blocks, block_size,
-                         /*host_storage=*/impl_->backend->host_kv_storage());
+                         /*host_storage=*/impl_->backend->host_kv_storage(), kv_dtype_);
 }
 
 kernels::WeightView LlamaModel::LinearWeight(int64_t layer, LinearModule m) const {

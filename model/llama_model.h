@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -89,6 +90,11 @@ struct LoadOptions {
   // and run on the integer kernels (kernels/quant.h); only the others take `dtype` (--dtype
   // native). CPU only (the CUDA backend has no quantized kernels: INVALID_ARGUMENT).
   bool keep_quantized = false;
+  // The element type of the KV caches CreateKvCache makes (kv_bytes_per_token()). Unset: f16 on
+  // the CPU when some base matrices are stored quantized (the int8-activation products already
+  // round more than f16 does; llama.cpp's default), f32 otherwise. f16 on CUDA is
+  // INVALID_ARGUMENT (its pools are f32).
+  std::optional<KvDType> kv_dtype;
   // Take the tokenizer from this GGUF file or HF folder instead of the model's own files (for HF
   // folders that ship no tokenizer.json, like the test copy of stories260K).
   std::string tokenizer_path;
@@ -112,6 +118,9 @@ struct LoadOptions {
 // Sets options->dtype and keep_quantized from a --dtype value: "native" (a GGUF file's quantized
 // matrices as stored, the rest bf16), "bf16", "f32", "q8_0", "q4_0". INVALID_ARGUMENT otherwise.
 absl::Status ParseWeightStorage(const std::string& name, LoadOptions* options);
+// Sets options->kv_dtype from a --kv-dtype value: "auto" (unset: see LoadOptions), "f32", "f16".
+// INVALID_ARGUMENT otherwise.
+absl::Status ParseKvDType(const std::string& name, LoadOptions* options);
 
 // One step's input. Per-token arrays all have num_tokens entries. A sequence's tokens must appear
 // in position order, and their KV slots must already be covered by its block table.
@@ -174,6 +183,9 @@ class LlamaModel {
   // A KV cache for this model: host K/V pools on the CPU, block bookkeeping only on CUDA (the
   // device pools are attached to it at its first Forward). Errors as KvCache::Create.
   absl::StatusOr<KvCache> CreateKvCache(int64_t num_blocks, int64_t block_size) const;
+  // The element type of those caches, and the bytes one token takes in them across all layers.
+  KvDType kv_dtype() const { return kv_dtype_; }
+  int64_t kv_bytes_per_token() const { return KvCache::BytesPerToken(config_, kv_dtype_); }
 
   // Runs one step. Writes [batch.logit_rows.size(), vocab_size] logits into *logits (resized).
   // INVALID_ARGUMENT for token ids out of the vocabulary, positions past max context, block table
@@ -223,6 +235,7 @@ class LlamaModel {
   bool from_gguf_ = false;
   std::string weight_formats_;
   int64_t weight_mapped_bytes_ = 0;
+  KvDType kv_dtype_ = KvDType::kF32;
   const LoraWeightsView* merged_ = nullptr;
   // The backend, the step's LoRA plan and the pristine matrices of a merge (model/llama_model.cc).
   std::unique_ptr<Impl> impl_;

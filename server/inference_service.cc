@@ -437,6 +437,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   response->set_weight_bytes(model.weight_bytes());
   response->set_weight_formats(model.weight_formats());
   response->set_weight_mapped_bytes(model.weight_mapped_bytes());
+  response->set_kv_dtype(model::KvDTypeName(model.kv_dtype()));
   return FinishNow(grpc::Status::OK);
 }
 

@@ -19,6 +19,9 @@ ABSL_FLAG(std::string, dtype, "native",
           "storage of the base weights: native (a GGUF file's quantized matrices as stored, read "
           "in place from the file, on integer kernels; on CUDA, and for the other tensors, bf16), "
           "bf16, f32, q8_0 or q4_0");
+ABSL_FLAG(std::string, kv_dtype, "auto",
+          "KV cache elements: auto (f16 on the CPU when base weights are quantized, as with "
+          "--dtype native on a quantized GGUF; else f32), f32 or f16 (CPU only)");
 ABSL_FLAG(
     std::string, device, "auto",
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
@@ -89,6 +92,7 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
 
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   LP_RETURN_IF_ERROR(model::ParseWeightStorage(dtype, &cl.load));
+  LP_RETURN_IF_ERROR(model::ParseKvDType(absl::GetFlag(FLAGS_kv_dtype), &cl.load));
   std::string device_reason;
   LP_ASSIGN_OR_RETURN(cl.load.device,
                       model::ResolveDevice(absl::GetFlag(FLAGS_device), &device_reason));

@@ -1,4 +1,4 @@
-// The fast paged KV cache ops. PagedAttention is a two-pass softmax per (token, query head): one
+// The fast paged KV cache ops, on f32 or f16 pools. PagedAttention is a two-pass softmax per (token, query head): one
 // pass over the keys writes scaled scores into a thread-local buffer, then exp/sum, then one pass
 // over the values. Both passes go block by block (a block's slots are equally strided), and the
 // inner loops run on the active ISA table. With a sliding window the passes start at the first
@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/half.h"
 #include "common/logging.h"
 #include "common/thread_pool.h"
 #include "kernels/cpu/cpu_ops.h"
@@ -31,10 +32,38 @@ void CheckLayout(const KvLayout& layout) {
       << " head_dim=" << layout.head_dim << " max_blocks_per_seq=" << layout.max_blocks_per_seq;
 }
 
-}  // namespace
+// The pools' element types: f32 copied, f16 rounded on the way in.
+void StoreRow(float* dst, const float* src, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+void StoreRow(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = F32ToF16(src[i]);
+}
 
-void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
-             const AttentionBatch& batch, const KvLayout& layout) {
+// The ops of the active table for a pool of T.
+struct KvOps {
+  const cpu::CpuOps& ops;
+  void Scores(float* s, const float* q, const float* k, int64_t stride, int64_t count, int64_t dim,
+              float scale) const {
+    ops.attn_scores(s, q, k, stride, count, dim, scale);
+  }
+  void Scores(float* s, const float* q, const uint16_t* k, int64_t stride, int64_t count,
+              int64_t dim, float scale) const {
+    ops.attn_scores_f16(s, q, k, stride, count, dim, scale);
+  }
+  void Accumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
+                  int64_t dim) const {
+    ops.attn_accumulate(out, p, v, stride, count, dim);
+  }
+  void Accumulate(float* out, const float* p, const uint16_t* v, int64_t stride, int64_t count,
+                  int64_t dim) const {
+    ops.attn_accumulate_f16(out, p, v, stride, count, dim);
+  }
+};
+
+template <typename T>
+void WriteKvT(T* k_cache, T* v_cache, const float* k, const float* v, const AttentionBatch& batch,
+              const KvLayout& layout) {
   CheckLayout(layout);
   const int64_t row = layout.n_kv_heads * layout.head_dim;  // one token's heads are contiguous
   for (int64_t t = 0; t < batch.num_tokens; ++t) {
@@ -42,14 +71,15 @@ void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
     const int64_t pos = batch.token_pos[t];
     LP_CHECK(pos >= 0 && pos < layout.max_blocks_per_seq * layout.block_size) << "position " << pos;
     const int64_t dst = CacheOffset(table, pos, 0, layout);
-    std::memcpy(k_cache + dst, k + t * row, row * sizeof(float));
-    std::memcpy(v_cache + dst, v + t * row, row * sizeof(float));
+    StoreRow(k_cache + dst, k + t * row, row);
+    StoreRow(v_cache + dst, v + t * row, row);
   }
 }
 
-void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
-                    const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
-                    float scale, int64_t sliding_window) {
+template <typename T>
+void PagedAttentionT(float* out, const float* q, const T* k_cache, const T* v_cache,
+                     const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
+                     float scale, int64_t sliding_window) {
   CheckLayout(layout);
   LP_CHECK(n_heads > 0 && n_heads % layout.n_kv_heads == 0)
       << "n_heads " << n_heads << " is not a multiple of n_kv_heads " << layout.n_kv_heads;
@@ -68,7 +98,7 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
         << "position " << batch.token_pos[t];
     max_len = std::max<int64_t>(max_len, batch.token_pos[t] + 1 - first_visible(t));
   }
-  const cpu::CpuOps& ops = cpu::ActiveCpuOps();
+  const KvOps ops{cpu::ActiveCpuOps()};
   // One work item is a (token, kv head) pair with all `group` query heads that share that kv head:
   // each K and V block is then read from memory once and reused from L1 by the group, instead of
   // once per query head (3x less cache traffic for SmolLM2's 9/3 heads).
@@ -92,25 +122,25 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
     };
     for (int64_t p0 = first; p0 < end; p0 += run_length(p0)) {
       const int64_t count = run_length(p0);
-      const float* kb = k_cache + CacheOffset(table, p0, kvh, layout);
+      const T* kb = k_cache + CacheOffset(table, p0, kvh, layout);
       for (int64_t g = 0; g < group; ++g) {
-        ops.attn_scores(sg + g * max_len + (p0 - first), qg + g * hd, kb, stride, count, hd, scale);
+        ops.Scores(sg + g * max_len + (p0 - first), qg + g * hd, kb, stride, count, hd, scale);
       }
     }
     std::fill(og, og + group * hd, 0.0f);
     std::vector<float> denom(group);  // small: group is n_heads / n_kv_heads
     for (int64_t g = 0; g < group; ++g) {
       float* sh = sg + g * max_len;
-      denom[g] = ops.exp_shift_sum(sh, *std::max_element(sh, sh + len), len);
+      denom[g] = ops.ops.exp_shift_sum(sh, *std::max_element(sh, sh + len), len);
     }
     for (int64_t p0 = first; p0 < end; p0 += run_length(p0)) {
       const int64_t count = run_length(p0);
-      const float* vb = v_cache + CacheOffset(table, p0, kvh, layout);
+      const T* vb = v_cache + CacheOffset(table, p0, kvh, layout);
       for (int64_t g = 0; g < group; ++g) {
-        ops.attn_accumulate(og + g * hd, sg + g * max_len + (p0 - first), vb, stride, count, hd);
+        ops.Accumulate(og + g * hd, sg + g * max_len + (p0 - first), vb, stride, count, hd);
       }
     }
-    for (int64_t g = 0; g < group; ++g) ops.scale(og + g * hd, 1.0f / denom[g], hd);
+    for (int64_t g = 0; g < group; ++g) ops.ops.scale(og + g * hd, 1.0f / denom[g], hd);
   };
 
   // Prefill tokens have growing lengths, so contiguous ranges would give the last thread most of
@@ -125,6 +155,30 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
       for (int64_t item = lane; item < items; item += lanes) run_item(item, scores);
     }
   });
+}
+
+}  // namespace
+
+void WriteKv(float* k_cache, float* v_cache, const float* k, const float* v,
+             const AttentionBatch& batch, const KvLayout& layout) {
+  WriteKvT(k_cache, v_cache, k, v, batch, layout);
+}
+
+void WriteKv(uint16_t* k_cache, uint16_t* v_cache, const float* k, const float* v,
+             const AttentionBatch& batch, const KvLayout& layout) {
+  WriteKvT(k_cache, v_cache, k, v, batch, layout);
+}
+
+void PagedAttention(float* out, const float* q, const float* k_cache, const float* v_cache,
+                    const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
+                    float scale, int64_t sliding_window) {
+  PagedAttentionT(out, q, k_cache, v_cache, batch, layout, n_heads, scale, sliding_window);
+}
+
+void PagedAttention(float* out, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                    const AttentionBatch& batch, const KvLayout& layout, int64_t n_heads,
+                    float scale, int64_t sliding_window) {
+  PagedAttentionT(out, q, k_cache, v_cache, batch, layout, n_heads, scale, sliding_window);
 }
 
 }  // namespace loraplex::kernels

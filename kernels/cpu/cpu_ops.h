@@ -50,6 +50,11 @@ struct CpuOps {
   // out[0..dim) += sum_c p[c] * v[c * stride + 0..dim)
   void (*attn_accumulate)(float* out, const float* p, const float* v, int64_t stride, int64_t count,
                           int64_t dim);
+  // The same two on an f16 pool (IEEE half bits), each value widened to f32 as it is read.
+  void (*attn_scores_f16)(float* scores, const float* q, const uint16_t* k, int64_t stride,
+                          int64_t count, int64_t dim, float scale);
+  void (*attn_accumulate_f16)(float* out, const float* p, const uint16_t* v, int64_t stride,
+                              int64_t count, int64_t dim);
   // out[i] = silu(gate[i]) * up[i]; out may alias gate or up.
   void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);
 };

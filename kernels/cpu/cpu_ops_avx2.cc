@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 
 namespace loraplex::kernels::cpu {
@@ -215,46 +216,69 @@ float ExpShiftSum(float* s, float shift, int64_t n) {
   return total;
 }
 
+// K and V rows: f32, or f16 bits (KvHalf, widened with vcvtph2ps; a type of its own, since a
+// uint16_t row elsewhere in this file is bf16).
+struct KvHalf {
+  uint16_t bits;
+};
+inline __m256 LoadKv8(const float* p) { return Load8(p); }
+inline __m256 LoadKv8(const KvHalf* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float KvValue(float v) { return v; }
+inline float KvValue(KvHalf h) { return _cvtsh_ss(h.bits); }
+
 // Four positions at a time: four dot products share the q loads and are reduced together (two
 // rounds of hadd) into one 4-wide store, so a position costs no separate horizontal sum.
-void AttnScores(float* scores, const float* q, const float* k, int64_t stride, int64_t count,
-                int64_t dim, float scale) {
+template <typename T>
+void AttnScoresT(float* scores, const float* q, const T* k, int64_t stride, int64_t count,
+                 int64_t dim, float scale) {
   const int64_t dim8 = dim / 8 * 8;
   int64_t c = 0;
   for (; c + 4 <= count; c += 4) {
-    const float* k0 = k + c * stride;
+    const T* k0 = k + c * stride;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t i = 0; i < dim8; i += 8) {
       const __m256 qv = Load8(q + i);
-      a0 = _mm256_fmadd_ps(qv, Load8(k0 + i), a0);
-      a1 = _mm256_fmadd_ps(qv, Load8(k0 + stride + i), a1);
-      a2 = _mm256_fmadd_ps(qv, Load8(k0 + 2 * stride + i), a2);
-      a3 = _mm256_fmadd_ps(qv, Load8(k0 + 3 * stride + i), a3);
+      a0 = _mm256_fmadd_ps(qv, LoadKv8(k0 + i), a0);
+      a1 = _mm256_fmadd_ps(qv, LoadKv8(k0 + stride + i), a1);
+      a2 = _mm256_fmadd_ps(qv, LoadKv8(k0 + 2 * stride + i), a2);
+      a3 = _mm256_fmadd_ps(qv, LoadKv8(k0 + 3 * stride + i), a3);
     }
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
     __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
     alignas(16) float out[4];
     _mm_store_ps(out, sums);
     for (int j = 0; j < 4; ++j) {
-      for (int64_t i = dim8; i < dim; ++i) out[j] += q[i] * k0[j * stride + i];
+      for (int64_t i = dim8; i < dim; ++i) out[j] += q[i] * KvValue(k0[j * stride + i]);
       scores[c + j] = out[j] * scale;
     }
   }
-  for (; c < count; ++c) scores[c] = Dot(q, k + c * stride, dim) * scale;
+  for (; c < count; ++c) {
+    const T* kc = k + c * stride;
+    if constexpr (std::is_same_v<T, float>) {
+      scores[c] = Dot(q, kc, dim) * scale;
+    } else {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < dim; ++i) acc += q[i] * KvValue(kc[i]);
+      scores[c] = acc * scale;
+    }
+  }
 }
 
 // 32 dims at a time in four accumulators, each value row's weight broadcast once for all four:
 // one accumulator per 8 dims over all `count` rows was a chain of dependent FMAs, latency-bound.
-void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
-                    int64_t dim) {
+template <typename T>
+void AttnAccumulateT(float* out, const float* p, const T* v, int64_t stride, int64_t count,
+                     int64_t dim) {
   const int64_t dim32 = dim / 32 * 32;
   for (int64_t i = 0; i < dim32; i += 32) {
     __m256 acc[4];
     for (int j = 0; j < 4; ++j) acc[j] = Load8(out + i + 8 * j);
     for (int64_t c = 0; c < count; ++c) {
       const __m256 pc = _mm256_set1_ps(p[c]);
-      const float* vc = v + c * stride + i;
-      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(pc, Load8(vc + 8 * j), acc[j]);
+      const T* vc = v + c * stride + i;
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(pc, LoadKv8(vc + 8 * j), acc[j]);
     }
     for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + i + 8 * j, acc[j]);
   }
@@ -262,15 +286,32 @@ void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, 
   for (int64_t i = dim32; i < dim8; i += 8) {
     __m256 acc = Load8(out + i);
     for (int64_t c = 0; c < count; ++c) {
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[c]), Load8(v + c * stride + i), acc);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[c]), LoadKv8(v + c * stride + i), acc);
     }
     _mm256_storeu_ps(out + i, acc);
   }
   for (int64_t i = dim8; i < dim; ++i) {
     float acc = out[i];
-    for (int64_t c = 0; c < count; ++c) acc += p[c] * v[c * stride + i];
+    for (int64_t c = 0; c < count; ++c) acc += p[c] * KvValue(v[c * stride + i]);
     out[i] = acc;
   }
+}
+
+void AttnScores(float* scores, const float* q, const float* k, int64_t stride, int64_t count,
+                int64_t dim, float scale) {
+  AttnScoresT(scores, q, k, stride, count, dim, scale);
+}
+void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
+                    int64_t dim) {
+  AttnAccumulateT(out, p, v, stride, count, dim);
+}
+void AttnScoresF16(float* scores, const float* q, const uint16_t* k, int64_t stride, int64_t count,
+                   int64_t dim, float scale) {
+  AttnScoresT(scores, q, reinterpret_cast<const KvHalf*>(k), stride, count, dim, scale);
+}
+void AttnAccumulateF16(float* out, const float* p, const uint16_t* v, int64_t stride,
+                       int64_t count, int64_t dim) {
+  AttnAccumulateT(out, p, reinterpret_cast<const KvHalf*>(v), stride, count, dim);
 }
 
 inline __m256 SiluMul8(__m256 g, __m256 u) {
@@ -303,6 +344,8 @@ const CpuOps kAvx2Ops = {
     .exp_shift_sum = ExpShiftSum,
     .attn_scores = AttnScores,
     .attn_accumulate = AttnAccumulate,
+    .attn_scores_f16 = AttnScoresF16,
+    .attn_accumulate_f16 = AttnAccumulateF16,
     .silu_mul = SiluMul,
 };
 

@@ -29,6 +29,7 @@
 #endif
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -383,32 +384,55 @@ float ExpShiftSum(float* s, float shift, int64_t n) {
   return HorizontalSum(sum);
 }
 
+// K and V rows: f32, or f16 bits (KvHalf, widened with vcvtph2ps; a type of its own, since a
+// uint16_t row elsewhere in this file is bf16).
+struct KvHalf {
+  uint16_t bits;
+};
+LP_AVX512_INLINE __m512 LoadKv16(const float* p, __mmask16 lanes) { return Load16(p, lanes); }
+LP_AVX512_INLINE __m512 LoadKv16(const KvHalf* p, __mmask16 lanes) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, p));
+}
+LP_AVX512_INLINE float KvValue(float v) { return v; }
+LP_AVX512_INLINE float KvValue(KvHalf h) { return _cvtsh_ss(h.bits); }
+
 // Eight positions at a time: eight dot products share the q loads and are reduced together
 // (Reduce8) into one 8-wide store.
-void AttnScores(float* scores, const float* q, const float* k, int64_t stride, int64_t count,
-                int64_t dim, float scale) {
+template <typename T>
+void AttnScoresT(float* scores, const float* q, const T* k, int64_t stride, int64_t count,
+                 int64_t dim, float scale) {
   const __m256 sc = _mm256_set1_ps(scale);
   int64_t c = 0;
   for (; c + 8 <= count; c += 8) {
-    const float* k0 = k + c * stride;
+    const T* k0 = k + c * stride;
     __m512 acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < dim; i += 16) {
       const __mmask16 lanes = FirstLanes(std::min<int64_t>(16, dim - i));
       const __m512 qv = Load16(q + i, lanes);
       for (int j = 0; j < 8; ++j) {
-        acc[j] = _mm512_fmadd_ps(qv, Load16(k0 + j * stride + i, lanes), acc[j]);
+        acc[j] = _mm512_fmadd_ps(qv, LoadKv16(k0 + j * stride + i, lanes), acc[j]);
       }
     }
     _mm256_storeu_ps(scores + c, _mm256_mul_ps(Reduce8(acc), sc));
   }
-  for (; c < count; ++c) scores[c] = Dot(q, k + c * stride, dim) * scale;
+  for (; c < count; ++c) {
+    const T* kc = k + c * stride;
+    if constexpr (std::is_same_v<T, float>) {
+      scores[c] = Dot(q, kc, dim) * scale;
+    } else {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < dim; ++i) acc += q[i] * KvValue(kc[i]);
+      scores[c] = acc * scale;
+    }
+  }
 }
 
 // 64 dims at a time in four accumulators, each value row's weight broadcast once for all four:
 // one accumulator per 16 dims over all `count` rows was a chain of dependent FMAs, latency-bound.
-void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
-                    int64_t dim) {
+template <typename T>
+void AttnAccumulateT(float* out, const float* p, const T* v, int64_t stride, int64_t count,
+                     int64_t dim) {
   for (int64_t i = 0; i < dim; i += 64) {
     __mmask16 lanes[4];
     __m512 acc[4];
@@ -418,11 +442,30 @@ void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, 
     }
     for (int64_t c = 0; c < count; ++c) {
       const __m512 pc = _mm512_set1_ps(p[c]);
-      const float* vc = v + c * stride + i;
-      for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(pc, Load16(vc + 16 * j, lanes[j]), acc[j]);
+      const T* vc = v + c * stride + i;
+      for (int j = 0; j < 4; ++j) {
+        acc[j] = _mm512_fmadd_ps(pc, LoadKv16(vc + 16 * j, lanes[j]), acc[j]);
+      }
     }
     for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(out + i + 16 * j, lanes[j], acc[j]);
   }
+}
+
+void AttnScores(float* scores, const float* q, const float* k, int64_t stride, int64_t count,
+                int64_t dim, float scale) {
+  AttnScoresT(scores, q, k, stride, count, dim, scale);
+}
+void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, int64_t count,
+                    int64_t dim) {
+  AttnAccumulateT(out, p, v, stride, count, dim);
+}
+void AttnScoresF16(float* scores, const float* q, const uint16_t* k, int64_t stride, int64_t count,
+                   int64_t dim, float scale) {
+  AttnScoresT(scores, q, reinterpret_cast<const KvHalf*>(k), stride, count, dim, scale);
+}
+void AttnAccumulateF16(float* out, const float* p, const uint16_t* v, int64_t stride,
+                       int64_t count, int64_t dim) {
+  AttnAccumulateT(out, p, reinterpret_cast<const KvHalf*>(v), stride, count, dim);
 }
 
 LP_AVX512_INLINE __m512 SiluMul16(__m512 g, __m512 u) {
@@ -448,6 +491,8 @@ const CpuOps kAvx512Ops = {
     .exp_shift_sum = ExpShiftSum,
     .attn_scores = AttnScores,
     .attn_accumulate = AttnAccumulate,
+    .attn_scores_f16 = AttnScoresF16,
+    .attn_accumulate_f16 = AttnAccumulateF16,
     .silu_mul = SiluMul,
 };
 

@@ -75,6 +75,24 @@ void AttnAccumulate(float* out, const float* p, const float* v, int64_t stride, 
   for (int64_t c = 0; c < count; ++c) Axpy(out, p[c], v + c * stride, dim);
 }
 
+void AttnScoresF16(float* scores, const float* q, const uint16_t* k, int64_t stride, int64_t count,
+                   int64_t dim, float scale) {
+  for (int64_t c = 0; c < count; ++c) {
+    const uint16_t* kc = k + c * stride;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < dim; ++i) acc += q[i] * F16ToF32(kc[i]);
+    scores[c] = acc * scale;
+  }
+}
+
+void AttnAccumulateF16(float* out, const float* p, const uint16_t* v, int64_t stride,
+                       int64_t count, int64_t dim) {
+  for (int64_t c = 0; c < count; ++c) {
+    const uint16_t* vc = v + c * stride;
+    for (int64_t i = 0; i < dim; ++i) out[i] += p[c] * F16ToF32(vc[i]);
+  }
+}
+
 void SiluMul(float* out, const float* gate, const float* up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float g = gate[i];
@@ -92,6 +110,8 @@ const CpuOps kScalarOps = {
     .exp_shift_sum = ExpShiftSum,
     .attn_scores = AttnScores,
     .attn_accumulate = AttnAccumulate,
+    .attn_scores_f16 = AttnScoresF16,
+    .attn_accumulate_f16 = AttnAccumulateF16,
     .silu_mul = SiluMul,
 };
 

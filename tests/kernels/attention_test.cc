@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "common/half.h"
 #include "kernels/kernels.h"
 #include "tests/kernels/kernel_test_util.h"
 #include "tests/testing/testing.h"
@@ -132,6 +133,60 @@ TEST_P(PagedAttentionTest, MixedBatchMatchesReference) {
       for (int64_t window : kWindows) {
         SCOPED_TRACE(::testing::Message() << "sliding_window=" << window);
         PagedAttention(out_fast.data(), q.data(), fast.k.data(), fast.v.data(), batch, fast.layout,
+                       s.n_heads, scale, window);
+        ref::PagedAttention(out_ref.data(), q.data(), expected.k.data(), expected.v.data(), batch,
+                            expected.layout, s.n_heads, scale, window);
+        ASSERT_TRUE(AllClose(out_fast, out_ref, kF32KernelVsReference));
+      }
+    }
+  }
+}
+
+// f16 pools: WriteKv stores each new key and value rounded to f16 (unwritten slots untouched),
+// and PagedAttention on them equals the reference on f32 pools that hold the same rounded values.
+TEST_P(PagedAttentionTest, F16PoolsEqualF32PoolsOfTheRoundedValues) {
+  const Shape shapes[] = {{9, 3, 64, 16}, {9, 3, 8, 16}, {4, 4, 33, 5}, {6, 1, 8, 3}};
+  const std::vector<Seq> seqs = {{37, 1}, {0, 13}, {20, 6}, {0, 1}, {100, 1}, {15, 2}};
+  std::vector<int64_t> lens;
+  for (const Seq& s : seqs) lens.push_back(s.past + s.fresh);
+  constexpr uint16_t kUnwritten = 0x7E00;  // an f16 NaN
+  uint32_t seed = 300;
+  for (const Shape& s : shapes) {
+    SCOPED_TRACE(::testing::Message()
+                 << "n_heads=" << s.n_heads << " n_kv_heads=" << s.n_kv_heads
+                 << " head_dim=" << s.head_dim << " block_size=" << s.block_size);
+    PagedCache expected(s, lens, seed++);
+    std::vector<uint16_t> k16(expected.k.size(), kUnwritten), v16(expected.v.size(), kUnwritten);
+    const int64_t kv_row = s.n_kv_heads * s.head_dim;
+    for (bool past_part : {true, false}) {
+      Tokens tok = MakeTokens(seqs, past_part);
+      AttentionBatch batch{static_cast<int64_t>(tok.seq.size()), tok.seq.data(), tok.pos.data(),
+                           expected.tables.data()};
+      std::vector<float> k = RandomVector(batch.num_tokens * kv_row, seed++, -4.0f, 4.0f);
+      std::vector<float> v = RandomVector(batch.num_tokens * kv_row, seed++, -4.0f, 4.0f);
+      WriteKv(k16.data(), v16.data(), k.data(), v.data(), batch, expected.layout);
+      for (float& x : k) x = F16ToF32(F32ToF16(x));
+      for (float& x : v) x = F16ToF32(F32ToF16(x));
+      ref::WriteKv(expected.k.data(), expected.v.data(), k.data(), v.data(), batch,
+                   expected.layout);
+      for (size_t i = 0; i < k16.size(); ++i) {
+        if (std::isnan(expected.k[i])) {
+          ASSERT_EQ(k16[i], kUnwritten) << "slot value " << i << " written";
+          ASSERT_EQ(v16[i], kUnwritten) << "slot value " << i << " written";
+        } else {
+          ASSERT_EQ(F16ToF32(k16[i]), expected.k[i]) << i;
+          ASSERT_EQ(F16ToF32(v16[i]), expected.v[i]) << i;
+        }
+      }
+      if (past_part) continue;
+
+      const int64_t q_row = s.n_heads * s.head_dim;
+      std::vector<float> q = RandomVector(batch.num_tokens * q_row, seed++, -2.0f, 2.0f);
+      std::vector<float> out_fast(batch.num_tokens * q_row), out_ref(out_fast.size());
+      const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+      for (int64_t window : kWindows) {
+        SCOPED_TRACE(::testing::Message() << "sliding_window=" << window);
+        PagedAttention(out_fast.data(), q.data(), k16.data(), v16.data(), batch, expected.layout,
                        s.n_heads, scale, window);
         ref::PagedAttention(out_ref.data(), q.data(), expected.k.data(), expected.v.data(), batch,
                             expected.layout, s.n_heads, scale, window);

@@ -26,9 +26,10 @@ using ::loraplex::testing::FixturesDir;
 using ::loraplex::testing::StatusIs;
 using ::loraplex::testing::Stories260KDir;
 
-// Logits of every position of one sequence `ids`, [ids.size(), vocab].
+// Logits of every position of one sequence `ids`, [ids.size(), vocab], on the model's own kind of
+// KV cache.
 std::vector<float> AllLogits(LlamaModel& m, const std::vector<int32_t>& ids) {
-  auto cache = KvCache::Create(m.config(), (static_cast<int64_t>(ids.size()) + 15) / 16, 16);
+  auto cache = m.CreateKvCache((static_cast<int64_t>(ids.size()) + 15) / 16, 16);
   EXPECT_TRUE(cache.ok()) << cache.status();
   ForwardBatch b;
   b.tokens = ids;
@@ -102,6 +103,48 @@ TEST(QuantizedStoriesTest, Q8_0AtLoadFollowsTheF32Model) {
   }
 }
 
+// The KV cache's element type: f32 for f32/bf16 weights unless told, f16 for quantized ones (on
+// the CPU), and an f16 cache under the f32 model moves the logits by no more than the f16
+// rounding of K and V (relative 2^-11) can: far below 0.002 nats, the same greedy argmax.
+TEST(KvDTypeTest, DefaultsAndF16FollowsF32) {
+  const std::string path = Stories260KDir() + "/stories260K.gguf";
+  LoadOptions f32_opts{kernels::DType::kF32};
+  ASSERT_OK_AND_ASSIGN(auto f32, LlamaModel::Load(path, f32_opts));
+  EXPECT_EQ(f32->kv_dtype(), KvDType::kF32);
+  ASSERT_OK_AND_ASSIGN(auto q8, LlamaModel::Load(path, {kernels::DType::kQ8_0}));
+  EXPECT_EQ(q8->kv_dtype(), KvDType::kF16);
+  LoadOptions f16_opts = f32_opts;
+  ASSERT_OK(ParseKvDType("f16", &f16_opts));
+  ASSERT_OK_AND_ASSIGN(auto f16, LlamaModel::Load(path, f16_opts));
+  EXPECT_EQ(f16->kv_dtype(), KvDType::kF16);
+  EXPECT_EQ(f16->kv_bytes_per_token() * 2, f32->kv_bytes_per_token());
+  ASSERT_OK_AND_ASSIGN(KvCache cache, f16->CreateKvCache(4, 16));
+  EXPECT_EQ(cache.dtype(), KvDType::kF16);
+  EXPECT_EQ(cache.pool_bytes(), 4 * 16 * f16->kv_bytes_per_token());
+  EXPECT_EQ(cache.k(0), nullptr);
+  EXPECT_NE(cache.k16(0), nullptr);
+
+  const std::vector<int32_t> ids = f32->tokenizer().Encode("Once upon a time, there was a", true);
+  const std::vector<float> a = AllLogits(*f32, ids), b = AllLogits(*f16, ids);
+  const int64_t vocab = f32->config().vocab_size;
+  for (size_t pos = 0; pos < ids.size(); ++pos) {
+    const float* ra = a.data() + pos * vocab;
+    const float* rb = b.data() + pos * vocab;
+    EXPECT_LT(Kl(ra, rb, vocab), 0.002) << pos;
+    EXPECT_EQ(std::max_element(ra, ra + vocab) - ra, std::max_element(rb, rb + vocab) - rb) << pos;
+  }
+
+  ASSERT_OK(ParseKvDType("auto", &f16_opts));
+  EXPECT_FALSE(f16_opts.kv_dtype.has_value());
+  EXPECT_THAT(ParseKvDType("bf16", &f16_opts),
+              StatusIs(absl::StatusCode::kInvalidArgument, "auto, f32 or f16"));
+  // The CUDA backend's pools are f32: an f16 cache there is refused before any device is sought.
+  LoadOptions cuda = f32_opts;
+  cuda.device = Device::kCuda;
+  cuda.kv_dtype = KvDType::kF16;
+  EXPECT_THAT(LlamaModel::Load(path, cuda), StatusIs(absl::StatusCode::kInvalidArgument, "f32 KV"));
+}
+
 // The SmolLM2 Q4_1 file kept as stored: every matrix in its own blocks (Q4_1, the tied embedding
 // Q8_0), resident bytes those of the file's tensors, and the logits of the reference prompts close
 // to transformers' on the same file dequantized to f32. llama.cpp computes the same kind of
@@ -128,6 +171,9 @@ TEST(QuantizedSmolLM2Test, NativeKeepsTheFileBlocksAndFollowsTheReference) {
       << m->weight_bytes() << " resident vs " << file_bytes << " in the file";
   EXPECT_EQ(m->weight_mapped_bytes(), in_place);
   EXPECT_GT(in_place, file_bytes * 8 / 10);
+  // Quantized weights on the CPU take an f16 KV cache unless told otherwise (as llama.cpp does).
+  EXPECT_EQ(m->kv_dtype(), KvDType::kF16);
+  EXPECT_EQ(m->kv_bytes_per_token(), 2 * 30 * 3 * 64 * 2);
 
   std::ifstream in(FixturesDir() + "/hf/smollm2_logits.json");
   const nlohmann::json fixture = nlohmann::json::parse(in);
