@@ -6,7 +6,8 @@
 // every adapter a separate copy of one PEFT folder (so the batch gathers distinct weights).
 //
 //   engine_bench --model models/SmolLM2-135M-Instruct.Q4_1.gguf --concurrency 32 --requests 64
-//       [--adapter-dir DIR --adapters 32] [--dtype native] [--kv_dtype auto] [--prompt 128] [--max-tokens 128]
+//       [--adapter-dir DIR --adapters 32] [--dtype native] [--kv_dtype auto] [--prompt 128]
+//       [--max-tokens 128]
 //
 // Prints one JSON line: output tokens, seconds, output tok/s, requests/s.
 #include <stdlib.h>

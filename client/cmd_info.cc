@@ -110,13 +110,12 @@ int RunInfo(const std::vector<std::string>& args) {
       {"vocab", absl::StrCat(info.vocab_size(), " (bos ", info.bos_token_id(), ", eos ",
                              info.eos_token_id(), ")")},
       {"context length", absl::StrCat(ctx_len)},
-      {"weights",
-       absl::StrCat(HumanBytes(info.weight_bytes()), " (", info.weight_formats(),
-                    info.weight_mapped_bytes() > 0
-                        ? absl::StrCat("; ", HumanBytes(info.weight_mapped_bytes()),
-                                       " read in place from the file")
-                        : "",
-                    ")")},
+      {"weights", absl::StrCat(HumanBytes(info.weight_bytes()), " (", info.weight_formats(),
+                               info.weight_mapped_bytes() > 0
+                                   ? absl::StrCat("; ", HumanBytes(info.weight_mapped_bytes()),
+                                                  " read in place from the file")
+                                   : "",
+                               ")")},
       {"kv cache", absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(),
                                 " tokens, ", info.kv_dtype())},
       {"max batch tokens / queue", absl::StrCat(info.max_batch_tokens(), " / ", info.max_queue())},

@@ -16,7 +16,8 @@ void CpuLinear(float* y, const float* x, int64_t m, const kernels::WeightView& w
   kernels::Gemm(y, x, m, w);
 }
 
-void CpuLinearShared(const float* x, int64_t m, std::initializer_list<kernels::GemmOutput> outputs) {
+void CpuLinearShared(const float* x, int64_t m,
+                     std::initializer_list<kernels::GemmOutput> outputs) {
   kernels::GemmShared(x, m, outputs);
 }
 
@@ -128,9 +129,9 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, const LoraPlan& plan
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
     kernels::RmsNorm(h_.data(), x_.data(), lw.attn_norm.data(), n, hid, c.rms_norm_eps);
-    CpuLinearShared(h_.data(), n,
-                    {output(q_.data(), l, M::kQ), output(k_.data(), l, M::kK),
-                     output(v_.data(), l, M::kV)});
+    CpuLinearShared(
+        h_.data(), n,
+        {output(q_.data(), l, M::kQ), output(k_.data(), l, M::kK), output(v_.data(), l, M::kV)});
     ApplyLora(plan, G::kQkv, l, h_.data(), hid,
               {{q_.data(), qd}, {k_.data(), kvd}, {v_.data(), kvd}}, &lora_);
     if (c.attention_bias) {
@@ -157,7 +158,8 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, const LoraPlan& plan
     kernels::Add(x_.data(), proj_.data(), n * hid);
 
     kernels::RmsNorm(h_.data(), x_.data(), lw.ffn_norm.data(), n, hid, c.rms_norm_eps);
-    CpuLinearShared(h_.data(), n, {output(gate_.data(), l, M::kGate), output(up_.data(), l, M::kUp)});
+    CpuLinearShared(h_.data(), n,
+                    {output(gate_.data(), l, M::kGate), output(up_.data(), l, M::kUp)});
     ApplyLora(plan, G::kGateUp, l, h_.data(), hid, {{gate_.data(), ff}, {up_.data(), ff}}, &lora_);
     kernels::SiluMul(gate_.data(), gate_.data(), up_.data(), n * ff);
     base(proj_.data(), gate_.data(), l, M::kDown);

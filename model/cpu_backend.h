@@ -4,10 +4,13 @@
 //
 // Weight formats. Every product with a stored matrix (the seven linears of each layer and the LM
 // head) goes through CpuLinear (or CpuLinearShared, for the modules that read one input: q, k, v;
-// gate, up), and every row lookup (the token embedding) through CpuEmbed; they
-// switch on the matrix's storage format (kernels::DType: f32, bf16, or GGUF's quantized blocks,
-// which kernels::Gemm multiplies with integer dot products). A new CPU storage format is another
-// case of these two functions plus its storage in StoredMatrix; the forward pass does not change.
+// gate, up), and every row lookup (the token embedding) through CpuEmbed; they switch on the
+// matrix's storage format (kernels::DType: f32, bf16, or GGUF's quantized blocks, which
+// kernels::Gemm multiplies with integer dot products). A new CPU storage format is another case of
+// these functions plus its storage in StoredMatrix; the forward pass does not change.
+//
+// KV cache: f32 or f16 pools (KvCache::dtype()), each with its own kernels::WriteKv and
+// PagedAttention.
 //
 // Scratch: activations of the largest step so far and the LoRA buffers, kept between steps and
 // reported (with the LoRA plan's vectors) through scratch_bytes().

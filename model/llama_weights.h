@@ -25,8 +25,8 @@ struct StoredMatrix {
   kernels::DType dtype = kernels::DType::kF32;
   int64_t rows = 0;
   int64_t cols = 0;
-  std::vector<float> f32;       // when dtype == kF32
-  std::vector<uint16_t> bf16;   // when dtype == kBF16
+  std::vector<float> f32;      // when dtype == kF32
+  std::vector<uint16_t> bf16;  // when dtype == kBF16
   // A quantized dtype: the rows' blocks (kernels/quant.h), either in `blocks` or, for a matrix
   // kept as a GGUF file stores it, at `mapped` inside the file's mapping (LlamaWeights::mapping
   // keeps it alive; `blocks` is then empty).

@@ -1,8 +1,9 @@
-// The fast paged KV cache ops, on f32 or f16 pools. PagedAttention is a two-pass softmax per (token, query head): one
-// pass over the keys writes scaled scores into a thread-local buffer, then exp/sum, then one pass
-// over the values. Both passes go block by block (a block's slots are equally strided), and the
-// inner loops run on the active ISA table. With a sliding window the passes start at the first
-// visible position (possibly mid-block), so blocks wholly before the window are skipped, not read.
+// The fast paged KV cache ops, on f32 or f16 pools. PagedAttention is a two-pass softmax per
+// (token, query head): one pass over the keys writes scaled scores into a thread-local buffer, then
+// exp/sum, then one pass over the values. Both passes go block by block (a block's slots are
+// equally strided), and the inner loops run on the active ISA table. With a sliding window the
+// passes start at the first visible position (possibly mid-block), so blocks wholly before the
+// window are skipped, not read.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -33,9 +34,7 @@ void CheckLayout(const KvLayout& layout) {
 }
 
 // The pools' element types: f32 copied, f16 rounded on the way in.
-void StoreRow(float* dst, const float* src, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
+void StoreRow(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 void StoreRow(uint16_t* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = F32ToF16(src[i]);
 }

@@ -7,8 +7,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstdint>
+#include <type_traits>
 
 namespace loraplex::kernels::cpu {
 namespace {
@@ -309,8 +309,8 @@ void AttnScoresF16(float* scores, const float* q, const uint16_t* k, int64_t str
                    int64_t dim, float scale) {
   AttnScoresT(scores, q, reinterpret_cast<const KvHalf*>(k), stride, count, dim, scale);
 }
-void AttnAccumulateF16(float* out, const float* p, const uint16_t* v, int64_t stride,
-                       int64_t count, int64_t dim) {
+void AttnAccumulateF16(float* out, const float* p, const uint16_t* v, int64_t stride, int64_t count,
+                       int64_t dim) {
   AttnAccumulateT(out, p, reinterpret_cast<const KvHalf*>(v), stride, count, dim);
 }
 

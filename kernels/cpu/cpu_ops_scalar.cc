@@ -85,8 +85,8 @@ void AttnScoresF16(float* scores, const float* q, const uint16_t* k, int64_t str
   }
 }
 
-void AttnAccumulateF16(float* out, const float* p, const uint16_t* v, int64_t stride,
-                       int64_t count, int64_t dim) {
+void AttnAccumulateF16(float* out, const float* p, const uint16_t* v, int64_t stride, int64_t count,
+                       int64_t dim) {
   for (int64_t c = 0; c < count; ++c) {
     const uint16_t* vc = v + c * stride;
     for (int64_t i = 0; i < dim; ++i) out[i] += p[c] * F16ToF32(vc[i]);

@@ -424,11 +424,12 @@ TEST_P(QuantGemmTest, SharedInputEqualsAGemmPerOutput) {
   const int64_t k = 256;
   for (const std::vector<DType>& formats :
        {std::vector<DType>{DType::kQ4_1, DType::kQ4_1, DType::kQ4_1},
-        std::vector<DType>{DType::kQ8_0, DType::kQ8_0}, std::vector<DType>{DType::kQ6_K, DType::kQ6_K},
+        std::vector<DType>{DType::kQ8_0, DType::kQ8_0},
+        std::vector<DType>{DType::kQ6_K, DType::kQ6_K},
         std::vector<DType>{DType::kQ4_1, DType::kQ8_0, DType::kQ4_1}}) {
     for (int64_t m : {1, 7, 33}) {
-      SCOPED_TRACE(::testing::Message() << DTypeName(formats[0]) << " x" << formats.size()
-                                        << " m=" << m);
+      SCOPED_TRACE(::testing::Message()
+                   << DTypeName(formats[0]) << " x" << formats.size() << " m=" << m);
       const int64_t rows[3] = {37, 5, 211};
       std::vector<std::vector<uint8_t>> blocks;
       std::vector<std::vector<float>> shared, single;

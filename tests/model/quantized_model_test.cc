@@ -163,8 +163,8 @@ TEST(QuantizedSmolLM2Test, NativeKeepsTheFileBlocksAndFollowsTheReference) {
   for (const formats::TensorInfo& t : gguf->tensors()) {
     file_bytes += t.nbytes;
     // Every quantized matrix is read in place but q and k, whose rows are put back in HF order.
-    const bool reordered = t.name.find("attn_q.") != std::string::npos ||
-                           t.name.find("attn_k.") != std::string::npos;
+    const bool reordered =
+        t.name.find("attn_q.") != std::string::npos || t.name.find("attn_k.") != std::string::npos;
     if (t.type != formats::StoredType::kF32 && !reordered) in_place += t.nbytes;
   }
   EXPECT_NEAR(static_cast<double>(m->weight_bytes()) / file_bytes, 1.0, 0.05)
