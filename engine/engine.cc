@@ -384,8 +384,12 @@ void Engine::Finish(Sequence* seq, StepOutput out, FinishReason reason) {
     ++stats_.finished_requests;
     if (reason == FinishReason::kCancelled) ++stats_.cancelled_requests;
   }
-  seq->sink(std::move(out));
+  // The sequence, and with it the adapter's lease, goes before the caller hears of the end: a
+  // client that unloads or replaces the adapter next must not find this finished request still
+  // holding the version (listed DRAINING, its memory kept).
+  const OutputSink sink = seq->sink;
   sequences_.erase(seq->id);  // destroys seq
+  sink(std::move(out));
 }
 
 void Engine::PublishStats(int64_t new_tokens) {

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
+#include "adapters/registry.h"
 #include "absl/synchronization/notification.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
@@ -21,6 +23,7 @@ namespace loraplex::engine {
 namespace {
 
 using ::loraplex::testing::StatusIs;
+namespace fs = std::filesystem;
 
 struct Result {
   std::vector<int32_t> ids;
@@ -413,6 +416,45 @@ TEST_F(EngineTest, ShutdownCancelsWhatIsInFlightAndRefusesNewWork) {
   ASSERT_EQ(results.size(), 1u);
   EXPECT_EQ(results.begin()->second.reason, FinishReason::kCancelled);
   EXPECT_THAT(engine->Submit(r, c.Sink()), StatusIs(absl::StatusCode::kUnavailable));
+}
+
+// A finished request has given its adapter's lease back by the time its final output reaches the
+// caller: an adapter unloaded while the request ran is gone from the registry then, not still
+// listed DRAINING (a client that saw the end and then listed the adapters raced the engine).
+TEST_F(EngineTest, TheAdapterLeaseIsBackBeforeTheFinalOutput) {
+  const std::string root = loraplex::testing::MakeTempDir("lp-engine-lease");
+  absl::Cleanup remove_root = [&] { fs::remove_all(root); };
+  adapters::RegistryOptions ro;
+  ro.state_dir = root + "/state";
+  ro.base = model_->config();
+  ro.load.dtype = kernels::DType::kF32;
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry,
+                       adapters::AdapterRegistry::Open(ro));
+  ASSERT_OK(registry
+                ->RegisterFromDir("qv", loraplex::testing::FixturesDir() + "/peft/stories260k/qv",
+                                  /*replace=*/false, /*pin=*/false)
+                .status());
+  auto engine = MakeEngine({});
+  GenerationRequest r = Greedy({1}, 8);
+  r.ignore_eos = true;
+  ASSERT_OK_AND_ASSIGN(r.adapter, registry->Acquire("qv"));
+  size_t listed_at_the_end = 99;
+  absl::Notification unloaded, finished;
+  OutputSink sink = [&](StepOutput out) {
+    // The first output waits (on the engine thread) until the adapter is unloaded, so the request
+    // surely holds the lease of a DRAINING version when it finishes.
+    unloaded.WaitForNotificationWithTimeout(absl::Seconds(60));
+    if (!out.finished) return;
+    listed_at_the_end = registry->List().size();
+    finished.Notify();
+  };
+  ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(std::move(r), sink));
+  (void)id;
+  ASSERT_OK_AND_ASSIGN(adapters::AdapterInfo info, registry->Unload("qv"));
+  EXPECT_EQ(info.state, adapters::AdapterState::kDraining);
+  unloaded.Notify();
+  ASSERT_TRUE(finished.WaitForNotificationWithTimeout(absl::Seconds(60)));
+  EXPECT_EQ(listed_at_the_end, 0u) << "the finished request still held its adapter's lease";
 }
 
 }  // namespace
