@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "absl/cleanup/cleanup.h"
-#include "adapters/registry.h"
 #include "absl/synchronization/notification.h"
+#include "adapters/registry.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
