@@ -7,7 +7,8 @@
 //   must read (32 adapters x rank x (in or out) x 2 bytes) per second of wall time; compare it
 //   with bandwidth_bench. Iterations cycle through enough copies of the weights (>= 384 MiB, like
 //   the 30 layers of a real step) that they come from DRAM, not from the last-level cache.
-// BM_LayerLora: q/k/v and o shrink + expand back to back, i.e. one layer's LoRA work in S2.
+// BM_LayerLora: q/k/v and o shrink + expand, i.e. one layer's LoRA work in S2, as the model runs
+//   it (BgmvShrinkExpand, fused); BM_LayerLoraTwoPhase: the same as four separate ops.
 // BM_GroupedDecode: 32 tokens over 4 adapters, interleaved (t % 4), so each adapter has 8 tokens
 //   that are not consecutive: the case where grouping tokens by adapter pays.
 // BM_Decode{Bgmv,NaiveLoop}, BM_DecodeBaseGemm, BM_Prefill*: the q_proj-only comparisons against
@@ -112,7 +113,7 @@ struct Activations {
   }
 };
 
-enum Op { kQkvShrink, kQkvExpand, kOShrink, kOExpand, kLayer };
+enum Op { kQkvShrink, kQkvExpand, kOShrink, kOExpand, kLayer, kLayerTwoPhase };
 
 void RunDecode(benchmark::State& state, Op op, int64_t adapters,
                const std::vector<int32_t>& token_adapter) {
@@ -139,6 +140,10 @@ void RunDecode(benchmark::State& state, Op op, int64_t adapters,
         BgmvExpand(&act.o_out, act.v.data(), act.v_stride, idx, kTokens, c.o);
         break;
       case kLayer:
+        BgmvShrinkExpand(act.qkv_out, act.x.data(), kHidden, idx, kTokens, c.qkv, false);
+        BgmvShrinkExpand(&act.o_out, act.x.data(), kHidden, idx, kTokens, c.o, false);
+        break;
+      case kLayerTwoPhase:
         BgmvShrink(act.v.data(), act.v_stride, act.x.data(), kHidden, idx, kTokens, c.qkv);
         BgmvExpand(act.qkv_out, act.v.data(), act.v_stride, idx, kTokens, c.qkv);
         BgmvShrink(act.v.data(), act.v_stride, act.x.data(), kHidden, idx, kTokens, c.o);
@@ -147,8 +152,8 @@ void RunDecode(benchmark::State& state, Op op, int64_t adapters,
     }
     benchmark::ClobberMemory();
   }
-  const int64_t bytes[] = {w.qkv_a_bytes, w.qkv_b_bytes, w.o_a_bytes, w.o_b_bytes,
-                           w.qkv_a_bytes + w.qkv_b_bytes + w.o_a_bytes + w.o_b_bytes};
+  const int64_t layer = w.qkv_a_bytes + w.qkv_b_bytes + w.o_a_bytes + w.o_b_bytes;
+  const int64_t bytes[] = {w.qkv_a_bytes, w.qkv_b_bytes, w.o_a_bytes, w.o_b_bytes, layer, layer};
   state.counters["GB/s"] = benchmark::Counter(
       static_cast<double>(state.iterations()) * bytes[op] * 1e-9, benchmark::Counter::kIsRate);
   state.counters["copies"] = static_cast<double>(w.copies.size());
@@ -165,6 +170,9 @@ void BM_QkvExpand(benchmark::State& s) { RunDecode(s, kQkvExpand, kTokens, OnePe
 void BM_OShrink(benchmark::State& s) { RunDecode(s, kOShrink, kTokens, OnePerToken()); }
 void BM_OExpand(benchmark::State& s) { RunDecode(s, kOExpand, kTokens, OnePerToken()); }
 void BM_LayerLora(benchmark::State& s) { RunDecode(s, kLayer, kTokens, OnePerToken()); }
+void BM_LayerLoraTwoPhase(benchmark::State& s) {
+  RunDecode(s, kLayerTwoPhase, kTokens, OnePerToken());
+}
 void BM_GroupedDecode(benchmark::State& s) {
   std::vector<int32_t> idx(kTokens);
   for (int64_t t = 0; t < kTokens; ++t) idx[t] = static_cast<int32_t>(t % 4);
@@ -176,6 +184,7 @@ BENCHMARK(BM_QkvExpand)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime(
 BENCHMARK(BM_OShrink)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
 BENCHMARK(BM_OExpand)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
 BENCHMARK(BM_LayerLora)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
+BENCHMARK(BM_LayerLoraTwoPhase)->Arg(8)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
 BENCHMARK(BM_GroupedDecode)->Arg(16)->Arg(64)->ArgName("rank")->UseRealTime();
 
 // q_proj only, weights hot in cache: against a naive loop and the base GEMM of the same tokens.

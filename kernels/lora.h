@@ -71,6 +71,20 @@ void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
 void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
                 int64_t num_tokens, const LoraSliceWeights& w);
 
+// Both in one call: y[s] rows of tokens that have an adapter get += B (A x), or -= when `negate`
+// (v negated between the two, as a caller of the two ops would). The same bits as the two ops in
+// turn. The fast version fuses them when every adapter has fewer than 16 tokens and there are at
+// least max(8, 2 x threads) adapters (a decode step): one parallel region whose tasks are whole
+// adapters, each shrinking into a v of its own and expanding at once, with no serial packing
+// between.
+void SgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
+                      const LoraSegments& segments, const LoraSliceWeights& w, bool negate);
+void BgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
+                      const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w,
+                      bool negate);
+// How many ShrinkExpand calls took the fused path in this process (tests check they cover it).
+int64_t LoraFusedCallsForTesting();
+
 // Packed offset of slice s in v for adapter j (sum of the ranks of slices before s), and the total.
 int64_t LoraSliceOffset(const LoraSliceWeights& w, int64_t adapter, int64_t slice);
 int64_t LoraTotalRank(const LoraSliceWeights& w, int64_t adapter);
@@ -91,6 +105,11 @@ void BgmvShrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
                 const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w);
 void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t* token_adapter,
                 int64_t num_tokens, const LoraSliceWeights& w);
+void SgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
+                      const LoraSegments& segments, const LoraSliceWeights& w, bool negate);
+void BgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
+                      const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w,
+                      bool negate);
 }  // namespace ref
 
 }  // namespace loraplex::kernels

@@ -11,36 +11,15 @@ using kernels::LoraOutput;
 using kernels::LoraSliceWeights;
 using kernels::WeightView;
 
-// Shrink + expand of `w` for the tokens of `pass` (which is active). SGMV or BGMV as the plan
-// chose; a negated pass flips the sign of the shrink's output, so the delta is subtracted.
+// Shrink + expand of `w` for the tokens of `pass` (which is active), SGMV or BGMV as the plan
+// chose; a negated pass subtracts the delta.
 void ShrinkExpand(const LoraSliceWeights& w, const LoraPass& pass, const float* x, int64_t x_stride,
-                  const LoraOutput* y, LoraScratch* s) {
-  const int64_t n = static_cast<int64_t>(pass.token_adapter.size());
-  int64_t v_stride = 0;
-  for (int64_t j = 0; j < w.num_adapters; ++j) {
-    v_stride = std::max(v_stride, kernels::LoraTotalRank(w, j));
-  }
-  if (v_stride == 0) return;
-  s->v.resize(n * v_stride);
-  const kernels::LoraSegments seg = pass.segments();
-  const int32_t* token_adapter = pass.token_adapter.data();
-
+                  const LoraOutput* y) {
   if (pass.sgmv) {
-    kernels::SgmvShrink(s->v.data(), v_stride, x, x_stride, seg, w);
+    kernels::SgmvShrinkExpand(y, x, x_stride, pass.segments(), w, pass.negate);
   } else {
-    kernels::BgmvShrink(s->v.data(), v_stride, x, x_stride, token_adapter, n, w);
-  }
-  if (pass.negate) {
-    for (int64_t t = 0; t < n; ++t) {
-      if (token_adapter[t] < 0) continue;
-      const int64_t r = kernels::LoraTotalRank(w, token_adapter[t]);
-      for (int64_t i = 0; i < r; ++i) s->v[t * v_stride + i] = -s->v[t * v_stride + i];
-    }
-  }
-  if (pass.sgmv) {
-    kernels::SgmvExpand(y, s->v.data(), v_stride, seg, w);
-  } else {
-    kernels::BgmvExpand(y, s->v.data(), v_stride, token_adapter, n, w);
+    kernels::BgmvShrinkExpand(y, x, x_stride, pass.token_adapter.data(),
+                              static_cast<int64_t>(pass.token_adapter.size()), w, pass.negate);
   }
 }
 
@@ -76,7 +55,7 @@ void ApplyLora(const LoraPlan& plan, LoraGroup group, int64_t layer, const float
     if (!pass->active || !Gather(pass->adapters, modules, layer, s)) continue;
     const LoraSliceWeights w{static_cast<int64_t>(pass->adapters.size()), modules.num_modules,
                              s->a.data(), s->b.data()};
-    ShrinkExpand(w, *pass, x, x_stride, y, s);
+    ShrinkExpand(w, *pass, x, x_stride, y);
   }
 }
 

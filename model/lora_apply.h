@@ -28,7 +28,6 @@ namespace loraplex::model {
 
 // Reused buffers, so a step allocates nothing once warm. Owned by the caller (one per model).
 struct LoraScratch {
-  std::vector<float> v;                   // the shrink's output [num_tokens, v_stride]
   std::vector<kernels::WeightView> a, b;  // one pass's pairs for one layer and group
 };
 

@@ -1,6 +1,7 @@
 // The readable LoRA ops: plain loops over tokens, slices, rows and columns (kernels/lora.h).
 // SGMV is expressed through BGMV (one adapter index per token) so the two cannot disagree.
 
+#include <algorithm>
 #include <vector>
 
 #include "common/half.h"
@@ -110,6 +111,29 @@ void SgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const Lor
   }
   ref::BgmvExpand(shifted, v + first * v_stride, v_stride, per_token.data() + first,
                   static_cast<int64_t>(per_token.size()) - first, w);
+}
+
+void BgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
+                      const int32_t* token_adapter, int64_t num_tokens, const LoraSliceWeights& w,
+                      bool negate) {
+  int64_t v_stride = 1;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    CheckAdapter(w, token_adapter[t]);
+    if (token_adapter[t] >= 0) v_stride = std::max(v_stride, LoraTotalRank(w, token_adapter[t]));
+  }
+  std::vector<float> v(num_tokens * v_stride, 0.0f);
+  ref::BgmvShrink(v.data(), v_stride, x, x_stride, token_adapter, num_tokens, w);
+  if (negate) {
+    for (float& e : v) e = -e;
+  }
+  ref::BgmvExpand(y, v.data(), v_stride, token_adapter, num_tokens, w);
+}
+
+void SgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
+                      const LoraSegments& segments, const LoraSliceWeights& w, bool negate) {
+  const std::vector<int32_t> per_token = TokenAdapters(segments);
+  ref::BgmvShrinkExpand(y, x, x_stride, per_token.data(), static_cast<int64_t>(per_token.size()), w,
+                        negate);
 }
 
 }  // namespace ref

@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "common/thread_pool.h"
 #include "kernels/lora.h"
 #include "tests/testing/testing.h"
 
@@ -172,14 +175,39 @@ void RunCase(const Case& c, bool force_scalar) {
     SgmvShrink(v_fast.data(), v_stride, x.data(), x_stride, seg, ad.weights);
     SgmvExpand(out_fast, v_fast.data(), v_stride, seg, ad.weights);
   }
+  // Both in one call, added and subtracted: the same bits as the two ops (fused or not).
+  std::vector<float> y_one = y0, y_neg = y0;
+  LoraOutput out_one[kMaxLoraSlices], out_neg[kMaxLoraSlices];
+  for (int64_t s = 0; s < slices; ++s) {
+    out_one[s] = {y_one.data() + col[s], y_stride};
+    out_neg[s] = {y_neg.data() + col[s], y_stride};
+  }
+  if (c.decode) {
+    BgmvShrinkExpand(out_one, x.data(), x_stride, per_token.data(), c.tokens, ad.weights, false);
+    BgmvShrinkExpand(out_neg, x.data(), x_stride, per_token.data(), c.tokens, ad.weights, true);
+  } else {
+    SgmvShrinkExpand(out_one, x.data(), x_stride, seg, ad.weights, false);
+    SgmvShrinkExpand(out_neg, x.data(), x_stride, seg, ad.weights, true);
+  }
   SetLoraForceScalar(false);
+  EXPECT_TRUE(AllClose(y_one, y_fast, kExact)) << "shrink+expand in one call";
   ref::BgmvShrink(v_ref.data(), v_stride, x.data(), x_stride, per_token.data(), c.tokens,
                   ad.weights);
   ref::BgmvExpand(out_ref, v_ref.data(), v_stride, per_token.data(), c.tokens, ad.weights);
+  std::vector<float> y_ref_neg = y0;
+  LoraOutput out_ref_neg[kMaxLoraSlices];
+  for (int64_t s = 0; s < slices; ++s) out_ref_neg[s] = {y_ref_neg.data() + col[s], y_stride};
+  ref::BgmvShrinkExpand(out_ref_neg, x.data(), x_stride, per_token.data(), c.tokens, ad.weights,
+                        /*negate=*/true);
 
   const auto tol = ad.any_bf16 ? kBf16KernelVsReference : kF32KernelVsReference;
   EXPECT_TRUE(AllClose(v_fast, v_ref, tol)) << "shrink";
   EXPECT_TRUE(AllClose(y_fast, y_ref, tol)) << "expand";
+  EXPECT_TRUE(AllClose(y_neg, y_ref_neg, tol)) << "shrink+expand, negated";
+  // The negated delta is the delta negated: y0 - d against y0 + d in the reference.
+  for (size_t i = 0; i < y0.size(); ++i) {
+    ASSERT_NEAR(y_ref_neg[i] - y0[i], -(y_ref[i] - y0[i]), 1e-5f * (1.0f + std::abs(y_ref[i])));
+  }
   // Rows of tokens without an adapter, and v past each adapter's total rank, stay untouched; the
   // reference agrees (checked above), so one check on the reference's buffers covers both.
   for (int64_t t = 0; t < c.tokens; ++t) {
@@ -319,6 +347,75 @@ TEST_P(LoraGridTest, TokenResultIndependentOfBatch) {
     }
     SetLoraForceScalar(false);
   }
+}
+
+// A decode step of many adapters takes the fused path of BgmvShrinkExpand (one task per adapter:
+// its shrink, then its expand) and SGMV segments shorter than 16 tokens do too: the same bits as
+// the shrink, the negation of v and the expand as separate ops, on q/k/v slices with GQA widths,
+// adapters of one and two tokens, missing slices, f32 and bf16 adapters side by side and tokens
+// without an adapter.
+TEST_P(LoraGridTest, FusedShrinkExpandEqualsTheTwoOpsBitForBit) {
+  const int64_t num_adapters = std::max<int64_t>(40, 2 * ThreadPool::Default().num_threads() + 8);
+  std::mt19937 rng(99);
+  Adapters ad(num_adapters, 576, {576, 192, 192}, {4, 8, 16, 33}, rng, /*allow_bf16=*/true);
+  // Adapter j takes tokens 0, 1 or 2 (one in five has two, one in seven none); -1 between.
+  std::vector<int32_t> per_token;
+  for (int32_t j = 0; j < num_adapters; ++j) {
+    const int n = j % 7 == 6 ? 0 : (j % 5 == 1 ? 2 : 1);
+    for (int i = 0; i < n; ++i) per_token.push_back(j);
+    if (j % 9 == 4) per_token.push_back(-1);
+  }
+  std::shuffle(per_token.begin(), per_token.end(), rng);
+  const int64_t tokens = static_cast<int64_t>(per_token.size());
+  // The same tokens as segments, for SGMV: runs of one adapter after sorting.
+  std::vector<int32_t> sorted = per_token;
+  std::sort(sorted.begin(), sorted.end());
+  std::vector<int64_t> starts{0};
+  std::vector<int32_t> seg_adapter;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (t > 0 && sorted[t] == sorted[t - 1]) continue;
+    if (t > 0) starts.push_back(t);
+    seg_adapter.push_back(sorted[t]);
+  }
+  starts.push_back(tokens);
+  const LoraSegments seg{static_cast<int64_t>(seg_adapter.size()), starts.data(),
+                         seg_adapter.data()};
+
+  const int64_t x_stride = 579,
+                y_stride = 962;  // q | k | v at 1, 577, 769, a padding column each end
+  const int64_t v_stride = ad.max_total_rank;
+  std::vector<float> x = Random(tokens * x_stride, rng, 1.0f);
+  const std::vector<float> y0 = Random(tokens * y_stride, rng, 1.0f);
+  auto outputs = [&](std::vector<float>& y) {
+    return std::array<LoraOutput, 3>{LoraOutput{y.data() + 1, y_stride},
+                                     LoraOutput{y.data() + 577, y_stride},
+                                     LoraOutput{y.data() + 769, y_stride}};
+  };
+  SetLoraForceScalar(GetParam());
+  for (bool negate : {false, true}) {
+    SCOPED_TRACE(negate ? "negated" : "added");
+    for (bool sgmv : {false, true}) {
+      SCOPED_TRACE(sgmv ? "sgmv" : "bgmv");
+      const int32_t* idx = sgmv ? sorted.data() : per_token.data();
+      std::vector<float> y_two = y0, y_one = y0, v(tokens * v_stride, 0.0f);
+      auto two = outputs(y_two), one = outputs(y_one);
+      BgmvShrink(v.data(), v_stride, x.data(), x_stride, idx, tokens, ad.weights);
+      if (negate) {
+        for (float& e : v) e = -e;
+      }
+      BgmvExpand(two.data(), v.data(), v_stride, idx, tokens, ad.weights);
+      const int64_t fused_before = LoraFusedCallsForTesting();
+      if (sgmv) {
+        SgmvShrinkExpand(one.data(), x.data(), x_stride, seg, ad.weights, negate);
+      } else {
+        BgmvShrinkExpand(one.data(), x.data(), x_stride, idx, tokens, ad.weights, negate);
+      }
+      EXPECT_EQ(LoraFusedCallsForTesting(), fused_before + 1) << "the fused path did not run";
+      EXPECT_TRUE(AllClose(y_one, y_two, kExact));
+      EXPECT_NE(y_one, y0);
+    }
+  }
+  SetLoraForceScalar(false);
 }
 
 INSTANTIATE_TEST_SUITE_P(Isa, LoraGridTest, ::testing::Bool(),
