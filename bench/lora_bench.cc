@@ -272,6 +272,22 @@ void BM_PrefillSgmv(benchmark::State& state) {
   }
 }
 
+// The same as the model runs it: both in one call (fused from 8 tasks: here 512 / 32 blocks).
+void BM_PrefillSgmvFused(benchmark::State& state) {
+  const int64_t rank = state.range(0), per = state.range(1), segs = 512 / per, tokens = segs * per;
+  Setup s(segs, rank, tokens);
+  std::vector<int64_t> starts;
+  std::vector<int32_t> ads;
+  for (int64_t i = 0; i <= segs; ++i) starts.push_back(i * per);
+  for (int64_t i = 0; i < segs; ++i) ads.push_back(static_cast<int32_t>(i));
+  LoraSegments seg{segs, starts.data(), ads.data()};
+  LoraOutput out{s.y.data(), kHidden};
+  for (auto _ : state) {
+    SgmvShrinkExpand(&out, s.x.data(), kHidden, seg, s.w, /*negate=*/false);
+    benchmark::ClobberMemory();
+  }
+}
+
 void BM_PrefillNaiveLoop(benchmark::State& state) {
   const int64_t rank = state.range(0), per = state.range(1), segs = 512 / per;
   Setup s(segs, rank, segs * per);
@@ -292,6 +308,7 @@ BENCHMARK(BM_DecodeBaseGemm);
 // 512 prompt tokens in segments of 64 (8 prompts), and of 8, 16, 32 (short prompts or chunks):
 // where SGMV hands a segment to Gemm (kGemmMinTokens in kernels/cpu/lora_fast.cc).
 BENCHMARK(BM_PrefillSgmv)->ArgsProduct({{16, 64}, {8, 16, 32, 64}})->ArgNames({"rank", "seg"});
+BENCHMARK(BM_PrefillSgmvFused)->ArgsProduct({{16, 64}, {8, 16, 32, 64}})->ArgNames({"rank", "seg"});
 BENCHMARK(BM_PrefillNaiveLoop)->ArgsProduct({{16, 64}, {8, 16, 32, 64}})->ArgNames({"rank", "seg"});
 
 }  // namespace

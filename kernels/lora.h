@@ -73,10 +73,11 @@ void BgmvExpand(const LoraOutput* y, const float* v, int64_t v_stride, const int
 
 // Both in one call: y[s] rows of tokens that have an adapter get += B (A x), or -= when `negate`
 // (v negated between the two, as a caller of the two ops would). The same bits as the two ops in
-// turn. The fast version fuses them when every adapter has fewer than 16 tokens and there are at
-// least max(8, 2 x threads) adapters (a decode step): one parallel region whose tasks are whole
-// adapters, each shrinking into a v of its own and expanding at once, with no serial packing
-// between.
+// turn where every adapter has fewer than 16 tokens (to the last bit otherwise only within the
+// kernels' tolerance: the GEMMs of adapters with more run in another order). The fast version
+// fuses them when the call has at least max(8, 2 x threads) tasks (an adapter of few tokens, or
+// 32 tokens of one of many): one parallel region whose tasks shrink into a v of their own and
+// expand at once, with no serial packing between.
 void SgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
                       const LoraSegments& segments, const LoraSliceWeights& w, bool negate);
 void BgmvShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,

@@ -16,11 +16,13 @@
 //    through the blocked, threaded Gemm instead (in place for a packed segment, else gathered
 //    into a block and scattered back), which is 2-3x faster there than tiles whose micro-kernel
 //    reuses a weight row for at most 2 tokens (lora_bench BM_PrefillSgmv, docs/benchmarks.md).
-// 6. Shrink and expand in one call (ShrinkExpand, what the model runs): in a decode step of many
-//    adapters each adapter is one task that packs its tokens' x, shrinks into a v of its own and
-//    expands at once, all in one parallel region. Against the two ops in turn this halves the
-//    regions and moves the serial packing onto the workers: 2.1x faster on one layer of 32
-//    rank-16 q,k,v,o adapters (lora_bench BM_LayerLora against BM_LayerLoraTwoPhase).
+// 6. Shrink and expand in one call (ShrinkExpand, what the model runs): each adapter of few tokens
+//    is one task that packs its tokens' x, shrinks into a v of its own and expands at once; an
+//    adapter of many tokens (a prompt) is cut into blocks of 32 tokens, each task two small GEMMs
+//    on its thread; all in one parallel region. Against the two ops in turn this halves the
+//    regions, moves the serial packing onto the workers and replaces a threaded GEMM per adapter
+//    and slice: 2.1x faster on one decode layer of 32 rank-16 q,k,v,o adapters (lora_bench
+//    BM_LayerLora against BM_LayerLoraTwoPhase).
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +31,7 @@
 #include "common/half.h"
 #include "common/logging.h"
 #include "common/thread_pool.h"
+#include "kernels/cpu/cpu_ops.h"
 #include "kernels/cpu/lora_internal.h"
 #include "kernels/lora.h"
 
@@ -152,6 +155,12 @@ struct Task {
   int64_t row_begin, row_end;
 };
 
+// One task of the fused ShrinkExpand: tokens [begin, end) of group `group` (order[first + i]).
+struct FusedTask {
+  int32_t group;
+  int64_t begin, end;
+};
+
 // Reused per calling thread, so a warm step allocates nothing.
 struct Scratch {
   std::vector<int32_t> per_token;  // SGMV segments spelled out per token
@@ -163,6 +172,7 @@ struct Scratch {
   std::vector<float> packed_x;   // the shrink's packed x rows
   std::vector<float> packed_v;   // the expand's packed v rows
   std::vector<float> v;          // the two-phase ShrinkExpand's v
+  std::vector<FusedTask> fused;  // ShrinkExpand's tasks
   std::vector<const float*> in;  // per (job, token)
   std::vector<float*> out;       // per (job, token)
   std::vector<Job> gemm_jobs;    // the jobs of kGemmMinTokens tokens or more
@@ -412,13 +422,18 @@ void Expand(const LoraOutput* y, const float* v, int64_t v_stride, const int32_t
   RunTasks(kernel, /*accumulate=*/true, MakeTasks(&s), s);
 }
 
-// Groups of tokens (adapters) from which ShrinkExpand fuses: its tasks are whole groups, so each
-// thread needs a few to balance; below that the two-phase ops split the work finer. Measured
-// (lora_bench BM_LayerLora vs BM_LayerLoraTwoPhase, 32 adapters, 2 threads): fused 2.1x faster.
-constexpr int64_t kFusedMinGroupsPerThread = 2;
-constexpr int64_t kFusedMinGroups = 8;
+// Tasks from which ShrinkExpand fuses: each thread needs a few to balance; below that the
+// two-phase ops split the work finer. Measured (lora_bench BM_LayerLora vs BM_LayerLoraTwoPhase,
+// 32 adapters, 2 threads): fused 2.1x faster.
+constexpr int64_t kFusedMinTasksPerThread = 2;
+constexpr int64_t kFusedMinTasks = 8;
 
 std::atomic<int64_t> g_fused_calls{0};
+
+// Tokens per task of an adapter with kGemmMinTokens tokens or more (a prompt) in the fused
+// ShrinkExpand: the block's x rows and v stay in L2 while A and B (tens of KB at the usual ranks)
+// are read again per block.
+constexpr int64_t kFusedTokenBlock = 32;
 
 // A fused task's own buffers, reused per worker thread.
 struct FusedScratch {
@@ -427,6 +442,8 @@ struct FusedScratch {
   std::vector<float> packed_v;  // [count][PackedLength(r)] for one slice
   std::vector<const float*> in;
   std::vector<float*> out;
+  std::vector<float> rows_x,
+      rows_y;  // a token block's rows gathered / its expand before scattering
 };
 
 FusedScratch& ThreadFusedScratch() {
@@ -509,19 +526,91 @@ void FusedGroup(const MicroKernel& kernel, const Group& g, const int64_t* order,
   }
 }
 
-// y += B (sign A x). Fused when every adapter has few tokens and there are enough of them: one
-// parallel region whose tasks are whole groups (each reads its x rows, shrinks into its own v and
-// expands), instead of two regions, with x packed by the workers. Else the shrink into a v of its
-// own, the sign, and the expand.
+// One thread's GEMM: y[i, :] (+)= W x[i] for i < m, x [m, w.cols] and y [m, w.rows] packed.
+void GemmOneThread(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
+  const cpu::CpuOps& ops = cpu::ActiveCpuOps();
+  if (w.dtype == DType::kF32) {
+    ops.gemm_f32(y, x, m, static_cast<const float*>(w.data), w.rows, w.cols, 0, w.rows, accumulate);
+  } else {
+    ops.gemm_bf16(y, x, m, static_cast<const uint16_t*>(w.data), w.rows, w.cols, 0, w.rows,
+                  accumulate);
+  }
+}
+
+// y += B (sign A x) for tokens [begin, end) of a group with kGemmMinTokens tokens or more, every
+// slice, as small GEMMs on this thread: in place when the tokens are consecutive and the rows
+// packed (a prompt's segment), else gathered and scattered.
+void FusedBlock(const Group& g, int64_t begin, int64_t end, const int64_t* order,
+                const LoraOutput* y, const float* x, int64_t x_stride, const LoraSliceWeights& w,
+                bool negate) {
+  FusedScratch& f = ThreadFusedScratch();
+  const int64_t m = end - begin, ns = w.num_slices;
+  const int64_t* tokens = order + g.first + begin;
+  const WeightView* a = w.a + g.adapter * ns;
+  const WeightView* b = w.b + g.adapter * ns;
+  bool consecutive = true;
+  for (int64_t i = 1; consecutive && i < m; ++i) consecutive = tokens[i] == tokens[0] + i;
+  const float* xb = nullptr;
+  for (int64_t sl = 0; sl < ns; ++sl) {
+    if (a[sl].rows == 0) continue;
+    LP_CHECK(b[sl].cols == a[sl].rows)
+        << "rank of A (" << a[sl].rows << ") and B (" << b[sl].cols << ") differ";
+    const int64_t in = a[sl].cols;
+    if (xb == nullptr) {
+      xb = x + tokens[0] * x_stride;
+      if (!consecutive || x_stride != in) {
+        f.rows_x.resize(m * in);
+        for (int64_t i = 0; i < m; ++i) {
+          const float* row = x + tokens[i] * x_stride;
+          std::copy(row, row + in, f.rows_x.begin() + i * in);
+        }
+        xb = f.rows_x.data();
+      }
+    }
+    const int64_t r = a[sl].rows, out = b[sl].rows;
+    f.v.resize(m * r);
+    GemmOneThread(f.v.data(), xb, m, a[sl], /*accumulate=*/false);
+    if (negate) {
+      for (float& e : f.v) e = -e;
+    }
+    if (consecutive && y[sl].stride == out) {
+      GemmOneThread(y[sl].data + tokens[0] * y[sl].stride, f.v.data(), m, b[sl], true);
+      continue;
+    }
+    f.rows_y.resize(m * out);
+    GemmOneThread(f.rows_y.data(), f.v.data(), m, b[sl], /*accumulate=*/false);
+    for (int64_t i = 0; i < m; ++i) {
+      Add(y[sl].data + tokens[i] * y[sl].stride, f.rows_y.data() + i * out, out);
+    }
+  }
+}
+
+// y += B (sign A x). Fused when the call has enough tasks to share out: one parallel region
+// whose tasks are whole adapters of few tokens (each packs its x rows, shrinks into a v of its own
+// and expands) and blocks of kFusedTokenBlock tokens of adapters with many (small GEMMs on one
+// thread), longest first, instead of two regions with serial packing between and a threaded GEMM
+// per adapter and slice. Else the shrink into a v of its own, the sign, and the expand.
 void ShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
                   const int32_t* token_adapter, int64_t n, const LoraSliceWeights& w, bool negate) {
   Scratch& s = ThreadScratch();
   GroupTokens(token_adapter, n, w, &s);
   ThreadPool& pool = ThreadPool::Default();
-  bool fuse = static_cast<int64_t>(s.groups.size()) >=
-              std::max<int64_t>(kFusedMinGroups, kFusedMinGroupsPerThread * pool.num_threads());
-  for (const Group& g : s.groups) fuse = fuse && g.count < kGemmMinTokens;
-  if (!fuse) {
+  s.fused.clear();
+  for (size_t i = 0; i < s.groups.size(); ++i) {
+    const Group& g = s.groups[i];
+    if (g.count < kGemmMinTokens) continue;
+    for (int64_t t = 0; t < g.count; t += kFusedTokenBlock) {
+      s.fused.push_back({static_cast<int32_t>(i), t, std::min(g.count, t + kFusedTokenBlock)});
+    }
+  }
+  const size_t blocks = s.fused.size();
+  for (size_t i = 0; i < s.groups.size(); ++i) {
+    if (s.groups[i].count < kGemmMinTokens) {
+      s.fused.push_back({static_cast<int32_t>(i), 0, s.groups[i].count});
+    }
+  }
+  const int64_t num_tasks = static_cast<int64_t>(s.fused.size());
+  if (num_tasks < std::max<int64_t>(kFusedMinTasks, kFusedMinTasksPerThread * pool.num_threads())) {
     int64_t v_stride = 0;
     for (const Group& g : s.groups) v_stride = std::max(v_stride, LoraTotalRank(w, g.adapter));
     if (v_stride == 0) return;
@@ -542,11 +631,16 @@ void ShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
   }
   g_fused_calls.fetch_add(1, std::memory_order_relaxed);
   const MicroKernel& kernel = Kernel();
-  const int64_t num_groups = static_cast<int64_t>(s.groups.size());
   std::atomic<int64_t> next{0};
   auto drain = [&](int64_t, int64_t) {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_groups;) {
-      FusedGroup(kernel, s.groups[i], s.order.data(), y, x, x_stride, w, negate);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
+      const FusedTask& task = s.fused[i];
+      const Group& g = s.groups[task.group];
+      if (static_cast<size_t>(i) < blocks) {
+        FusedBlock(g, task.begin, task.end, s.order.data(), y, x, x_stride, w, negate);
+      } else {
+        FusedGroup(kernel, g, s.order.data(), y, x, x_stride, w, negate);
+      }
     }
   };
   pool.ParallelFor(pool.num_threads(), drain, 1);
