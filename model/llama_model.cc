@@ -424,6 +424,16 @@ absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<float>> LlamaModel::BaseLinearF32(int64_t layer, LinearModule m) const {
+  if (layer < 0 || layer >= config_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " of ", config_.num_layers));
+  }
+  const auto backup = impl_->merge_backup.find(std::make_pair(layer, static_cast<int>(m)));
+  if (backup != impl_->merge_backup.end()) return backup->second.ToF32();
+  LP_ASSIGN_OR_RETURN(StoredMatrix w, impl_->backend->ReadLinear(layer, m));
+  return w.ToF32();
+}
+
 absl::Status LlamaModel::Unmerge() {
   if (merged_ == nullptr) return absl::FailedPreconditionError("no adapter is merged");
   LP_RETURN_IF_ERROR(RestoreBackups(impl_.get()));

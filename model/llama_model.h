@@ -223,6 +223,10 @@ class LlamaModel {
   absl::Status Merge(const LoraWeightsView* adapter);
   // Restores the pristine base. FAILED_PRECONDITION when nothing is merged.
   absl::Status Unmerge();
+  // The pristine base weight of one linear module, without a merged adapter's delta, widened (or
+  // dequantized) to f32, row-major [out, in] (adapter inspection). Reads what Merge writes, so call
+  // it where Merge runs (the engine thread, between steps). On CUDA it copies the device bits.
+  absl::StatusOr<std::vector<float>> BaseLinearF32(int64_t layer, LinearModule m) const;
   const LoraWeightsView* merged() const { return merged_; }
 
   struct Impl;

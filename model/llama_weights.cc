@@ -261,6 +261,20 @@ float StoredMatrix::At(int64_t r, int64_t c) const {
   return row[c];
 }
 
+std::vector<float> StoredMatrix::ToF32() const {
+  if (dtype == kernels::DType::kF32) return f32;
+  std::vector<float> out(rows * cols);
+  if (dtype == kernels::DType::kBF16) {
+    for (size_t i = 0; i < out.size(); ++i) out[i] = Bf16ToF32(bf16[i]);
+    return out;
+  }
+  const int64_t row_bytes = kernels::RowBytes(dtype, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    kernels::DequantizeRow(dtype, block_data() + r * row_bytes, out.data() + r * cols, cols);
+  }
+  return out;
+}
+
 int64_t StoredMatrix::bytes() const {
   if (kernels::IsQuantized(dtype)) return rows * kernels::RowBytes(dtype, cols);
   return rows * cols * (dtype == kernels::DType::kF32 ? 4 : 2);

@@ -40,6 +40,8 @@ struct StoredMatrix {
   void Assign(kernels::DType d, int64_t r, int64_t c, const float* src);
   // Reads element (r, c) widened (or dequantized) to f32.
   float At(int64_t r, int64_t c) const;
+  // Every element widened (or dequantized) to f32, row-major [rows, cols].
+  std::vector<float> ToF32() const;
   int64_t bytes() const;
   // The bytes that are the file's own pages (0 unless `mapped`).
   int64_t mapped_bytes() const { return mapped != nullptr ? bytes() : 0; }
