@@ -1,9 +1,11 @@
-// `loraplex adapters list|get|load|upload|unload|merge|unmerge` over the Adapters admin service.
+// `loraplex adapters list|get|load|upload|unload|merge|unmerge|inspect` over the Adapters admin
+// service.
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "client/adapter_files.h"
+#include "client/adapter_inspect.h"
 #include "client/commands.h"
 #include "client/format.h"
 #include "client/rpc.h"
@@ -14,7 +16,7 @@ namespace {
 
 constexpr const char* kSynopsis =
     "list | get NAME | load NAME PATH | upload NAME DIR | unload NAME | merge NAME | "
-    "unmerge NAME   [flags]";
+    "unmerge NAME | inspect NAME [--against NAME2] [--out DIR]   [flags]";
 
 std::string StateName(v1::AdapterState s) {
   std::string n = v1::AdapterState_Name(s);
@@ -80,6 +82,10 @@ int RunAdapters(const std::vector<std::string>& args) {
   p.AddBool("replace", &replace, "load/upload: replace an adapter of that name (version N+1)");
   p.AddBool("pin", &pin, "load/upload: never evict this adapter");
   p.AddInt("chunk-kib", &chunk_kib, "upload: chunk size in KiB");
+  std::string against, out_dir;
+  p.AddString("against", &against,
+              "inspect: a second adapter (name or name@version) to compare subspaces with");
+  p.AddString("out", &out_dir, "inspect: also write the singular value spectra as DIR/layer-N.svg");
   auto pos = p.Parse(args);
   if (!pos.ok()) {
     std::cerr << "loraplex adapters: " << pos.status().message() << "\n";
@@ -93,7 +99,7 @@ int RunAdapters(const std::vector<std::string>& args) {
   const std::string verb = a.empty() ? "" : a[0];
   const size_t want = verb == "list" ? 1 : (verb == "load" || verb == "upload") ? 3 : 2;
   const bool known = verb == "list" || verb == "get" || verb == "load" || verb == "upload" ||
-                     verb == "unload" || verb == "merge" || verb == "unmerge";
+                     verb == "unload" || verb == "merge" || verb == "unmerge" || verb == "inspect";
   if (!known || a.size() != want) {
     std::cerr << "loraplex adapters: "
               << (known          ? absl::StrCat("'", verb, "' takes ", want - 1, " argument(s)")
@@ -121,6 +127,27 @@ int RunAdapters(const std::vector<std::string>& args) {
       std::cout << ProtoToJson(resp)["adapters"].dump(2) << "\n";
     } else {
       PrintList(resp);
+    }
+    return kExitOk;
+  }
+  if (verb == "inspect") {
+    v1::InspectAdapterRequest req;
+    req.set_name(a[1]);
+    req.set_against(against);
+    v1::InspectAdapterResponse resp;
+    st = stub->InspectAdapter(&ctx, req, &resp);
+    if (!st.ok()) return ReportError(st, absl::StrCat("adapters ", what), conn);
+    if (!out_dir.empty()) {
+      if (absl::Status w = WriteSpectraSvg(resp, out_dir); !w.ok()) {
+        std::cerr << "loraplex adapters inspect: " << w.message() << "\n";
+        return kExitFailed;
+      }
+    }
+    if (conn.json) {
+      std::cout << InspectionJson(resp).dump(2) << "\n";
+    } else {
+      std::cout << InspectionTable(resp);
+      if (!out_dir.empty()) std::cout << "spectra: " << out_dir << "/layer-*.svg\n";
     }
     return kExitOk;
   }

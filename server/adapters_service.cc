@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "adapters/inspect.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/sync.h"
@@ -313,6 +314,56 @@ grpc::ServerUnaryReactor* AdaptersService::SetAdapterMode(grpc::CallbackServerCo
     default:
       return FinishNow(absl::InvalidArgumentError("mode must be MERGED or UNMERGED"));
   }
+}
+
+grpc::ServerUnaryReactor* AdaptersService::InspectAdapter(grpc::CallbackServerContext* context,
+                                                          const v1::InspectAdapterRequest* request,
+                                                          v1::InspectAdapterResponse* response) {
+  CheckOurs checked;  // server/reactors.h
+  if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
+  // May wait for the adapters to come back from disk and for the engine thread: on a worker.
+  return OnWorker([this, request, response]() -> absl::Status {
+    LP_ASSIGN_OR_RETURN(std::shared_ptr<const adapters::Lease> lease,
+                        registry_->Acquire(request->name(), /*count_request=*/false));
+    std::shared_ptr<const adapters::Lease> against;
+    if (!request->against().empty()) {
+      LP_ASSIGN_OR_RETURN(against, registry_->Acquire(request->against(), /*count_request=*/false));
+    }
+    // The pristine base weights of one layer, read between two steps (Merge writes them there).
+    adapters::BaseWeights base =
+        [this](int64_t layer, const std::array<bool, model::kNumLinearModules>& wanted,
+               std::array<std::vector<float>, model::kNumLinearModules>* weights) {
+          return engine_->RunOnEngineThread([&](model::LlamaModel& model) -> absl::Status {
+            for (int m = 0; m < model::kNumLinearModules; ++m) {
+              if (!wanted[m]) continue;
+              LP_ASSIGN_OR_RETURN((*weights)[m],
+                                  model.BaseLinearF32(layer, static_cast<model::LinearModule>(m)));
+            }
+            return absl::OkStatus();
+          });
+        };
+    LP_ASSIGN_OR_RETURN(std::vector<adapters::ModuleInspection> modules,
+                        adapters::InspectAdapter(lease->view(), engine_->model().config(), base,
+                                                 against != nullptr ? &against->view() : nullptr));
+    response->set_name(lease->name());
+    response->set_version(lease->version());
+    if (against != nullptr) {
+      response->set_against(against->name());
+      response->set_against_version(against->version());
+    }
+    for (const adapters::ModuleInspection& mi : modules) {
+      v1::ModuleInspection* out = response->add_modules();
+      out->set_module(mi.module);
+      out->set_rank(static_cast<int32_t>(mi.rank));
+      for (double s : mi.singular_values) out->add_singular_values(s);
+      out->set_fro_norm(mi.fro_norm);
+      out->set_relative_norm(mi.relative_norm);
+      out->set_effective_rank(static_cast<int32_t>(mi.effective_rank));
+      out->set_amplification(mi.amplification);
+      if (mi.similarity.has_value()) out->set_similarity(*mi.similarity);
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* response) {

@@ -5,7 +5,9 @@
 // service needs one): LoadAdapter, the commit of UploadAdapter, UnloadAdapter and SetAdapterMode
 // may wait (disk, a reload, the engine thread between two steps), so they run on admin workers
 // (a thread each, at most kMaxOperationsInFlight) that finish the call; GetAdapter and
-// ListAdapters answer at once. A merge waits for its adapter without holding the merge lock, so
+// ListAdapters answer at once. InspectAdapter computes on a worker too (a second or so for every
+// module of a 135M model) and reads the pristine base weights on the engine thread, one layer per
+// task between two steps. A merge waits for its adapter without holding the merge lock, so
 // no other admin call waits behind it. UploadAdapter is a client stream: a header, chunks of
 // adapter_config.json and adapter_model.safetensors written to the state directory's staging
 // area as they arrive, and an end message with the byte counts; a stream that is cancelled or
@@ -78,6 +80,9 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   grpc::ServerUnaryReactor* SetAdapterMode(grpc::CallbackServerContext* context,
                                            const v1::SetAdapterModeRequest* request,
                                            v1::AdapterInfo* response) override;
+  grpc::ServerUnaryReactor* InspectAdapter(grpc::CallbackServerContext* context,
+                                           const v1::InspectAdapterRequest* request,
+                                           v1::InspectAdapterResponse* response) override;
 
   // Runs `work` on an admin worker; the destructor waits for it. RESOURCE_EXHAUSTED (and `work`
   // is dropped) when kMaxOperationsInFlight are running already.

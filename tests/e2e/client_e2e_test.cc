@@ -243,6 +243,10 @@ TEST(ClientE2eTokenTest, WrongTokenIsRefused) {
   EXPECT_NE(r.err.find("pass --token or set LORAPLEX_TOKEN"), std::string::npos) << r.err;
   EXPECT_EQ(Cli({"info", at, "--token=s3cret"}).code, 0);
   EXPECT_EQ(Cli({"info", at}, "", "LORAPLEX_TOKEN=s3cret").code, 0);
+  // The admin calls too, inspection included: refused before anything is looked up.
+  EXPECT_EQ(Cli({"adapters", "inspect", "qv", at, "--token=wrong"}).code, 4);
+  EXPECT_EQ(Cli({"adapters", "inspect", "qv", at}).code, 4);
+  EXPECT_EQ(Cli({"adapters", "inspect", "qv", at, "--token=s3cret"}).code, 5);  // not registered
 }
 
 TEST_F(ClientE2eTest, Chat) {
@@ -292,6 +296,74 @@ TEST_F(ClientE2eTest, AdaptersLifecycle) {
   EXPECT_NE(r.err.find("adapters get qv: not found"), std::string::npos) << r.err;
   r = Run({"adapters", "upload", "x", "/nonexistent"});
   EXPECT_EQ(r.code, 2);
+}
+
+// `adapters inspect` against numpy's dense SVD (tests/fixtures/peft/stories260k/inspection.json,
+// tools/make_inspection_goldens.py): the JSON per module and the similarity of a pair, the table,
+// the SVG spectra, the same base (pristine) while the adapter is merged, and an unknown name.
+TEST_F(ClientE2eTest, AdaptersInspectMatchesNumpy) {
+  std::ifstream gf(PeftRoot() + "/inspection.json");
+  const nlohmann::json golden = nlohmann::json::parse(gf);
+  CliResult r = Run({"adapters", "upload", "insp-all", PeftRoot() + "/all_linear", "--replace"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  r = Run({"adapters", "load", "insp-qv", "qv", "--replace"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const std::string svg_dir = testing::MakeTempDir("lp-inspect-svg");
+  auto check = [&](const nlohmann::json& j) {
+    EXPECT_EQ(j["adapter"], "insp-all");
+    EXPECT_EQ(j["against"], "insp-qv");
+    const nlohmann::json& want = golden["adapters"]["all_linear"]["modules"];
+    const nlohmann::json& sim = golden["similarity"]["all_linear:qv"];
+    ASSERT_EQ(j["modules"].size(), want.size());
+    int similar = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      const nlohmann::json& g = j["modules"][i];
+      const nlohmann::json& e = want[i];
+      const std::string module = e["module"];
+      EXPECT_EQ(g["module"], module);
+      EXPECT_EQ(g["rank"], e["rank"]);
+      EXPECT_EQ(g["effective_rank"], e["effective_rank"]) << module;
+      for (const char* k : {"fro_norm", "relative_norm", "amplification"}) {
+        EXPECT_NEAR(g[k].get<double>(), e[k].get<double>(), 1e-4 * e[k].get<double>())
+            << module << " " << k;
+      }
+      for (size_t k = 0; k < e["singular_values"].size(); ++k) {
+        const double v = e["singular_values"][k];
+        EXPECT_NEAR(g["singular_values"][k].get<double>(), v, 1e-4 * v) << module << " " << k;
+      }
+      EXPECT_EQ(g.contains("similarity"), sim.contains(module)) << module;
+      if (sim.contains(module)) {
+        EXPECT_NEAR(g["similarity"].get<double>(), sim[module].get<double>(), 1e-4) << module;
+        ++similar;
+      }
+    }
+    EXPECT_EQ(similar, 10);  // q_proj and v_proj of 5 layers
+  };
+  r = Run({"adapters", "inspect", "insp-all", "--against=insp-qv", "--json", "--out=" + svg_dir});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  check(nlohmann::json::parse(r.out));
+  for (int l = 0; l < 5; ++l) {
+    const std::string svg = ReadAll(absl::StrCat(svg_dir, "/layer-", l, ".svg"));
+    EXPECT_NE(svg.find("<polyline"), std::string::npos) << "layer " << l;
+    EXPECT_NE(svg.find("down_proj (r=4)"), std::string::npos) << "layer " << l;
+  }
+  // Merged, the base it is measured against is still the pristine one.
+  ASSERT_EQ(Run({"adapters", "merge", "insp-all"}).code, 0);
+  r = Run({"adapters", "inspect", "insp-all", "--against=insp-qv", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  check(nlohmann::json::parse(r.out));
+  ASSERT_EQ(Run({"adapters", "unmerge", "insp-all"}).code, 0);
+  r = Run({"adapters", "inspect", "insp-qv"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("insp-qv v"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("AMPLIFICATION"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("model.layers.4.self_attn.v_proj"), std::string::npos) << r.out;
+  r = Run({"adapters", "inspect", "no-such-adapter"});
+  EXPECT_EQ(r.code, 5) << Describe(r);
+  r = Run({"adapters", "inspect", "insp-qv", "--against=no-such-adapter"});
+  EXPECT_EQ(r.code, 5) << Describe(r);
+  EXPECT_EQ(Run({"adapters", "unload", "insp-all"}).code, 0);
+  EXPECT_EQ(Run({"adapters", "unload", "insp-qv"}).code, 0);
 }
 
 // Checks results.json of a bench run; `max_tokens` is the fixed output length.
