@@ -4,6 +4,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <condition_variable>
 #include <filesystem>
@@ -49,6 +50,7 @@ struct BenchFlags {
   int64_t seed = 1;
   double request_deadline = 600;
   bool quiet = false;
+  int64_t rounds = 1;
 };
 
 // The fixed parameters of DESIGN.md section 6 (prompts and outputs of 128 tokens). Flags given on
@@ -110,6 +112,9 @@ void AddFlags(ArgParser& p, BenchFlags& f) {
   p.AddInt("seed", &f.seed, "seed of prompts, lengths, adapters and arrivals");
   p.AddDouble("request-deadline", &f.request_deadline, "seconds per request");
   p.AddBool("quiet", &f.quiet, "no progress line");
+  p.AddInt("rounds", &f.rounds,
+           "S2/S4/S6: run the phases this many times in turn (base, adapters, base, ...), so a "
+           "drift of the machine hits every phase alike; ratios pool the rounds");
 }
 
 // Adapters made for this run: name -> files (kept for hot swaps).
@@ -338,6 +343,7 @@ int RunBench(const std::vector<std::string>& args) {
   }
   if (f.requests <= 0 && f.duration <= 0) f.duration = 10;
   if (f.warmup < 0) return usage_error("--warmup must be >= 0");
+  if (f.rounds < 1 || f.rounds > 100) return usage_error("--rounds must be 1..100");
 
   LoadSpec spec;
   spec.concurrency = f.concurrency;
@@ -443,7 +449,17 @@ int RunBench(const std::vector<std::string>& args) {
   std::vector<std::string> names;
   nlohmann::json phases = nlohmann::json::array();
   nlohmann::json swaps;
-  for (const PhasePlan& plan : plans) {
+  // Every plan `rounds` times, in turn; round k > 1 names its phases "NAME #k".
+  std::vector<PhasePlan> order;
+  std::vector<std::string> plan_of;  // the plan name of each run
+  for (int64_t round = 1; round <= f.rounds; ++round) {
+    for (PhasePlan plan : plans) {
+      plan_of.push_back(plan.name);
+      if (round > 1) plan.name = absl::StrCat(plan.name, " #", round);
+      order.push_back(std::move(plan));
+    }
+  }
+  for (const PhasePlan& plan : order) {
     LoadSpec s = spec;
     s.adapters = plan.adapters;
     if (!plan.merge.empty()) {
@@ -491,20 +507,48 @@ int RunBench(const std::vector<std::string>& args) {
       {"duration_bound_s", f.duration},
       {"warmup_s", f.warmup},
       {"seed", f.seed},
+      {"rounds", f.rounds},
       {"made_from", absl::StrJoin(f.make_adapters, ",")}};
   if (!swaps.is_null()) results["swaps"] = swaps;
   if (phases.size() > 1) {
     results["phases"] = phases;
-    nlohmann::json ratios;
-    const nlohmann::json& base = phases[0];
-    for (size_t i = 1; i < phases.size(); ++i) {
-      const std::string n = phases[i]["name"];
+    // Per plan, over its rounds: output tokens and measured seconds summed ("pooled"), and per
+    // round the ratio to the base phase of the same round. Each ratio is the pooled one; with
+    // several rounds, "... per round" lists them and the e2e ratio is their median.
+    nlohmann::json pooled, ratios;
+    std::map<std::string, std::vector<double>> tps_ratio, e2e_ratio;
+    const size_t per_round = plans.size();
+    for (size_t i = 0; i < phases.size(); ++i) {
+      nlohmann::json& p = pooled[plan_of[i]];
+      if (p.is_null()) p = {{"output_tokens", int64_t{0}}, {"duration_s", 0.0}, {"rounds", 0}};
+      p["output_tokens"] =
+          p["output_tokens"].get<int64_t>() + phases[i]["output_tokens"].get<int64_t>();
+      p["duration_s"] = p["duration_s"].get<double>() + phases[i]["duration_s"].get<double>();
+      p["rounds"] = p["rounds"].get<int>() + 1;
+      const nlohmann::json& base = phases[i - i % per_round];
+      if (i % per_round == 0) continue;
       const double bt = base["output_tokens_per_s"], pt2 = phases[i]["output_tokens_per_s"];
       const double be = base["e2e"]["p50"], pe = phases[i]["e2e"]["p50"];
-      ratios[n + " / base output tok/s"] = bt > 0 ? pt2 / bt : 0.0;
-      ratios[n + " / base e2e p50"] = be > 0 ? pe / be : 0.0;
+      tps_ratio[plan_of[i]].push_back(bt > 0 ? pt2 / bt : 0.0);
+      e2e_ratio[plan_of[i]].push_back(be > 0 ? pe / be : 0.0);
+    }
+    for (auto& [name, p] : pooled.items()) {
+      const double d = p["duration_s"].get<double>();
+      p["output_tokens_per_s"] = d > 0 ? p["output_tokens"].get<int64_t>() / d : 0.0;
+    }
+    const double base_tps = pooled[plans[0].name]["output_tokens_per_s"].get<double>();
+    for (size_t j = 1; j < per_round; ++j) {
+      const std::string& n = plans[j].name;
+      const double tps = pooled[n]["output_tokens_per_s"].get<double>();
+      std::vector<double> e2e = e2e_ratio[n];
+      std::sort(e2e.begin(), e2e.end());
+      const size_t mid = e2e.size() / 2;
+      ratios[n + " / base output tok/s"] = base_tps > 0 ? tps / base_tps : 0.0;
+      ratios[n + " / base e2e p50"] = e2e.size() % 2 ? e2e[mid] : (e2e[mid - 1] + e2e[mid]) / 2;
+      if (f.rounds > 1) ratios[n + " / base output tok/s per round"] = tps_ratio[n];
     }
     results["ratios"] = ratios;
+    if (f.rounds > 1) results["pooled"] = pooled;
   }
 
   if (!f.out.empty()) {
@@ -527,7 +571,12 @@ int RunBench(const std::vector<std::string>& args) {
     }
     if (results.contains("ratios")) {
       for (auto it = results["ratios"].begin(); it != results["ratios"].end(); ++it) {
-        std::cout << it.key() << ": " << Num(it.value().get<double>(), 3) << "\n";
+        std::vector<std::string> values;
+        for (const nlohmann::json& v :
+             it.value().is_array() ? it.value() : nlohmann::json::array({it.value()})) {
+          values.push_back(Num(v.get<double>(), 3));
+        }
+        std::cout << it.key() << ": " << absl::StrJoin(values, ", ") << "\n";
       }
     }
     if (results.contains("swaps")) std::cout << "swaps: " << results["swaps"].dump() << "\n";

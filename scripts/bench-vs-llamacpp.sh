@@ -24,6 +24,9 @@
 #   LP_THREADS          threads for both (default: all cores, nproc)
 #   LP_S1_REQUESTS      requests of S1 through the servers (default 4)
 #   LP_S2_REQUESTS      requests of each S2 closed loop (default 64), 32 in flight
+#   LP_S2_ROUNDS        loraplex's S2 phases run this many times in turn (base, adapters, base,
+#                       adapters, ...; default 2) and are pooled, so a drift of the machine's speed
+#                       during the run hits both alike; the per-round ratios are printed too
 #   LP_DTYPE            loraplex-server --dtype: native (the GGUF's own quantized blocks, as llama.cpp
 #                       computes on them), bf16, f32, q8_0, q4_0 (default: native where the server
 #                       has it, else bf16)
@@ -190,6 +193,7 @@ out="${1:-out/bench-vs-llamacpp}"
 model="${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 requests_s1="${LP_S1_REQUESTS:-4}"
 requests_s2="${LP_S2_REQUESTS:-64}"
+rounds_s2="${LP_S2_ROUNDS:-2}"
 n_adapters=32
 concurrency=32
 [[ -f "$model" ]] || die "$model: no such file (scripts/fetch-model.sh fetches the default)"
@@ -422,9 +426,9 @@ measure loraplex_s1 "S1 on loraplex-server: $requests_s1 requests, one at a time
   lpc bench --scenario S1 --requests "$requests_s1" "${common[@]}" --out "$out/lp_s1" >/dev/null
 measure llama_s2_base "S2 base on llama-server: $requests_s2 requests, $concurrency in flight" \
   lload --concurrency "$concurrency" --requests "$requests_s2" --out "$out/llama_s2_base.json" >/dev/null
-measure loraplex_s2 "S2 on loraplex-server: base, then $n_adapters adapters ($requests_s2 requests each, $concurrency in flight)" \
-  lpc bench --scenario S2 --requests "$requests_s2" --make-adapters "$out/r16" "${common[@]}" \
-  --out "$out/lp_s2" >/dev/null
+measure loraplex_s2 "S2 on loraplex-server: base, then $n_adapters adapters ($requests_s2 requests each, $concurrency in flight), $rounds_s2 rounds" \
+  lpc bench --scenario S2 --requests "$requests_s2" --rounds "$rounds_s2" \
+  --make-adapters "$out/r16" "${common[@]}" --out "$out/lp_s2" >/dev/null
 measure llama_s2_adapters "S2 $n_adapters adapters on llama-server: $requests_s2 requests, $concurrency in flight" \
   lload --concurrency "$concurrency" --requests "$requests_s2" --adapters "$n_adapters" \
   --out "$out/llama_s2_adapters.json" >/dev/null
@@ -483,8 +487,17 @@ db_all = {f"{b['name']} [{db_label(b)}]": b.get("tok/s", b.get("prompt_tok/s")) 
 
 phases = lambda r: r["phases"] if "phases" in r else [r]
 lp_s1 = phases(J("lp_s1/results.json"))[0]
-ph = {p["name"]: p for p in phases(J("lp_s2/results.json"))}
-lp_s2b, lp_s2a = ph["base"], ph["adapters"]
+lp_s2_all = J("lp_s2/results.json")
+ph = {p["name"]: p for p in phases(lp_s2_all)}
+lp_s2b, lp_s2a = dict(ph["base"]), dict(ph["adapters"])
+# With several rounds, each phase's throughput is pooled over its rounds (tokens / seconds).
+for name, p in lp_s2_all.get("pooled", {}).items():
+    target = lp_s2b if name == "base" else lp_s2a if name == "adapters" else None
+    if target is not None:
+        target["output_tokens_per_s"] = p["output_tokens_per_s"]
+        target["errors"] = sum(q.get("errors", 0) for q in phases(lp_s2_all)
+                               if q["name"].split(" #")[0] == name)
+lp_s2_rounds = lp_s2_all.get("ratios", {}).get("adapters / base output tok/s per round", [])
 l_s1, l_s2b, l_s2a = J("llama_s1.json"), J("llama_s2_base.json"), J("llama_s2_adapters.json")
 check = J("llama_adapter_check.json")
 info = {}
@@ -536,6 +549,9 @@ print(f"S1 decode (bench): llama-bench tg128 at depth 128 (tg128 from an empty c
       f"vs decode_bench BM_S1DecodeStep (one decode step at context 128..256, greedy argmax).")
 print("prefill 128: llama-bench pp128 vs decode_bench BM_S1Prefill128: both one 128-token batch "
       "in-process, logits of the last token only, no sampling, no RPC.")
+if lp_s2_rounds:
+    print(f"loraplex S2: base and adapters phases in turn, {len(lp_s2_rounds)} rounds, pooled; "
+          f"adapters / base per round: " + ", ".join(f"{r:.2f}" for r in lp_s2_rounds) + ".")
 print(f"llama.cpp adapter check: {check['loaded']} GGUF LoRA files loaded, {check['changed_output']} of "
       f"{check['adapters']} adapters change the top-5 log-probabilities of a fixed prompt (all should; "
       f"base repeatable: {check['base_repeatable']}). llama-server batches only slots with the same "

@@ -424,6 +424,52 @@ TEST_F(ClientE2eTest, BenchOpenLoopGammaArrivals) {
   std::filesystem::remove_all(out);
 }
 
+// S2 scaled down, its two phases in two rounds (base, adapters, base #2, adapters #2): each plan's
+// throughput pooled over its rounds, the ratio of the pooled figures, and one ratio per round.
+TEST_F(ClientE2eTest, BenchScenarioRoundsAlternateAndPool) {
+  const std::string out = testing::MakeTempDir("lp-client-bench-rounds");
+  CliResult r =
+      Run({"bench", "--scenario=S2", "--concurrency=4", "--adapters=4",
+           "--make-adapters=" + PeftRoot() + "/qv", "--requests=4", "--warmup=0",
+           "--prompt-tokens=8", "--max-tokens=8", "--rounds=2", "--out=" + out, "--quiet"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("phase adapters #2"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("adapters / base output tok/s per round: "), std::string::npos) << r.out;
+  std::ifstream f(out + "/results.json");
+  const nlohmann::json j = nlohmann::json::parse(f);
+  EXPECT_EQ(j["config"]["rounds"], 2);
+  const nlohmann::json& phases = j["phases"];
+  ASSERT_EQ(phases.size(), 4u);
+  const char* names[] = {"base", "adapters", "base #2", "adapters #2"};
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(phases[i]["name"], names[i]);
+    EXPECT_EQ(phases[i]["errors"], 0) << names[i];
+    EXPECT_EQ(phases[i]["output_tokens"], 4 * 8) << names[i];
+    EXPECT_EQ(phases[i]["per_adapter"].contains("(base)"), i % 2 == 0) << names[i];
+  }
+  double tps[2];
+  for (int k = 0; k < 2; ++k) {
+    const nlohmann::json& p = j["pooled"][k == 0 ? "base" : "adapters"];
+    EXPECT_EQ(p["rounds"], 2);
+    EXPECT_EQ(p["output_tokens"], 2 * 4 * 8);
+    const double seconds =
+        phases[k]["duration_s"].get<double>() + phases[k + 2]["duration_s"].get<double>();
+    EXPECT_NEAR(p["duration_s"].get<double>(), seconds, 1e-9);
+    tps[k] = p["output_tokens_per_s"].get<double>();
+    EXPECT_NEAR(tps[k], 64 / seconds, 1e-6);
+  }
+  EXPECT_NEAR(j["ratios"]["adapters / base output tok/s"].get<double>(), tps[1] / tps[0], 1e-9);
+  const nlohmann::json& per_round = j["ratios"]["adapters / base output tok/s per round"];
+  ASSERT_EQ(per_round.size(), 2u);
+  for (int k = 0; k < 2; ++k) {
+    EXPECT_NEAR(per_round[k].get<double>(),
+                phases[2 * k + 1]["output_tokens_per_s"].get<double>() /
+                    phases[2 * k]["output_tokens_per_s"].get<double>(),
+                1e-9);
+  }
+  std::filesystem::remove_all(out);
+}
+
 TEST_F(ClientE2eTest, BenchEightAdaptersZipf) {
   const std::string out = testing::MakeTempDir("lp-client-bench-zipf");
   CliResult r =
