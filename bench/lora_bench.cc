@@ -256,7 +256,10 @@ void BM_DecodeBaseGemm(benchmark::State& state) {
   }
 }
 
-void BM_PrefillSgmv(benchmark::State& state) {
+// 512 prompt tokens in segments of state.range(1), segment i on adapter i, at rank state.range(0);
+// `fused`: both ops in one call, as the model runs them (fused from 8 tasks: here 512 / 32
+// blocks), else the shrink and the expand in turn.
+void RunPrefillSgmv(benchmark::State& state, bool fused) {
   const int64_t rank = state.range(0), per = state.range(1), segs = 512 / per, tokens = segs * per;
   Setup s(segs, rank, tokens);
   std::vector<int64_t> starts;
@@ -266,27 +269,18 @@ void BM_PrefillSgmv(benchmark::State& state) {
   LoraSegments seg{segs, starts.data(), ads.data()};
   LoraOutput out{s.y.data(), kHidden};
   for (auto _ : state) {
-    SgmvShrink(s.v.data(), rank, s.x.data(), kHidden, seg, s.w);
-    SgmvExpand(&out, s.v.data(), rank, seg, s.w);
+    if (fused) {
+      SgmvShrinkExpand(&out, s.x.data(), kHidden, seg, s.w, /*negate=*/false);
+    } else {
+      SgmvShrink(s.v.data(), rank, s.x.data(), kHidden, seg, s.w);
+      SgmvExpand(&out, s.v.data(), rank, seg, s.w);
+    }
     benchmark::ClobberMemory();
   }
 }
 
-// The same as the model runs it: both in one call (fused from 8 tasks: here 512 / 32 blocks).
-void BM_PrefillSgmvFused(benchmark::State& state) {
-  const int64_t rank = state.range(0), per = state.range(1), segs = 512 / per, tokens = segs * per;
-  Setup s(segs, rank, tokens);
-  std::vector<int64_t> starts;
-  std::vector<int32_t> ads;
-  for (int64_t i = 0; i <= segs; ++i) starts.push_back(i * per);
-  for (int64_t i = 0; i < segs; ++i) ads.push_back(static_cast<int32_t>(i));
-  LoraSegments seg{segs, starts.data(), ads.data()};
-  LoraOutput out{s.y.data(), kHidden};
-  for (auto _ : state) {
-    SgmvShrinkExpand(&out, s.x.data(), kHidden, seg, s.w, /*negate=*/false);
-    benchmark::ClobberMemory();
-  }
-}
+void BM_PrefillSgmv(benchmark::State& state) { RunPrefillSgmv(state, /*fused=*/false); }
+void BM_PrefillSgmvFused(benchmark::State& state) { RunPrefillSgmv(state, /*fused=*/true); }
 
 void BM_PrefillNaiveLoop(benchmark::State& state) {
   const int64_t rank = state.range(0), per = state.range(1), segs = 512 / per;
