@@ -77,8 +77,7 @@ int64_t CpuBackend::ScratchCapacityBytes(const LoraPlan& plan) const {
        {&x_, &h_, &q_, &k_, &v_, &attn_, &proj_, &gate_, &up_, &sel_}) {
     total += CapacityBytes(*v);
   }
-  return total + CapacityBytes(lora_.a) + CapacityBytes(lora_.b) +
-         plan.capacity_bytes();
+  return total + CapacityBytes(lora_.a) + CapacityBytes(lora_.b) + plan.capacity_bytes();
 }
 
 absl::Status CpuBackend::Forward(const ForwardBatch& batch, const LoraPlan& plan, KvCache* cache,
