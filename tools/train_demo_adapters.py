@@ -147,6 +147,11 @@ def tidy_saved(out_dir):
         f.write("\n")
 
 
+def has_output_weight(path):
+    import gguf
+    return any(t.name == "output.weight" for t in gguf.GGUFReader(path).tensors)
+
+
 def chat_ids(tok, prompt):
     text = tok.apply_chat_template([{"role": "user", "content": prompt}],
                                    add_generation_prompt=True, tokenize=False)
@@ -201,8 +206,9 @@ def train(base, tok, gen, kind, examples, out_dir, args, log):
     n_layers = base.config.num_hidden_layers
     first = n_layers - args.lora_layers
     torch.manual_seed(SEED)
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                     target_modules=TARGETS, layers_to_transform=list(range(first, n_layers)))
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
+                     task_type="CAUSAL_LM", target_modules=args.targets.split(","),
+                     layers_to_transform=list(range(first, n_layers)))
     model = get_peft_model(base, cfg)
     llama, lm_head = model.base_model.model.model, model.base_model.model.lm_head
 
@@ -280,6 +286,9 @@ def main():
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--check-every", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated modules")
     args = ap.parse_args()
 
     import peft
@@ -299,7 +308,10 @@ def main():
     gen = Generator(args.generate, gguf)
     tok = AutoTokenizer.from_pretrained(args.model_dir, gguf_file=GGUF)
     base = AutoModelForCausalLM.from_pretrained(args.model_dir, gguf_file=GGUF,
-                                                dtype=torch.float32)
+                                                torch_dtype=torch.float32)
+    if not has_output_weight(gguf):
+        # The GGUF ties lm_head to the embedding; transformers before 4.47 leaves it random.
+        base.lm_head.weight = base.get_input_embeddings().weight
     base.eval()
     log(f"loaded {GGUF} in {time.time() - t_start:.0f}s")
 
@@ -331,8 +343,8 @@ def main():
         "model": GGUF,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
-        "seed": SEED, "lr": args.lr, "batch": args.batch, "rank": 8, "lora_alpha": 16,
-        "target_modules": TARGETS,
+        "seed": SEED, "lr": args.lr, "batch": args.batch, "rank": args.rank,
+        "lora_alpha": args.alpha, "target_modules": args.targets.split(","),
         "layers_to_transform": [n_layers - args.lora_layers, n_layers - 1],
         "train_prompts": len(prompts), "validation_prompts": VALIDATION, "heldout_prompts": HELDOUT,
         "check": {"upper": "at least 90% of the letters of the answer are upper case",
