@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "adapters/lora_adapter.h"
+#include "adapters/low_rank.h"
 #include "common/half.h"
 #include "common/status.h"
 
@@ -39,30 +40,6 @@ absl::StatusOr<MatrixXd> ToMatrix(const kernels::WeightView& w) {
   return m;
 }
 
-// dW = B A through r x r problems: singular values (descending) and the singular vectors that go
-// with them (U [out, p], V [in, p], p = min(r, out, in)).
-struct LowRankSvd {
-  VectorXd sigma;
-  MatrixXd u, v;
-};
-
-// Thin QR of x [n, r]: Q [n, k] with orthonormal columns and R [k, r], k = min(n, r).
-void ThinQr(const MatrixXd& x, MatrixXd* q, MatrixXd* r) {
-  const Eigen::Index k = std::min(x.rows(), x.cols());
-  Eigen::HouseholderQR<MatrixXd> qr(x);
-  *q = qr.householderQ() * MatrixXd::Identity(x.rows(), k);
-  *r = qr.matrixQR().topRows(k).triangularView<Eigen::Upper>();
-}
-
-LowRankSvd Decompose(const MatrixXd& a, const MatrixXd& b) {
-  MatrixXd qb, rb, qa, ra;
-  ThinQr(b, &qb, &rb);              // B = Qb Rb
-  ThinQr(a.transpose(), &qa, &ra);  // A^T = Qa Ra, so B A = Qb (Rb Ra^T) Qa^T
-  const MatrixXd core = rb * ra.transpose();
-  Eigen::JacobiSVD<MatrixXd> svd(core, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  return {svd.singularValues(), qb * svd.matrixU(), qa * svd.matrixV()};
-}
-
 struct Pair {
   MatrixXd a, b;
   LowRankSvd svd;
@@ -80,7 +57,7 @@ absl::StatusOr<Pair> Load(const model::LoraPair& p, const model::LlamaConfig& co
   Pair pair;
   LP_ASSIGN_OR_RETURN(pair.a, ToMatrix(p.a));
   LP_ASSIGN_OR_RETURN(pair.b, ToMatrix(p.b));
-  pair.svd = Decompose(pair.a, pair.b);
+  pair.svd = DecomposeLowRank(pair.a, pair.b);
   return pair;
 }
 

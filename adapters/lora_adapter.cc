@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "adapters/low_rank.h"
 #include "common/half.h"
 #include "common/status.h"
 #include "formats/safetensors.h"
@@ -95,6 +96,35 @@ std::string WhyUnsupported(const std::string& name) {
   if (name.find("modules_to_save") != std::string::npos) return "modules_to_save is not supported";
   if (name.find(".bias") != std::string::npos) return "LoRA bias is not supported";
   return "not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection";
+}
+
+// An f32 buffer as a tensor ConvertScaled can read.
+formats::TensorInfo F32View(const std::vector<float>& data, int64_t rows, int64_t cols) {
+  formats::TensorInfo t;
+  t.type = formats::StoredType::kF32;
+  t.shape = {rows, cols};
+  t.data = reinterpret_cast<const uint8_t*>(data.data());
+  t.nbytes = data.size() * sizeof(float);
+  return t;
+}
+
+// ||B A||_F^2 = trace((B^T B)(A A^T)), in f64 from r x r Gram matrices.
+double FrobeniusSquaredOfProduct(const float* a, const float* b, int64_t r, int64_t in,
+                                 int64_t out) {
+  std::vector<double> ga(r * r, 0.0), gb(r * r, 0.0);
+  for (int64_t i = 0; i < r; ++i) {
+    for (int64_t j = 0; j < r; ++j) {
+      double s = 0;
+      for (int64_t c = 0; c < in; ++c) s += double{a[i * in + c]} * a[j * in + c];
+      ga[i * r + j] = s;
+      double t = 0;
+      for (int64_t o = 0; o < out; ++o) t += double{b[o * r + i]} * b[o * r + j];
+      gb[i * r + j] = t;
+    }
+  }
+  double sum = 0;
+  for (int64_t i = 0; i < r * r; ++i) sum += ga[i] * gb[i];  // both symmetric
+  return sum;
 }
 
 struct Found {
@@ -212,23 +242,19 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
         "serve it as the base model"));
   }
 
-  // One buffer for every converted matrix (see storage_), slices 64 bytes apart. Sized from
-  // the tensors as stored, so it is large enough before their shapes are checked below.
-  const int64_t elem = options.dtype == kernels::DType::kF32 ? 4 : 2;
-  auto slice_bytes = [elem](const formats::TensorInfo& t) {
-    return (t.NumElements() * elem + 63) / 64 * 64;
+  // Shapes and ranks first; then, with compress_rank, the truncated pairs in f32.
+  struct Module {
+    int64_t layer = 0;
+    LinearModule m = LinearModule::kQ;
+    const formats::TensorInfo* a = nullptr;
+    const formats::TensorInfo* b = nullptr;
+    int64_t in = 0, out = 0, rank = 0;  // rank as served
+    float scale = 1;
+    std::vector<float> a_f32, b_f32;     // the truncated pair (B scaled) when compressed
+    formats::TensorInfo a_view, b_view;  // what is converted to storage
   };
-  int64_t storage_bytes = 0;
-  for (const auto& [where, f] : found) {
-    if (f.a != nullptr) storage_bytes += slice_bytes(*f.a);
-    if (f.b != nullptr) storage_bytes += slice_bytes(*f.b);
-  }
-  // Default-initialised: every byte handed out below is written by ConvertScaled.
-  adapter->storage_.reset(new uint8_t[storage_bytes]);
-  uint8_t* next = adapter->storage_.get();
-
-  // Shapes, ranks, scale folding, storage.
-  adapter->view_.layers.assign(base.num_layers, {});
+  std::vector<Module> modules;
+  modules.reserve(found.size());
   for (auto& [where, f] : found) {
     const auto [layer, mi] = where;
     const LinearModule m = static_cast<LinearModule>(mi);
@@ -255,25 +281,90 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
                        f.a->shape[1], "] and lora_B [", f.b->shape[0], ", ", f.b->shape[1],
                        "], the base layer is ", out, " x ", in));
     }
-    if (r > options.max_rank) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(prefix, "rank ", r, " exceeds the maximum LoRA rank ", options.max_rank));
+    Module mod{layer, m, f.a, f.b, in, out, r, cfg.ScaleFor(key)};
+    mod.a_view = *f.a;
+    mod.b_view = *f.b;
+    modules.push_back(std::move(mod));
+  }
+  if (options.compress_rank < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_rank ", options.compress_rank, " for the rank compression is negative"));
+  }
+  if (options.compress_rank > 0) {
+    CompressionReport report;
+    report.max_rank = options.compress_rank;
+    double discarded_sq = 0, total_sq = 0;
+    for (Module& mod : modules) {
+      ModuleCompression mc{ModuleKey(mod.layer, mod.m), mod.rank, mod.rank, 0.0};
+      report.trained_max_rank = std::max(report.trained_max_rank, mod.rank);
+      std::vector<float> a(mod.rank * mod.in), b(mod.out * mod.rank);
+      if (!ConvertScaled(*mod.a, 1.0f, kernels::DType::kF32,
+                         reinterpret_cast<uint8_t*>(a.data())) ||
+          !ConvertScaled(*mod.b, mod.scale, kernels::DType::kF32,
+                         reinterpret_cast<uint8_t*>(b.data()))) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(st_path, ": ", mc.module, ": has non-finite values"));
+      }
+      if (mod.rank > options.compress_rank) {
+        TruncatedPair t =
+            TruncateLowRank(a.data(), b.data(), mod.rank, mod.in, mod.out, options.compress_rank);
+        mc.rank = t.rank;
+        mc.relative_error = t.relative_error;
+        discarded_sq += t.discarded_sq;
+        total_sq += t.total_sq;
+        mod.rank = t.rank;
+        mod.scale = 1.0f;  // folded into the truncated B
+        mod.a_f32 = std::move(t.a);
+        mod.b_f32 = std::move(t.b);
+        mod.a_view = F32View(mod.a_f32, mod.rank, mod.in);
+        mod.b_view = F32View(mod.b_f32, mod.out, mod.rank);
+      } else {  // kept as trained; its share of the update counts in the overall error
+        total_sq += FrobeniusSquaredOfProduct(a.data(), b.data(), mod.rank, mod.in, mod.out);
+      }
+      report.modules.push_back(std::move(mc));
     }
-    const float scale = cfg.ScaleFor(key);
+    report.relative_error = total_sq > 0 ? std::sqrt(discarded_sq / total_sq) : 0.0;
+    adapter->compression_ = std::move(report);
+  }
+  for (const Module& mod : modules) {
+    if (mod.rank > options.max_rank) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          st_path, ": ", ModuleKey(mod.layer, mod.m), ": rank ", mod.rank,
+          " exceeds the maximum LoRA rank ", options.max_rank,
+          options.compress_rank > 0 ? "" : " (max_rank compresses it at registration)"));
+    }
+  }
+
+  // One buffer for every converted matrix (see storage_), slices 64 bytes apart.
+  const int64_t elem = options.dtype == kernels::DType::kF32 ? 4 : 2;
+  auto slice_bytes = [elem](int64_t elements) { return (elements * elem + 63) / 64 * 64; };
+  int64_t storage_bytes = 0;
+  for (const Module& mod : modules) {
+    storage_bytes += slice_bytes(mod.rank * mod.in) + slice_bytes(mod.out * mod.rank);
+  }
+  // Default-initialised: every byte handed out below is written by ConvertScaled.
+  adapter->storage_.reset(new uint8_t[storage_bytes]);
+  uint8_t* next = adapter->storage_.get();
+
+  // Scale folding (once, in f32) and storage.
+  adapter->view_.layers.assign(base.num_layers, {});
+  for (const Module& mod : modules) {
+    const int64_t r = mod.rank;
     auto stored = std::make_unique<Stored>();
     uint8_t* a_data = next;
-    uint8_t* b_data = a_data + slice_bytes(*f.a);
-    next = b_data + slice_bytes(*f.b);
-    if (!ConvertScaled(*f.a, 1.0f, options.dtype, a_data) ||
-        !ConvertScaled(*f.b, scale, options.dtype, b_data)) {  // folded once, in f32
-      return absl::InvalidArgumentError(absl::StrCat(prefix, "has non-finite values"));
+    uint8_t* b_data = a_data + slice_bytes(r * mod.in);
+    next = b_data + slice_bytes(mod.out * r);
+    if (!ConvertScaled(mod.a_view, 1.0f, options.dtype, a_data) ||
+        !ConvertScaled(mod.b_view, mod.scale, options.dtype, b_data)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(st_path, ": ", ModuleKey(mod.layer, mod.m), ": has non-finite values"));
     }
     stored->pair.rank = r;
-    stored->pair.a = {options.dtype, a_data, r, in};
-    stored->pair.b = {options.dtype, b_data, out, r};
-    adapter->bytes_ += (f.a->NumElements() + f.b->NumElements()) * elem;
+    stored->pair.a = {options.dtype, a_data, r, mod.in};
+    stored->pair.b = {options.dtype, b_data, mod.out, r};
+    adapter->bytes_ += (r * mod.in + mod.out * r) * elem;
     adapter->max_rank_ = std::max(adapter->max_rank_, r);
-    adapter->view_.layers[layer][mi] = &stored->pair;
+    adapter->view_.layers[mod.layer][static_cast<int>(mod.m)] = &stored->pair;
     adapter->pairs_.push_back(std::move(stored));
   }
   return adapter;

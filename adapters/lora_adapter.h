@@ -22,6 +22,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,26 @@ namespace loraplex::adapters {
 struct AdapterLoadOptions {
   kernels::DType dtype = kernels::DType::kBF16;  // storage of A and B (the model's dtype)
   int64_t max_rank = 256;                        // the server's --max-lora-rank
+  // Rank compression (0: serve as trained): each module of rank r > compress_rank is replaced by
+  // the best rank-compress_rank approximation of its s*B*A (adapters/low_rank.h), computed in f64
+  // from the file's values before they are rounded to `dtype`. max_rank then applies to the
+  // compressed rank, so an adapter trained above --max-lora-rank can be served compressed.
+  int64_t compress_rank = 0;
+};
+
+// What the rank compression did to one module, and to the whole adapter.
+struct ModuleCompression {
+  std::string module;  // "model.layers.0.self_attn.q_proj"
+  int64_t trained_rank = 0;
+  int64_t rank = 0;           // served
+  double relative_error = 0;  // ||dW - dW_k||_F / ||dW||_F (0 when not truncated)
+};
+struct CompressionReport {
+  int64_t max_rank = 0;          // the compress_rank asked for
+  int64_t trained_max_rank = 0;  // the largest rank in the files
+  // Over every module together: sqrt(sum of discarded sigma^2 / sum of all sigma^2).
+  double relative_error = 0;
+  std::vector<ModuleCompression> modules;  // layer then LinearModule order
 };
 
 // "model.layers.<layer>.self_attn.q_proj" etc.: the HF module key PEFT matches against.
@@ -52,16 +73,19 @@ class LoraAdapter {
   //                       a tensor for a module the config does not target or the reverse;
   //                       non-finite values
   //  FAILED_PRECONDITION  does not fit the base: layer index past num_layers, in/out features
-  //                       differ from the base's, rank above options.max_rank, or the adapter
-  //                       matches no module of the base model
+  //                       differ from the base's, rank (after compress_rank) above
+  //                       options.max_rank, or the adapter matches no module of the base model
+  //  INVALID_ARGUMENT     also for a negative options.compress_rank
   static absl::StatusOr<std::unique_ptr<LoraAdapter>> Load(const std::string& dir,
                                                            const model::LlamaConfig& base,
                                                            const AdapterLoadOptions& options = {});
 
   const model::LoraWeightsView& view() const { return view_; }
   const PeftConfig& config() const { return config_; }
-  // Largest rank over its modules.
+  // Largest rank over its modules (as served: after compression).
   int64_t max_rank() const { return max_rank_; }
+  // Set when it was loaded with compress_rank > 0.
+  const std::optional<CompressionReport>& compression() const { return compression_; }
   // Bytes of the stored A and B matrices.
   int64_t bytes() const { return bytes_; }
   int64_t num_pairs() const { return static_cast<int64_t>(pairs_.size()); }
@@ -85,6 +109,7 @@ class LoraAdapter {
   std::unique_ptr<uint8_t[]> storage_;
   int64_t max_rank_ = 0;
   int64_t bytes_ = 0;
+  std::optional<CompressionReport> compression_;
 };
 
 }  // namespace loraplex::adapters

@@ -145,6 +145,12 @@ absl::StatusOr<std::vector<ManifestEntry>> ReadManifest(const std::string& state
         return bad(absl::StrCat(where, " is the second adapter marked merged (one at a time)"));
       }
     }
+    if (a.contains("max_rank")) {
+      if (!a["max_rank"].is_number_integer() || a["max_rank"].get<int64_t>() < 0) {
+        return bad(absl::StrCat(where, ".max_rank must be an integer >= 0"));
+      }
+      e.max_rank = a["max_rank"].get<int64_t>();
+    }
     // No process registers 2^53 versions of a name; a larger number is damage, and at INT64_MAX
     // the next registration's version would overflow.
     if (e.version < 1 || e.version >= kMaxVersion) {
@@ -173,7 +179,8 @@ absl::Status StageManifest(const std::string& state_dir,
                              {"sha256", e.sha256},
                              {"pinned", e.pinned},
                              {"source", e.source},
-                             {"merged", e.merged}});
+                             {"merged", e.merged},
+                             {"max_rank", e.max_rank}});
   }
   const std::string path = absl::StrCat(state_dir, "/", kManifestFile);
   return WriteFileDurably(path + ".tmp", j.dump(2) + "\n");

@@ -36,6 +36,9 @@ struct ManifestEntry {
   // Merged into the base weights (SetAdapterMode MERGED): the server merges it again after a
   // restart. At most one entry has it. Manifests written before the field existed lack it (false).
   bool merged = false;
+  // Rank compression asked at registration (AdapterLoadOptions::compress_rank; 0 = none): every
+  // load of the version applies it again. Older manifests lack it (0).
+  int64_t max_rank = 0;
 };
 
 // Reads <state_dir>/manifest.json. A missing file is an empty manifest. DATA_LOSS naming the file

@@ -20,6 +20,7 @@ namespace loraplex::adapters {
 namespace fs = std::filesystem;
 using internal::Describe;
 using internal::FsError;
+using internal::WithCompression;
 
 absl::StatusOr<AdapterSpec> ParseAdapterSpec(absl::string_view spec) {
   AdapterSpec out;
@@ -49,6 +50,7 @@ AdapterInfo Describe(const LoraAdapter& a) {
   info.alpha = a.config().lora_alpha;
   info.target_modules = a.target_modules();
   info.bytes = a.bytes();
+  info.compression = a.compression();
   for (const auto& layer : a.view().layers) {
     for (int m = 0; m < model::kNumLinearModules; ++m) {
       if (layer[m] == nullptr) continue;
@@ -154,7 +156,7 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
     }
     const std::string dir = VersionDir(root, e.name, e.version);
     absl::StatusOr<std::unique_ptr<LoraAdapter>> adapter =
-        LoraAdapter::Load(dir, options.base, options.load);
+        LoraAdapter::Load(dir, options.base, WithCompression(options.load, e.max_rank));
     if (!adapter.ok()) {
       return absl::DataLossError(absl::StrCat(where, ": ", adapter.status().message()));
     }
@@ -169,6 +171,7 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Open(
     v->dir = dir;
     v->sha256 = e.sha256;
     v->source = e.source;
+    v->max_rank = e.max_rank;
     v->meta = Describe(**adapter);
     v->pinned = e.pinned;
     auto name = std::make_unique<Name>();
@@ -290,7 +293,7 @@ std::vector<ManifestEntry> AdapterRegistry::ManifestLocked() const {
     const Version& v = *n->current;
     const bool merged =
         IsMergedLocked(v) || merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
-    out.push_back({v.name, v.version, v.sha256, v.pinned, v.source, merged});
+    out.push_back({v.name, v.version, v.sha256, v.pinned, v.source, merged, v.max_rank});
   }
   return out;
 }
@@ -438,7 +441,8 @@ absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::stri
         absl::StatusOr<std::unique_ptr<LoraAdapter>> loaded;
         {
           MutexUnlock unlock(&mu_);
-          loaded = LoraAdapter::Load(v->dir, options_.base, options_.load);
+          loaded =
+              LoraAdapter::Load(v->dir, options_.base, WithCompression(options_.load, v->max_rank));
         }
         v->loading = false;
         changed_.SignalAll();

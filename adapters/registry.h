@@ -39,6 +39,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -101,6 +102,9 @@ struct AdapterInfo {
   int64_t loads = 0;      // registrations that returned OK
   int64_t evictions = 0;  // times a version went from memory to disk
   int64_t reloads = 0;    // times a version came back from disk
+  // Set when the version was registered with max_rank: the ranks above are the served ones, and
+  // this says what the truncation cost (LoraAdapter::compression).
+  std::optional<CompressionReport> compression;
 };
 
 // Where the time of one registration went, from the call to READY (bench/adapter_load_bench.cc
@@ -181,6 +185,7 @@ class PendingUpload {
   AdapterRegistry* registry_ = nullptr;
   std::string name_, sha256_, staging_;
   bool replace_ = false, pin_ = false, committed_ = false;
+  int64_t max_rank_ = 0;
   int64_t bytes_ = 0;
   std::map<std::string, int> fds_;  // open staging files
 };
@@ -205,15 +210,20 @@ class AdapterRegistry {
   //   FAILED_PRECONDITION the adapter does not fit the base (LoraAdapter::Load), disk errors
   //   RESOURCE_EXHAUSTED its weights alone exceed memory_bytes (unless pinned)
   // With replace, the result is version N+1 of an existing name (1 for a new one).
+  // max_rank > 0 serves the adapter compressed to that rank (AdapterLoadOptions::compress_rank):
+  // the manifest records it and every reload applies it; the files are kept as trained.
+  // INVALID_ARGUMENT when it is negative.
   absl::StatusOr<AdapterInfo> RegisterFromPath(const std::string& name, const std::string& rel_path,
-                                               bool replace, bool pin);
+                                               bool replace, bool pin, int64_t max_rank = 0);
   // The same for a folder given by the operator (--adapter NAME=DIR): no root check.
   absl::StatusOr<AdapterInfo> RegisterFromDir(const std::string& name, const std::string& dir,
-                                              bool replace, bool pin);
-  // Starts an upload. INVALID_ARGUMENT for a bad name or a sha256 that is not 64 hex digits;
-  // ALREADY_EXISTS when the name is taken and replace is false (checked again at commit).
+                                              bool replace, bool pin, int64_t max_rank = 0);
+  // Starts an upload. INVALID_ARGUMENT for a bad name, a negative max_rank or a sha256 that is not
+  // 64 hex digits; ALREADY_EXISTS when the name is taken and replace is false (checked again at
+  // commit).
   absl::StatusOr<std::unique_ptr<PendingUpload>> BeginUpload(const std::string& name, bool replace,
-                                                             const std::string& sha256, bool pin);
+                                                             const std::string& sha256, bool pin,
+                                                             int64_t max_rank = 0);
 
   // Removes `name` from the manifest; its version drains (NOT_FOUND to new Acquires). Returns the
   // version's info in state DRAINING. NOT_FOUND when the name is not registered.
@@ -297,8 +307,9 @@ class AdapterRegistry {
   // holds what the caller measured (stage) and `start` the start time of the call.
   // `abandoned`: see PendingUpload::Commit.
   absl::StatusOr<AdapterInfo> Commit(const std::string& name, Staged staged, bool replace, bool pin,
-                                     const std::string& source, const std::string& expected_sha256,
-                                     RegistrationPhases phases, absl::Time start,
+                                     int64_t max_rank, const std::string& source,
+                                     const std::string& expected_sha256, RegistrationPhases phases,
+                                     absl::Time start,
                                      const std::function<bool()>& abandoned = nullptr);
   absl::StatusOr<std::string> NewStagingDir();
   // Copies the two PEFT files of `dir` into a new staging folder (in the kernel, writeback

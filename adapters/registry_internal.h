@@ -27,7 +27,8 @@ struct RegistryVersion {
   std::string dir;  // in the state directory
   std::string sha256;
   std::string source;
-  AdapterInfo meta;  // rank, alpha, modules, bytes: taken from the validated adapter
+  int64_t max_rank = 0;  // the rank compression every load applies (0: none)
+  AdapterInfo meta;      // rank, alpha, modules, bytes: taken from the validated adapter
   // Guarded by AdapterRegistry::mu_.
   AdapterState state = AdapterState::kReady;
   bool pinned = false;
@@ -37,8 +38,14 @@ struct RegistryVersion {
   absl::Time last_used = absl::InfinitePast();
 };
 
-// Static facts of a validated adapter (rank, alpha, modules, bytes).
+// Static facts of a validated adapter (rank, alpha, modules, bytes, compression).
 AdapterInfo Describe(const LoraAdapter& a);
+
+// `load` with the rank compression of one version.
+inline AdapterLoadOptions WithCompression(AdapterLoadOptions load, int64_t max_rank) {
+  load.compress_rank = max_rank;
+  return load;
+}
 
 inline absl::Status FsError(const std::string& what, const std::error_code& ec) {
   return absl::FailedPreconditionError(absl::StrCat(what, ": ", ec.message()));

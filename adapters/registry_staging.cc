@@ -28,8 +28,18 @@ namespace loraplex::adapters {
 namespace fs = std::filesystem;
 using internal::Describe;
 using internal::FsError;
+using internal::WithCompression;
 
 namespace {
+
+// The rank compression of a registration: 0 (none) or a rank >= 1.
+absl::Status ValidateMaxRank(int64_t max_rank) {
+  if (max_rank < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_rank must be 0 (serve as trained) or a rank >= 1, got ", max_rank));
+  }
+  return absl::OkStatus();
+}
 
 bool IsHex64(absl::string_view s) {
   if (s.size() != 64) return false;
@@ -166,7 +176,7 @@ absl::StatusOr<AdapterInfo> PendingUpload::Commit(std::function<bool()> abandone
     staged.fds.push_back(fd);
   }
   fds_.clear();
-  return registry_->Commit(name_, std::move(staged), replace_, pin_, "upload",
+  return registry_->Commit(name_, std::move(staged), replace_, pin_, max_rank_, "upload",
                            absl::AsciiStrToLower(sha256_), RegistrationPhases(), start, abandoned);
 }
 
@@ -236,9 +246,11 @@ absl::Status AdapterRegistry::CheckNewVersionAllowedLocked(const std::string& na
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string& name,
                                                               const std::string& rel_path,
-                                                              bool replace, bool pin) {
+                                                              bool replace, bool pin,
+                                                              int64_t max_rank) {
   const absl::Time start = absl::Now();
   LP_RETURN_IF_ERROR(ValidateAdapterName(name));
+  LP_RETURN_IF_ERROR(ValidateMaxRank(max_rank));
   if (options_.adapter_dir.empty()) {
     return absl::PermissionDeniedError(
         "this server has no --adapter-dir, so LoadAdapter by path is off; use UploadAdapter");
@@ -270,24 +282,26 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromPath(const std::string&
   }
   RegistrationPhases phases;
   LP_ASSIGN_OR_RETURN(Staged staged, StageCopy(dir.string(), &phases));
-  return Commit(name, std::move(staged), replace, pin, absl::StrCat("path:", rel_path), "", phases,
-                start);
+  return Commit(name, std::move(staged), replace, pin, max_rank, absl::StrCat("path:", rel_path),
+                "", phases, start);
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::RegisterFromDir(const std::string& name,
                                                              const std::string& dir, bool replace,
-                                                             bool pin) {
+                                                             bool pin, int64_t max_rank) {
   LP_RETURN_IF_ERROR(ValidateAdapterName(name));
+  LP_RETURN_IF_ERROR(ValidateMaxRank(max_rank));
   const absl::Time start = absl::Now();
   RegistrationPhases phases;
   LP_ASSIGN_OR_RETURN(Staged staged, StageCopy(dir, &phases));
-  return Commit(name, std::move(staged), replace, pin, absl::StrCat("dir:", dir), "", phases,
-                start);
+  return Commit(name, std::move(staged), replace, pin, max_rank, absl::StrCat("dir:", dir), "",
+                phases, start);
 }
 
 absl::StatusOr<std::unique_ptr<PendingUpload>> AdapterRegistry::BeginUpload(
-    const std::string& name, bool replace, const std::string& sha256, bool pin) {
+    const std::string& name, bool replace, const std::string& sha256, bool pin, int64_t max_rank) {
   LP_RETURN_IF_ERROR(ValidateAdapterName(name));
+  LP_RETURN_IF_ERROR(ValidateMaxRank(max_rank));
   if (!sha256.empty() && !IsHex64(sha256)) {
     return absl::InvalidArgumentError(
         absl::StrCat("header.sha256 must be 64 hex digits, got ", sha256.size(), " characters"));
@@ -304,11 +318,12 @@ absl::StatusOr<std::unique_ptr<PendingUpload>> AdapterRegistry::BeginUpload(
   upload->staging_ = staging;
   upload->replace_ = replace;
   upload->pin_ = pin;
+  upload->max_rank_ = max_rank;
   return upload;
 }
 
 absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Staged staged,
-                                                    bool replace, bool pin,
+                                                    bool replace, bool pin, int64_t max_rank,
                                                     const std::string& source,
                                                     const std::string& expected_sha256,
                                                     RegistrationPhases phases, absl::Time start,
@@ -365,7 +380,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
   });
   const absl::Time t = absl::Now();
   absl::StatusOr<std::unique_ptr<LoraAdapter>> adapter =
-      LoraAdapter::Load(staging, options_.base, options_.load);
+      LoraAdapter::Load(staging, options_.base, WithCompression(options_.load, max_rank));
   phases.load = absl::Now() - t;
   hasher.join();
   syncer.join();
@@ -424,6 +439,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
     }
   });
   ManifestEntry entry{name, version, *sha, pin, source};
+  entry.max_rank = max_rank;
   auto pos = std::find_if(manifest.begin(), manifest.end(),
                           [&](const ManifestEntry& e) { return e.name == name; });
   if (pos != manifest.end()) {
@@ -463,6 +479,7 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
   v->dir = dir;
   v->sha256 = *sha;
   v->source = source;
+  v->max_rank = max_rank;
   v->meta = Describe(**adapter);
   v->pinned = pin;
   v->last_used = absl::Now();  // newest first in line for memory, oldest registrations leave first
@@ -494,8 +511,12 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
     last_registration_ = phases;
   }
   if (drained != nullptr) fs::remove_all(drained->dir, ec);
+  const std::string compressed =
+      info.compression ? absl::StrCat(" (compressed from rank ", info.compression->trained_max_rank,
+                                      ", relative error ", info.compression->relative_error, ")")
+                       : "";
   LP_LOG(INFO) << "adapter " << name << " v" << version << " registered from " << source
-               << ": rank " << info.max_rank << ", " << info.bytes << " bytes, "
+               << ": rank " << info.max_rank << compressed << ", " << info.bytes << " bytes, "
                << ResidencyName(info.residency) << ", READY in " << phases.total << " (stage "
                << phases.stage << ", sync " << phases.sync << ", load " << phases.load << ", hash "
                << phases.hash << ", commit " << phases.commit << ")";

@@ -165,7 +165,7 @@ std::string Sha256Hex(const std::string& bytes) {
 
 grpc::Status UploadPeft(v1::Adapters::Stub& stub, const ConnectionOptions& conn,
                         const std::string& name, const PeftFiles& files, bool replace, bool pin,
-                        int64_t chunk_bytes, v1::AdapterInfo* info) {
+                        int64_t chunk_bytes, v1::AdapterInfo* info, int64_t max_rank) {
   grpc::ClientContext ctx;
   PrepareContext(ctx, conn, 120);
   auto writer = stub.UploadAdapter(&ctx, info);
@@ -174,6 +174,7 @@ grpc::Status UploadPeft(v1::Adapters::Stub& stub, const ConnectionOptions& conn,
   h->set_name(name);
   h->set_replace(replace);
   h->set_pin(pin);
+  h->set_max_rank(static_cast<int32_t>(max_rank));
   h->set_sha256(Sha256Hex(files.safetensors));
   bool ok = writer->Write(msg);
   const size_t step = static_cast<size_t>(std::max<int64_t>(1, chunk_bytes));

@@ -39,9 +39,10 @@ absl::StatusOr<std::string> PerturbLoraWeights(const std::string& bytes, uint64_
 std::string Sha256Hex(const std::string& bytes);
 
 // Streams a header and then both files in chunks of `chunk_bytes` to Adapters.UploadAdapter.
-// The sha256 of the safetensors file is sent for the server to check. Returns the gRPC status.
+// The sha256 of the safetensors file is sent for the server to check; max_rank > 0 asks the
+// server to serve it compressed to that rank. Returns the gRPC status.
 grpc::Status UploadPeft(v1::Adapters::Stub& stub, const ConnectionOptions& conn,
                         const std::string& name, const PeftFiles& files, bool replace, bool pin,
-                        int64_t chunk_bytes, v1::AdapterInfo* info);
+                        int64_t chunk_bytes, v1::AdapterInfo* info, int64_t max_rank = 0);
 
 }  // namespace loraplex::client

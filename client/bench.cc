@@ -37,6 +37,7 @@ struct BenchFlags {
   std::string popularity = "uniform";
   std::vector<std::string> make_adapters;
   double perturb = 0.1;
+  int64_t max_rank = 0;
   bool keep_adapters = false;
   std::string prompt_tokens = "128";
   std::string max_tokens = "128";
@@ -99,6 +100,9 @@ void AddFlags(ArgParser& p, BenchFlags& f) {
   p.AddList("make-adapters", &f.make_adapters,
             "PEFT folder to upload N perturbed copies of (bench-0..); repeat for S6 ranks", true);
   p.AddDouble("perturb", &f.perturb, "relative perturbation of made copies' LoRA weights");
+  p.AddInt(
+      "max-rank", &f.max_rank,
+      "serve the made copies compressed to this rank (UploadAdapter max_rank; 0 = as trained)");
   p.AddBool("keep-adapters", &f.keep_adapters, "leave made adapters loaded at the end");
   p.AddString("prompt-tokens", &f.prompt_tokens, "prompt length: N or uniform:MIN:MAX");
   p.AddString("max-tokens", &f.max_tokens, "output length: N or uniform:MIN:MAX");
@@ -146,8 +150,8 @@ absl::StatusOr<MadeAdapters> MakeAdapters(v1::Adapters::Stub& stub, const BenchF
       }
       copy.safetensors = std::move(*perturbed);
       v1::AdapterInfo info;
-      grpc::Status st =
-          UploadPeft(stub, f.conn, name, copy, /*replace=*/true, /*pin=*/false, 1 << 20, &info);
+      grpc::Status st = UploadPeft(stub, f.conn, name, copy, /*replace=*/true, /*pin=*/false,
+                                   1 << 20, &info, f.max_rank);
       if (!st.ok()) {
         *failure = DescribeError(st, absl::StrCat("bench: uploading ", name), f.conn);
         return absl::Status(static_cast<absl::StatusCode>(st.error_code()), *failure);
@@ -244,7 +248,8 @@ class Swapper {
       if (perturbed.ok()) files.safetensors = std::move(*perturbed);
       v1::AdapterInfo info;
       l.unlock();
-      grpc::Status st = UploadPeft(stub_, f_.conn, name, files, true, false, 1 << 20, &info);
+      grpc::Status st =
+          UploadPeft(stub_, f_.conn, name, files, true, false, 1 << 20, &info, f_.max_rank);
       l.lock();
       if (st.ok()) {
         ++done_;
@@ -508,7 +513,8 @@ int RunBench(const std::vector<std::string>& args) {
       {"warmup_s", f.warmup},
       {"seed", f.seed},
       {"rounds", f.rounds},
-      {"made_from", absl::StrJoin(f.make_adapters, ",")}};
+      {"made_from", absl::StrJoin(f.make_adapters, ",")},
+      {"max_rank", f.max_rank}};
   if (!swaps.is_null()) results["swaps"] = swaps;
   if (phases.size() > 1) {
     results["phases"] = phases;

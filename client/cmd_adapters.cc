@@ -15,7 +15,8 @@ namespace loraplex::client {
 namespace {
 
 constexpr const char* kSynopsis =
-    "list | get NAME | load NAME PATH | upload NAME DIR | unload NAME | merge NAME | "
+    "list | get NAME | load NAME PATH | upload NAME DIR [--max-rank R] | unload NAME | merge NAME "
+    "| "
     "unmerge NAME | inspect NAME [--against NAME2] [--out DIR]   [flags]";
 
 std::string StateName(v1::AdapterState s) {
@@ -68,7 +69,30 @@ void PrintInfo(const v1::AdapterInfo& a) {
   for (const auto& [module, rank] : a.ranks()) {
     rows.push_back({absl::StrCat("rank of ", module), absl::StrCat(rank)});
   }
+  if (a.has_compression()) {
+    const v1::Compression& c = a.compression();
+    const v1::ModuleCompression* worst = nullptr;
+    int truncated = 0;
+    for (const v1::ModuleCompression& m : c.modules()) {
+      if (m.rank() < m.trained_rank()) ++truncated;
+      if (worst == nullptr || m.relative_error() > worst->relative_error()) worst = &m;
+    }
+    rows.push_back({"compressed", absl::StrCat("max rank ", c.max_rank(), " (trained rank ",
+                                               c.trained_rank(), "), ", truncated, " of ",
+                                               c.modules_size(), " modules truncated")});
+    rows.push_back({"relative error", Num(c.relative_error(), 4)});
+    if (worst != nullptr) {
+      rows.push_back({"largest module error",
+                      absl::StrCat(Num(worst->relative_error(), 4), " (", worst->module(), ")")});
+    }
+  }
   std::cout << FormatTable(rows);
+}
+
+std::string Compressed(const v1::AdapterInfo& a) {
+  if (!a.has_compression()) return "";
+  return absl::StrCat(" compressed from ", a.compression().trained_rank(), ", relative error ",
+                      Num(a.compression().relative_error(), 4));
 }
 
 }  // namespace
@@ -77,11 +101,14 @@ int RunAdapters(const std::vector<std::string>& args) {
   ArgParser p("loraplex adapters", kSynopsis);
   ConnectionOptions conn;
   bool replace = false, pin = false;
-  int64_t chunk_kib = 1024;
+  int64_t chunk_kib = 1024, max_rank = 0;
   AddConnectionFlags(p, conn);
   p.AddBool("replace", &replace, "load/upload: replace an adapter of that name (version N+1)");
   p.AddBool("pin", &pin, "load/upload: never evict this adapter");
   p.AddInt("chunk-kib", &chunk_kib, "upload: chunk size in KiB");
+  p.AddInt("max-rank", &max_rank,
+           "load/upload: serve it compressed to this rank (truncated SVD of each module's "
+           "update; 0 = as trained)");
   std::string against, out_dir;
   p.AddString("against", &against,
               "inspect: a second adapter (name or name@version) to compare subspaces with");
@@ -161,6 +188,7 @@ int RunAdapters(const std::vector<std::string>& args) {
     req.set_path(a[2]);
     req.set_replace(replace);
     req.set_pin(pin);
+    req.set_max_rank(static_cast<int32_t>(max_rank));
     st = stub->LoadAdapter(&ctx, req, &info);
   } else if (verb == "upload") {
     auto files = ReadPeftDir(a[2]);
@@ -174,7 +202,7 @@ int RunAdapters(const std::vector<std::string>& args) {
       std::cerr << "loraplex adapters upload: " << v.message() << "\n";
       return kExitUsage;
     }
-    st = UploadPeft(*stub, conn, a[1], *files, replace, pin, chunk_kib * 1024, &info);
+    st = UploadPeft(*stub, conn, a[1], *files, replace, pin, chunk_kib * 1024, &info, max_rank);
   } else if (verb == "unload") {
     v1::UnloadAdapterRequest req;
     req.set_name(a[1]);
@@ -202,7 +230,7 @@ int RunAdapters(const std::vector<std::string>& args) {
                                                 : "unmerged";
     std::cout << done << " " << (info.name().empty() ? a[1] : info.name()) << " version "
               << info.version() << " (" << StateName(info.state()) << ", rank " << info.rank()
-              << ", " << HumanBytes(info.bytes()) << ")\n";
+              << Compressed(info) << ", " << HumanBytes(info.bytes()) << ")\n";
   }
   return kExitOk;
 }

@@ -79,7 +79,7 @@ class UploadReactor final : public grpc::ServerReadReactor<v1::UploadAdapterRequ
         status = absl::InvalidArgumentError("UploadAdapter: a second header in one stream");
       } else {
         absl::StatusOr<std::unique_ptr<adapters::PendingUpload>> upload =
-            registry_->BeginUpload(h.name(), h.replace(), h.sha256(), h.pin());
+            registry_->BeginUpload(h.name(), h.replace(), h.sha256(), h.pin(), h.max_rank());
         if (upload.ok()) {
           upload_ = *std::move(upload);
         } else {
@@ -210,6 +210,20 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_sha256(info.sha256);
   out->set_pinned(info.pinned);
   out->set_path(info.source);
+  if (info.compression) {
+    const adapters::CompressionReport& c = *info.compression;
+    v1::Compression* pc = out->mutable_compression();
+    pc->set_max_rank(static_cast<int32_t>(c.max_rank));
+    pc->set_trained_rank(static_cast<int32_t>(c.trained_max_rank));
+    pc->set_relative_error(c.relative_error);
+    for (const adapters::ModuleCompression& m : c.modules) {
+      v1::ModuleCompression* pm = pc->add_modules();
+      pm->set_module(m.module);
+      pm->set_trained_rank(static_cast<int32_t>(m.trained_rank));
+      pm->set_rank(static_cast<int32_t>(m.rank));
+      pm->set_relative_error(m.relative_error);
+    }
+  }
 }
 
 AdaptersService::AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
@@ -250,9 +264,10 @@ grpc::ServerUnaryReactor* AdaptersService::LoadAdapter(grpc::CallbackServerConte
   CheckOurs checked;  // server/reactors.h
   if (absl::Status s = auth_->Check(*context); !s.ok()) return FinishNow(s);
   return OnWorker([this, request, response]() -> absl::Status {
-    LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info,
-                        registry_->RegisterFromPath(request->name(), request->path(),
-                                                    request->replace(), request->pin()));
+    LP_ASSIGN_OR_RETURN(
+        adapters::AdapterInfo info,
+        registry_->RegisterFromPath(request->name(), request->path(), request->replace(),
+                                    request->pin(), request->max_rank()));
     UnmergeIfStale();
     ToProto(info, response);
     return absl::OkStatus();

@@ -4,8 +4,10 @@
 // SmolLM2-135M when models/ holds it. Logits are compared within the tolerance table; PEFT's
 // free-running greedy continuations (model.generate) are reproduced token for token.
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -495,6 +497,171 @@ TEST_P(SmolLm2PeftTest, GreedyContinuationsMatchPeftUnmergedAndMerged) {
                            g.name + " solo, merged");
   }
   ASSERT_OK(m->Unmerge());
+}
+
+// Rank compression at load (AdapterLoadOptions::compress_rank) against numpy's truncated SVD of
+// the dense update and PEFT running that truncated update (tools/make_compression_goldens.py):
+// the served update is numpy's best rank-k approximation, the reported errors are numpy's, and
+// the logits, unmerged, merged and in a batch beside another adapter, are PEFT's.
+constexpr const char* kRegenerateCompression = "python3 tools/make_compression_goldens.py --logits";
+
+std::string CompressedFixture(const std::string& name) {
+  return FixturesDir() + "/peft/stories260k/compressed/" + name;
+}
+
+// B A of every module of a view, in f64: [out, in] row-major.
+std::vector<double> Product(const model::LoraPair& p) {
+  const auto& a = p.a;
+  const auto& b = p.b;
+  std::vector<double> out(b.rows * a.cols, 0.0);
+  const float* af = static_cast<const float*>(a.data);
+  const float* bf = static_cast<const float*>(b.data);
+  for (int64_t o = 0; o < b.rows; ++o) {
+    for (int64_t k = 0; k < p.rank; ++k) {
+      const double bk = bf[o * p.rank + k];
+      for (int64_t i = 0; i < a.cols; ++i) out[o * a.cols + i] += bk * af[k * a.cols + i];
+    }
+  }
+  return out;
+}
+
+class StoriesCompressionTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(StoriesCompressionTest, ServesNumpysTruncatedUpdateWithPeftsLogits) {
+  std::ifstream in(CompressedFixture("compression.json"));
+  ASSERT_TRUE(in.good()) << "regenerate with " << kRegenerateCompression;
+  const nlohmann::json golden = nlohmann::json::parse(in)["adapters"][GetParam()];
+  ASSERT_TRUE(golden.is_object()) << GetParam();
+  const int64_t k = golden["max_rank"].get<int64_t>();
+  const std::string trained = StoriesFixture(golden["adapter"].get<std::string>());
+  const std::string truncated = CompressedFixture(GetParam());
+  auto m = LoadModel(Stories260KDir());
+  ASSERT_NE(m, nullptr);
+  AdapterLoadOptions o{kernels::DType::kF32, 256};
+  o.compress_rank = k;
+  ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(trained, m->config(), o));
+  ASSERT_OK_AND_ASSIGN(auto ref,
+                       LoraAdapter::Load(truncated, m->config(), {kernels::DType::kF32, 256}));
+
+  // The report: numpy's relative errors, per module and overall.
+  ASSERT_TRUE(ad->compression().has_value());
+  const CompressionReport& report = *ad->compression();
+  EXPECT_EQ(report.max_rank, k);
+  EXPECT_EQ(ad->max_rank(), k);
+  EXPECT_NEAR(report.relative_error, golden["relative_error"].get<double>(), 1e-6);
+  ASSERT_EQ(report.modules.size(), golden["modules"].size());
+  for (size_t i = 0; i < report.modules.size(); ++i) {
+    const nlohmann::json& g = golden["modules"][i];
+    EXPECT_EQ(report.modules[i].module, g["module"].get<std::string>());
+    EXPECT_EQ(report.modules[i].trained_rank, g["trained_rank"].get<int64_t>());
+    EXPECT_EQ(report.modules[i].rank, g["rank"].get<int64_t>());
+    EXPECT_NEAR(report.modules[i].relative_error, g["relative_error"].get<double>(), 1e-6)
+        << report.modules[i].module;
+  }
+
+  // The served update equals numpy's truncated one (the factors may differ by signs, their
+  // products may not), within f32 rounding of the factors.
+  int modules = 0;
+  for (int64_t l = 0; l < m->config().num_layers; ++l) {
+    for (int mi = 0; mi < model::kNumLinearModules; ++mi) {
+      const model::LoraPair* got = ad->view().layers[l][mi];
+      const model::LoraPair* want = ref->view().layers[l][mi];
+      ASSERT_EQ(got == nullptr, want == nullptr) << "layer " << l << " module " << mi;
+      if (got == nullptr) continue;
+      ++modules;
+      EXPECT_EQ(got->rank, want->rank);
+      const std::vector<double> g = Product(*got), w = Product(*want);
+      double max_abs = 0, max_diff = 0;
+      for (size_t i = 0; i < w.size(); ++i) {
+        max_abs = std::max(max_abs, std::abs(w[i]));
+        max_diff = std::max(max_diff, std::abs(g[i] - w[i]));
+      }
+      EXPECT_LE(max_diff, 1e-5 * max_abs) << ModuleKey(l, static_cast<model::LinearModule>(mi));
+    }
+  }
+  EXPECT_EQ(modules, static_cast<int>(golden["modules"].size()));
+
+  // Logits: PEFT's with the truncated update, unmerged, merged, and batched beside qv.
+  std::vector<GoldenPrompt> prompts = ReadGolden(truncated + "/logits.json");
+  ASSERT_EQ(prompts.size(), 4u) << "regenerate with " << kRegenerateCompression;
+  for (const GoldenPrompt& g : prompts) {
+    const bool merged = g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
+    if (merged) ASSERT_OK(m->Merge(&ad->view()));
+    EXPECT_TRUE(AllClose(RunOne(*m, g, &ad->view()), g.logits, testing::kF32ModelLogits))
+        << g.name << "; regenerate with " << kRegenerateCompression;
+    if (merged) ASSERT_OK(m->Unmerge());
+  }
+  ASSERT_OK_AND_ASSIGN(
+      auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));
+  std::vector<GoldenPrompt> qv_golden = ReadGolden(StoriesFixture("qv") + "/logits.json");
+  ASSERT_GE(qv_golden.size(), 2u);
+  std::vector<std::vector<float>> got =
+      RunBatch(*m, {prompts[0].ids, qv_golden[1].ids},
+               {prompts[0].positions, qv_golden[1].positions}, {0, 1}, {&ad->view(), &qv->view()});
+  EXPECT_TRUE(AllClose(got[0], prompts[0].logits, testing::kF32ModelLogits)) << "batched";
+  EXPECT_TRUE(AllClose(got[1], qv_golden[1].logits, testing::kF32ModelLogits)) << "qv beside it";
+}
+
+INSTANTIATE_TEST_SUITE_P(Adapters, StoriesCompressionTest,
+                         ::testing::Values("rank64_r8", "all_linear_r2"));
+
+// A compress_rank at or above the trained rank keeps every module as trained, bit for bit, and
+// reports no loss; bf16 storage rounds the truncated factors once, as it rounds trained ones.
+TEST(StoriesCompressionTest, RankAtOrAboveTheTrainedOneKeepsTheAdapter) {
+  auto m = LoadModel(Stories260KDir());
+  ASSERT_NE(m, nullptr);
+  for (kernels::DType dtype : {kernels::DType::kF32, kernels::DType::kBF16}) {
+    AdapterLoadOptions o{dtype, 256};
+    ASSERT_OK_AND_ASSIGN(auto plain,
+                         LoraAdapter::Load(StoriesFixture("all_linear"), m->config(), o));
+    EXPECT_FALSE(plain->compression().has_value());
+    o.compress_rank = 4;  // all_linear's rank
+    ASSERT_OK_AND_ASSIGN(auto same,
+                         LoraAdapter::Load(StoriesFixture("all_linear"), m->config(), o));
+    ASSERT_TRUE(same->compression().has_value());
+    EXPECT_EQ(same->compression()->relative_error, 0.0);
+    EXPECT_EQ(same->compression()->trained_max_rank, 4);
+    EXPECT_EQ(same->bytes(), plain->bytes());
+    for (const ModuleCompression& mc : same->compression()->modules) {
+      EXPECT_EQ(mc.rank, 4);
+      EXPECT_EQ(mc.relative_error, 0.0);
+    }
+    const int64_t elem = dtype == kernels::DType::kF32 ? 4 : 2;
+    for (int64_t l = 0; l < m->config().num_layers; ++l) {
+      for (int mi = 0; mi < model::kNumLinearModules; ++mi) {
+        const model::LoraPair* a = plain->view().layers[l][mi];
+        const model::LoraPair* b = same->view().layers[l][mi];
+        ASSERT_EQ(a == nullptr, b == nullptr);
+        if (a == nullptr) continue;
+        EXPECT_EQ(std::memcmp(a->a.data, b->a.data, a->a.rows * a->a.cols * elem), 0);
+        EXPECT_EQ(std::memcmp(a->b.data, b->b.data, a->b.rows * a->b.cols * elem), 0);
+      }
+    }
+    o.compress_rank = 2;
+    ASSERT_OK_AND_ASSIGN(auto half,
+                         LoraAdapter::Load(StoriesFixture("all_linear"), m->config(), o));
+    EXPECT_EQ(half->max_rank(), 2);
+    EXPECT_EQ(half->bytes() * 2, plain->bytes());
+    EXPECT_GT(half->compression()->relative_error, 0.0);
+  }
+}
+
+// --max-lora-rank applies to the served rank: a rank-64 adapter is refused by a server capped at
+// 16, and accepted there compressed to 16. A negative compress_rank is refused.
+TEST(StoriesCompressionTest, MaxRankAppliesToTheCompressedRank) {
+  auto m = LoadModel(Stories260KDir());
+  ASSERT_NE(m, nullptr);
+  AdapterLoadOptions o{kernels::DType::kBF16, 16};
+  auto refused = LoraAdapter::Load(StoriesFixture("rank64"), m->config(), o);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()),
+              ::testing::HasSubstr("max_rank compresses it"));
+  o.compress_rank = 16;
+  ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(StoriesFixture("rank64"), m->config(), o));
+  EXPECT_EQ(ad->max_rank(), 16);
+  o.compress_rank = -1;
+  EXPECT_EQ(LoraAdapter::Load(StoriesFixture("rank64"), m->config(), o).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -443,6 +443,67 @@ TEST_F(RegistryTest, ReopenServesTheSameVersionsAndDropsLeftovers) {
   EXPECT_EQ(v3.version, 3);
 }
 
+// max_rank at registration: the version serves the compressed adapter, reports what it cost,
+// and stays compressed through an eviction and reload and across a restart (the manifest records
+// it; the files stay as trained). A negative one is refused and registers nothing.
+TEST_F(RegistryTest, CompressedRegistrationSurvivesReloadAndRestart) {
+  options_.max_loaded = 1;
+  options_.load.max_rank = 16;  // rank64 fits only compressed
+  {
+    auto r = Open();
+    ASSERT_NE(r, nullptr);
+    EXPECT_EQ(r->RegisterFromPath("big", "rank64", false, false).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ(r->RegisterFromPath("big", "rank64", false, false, -2).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(r->List().empty());
+    ASSERT_OK_AND_ASSIGN(AdapterInfo info, r->RegisterFromPath("big", "rank64", false, false, 8));
+    EXPECT_EQ(info.max_rank, 8);
+    EXPECT_EQ(info.ranks.at("q_proj"), 8);
+    ASSERT_TRUE(info.compression.has_value());
+    EXPECT_EQ(info.compression->max_rank, 8);
+    EXPECT_EQ(info.compression->trained_max_rank, 64);
+    EXPECT_GT(info.compression->relative_error, 0.0);
+    EXPECT_LT(info.compression->relative_error, 1.0);
+    const double error = info.compression->relative_error;
+    // An upload takes the same field.
+    const std::string config = ReadAll(Fixture("all_linear/adapter_config.json"));
+    const std::string weights = ReadAll(Fixture("all_linear/adapter_model.safetensors"));
+    ASSERT_OK_AND_ASSIGN(auto up, r->BeginUpload("small", false, "", false, 1));
+    EXPECT_EQ(r->BeginUpload("bad", false, "", false, -1).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    ASSERT_THAT(up->Append("adapter_config.json", config), IsOk());
+    ASSERT_THAT(up->Append("adapter_model.safetensors", weights), IsOk());
+    ASSERT_OK_AND_ASSIGN(AdapterInfo small, up->Commit());
+    EXPECT_EQ(small.max_rank, 1);
+    ASSERT_TRUE(small.compression.has_value());
+    // Room for one: acquiring "big" evicts "small" and reloads "big" from disk, compressed again.
+    ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> lease, r->Acquire("big"));
+    EXPECT_EQ(lease->adapter().max_rank(), 8);
+    ASSERT_OK_AND_ASSIGN(AdapterInfo again, r->Get("big"));
+    EXPECT_GE(again.reloads, 1);
+    EXPECT_EQ(again.compression->relative_error, error);
+    // Replacing without max_rank serves the next version as trained (here: refused, rank 64 >
+    // 16), and the compressed version stays current.
+    EXPECT_EQ(r->RegisterFromPath("big", "rank64", true, false).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+    ASSERT_OK_AND_ASSIGN(AdapterInfo still, r->Get("big"));
+    EXPECT_EQ(still.version, 1);
+  }
+  auto r = Open();
+  ASSERT_NE(r, nullptr);
+  ASSERT_OK_AND_ASSIGN(AdapterInfo info, r->Get("big"));
+  EXPECT_EQ(info.max_rank, 8);
+  ASSERT_TRUE(info.compression.has_value());
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> lease, r->Acquire("big"));
+  EXPECT_EQ(lease->adapter().max_rank(), 8);
+  ASSERT_OK_AND_ASSIGN(AdapterInfo small, r->Get("small"));
+  EXPECT_EQ(small.max_rank, 1);
+  // The files in the state directory are the trained ones.
+  EXPECT_EQ(ReadAll(VersionDir(state_dir_, "big", 1) + "/adapter_model.safetensors"),
+            ReadAll(Fixture("rank64/adapter_model.safetensors")));
+}
+
 TEST_F(RegistryTest, DamagedStateIsDataLoss) {
   {
     auto r = Open();
@@ -587,6 +648,29 @@ TEST(ManifestTest, MergedFieldIsOptionalAndAtMostOnce) {
       "format_version": 1, "adapters": [{"name": "a", "version": 1, "sha256": "ab",
       "merged": "yes"}]})";
   EXPECT_THAT(ReadManifest(dir), StatusIs(absl::StatusCode::kDataLoss, "adapters[0].merged"));
+  fs::remove_all(dir);
+}
+
+// max_rank (the rank compression of a version) is optional (older manifests: 0), round-trips,
+// and must be an integer >= 0.
+TEST(ManifestTest, MaxRankFieldIsOptionalAndNonNegative) {
+  const std::string dir = MakeTempDir("lp-manifest");
+  std::ofstream(dir + "/manifest.json") << R"({"format": "loraplex-adapter-manifest",
+      "format_version": 1, "adapters": [{"name": "a", "version": 2, "sha256": "ab"}]})";
+  ASSERT_OK_AND_ASSIGN(std::vector<ManifestEntry> old, ReadManifest(dir));
+  ASSERT_EQ(old.size(), 1u);
+  EXPECT_EQ(old[0].max_rank, 0);
+  old[0].max_rank = 8;
+  ASSERT_THAT(WriteManifest(dir, old), IsOk());
+  ASSERT_OK_AND_ASSIGN(std::vector<ManifestEntry> back, ReadManifest(dir));
+  EXPECT_EQ(back[0].max_rank, 8);
+  for (const char* bad : {"-1", "2.5", "\"8\""}) {
+    std::ofstream(dir + "/manifest.json") << R"({"format": "loraplex-adapter-manifest",
+        "format_version": 1, "adapters": [{"name": "a", "version": 1, "sha256": "ab",
+        "max_rank": )" << bad << "}]}";
+    EXPECT_THAT(ReadManifest(dir), StatusIs(absl::StatusCode::kDataLoss, "adapters[0].max_rank"))
+        << bad;
+  }
   fs::remove_all(dir);
 }
 

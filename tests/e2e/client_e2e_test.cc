@@ -298,6 +298,71 @@ TEST_F(ClientE2eTest, AdaptersLifecycle) {
   EXPECT_EQ(r.code, 2);
 }
 
+// `adapters load|upload --max-rank`: the server serves the adapter compressed, with numpy's
+// relative errors (tests/fixtures/peft/stories260k/compressed/compression.json,
+// tools/make_compression_goldens.py) in GetAdapter; its inspected spectrum is the top of the
+// trained one (inspection.json); a negative rank is refused.
+TEST_F(ClientE2eTest, AdaptersLoadAndUploadWithMaxRank) {
+  std::ifstream cf(PeftRoot() + "/compressed/compression.json");
+  const nlohmann::json golden = nlohmann::json::parse(cf)["adapters"];
+  CliResult r = Run({"adapters", "load", "cmp64", "rank64", "--replace", "--max-rank=8"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("rank 8 compressed from 64, relative error 0.665"), std::string::npos)
+      << r.out;
+  r = Run({"adapters", "get", "cmp64", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  nlohmann::json info = nlohmann::json::parse(r.out);
+  EXPECT_EQ(info["rank"], 8);
+  EXPECT_EQ(info["ranks"]["q_proj"], 8);
+  const nlohmann::json& want = golden["rank64_r8"];
+  ASSERT_TRUE(info["compression"].is_object()) << r.out;
+  EXPECT_EQ(info["compression"]["max_rank"], 8);
+  EXPECT_EQ(info["compression"]["trained_rank"], 64);
+  EXPECT_NEAR(info["compression"]["relative_error"].get<double>(),
+              want["relative_error"].get<double>(), 1e-6);
+  ASSERT_EQ(info["compression"]["modules"].size(), want["modules"].size());
+  for (size_t i = 0; i < want["modules"].size(); ++i) {
+    const nlohmann::json& g = info["compression"]["modules"][i];
+    EXPECT_EQ(g["module"], want["modules"][i]["module"]);
+    EXPECT_EQ(g["rank"], 8);
+    EXPECT_NEAR(g["relative_error"].get<double>(),
+                want["modules"][i]["relative_error"].get<double>(), 1e-6);
+  }
+  r = Run({"adapters", "get", "cmp64"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("max rank 8 (trained rank 64), 10 of 10 modules truncated"),
+            std::string::npos)
+      << r.out;
+  r = Run({"generate", "--adapter=cmp64", "--prompt-ids=1", "--max-tokens=4", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+
+  r = Run(
+      {"adapters", "upload", "cmp-all", PeftRoot() + "/all_linear", "--replace", "--max-rank=2"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_NE(r.out.find("rank 2 compressed from 4"), std::string::npos) << r.out;
+  // Its spectrum is the trained one's top two (the served bf16 factors, hence 1e-2).
+  std::ifstream gf(PeftRoot() + "/inspection.json");
+  const nlohmann::json trained = nlohmann::json::parse(gf)["adapters"]["all_linear"]["modules"];
+  r = Run({"adapters", "inspect", "cmp-all", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json inspected = nlohmann::json::parse(r.out)["modules"];
+  ASSERT_EQ(inspected.size(), trained.size());
+  for (size_t i = 0; i < trained.size(); ++i) {
+    EXPECT_EQ(inspected[i]["rank"], 2);
+    for (int k = 0; k < 2; ++k) {
+      const double v = trained[i]["singular_values"][k];
+      EXPECT_NEAR(inspected[i]["singular_values"][k].get<double>(), v, 1e-2 * v)
+          << trained[i]["module"] << " " << k;
+    }
+  }
+
+  r = Run({"adapters", "load", "cmp-bad", "rank64", "--max-rank=-1"});
+  EXPECT_EQ(r.code, 6) << Describe(r);
+  EXPECT_NE(r.err.find("max_rank must be 0"), std::string::npos) << r.err;
+  EXPECT_EQ(Run({"adapters", "unload", "cmp64"}).code, 0);
+  EXPECT_EQ(Run({"adapters", "unload", "cmp-all"}).code, 0);
+}
+
 // `adapters inspect` against numpy's dense SVD (tests/fixtures/peft/stories260k/inspection.json,
 // tools/make_inspection_goldens.py): the JSON per module and the similarity of a pair, the table,
 // the SVG spectra, the same base (pristine) while the adapter is merged, and an unknown name.

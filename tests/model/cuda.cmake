@@ -40,8 +40,8 @@ if(TARGET lp_model AND TARGET lp_adapters)
   endforeach()
   list(REMOVE_DUPLICATES _lp_emulated_srcs)
   lp_test(cuda_model_emulated_test SRCS ${_lp_emulated_srcs}
-    DEPS lp_tokenizer lp_formats lp_kernels lp_common nlohmann_json::nlohmann_json re2::re2
-         absl::strings absl::status absl::statusor
+    DEPS lp_tokenizer lp_formats lp_kernels lp_common Eigen3::Eigen nlohmann_json::nlohmann_json
+         re2::re2 absl::strings absl::status absl::statusor
     LABELS "model")
   target_compile_definitions(cuda_model_emulated_test PRIVATE LP_HAVE_CUDA=1 LP_CUDA_EMULATED=1)
 endif()
