@@ -24,8 +24,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct SamplingFlags {
-  std::string adapter;
-  int64_t max_tokens = 0;  // 0: the server's default
+  std::vector<std::string> adapters;  // none: the base model; several: a weighted mix
+  std::string adapter_weights;        // with a mix: one weight per --adapter (default 1 each)
+  int64_t max_tokens = 0;             // 0: the server's default
   double temperature = 0;
   int64_t top_k = 0;
   double top_p = 1;
@@ -37,7 +38,11 @@ struct SamplingFlags {
 };
 
 void AddSamplingFlags(ArgParser& p, SamplingFlags& s) {
-  p.AddString("adapter", &s.adapter, "adapter name or name@version (empty: the base model)");
+  p.AddList("adapter", &s.adapters,
+            "adapter name or name@version (none: the base model); repeat for a weighted mix");
+  p.AddString(
+      "adapter-weights", &s.adapter_weights,
+      "a mix's weights, one per --adapter, comma-separated (e.g. 0.7,-0.4; default 1 each)");
   p.AddInt("max-tokens", &s.max_tokens, "tokens to generate (0: the server's default)");
   p.AddDouble("temperature", &s.temperature, "0 = greedy");
   p.AddInt("top-k", &s.top_k, "0 = off");
@@ -63,7 +68,29 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& flag, const std
 }
 
 absl::Status FillSampling(const SamplingFlags& s, v1::GenerateRequest& req) {
-  req.set_adapter(s.adapter);
+  std::vector<double> weights;
+  for (absl::string_view part : absl::StrSplit(s.adapter_weights, ',', absl::SkipWhitespace())) {
+    double w = 0;
+    if (!absl::SimpleAtod(part, &w)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--adapter-weights: '", std::string(part), "' is not a number"));
+    }
+    weights.push_back(w);
+  }
+  if (!weights.empty() && weights.size() != s.adapters.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("--adapter-weights: ", weights.size(),
+                                                   " weights for ", s.adapters.size(),
+                                                   " --adapter flags"));
+  }
+  if (s.adapters.size() == 1 && weights.empty()) {
+    req.set_adapter(s.adapters[0]);
+  } else {
+    for (size_t i = 0; i < s.adapters.size(); ++i) {
+      v1::WeightedAdapter* a = req.add_adapters();
+      a->set_name(s.adapters[i]);
+      if (!weights.empty()) a->set_weight(static_cast<float>(weights[i]));
+    }
+  }
   if (s.max_tokens != 0) req.set_max_tokens(static_cast<int32_t>(s.max_tokens));
   req.set_temperature(static_cast<float>(s.temperature));
   req.set_top_k(static_cast<int32_t>(s.top_k));
@@ -314,7 +341,8 @@ int RunChat(const std::vector<std::string>& args) {
   std::string line;
   while (true) {
     if (tty) {
-      std::cout << (s.adapter.empty() ? "" : "[" + s.adapter + "] ") << "you> " << std::flush;
+      const std::string shown = absl::StrJoin(s.adapters, "+");
+      std::cout << (shown.empty() ? "" : "[" + shown + "] ") << "you> " << std::flush;
     }
     if (!std::getline(std::cin, line)) break;
     if (line.empty()) continue;
@@ -325,8 +353,11 @@ int RunChat(const std::vector<std::string>& args) {
       continue;
     }
     if (line.rfind("/adapter", 0) == 0) {
-      s.adapter = std::string(absl::StripAsciiWhitespace(line.substr(8)));
-      std::cout << "(adapter: " << (s.adapter.empty() ? "base model" : s.adapter) << ")\n";
+      const std::string name(absl::StripAsciiWhitespace(line.substr(8)));
+      s.adapters.clear();
+      s.adapter_weights.clear();
+      if (!name.empty()) s.adapters.push_back(name);
+      std::cout << "(adapter: " << (name.empty() ? "base model" : name) << ")\n";
       continue;
     }
     v1::GenerateRequest req;

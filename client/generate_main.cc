@@ -21,7 +21,10 @@
 
 ABSL_FLAG(std::string, model, "", "GGUF file or HF model folder");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer from another GGUF file or HF folder");
-ABSL_FLAG(std::string, adapter, "", "PEFT adapter folder (adapter_config.json + safetensors)");
+ABSL_FLAG(std::vector<std::string>, adapter, {},
+          "PEFT adapter folder (adapter_config.json + safetensors); repeat for a weighted mix");
+ABSL_FLAG(std::vector<std::string>, adapter_weights, {},
+          "a mix's weights, one per --adapter, comma-separated (e.g. 0.7,-0.4; default 1 each)");
 ABSL_FLAG(std::string, prompt, "", "prompt text (encoded with BOS when the model uses one)");
 ABSL_FLAG(std::string, prompt_ids, "", "prompt as comma-separated token ids");
 ABSL_FLAG(std::string, chat, "", "a user message, formatted with the model's chat template");
@@ -96,6 +99,19 @@ absl::StatusOr<std::vector<int32_t>> BuildPrompt(const model::LlamaModel& m) {
   return out;
 }
 
+// --adapter (repeated: a mix) and --adapter-weights.
+absl::Status LoadAdapters(const model::LlamaModel& m, OfflineAdapter& adapter) {
+  std::vector<double> weights;
+  for (const std::string& w : absl::GetFlag(FLAGS_adapter_weights)) {
+    double v = 0;
+    if (!absl::SimpleAtod(w, &v)) {
+      return absl::InvalidArgumentError("--adapter-weights: '" + w + "' is not a number");
+    }
+    weights.push_back(v);
+  }
+  return adapter.Load(absl::GetFlag(FLAGS_adapter), weights, m, absl::GetFlag(FLAGS_max_lora_rank));
+}
+
 // --score FILE: prints the chunks, scored tokens, mean negative log-likelihood and perplexity.
 int Score(model::LlamaModel& m) {
   if (!m.has_tokenizer()) return Fail(absl::InvalidArgumentError("--score needs a tokenizer"));
@@ -106,13 +122,8 @@ int Score(model::LlamaModel& m) {
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const std::vector<int32_t> tokens = m.tokenizer().Encode(text, m.tokenizer().spec().add_bos);
   OfflineAdapter adapter;
-  if (!absl::GetFlag(FLAGS_adapter).empty()) {
-    absl::Status s =
-        adapter.Load(absl::GetFlag(FLAGS_adapter), m, absl::GetFlag(FLAGS_max_lora_rank));
-    if (!s.ok()) return Fail(s);
-  }
-  auto r = model::ScoreTokens(m, tokens, absl::GetFlag(FLAGS_score_context),
-                              absl::GetFlag(FLAGS_adapter).empty() ? nullptr : adapter.view());
+  if (absl::Status s = LoadAdapters(m, adapter); !s.ok()) return Fail(s);
+  auto r = model::ScoreTokens(m, tokens, absl::GetFlag(FLAGS_score_context), adapter.view());
   if (!r.ok()) return Fail(r.status());
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json out = {{"tokens", tokens.size()},           {"chunks", r->chunks},
@@ -170,12 +181,8 @@ int Run() {
   opts.stop = absl::GetFlag(FLAGS_stop);
 
   OfflineAdapter adapter;
-  if (!absl::GetFlag(FLAGS_adapter).empty()) {
-    absl::Status s =
-        adapter.Load(absl::GetFlag(FLAGS_adapter), **m, absl::GetFlag(FLAGS_max_lora_rank));
-    if (!s.ok()) return Fail(s);
-    opts.adapter = adapter.view();
-  }
+  if (absl::Status s = LoadAdapters(**m, adapter); !s.ok()) return Fail(s);
+  opts.adapter = adapter.view();
 
   const bool json = absl::GetFlag(FLAGS_json);
   auto result = model::Generate(**m, *prompt, opts, [&](const std::string& delta) {
@@ -216,8 +223,30 @@ int Run() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "offline generation: loraplex-generate --model PATH (--prompt TEXT | --prompt-ids 1,2 | "
-      "--chat TEXT) [--adapter DIR] [--max-tokens N] [--temperature T] [--json] ...");
-  loraplex::DashedArgs args(argc, argv);
+      "--chat TEXT) [--adapter DIR [--adapter DIR2 --adapter-weights W1,W2]] [--max-tokens N] "
+      "[--temperature T] [--json] ...");
+  // --adapter may be repeated (a weighted mix); absl keeps a flag's last value, so the
+  // occurrences are joined into one comma-separated list first.
+  std::vector<std::string> joined;
+  std::string adapters;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--") {
+      for (; i < argc; ++i) joined.push_back(argv[i]);
+      break;
+    }
+    if (a == "--adapter" && i + 1 < argc) {
+      adapters += (adapters.empty() ? "" : ",") + std::string(argv[++i]);
+    } else if (a.rfind("--adapter=", 0) == 0) {
+      adapters += (adapters.empty() ? "" : ",") + a.substr(10);
+    } else {
+      joined.push_back(a);
+    }
+  }
+  if (!adapters.empty()) joined.insert(joined.begin() + 1, "--adapter=" + adapters);
+  std::vector<char*> ptrs;
+  for (std::string& s : joined) ptrs.push_back(s.data());
+  loraplex::DashedArgs args(static_cast<int>(ptrs.size()), ptrs.data());
   absl::ParseCommandLine(args.argc(), args.argv());
   return loraplex::Run();
 }

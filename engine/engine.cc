@@ -273,8 +273,9 @@ void Engine::RunStep(const StepPlan& plan) {
     const Sequence& seq = *c.seq;
     std::copy(seq.blocks.begin(), seq.blocks.end(), batch.block_tables.begin() + i * max_blocks);
     int32_t adapter = -1;  // index into batch.adapters
-    if (seq.request.adapter != nullptr) {
-      const model::LoraWeightsView* w = &seq.request.adapter->view();
+    if (seq.request.adapter != nullptr || seq.request.mix != nullptr) {
+      const model::LoraWeightsView* w =
+          seq.request.mix != nullptr ? &seq.request.mix->view() : &seq.request.adapter->view();
       auto it = std::find(batch.adapters.begin(), batch.adapters.end(), w);
       adapter = static_cast<int32_t>(it - batch.adapters.begin());
       if (it == batch.adapters.end()) batch.adapters.push_back(w);

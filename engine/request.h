@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "adapters/lora_mix.h"
 #include "adapters/registry.h"
 #include "model/llama_model.h"
 #include "model/sampler.h"
@@ -43,6 +44,9 @@ struct GenerationRequest {
   // replace or unload the adapter at any time: a running request finishes on the version it
   // started with, and that version's weights go when the engine drops the request.
   std::shared_ptr<const adapters::Lease> adapter;
+  // A weighted mix of adapters (adapters/lora_mix.h) instead of `adapter` (which is then null):
+  // it holds its own copy of the weights.
+  std::shared_ptr<const adapters::LoraMix> mix;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kEos, kCancelled, kError };

@@ -1,14 +1,18 @@
 #include "server/inference_service.h"
 
 #include <atomic>
+#include <cmath>
 #include <deque>
+#include <set>
 #include <string>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "adapters/lora_mix.h"
 #include "common/sync.h"
 #include "server/reactors.h"
 #include "server/request_mapping.h"
@@ -61,6 +65,7 @@ class GenerationCall : public RefCounted {
   void Start(const v1::GenerateRequest& proto, adapters::AdapterRegistry& registry, bool draining,
              engine::OutputSink sink) {
     if (draining) return FinishCall(Refuse(absl::UnavailableError("the server is shutting down")));
+    if (proto.adapters_size() > 0) return StartMix(proto, registry, std::move(sink));
     if (proto.adapter().empty()) {
       absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(proto, *engine_);
       if (!req.ok()) return FinishCall(Refuse(req.status()));
@@ -82,6 +87,53 @@ class GenerationCall : public RefCounted {
                              absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
           self->Resolved(std::move(lease), std::move(*request), std::move(sink));
         });
+  }
+
+  // A request for a weighted mix (GenerateRequest.adapters): everything else is checked first, then
+  // the adapters are acquired one after another (AcquireAsync, so possibly on loader threads), the
+  // mix is built from their weights (adapters/lora_mix.h; it copies them, so the leases go at once)
+  // and the request is submitted with it. While a part waits for memory the parts already taken
+  // stay leased: a mix larger than the registry's memory budget fails after acquire_timeout.
+  void StartMix(const v1::GenerateRequest& proto, adapters::AdapterRegistry& registry,
+                engine::OutputSink sink) {
+    adapter_label_ = "mix";
+    if (!proto.adapter().empty()) {
+      return FinishCall(
+          Refuse(absl::InvalidArgumentError("set either adapter or adapters (a mix), not both")));
+    }
+    if (proto.adapters_size() > adapters::kMaxMixParts) {
+      return FinishCall(Refuse(absl::InvalidArgumentError(
+          absl::StrCat("adapters: a mix names at most ", adapters::kMaxMixParts, " adapters, got ",
+                       proto.adapters_size()))));
+    }
+    auto mix = std::make_shared<PendingMix>();
+    std::set<std::string> names;
+    for (const v1::WeightedAdapter& a : proto.adapters()) {
+      absl::StatusOr<adapters::AdapterSpec> spec = adapters::ParseAdapterSpec(a.name());
+      if (!spec.ok()) return FinishCall(Refuse(spec.status()));
+      if (!names.insert(spec->name).second) {
+        return FinishCall(Refuse(absl::InvalidArgumentError(
+            absl::StrCat("adapters: '", spec->name, "' appears more than once"))));
+      }
+      const float weight = a.has_weight() ? a.weight() : 1.0f;
+      if (!std::isfinite(weight)) {
+        return FinishCall(Refuse(absl::InvalidArgumentError(
+            absl::StrCat("adapters: the weight of '", spec->name, "' is not finite"))));
+      }
+      mix->specs.push_back(a.name());
+      mix->weights.push_back(weight);
+    }
+    v1::GenerateRequest rest = proto;
+    rest.clear_adapters();
+    absl::StatusOr<engine::GenerationRequest> req = ToGenerationRequest(rest, *engine_);
+    if (!req.ok()) return FinishCall(Refuse(req.status()));
+    {
+      MutexLock lock(&wait_mu_);
+      waiting_ = true;
+    }
+    mix->request = *std::move(req);
+    mix->sink = std::move(sink);
+    AcquireNextPart(&registry, std::move(mix));
   }
 
   // For OnCancel. True when the call was waiting for its adapter: the caller then ends it as
@@ -139,6 +191,55 @@ class GenerationCall : public RefCounted {
   OutputContext rendering_;
 
  private:
+  // A mix while its parts are acquired.
+  struct PendingMix {
+    std::vector<std::string> specs;
+    std::vector<float> weights;
+    std::vector<std::shared_ptr<const adapters::Lease>> leases;  // of specs[0..size)
+    engine::GenerationRequest request;
+    engine::OutputSink sink;
+  };
+
+  void AcquireNextPart(adapters::AdapterRegistry* registry, std::shared_ptr<PendingMix> mix) {
+    const std::string spec = mix->specs[mix->leases.size()];
+    registry->AcquireAsync(
+        spec, [self = RefPtr<GenerationCall>(this), registry, mix = std::move(mix)](
+                  absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
+          {
+            MutexLock lock(&self->wait_mu_);
+            if (self->wait_cancelled_) return;  // the call ended; the leases go with `mix`
+          }
+          if (!lease.ok()) {
+            return self->Resolved(lease.status(), std::move(mix->request), std::move(mix->sink));
+          }
+          mix->leases.push_back(*std::move(lease));
+          if (mix->leases.size() < mix->specs.size()) {
+            return self->AcquireNextPart(registry, std::move(mix));
+          }
+          self->BuildMix(*registry, std::move(mix));
+        });
+  }
+
+  void BuildMix(const adapters::AdapterRegistry& registry, std::shared_ptr<PendingMix> mix) {
+    std::vector<adapters::MixPart> parts;
+    std::vector<std::string> described;
+    for (size_t i = 0; i < mix->leases.size(); ++i) {
+      parts.push_back({&mix->leases[i]->view(), mix->weights[i]});
+      described.push_back(absl::StrCat(mix->leases[i]->name(), "@", mix->leases[i]->version(), "*",
+                                       mix->weights[i]));
+    }
+    absl::StatusOr<std::unique_ptr<adapters::LoraMix>> built = adapters::LoraMix::Build(
+        parts, engine_->model().config(), registry.options().load.max_rank);
+    mix->leases.clear();  // the mix holds its own copy of the weights
+    if (!built.ok()) {
+      return Resolved(built.status(), std::move(mix->request), std::move(mix->sink));
+    }
+    mix->request.mix = *std::move(built);
+    mix_name_ = absl::StrJoin(described, "+");
+    Resolved(std::shared_ptr<const adapters::Lease>(), std::move(mix->request),
+             std::move(mix->sink));
+  }
+
   // The adapter resolve callback (this thread, or a registry loader thread).
   void Resolved(absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease,
                 engine::GenerationRequest request, engine::OutputSink sink) {
@@ -148,16 +249,20 @@ class GenerationCall : public RefCounted {
       waiting_ = false;             // from here on OnCancel cancels the engine request
     }
     if (!lease.ok()) return FinishCall(Refuse(lease.status()));
-    request.adapter = *std::move(lease);
+    if (request.mix == nullptr) request.adapter = *std::move(lease);
     Submit(std::move(request), std::move(sink));
   }
 
   void Submit(engine::GenerationRequest req, engine::OutputSink sink) {
-    adapter_label_ = req.adapter == nullptr ? "base" : req.adapter->name();
+    adapter_label_ = req.mix != nullptr       ? "mix"
+                     : req.adapter == nullptr ? "base"
+                                              : req.adapter->name();
     rendering_.logprobs = req.sampling.logprobs;
     if (req.adapter != nullptr) {
       rendering_.adapter = req.adapter->name();
       rendering_.adapter_version = req.adapter->version();
+    } else if (req.mix != nullptr) {
+      rendering_.adapter = mix_name_;
     }
     start_ = absl::Now();
     absl::StatusOr<engine::RequestId> id = engine_->Submit(std::move(req), std::move(sink));
@@ -174,6 +279,7 @@ class GenerationCall : public RefCounted {
   // cancels the request itself once it has the id.
   std::atomic<engine::RequestId> id_{0};
   std::string adapter_label_ = "-";
+  std::string mix_name_;  // "a@1*0.7+b@3*-0.4", set before Submit
   absl::Time start_;
   absl::Time last_token_;          // engine thread
   bool seen_first_token_ = false;  // engine thread

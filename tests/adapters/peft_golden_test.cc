@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "adapters/lora_adapter.h"
+#include "adapters/lora_mix.h"
 #include "model/generate.h"
 #include "model/llama_model.h"
 #include "nlohmann/json.hpp"
@@ -662,6 +663,106 @@ TEST(StoriesCompressionTest, MaxRankAppliesToTheCompressedRank) {
   o.compress_rank = -1;
   EXPECT_EQ(LoraAdapter::Load(StoriesFixture("rank64"), m->config(), o).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// Weighted mixes (adapters/lora_mix.h) against PEFT's add_weighted_adapter(combination_type="cat")
+// (tools/make_mix_goldens.py): unmerged, merged, and in one batch with a single adapter and the
+// base model.
+constexpr const char* kRegenerateMixes = "python3 tools/make_mix_goldens.py";
+
+std::string MixFixture(const std::string& name) {
+  return FixturesDir() + "/peft/stories260k/mixes/" + name;
+}
+
+class StoriesMixTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(StoriesMixTest, LogitsMatchPeftCatUnmergedMergedAndBatched) {
+  std::ifstream in(MixFixture("mixes.json"));
+  ASSERT_TRUE(in.good()) << "regenerate with " << kRegenerateMixes;
+  const nlohmann::json spec = nlohmann::json::parse(in)["mixes"][GetParam()];
+  ASSERT_TRUE(spec.is_array()) << GetParam();
+  for (const std::string& path : {Stories260KDir(), Stories260KDir() + "/stories260K.gguf"}) {
+    SCOPED_TRACE(path);
+    auto m = LoadModel(path);
+    ASSERT_NE(m, nullptr);
+    std::vector<std::unique_ptr<LoraAdapter>> parts;
+    std::vector<MixPart> mix_parts;
+    for (const nlohmann::json& p : spec) {
+      ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(StoriesFixture(p["adapter"]), m->config(),
+                                                      {kernels::DType::kF32, 256}));
+      mix_parts.push_back({&ad->view(), p["weight"].get<float>()});
+      parts.push_back(std::move(ad));
+    }
+    ASSERT_OK_AND_ASSIGN(auto mix, LoraMix::Build(mix_parts, m->config(), 256));
+    std::vector<GoldenPrompt> golden = ReadGolden(MixFixture(GetParam()) + "/logits.json");
+    ASSERT_EQ(golden.size(), 4u) << "regenerate with " << kRegenerateMixes;
+    std::vector<GoldenPrompt> base = ReadGolden(StoriesFixture("base_logits.json"));
+    ASSERT_EQ(base.size(), 2u);
+    // The mix changes the output (the goldens are not the base model's).
+    EXPECT_FALSE(AllClose(golden[0].logits, base[0].logits, testing::kF32ModelLogits));
+    for (const GoldenPrompt& g : golden) {
+      const bool merged = g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
+      if (merged) ASSERT_OK(m->Merge(&mix->view()));
+      EXPECT_TRUE(AllClose(RunOne(*m, g, &mix->view()), g.logits, testing::kF32ModelLogits))
+          << g.name << "; regenerate with " << kRegenerateMixes;
+      if (merged) ASSERT_OK(m->Unmerge());
+    }
+    // One batch: the mix, one of its parts alone, and the base model.
+    ASSERT_OK_AND_ASSIGN(
+        auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));
+    std::vector<GoldenPrompt> qv_golden = ReadGolden(StoriesFixture("qv") + "/logits.json");
+    ASSERT_GE(qv_golden.size(), 2u);
+    std::vector<std::vector<float>> got =
+        RunBatch(*m, {golden[1].ids, qv_golden[0].ids, base[1].ids},
+                 {golden[1].positions, qv_golden[0].positions, base[1].positions}, {0, 1, -1},
+                 {&mix->view(), &qv->view()});
+    EXPECT_TRUE(AllClose(got[0], golden[1].logits, testing::kF32ModelLogits)) << "mix, batched";
+    EXPECT_TRUE(AllClose(got[1], qv_golden[0].logits, testing::kF32ModelLogits)) << "qv beside it";
+    EXPECT_TRUE(AllClose(got[2], base[1].logits, testing::kF32ModelLogits)) << "base beside it";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Mixes, StoriesMixTest, ::testing::Values("qv_all", "three"));
+
+// A mix of one adapter at weight 1 is that adapter, bit for bit (also in bf16); the summed rank
+// is checked against the limit; bad parts are refused.
+TEST(StoriesMixTest, OnePartAtWeightOneIsTheAdapterAndLimitsHold) {
+  auto m = LoadModel(Stories260KDir());
+  ASSERT_NE(m, nullptr);
+  for (kernels::DType dtype : {kernels::DType::kF32, kernels::DType::kBF16}) {
+    ASSERT_OK_AND_ASSIGN(auto qv,
+                         LoraAdapter::Load(StoriesFixture("qv"), m->config(), {dtype, 256}));
+    ASSERT_OK_AND_ASSIGN(auto mix, LoraMix::Build({{&qv->view(), 1.0f}}, m->config(), 256));
+    EXPECT_EQ(mix->max_rank(), qv->max_rank());
+    EXPECT_EQ(mix->bytes(), qv->bytes());
+    const int64_t elem = dtype == kernels::DType::kF32 ? 4 : 2;
+    for (int64_t l = 0; l < m->config().num_layers; ++l) {
+      for (int mi = 0; mi < model::kNumLinearModules; ++mi) {
+        const model::LoraPair* a = qv->view().layers[l][mi];
+        const model::LoraPair* b = mix->view().layers[l][mi];
+        ASSERT_EQ(a == nullptr, b == nullptr);
+        if (a == nullptr) continue;
+        EXPECT_EQ(std::memcmp(a->a.data, b->a.data, a->a.rows * a->a.cols * elem), 0);
+        EXPECT_EQ(std::memcmp(a->b.data, b->b.data, a->b.rows * a->b.cols * elem), 0);
+      }
+    }
+    // qv (rank 8) twice: rank 16 on q and v.
+    ASSERT_OK_AND_ASSIGN(
+        auto twice, LoraMix::Build({{&qv->view(), 0.5f}, {&qv->view(), 0.5f}}, m->config(), 16));
+    EXPECT_EQ(twice->max_rank(), 16);
+    EXPECT_EQ(
+        LoraMix::Build({{&qv->view(), 0.5f}, {&qv->view(), 0.5f}}, m->config(), 15).status().code(),
+        absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ(LoraMix::Build({}, m->config(), 256).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(LoraMix::Build({{&qv->view(), std::nanf("")}}, m->config(), 256).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(LoraMix::Build({{nullptr, 1.0f}}, m->config(), 256).status().code(),
+              absl::StatusCode::kInvalidArgument);
+    std::vector<MixPart> nine(kMaxMixParts + 1, MixPart{&qv->view(), 0.1f});
+    EXPECT_EQ(LoraMix::Build(nine, m->config(), 1024).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
 }
 
 }  // namespace

@@ -363,6 +363,37 @@ TEST_F(ClientE2eTest, AdaptersLoadAndUploadWithMaxRank) {
   EXPECT_EQ(Run({"adapters", "unload", "cmp-all"}).code, 0);
 }
 
+// `loraplex generate --adapter a --adapter b --adapter-weights`: a weighted mix, served and
+// named in the reply; weights that do not pair with the adapters are a usage error.
+TEST_F(ClientE2eTest, GenerateAWeightedMix) {
+  ASSERT_EQ(Run({"adapters", "load", "mix-qv", "qv", "--replace"}).code, 0);
+  ASSERT_EQ(Run({"adapters", "load", "mix-all", "all_linear", "--replace"}).code, 0);
+  CliResult r = Run({"generate", "--adapter=mix-qv", "--adapter=mix-all", "--adapter-weights",
+                     "0.7,-0.4", "--prompt-ids=1", "--max-tokens=8", "--ignore-eos", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json mixed = nlohmann::json::parse(r.out);
+  EXPECT_EQ(mixed["adapter"], "mix-qv@1*0.7+mix-all@1*-0.4");
+  EXPECT_EQ(mixed["token_ids"].size(), 8u);
+  // Weight 1 each by default; one adapter with a weight is a one-part mix.
+  r = Run({"generate", "--adapter=mix-qv", "--adapter-weights=1", "--prompt-ids=1",
+           "--max-tokens=8", "--ignore-eos", "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  const nlohmann::json one = nlohmann::json::parse(r.out);
+  EXPECT_EQ(one["adapter"], "mix-qv@1*1");
+  r = Run({"generate", "--adapter=mix-qv", "--prompt-ids=1", "--max-tokens=8", "--ignore-eos",
+           "--json"});
+  ASSERT_EQ(r.code, 0) << Describe(r);
+  EXPECT_EQ(nlohmann::json::parse(r.out)["token_ids"], one["token_ids"]);
+  r = Run({"generate", "--adapter=mix-qv", "--adapter=mix-all", "--adapter-weights=0.5",
+           "--prompt-ids=1", "--max-tokens=2"});
+  EXPECT_EQ(r.code, 2) << Describe(r);
+  EXPECT_NE(r.err.find("--adapter-weights: 1 weights for 2"), std::string::npos) << r.err;
+  r = Run({"generate", "--adapter=mix-qv", "--adapter=mix-qv", "--prompt-ids=1", "--max-tokens=2"});
+  EXPECT_EQ(r.code, 6) << Describe(r);
+  EXPECT_EQ(Run({"adapters", "unload", "mix-qv"}).code, 0);
+  EXPECT_EQ(Run({"adapters", "unload", "mix-all"}).code, 0);
+}
+
 // `adapters inspect` against numpy's dense SVD (tests/fixtures/peft/stories260k/inspection.json,
 // tools/make_inspection_goldens.py): the JSON per module and the similarity of a pair, the table,
 // the SVG spectra, the same base (pristine) while the adapter is merged, and an unknown name.

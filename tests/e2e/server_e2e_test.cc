@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -495,6 +496,81 @@ TEST_F(ServerAdapterE2eTest, GreedyWithAnAdapterEqualsLoraplexGenerate) {
     EXPECT_EQ(c.adapter_version(), 1);
   }
   EXPECT_GT(differing, 0) << "the adapters should change the greedy output";
+}
+#endif
+
+#ifdef LP_GENERATE_BINARY
+// A weighted mix (GenerateRequest.adapters) gives loraplex-generate's greedy output for the same
+// mix (--adapter DIR1 --adapter DIR2 --adapter-weights), alone and in one batch with single
+// adapters and the base model; bad mixes are refused with the right codes.
+TEST_F(ServerAdapterE2eTest, AWeightedMixEqualsLoraplexGenerateBesideSingleAdapters) {
+  GenerateRequest mix = IdsRequest({1}, 40);
+  mix.set_ignore_eos(true);
+  auto* a = mix.add_adapters();
+  a->set_name("qv");
+  a->set_weight(0.7f);
+  a = mix.add_adapters();
+  a->set_name("all@1");
+  a->set_weight(-0.4f);
+  const std::vector<int32_t> want = OfflineGreedy(
+      Dir("qv") + " --adapter " + Dir("all_linear") + " --adapter-weights 0.7,-0.4", 40);
+  ASSERT_EQ(want.size(), 40u);
+  EXPECT_NE(want, OfflineGreedy(Dir("qv"), 40));
+  GenerateResponse c;
+  ASSERT_TRUE(RunComplete(stub(), mix, &c).ok());
+  EXPECT_EQ(std::vector<int32_t>(c.token_ids().begin(), c.token_ids().end()), want);
+  EXPECT_EQ(c.adapter(), "qv@1*0.7+all@1*-0.4");
+  EXPECT_EQ(c.adapter_version(), 0);
+  // Beside single adapters and the base model, all in flight together.
+  std::vector<GenerateRequest> reqs;
+  std::vector<std::vector<int32_t>> expected;
+  for (int i = 0; i < 12; ++i) {
+    GenerateRequest r = mix;
+    if (i % 3 == 1) {
+      r.clear_adapters();
+      r.set_adapter(i % 2 ? "qv" : "all");
+      expected.push_back(OfflineGreedy(Dir(i % 2 ? "qv" : "all_linear"), 40));
+    } else if (i % 3 == 2) {
+      r.clear_adapters();
+      expected.push_back(OfflineGreedy("", 40));
+    } else {
+      expected.push_back(want);
+    }
+    reqs.push_back(r);
+  }
+  std::vector<StreamResult> got(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back([&, i] { got[i] = RunStream(stub(), reqs[i]); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
+    EXPECT_EQ(got[i].ids, expected[i]) << "request " << i;
+  }
+  // Refusals.
+  auto code = [&](const GenerateRequest& r) {
+    GenerateResponse out;
+    return RunComplete(stub(), r, &out).error_code();
+  };
+  GenerateRequest both = mix;
+  both.set_adapter("qv");
+  EXPECT_EQ(code(both), grpc::StatusCode::INVALID_ARGUMENT);
+  GenerateRequest twice = mix;
+  twice.mutable_adapters(1)->set_name("qv@1");
+  EXPECT_EQ(code(twice), grpc::StatusCode::INVALID_ARGUMENT);
+  GenerateRequest nan = mix;
+  nan.mutable_adapters(0)->set_weight(std::nanf(""));
+  EXPECT_EQ(code(nan), grpc::StatusCode::INVALID_ARGUMENT);
+  GenerateRequest unknown = mix;
+  unknown.mutable_adapters(1)->set_name("nope");
+  EXPECT_EQ(code(unknown), grpc::StatusCode::NOT_FOUND);
+  GenerateRequest nine = IdsRequest({1}, 4);
+  for (int i = 0; i < 9; ++i) nine.add_adapters()->set_name(absl::StrCat("a", i));
+  EXPECT_EQ(code(nine), grpc::StatusCode::INVALID_ARGUMENT);
+  // Still serving afterwards.
+  ASSERT_TRUE(RunComplete(stub(), mix, &c).ok());
+  EXPECT_EQ(std::vector<int32_t>(c.token_ids().begin(), c.token_ids().end()), want);
 }
 #endif
 

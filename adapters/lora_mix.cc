@@ -1,0 +1,131 @@
+#include "adapters/lora_mix.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "adapters/lora_adapter.h"
+#include "common/half.h"
+
+namespace loraplex::adapters {
+
+absl::StatusOr<std::unique_ptr<LoraMix>> LoraMix::Build(const std::vector<MixPart>& parts,
+                                                        const model::LlamaConfig& config,
+                                                        int64_t max_rank) {
+  if (parts.empty() || parts.size() > kMaxMixParts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a mix names 1 to ", kMaxMixParts, " adapters, got ", parts.size()));
+  }
+  bool have_dtype = false;
+  kernels::DType dtype = kernels::DType::kF32;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const MixPart& p = parts[i];
+    if (p.view == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("mix part ", i, " is null"));
+    if (!std::isfinite(p.weight)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("mix part ", i, ": weight ", p.weight, " is not finite"));
+    }
+    if (static_cast<int64_t>(p.view->layers.size()) != config.num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("mix part ", i, " has ", p.view->layers.size(),
+                                                     " layers, the model ", config.num_layers));
+    }
+    for (const auto& layer : p.view->layers) {
+      for (const model::LoraPair* pair : layer) {
+        if (pair == nullptr) continue;
+        if (have_dtype && (pair->a.dtype != dtype || pair->b.dtype != dtype)) {
+          return absl::InvalidArgumentError("the mixed adapters differ in storage dtype");
+        }
+        have_dtype = true;
+        dtype = pair->a.dtype;
+        if (pair->b.dtype != dtype ||
+            (dtype != kernels::DType::kF32 && dtype != kernels::DType::kBF16)) {
+          return absl::InvalidArgumentError("a mixed adapter is neither f32 nor bf16");
+        }
+      }
+    }
+  }
+  const int64_t elem = dtype == kernels::DType::kF32 ? 4 : 2;
+  auto slice = [elem](int64_t n) { return (n * elem + 63) / 64 * 64; };
+
+  // Sizes first, then one allocation (as LoraAdapter does).
+  int64_t storage_bytes = 0;
+  std::vector<std::array<int64_t, model::kNumLinearModules>> ranks(config.num_layers);
+  auto mix = std::unique_ptr<LoraMix>(new LoraMix());
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    for (int m = 0; m < model::kNumLinearModules; ++m) {
+      const auto kind = static_cast<model::LinearModule>(m);
+      const int64_t in = model::LinearInFeatures(config, kind);
+      const int64_t out = model::LinearOutFeatures(config, kind);
+      int64_t r = 0;
+      for (const MixPart& p : parts) {
+        const model::LoraPair* pair = p.view->layers[l][m];
+        if (pair == nullptr) continue;
+        if (pair->a.rows != pair->rank || pair->a.cols != in || pair->b.rows != out ||
+            pair->b.cols != pair->rank) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(ModuleKey(l, kind), ": a mixed adapter does not fit the model"));
+        }
+        r += pair->rank;
+      }
+      if (r > max_rank) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(ModuleKey(l, kind), ": the mix's summed rank ", r,
+                         " exceeds the maximum LoRA rank ", max_rank, " (--max-lora-rank)"));
+      }
+      ranks[l][m] = r;
+      if (r > 0) storage_bytes += slice(r * in) + slice(out * r);
+      mix->max_rank_ = std::max(mix->max_rank_, r);
+    }
+  }
+  if (mix->max_rank_ == 0) {
+    return absl::FailedPreconditionError("no adapter of the mix touches any module");
+  }
+  mix->storage_.reset(new uint8_t[storage_bytes]);
+  uint8_t* next = mix->storage_.get();
+  mix->view_.layers.assign(config.num_layers, {});
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    for (int m = 0; m < model::kNumLinearModules; ++m) {
+      const int64_t r = ranks[l][m];
+      if (r == 0) continue;
+      const auto kind = static_cast<model::LinearModule>(m);
+      const int64_t in = model::LinearInFeatures(config, kind);
+      const int64_t out = model::LinearOutFeatures(config, kind);
+      uint8_t* a = next;
+      uint8_t* b = a + slice(r * in);
+      next = b + slice(out * r);
+      int64_t col = 0;  // first row of A, column of B, of the current part
+      for (const MixPart& p : parts) {
+        const model::LoraPair* pair = p.view->layers[l][m];
+        if (pair == nullptr) continue;
+        const int64_t pr = pair->rank;
+        std::memcpy(a + col * in * elem, pair->a.data, pr * in * elem);
+        for (int64_t o = 0; o < out; ++o) {
+          for (int64_t k = 0; k < pr; ++k) {
+            const int64_t src = o * pr + k, dst = o * r + col + k;
+            if (dtype == kernels::DType::kF32) {
+              reinterpret_cast<float*>(b)[dst] =
+                  p.weight * static_cast<const float*>(pair->b.data)[src];
+            } else {
+              reinterpret_cast<uint16_t*>(b)[dst] =
+                  F32ToBf16(p.weight * Bf16ToF32(static_cast<const uint16_t*>(pair->b.data)[src]));
+            }
+          }
+        }
+        col += pr;
+      }
+      auto pair = std::make_unique<model::LoraPair>();
+      pair->rank = r;
+      pair->a = {dtype, a, r, in};
+      pair->b = {dtype, b, out, r};
+      mix->bytes_ += (r * in + out * r) * elem;
+      mix->view_.layers[l][m] = pair.get();
+      mix->pairs_.push_back(std::move(pair));
+    }
+  }
+  return mix;
+}
+
+}  // namespace loraplex::adapters
