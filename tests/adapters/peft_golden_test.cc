@@ -500,6 +500,19 @@ TEST_P(SmolLm2PeftTest, GreedyContinuationsMatchPeftUnmergedAndMerged) {
   ASSERT_OK(m->Unmerge());
 }
 
+// Each golden prompt's logits with `view` applied ("<prompt>") or merged ("<prompt>_merged").
+void ExpectGoldenUnmergedAndMerged(LlamaModel& m, const LoraWeightsView& view,
+                                   const std::vector<GoldenPrompt>& golden,
+                                   const char* regenerate) {
+  for (const GoldenPrompt& g : golden) {
+    const bool merged = g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
+    if (merged) ASSERT_OK(m.Merge(&view));
+    EXPECT_TRUE(AllClose(RunOne(m, g, &view), g.logits, testing::kF32ModelLogits))
+        << g.name << "; regenerate with " << regenerate;
+    if (merged) ASSERT_OK(m.Unmerge());
+  }
+}
+
 // Rank compression at load (AdapterLoadOptions::compress_rank) against numpy's truncated SVD of
 // the dense update and PEFT running that truncated update (tools/make_compression_goldens.py):
 // the served update is numpy's best rank-k approximation, the reported errors are numpy's, and
@@ -585,13 +598,7 @@ TEST_P(StoriesCompressionTest, ServesNumpysTruncatedUpdateWithPeftsLogits) {
   // Logits: PEFT's with the truncated update, unmerged, merged, and batched beside qv.
   std::vector<GoldenPrompt> prompts = ReadGolden(truncated + "/logits.json");
   ASSERT_EQ(prompts.size(), 4u) << "regenerate with " << kRegenerateCompression;
-  for (const GoldenPrompt& g : prompts) {
-    const bool merged = g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
-    if (merged) ASSERT_OK(m->Merge(&ad->view()));
-    EXPECT_TRUE(AllClose(RunOne(*m, g, &ad->view()), g.logits, testing::kF32ModelLogits))
-        << g.name << "; regenerate with " << kRegenerateCompression;
-    if (merged) ASSERT_OK(m->Unmerge());
-  }
+  ExpectGoldenUnmergedAndMerged(*m, ad->view(), prompts, kRegenerateCompression);
   ASSERT_OK_AND_ASSIGN(
       auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));
   std::vector<GoldenPrompt> qv_golden = ReadGolden(StoriesFixture("qv") + "/logits.json");
@@ -700,13 +707,7 @@ TEST_P(StoriesMixTest, LogitsMatchPeftCatUnmergedMergedAndBatched) {
     ASSERT_EQ(base.size(), 2u);
     // The mix changes the output (the goldens are not the base model's).
     EXPECT_FALSE(AllClose(golden[0].logits, base[0].logits, testing::kF32ModelLogits));
-    for (const GoldenPrompt& g : golden) {
-      const bool merged = g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
-      if (merged) ASSERT_OK(m->Merge(&mix->view()));
-      EXPECT_TRUE(AllClose(RunOne(*m, g, &mix->view()), g.logits, testing::kF32ModelLogits))
-          << g.name << "; regenerate with " << kRegenerateMixes;
-      if (merged) ASSERT_OK(m->Unmerge());
-    }
+    ExpectGoldenUnmergedAndMerged(*m, mix->view(), golden, kRegenerateMixes);
     // One batch: the mix, one of its parts alone, and the base model.
     ASSERT_OK_AND_ASSIGN(
         auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));

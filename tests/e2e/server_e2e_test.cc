@@ -103,6 +103,18 @@ StreamResult RunStream(v1::Inference::Stub& stub, const GenerateRequest& req,
   return r;
 }
 
+// Every request streamed at once, each on its own thread; results in request order.
+std::vector<StreamResult> RunStreamsAtOnce(v1::Inference::Stub& stub,
+                                           const std::vector<GenerateRequest>& reqs) {
+  std::vector<StreamResult> got(reqs.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    threads.emplace_back([&, i] { got[i] = RunStream(stub, reqs[i]); });
+  }
+  for (auto& t : threads) t.join();
+  return got;
+}
+
 grpc::Status RunComplete(v1::Inference::Stub& stub, const GenerateRequest& req,
                          GenerateResponse* resp) {
   grpc::ClientContext ctx;
@@ -193,12 +205,7 @@ TEST_F(ServerE2eTest, SixtyFourConcurrentStreamsEqualTheirSoloRuns) {
   }
   std::vector<GenerateResponse> solo(reqs.size());
   for (size_t i = 0; i < reqs.size(); ++i) ASSERT_TRUE(RunComplete(stub(), reqs[i], &solo[i]).ok());
-  std::vector<StreamResult> got(reqs.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = RunStream(stub(), reqs[i]); });
-  }
-  for (auto& t : threads) t.join();
+  std::vector<StreamResult> got = RunStreamsAtOnce(stub(), reqs);
   for (size_t i = 0; i < reqs.size(); ++i) {
     ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
     EXPECT_EQ(got[i].ids,
@@ -538,12 +545,7 @@ TEST_F(ServerAdapterE2eTest, AWeightedMixEqualsLoraplexGenerateBesideSingleAdapt
     }
     reqs.push_back(r);
   }
-  std::vector<StreamResult> got(reqs.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = RunStream(stub(), reqs[i]); });
-  }
-  for (auto& t : threads) t.join();
+  std::vector<StreamResult> got = RunStreamsAtOnce(stub(), reqs);
   for (size_t i = 0; i < reqs.size(); ++i) {
     ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
     EXPECT_EQ(got[i].ids, expected[i]) << "request " << i;
@@ -588,12 +590,7 @@ TEST_F(ServerAdapterE2eTest, SixtyFourMixedAdapterStreamsEqualTheirSoloRuns) {
   }
   std::vector<GenerateResponse> solo(reqs.size());
   for (size_t i = 0; i < reqs.size(); ++i) ASSERT_TRUE(RunComplete(stub(), reqs[i], &solo[i]).ok());
-  std::vector<StreamResult> got(reqs.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    threads.emplace_back([&, i] { got[i] = RunStream(stub(), reqs[i]); });
-  }
-  for (auto& t : threads) t.join();
+  std::vector<StreamResult> got = RunStreamsAtOnce(stub(), reqs);
   for (size_t i = 0; i < reqs.size(); ++i) {
     ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
     EXPECT_EQ(got[i].ids,
