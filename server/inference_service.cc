@@ -205,10 +205,7 @@ class GenerationCall : public RefCounted {
     registry->AcquireAsync(
         spec, [self = RefPtr<GenerationCall>(this), registry, mix = std::move(mix)](
                   absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
-          {
-            MutexLock lock(&self->wait_mu_);
-            if (self->wait_cancelled_) return;  // the call ended; the leases go with `mix`
-          }
+          if (self->WaitCancelled()) return;  // the call ended; the leases go with `mix`
           if (!lease.ok()) {
             return self->Resolved(lease.status(), std::move(mix->request), std::move(mix->sink));
           }
@@ -218,6 +215,11 @@ class GenerationCall : public RefCounted {
           }
           self->BuildMix(*registry, std::move(mix));
         });
+  }
+
+  bool WaitCancelled() {
+    MutexLock lock(&wait_mu_);
+    return wait_cancelled_;
   }
 
   void BuildMix(const adapters::AdapterRegistry& registry, std::shared_ptr<PendingMix> mix) {
