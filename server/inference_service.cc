@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "adapters/lora_mix.h"
+#include "common/status.h"
 #include "common/sync.h"
 #include "server/reactors.h"
 #include "server/request_mapping.h"
@@ -90,10 +91,9 @@ class GenerationCall : public RefCounted {
   }
 
   // A request for a weighted mix (GenerateRequest.adapters): everything else is checked first, then
-  // the adapters are acquired one after another (AcquireAsync, so possibly on loader threads), the
-  // mix is built from their weights (adapters/lora_mix.h; it copies them, so the leases go at once)
-  // and the request is submitted with it. While a part waits for memory the parts already taken
-  // stay leased: a mix larger than the registry's memory budget fails after acquire_timeout.
+  // the adapters are acquired one after another (AcquireAsync, so possibly on loader threads), each
+  // copied with its weight as it comes (PendingMix), the mix is built from the copies
+  // (adapters/lora_mix.h) and the request is submitted with it.
   void StartMix(const v1::GenerateRequest& proto, adapters::AdapterRegistry& registry,
                 engine::OutputSink sink) {
     adapter_label_ = "mix";
@@ -191,26 +191,31 @@ class GenerationCall : public RefCounted {
   OutputContext rendering_;
 
  private:
-  // A mix while its parts are acquired.
+  // A mix while its parts are acquired. Each part is copied, with its weight applied, as soon as
+  // its lease arrives, and the lease goes at once: a mix never holds one adapter in memory while it
+  // waits for another to be loaded, so mixes that wait for room cannot hold up each other.
   struct PendingMix {
     std::vector<std::string> specs;
     std::vector<float> weights;
-    std::vector<std::shared_ptr<const adapters::Lease>> leases;  // of specs[0..size)
+    std::vector<std::unique_ptr<adapters::LoraMix>> parts;  // of specs[0..size), weighted
+    std::vector<std::string> described;                     // "name@version*weight" of each
     engine::GenerationRequest request;
     engine::OutputSink sink;
   };
 
   void AcquireNextPart(adapters::AdapterRegistry* registry, std::shared_ptr<PendingMix> mix) {
-    const std::string spec = mix->specs[mix->leases.size()];
+    const std::string spec = mix->specs[mix->parts.size()];
     registry->AcquireAsync(
         spec, [self = RefPtr<GenerationCall>(this), registry, mix = std::move(mix)](
                   absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
-          if (self->WaitCancelled()) return;  // the call ended; the leases go with `mix`
-          if (!lease.ok()) {
-            return self->Resolved(lease.status(), std::move(mix->request), std::move(mix->sink));
+          if (self->WaitCancelled()) return;  // the call ended
+          absl::Status added =
+              lease.ok() ? self->AddPart(*registry, **lease, mix.get()) : lease.status();
+          lease = nullptr;  // the part is copied: its lease goes back now
+          if (!added.ok()) {
+            return self->Resolved(added, std::move(mix->request), std::move(mix->sink));
           }
-          mix->leases.push_back(*std::move(lease));
-          if (mix->leases.size() < mix->specs.size()) {
+          if (mix->parts.size() < mix->specs.size()) {
             return self->AcquireNextPart(registry, std::move(mix));
           }
           self->BuildMix(*registry, std::move(mix));
@@ -222,22 +227,29 @@ class GenerationCall : public RefCounted {
     return wait_cancelled_;
   }
 
+  absl::Status AddPart(const adapters::AdapterRegistry& registry, const adapters::Lease& lease,
+                       PendingMix* mix) {
+    const float weight = mix->weights[mix->parts.size()];
+    LP_ASSIGN_OR_RETURN(
+        std::unique_ptr<adapters::LoraMix> part,
+        adapters::LoraMix::Build({{&lease.view(), weight}}, engine_->model().config(),
+                                 registry.options().load.max_rank));
+    mix->parts.push_back(std::move(part));
+    mix->described.push_back(absl::StrCat(lease.name(), "@", lease.version(), "*", weight));
+    return absl::OkStatus();
+  }
+
   void BuildMix(const adapters::AdapterRegistry& registry, std::shared_ptr<PendingMix> mix) {
     std::vector<adapters::MixPart> parts;
-    std::vector<std::string> described;
-    for (size_t i = 0; i < mix->leases.size(); ++i) {
-      parts.push_back({&mix->leases[i]->view(), mix->weights[i]});
-      described.push_back(absl::StrCat(mix->leases[i]->name(), "@", mix->leases[i]->version(), "*",
-                                       mix->weights[i]));
-    }
+    for (const auto& part : mix->parts) parts.push_back({&part->view(), 1.0f});
     absl::StatusOr<std::unique_ptr<adapters::LoraMix>> built = adapters::LoraMix::Build(
         parts, engine_->model().config(), registry.options().load.max_rank);
-    mix->leases.clear();  // the mix holds its own copy of the weights
+    mix->parts.clear();
     if (!built.ok()) {
       return Resolved(built.status(), std::move(mix->request), std::move(mix->sink));
     }
     mix->request.mix = *std::move(built);
-    mix_name_ = absl::StrJoin(described, "+");
+    mix_name_ = absl::StrJoin(mix->described, "+");
     Resolved(std::shared_ptr<const adapters::Lease>(), std::move(mix->request),
              std::move(mix->sink));
   }
