@@ -7,7 +7,8 @@ the columns B_i side by side, at scale 1. No loraplex code is involved.
 
 Outputs: tests/fixtures/peft/stories260k/mixes/<name>/logits.json + logits.bin (the format of
 tools/make_peft_goldens.py; prompts "<prompt>" with the mix applied and "<prompt>_merged" with
-it merged by merge_and_unload), and mixes.json naming each mix's adapters and weights.
+it merged by merge_and_unload, each with PEFT's free-running greedy continuation of 40 tokens as
+tools/make_peft_goldens.py records it), and mixes.json naming each mix's adapters and weights.
 
 Usage: python3 tools/make_mix_goldens.py   (torch, transformers, peft, numpy, safetensors)
 """
@@ -40,8 +41,13 @@ MIXES = {
 
 
 def main():
+    import transformers.generation.utils as generation_utils
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    # Debian's torch 1.13 cannot import torch.distributed.fsdp on Python 3.11 (a dataclass
+    # default), which generate() probes for; nothing here is sharded.
+    generation_utils.is_fsdp_managed_module = lambda module: False
 
     src = os.path.join(hf.REPO_ROOT, "..", "shared", "models", "stories260K")
     base = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32,
@@ -61,13 +67,15 @@ def main():
                                    combination_type="cat")
         model.set_adapter("mix")
         model.eval()
-        prompts = [{"name": n, "token_ids": ids, "logits": hf.all_logits(model, ids)}
+        prompts = [{"name": n, "token_ids": ids, "logits": hf.all_logits(model, ids),
+                    "greedy": pg.greedy_continuation(model, ids, pg.STORIES_GREEDY_TOKENS)}
                    for n, ids in pg.STORIES_PROMPTS.items()]
         # Only the mix may be merged: drop the others first.
         for adapter, _ in parts:
             model.delete_adapter(adapter)
         merged = copy.deepcopy(model).merge_and_unload().eval()
-        prompts += [{"name": n + "_merged", "token_ids": ids, "logits": hf.all_logits(merged, ids)}
+        prompts += [{"name": n + "_merged", "token_ids": ids, "logits": hf.all_logits(merged, ids),
+                     "greedy": pg.greedy_continuation(merged, ids, pg.STORIES_GREEDY_TOKENS)}
                     for n, ids in pg.STORIES_PROMPTS.items()]
         d = os.path.join(OUT, name)
         os.makedirs(d, exist_ok=True)

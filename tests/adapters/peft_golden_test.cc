@@ -683,7 +683,7 @@ std::string MixFixture(const std::string& name) {
 
 class StoriesMixTest : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(StoriesMixTest, LogitsMatchPeftCatUnmergedMergedAndBatched) {
+TEST_P(StoriesMixTest, LogitsAndGreedyMatchPeftCatUnmergedMergedAndBatched) {
   std::ifstream in(MixFixture("mixes.json"));
   ASSERT_TRUE(in.good()) << "regenerate with " << kRegenerateMixes;
   const nlohmann::json spec = nlohmann::json::parse(in)["mixes"][GetParam()];
@@ -708,6 +708,16 @@ TEST_P(StoriesMixTest, LogitsMatchPeftCatUnmergedMergedAndBatched) {
     // The mix changes the output (the goldens are not the base model's).
     EXPECT_FALSE(AllClose(golden[0].logits, base[0].logits, testing::kF32ModelLogits));
     ExpectGoldenUnmergedAndMerged(*m, mix->view(), golden, kRegenerateMixes);
+    // PEFT's greedy continuations: alone through model::Generate (merged for "_merged"), and the
+    // unmerged ones decoded together with qv's and the base model's.
+    for (const GoldenPrompt& g : golden) {
+      const bool merged = g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
+      ASSERT_FALSE(g.greedy.ids.empty()) << "regenerate with " << kRegenerateMixes;
+      if (merged) ASSERT_OK(m->Merge(&mix->view()));
+      ExpectSameContinuation(SoloGreedy(*m, g.ids, g.greedy.ids.size(), &mix->view()), g.greedy,
+                             GetParam() + " " + g.name);
+      if (merged) ASSERT_OK(m->Unmerge());
+    }
     // One batch: the mix, one of its parts alone, and the base model.
     ASSERT_OK_AND_ASSIGN(
         auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));
@@ -720,6 +730,11 @@ TEST_P(StoriesMixTest, LogitsMatchPeftCatUnmergedMergedAndBatched) {
     EXPECT_TRUE(AllClose(got[0], golden[1].logits, testing::kF32ModelLogits)) << "mix, batched";
     EXPECT_TRUE(AllClose(got[1], qv_golden[0].logits, testing::kF32ModelLogits)) << "qv beside it";
     EXPECT_TRUE(AllClose(got[2], base[1].logits, testing::kF32ModelLogits)) << "base beside it";
+    const std::vector<std::vector<int32_t>> decoded =
+        BatchedGreedy(*m, {golden[0].ids, qv_golden[0].ids}, golden[0].greedy.ids.size(), {0, 1},
+                      {&mix->view(), &qv->view()});
+    ExpectSameContinuation(decoded[0], golden[0].greedy, GetParam() + " batched");
+    ExpectSameContinuation(decoded[1], qv_golden[0].greedy, "qv batched beside " + GetParam());
   }
 }
 
