@@ -26,12 +26,12 @@
 
 #include <array>
 #include <cstdint>
-#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "adapters/base_weights.h"
 #include "model/llama_config.h"
 #include "model/llama_model.h"
 
@@ -49,12 +49,6 @@ struct ModuleInspection {
   double amplification = 0;
   std::optional<double> similarity;  // only against a second adapter that has this module
 };
-
-// The base weights of the modules `wanted` of one layer (indexed by LinearModule; an entry is
-// filled when wanted[m]), each the pristine W [out, in] in f32, row-major.
-using BaseWeights = std::function<absl::Status(
-    int64_t layer, const std::array<bool, model::kNumLinearModules>& wanted,
-    std::array<std::vector<float>, model::kNumLinearModules>* weights)>;
 
 // Every module of `adapter`, in layer then LinearModule order; with `against`, its similarity for
 // the modules both adapters have. INVALID_ARGUMENT when a view does not fit `config`; errors of

@@ -90,9 +90,6 @@ std::string WhyUnsupported(const std::string& name) {
       name.find("embed_tokens") != std::string::npos || name.find("lm_head") != std::string::npos) {
     return "embedding and lm_head LoRA are not supported";
   }
-  if (name.find("lora_magnitude_vector") != std::string::npos) {
-    return "DoRA (use_dora) is not supported";
-  }
   if (name.find("modules_to_save") != std::string::npos) return "modules_to_save is not supported";
   if (name.find(".bias") != std::string::npos) return "LoRA bias is not supported";
   return "not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection";
@@ -130,7 +127,32 @@ double FrobeniusSquaredOfProduct(const float* a, const float* b, int64_t r, int6
 struct Found {
   const formats::TensorInfo* a = nullptr;
   const formats::TensorInfo* b = nullptr;
+  const formats::TensorInfo* magnitude = nullptr;  // DoRA
 };
+
+// DoRA's g = m / ||W + B A||_row for one module: w [out, in] the base weight, a [r, in], b
+// [out, r] (scaled), m [out]; each row summed in f64. False when a row's norm is 0 or g is not
+// finite.
+bool DoraScale(const std::vector<float>& w, const std::vector<float>& a,
+               const std::vector<float>& b, const std::vector<float>& m, int64_t r, int64_t in,
+               int64_t out, std::vector<float>* g) {
+  g->resize(out);
+  std::vector<float> row(in);
+  for (int64_t o = 0; o < out; ++o) {
+    std::copy(w.begin() + o * in, w.begin() + (o + 1) * in, row.begin());
+    for (int64_t k = 0; k < r; ++k) {
+      const float bk = b[o * r + k];
+      const float* ak = a.data() + k * in;
+      for (int64_t i = 0; i < in; ++i) row[i] += bk * ak[i];
+    }
+    double sq = 0;
+    for (int64_t i = 0; i < in; ++i) sq += double{row[i]} * row[i];
+    const double scale = m[o] / std::sqrt(sq);
+    if (!(sq > 0) || !std::isfinite(scale) || scale == 0) return false;
+    (*g)[o] = static_cast<float>(scale);
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -183,10 +205,19 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
   // Map every tensor to (layer, module, A|B).
   static const RE2 kKey(
       R"(^base_model\.model\.(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$)");
+  static const RE2 kMagnitude(
+      R"(^base_model\.model\.(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_magnitude_vector(?:\.weight)?$)");
   std::map<std::pair<int64_t, int>, Found> found;
   for (const formats::TensorInfo& t : file->tensors()) {
     std::string digits, parent, module, which;
-    if (!RE2::FullMatch(t.name, kKey, &digits, &parent, &module, &which)) {
+    if (RE2::FullMatch(t.name, kMagnitude, &digits, &parent, &module)) {
+      if (!cfg.use_dora) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(st_path, ": tensor '", t.name,
+                         "': a DoRA magnitude, but adapter_config.json does not set use_dora"));
+      }
+      which = "magnitude";
+    } else if (!RE2::FullMatch(t.name, kKey, &digits, &parent, &module, &which)) {
       return absl::InvalidArgumentError(
           absl::StrCat(st_path, ": tensor '", t.name, "': ", WhyUnsupported(t.name)));
     }
@@ -209,13 +240,16 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
       return absl::InvalidArgumentError(
           absl::StrCat(st_path, ": tensor '", t.name, "': dtype must be F32, F16 or BF16"));
     }
-    if (t.shape.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          st_path, ": tensor '", t.name, "': must be 2-D, has ", t.shape.size(), " dimensions"));
+    const size_t dims = which == "magnitude" ? 1 : 2;
+    if (t.shape.size() != dims) {
+      return absl::InvalidArgumentError(absl::StrCat(st_path, ": tensor '", t.name, "': must be ",
+                                                     dims, "-D, has ", t.shape.size(),
+                                                     " dimensions"));
     }
     Found& f = found[{layer, m}];
-    (which == "A" ? f.a : f.b) = &t;
+    (which == "A" ? f.a : which == "B" ? f.b : f.magnitude) = &t;
   }
+
 
   // Every module the config targets must have its pair, and every pair must be targeted.
   for (int64_t l = 0; l < base.num_layers; ++l) {
@@ -252,6 +286,8 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     float scale = 1;
     std::vector<float> a_f32, b_f32;     // the truncated pair (B scaled) when compressed
     formats::TensorInfo a_view, b_view;  // what is converted to storage
+    const formats::TensorInfo* magnitude = nullptr;  // DoRA
+    std::vector<float> dora_scale;                   // DoRA: g [out]
   };
   std::vector<Module> modules;
   modules.reserve(found.size());
@@ -281,9 +317,19 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
                        f.a->shape[1], "] and lora_B [", f.b->shape[0], ", ", f.b->shape[1],
                        "], the base layer is ", out, " x ", in));
     }
+    if (cfg.use_dora && f.magnitude == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "lora_magnitude_vector is missing (use_dora is true)"));
+    }
+    if (f.magnitude != nullptr && f.magnitude->shape[0] != out) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(prefix, "does not fit the base model: lora_magnitude_vector has ",
+                       f.magnitude->shape[0], " entries, the base layer ", out, " rows"));
+    }
     Module mod{layer, m, f.a, f.b, in, out, r, cfg.ScaleFor(key)};
     mod.a_view = *f.a;
     mod.b_view = *f.b;
+    mod.magnitude = f.magnitude;
     modules.push_back(std::move(mod));
   }
   if (options.compress_rank < 0) {
@@ -335,12 +381,61 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     }
   }
 
+  // DoRA: g per module from the pristine base weights, one layer at a time, and the f32 A and s B
+  // as served (compressed or not), before they are rounded to the storage dtype.
+  if (cfg.use_dora && !options.dora_refused.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(dir, ": DoRA: ", options.dora_refused));
+  }
+  if (cfg.use_dora && !options.base_weights) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(dir, ": DoRA needs the base model's weights for its norms"));
+  }
+  if (cfg.use_dora) {
+    for (size_t first = 0; first < modules.size();) {
+      size_t last = first;
+      std::array<bool, kNumLinearModules> wanted{};
+      while (last < modules.size() && modules[last].layer == modules[first].layer) {
+        wanted[static_cast<int>(modules[last++].m)] = true;
+      }
+      std::array<std::vector<float>, kNumLinearModules> weights;
+      LP_RETURN_IF_ERROR(options.base_weights(modules[first].layer, wanted, &weights));
+      for (size_t i = first; i < last; ++i) {
+        Module& mod = modules[i];
+        const std::string key = ModuleKey(mod.layer, mod.m);
+        const std::vector<float>& w = weights[static_cast<int>(mod.m)];
+        if (static_cast<int64_t>(w.size()) != mod.out * mod.in) {
+          return absl::InternalError(absl::StrCat(key, ": the base weight read for DoRA has ",
+                                                  w.size(), " values, not ", mod.out * mod.in));
+        }
+        std::vector<float> a(mod.rank * mod.in), b(mod.out * mod.rank), mag(mod.out);
+        if (!ConvertScaled(mod.a_view, 1.0f, kernels::DType::kF32,
+                           reinterpret_cast<uint8_t*>(a.data())) ||
+            !ConvertScaled(mod.b_view, mod.scale, kernels::DType::kF32,
+                           reinterpret_cast<uint8_t*>(b.data())) ||
+            !ConvertScaled(*mod.magnitude, 1.0f, kernels::DType::kF32,
+                           reinterpret_cast<uint8_t*>(mag.data()))) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(st_path, ": ", key, ": has non-finite values"));
+        }
+        if (!DoraScale(w, a, b, mag, mod.rank, mod.in, mod.out, &mod.dora_scale)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              st_path, ": ", key,
+              ": DoRA's scale m / ||W + s B A|| is 0 or not finite for some row (a zero magnitude "
+              "or a row of W + s B A that is all zeros)"));
+        }
+      }
+      first = last;
+    }
+  }
+
   // One buffer for every converted matrix (see storage_), slices 64 bytes apart.
   const int64_t elem = options.dtype == kernels::DType::kF32 ? 4 : 2;
   auto slice_bytes = [elem](int64_t elements) { return (elements * elem + 63) / 64 * 64; };
+  auto f32_bytes = [](int64_t elements) { return (elements * 4 + 63) / 64 * 64; };
   int64_t storage_bytes = 0;
   for (const Module& mod : modules) {
     storage_bytes += slice_bytes(mod.rank * mod.in) + slice_bytes(mod.out * mod.rank);
+    if (!mod.dora_scale.empty()) storage_bytes += 2 * f32_bytes(mod.out);
   }
   // Default-initialised: every byte handed out below is written by ConvertScaled.
   adapter->storage_.reset(new uint8_t[storage_bytes]);
@@ -348,6 +443,7 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
 
   // Scale folding (once, in f32) and storage.
   adapter->view_.layers.assign(base.num_layers, {});
+  adapter->view_.dora = cfg.use_dora;
   for (const Module& mod : modules) {
     const int64_t r = mod.rank;
     auto stored = std::make_unique<Stored>();
@@ -363,6 +459,18 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     stored->pair.a = {options.dtype, a_data, r, mod.in};
     stored->pair.b = {options.dtype, b_data, mod.out, r};
     adapter->bytes_ += (r * mod.in + mod.out * r) * elem;
+    if (!mod.dora_scale.empty()) {
+      float* g = reinterpret_cast<float*>(next);
+      float* inv = reinterpret_cast<float*>(next + f32_bytes(mod.out));
+      next += 2 * f32_bytes(mod.out);
+      for (int64_t o = 0; o < mod.out; ++o) {
+        g[o] = mod.dora_scale[o];
+        inv[o] = 1.0f / mod.dora_scale[o];
+      }
+      stored->pair.dora_scale = g;
+      stored->pair.dora_inv_scale = inv;
+      adapter->bytes_ += 2 * mod.out * 4;
+    }
     adapter->max_rank_ = std::max(adapter->max_rank_, r);
     adapter->view_.layers[mod.layer][static_cast<int>(mod.m)] = &stored->pair;
     adapter->pairs_.push_back(std::move(stored));

@@ -10,6 +10,15 @@
 // folded into B in f32 and then rounded once to the storage dtype. The same view feeds the forward
 // pass (SGMV/BGMV) and LlamaModel::Merge.
 //
+// DoRA (use_dora: true, PEFT's weight-decomposed LoRA, peft/tuners/lora/dora.py): every module
+// also has "...<module>.lora_magnitude_vector" [out] (or "....lora_magnitude_vector.weight"), the
+// learned magnitude m. PEFT's layer computes y = W x + (g - 1) W x + g s B A x = g (W x + s B A x)
+// with g = m / ||W + s B A||_row, the norm of each output row of the base weight plus the delta
+// (the "column norm" of the DoRA paper, whose W is [in, out]); merging writes g (W + s B A). The
+// norms are computed here, once per load, from the pristine base weights (options.base_weights)
+// and the f32 values of A and s B (after any rank compression: a compressed DoRA adapter keeps
+// its magnitudes exactly); each pair then carries g and 1 / g in f32 (LoraPair::dora_scale).
+//
 // GGUF bases: GGUF files store q/k rows permuted for adjacent-pair RoPE. The model un-permutes them
 // at load (LlamaModel::from_gguf), so the base always has HF's row order and an HF adapter's lora_B
 // rows of q_proj/k_proj apply unchanged: the same adapter gives the same output on the GGUF and the
@@ -27,6 +36,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "adapters/base_weights.h"
 #include "adapters/peft_config.h"
 #include "kernels/kernels.h"
 #include "model/llama_config.h"
@@ -42,6 +52,12 @@ struct AdapterLoadOptions {
   // from the file's values before they are rounded to `dtype`. max_rank then applies to the
   // compressed rank, so an adapter trained above --max-lora-rank can be served compressed.
   int64_t compress_rank = 0;
+  // Reads the base weights a DoRA adapter's norms need (adapters/base_weights.h). Unset: DoRA
+  // adapters are refused (FAILED_PRECONDITION).
+  BaseWeights base_weights;
+  // When not empty, DoRA adapters are refused (FAILED_PRECONDITION) with this reason (a backend
+  // that cannot run them).
+  std::string dora_refused;
 };
 
 // What the rank compression did to one module, and to the whole adapter.
@@ -68,13 +84,16 @@ class LoraAdapter {
   //  NOT_FOUND            dir or adapter_config.json missing; no adapter_model.safetensors
   //  INVALID_ARGUMENT     malformed JSON or safetensors; unsupported config field (see
   //                       ParsePeftConfig); .bin pickle weights; a tensor that is not a LoRA A/B of
-  //                       a decoder linear (embedding, lm_head, DoRA magnitude, bias,
-  //                       modules_to_save); A or B missing; ranks of the config, A and B disagree;
-  //                       a tensor for a module the config does not target or the reverse;
-  //                       non-finite values
+  //                       a decoder linear (embedding, lm_head, bias, modules_to_save); A or B
+  //                       missing; ranks of the config, A and B disagree; a tensor for a module
+  //                       the config does not target or the reverse; non-finite values; DoRA: a
+  //                       magnitude missing, of the wrong shape or without use_dora, or a row of
+  //                       W + s B A with norm 0
   //  FAILED_PRECONDITION  does not fit the base: layer index past num_layers, in/out features
   //                       differ from the base's, rank (after compress_rank) above
-  //                       options.max_rank, or the adapter matches no module of the base model
+  //                       options.max_rank, or the adapter matches no module of the base model;
+  //                       a DoRA adapter without options.base_weights or with dora_refused set
+  //  (any code)           an error of options.base_weights, as it is
   //  INVALID_ARGUMENT     also for a negative options.compress_rank
   static absl::StatusOr<std::unique_ptr<LoraAdapter>> Load(const std::string& dir,
                                                            const model::LlamaConfig& base,
@@ -86,8 +105,9 @@ class LoraAdapter {
   int64_t max_rank() const { return max_rank_; }
   // Set when it was loaded with compress_rank > 0.
   const std::optional<CompressionReport>& compression() const { return compression_; }
-  // Bytes of the stored A and B matrices.
+  // Bytes of the stored A and B matrices (and DoRA scales).
   int64_t bytes() const { return bytes_; }
+  bool dora() const { return config_.use_dora; }
   int64_t num_pairs() const { return static_cast<int64_t>(pairs_.size()); }
   // The distinct module names it touches ("q_proj", "v_proj", ...), in LinearModule order.
   std::vector<std::string> target_modules() const;

@@ -28,6 +28,12 @@ absl::StatusOr<std::unique_ptr<LoraMix>> LoraMix::Build(const std::vector<MixPar
       return absl::InvalidArgumentError(
           absl::StrCat("mix part ", i, ": weight ", p.weight, " is not finite"));
     }
+    if (p.view->dora) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "mix part ", i,
+          " is a DoRA adapter: its per-row magnitude rescales the whole output of a module, so it "
+          "is not a delta that can be summed with others; serve it alone"));
+    }
     if (static_cast<int64_t>(p.view->layers.size()) != config.num_layers) {
       return absl::InvalidArgumentError(absl::StrCat("mix part ", i, " has ", p.view->layers.size(),
                                                      " layers, the model ", config.num_layers));

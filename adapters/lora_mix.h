@@ -31,10 +31,10 @@ struct MixPart {
 
 class LoraMix {
  public:
-  // INVALID_ARGUMENT: no parts or more than kMaxMixParts, a null view, a weight that is not
-  // finite, or views that do not fit `config` or differ in dtype. FAILED_PRECONDITION: a module's
-  // summed rank exceeds `max_rank` (the server's --max-lora-rank; the CUDA backend sizes its
-  // adapter slots by it), or no part has any module.
+  // INVALID_ARGUMENT: no parts or more than kMaxMixParts, a null view, a DoRA adapter, a weight
+  // that is not finite, or views that do not fit `config` or differ in dtype. FAILED_PRECONDITION:
+  // a module's summed rank exceeds `max_rank` (the server's --max-lora-rank; the CUDA backend sizes
+  // its adapter slots by it), or no part has any module.
   static absl::StatusOr<std::unique_ptr<LoraMix>> Build(const std::vector<MixPart>& parts,
                                                         const model::LlamaConfig& config,
                                                         int64_t max_rank);

@@ -88,7 +88,7 @@ absl::StatusOr<PeftConfig> ParsePeftConfig(const std::string& json_text,
     return Field(source, "peft_type", absl::StrCat("is ", t.dump(), "; only LORA is supported"));
   }
   for (const char* field :
-       {"use_dora", "modules_to_save", "lora_bias", "trainable_token_indices", "layer_replication",
+       {"modules_to_save", "lora_bias", "trainable_token_indices", "layer_replication",
         "target_parameters", "use_qalora", "alora_invocation_tokens", "megatron_config"}) {
     if (Truthy(get(field))) {
       return Field(source, field, absl::StrCat("is set (", get(field).dump(), "); not supported"));
@@ -115,6 +115,10 @@ absl::StatusOr<PeftConfig> ParsePeftConfig(const std::string& json_text,
   if (const Json& v = get("use_rslora"); !v.is_null()) {
     if (!v.is_boolean()) return Field(source, "use_rslora", "must be true or false");
     c.use_rslora = v.get<bool>();
+  }
+  if (const Json& v = get("use_dora"); !v.is_null()) {
+    if (!v.is_boolean()) return Field(source, "use_dora", "must be true or false");
+    c.use_dora = v.get<bool>();
   }
   if (const Json& v = get("fan_in_fan_out"); !v.is_null()) {
     if (!v.is_boolean()) return Field(source, "fan_in_fan_out", "must be true or false");

@@ -19,6 +19,9 @@ struct PeftConfig {
   int64_t r = 0;
   float lora_alpha = 0.0f;
   bool use_rslora = false;
+  // DoRA (weight-decomposed LoRA): every targeted module also carries a magnitude vector
+  // "lora_magnitude_vector" [out], and its output is rescaled per row (adapters/lora_adapter.h).
+  bool use_dora = false;
 
   // target_modules: a list (a key matches when it equals an entry or ends with "." + entry), a
   // regex string (full match against the key), or "all-linear" (every linear except lm_head:
@@ -59,9 +62,10 @@ struct PeftConfig {
 
 // Parses the text of an adapter_config.json. INVALID_ARGUMENT with a message naming `source` and
 // the field for: malformed JSON, peft_type other than LORA, r missing or < 1, a regex that does not
-// compile, and every feature that is not supported yet (use_dora, modules_to_save, bias other than
-// "none", lora_bias, embedding or lm_head targets, trainable_token_indices, layer_replication,
-// target_parameters, use_qalora, alora_invocation_tokens, megatron_config).
+// compile, use_dora that is not true or false, and every feature that is not supported yet
+// (modules_to_save, bias other than "none", lora_bias, embedding or lm_head targets,
+// trainable_token_indices, layer_replication, target_parameters, use_qalora,
+// alora_invocation_tokens, megatron_config).
 absl::StatusOr<PeftConfig> ParsePeftConfig(const std::string& json_text, const std::string& source);
 
 }  // namespace loraplex::adapters

@@ -51,6 +51,7 @@ AdapterInfo Describe(const LoraAdapter& a) {
   info.target_modules = a.target_modules();
   info.bytes = a.bytes();
   info.compression = a.compression();
+  info.dora = a.dora();
   for (const auto& layer : a.view().layers) {
     for (int m = 0; m < model::kNumLinearModules; ++m) {
       if (layer[m] == nullptr) continue;

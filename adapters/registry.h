@@ -105,6 +105,7 @@ struct AdapterInfo {
   // Set when the version was registered with max_rank: the ranks above are the served ones, and
   // this says what the truncation cost (LoraAdapter::compression).
   std::optional<CompressionReport> compression;
+  bool dora = false;  // use_dora (LoraAdapter::dora)
 };
 
 // Where the time of one registration went, from the call to READY (bench/adapter_load_bench.cc

@@ -56,6 +56,7 @@ void PrintInfo(const v1::AdapterInfo& a) {
       {"state", StateName(a.state())},
       {"rank", absl::StrCat(a.rank())},
       {"alpha", Num(a.alpha())},
+      {"dora", a.dora() ? "yes" : "no"},
       {"target modules", Modules(a)},
       {"size", HumanBytes(a.bytes())},
       {"residency", ResidencyName(a.residency())},

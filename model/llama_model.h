@@ -39,10 +39,17 @@ int64_t LinearOutFeatures(const LlamaConfig& c, LinearModule m);
 // One LoRA pair for one module of one layer, in compute layout: delta(x) = B (A x), with the scale
 // (alpha / r or alpha / sqrt(r)) already folded into B. For GGUF bases, q/k rows of B follow the
 // base's row order.
+//
+// DoRA (PEFT's use_dora): the pair also has a per-row scale g = m / ||W + B A||_row (m the learned
+// magnitude, the norm over each output row of the pristine base weight plus the delta, computed
+// once when the adapter is loaded). A token of the adapter then gets y = g * (W x + B A x), and
+// merging writes W' = g * (W + B A).
 struct LoraPair {
   int64_t rank = 0;
-  kernels::WeightView a;  // [rank, in]
-  kernels::WeightView b;  // [out, rank]
+  kernels::WeightView a;                  // [rank, in]
+  kernels::WeightView b;                  // [out, rank]
+  const float* dora_scale = nullptr;      // [out] g; null for plain LoRA
+  const float* dora_inv_scale = nullptr;  // [out] 1 / g (mixed mode with a merged DoRA adapter)
 };
 
 // A process-unique id for a LoraWeightsView (never 0, never reused).
@@ -55,23 +62,27 @@ uint64_t NewLoraViewId();
 struct LoraWeightsView {
   LoraWeightsView() = default;
   // A copy is another view (it may be edited), so it gets a fresh id; so does a moved-to view.
-  LoraWeightsView(const LoraWeightsView& o) : layers(o.layers) {}
-  LoraWeightsView(LoraWeightsView&& o) noexcept : layers(std::move(o.layers)) {
+  LoraWeightsView(const LoraWeightsView& o) : layers(o.layers), dora(o.dora) {}
+  LoraWeightsView(LoraWeightsView&& o) noexcept : layers(std::move(o.layers)), dora(o.dora) {
     o.id = NewLoraViewId();
   }
   LoraWeightsView& operator=(const LoraWeightsView& o) {
     layers = o.layers;
+    dora = o.dora;
     id = NewLoraViewId();
     return *this;
   }
   LoraWeightsView& operator=(LoraWeightsView&& o) noexcept {
     layers = std::move(o.layers);
+    dora = o.dora;
     id = NewLoraViewId();
     o.id = NewLoraViewId();
     return *this;
   }
 
   std::vector<std::array<const LoraPair*, kNumLinearModules>> layers;
+  // Some pair has a DoRA scale (the CUDA backend refuses such views; see LlamaModel::Forward).
+  bool dora = false;
   // Unique per view object, drawn from a global counter: a new adapter at a reused host address
   // can never hit a stale device copy.
   uint64_t id = NewLoraViewId();
@@ -193,6 +204,7 @@ class LlamaModel {
   // then. FAILED_PRECONDITION for a CPU model given a cache without host storage. On CUDA the
   // logits are copied back as f32 and the call returns when the step has finished on the device;
   // RESOURCE_EXHAUSTED when device memory for the KV pools, scratch or adapter copies runs out.
+  // UNIMPLEMENTED on CUDA for a DoRA adapter (LoraWeightsView::dora): the CPU backend only.
   absl::Status Forward(const ForwardBatch& batch, KvCache* cache, std::vector<float>* logits);
 
   // Runs one step for the samplers (engine and generate). top_k > 0 says that sampling needs only
@@ -213,19 +225,21 @@ class LlamaModel {
   int64_t LinearInFeatures(LinearModule m) const;
   int64_t LinearOutFeatures(LinearModule m) const;
 
-  // Merge: W += B A for every pair of `adapter` (f32 math, rounded once to the storage dtype). The
-  // touched matrices are copied first so Unmerge restores them bit for bit. A matrix stored
-  // quantized is refused (FAILED_PRECONDITION): rounding W + B A to 4 or 8 bits again would lose
-  // most of a low-rank delta and change the base for every other request; such adapters are served
-  // unmerged. While merged, tokens
-  // of other adapters or of the base model get the merged delta subtracted in the forward pass
-  // (mixed mode), so the batch stays correct. FAILED_PRECONDITION when one is already merged.
+  // Merge: W += B A for every pair of `adapter` (f32 math, rounded once to the storage dtype); a
+  // DoRA pair writes W' = g (W + B A). The touched matrices are copied first so Unmerge restores
+  // them bit for bit. A matrix stored quantized is refused (FAILED_PRECONDITION): rounding W + B A
+  // to 4 or 8 bits again would lose most of a low-rank delta and change the base for every other
+  // request; such adapters are served unmerged. While merged, tokens of other adapters or of the
+  // base model get the merged delta taken back out in the forward pass (mixed mode: y / g - B A x
+  // for DoRA), so the batch stays correct. FAILED_PRECONDITION when one is already merged;
+  // UNIMPLEMENTED for a DoRA adapter on CUDA.
   absl::Status Merge(const LoraWeightsView* adapter);
   // Restores the pristine base. FAILED_PRECONDITION when nothing is merged.
   absl::Status Unmerge();
   // The pristine base weight of one linear module, without a merged adapter's delta, widened (or
-  // dequantized) to f32, row-major [out, in] (adapter inspection). Reads what Merge writes, so call
-  // it where Merge runs (the engine thread, between steps). On CUDA it copies the device bits.
+  // dequantized) to f32, row-major [out, in] (adapter inspection, DoRA norms). Reads what Merge
+  // writes, so call it where Merge runs (the engine thread, between steps). On CUDA it copies the
+  // device bits.
   absl::StatusOr<std::vector<float>> BaseLinearF32(int64_t layer, LinearModule m) const;
   const LoraWeightsView* merged() const { return merged_; }
 

@@ -5,6 +5,10 @@
 // one call so the shrink reads each x row once for all of them. Each pass runs as SGMV or BGMV as
 // the plan chose; both give the same bits.
 //
+// DoRA pairs (LoraPair::dora_scale) add a per-row rescale around the passes: a token of a DoRA
+// adapter j ends with g_j (W x + B_j A_j x); while a DoRA adapter M is merged (W' = g_M (W + B_M
+// A_M)), every other token first takes 1 / g_M, then the unmerge pass, then its own.
+//
 // Where the CPU forward pass calls it (model/cpu_backend.cc), per layer l, after the base GEMMs:
 //   q,k,v:    ApplyLora(plan, LoraGroup::kQkv, l, x_normed, hidden, {q, k, v outputs}, &s)
 //   o:        ApplyLora(plan, LoraGroup::kO, l, attn_out, q_dim, {o output}, &s)

@@ -210,6 +210,7 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_sha256(info.sha256);
   out->set_pinned(info.pinned);
   out->set_path(info.source);
+  out->set_dora(info.dora);
   if (info.compression) {
     const adapters::CompressionReport& c = *info.compression;
     v1::Compression* pc = out->mutable_compression();

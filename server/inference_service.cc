@@ -230,6 +230,12 @@ class GenerationCall : public RefCounted {
   absl::Status AddPart(const adapters::AdapterRegistry& registry, const adapters::Lease& lease,
                        PendingMix* mix) {
     const float weight = mix->weights[mix->parts.size()];
+    if (lease.view().dora) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "adapter '", lease.name(),
+          "' is a DoRA adapter: its per-row magnitude rescales a module's whole output, so it is "
+          "not a delta that can be summed with others in a mix; request it alone"));
+    }
     LP_ASSIGN_OR_RETURN(
         std::unique_ptr<adapters::LoraMix> part,
         adapters::LoraMix::Build({{&lease.view(), weight}}, engine_->model().config(),

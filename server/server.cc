@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "adapters/base_weights.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/sync.h"
@@ -67,6 +68,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
                       MakeServerCredentials(options.admin.tls));
   LP_ASSIGN_OR_RETURN(server->engine_,
                       engine::Engine::Create(server->model_.get(), options.engine));
+  {
+    MutexLock lock(&server->base_reads_mu_);
+    server->base_reads_engine_ = server->engine_.get();
+  }
   LP_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_listen));
   server->service_ = std::make_unique<InferenceService>(
       server->engine_.get(), server->registry_.get(), server->metrics_.get(), options.info);
@@ -121,6 +126,16 @@ absl::Status Server::OpenRegistry(const ServerOptions& options) {
   r.base = model_->config();
   r.load.dtype = model_->adapter_dtype();
   r.load.max_rank = options.info.max_lora_rank;
+  r.load.base_weights = [this](int64_t layer,
+                               const std::array<bool, model::kNumLinearModules>& wanted,
+                               std::array<std::vector<float>, model::kNumLinearModules>* weights) {
+    return ReadBaseWeights(layer, wanted, weights);
+  };
+  if (model_->device() == model::Device::kCuda) {
+    r.load.dora_refused =
+        "DoRA adapters are served by the CPU backend only (the CUDA backend has no per-row "
+        "rescale yet)";
+  }
   r.max_loaded = admin.max_loaded;
   r.memory_bytes = admin.memory_bytes;
   r.max_upload_bytes = admin.max_adapter_bytes;
@@ -136,6 +151,34 @@ absl::Status Server::OpenRegistry(const ServerOptions& options) {
     if (!info.ok()) return Annotate(info.status(), absl::StrCat("--adapter ", name));
   }
   return absl::OkStatus();
+}
+
+absl::Status Server::ReadBaseWeights(
+    int64_t layer, const std::array<bool, model::kNumLinearModules>& wanted,
+    std::array<std::vector<float>, model::kNumLinearModules>* weights) {
+  engine::Engine* engine = nullptr;
+  {
+    MutexLock lock(&base_reads_mu_);
+    if (base_reads_stopped_) return absl::UnavailableError("the server is shutting down");
+    engine = base_reads_engine_;
+    ++base_reads_in_flight_;
+  }
+  const adapters::BaseWeights direct = adapters::DirectBaseWeights(*model_);
+  // Before the engine exists nothing merges, so the model is read here; after, on its thread.
+  absl::Status status = engine == nullptr ? direct(layer, wanted, weights)
+                                          : engine->RunOnEngineThread([&](model::LlamaModel&) {
+                                              return direct(layer, wanted, weights);
+                                            });
+  MutexLock lock(&base_reads_mu_);
+  --base_reads_in_flight_;
+  return status;
+}
+
+void Server::StopBaseReads() {
+  MutexLock lock(&base_reads_mu_);
+  base_reads_stopped_ = true;
+  Await(&base_reads_mu_, absl::Condition(
+                             +[](int* n) { return *n == 0; }, &base_reads_in_flight_));
 }
 
 Server::~Server() {
@@ -164,6 +207,7 @@ void Server::Shutdown(absl::Duration grace) {
   }
   if (grpc_server_ == nullptr) {  // Start failed half way: nothing was served
     if (engine_ != nullptr) engine_->Shutdown();
+    StopBaseReads();
     return;
   }
   LP_LOG(INFO) << "shutting down: finishing calls in flight (grace " << grace << ")";
@@ -191,6 +235,7 @@ void Server::Shutdown(absl::Duration grace) {
     grpc_server_->Wait();
   }
   engine_->Shutdown();
+  StopBaseReads();  // reads in flight returned: the engine ran or refused their tasks
   if (metrics_thread_.joinable()) metrics_thread_.join();
   LP_LOG(INFO) << "shut down";
 }

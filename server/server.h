@@ -7,6 +7,7 @@
 
 #include <grpcpp/server.h>
 
+#include <array>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -64,7 +65,21 @@ class Server {
   // Opens the registry in the state directory and registers the --adapter folders.
   absl::Status OpenRegistry(const ServerOptions& options);
 
+  // The base weights a DoRA adapter's norms are computed from (AdapterLoadOptions::base_weights),
+  // for registry loader threads: read directly before the engine starts, through the engine
+  // thread (between steps, where merges write them) while it runs, refused once it stopped.
+  absl::Status ReadBaseWeights(int64_t layer,
+                               const std::array<bool, model::kNumLinearModules>& wanted,
+                               std::array<std::vector<float>, model::kNumLinearModules>* weights);
+  // Refuses further reads and waits for those in flight (before the engine is destroyed).
+  void StopBaseReads();
+
   std::unique_ptr<model::LlamaModel> model_;
+  // Declared before the registry, whose loader threads use them until it is destroyed.
+  absl::Mutex base_reads_mu_;
+  engine::Engine* base_reads_engine_ ABSL_GUARDED_BY(base_reads_mu_) = nullptr;
+  bool base_reads_stopped_ ABSL_GUARDED_BY(base_reads_mu_) = false;
+  int base_reads_in_flight_ ABSL_GUARDED_BY(base_reads_mu_) = 0;
   // Declared before the engine: leases the engine holds are released into it, so it goes last.
   std::unique_ptr<adapters::AdapterRegistry> registry_;
   std::string temp_state_dir_;  // removed at exit when no --state-dir was given

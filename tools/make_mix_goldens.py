@@ -17,8 +17,6 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import make_hf_goldens as hf  # noqa: E402
 import make_peft_goldens as pg  # noqa: E402
@@ -41,17 +39,9 @@ MIXES = {
 
 
 def main():
-    import transformers.generation.utils as generation_utils
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    # Debian's torch 1.13 cannot import torch.distributed.fsdp on Python 3.11 (a dataclass
-    # default), which generate() probes for; nothing here is sharded.
-    generation_utils.is_fsdp_managed_module = lambda module: False
-
-    src = os.path.join(hf.REPO_ROOT, "..", "shared", "models", "stories260K")
-    base = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    base = pg.stories_base_for_generate()
     header = {"generator": "tools/make_mix_goldens.py", "versions": pg.peft_versions(),
               "model": "../shared/models/stories260K (HF copy)"}
     index = {"format": "loraplex-mix-golden/1", "mixes": {}}

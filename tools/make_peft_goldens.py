@@ -161,6 +161,19 @@ def make_adapter(base, kwargs, dtype, edits, seed, out_dir):
     return loaded
 
 
+def stories_base_for_generate():
+    """stories260K (HF copy, f32, eager attention) for the tools that run generate() on any
+    torch: Debian's torch 1.13 cannot import torch.distributed.fsdp on Python 3.11 (a dataclass
+    default), which generate() probes for; nothing here is sharded, so the probe is answered."""
+    import transformers.generation.utils as generation_utils
+    from transformers import AutoModelForCausalLM
+
+    generation_utils.is_fsdp_managed_module = lambda module: False
+    src = os.path.join(hf.REPO_ROOT, "..", "shared", "models", "stories260K")
+    return AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
 def make_stories(out_root, seed0=100):
     from transformers import AutoModelForCausalLM
     src = os.path.join(hf.REPO_ROOT, "..", "shared", "models", "stories260K")
@@ -189,23 +202,33 @@ def make_stories(out_root, seed0=100):
         hf.write_logits_fixture(os.path.join(d, "logits.json"), h, prompts)
 
 
-def make_smollm2(out_root, seed0=200):
+def make_smollm2(out_root, seed0=200, adapters=None, make=None,
+                  generator="tools/make_peft_goldens.py"):
+    """The SmolLM2 fixtures of `adapters` (default SMOLLM2_ADAPTERS: name -> (LoraConfig kwargs,
+    dtype, config edits)), each made by make(base, kwargs, dtype, edits, seed, out_dir) (default
+    make_adapter), which returns the PeftModel as saved."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    adapters = SMOLLM2_ADAPTERS if adapters is None else adapters
+    make = make_adapter if make is None else make
     path = os.path.join(REPO_ROOT, "models", hf.SMOLLM2_FILE)
     if not os.path.exists(path):
         sys.exit(f"{path} is missing: run scripts/fetch-model.sh first")
     d, f = os.path.split(path)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    base = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32,
+    # torch_dtype: the spelling transformers 4.46 (Debian's torch 1.13 venv) and newer both take.
+    base = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32,
                                                 attn_implementation="eager").eval()
+    if base.lm_head.weight.data_ptr() != base.get_input_embeddings().weight.data_ptr():
+        # The GGUF ties lm_head to the embedding; transformers before 4.47 leaves it random.
+        base.lm_head.weight = base.get_input_embeddings().weight
     root = os.path.join(out_root, "smollm2")
-    header = {"generator": "tools/make_peft_goldens.py", "versions": peft_versions(),
+    header = {"generator": generator, "versions": peft_versions(),
               "model": "models/" + hf.SMOLLM2_FILE + " (dequantized to f32 by transformers)",
               "model_sha256": hf.sha256(path)}
     ids_list = [tok.encode(t, add_special_tokens=False) for t in SMOLLM2_TEXTS]
-    for i, (name, (kwargs, dtype, edits)) in enumerate(SMOLLM2_ADAPTERS.items()):
+    for i, (name, (kwargs, dtype, edits)) in enumerate(adapters.items()):
         ad = os.path.join(root, name)
-        model = make_adapter(base, kwargs, dtype, edits, seed0 + i, ad)
+        model = make(base, kwargs, dtype, edits, seed0 + i, ad)
         h = dict(header, adapter=name, seed=seed0 + i, lora_config=repr(kwargs),
                  stored_dtype=str(dtype))
         # First prompt: last-position logits (+ top-20 everywhere); second: top-20 only would need

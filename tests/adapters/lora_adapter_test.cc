@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -260,12 +261,62 @@ TEST(LoraAdapterTest, MalformedSafetensors) {
   }
 }
 
-TEST(LoraAdapterTest, ConfigRefusalsSurfaceThroughLoad) {
+// DoRA adapters (use_dora) need a magnitude per module, of the module's out features, the base
+// weights for their norms, and a backend that runs them. (Their numbers: StoriesDoraTest.)
+TEST(LoraAdapterTest, DoraRefusals) {
+  const std::string config = R"({"r": 4, "target_modules": ["q_proj"], "use_dora": true})";
+  auto magnitudes = [](std::vector<int64_t> shape, const char* suffix = "") {
+    std::vector<Tensor> t = QPairs(4);
+    for (int l = 0; l < 5; ++l) {
+      t.push_back({"base_model.model.model.layers." + std::to_string(l) +
+                       ".self_attn.q_proj.lora_magnitude_vector" + suffix,
+                   shape});
+    }
+    return t;
+  };
+  int reads = 0;
+  AdapterLoadOptions o;
+  o.base_weights = [&reads](int64_t, const std::array<bool, model::kNumLinearModules>& wanted,
+                            std::array<std::vector<float>, model::kNumLinearModules>* w) {
+    ++reads;
+    for (int m = 0; m < model::kNumLinearModules; ++m) {
+      if (wanted[m]) (*w)[m].assign(64 * 64, 0.05f);
+    }
+    return absl::OkStatus();
+  };
+  EXPECT_THAT(LoraAdapter::Load(WriteAdapter(config, QPairs(4)), Stories(), o),
+              StatusIs(absl::StatusCode::kInvalidArgument, "lora_magnitude_vector is missing"));
+  EXPECT_THAT(LoraAdapter::Load(WriteAdapter(config, magnitudes({63})), Stories(), o),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "lora_magnitude_vector has 63"));
+  EXPECT_THAT(LoraAdapter::Load(WriteAdapter(config, magnitudes({64, 1}, ".weight")), Stories(), o),
+              StatusIs(absl::StatusCode::kInvalidArgument, "must be 1-D"));
+  EXPECT_EQ(reads, 0);
+  // The hand-written values repeat (i % 7 - 3) * 0.01: every seventh magnitude is 0, and so is
+  // g = m / ||W + s B A||; 1 / g (mixed mode) would be infinite.
+  EXPECT_THAT(LoraAdapter::Load(WriteAdapter(config, magnitudes({64})), Stories(), o),
+              StatusIs(absl::StatusCode::kInvalidArgument, "0 or not finite"));
+  EXPECT_EQ(reads, 1);  // refused at layer 0
+  AdapterLoadOptions failing = o;
+  failing.base_weights = [](int64_t, const std::array<bool, model::kNumLinearModules>&,
+                            std::array<std::vector<float>, model::kNumLinearModules>*) {
+    return absl::UnavailableError("the engine is shutting down");
+  };
+  EXPECT_THAT(LoraAdapter::Load(WriteAdapter(config, magnitudes({64})), Stories(), failing),
+              StatusIs(absl::StatusCode::kUnavailable, "shutting down"));
+  EXPECT_THAT(LoraAdapter::Load(WriteAdapter(config, magnitudes({64})), Stories(), F32()),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "base model's weights"));
+  AdapterLoadOptions refused = o;
+  refused.dora_refused = "not on this backend";
+  EXPECT_THAT(LoraAdapter::Load(WriteAdapter(config, magnitudes({64})), Stories(), refused),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "DoRA: not on this backend"));
   EXPECT_THAT(LoraAdapter::Load(WriteAdapter(R"({"r": 4, "target_modules": ["q_proj"],
-                                                 "use_dora": true})",
-                                             QPairs(4)),
-                                Stories()),
+                                                 "use_dora": 1})",
+                                             magnitudes({64})),
+                                Stories(), o),
               StatusIs(absl::StatusCode::kInvalidArgument, "use_dora"));
+}
+
+TEST(LoraAdapterTest, ConfigRefusalsSurfaceThroughLoad) {
   EXPECT_THAT(LoraAdapter::Load(WriteAdapter(R"({"r": 4, "target_modules": ["q_proj"],
                                                  "modules_to_save": ["lm_head"]})",
                                              QPairs(4)),

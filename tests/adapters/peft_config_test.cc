@@ -102,6 +102,12 @@ TEST(PeftConfigTest, RsLoraScale) {
   EXPECT_FLOAT_EQ(c.ScaleFor("model.layers.0.self_attn.q_proj"), 1.0f);  // 4 / sqrt(16)
 }
 
+TEST(PeftConfigTest, UseDoraIsRead) {
+  EXPECT_TRUE(Parse(R"({"r": 4, "target_modules": ["q_proj"], "use_dora": true})").use_dora);
+  EXPECT_FALSE(Parse(R"({"r": 4, "target_modules": ["q_proj"], "use_dora": false})").use_dora);
+  EXPECT_FALSE(Parse(R"({"r": 4, "target_modules": ["q_proj"]})").use_dora);
+}
+
 TEST(PeftConfigTest, FanInFanOutIsAcceptedAsPeftDoesForLinear) {
   PeftConfig c = Parse(R"({"r": 4, "target_modules": ["q_proj"], "fan_in_fan_out": true})");
   EXPECT_TRUE(c.fan_in_fan_out);
@@ -114,7 +120,7 @@ struct Refusal {
 
 TEST(PeftConfigTest, RefusesUnsupportedFieldsNamingThem) {
   const Refusal cases[] = {
-      {R"({"r": 8, "target_modules": ["q_proj"], "use_dora": true})", "use_dora"},
+      {R"({"r": 8, "target_modules": ["q_proj"], "use_dora": "yes"})", "use_dora"},
       {R"({"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})",
        "modules_to_save"},
       {R"({"r": 8, "target_modules": ["q_proj"], "bias": "all"})", "bias"},

@@ -17,6 +17,7 @@
 
 #include "adapters/lora_adapter.h"
 #include "adapters/lora_mix.h"
+#include "kernels/quant.h"
 #include "model/generate.h"
 #include "model/llama_model.h"
 #include "nlohmann/json.hpp"
@@ -172,6 +173,13 @@ std::unique_ptr<LlamaModel> LoadModel(const std::string& path) {
   auto m = LlamaModel::Load(path, o);
   EXPECT_OK(m);
   return m.ok() ? std::move(m).value() : nullptr;
+}
+
+// f32 adapters for `m`, DoRA ones included (their norms read from `m`).
+AdapterLoadOptions DoraOptions(const LlamaModel& m) {
+  AdapterLoadOptions o{kernels::DType::kF32, 256};
+  o.base_weights = DirectBaseWeights(m);
+  return o;
 }
 
 const std::vector<std::string> kStoriesAdapters = {
@@ -446,7 +454,7 @@ TEST_P(SmolLm2PeftTest, LastLogitsAndTop20MatchPeft) {
   const std::string dir = FixturesDir() + "/peft/smollm2/" + GetParam();
   ASSERT_TRUE(std::filesystem::exists(dir + "/adapter_config.json"))
       << dir << " missing; regenerate with " << kRegenerate << " --only smollm2";
-  ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(dir, m->config(), {kernels::DType::kF32, 256}));
+  ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(dir, m->config(), DoraOptions(*m)));
   for (const char* file : {"/logits.json", "/top20.json"}) {
     for (const GoldenPrompt& g : ReadGolden(dir + file)) {
       std::vector<int32_t> all(g.ids.size());
@@ -467,7 +475,43 @@ TEST_P(SmolLm2PeftTest, LastLogitsAndTop20MatchPeft) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Adapters, SmolLm2PeftTest, ::testing::Values("qv", "all_linear"));
+// A DoRA adapter on the base kept in the file's Q4_1 blocks (--dtype native) takes its norms from
+// those blocks dequantized: the same scales, bit for bit, as on the model dequantized to f32 at
+// load (which PEFT's goldens use). Merging into the quantized base is refused, as for any adapter.
+TEST(SmolLm2DoraTest, NormsOnTheQuantizedBaseAreThoseOfItsDequantizedWeights) {
+  const std::string gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  LP_SKIP_UNLESS_MODEL_EXISTS(gguf);
+  auto f32 = LoadModel(gguf);
+  ASSERT_NE(f32, nullptr);
+  model::LoadOptions o;
+  ASSERT_OK(model::ParseWeightStorage("native", &o));
+  o.require_tokenizer = false;
+  ASSERT_OK_AND_ASSIGN(auto native, LlamaModel::Load(gguf, o));
+  const std::string dir = FixturesDir() + "/peft/smollm2/dora_qv";
+  ASSERT_OK_AND_ASSIGN(auto a, LoraAdapter::Load(dir, f32->config(), DoraOptions(*f32)));
+  AdapterLoadOptions bf16 = DoraOptions(*native);
+  bf16.dtype = native->adapter_dtype();
+  ASSERT_OK_AND_ASSIGN(auto b, LoraAdapter::Load(dir, native->config(), bf16));
+  int modules = 0;
+  for (int64_t l = 0; l < f32->config().num_layers; ++l) {
+    for (int mi = 0; mi < model::kNumLinearModules; ++mi) {
+      const model::LoraPair* pa = a->view().layers[l][mi];
+      const model::LoraPair* pb = b->view().layers[l][mi];
+      ASSERT_EQ(pa == nullptr, pb == nullptr);
+      if (pa == nullptr) continue;
+      ++modules;
+      ASSERT_TRUE(kernels::IsQuantized(native->LinearWeight(l, model::LinearModule(mi)).dtype));
+      EXPECT_EQ(std::memcmp(pa->dora_scale, pb->dora_scale, pa->b.rows * sizeof(float)), 0)
+          << ModuleKey(l, model::LinearModule(mi));
+    }
+  }
+  EXPECT_EQ(modules, 2 * f32->config().num_layers);
+  EXPECT_EQ(native->Merge(&b->view()).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// dora_qv: tools/make_dora_goldens.py.
+INSTANTIATE_TEST_SUITE_P(Adapters, SmolLm2PeftTest,
+                         ::testing::Values("qv", "all_linear", "dora_qv"));
 
 TEST_P(SmolLm2PeftTest, GreedyContinuationsMatchPeftUnmergedAndMerged) {
   const std::string gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -475,7 +519,7 @@ TEST_P(SmolLm2PeftTest, GreedyContinuationsMatchPeftUnmergedAndMerged) {
   auto m = LoadModel(gguf);
   ASSERT_NE(m, nullptr);
   const std::string dir = FixturesDir() + "/peft/smollm2/" + GetParam();
-  ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(dir, m->config(), {kernels::DType::kF32, 256}));
+  ASSERT_OK_AND_ASSIGN(auto ad, LoraAdapter::Load(dir, m->config(), DoraOptions(*m)));
   std::vector<GoldenPrompt> golden = ReadGolden(dir + "/logits.json");
   for (GoldenPrompt& g : ReadGolden(dir + "/top20.json")) golden.push_back(std::move(g));
   ASSERT_EQ(golden.size(), 2u);
@@ -779,6 +823,160 @@ TEST(StoriesMixTest, OnePartAtWeightOneIsTheAdapterAndLimitsHold) {
     EXPECT_EQ(LoraMix::Build(nine, m->config(), 1024).status().code(),
               absl::StatusCode::kInvalidArgument);
   }
+}
+
+// DoRA (use_dora) against PEFT's DoraLinearLayer (tools/make_dora_goldens.py): y = g (W x + s B A
+// x) with g = m / ||W + s B A||_row, unmerged and merged (W' = g (W + s B A)), greedy
+// continuations, and in one batch with plain LoRA adapters and the base model, also while a DoRA
+// adapter is merged (mixed mode: the others take 1 / g and the delta back out).
+constexpr const char* kRegenerateDora = "python3 tools/make_dora_goldens.py";
+
+bool IsMerged(const GoldenPrompt& g) {
+  return g.name.size() > 7 && g.name.substr(g.name.size() - 7) == "_merged";
+}
+
+class StoriesDoraTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(StoriesDoraTest, LogitsAndGreedyMatchPeftUnmergedMergedAndBatched) {
+  for (const std::string& path : {Stories260KDir(), Stories260KDir() + "/stories260K.gguf"}) {
+    SCOPED_TRACE(path);
+    auto m = LoadModel(path);
+    ASSERT_NE(m, nullptr);
+    ASSERT_OK_AND_ASSIGN(
+        auto ad, LoraAdapter::Load(StoriesFixture(GetParam()), m->config(), DoraOptions(*m)));
+    EXPECT_TRUE(ad->dora());
+    EXPECT_TRUE(ad->view().dora);
+    std::vector<GoldenPrompt> golden = ReadGolden(StoriesFixture(GetParam()) + "/logits.json");
+    ASSERT_EQ(golden.size(), 4u) << "regenerate with " << kRegenerateDora;
+    std::vector<GoldenPrompt> base = ReadGolden(StoriesFixture("base_logits.json"));
+    ASSERT_EQ(base.size(), 2u);
+
+    // The magnitudes matter: the same A and B read as plain LoRA give other logits.
+    LoraWeightsView plain = ad->view();
+    plain.dora = false;
+    std::vector<std::unique_ptr<model::LoraPair>> plain_pairs;
+    for (auto& layer : plain.layers) {
+      for (const model::LoraPair*& p : layer) {
+        if (p == nullptr) continue;
+        plain_pairs.push_back(std::make_unique<model::LoraPair>(*p));
+        plain_pairs.back()->dora_scale = plain_pairs.back()->dora_inv_scale = nullptr;
+        p = plain_pairs.back().get();
+      }
+    }
+    EXPECT_FALSE(
+        AllClose(RunOne(*m, golden[0], &plain), golden[0].logits, testing::kF32ModelLogits));
+
+    ExpectGoldenUnmergedAndMerged(*m, ad->view(), golden, kRegenerateDora);
+    for (const GoldenPrompt& g : golden) {
+      ASSERT_FALSE(g.greedy.ids.empty()) << "regenerate with " << kRegenerateDora;
+      if (IsMerged(g)) ASSERT_OK(m->Merge(&ad->view()));
+      ExpectSameContinuation(SoloGreedy(*m, g.ids, g.greedy.ids.size(), &ad->view()), g.greedy,
+                             GetParam() + " " + g.name);
+      if (IsMerged(g)) ASSERT_OK(m->Unmerge());
+    }
+
+    // One batch: the DoRA adapter, plain qv and the base model; unmerged, then with the DoRA
+    // adapter merged (the others take its g and delta back out), then with qv merged.
+    ASSERT_OK_AND_ASSIGN(
+        auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));
+    std::vector<GoldenPrompt> qv_golden = ReadGolden(StoriesFixture("qv") + "/logits.json");
+    ASSERT_GE(qv_golden.size(), 2u);
+    for (const LoraWeightsView* merged :
+         {static_cast<const LoraWeightsView*>(nullptr), &ad->view(), &qv->view()}) {
+      SCOPED_TRACE(merged == nullptr ? "nothing merged"
+                   : merged->dora    ? "DoRA merged"
+                                     : "qv merged");
+      if (merged != nullptr) ASSERT_OK(m->Merge(merged));
+      std::vector<std::vector<float>> got = RunBatch(
+          *m, {golden[1].ids, qv_golden[0].ids, base[1].ids, golden[0].ids},
+          {golden[1].positions, qv_golden[0].positions, base[1].positions, golden[0].positions},
+          {0, 1, -1, 0}, {&ad->view(), &qv->view()});
+      EXPECT_TRUE(AllClose(got[0], golden[1].logits, testing::kF32ModelLogits)) << "DoRA";
+      EXPECT_TRUE(AllClose(got[1], qv_golden[0].logits, testing::kF32ModelLogits)) << "qv";
+      EXPECT_TRUE(AllClose(got[2], base[1].logits, testing::kF32ModelLogits)) << "base";
+      EXPECT_TRUE(AllClose(got[3], golden[0].logits, testing::kF32ModelLogits)) << "DoRA again";
+      const std::vector<std::vector<int32_t>> decoded =
+          BatchedGreedy(*m, {golden[0].ids, qv_golden[0].ids, base[0].ids},
+                        golden[0].greedy.ids.size(), {0, 1, -1}, {&ad->view(), &qv->view()});
+      ExpectSameContinuation(decoded[0], golden[0].greedy, GetParam() + " batched");
+      ExpectSameContinuation(decoded[1], qv_golden[0].greedy, "qv batched beside " + GetParam());
+      if (merged != nullptr) ASSERT_OK(m->Unmerge());
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dora, StoriesDoraTest,
+                         ::testing::Values("dora_qv", "dora_all", "dora_rslora"));
+
+// Three DoRA adapters: one merged, the two others and the base model in one batch, each token
+// rescaled by its own g after taking the merged one's back out.
+TEST(StoriesDoraTest, DoraTokensBesideAMergedDoraAdapter) {
+  auto m = LoadModel(Stories260KDir());
+  ASSERT_NE(m, nullptr);
+  std::vector<std::unique_ptr<LoraAdapter>> ads;
+  std::vector<std::vector<GoldenPrompt>> golden;
+  for (const char* name : {"dora_qv", "dora_all", "dora_rslora"}) {
+    ASSERT_OK_AND_ASSIGN(auto ad,
+                         LoraAdapter::Load(StoriesFixture(name), m->config(), DoraOptions(*m)));
+    ads.push_back(std::move(ad));
+    golden.push_back(ReadGolden(StoriesFixture(name) + "/logits.json"));
+    ASSERT_EQ(golden.back().size(), 4u) << "regenerate with " << kRegenerateDora;
+  }
+  std::vector<GoldenPrompt> base = ReadGolden(StoriesFixture("base_logits.json"));
+  ASSERT_EQ(base.size(), 2u);
+  for (size_t merged = 0; merged < ads.size(); ++merged) {
+    SCOPED_TRACE(merged);
+    ASSERT_OK(m->Merge(&ads[merged]->view()));
+    std::vector<std::vector<float>> got = RunBatch(
+        *m, {golden[0][0].ids, golden[1][1].ids, base[0].ids, golden[2][0].ids},
+        {golden[0][0].positions, golden[1][1].positions, base[0].positions, golden[2][0].positions},
+        {0, 1, -1, 2}, {&ads[0]->view(), &ads[1]->view(), &ads[2]->view()});
+    EXPECT_TRUE(AllClose(got[0], golden[0][0].logits, testing::kF32ModelLogits)) << "dora_qv";
+    EXPECT_TRUE(AllClose(got[1], golden[1][1].logits, testing::kF32ModelLogits)) << "dora_all";
+    EXPECT_TRUE(AllClose(got[2], base[0].logits, testing::kF32ModelLogits)) << "base";
+    EXPECT_TRUE(AllClose(got[3], golden[2][0].logits, testing::kF32ModelLogits)) << "dora_rslora";
+    ASSERT_OK(m->Unmerge());
+  }
+}
+
+// The norms are of the pristine base: an adapter loaded while another is merged gets the same
+// scales, bit for bit. Unmerge restores the base exactly after a DoRA merge. DoRA adapters are
+// refused in mixes.
+TEST(StoriesDoraTest, NormsUseThePristineBaseAndMixesRefuseDora) {
+  auto m = LoadModel(Stories260KDir());
+  ASSERT_NE(m, nullptr);
+  ASSERT_OK_AND_ASSIGN(auto alone,
+                       LoraAdapter::Load(StoriesFixture("dora_all"), m->config(), DoraOptions(*m)));
+  ASSERT_OK_AND_ASSIGN(
+      auto qv, LoraAdapter::Load(StoriesFixture("qv"), m->config(), {kernels::DType::kF32, 256}));
+  ASSERT_OK_AND_ASSIGN(std::vector<float> q_before, m->BaseLinearF32(0, model::LinearModule::kQ));
+  ASSERT_OK(m->Merge(&qv->view()));
+  ASSERT_OK_AND_ASSIGN(auto while_merged,
+                       LoraAdapter::Load(StoriesFixture("dora_all"), m->config(), DoraOptions(*m)));
+  ASSERT_OK(m->Unmerge());
+  int modules = 0;
+  for (int64_t l = 0; l < m->config().num_layers; ++l) {
+    for (int mi = 0; mi < model::kNumLinearModules; ++mi) {
+      const model::LoraPair* a = alone->view().layers[l][mi];
+      const model::LoraPair* b = while_merged->view().layers[l][mi];
+      ASSERT_NE(a, nullptr);
+      ASSERT_NE(b, nullptr);
+      ASSERT_NE(a->dora_scale, nullptr);
+      ++modules;
+      EXPECT_EQ(std::memcmp(a->dora_scale, b->dora_scale, a->b.rows * sizeof(float)), 0);
+      for (int64_t o = 0; o < a->b.rows; ++o) {
+        EXPECT_FLOAT_EQ(a->dora_scale[o] * a->dora_inv_scale[o], 1.0f);
+      }
+    }
+  }
+  EXPECT_EQ(modules, 7 * m->config().num_layers);
+  ASSERT_OK(m->Merge(&alone->view()));
+  ASSERT_OK(m->Unmerge());
+  ASSERT_OK_AND_ASSIGN(std::vector<float> q_after, m->BaseLinearF32(0, model::LinearModule::kQ));
+  EXPECT_EQ(q_before, q_after);
+  auto mix = LoraMix::Build({{&qv->view(), 0.5f}, {&alone->view(), 0.5f}}, m->config(), 256);
+  EXPECT_EQ(mix.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(mix.status().message()), ::testing::HasSubstr("DoRA"));
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -80,7 +81,8 @@ class LifecycleE2eTest : public e2e::AdapterRootTest {
  protected:
   static void SetUpTestSuite() {
     SetUpAdapterRoot("lp-lifecycle",
-                     {"qv", "all_linear", "rank1", "layers", "regex", "patterns", "rank64"},
+                     {"qv", "all_linear", "rank1", "layers", "regex", "patterns", "rank64",
+                      "dora_qv", "dora_all"},
                      LP_GENERATE_BINARY, kTokens, {"rank64"});
   }
   // A server over the shared adapter root with the admin token and its own state directory.
@@ -540,6 +542,64 @@ TEST_F(LifecycleE2eTest, MergedModeSurvivesARestart) {
   EXPECT_FALSE(GetInfo(*s, "m").merged());
   EXPECT_EQ(Complete(*s, "o").ids, Expected("rank1"));
   EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
+}
+
+// DoRA adapters (use_dora) through the server: registered at runtime with their norms read on the
+// engine thread, each gives loraplex-generate's output (which StoriesDoraTest holds to PEFT's),
+// also all in flight together with a plain adapter and the base model; evicted and reloaded;
+// merged, with the others in mixed mode; restored merged after kill -9 (the norms then read before
+// the engine starts); refused in a mix.
+TEST_F(LifecycleE2eTest, DoraAdaptersServeReloadMergeAndRestart) {
+  v1::AdapterInfo info;
+  auto all_at_once = [](AdminServer& s) {
+    const std::vector<std::pair<std::string, std::string>> asked = {
+        {"d", "dora_qv"}, {"e", "dora_all"}, {"p", "qv"}, {"", "base"}};
+    std::vector<std::future<Generated>> running;
+    for (int i = 0; i < 8; ++i) {
+      running.push_back(std::async(std::launch::async,
+                                   [&s, &asked, i] { return Complete(s, asked[i % 4].first); }));
+    }
+    for (int i = 0; i < 8; ++i) {
+      Generated g = running[i].get();
+      ASSERT_TRUE(g.status.ok()) << asked[i % 4].first << ": " << g.status.error_message();
+      EXPECT_EQ(g.ids, Expected(asked[i % 4].second)) << asked[i % 4].first;
+    }
+  };
+  EXPECT_NE(Expected("dora_qv"), Expected("base"));
+  EXPECT_NE(Expected("dora_all"), Expected("base"));
+  {
+    auto s = Start({"--max-loaded-adapters=2"});
+    ASSERT_TRUE(s->ok());
+    ASSERT_TRUE(Load(*s, "d", "dora_qv", false, &info).ok());
+    EXPECT_TRUE(info.dora());
+    ASSERT_TRUE(Load(*s, "e", "dora_all", false).ok());
+    ASSERT_TRUE(Load(*s, "p", "qv", false, &info).ok());  // a third: one of them goes to disk
+    EXPECT_FALSE(info.dora());
+    EXPECT_EQ(GetInfo(*s, "d").residency(), v1::DISK);
+    EXPECT_EQ(Complete(*s, "d").ids, Expected("dora_qv"));  // reloaded
+    EXPECT_EQ(Complete(*s, "e").ids, Expected("dora_all"));
+    all_at_once(*s);
+    ASSERT_TRUE(SetMode(*s, "d", v1::MERGED, &info).ok());
+    EXPECT_TRUE(info.merged());
+    all_at_once(*s);
+    v1::GenerateRequest mix = e2e::GreedyRequest("", 4);
+    mix.add_adapters()->set_name("p");
+    mix.add_adapters()->set_name("e");
+    grpc::ClientContext ctx;
+    v1::GenerateResponse resp;
+    grpc::Status refused = s->inference().Complete(&ctx, mix, &resp);
+    EXPECT_EQ(refused.error_code(), StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(refused.error_message().find("DoRA"), std::string::npos) << refused.error_message();
+    s->Kill();
+  }
+  auto s = Start();
+  ASSERT_TRUE(s->ok());
+  info = GetInfo(*s, "d");
+  EXPECT_TRUE(info.merged()) << "the merge was not restored";
+  EXPECT_TRUE(info.dora());
+  all_at_once(*s);
+  ASSERT_TRUE(SetMode(*s, "d", v1::UNMERGED, &info).ok());
+  all_at_once(*s);
 }
 
 // Requests for an evicted adapter whose reload is held up (its adapter_config.json in the state
