@@ -516,10 +516,11 @@ absl::StatusOr<AdapterInfo> AdapterRegistry::Commit(const std::string& name, Sta
                                       ", relative error ", info.compression->relative_error, ")")
                        : "";
   LP_LOG(INFO) << "adapter " << name << " v" << version << " registered from " << source
-               << ": rank " << info.max_rank << compressed << ", " << info.bytes << " bytes, "
-               << ResidencyName(info.residency) << ", READY in " << phases.total << " (stage "
-               << phases.stage << ", sync " << phases.sync << ", load " << phases.load << ", hash "
-               << phases.hash << ", commit " << phases.commit << ")";
+               << ": rank " << info.max_rank << compressed << (info.dora ? ", DoRA" : "") << ", "
+               << info.bytes << " bytes, " << ResidencyName(info.residency) << ", READY in "
+               << phases.total << " (stage " << phases.stage << ", sync " << phases.sync
+               << ", load " << phases.load << ", hash " << phases.hash << ", commit "
+               << phases.commit << ")";
   return info;
 }
 

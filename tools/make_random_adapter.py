@@ -8,8 +8,13 @@ from the base model's config.json or GGUF metadata (or SmolLM2-135M's when neith
 Weights are N(0, std) with lora_B non-zero (PEFT initialises B to zero, which would make the
 adapter a no-op and hide its cost from nothing but the output). Needs numpy only (gguf for a GGUF --model).
 
+--dora adds PEFT's DoRA magnitude per module (lora_magnitude_vector [out], uniform in [0.5, 1.5])
+and sets use_dora; A and B are the same as without it for the same seed, so the two folders cost
+the same LoRA work and differ only by DoRA's (for benchmarks: the magnitudes are not fitted to
+the base, so the outputs mean nothing).
+
   tools/make_random_adapter.py OUT_DIR --rank 16 --targets q_proj,k_proj,v_proj,o_proj \
-      [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--dtype bf16|f16|f32] [--seed 0]
+      [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--dtype bf16|f16|f32] [--seed 0] [--dora]
 """
 import argparse
 import json
@@ -93,6 +98,7 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
     ap.add_argument("--std", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dora", action="store_true", help="a DoRA adapter (use_dora, magnitudes)")
     a = ap.parse_args()
 
     targets = ALL if a.targets == "all-linear" else a.targets.split(",")
@@ -109,6 +115,10 @@ def main():
             key = f"base_model.model.model.layers.{layer}.{block}.{m}"
             tensors[f"{key}.lora_A.weight"] = rng.normal(0, a.std, (a.rank, fin)).astype(np.float32)
             tensors[f"{key}.lora_B.weight"] = rng.normal(0, a.std, (fout, a.rank)).astype(np.float32)
+    if a.dora:  # drawn after every A and B, so those stay the seed's
+        for key in sorted({k.rsplit(".lora_", 1)[0] for k in tensors}):
+            fout = tensors[f"{key}.lora_B.weight"].shape[0]
+            tensors[f"{key}.lora_magnitude_vector"] = rng.uniform(0.5, 1.5, fout).astype(np.float32)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "adapter_model.safetensors")
     write_safetensors(path, tensors, a.dtype)
@@ -116,7 +126,7 @@ def main():
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": a.rank,
         "lora_alpha": a.alpha if a.alpha is not None else 2 * a.rank,
         "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None, "inference_mode": True,
+        "use_rslora": False, "use_dora": a.dora, "modules_to_save": None, "inference_mode": True,
         "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "rank_pattern": {}, "alpha_pattern": {},
     }
