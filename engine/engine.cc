@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <cmath>
 #include <future>
 #include <string>
 #include <utility>
@@ -50,6 +51,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(model::LlamaModel* model,
         options.max_running, "), max_queue (", options.max_queue, ") and kv_block_size (",
         options.kv_block_size, ") must be >= 1; kv_blocks and kv_memory_bytes >= 0"));
   }
+  if (options.max_running_per_adapter < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("engine options: max_running_per_adapter (",
+                                                   options.max_running_per_adapter, ") < 0"));
+  }
+  for (const auto& [name, share] : options.adapter_shares) {
+    if (!(share > 0) || !std::isfinite(share)) {
+      return absl::InvalidArgumentError(absl::StrCat("engine options: the share of adapter '", name,
+                                                     "' (", share,
+                                                     ") must be a finite number > 0"));
+    }
+  }
   const model::LlamaConfig& config = model->config();
   const int64_t bytes_per_block = model->kv_bytes_per_token() * options.kv_block_size;
   int64_t blocks = options.kv_blocks;
@@ -82,7 +94,12 @@ Engine::Engine(model::LlamaModel* model, const EngineOptions& options, model::Kv
       options_(options),
       cache_(std::move(cache)),
       kv_blocks_total_(cache_.num_blocks()),
-      scheduler_(&cache_, SchedulerOptions{options.max_batch_tokens, options.max_running}) {
+      scheduler_(&cache_,
+                 SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,
+                                  .max_running = options.max_running,
+                                  .fairness = options.fairness,
+                                  .max_running_per_tenant = options.max_running_per_adapter,
+                                  .tenant_weights = options.adapter_shares}) {
   MutexLock lock(&stats_mu_);
   stats_.kv_blocks_total = kv_blocks_total_;
   stats_.kv_blocks_free = kv_blocks_total_;

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <thread>
 #include <unordered_map>
@@ -49,6 +50,12 @@ struct EngineOptions {
   // max_running sequences of the full context length.
   int64_t kv_blocks = 0;
   int64_t kv_memory_bytes = 0;
+  // Admission order across adapters (engine/scheduler.h): VTC fair share by default, or FIFO; a
+  // cap on the running sequences of one adapter (0: none); VTC shares per adapter name ("" is
+  // the base model, "@mix" every weighted mix; > 0, absent: 1).
+  Fairness fairness = Fairness::kVtc;
+  int64_t max_running_per_adapter = 0;
+  std::map<std::string, double> adapter_shares;
 };
 
 // A consistent snapshot of the engine's counters.

@@ -1,7 +1,10 @@
 #include "engine/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
+#include "absl/strings/str_cat.h"
 #include "common/logging.h"
 
 namespace loraplex::engine {
@@ -11,10 +14,44 @@ bool OlderThan(const Sequence* a, const Sequence* b) { return a->id < b->id; }
 
 }  // namespace
 
+absl::StatusOr<Fairness> ParseFairness(const std::string& name) {
+  if (name == "vtc") return Fairness::kVtc;
+  if (name == "fifo") return Fairness::kFifo;
+  return absl::InvalidArgumentError(absl::StrCat("--fairness ", name, ": must be vtc or fifo"));
+}
+
 Scheduler::Scheduler(model::KvCache* cache, SchedulerOptions options)
     : cache_(cache), options_(options) {
   LP_CHECK(options_.max_batch_tokens >= 1) << "max_batch_tokens " << options_.max_batch_tokens;
   LP_CHECK(options_.max_running >= 1) << "max_running " << options_.max_running;
+  LP_CHECK(options_.max_running_per_tenant >= 0) << options_.max_running_per_tenant;
+  for (const auto& [tenant, w] : options_.tenant_weights) {
+    LP_CHECK(w > 0 && std::isfinite(w)) << "tenant weight of '" << tenant << "': " << w;
+  }
+}
+
+double Scheduler::counter(const std::string& tenant) const {
+  auto it = tenants_.find(tenant);
+  return it == tenants_.end() ? 0.0 : it->second.counter;
+}
+
+void Scheduler::Charge(const std::string& tenant, double service) {
+  auto w = options_.tenant_weights.find(tenant);
+  tenants_[tenant].counter += service / (w == options_.tenant_weights.end() ? 1.0 : w->second);
+}
+
+void Scheduler::MaybeForget(const std::string& tenant) {
+  auto it = tenants_.find(tenant);
+  if (it == tenants_.end() || it->second.waiting > 0 || it->second.running > 0) return;
+  double lowest = std::numeric_limits<double>::infinity();
+  for (const auto& [name, t] : tenants_) {
+    if (t.waiting > 0 || t.running > 0) lowest = std::min(lowest, t.counter);
+  }
+  if (lowest == std::numeric_limits<double>::infinity()) {
+    tenants_.clear();  // nobody has work: no share to keep track of
+  } else if (it->second.counter <= lowest) {
+    tenants_.erase(it);  // its next arrival's lift gives it `lowest` or more either way
+  }
 }
 
 int64_t Scheduler::BlocksFor(int64_t tokens) const {
@@ -23,6 +60,19 @@ int64_t Scheduler::BlocksFor(int64_t tokens) const {
 }
 
 void Scheduler::AddWaiting(Sequence* seq) {
+  Tenant& tenant = TenantOf(seq);
+  if (options_.fairness == Fairness::kVtc && !seq->prompt_charged && tenant.waiting == 0 &&
+      tenant.running == 0) {
+    // VTC's lift: a tenant coming back from idle starts level with the least-served busy one.
+    double lowest = std::numeric_limits<double>::infinity();
+    for (const auto& [name, t] : tenants_) {
+      if (t.waiting > 0 || t.running > 0) lowest = std::min(lowest, t.counter);
+    }
+    if (lowest != std::numeric_limits<double>::infinity()) {
+      tenant.counter = std::max(tenant.counter, lowest);
+    }
+  }
+  ++tenant.waiting;
   // Waiting stays sorted by id, so preempted sequences (older) go back before new arrivals.
   waiting_.insert(std::upper_bound(waiting_.begin(), waiting_.end(), seq, OlderThan), seq);
 }
@@ -36,10 +86,30 @@ void Scheduler::Remove(Sequence* seq) {
   FreeBlocks(seq);
   if (auto it = std::find(running_.begin(), running_.end(), seq); it != running_.end()) {
     running_.erase(it);
+    --TenantOf(seq).running;
   }
   if (auto it = std::find(waiting_.begin(), waiting_.end(), seq); it != waiting_.end()) {
     waiting_.erase(it);
+    --TenantOf(seq).waiting;
   }
+  MaybeForget(seq->tenant);
+}
+
+std::deque<Sequence*>::iterator Scheduler::NextToAdmit() {
+  const int64_t cap = options_.max_running_per_tenant;
+  auto best = waiting_.end();
+  double best_counter = 0;
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {  // oldest first
+    const Tenant& t = TenantOf(*it);
+    if (cap > 0 && t.running >= cap) continue;
+    if (options_.fairness == Fairness::kFifo) return it;
+    // Strictly smaller: among equal counters (and within a tenant) the oldest stays.
+    if (best == waiting_.end() || t.counter < best_counter) {
+      best = it;
+      best_counter = t.counter;
+    }
+  }
+  return best;
 }
 
 int64_t Scheduler::PromisedBlocks() const {
@@ -64,6 +134,7 @@ void Scheduler::Preempt(Sequence* victim, StepPlan* plan, int64_t* budget) {
   FreeBlocks(victim);
   victim->num_computed = 0;
   running_.erase(std::find(running_.begin(), running_.end(), victim));
+  --TenantOf(victim).running;
   AddWaiting(victim);
   ++plan->num_preempted;
   LP_LOG(DEBUG) << "preempted request " << victim->id << " (" << victim->length() << " tokens)";
@@ -100,6 +171,7 @@ StepPlan Scheduler::Schedule() {
     if (s->num_pending() != 1) continue;
     if (!EnsureBlocks(s, s->length(), &plan, &budget)) break;
     add_chunk(s, 1);
+    Charge(s->tenant, options_.output_token_weight);
   }
 
   // 2. Prefill chunks of sequences already admitted, oldest first, in what budget is left.
@@ -124,13 +196,23 @@ StepPlan Scheduler::Schedule() {
     add_chunk(s, count);
   }
 
-  // 3. Admission, FIFO. Not in a step that had to preempt: memory is short already.
+  // 3. Admission in the fairness policy's order. Not in a step that had to preempt: memory is
+  //    short already.
   while (plan.num_preempted == 0 && !waiting_.empty() && budget > 0 &&
          static_cast<int64_t>(running_.size()) < options_.max_running) {
-    Sequence* s = waiting_.front();
+    auto next = NextToAdmit();
+    if (next == waiting_.end()) break;  // every waiting tenant is at its cap
+    Sequence* s = *next;
     const int64_t need = BlocksFor(s->length() + 1);
     if (cache_->num_free_blocks() - PromisedBlocks() < need) break;
-    waiting_.pop_front();
+    waiting_.erase(next);
+    Tenant& tenant = TenantOf(s);
+    --tenant.waiting;
+    ++tenant.running;
+    if (!s->prompt_charged) {
+      Charge(s->tenant, options_.input_token_weight * static_cast<double>(s->num_prompt_tokens));
+      s->prompt_charged = true;
+    }
     running_.insert(std::upper_bound(running_.begin(), running_.end(), s, OlderThan), s);
     const int64_t count = std::min(s->num_pending(), budget);
     const bool ok = EnsureBlocks(s, s->num_computed + count, &plan, &budget);

@@ -4,9 +4,22 @@
 //   1. one decode token for every running sequence that has finished its prompt (oldest first);
 //   2. the next prompt chunk of running sequences still in prefill, within what is left of the
 //      token budget (chunked prefill: a long prompt takes several steps and never stalls decodes);
-//   3. new sequences from the waiting queue, FIFO, while the budget, the running limit and the free
-//      KV blocks allow (a sequence is admitted only when its whole remaining prompt fits in the
-//      blocks not promised to prompts already admitted).
+//   3. new sequences from the waiting queue while the budget, the running limit and the free KV
+//      blocks allow (a sequence is admitted only when its whole remaining prompt fits in the
+//      blocks not promised to prompts already admitted), in the order the fairness policy gives.
+//
+// Fairness (SchedulerOptions::fairness). Requests belong to tenants (Sequence::tenant: the
+// adapter's name, "" for the base model). kFifo admits the oldest waiting request. kVtc is the
+// Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024):
+// each tenant has a counter of the service it received, input_token_weight per prompt token (at
+// admission, once) plus output_token_weight per decoded token, divided by its share (weight,
+// default 1); admission takes the oldest waiting request of the tenant with the smallest counter.
+// A tenant that had nothing waiting or running has its counter lifted to the smallest counter of
+// the tenants that do when its next request arrives, so an idle tenant cannot bank service and
+// then flood. One tenant sending far more than the others then gets the leftover capacity while
+// the others keep their share of admissions; within a tenant the order stays FIFO. Both policies
+// may cap the running sequences of one tenant (max_running_per_tenant). A request that does not
+// fit in the free blocks is not overtaken by others (as FIFO: a big request is never starved).
 // KV blocks are allocated as tokens need them. When a running sequence needs a block and none is
 // free, the youngest running sequence (by request id) is preempted: its blocks are freed and it
 // goes back to the front of the waiting queue, to be recomputed from its tokens later. The caller
@@ -18,16 +31,28 @@
 
 #include <cstdint>
 #include <deque>
+#include <map>
+#include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "engine/sequence.h"
 #include "model/kv_cache.h"
 
 namespace loraplex::engine {
 
+enum class Fairness { kFifo, kVtc };
+// "fifo", "vtc" (--fairness); INVALID_ARGUMENT otherwise.
+absl::StatusOr<Fairness> ParseFairness(const std::string& name);
+
 struct SchedulerOptions {
   int64_t max_batch_tokens = 512;  // tokens per step (decodes + prefill chunks), >= 1
   int64_t max_running = 64;        // sequences per step, >= 1
+  Fairness fairness = Fairness::kVtc;
+  int64_t max_running_per_tenant = 0;  // 0: no cap
+  double input_token_weight = 1;       // VTC service of one prompt token
+  double output_token_weight = 2;      // and of one generated token (the paper's w_p, w_q)
+  std::map<std::string, double> tenant_weights;  // VTC shares (> 0); absent: 1
 };
 
 // A run of consecutive tokens of one sequence in this step: tokens[start, start + count).
@@ -65,6 +90,8 @@ class Scheduler {
 
   int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
+  // A tenant's VTC counter (0 for one never seen; for tests and stats).
+  double counter(const std::string& tenant) const;
   const std::vector<Sequence*>& running() const { return running_; }
   const model::KvCache& cache() const { return *cache_; }
 
@@ -76,11 +103,25 @@ class Scheduler {
   void FreeBlocks(Sequence* seq);
   // Blocks promised to running sequences for the rest of their prompts.
   int64_t PromisedBlocks() const;
+  // The waiting sequence to admit next under the fairness policy and the per-tenant cap, or
+  // waiting_.end().
+  std::deque<Sequence*>::iterator NextToAdmit();
+  void Charge(const std::string& tenant, double service);
+
+  struct Tenant {
+    double counter = 0;  // VTC: service received, over the tenant's share
+    int64_t waiting = 0;
+    int64_t running = 0;
+  };
+  Tenant& TenantOf(const Sequence* seq) { return tenants_[seq->tenant]; }
+  // Forgets a tenant with nothing waiting or running whose counter a lift would restore anyway.
+  void MaybeForget(const std::string& tenant);
 
   model::KvCache* cache_;
   SchedulerOptions options_;
   std::deque<Sequence*> waiting_;
   std::vector<Sequence*> running_;  // sorted by id: oldest first
+  std::map<std::string, Tenant> tenants_;
 };
 
 }  // namespace loraplex::engine

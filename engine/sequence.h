@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/time/time.h"
@@ -22,6 +23,9 @@ struct Sequence {
         sink(std::move(sink_in)),
         tokens(request.prompt_ids),
         num_prompt_tokens(static_cast<int64_t>(request.prompt_ids.size())),
+        tenant(request.mix != nullptr       ? "@mix"
+               : request.adapter != nullptr ? request.adapter->name()
+                                            : std::string()),
         sampler(request.sampling),
         decoder(tokenizer),
         stop(request.stop) {}
@@ -38,6 +42,12 @@ struct Sequence {
   // Prompt followed by the generated tokens.
   std::vector<int32_t> tokens;
   const int64_t num_prompt_tokens;
+  // Whose share of the server this request uses (the scheduler's fairness): the adapter's name,
+  // "" for the base model, "@mix" for every weighted mix (adapter names have no "@"). Fixed once
+  // the sequence is handed to the scheduler.
+  std::string tenant;
+  // The scheduler charged its prompt to the tenant (once, not again after a preemption).
+  bool prompt_charged = false;
   // tokens[0, num_computed) have their K/V in the blocks below. Reset to 0 on preemption: the
   // sequence is then recomputed from its tokens, which gives the same K/V.
   int64_t num_computed = 0;

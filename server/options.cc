@@ -1,6 +1,7 @@
 #include "server/options.h"
 
 #include <cctype>
+#include <cmath>
 #include <cstdint>
 #include <fstream>
 
@@ -27,6 +28,13 @@ ABSL_FLAG(
     "auto (CUDA when a device is usable, else the CPU), cpu or cuda (fails without a device)");
 ABSL_FLAG(int64_t, max_batch_tokens, 512, "tokens per engine step (decodes + prefill chunks)");
 ABSL_FLAG(int64_t, max_running, 64, "sequences per engine step");
+ABSL_FLAG(std::string, fairness, "vtc",
+          "admission order across adapters: vtc (a fair share per adapter, Virtual Token Counter) "
+          "or fifo");
+ABSL_FLAG(int64_t, max_running_per_adapter, 0,
+          "running sequences one adapter may hold (0: no cap beyond --max-running)");
+ABSL_FLAG(std::vector<std::string>, adapter_shares, {},
+          "NAME=WEIGHT[,...] VTC shares (default 1 each; @base: the base model, @mix: the mixes)");
 ABSL_FLAG(int64_t, max_queue, 256, "requests waiting for KV memory before RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, kv_memory, "",
           "KV cache size, e.g. 512MiB or 2G (default: max_running full contexts, at most 1 GiB)");
@@ -142,6 +150,21 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   s.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   s.engine.max_running = absl::GetFlag(FLAGS_max_running);
   s.engine.max_queue = absl::GetFlag(FLAGS_max_queue);
+  LP_ASSIGN_OR_RETURN(s.engine.fairness, engine::ParseFairness(absl::GetFlag(FLAGS_fairness)));
+  s.engine.max_running_per_adapter = absl::GetFlag(FLAGS_max_running_per_adapter);
+  if (s.engine.max_running_per_adapter < 0) {
+    return absl::InvalidArgumentError("--max-running-per-adapter must be >= 0");
+  }
+  for (const std::string& spec : absl::GetFlag(FLAGS_adapter_shares)) {
+    std::vector<std::string> parts = absl::StrSplit(spec, absl::MaxSplits('=', 1));
+    double share = 0;
+    if (parts.size() != 2 || parts[0].empty() || !absl::SimpleAtod(parts[1], &share) ||
+        !(share > 0) || !std::isfinite(share)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--adapter-shares wants NAME=WEIGHT with WEIGHT > 0, got '", spec, "'"));
+    }
+    s.engine.adapter_shares[parts[0] == "@base" ? "" : parts[0]] = share;
+  }
   s.engine.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
   s.engine.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);
   if (const std::string kv = absl::GetFlag(FLAGS_kv_memory); !kv.empty()) {

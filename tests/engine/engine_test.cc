@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -317,6 +318,24 @@ TEST_F(EngineTest, QueueFullIsResourceExhaustedAndWaitersRunLater) {
   // With the queue empty again, new requests are taken.
   EXPECT_OK(engine->Submit(Greedy({1}, 4), c.Sink()));
   c.WaitFor(4);
+}
+
+// The fairness options are checked where they enter (engine/scheduler.h has the policy's tests).
+TEST_F(EngineTest, RefusesBadFairnessOptions) {
+  EXPECT_THAT(Engine::Create(model_, {.max_running_per_adapter = -1}),
+              StatusIs(absl::StatusCode::kInvalidArgument, "max_running_per_adapter"));
+  for (double share : {0.0, -1.0, std::nan("")}) {
+    EXPECT_THAT(Engine::Create(model_, {.adapter_shares = {{"a", share}}}),
+                StatusIs(absl::StatusCode::kInvalidArgument, "share of adapter 'a'"));
+  }
+  EXPECT_THAT(ParseFairness("lottery"),
+              StatusIs(absl::StatusCode::kInvalidArgument, "vtc or fifo"));
+  ASSERT_OK_AND_ASSIGN(Fairness f, ParseFairness("fifo"));
+  EXPECT_EQ(f, Fairness::kFifo);
+  EXPECT_NE(MakeEngine({.fairness = Fairness::kFifo,
+                        .max_running_per_adapter = 2,
+                        .adapter_shares = {{"", 2.0}}}),
+            nullptr);
 }
 
 TEST_F(EngineTest, RefusesWhatCanNeverRun) {

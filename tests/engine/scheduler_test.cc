@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "tests/testing/testing.h"
@@ -185,6 +186,120 @@ TEST_F(SchedulerTest, RemovingAWaitingOrRunningSequenceFreesEverything) {
   EXPECT_EQ(s.num_running(), 0);
   EXPECT_EQ(s.num_waiting(), 0);
   EXPECT_TRUE(s.Schedule().chunks.empty());
+}
+
+// ---- fairness across tenants (adapters) -----------------------------------------------------
+
+class FairnessTest : public SchedulerTest {
+ protected:
+  Sequence* NewFor(const std::string& tenant, int64_t prompt_len = 4) {
+    Sequence* s = NewSeq(prompt_len);
+    s->tenant = tenant;
+    return s;
+  }
+  // Runs steps until nothing is left, finishing every sequence after `decodes` generated tokens;
+  // returns the tenants in the order their sequences were admitted.
+  std::string AdmissionOrder(Scheduler& s, int decodes = 3) {
+    std::string order;
+    for (int step = 0; step < 1000 && (s.num_running() > 0 || s.num_waiting() > 0); ++step) {
+      StepPlan p = Step(s);
+      for (const ScheduledChunk& c : p.chunks) {
+        if (c.start == 0) order += c.seq->tenant;
+      }
+      for (const ScheduledChunk& c : p.chunks) {
+        if (c.seq->num_generated() >= decodes) s.Remove(c.seq);
+      }
+    }
+    return order;
+  }
+};
+
+// One tenant ("a") queues six requests before another ("b") queues two. FIFO serves all of a's
+// first; VTC alternates while both have work, because each admission charges the prompt (and
+// each decode its token) to the tenant's counter.
+TEST_F(FairnessTest, VtcInterleavesAFloodWithAnotherTenantFifoDoesNot) {
+  for (Fairness f : {Fairness::kFifo, Fairness::kVtc}) {
+    MakeCache(64);
+    seqs_.clear();
+    Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 2, .fairness = f});
+    for (int i = 0; i < 6; ++i) s.AddWaiting(NewFor("a"));
+    for (int i = 0; i < 2; ++i) s.AddWaiting(NewFor("b"));
+    EXPECT_EQ(AdmissionOrder(s), f == Fairness::kFifo ? "aaaaaabb" : "ababaaaa");
+    EXPECT_EQ(cache_->num_used_blocks(), 0);
+  }
+}
+
+// The counter is the service received over the share: 1 per prompt token at admission, 2 per
+// decoded token; a share of 4 makes "b"'s tokens count a quarter, so b is admitted four times
+// for each of a's while both have work waiting.
+TEST_F(FairnessTest, CountersChargeWeightedTokensOverTheShare) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64,
+                             .max_running = 1,
+                             .fairness = Fairness::kVtc,
+                             .tenant_weights = {{"b", 4.0}}});
+  Sequence* a = NewFor("a", 8);
+  s.AddWaiting(a);
+  Step(s);  // a admitted: 8 prompt tokens, one sampled token
+  EXPECT_EQ(s.counter("a"), 8.0);
+  Step(s);  // one decode
+  EXPECT_EQ(s.counter("a"), 10.0);
+  s.Remove(a);
+  for (int i = 0; i < 3; ++i) s.AddWaiting(NewFor("a", 8));
+  for (int i = 0; i < 8; ++i) s.AddWaiting(NewFor("b", 8));
+  EXPECT_EQ(AdmissionOrder(s, 1), "abbbbabbbba");
+}
+
+// A tenant idle while another was served does not come back with a lower counter than the busy
+// one (VTC's lift): it cannot bank its idle time and then take every slot.
+TEST_F(FairnessTest, AReturningTenantIsLiftedToTheBusyOnesCounter) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 1});  // VTC by default
+  Sequence* a = NewFor("a", 4);
+  s.AddWaiting(a);
+  for (int i = 0; i < 20; ++i) Step(s);  // a: 4 + 19 decodes * 2
+  const double served = s.counter("a");
+  EXPECT_EQ(served, 42.0);
+  s.AddWaiting(NewFor("a", 4));
+  Sequence* b = NewFor("b", 4);
+  s.AddWaiting(b);  // b was never seen: lifted from 0 to a's counter
+  EXPECT_EQ(s.counter("b"), served);
+  s.Remove(a);
+  // Tie: the older request (a's) goes first, then b.
+  EXPECT_EQ(AdmissionOrder(s, 1), "ab");
+  // Everybody idle: the counters are forgotten.
+  EXPECT_EQ(s.counter("a"), 0.0);
+  EXPECT_EQ(s.counter("b"), 0.0);
+}
+
+// max_running_per_tenant: a's requests take at most one slot, in FIFO and VTC alike, and a
+// request that does not fit in memory is not overtaken (the head waits).
+TEST_F(FairnessTest, PerTenantCapAndNoOvertakingOfABigRequest) {
+  for (Fairness f : {Fairness::kFifo, Fairness::kVtc}) {
+    MakeCache(64);
+    seqs_.clear();
+    Scheduler s(
+        cache_.get(),
+        {.max_batch_tokens = 64, .max_running = 4, .fairness = f, .max_running_per_tenant = 1});
+    for (int i = 0; i < 3; ++i) s.AddWaiting(NewFor("a"));
+    s.AddWaiting(NewFor("b"));
+    StepPlan p = Step(s);
+    ASSERT_EQ(p.chunks.size(), 2u);
+    EXPECT_EQ(p.chunks[0].seq->tenant, "a");
+    EXPECT_EQ(p.chunks[1].seq->tenant, "b");
+    EXPECT_EQ(s.num_waiting(), 2);
+  }
+  MakeCache(8);  // 32 slots
+  seqs_.clear();
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8});
+  s.AddWaiting(NewFor("a", 20));
+  Step(s);                          // a holds 6 blocks
+  Sequence* big = NewFor("b", 10);  // needs 3: does not fit
+  s.AddWaiting(big);
+  s.AddWaiting(NewFor("c", 2));  // would fit; same counter as b (both lifted), b is older
+  StepPlan p = Step(s);
+  EXPECT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(s.num_waiting(), 2);
 }
 
 }  // namespace
