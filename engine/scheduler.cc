@@ -36,8 +36,7 @@ double Scheduler::counter(const std::string& tenant) const {
 }
 
 void Scheduler::Charge(const std::string& tenant, double service) {
-  auto w = options_.tenant_weights.find(tenant);
-  tenants_[tenant].counter += service / (w == options_.tenant_weights.end() ? 1.0 : w->second);
+  tenants_[tenant].counter += service / Share(tenant);
 }
 
 void Scheduler::MaybeForget(const std::string& tenant) {
@@ -127,6 +126,12 @@ void Scheduler::Preempt(Sequence* victim, StepPlan* plan, int64_t* budget) {
   auto chunk = std::find_if(plan->chunks.begin(), plan->chunks.end(),
                             [victim](const ScheduledChunk& c) { return c.seq == victim; });
   if (chunk != plan->chunks.end()) {
+    // A decode this plan charged is not served after all.
+    if (auto d = std::find(step_decodes_.begin(), step_decodes_.end(), victim);
+        d != step_decodes_.end()) {
+      Charge(victim->tenant, -options_.output_token_weight);
+      step_decodes_.erase(d);
+    }
     *budget += chunk->count;
     plan->num_tokens -= chunk->count;
     plan->chunks.erase(chunk);
@@ -164,6 +169,7 @@ StepPlan Scheduler::Schedule() {
     budget -= count;
   };
 
+  step_decodes_.clear();
   // 1. Decodes, oldest first. A preemption removes the youngest, which is at the end of running_
   //    and not scheduled yet (or is `s` itself, the last one), so the index stays valid.
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
@@ -172,6 +178,7 @@ StepPlan Scheduler::Schedule() {
     if (!EnsureBlocks(s, s->length(), &plan, &budget)) break;
     add_chunk(s, 1);
     Charge(s->tenant, options_.output_token_weight);
+    step_decodes_.push_back(s);
   }
 
   // 2. Prefill chunks of sequences already admitted, oldest first, in what budget is left.
@@ -196,13 +203,17 @@ StepPlan Scheduler::Schedule() {
     add_chunk(s, count);
   }
 
-  // 3. Admission in the fairness policy's order. Not in a step that had to preempt: memory is
-  //    short already.
-  while (plan.num_preempted == 0 && !waiting_.empty() && budget > 0 &&
-         static_cast<int64_t>(running_.size()) < options_.max_running) {
+  // 3. Admission in the fairness policy's order. Not in a step that had to preempt for blocks:
+  //    memory is short already.
+  const bool short_of_blocks = plan.num_preempted > 0;
+  while (!short_of_blocks && !waiting_.empty() && budget > 0) {
     auto next = NextToAdmit();
     if (next == waiting_.end()) break;  // every waiting tenant is at its cap
     Sequence* s = *next;
+    if (static_cast<int64_t>(running_.size()) >= options_.max_running) {
+      if (!TakeSlotFor(s, &plan, &budget)) break;
+      next = std::find(waiting_.begin(), waiting_.end(), s);  // the preemption inserted
+    }
     const int64_t need = BlocksFor(s->length() + 1);
     if (cache_->num_free_blocks() - PromisedBlocks() < need) break;
     waiting_.erase(next);
@@ -220,6 +231,44 @@ StepPlan Scheduler::Schedule() {
     add_chunk(s, count);
   }
   return plan;
+}
+
+double Scheduler::Share(const std::string& tenant) const {
+  auto w = options_.tenant_weights.find(tenant);
+  return w == options_.tenant_weights.end() ? 1.0 : w->second;
+}
+
+bool Scheduler::TakeSlotFor(const Sequence* seq, StepPlan* plan, int64_t* budget) {
+  if (options_.fairness != Fairness::kVtc) return false;
+  const Tenant& mine = TenantOf(seq);
+  // The busy tenant holding the most slots for its share.
+  const std::string* victim_tenant = nullptr;
+  double most = 0;
+  for (const auto& [name, t] : tenants_) {
+    const double held = static_cast<double>(t.running) / Share(name);
+    if (name != seq->tenant && t.running > 0 && held > most) {
+      most = held;
+      victim_tenant = &name;
+    }
+  }
+  if (victim_tenant == nullptr) return false;
+  const Tenant& victim = tenants_.at(*victim_tenant);
+  // Only where the slot moves toward equal shares, and never from a tenant that received less
+  // service (it would be admitted back at once: thrashing).
+  if (static_cast<double>(mine.running + 1) / Share(seq->tenant) >= most ||
+      victim.counter < mine.counter) {
+    return false;
+  }
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {  // its youngest
+    if ((*it)->tenant != *victim_tenant) continue;
+    // Only when seq then fits: else the victim would lose its work for nothing.
+    const int64_t room =
+        cache_->num_free_blocks() - PromisedBlocks() + static_cast<int64_t>((*it)->blocks.size());
+    if (room < BlocksFor(seq->length() + 1)) return false;
+    Preempt(*it, plan, budget);
+    return true;
+  }
+  return false;
 }
 
 void Scheduler::Commit(const StepPlan& plan) {

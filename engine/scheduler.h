@@ -17,9 +17,13 @@
 // A tenant that had nothing waiting or running has its counter lifted to the smallest counter of
 // the tenants that do when its next request arrives, so an idle tenant cannot bank service and
 // then flood. One tenant sending far more than the others then gets the leftover capacity while
-// the others keep their share of admissions; within a tenant the order stays FIFO. Both policies
-// may cap the running sequences of one tenant (max_running_per_tenant). A request that does not
-// fit in the free blocks is not overtaken by others (as FIFO: a big request is never starved).
+// the others keep their share of admissions; within a tenant the order stays FIFO. When every
+// running slot (max_running) is taken, VTC preempts the youngest sequence of the tenant holding
+// the most slots for its share, so that a waiting tenant below its share of the running set (and
+// no better served) does not wait for the flood's sequences to finish; the preempted sequence is
+// recomputed later like any other. Both policies may cap the running sequences of one tenant
+// (max_running_per_tenant). A request that does not fit in the free blocks is not overtaken by
+// others (as FIFO: a big request is never starved).
 // KV blocks are allocated as tokens need them. When a running sequence needs a block and none is
 // free, the youngest running sequence (by request id) is preempted: its blocks are freed and it
 // goes back to the front of the waiting queue, to be recomputed from its tokens later. The caller
@@ -107,6 +111,12 @@ class Scheduler {
   // waiting_.end().
   std::deque<Sequence*>::iterator NextToAdmit();
   void Charge(const std::string& tenant, double service);
+  double Share(const std::string& tenant) const;
+  // VTC with every running slot taken: preempts the youngest sequence of the busy tenant holding
+  // the most slots for its share, when giving one to seq's tenant moves the slots toward equal
+  // shares, that tenant received no less service than seq's, and seq then fits in the blocks.
+  // False when nothing was preempted.
+  bool TakeSlotFor(const Sequence* seq, StepPlan* plan, int64_t* budget);
 
   struct Tenant {
     double counter = 0;  // VTC: service received, over the tenant's share
@@ -122,6 +132,7 @@ class Scheduler {
   std::deque<Sequence*> waiting_;
   std::vector<Sequence*> running_;  // sorted by id: oldest first
   std::map<std::string, Tenant> tenants_;
+  std::vector<const Sequence*> step_decodes_;  // the decodes Schedule() charged in this plan
 };
 
 }  // namespace loraplex::engine

@@ -247,7 +247,9 @@ TEST_F(FairnessTest, CountersChargeWeightedTokensOverTheShare) {
   s.Remove(a);
   for (int i = 0; i < 3; ++i) s.AddWaiting(NewFor("a", 8));
   for (int i = 0; i < 8; ++i) s.AddWaiting(NewFor("b", 8));
-  EXPECT_EQ(AdmissionOrder(s, 1), "abbbbabbbba");
+  // a's first request is admitted (tie at 0, older) and at once gives its slot back to b, whose
+  // share is four slots to a's one; then four b's per a while both have work.
+  EXPECT_EQ(AdmissionOrder(s, 1), "bbbbabbbbaa");
 }
 
 // A tenant idle while another was served does not come back with a lower counter than the busy
@@ -270,6 +272,45 @@ TEST_F(FairnessTest, AReturningTenantIsLiftedToTheBusyOnesCounter) {
   // Everybody idle: the counters are forgotten.
   EXPECT_EQ(s.counter("a"), 0.0);
   EXPECT_EQ(s.counter("b"), 0.0);
+}
+
+// Every running slot held by a: under VTC a request of b (no better served) takes a's youngest
+// slot at once, until the slots are shared equally; FIFO waits for a's to finish.
+TEST_F(FairnessTest, VtcTakesASlotFromTheTenantHoldingMoreThanItsShare) {
+  for (Fairness f : {Fairness::kFifo, Fairness::kVtc}) {
+    MakeCache(64);
+    seqs_.clear();
+    Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 4, .fairness = f});
+    std::vector<Sequence*> a;
+    for (int i = 0; i < 4; ++i) {
+      a.push_back(NewFor("a"));
+      s.AddWaiting(a.back());
+    }
+    Step(s);
+    Step(s);  // a holds the 4 slots, decoding
+    Sequence* b1 = NewFor("b");
+    Sequence* b2 = NewFor("b");
+    Sequence* b3 = NewFor("b");
+    s.AddWaiting(b1);
+    s.AddWaiting(b2);
+    s.AddWaiting(b3);
+    StepPlan p = Step(s);
+    if (f == Fairness::kFifo) {
+      EXPECT_EQ(p.num_preempted, 0);
+      EXPECT_EQ(s.num_waiting(), 3);
+      continue;
+    }
+    // b takes two slots (2 + 2); a third would tip the balance the other way.
+    EXPECT_EQ(p.num_preempted, 2);
+    EXPECT_EQ(s.num_running(), 4);
+    EXPECT_EQ(b1->num_computed, 4);
+    EXPECT_EQ(b2->num_computed, 4);
+    EXPECT_EQ(b3->num_computed, 0);
+    EXPECT_EQ(a[3]->num_computed, 0);  // the youngest of a's, recomputed later
+    EXPECT_EQ(a[2]->num_computed, 0);
+    EXPECT_EQ(a[1]->num_computed, 6);
+    EXPECT_EQ(BlocksHeld(), cache_->num_used_blocks());
+  }
 }
 
 // max_running_per_tenant: a's requests take at most one slot, in FIFO and VTC alike, and a
