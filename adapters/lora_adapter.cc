@@ -147,9 +147,12 @@ bool DoraScale(const std::vector<float>& w, const std::vector<float>& a,
     }
     double sq = 0;
     for (int64_t i = 0; i < in; ++i) sq += double{row[i]} * row[i];
-    const double scale = m[o] / std::sqrt(sq);
-    if (!(sq > 0) || !std::isfinite(scale) || scale == 0) return false;
-    (*g)[o] = static_cast<float>(scale);
+    const float scale = static_cast<float>(m[o] / std::sqrt(sq));
+    // g and 1 / g (mixed mode) must both be finite f32 numbers.
+    if (!(sq > 0) || !std::isfinite(scale) || scale == 0 || !std::isfinite(1.0f / scale)) {
+      return false;
+    }
+    (*g)[o] = scale;
   }
   return true;
 }
