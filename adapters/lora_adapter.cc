@@ -253,7 +253,6 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     (which == "A" ? f.a : which == "B" ? f.b : f.magnitude) = &t;
   }
 
-
   // Every module the config targets must have its pair, and every pair must be targeted.
   for (int64_t l = 0; l < base.num_layers; ++l) {
     for (int m = 0; m < kNumLinearModules; ++m) {
