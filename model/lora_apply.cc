@@ -49,6 +49,11 @@ bool Gather(const std::vector<const LoraWeightsView*>& views, const LoraModuleGr
 // per-column scale (`inv`: 1 / g, else g) for each module of the group it has one for.
 void ScaleDoraRows(const LoraPass& pass, const LoraModuleGroup& group, int64_t layer, bool inv,
                    const LoraOutput* y) {
+  // Most steps have no DoRA adapter at all: no per-token walk then.
+  if (std::none_of(pass.adapters.begin(), pass.adapters.end(),
+                   [](const LoraWeightsView* v) { return v != nullptr && v->dora; })) {
+    return;
+  }
   const int64_t n = static_cast<int64_t>(pass.token_adapter.size());
   for (int64_t t = 0; t < n; ++t) {
     const int32_t j = pass.token_adapter[t];
