@@ -85,7 +85,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(model::LlamaModel* model,
   LP_LOG(INFO) << "engine: " << blocks << " KV blocks of " << options.kv_block_size << " tokens ("
                << (blocks * bytes_per_block >> 20) << " MiB), max_batch_tokens "
                << options.max_batch_tokens << ", max_running " << options.max_running
-               << ", max_queue " << options.max_queue;
+               << ", max_queue " << options.max_queue << ", prefix cache "
+               << (options.prefix_cache ? "on" : "off");
   return engine;
 }
 
@@ -99,7 +100,8 @@ Engine::Engine(model::LlamaModel* model, const EngineOptions& options, model::Kv
                                   .max_running = options.max_running,
                                   .fairness = options.fairness,
                                   .max_running_per_tenant = options.max_running_per_adapter,
-                                  .tenant_weights = options.adapter_shares}) {
+                                  .tenant_weights = options.adapter_shares,
+                                  .prefix_cache = options.prefix_cache}) {
   MutexLock lock(&stats_mu_);
   stats_.kv_blocks_total = kv_blocks_total_;
   stats_.kv_blocks_free = kv_blocks_total_;
@@ -228,6 +230,8 @@ void Engine::Loop() {
     const bool idle = scheduler_.num_running() == 0 && scheduler_.num_waiting() == 0;
     TakeCommands(idle ? kIdleWait : absl::ZeroDuration());
     if (stopping_.load() && inbox_.closed()) break;
+    // Tasks may have merged or unmerged an adapter: the prefix cache keys by the weights' state.
+    scheduler_.SetMergeState(model_->merged() != nullptr ? model_->merged()->id : 0);
     StepPlan plan = scheduler_.Schedule();
     for (const ScheduledChunk& c : plan.chunks) {
       if (c.seq->queued) {
@@ -331,7 +335,7 @@ void Engine::RunStep(const StepPlan& plan) {
     PublishStats(0);
     return;
   }
-  Scheduler::Commit(plan);
+  scheduler_.Commit(plan);
 
   const model::Tokenizer& tokenizer = model_->tokenizer();
   int64_t row = 0;
@@ -428,8 +432,11 @@ void Engine::PublishStats(int64_t new_tokens) {
   stats_.scratch_bytes = scratch;
   stats_.running = scheduler_.num_running();
   stats_.waiting = scheduler_.num_waiting();
-  stats_.kv_blocks_used = cache_.num_used_blocks();
-  stats_.kv_blocks_free = cache_.num_free_blocks();
+  stats_.kv_blocks_free = scheduler_.blocks().num_available();
+  stats_.kv_blocks_used = kv_blocks_total_ - stats_.kv_blocks_free;
+  stats_.prefix_cache_blocks = scheduler_.blocks().num_cached();
+  stats_.prefix_cache_hit_tokens = scheduler_.prefix_hit_tokens();
+  stats_.prefix_cache_lookup_tokens = scheduler_.prefix_lookup_tokens();
   stats_.generated_tokens += new_tokens;
   stats_.tokens_per_second = span > 0.05 ? window_tokens / span : 0.0;
 }

@@ -56,20 +56,28 @@ struct EngineOptions {
   Fairness fairness = Fairness::kVtc;
   int64_t max_running_per_adapter = 0;
   std::map<std::string, double> adapter_shares;
+  // Reuse the K/V of full blocks of equal prefixes across requests of the same adapter version
+  // and merge state (engine/block_pool.h); idle cached blocks are evicted LRU.
+  bool prefix_cache = true;
 };
 
 // A consistent snapshot of the engine's counters.
 struct EngineStats {
-  int64_t running = 0;  // sequences in the running batch
-  int64_t waiting = 0;  // submitted, not admitted yet (counts against max_queue)
-  int64_t kv_blocks_used = 0;
-  int64_t kv_blocks_free = 0;
+  int64_t running = 0;         // sequences in the running batch
+  int64_t waiting = 0;         // submitted, not admitted yet (counts against max_queue)
+  int64_t kv_blocks_used = 0;  // held by requests
+  int64_t kv_blocks_free = 0;  // free or idle in the prefix cache (evicted when needed)
   int64_t kv_blocks_total = 0;
   int64_t steps = 0;             // forward steps run
   int64_t generated_tokens = 0;  // tokens sampled in total
   int64_t finished_requests = 0;
   int64_t cancelled_requests = 0;
   int64_t preemptions = 0;
+  // Prefix cache: blocks entered (held or idle), and since the start the tokens admitted requests
+  // needed K/V for and those of them found cached.
+  int64_t prefix_cache_blocks = 0;
+  int64_t prefix_cache_lookup_tokens = 0;
+  int64_t prefix_cache_hit_tokens = 0;
   double tokens_per_second = 0;  // over the last few seconds
   // Memory the engine accounts for, in bytes (the pieces an operator adds up against the
   // process's resident size; adapters are the registry's): the model's stored weights, the KV

@@ -21,7 +21,7 @@ absl::StatusOr<Fairness> ParseFairness(const std::string& name) {
 }
 
 Scheduler::Scheduler(model::KvCache* cache, SchedulerOptions options)
-    : cache_(cache), options_(options) {
+    : cache_(cache), options_(options), pool_(cache, options.prefix_cache) {
   LP_CHECK(options_.max_batch_tokens >= 1) << "max_batch_tokens " << options_.max_batch_tokens;
   LP_CHECK(options_.max_running >= 1) << "max_running " << options_.max_running;
   LP_CHECK(options_.max_running_per_tenant >= 0) << options_.max_running_per_tenant;
@@ -77,8 +77,12 @@ void Scheduler::AddWaiting(Sequence* seq) {
 }
 
 void Scheduler::FreeBlocks(Sequence* seq) {
-  for (int32_t b : seq->blocks) cache_->FreeBlock(b);
+  // Last block first: idle cached blocks are evicted in release order, and a chain's tail is
+  // worth less than its head (no later block can be matched without the earlier ones).
+  for (auto it = seq->blocks.rbegin(); it != seq->blocks.rend(); ++it) pool_.Release(*it);
   seq->blocks.clear();
+  seq->num_hashed = 0;
+  seq->prefix_open = false;
 }
 
 void Scheduler::Remove(Sequence* seq) {
@@ -148,7 +152,7 @@ void Scheduler::Preempt(Sequence* victim, StepPlan* plan, int64_t* budget) {
 bool Scheduler::EnsureBlocks(Sequence* seq, int64_t tokens, StepPlan* plan, int64_t* budget) {
   const int64_t need = BlocksFor(tokens);
   while (static_cast<int64_t>(seq->blocks.size()) < need) {
-    absl::StatusOr<int32_t> block = cache_->AllocateBlock();
+    absl::StatusOr<int32_t> block = pool_.Allocate();
     if (block.ok()) {
       seq->blocks.push_back(*block);
       continue;
@@ -187,8 +191,7 @@ StepPlan Scheduler::Schedule() {
     if (s->num_pending() <= 1) continue;
     const int64_t bs = cache_->block_size();
     auto fits = [&] {
-      const int64_t slots =
-          (static_cast<int64_t>(s->blocks.size()) + cache_->num_free_blocks()) * bs;
+      const int64_t slots = (static_cast<int64_t>(s->blocks.size()) + pool_.num_available()) * bs;
       return std::min({s->num_pending(), budget, slots - s->num_computed});
     };
     int64_t count = fits();
@@ -214,14 +217,15 @@ StepPlan Scheduler::Schedule() {
       if (!TakeSlotFor(s, &plan, &budget)) break;
       next = std::find(waiting_.begin(), waiting_.end(), s);  // the preemption inserted
     }
-    const int64_t need = BlocksFor(s->length() + 1);
-    if (cache_->num_free_blocks() - PromisedBlocks() < need) break;
+    if (!AdmitBlocks(s)) break;
     waiting_.erase(next);
     Tenant& tenant = TenantOf(s);
     --tenant.waiting;
     ++tenant.running;
     if (!s->prompt_charged) {
-      Charge(s->tenant, options_.input_token_weight * static_cast<double>(s->num_prompt_tokens));
+      // The prompt tokens it computes (those found in the prefix cache cost next to nothing).
+      const int64_t computed = std::max<int64_t>(0, s->num_prompt_tokens - s->num_computed);
+      Charge(s->tenant, options_.input_token_weight * static_cast<double>(computed));
       s->prompt_charged = true;
     }
     running_.insert(std::upper_bound(running_.begin(), running_.end(), s, OlderThan), s);
@@ -262,8 +266,8 @@ bool Scheduler::TakeSlotFor(const Sequence* seq, StepPlan* plan, int64_t* budget
   for (auto it = running_.rbegin(); it != running_.rend(); ++it) {  // its youngest
     if ((*it)->tenant != *victim_tenant) continue;
     // Only when seq then fits: else the victim would lose its work for nothing.
-    const int64_t room =
-        cache_->num_free_blocks() - PromisedBlocks() + static_cast<int64_t>((*it)->blocks.size());
+    int64_t room = pool_.num_available() - PromisedBlocks();
+    for (int32_t b : (*it)->blocks) room += pool_.refs(b) == 1 ? 1 : 0;  // its own go free
     if (room < BlocksFor(seq->length() + 1)) return false;
     Preempt(*it, plan, budget);
     return true;
@@ -271,8 +275,59 @@ bool Scheduler::TakeSlotFor(const Sequence* seq, StepPlan* plan, int64_t* budget
   return false;
 }
 
+bool Scheduler::AdmitBlocks(Sequence* seq) {
+  const bool cacheable = pool_.prefix_cache() && !seq->prefix_identity.empty();
+  BlockPool::Match match;
+  if (cacheable) {
+    // All but the last token: its logits are what the first step must give.
+    match = pool_.Lookup(BlockPool::Root(seq->prefix_identity, merged_), seq->tokens,
+                         (seq->length() - 1) / pool_.block_size());
+  }
+  const int64_t matched = static_cast<int64_t>(match.blocks.size());
+  // Matched idle blocks stop being available once held.
+  if (pool_.num_available() - match.idle - PromisedBlocks() <
+      BlocksFor(seq->length() + 1) - matched) {
+    return false;
+  }
+  LP_CHECK(seq->num_computed == 0 && seq->blocks.empty()) << "request " << seq->id;
+  pool_.Retain(match.blocks);
+  seq->blocks = std::move(match.blocks);
+  seq->num_computed = matched * pool_.block_size();
+  seq->prefix_open = cacheable;
+  seq->prefix_merged = merged_;
+  seq->prefix_hash = match.hash;
+  seq->num_hashed = matched;
+  if (cacheable) {
+    prefix_lookup_tokens_ += seq->length();
+    prefix_hit_tokens_ += seq->num_computed;
+  }
+  return true;
+}
+
+void Scheduler::EnterBlocks(Sequence* seq) {
+  if (!seq->prefix_open) return;
+  if (seq->prefix_merged != merged_) {
+    seq->prefix_open = false;  // K/V from here on come from other weights than its key says
+    return;
+  }
+  const int64_t bs = pool_.block_size();
+  while ((seq->num_hashed + 1) * bs <= seq->num_computed) {
+    const absl::Span<const int32_t> part =
+        absl::MakeConstSpan(seq->tokens).subspan(seq->num_hashed * bs, bs);
+    const uint64_t hash = BlockPool::Chain(seq->prefix_hash, part);
+    pool_.Insert(seq->blocks[seq->num_hashed], seq->prefix_hash, hash, part);
+    seq->prefix_hash = hash;
+    ++seq->num_hashed;
+  }
+}
+
+void Scheduler::SetMergeState(uint64_t merged) { merged_ = merged; }
+
 void Scheduler::Commit(const StepPlan& plan) {
-  for (const ScheduledChunk& c : plan.chunks) c.seq->num_computed += c.count;
+  for (const ScheduledChunk& c : plan.chunks) {
+    c.seq->num_computed += c.count;
+    EnterBlocks(c.seq);
+  }
 }
 
 }  // namespace loraplex::engine

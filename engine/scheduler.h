@@ -24,6 +24,13 @@
 // recomputed later like any other. Both policies may cap the running sequences of one tenant
 // (max_running_per_tenant). A request that does not fit in the free blocks is not overtaken by
 // others (as FIFO: a big request is never starved).
+// Prefix cache (SchedulerOptions::prefix_cache; engine/block_pool.h). A sequence admitted with
+// nothing computed first looks up the full blocks of its tokens (all but the last token, whose
+// logits it needs) under its adapter version and the current merge state; the blocks found are
+// shared, its num_computed starts past them, and only the rest is prefilled. After every step the
+// blocks a sequence has filled are entered in the cache, prompt and generated tokens alike, so a
+// conversation's next turn and a preempted sequence find theirs again. Idle cached blocks are
+// evicted least recently used when a block is needed and none is free.
 // KV blocks are allocated as tokens need them. When a running sequence needs a block and none is
 // free, the youngest running sequence (by request id) is preempted: its blocks are freed and it
 // goes back to the front of the waiting queue, to be recomputed from its tokens later. The caller
@@ -40,6 +47,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/block_pool.h"
 #include "engine/sequence.h"
 #include "model/kv_cache.h"
 
@@ -57,6 +65,7 @@ struct SchedulerOptions {
   double input_token_weight = 1;       // VTC service of one prompt token
   double output_token_weight = 2;      // and of one generated token (the paper's w_p, w_q)
   std::map<std::string, double> tenant_weights;  // VTC shares (> 0); absent: 1
+  bool prefix_cache = false;                     // share full KV blocks of equal prefixes
 };
 
 // A run of consecutive tokens of one sequence in this step: tokens[start, start + count).
@@ -86,8 +95,12 @@ class Scheduler {
   // Plans one step: allocates the blocks the scheduled tokens need (preempting when short) and
   // moves admitted sequences from waiting to running. Empty when nothing can run.
   StepPlan Schedule();
-  // Advances num_computed of every chunk of the plan after a successful forward pass.
-  static void Commit(const StepPlan& plan);
+  // Advances num_computed of every chunk of the plan after a successful forward pass, and enters
+  // the blocks filled by it in the prefix cache.
+  void Commit(const StepPlan& plan);
+  // The adapter merged into the base weights from the next step on (its view id; 0 for none):
+  // part of the prefix cache's key. The engine sets it between steps.
+  void SetMergeState(uint64_t merged);
 
   // Blocks needed to hold `tokens` token slots.
   int64_t BlocksFor(int64_t tokens) const;
@@ -98,6 +111,11 @@ class Scheduler {
   double counter(const std::string& tenant) const;
   const std::vector<Sequence*>& running() const { return running_; }
   const model::KvCache& cache() const { return *cache_; }
+  const BlockPool& blocks() const { return pool_; }
+  // Prefix cache counters since the start: tokens whose K/V admitted sequences needed, and those
+  // of them found in the cache.
+  int64_t prefix_lookup_tokens() const { return prefix_lookup_tokens_; }
+  int64_t prefix_hit_tokens() const { return prefix_hit_tokens_; }
 
  private:
   // Makes seq's block table cover `tokens` positions, preempting younger sequences when no block
@@ -127,8 +145,17 @@ class Scheduler {
   // Forgets a tenant with nothing waiting or running whose counter a lift would restore anyway.
   void MaybeForget(const std::string& tenant);
 
+  // Shares cached blocks with a sequence about to be admitted; false when it does not fit then
+  // (nothing taken).
+  bool AdmitBlocks(Sequence* seq);
+  // Enters the blocks seq has filled since the last call.
+  void EnterBlocks(Sequence* seq);
+
   model::KvCache* cache_;
   SchedulerOptions options_;
+  BlockPool pool_;
+  uint64_t merged_ = 0;
+  int64_t prefix_lookup_tokens_ = 0, prefix_hit_tokens_ = 0;
   std::deque<Sequence*> waiting_;
   std::vector<Sequence*> running_;  // sorted by id: oldest first
   std::map<std::string, Tenant> tenants_;

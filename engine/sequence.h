@@ -26,6 +26,11 @@ struct Sequence {
         tenant(request.mix != nullptr       ? "@mix"
                : request.adapter != nullptr ? request.adapter->name()
                                             : std::string()),
+        prefix_identity(request.mix != nullptr ? std::string()
+                        : request.adapter != nullptr
+                            ? request.adapter->name() + "@" +
+                                  std::to_string(request.adapter->version())
+                            : std::string("@base")),
         sampler(request.sampling),
         decoder(tokenizer),
         stop(request.stop) {}
@@ -52,6 +57,16 @@ struct Sequence {
   // sequence is then recomputed from its tokens, which gives the same K/V.
   int64_t num_computed = 0;
   std::vector<int32_t> blocks;  // KV block table, block i holds positions [i*bs, (i+1)*bs)
+  // The prefix cache (engine/block_pool.h). What computes this sequence's K/V: "name@version",
+  // "@base", or "" for a weighted mix (built per request: its blocks are never shared).
+  std::string prefix_identity;
+  // Set at admission: the merge state its K/V are computed under, and the chain's hash after its
+  // first num_hashed blocks (entered in the cache or matched there). prefix_open turns false when
+  // the merge state changes under it: its later blocks are then never entered.
+  uint64_t prefix_merged = 0;
+  uint64_t prefix_hash = 0;
+  int64_t num_hashed = 0;
+  bool prefix_open = false;
   // Counted against EngineOptions::max_queue until the scheduler first runs it.
   bool queued = true;
 

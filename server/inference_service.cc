@@ -564,6 +564,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   response->set_weight_formats(model.weight_formats());
   response->set_weight_mapped_bytes(model.weight_mapped_bytes());
   response->set_kv_dtype(model::KvDTypeName(model.kv_dtype()));
+  response->set_prefix_cache(engine_->options().prefix_cache);
   return FinishNow(grpc::Status::OK);
 }
 
@@ -585,6 +586,10 @@ grpc::ServerUnaryReactor* InferenceService::GetEngineStats(grpc::CallbackServerC
   response->set_tokens_per_second(s.tokens_per_second);
   response->set_finished_requests(s.finished_requests);
   response->set_cancelled_requests(s.cancelled_requests);
+  response->set_preemptions(s.preemptions);
+  response->set_prefix_cache_blocks(s.prefix_cache_blocks);
+  response->set_prefix_cache_lookup_tokens(s.prefix_cache_lookup_tokens);
+  response->set_prefix_cache_hit_tokens(s.prefix_cache_hit_tokens);
   return FinishNow(grpc::Status::OK);
 }
 

@@ -43,6 +43,9 @@ struct Metrics::Impl {
   prometheus::Gauge* kv_used = nullptr;
   prometheus::Gauge* kv_free = nullptr;
   prometheus::Gauge* tokens_per_s = nullptr;
+  prometheus::Gauge* prefix_blocks = nullptr;
+  prometheus::Counter* prefix_hit_tokens = nullptr;
+  prometheus::Counter* prefix_lookup_tokens = nullptr;
   prometheus::Family<prometheus::Counter>* adapter_loads = nullptr;
   prometheus::Family<prometheus::Counter>* adapter_evictions = nullptr;
   prometheus::Family<prometheus::Counter>* adapter_reloads = nullptr;
@@ -88,6 +91,19 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   impl->kv_used = gauge("loraplex_kv_blocks_used", "KV cache blocks in use");
   impl->kv_free = gauge("loraplex_kv_blocks_free", "KV cache blocks free");
   impl->tokens_per_s = gauge("loraplex_tokens_per_second", "Generated tokens per second, recent");
+  impl->prefix_blocks =
+      gauge("loraplex_prefix_cache_blocks", "KV blocks in the prefix cache (held or idle)");
+  impl->prefix_hit_tokens =
+      &prometheus::BuildCounter()
+           .Name("loraplex_prefix_cache_hit_tokens_total")
+           .Help("Tokens whose K/V admitted requests found in the prefix cache")
+           .Register(r)
+           .Add({});
+  impl->prefix_lookup_tokens = &prometheus::BuildCounter()
+                                    .Name("loraplex_prefix_cache_lookup_tokens_total")
+                                    .Help("Tokens whose K/V admitted requests looked up")
+                                    .Register(r)
+                                    .Add({});
   auto counters = [&r](const char* name, const char* help) {
     return &prometheus::BuildCounter().Name(name).Help(help).Register(r);
   };
@@ -151,6 +167,14 @@ void Metrics::UpdateEngine(const engine::EngineStats& stats) {
   impl_->kv_used->Set(static_cast<double>(stats.kv_blocks_used));
   impl_->kv_free->Set(static_cast<double>(stats.kv_blocks_free));
   impl_->tokens_per_s->Set(stats.tokens_per_second);
+  impl_->prefix_blocks->Set(static_cast<double>(stats.prefix_cache_blocks));
+  // The engine keeps running totals; counters only move forward, by the difference.
+  for (auto [counter, total] :
+       {std::pair{impl_->prefix_hit_tokens, stats.prefix_cache_hit_tokens},
+        std::pair{impl_->prefix_lookup_tokens, stats.prefix_cache_lookup_tokens}}) {
+    const double delta = static_cast<double>(total) - counter->Value();
+    if (delta > 0) counter->Increment(delta);
+  }
   impl_->memory_weights->Set(static_cast<double>(stats.weight_bytes));
   impl_->memory_kv_pool->Set(static_cast<double>(stats.kv_pool_bytes));
   impl_->memory_scratch->Set(static_cast<double>(stats.scratch_bytes));

@@ -5,6 +5,9 @@
 //   loraplex_generated_tokens_total
 //   loraplex_queue_length, loraplex_running_batch_size, loraplex_kv_blocks_used,
 //   loraplex_kv_blocks_free, loraplex_tokens_per_second   gauges from the engine
+//   loraplex_prefix_cache_blocks                  gauge: KV blocks in the prefix cache
+//   loraplex_prefix_cache_hit_tokens_total, loraplex_prefix_cache_lookup_tokens_total
+//                                                 prompt tokens found cached, of those looked up
 //   loraplex_adapter_loads_total{adapter}, loraplex_adapter_evictions_total{adapter},
 //   loraplex_adapter_reloads_total{adapter}, loraplex_adapter_requests_total{adapter}
 //                                                 registry counters (since the process started)

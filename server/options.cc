@@ -35,6 +35,9 @@ ABSL_FLAG(int64_t, max_running_per_adapter, 0,
           "running sequences one adapter may hold (0: no cap beyond --max-running)");
 ABSL_FLAG(std::vector<std::string>, adapter_shares, {},
           "NAME=WEIGHT[,...] VTC shares (default 1 each; @base: the base model, @mix: the mixes)");
+ABSL_FLAG(std::string, prefix_cache, "on",
+          "on: reuse the KV of full blocks of a prompt prefix seen before with the same adapter "
+          "version (LRU, in the KV pool's free blocks); off");
 ABSL_FLAG(int64_t, max_queue, 256, "requests waiting for KV memory before RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, kv_memory, "",
           "KV cache size, e.g. 512MiB or 2G (default: max_running full contexts, at most 1 GiB)");
@@ -164,6 +167,11 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
           absl::StrCat("--adapter-shares wants NAME=WEIGHT with WEIGHT > 0, got '", spec, "'"));
     }
     s.engine.adapter_shares[parts[0] == "@base" ? "" : parts[0]] = share;
+  }
+  if (const std::string pc = absl::GetFlag(FLAGS_prefix_cache); pc == "on" || pc == "off") {
+    s.engine.prefix_cache = pc == "on";
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--prefix-cache ", pc, ": must be on or off"));
   }
   s.engine.kv_block_size = absl::GetFlag(FLAGS_kv_block_size);
   s.engine.kv_blocks = absl::GetFlag(FLAGS_kv_blocks);

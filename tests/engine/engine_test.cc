@@ -115,6 +115,31 @@ class EngineTest : public ::testing::Test {
     return ids;
   }
 
+  // A registry of f32 adapters for the model, its state under root.
+  static absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> OpenRegistry(
+      const std::string& root) {
+    adapters::RegistryOptions ro;
+    ro.state_dir = root + "/state";
+    ro.base = model_->config();
+    ro.load.dtype = kernels::DType::kF32;
+    return adapters::AdapterRegistry::Open(ro);
+  }
+
+  // Submits every request at once and waits for all; results in request order.
+  static std::vector<Result> RunAll(Engine& engine, const std::vector<GenerationRequest>& reqs) {
+    Collector c;
+    std::vector<RequestId> ids;
+    for (const auto& r : reqs) {
+      absl::StatusOr<RequestId> id = engine.Submit(r, c.Sink());
+      EXPECT_TRUE(id.ok()) << id.status();
+      if (id.ok()) ids.push_back(*id);
+    }
+    std::map<RequestId, Result> by_id = c.WaitFor(ids.size());
+    std::vector<Result> results;
+    for (RequestId id : ids) results.push_back(by_id[id]);
+    return results;
+  }
+
   // Waits (bounded) until the engine holds no KV block.
   static EngineStats WaitForNoBlocks(const Engine& e) {
     EngineStats s;
@@ -195,18 +220,13 @@ TEST_F(EngineTest, BatchedGreedyEqualsEachRequestAlone) {
     r.ignore_eos = (i % 3 == 0);
     reqs.push_back(r);
   }
-  Collector c;
-  std::vector<RequestId> ids;
-  for (const auto& r : reqs) {
-    ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(r, c.Sink()));
-    ids.push_back(id);
-  }
-  auto results = c.WaitFor(reqs.size());
+  const std::vector<Result> results = RunAll(*engine, reqs);
+  ASSERT_EQ(results.size(), reqs.size());
   for (size_t i = 0; i < reqs.size(); ++i) {
     model::GenerateResult solo = Solo(reqs[i]);
-    EXPECT_EQ(results[ids[i]].ids, Ids(solo)) << "request " << i;
-    EXPECT_EQ(results[ids[i]].text, solo.text) << "request " << i;
-    EXPECT_EQ(FinishReasonName(results[ids[i]].reason), solo.finish_reason) << "request " << i;
+    EXPECT_EQ(results[i].ids, Ids(solo)) << "request " << i;
+    EXPECT_EQ(results[i].text, solo.text) << "request " << i;
+    EXPECT_EQ(FinishReasonName(results[i].reason), solo.finish_reason) << "request " << i;
   }
   EngineStats s = WaitForNoBlocks(*engine);
   EXPECT_EQ(s.kv_blocks_used, 0);
@@ -226,15 +246,10 @@ TEST_F(EngineTest, PreemptionUnderAShortCacheKeepsResultsExact) {
     r.ignore_eos = true;
     reqs.push_back(r);
   }
-  Collector c;
-  std::vector<RequestId> ids;
-  for (const auto& r : reqs) {
-    ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(r, c.Sink()));
-    ids.push_back(id);
-  }
-  auto results = c.WaitFor(reqs.size());
+  const std::vector<Result> results = RunAll(*engine, reqs);
+  ASSERT_EQ(results.size(), reqs.size());
   for (size_t i = 0; i < reqs.size(); ++i) {
-    EXPECT_EQ(results[ids[i]].ids, Ids(Solo(reqs[i]))) << "request " << i;
+    EXPECT_EQ(results[i].ids, Ids(Solo(reqs[i]))) << "request " << i;
   }
   EXPECT_GT(engine->Stats().preemptions, 0) << "the test meant to exercise preemption";
   EXPECT_EQ(WaitForNoBlocks(*engine).kv_blocks_used, 0);
@@ -444,12 +459,7 @@ TEST_F(EngineTest, ShutdownCancelsWhatIsInFlightAndRefusesNewWork) {
 TEST_F(EngineTest, TheAdapterLeaseIsBackBeforeTheFinalOutput) {
   const std::string root = loraplex::testing::MakeTempDir("lp-engine-lease");
   absl::Cleanup remove_root = [&] { fs::remove_all(root); };
-  adapters::RegistryOptions ro;
-  ro.state_dir = root + "/state";
-  ro.base = model_->config();
-  ro.load.dtype = kernels::DType::kF32;
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry,
-                       adapters::AdapterRegistry::Open(ro));
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry, OpenRegistry(root));
   ASSERT_OK(registry
                 ->RegisterFromDir("qv", loraplex::testing::FixturesDir() + "/peft/stories260k/qv",
                                   /*replace=*/false, /*pin=*/false)
@@ -476,6 +486,120 @@ TEST_F(EngineTest, TheAdapterLeaseIsBackBeforeTheFinalOutput) {
   unloaded.Notify();
   ASSERT_TRUE(finished.WaitForNotificationWithTimeout(absl::Seconds(60)));
   EXPECT_EQ(listed_at_the_end.load(), 0u) << "the finished request still held its adapter's lease";
+}
+
+// The prefix cache over the real model. One script of requests sharing a system prompt, run one
+// at a time on an engine with the cache and on one without: the greedy tokens are identical in
+// every phase (base and adapter requests; the adapter merged; a replaced version), the cached
+// engine finds the shared blocks, and a request never finds blocks of another adapter, another
+// version or another merge state.
+TEST_F(EngineTest, PrefixCacheReusesBlocksExactlyPerAdapterVersionAndMergeState) {
+  const std::string root = loraplex::testing::MakeTempDir("lp-engine-prefix");
+  absl::Cleanup remove_root = [&] { fs::remove_all(root); };
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry, OpenRegistry(root));
+  const std::string qv_dir = loraplex::testing::FixturesDir() + "/peft/stories260k/qv";
+  ASSERT_OK(registry->RegisterFromDir("qv", qv_dir, /*replace=*/false, /*pin=*/false).status());
+
+  const std::vector<int32_t> story = GoldenIds();
+  const std::vector<int32_t> system(story.begin(), story.begin() + 26);  // 6 blocks of 4, and 2
+  auto turn = [&](int i) {
+    std::vector<int32_t> p = {1};
+    p.insert(p.end(), system.begin(), system.end());
+    p.push_back(story[30 + i]);
+    p.push_back(story[40 + 2 * i]);
+    return p;
+  };
+  struct Step {
+    std::string adapter;  // "" base
+    int turn;
+    int64_t hit_tokens;  // what the cached engine must find
+  };
+  // Phases: unmerged; qv merged; qv replaced by version 2 (unmerged).
+  const std::vector<std::vector<Step>> phases = {
+      {{"", 0, 0}, {"", 1, 24}, {"qv", 0, 0}, {"qv", 2, 24}, {"", 2, 24}},
+      {{"", 3, 0}, {"", 4, 24}, {"qv", 3, 0}, {"qv", 4, 24}},
+      {{"qv", 5, 0}, {"qv", 6, 24}, {"", 5, 24}}};
+
+  auto run = [&](bool prefix_cache, std::vector<std::vector<int32_t>>* outputs) {
+    auto engine = MakeEngine({.kv_block_size = 4, .prefix_cache = prefix_cache});
+    ASSERT_NE(engine, nullptr);
+    for (size_t ph = 0; ph < phases.size(); ++ph) {
+      std::shared_ptr<const adapters::Lease> merged;
+      if (ph == 1) {
+        ASSERT_OK_AND_ASSIGN(merged, registry->Acquire("qv"));
+        ASSERT_OK(engine->RunOnEngineThread(
+            [&](model::LlamaModel& m) { return m.Merge(&merged->view()); }));
+      }
+      for (const Step& step : phases[ph]) {
+        GenerationRequest r = Greedy(turn(step.turn), 12);
+        r.ignore_eos = true;
+        if (!step.adapter.empty()) {
+          ASSERT_OK_AND_ASSIGN(r.adapter, registry->Acquire(step.adapter));
+        }
+        const int64_t before = engine->Stats().prefix_cache_hit_tokens;
+        Collector c;
+        ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(std::move(r), c.Sink()));
+        outputs->push_back(c.WaitFor(1)[id].ids);
+        const EngineStats s = WaitForNoBlocks(*engine);
+        EXPECT_EQ(s.prefix_cache_hit_tokens - before, prefix_cache ? step.hit_tokens : 0)
+            << "phase " << ph << ", adapter '" << step.adapter << "', turn " << step.turn;
+      }
+      if (ph == 1) {
+        ASSERT_OK(engine->RunOnEngineThread([](model::LlamaModel& m) { return m.Unmerge(); }));
+        // A new version of qv for the last phase.
+        ASSERT_OK(
+            registry->RegisterFromDir("qv", qv_dir, /*replace=*/true, /*pin=*/false).status());
+      }
+    }
+    const EngineStats s = engine->Stats();
+    if (prefix_cache) {
+      EXPECT_GT(s.prefix_cache_blocks, 0);
+      EXPECT_GT(s.prefix_cache_lookup_tokens, s.prefix_cache_hit_tokens);
+    } else {
+      EXPECT_EQ(s.prefix_cache_blocks, 0);
+      EXPECT_EQ(s.prefix_cache_lookup_tokens, 0);
+    }
+    EXPECT_EQ(s.kv_blocks_used, 0);
+    EXPECT_EQ(s.kv_blocks_free, s.kv_blocks_total);
+  };
+  std::vector<std::vector<int32_t>> cached, uncached;
+  run(false, &uncached);
+  run(true, &cached);
+  ASSERT_EQ(cached.size(), uncached.size());
+  for (size_t i = 0; i < cached.size(); ++i) {
+    EXPECT_EQ(cached[i], uncached[i]) << "request " << i;
+    EXPECT_EQ(cached[i].size(), 12u);
+  }
+  // The adapter is exercised: its tokens differ from the base model's somewhere.
+  EXPECT_NE(uncached[0], uncached[2]);
+}
+
+// Many requests sharing a prefix at once, under a cache too small for all of them: blocks are
+// shared while held, evicted when idle, preemption recomputes, and every result is exact.
+TEST_F(EngineTest, PrefixCacheUnderMemoryPressureKeepsResultsExact) {
+  auto engine =
+      MakeEngine({.max_batch_tokens = 32, .max_running = 8, .kv_block_size = 4, .kv_blocks = 24});
+  const std::vector<int32_t> story = GoldenIds();
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 16; ++i) {
+    std::vector<int32_t> prompt = {1};
+    // Four families of prompts: 9, 13, 17 and 21 shared tokens, then one of their own.
+    prompt.insert(prompt.end(), story.begin(), story.begin() + 8 + 4 * (i % 4));
+    prompt.push_back(story[40 + i]);
+    GenerationRequest r = Greedy(prompt, 20);
+    r.ignore_eos = true;
+    reqs.push_back(r);
+  }
+  const std::vector<Result> results = RunAll(*engine, reqs);
+  ASSERT_EQ(results.size(), reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(results[i].ids, Ids(Solo(reqs[i]))) << "request " << i;
+  }
+  const EngineStats s = WaitForNoBlocks(*engine);
+  EXPECT_GT(s.prefix_cache_hit_tokens, 0);
+  EXPECT_GT(s.preemptions, 0) << "the test meant to exercise preemption";
+  EXPECT_EQ(s.kv_blocks_used, 0);
+  EXPECT_LE(s.prefix_cache_blocks, s.kv_blocks_total);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -43,7 +44,7 @@ class SchedulerTest : public ::testing::Test {
   // Schedules, commits, and appends a token to every sequence that sampled.
   StepPlan Step(Scheduler& s) {
     StepPlan plan = s.Schedule();
-    Scheduler::Commit(plan);
+    s.Commit(plan);
     for (const ScheduledChunk& c : plan.chunks) {
       if (c.sample) c.seq->tokens.push_back(5);
     }
@@ -341,6 +342,238 @@ TEST_F(FairnessTest, PerTenantCapAndNoOvertakingOfABigRequest) {
   StepPlan p = Step(s);
   EXPECT_EQ(p.chunks.size(), 1u);
   EXPECT_EQ(s.num_waiting(), 2);
+}
+
+// The prefix cache (SchedulerOptions::prefix_cache, engine/block_pool.h) with blocks of 4 slots.
+class PrefixCacheTest : public SchedulerTest {
+ protected:
+  // A sequence with these prompt tokens, computed by `identity` (as Sequence sets it from the
+  // adapter lease: "name@version", "@base", "" for a mix).
+  Sequence* NewPrompt(std::vector<int32_t> prompt, const std::string& identity = "@base",
+                      int32_t max_tokens = 100) {
+    GenerationRequest req;
+    req.prompt_ids = std::move(prompt);
+    req.max_tokens = max_tokens;
+    seqs_.push_back(std::make_unique<Sequence>(next_id_++, std::move(req), nullptr, nullptr));
+    seqs_.back()->prefix_identity = identity;
+    return seqs_.back().get();
+  }
+  static std::vector<int32_t> Tokens(int64_t n, int32_t first = 3) {
+    std::vector<int32_t> t;
+    for (int64_t i = 0; i < n; ++i) t.push_back(static_cast<int32_t>(first + i));
+    return t;
+  }
+  // Runs steps until seq has computed its prompt (and sampled once).
+  void Prefill(Scheduler& s, Sequence* seq) {
+    for (int i = 0; i < 100 && seq->num_generated() == 0; ++i) Step(s);
+    ASSERT_GT(seq->num_generated(), 0);
+  }
+  // Blocks held by some sequence plus idle cached ones: every block out of the free list.
+  int64_t Accounted(const Scheduler& s) const {
+    std::vector<int32_t> held;
+    for (const auto& q : seqs_) held.insert(held.end(), q->blocks.begin(), q->blocks.end());
+    std::sort(held.begin(), held.end());
+    held.erase(std::unique(held.begin(), held.end()), held.end());
+    return static_cast<int64_t>(held.size()) + s.blocks().num_idle();
+  }
+};
+
+TEST_F(PrefixCacheTest, ASharedPrefixIsMatchedAndOnlyTheRestComputed) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8, .prefix_cache = true});
+  const std::vector<int32_t> system = Tokens(18);  // 4 full blocks and 2 tokens
+  std::vector<int32_t> turn = system;
+  turn.push_back(40);  // ends in its own user turn
+  Sequence* a = NewPrompt(turn);
+  s.AddWaiting(a);
+  Prefill(s, a);
+  EXPECT_EQ(s.blocks().num_cached(), 4);  // 19 computed: 4 full blocks
+  EXPECT_EQ(s.prefix_hit_tokens(), 0);
+
+  std::vector<int32_t> prompt = system;
+  prompt.push_back(41);  // same 18 first tokens, another turn
+  Sequence* b = NewPrompt(prompt);
+  s.AddWaiting(b);
+  StepPlan p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 2u);
+  EXPECT_EQ(p.chunks[1].seq, b);
+  EXPECT_EQ(p.chunks[1].start, 16);  // the 4 blocks are shared: 3 tokens left to compute
+  EXPECT_EQ(p.chunks[1].count, 3);
+  EXPECT_EQ(std::vector<int32_t>(b->blocks.begin(), b->blocks.begin() + 4),
+            std::vector<int32_t>(a->blocks.begin(), a->blocks.begin() + 4));
+  EXPECT_NE(b->blocks[4], a->blocks[4]);  // the partial block is its own
+  EXPECT_EQ(s.blocks().refs(a->blocks[0]), 2);
+  EXPECT_EQ(s.prefix_hit_tokens(), 16);
+  EXPECT_EQ(s.prefix_lookup_tokens(), 19 + 19);
+
+  // Both finish: the cached blocks stay, idle, and count as available.
+  s.Remove(a);
+  EXPECT_EQ(s.blocks().refs(b->blocks[0]), 1);
+  s.Remove(b);
+  EXPECT_EQ(s.blocks().num_idle(), s.blocks().num_cached());
+  EXPECT_EQ(s.blocks().num_available(), 64);
+  EXPECT_EQ(Accounted(s), cache_->num_used_blocks());
+}
+
+TEST_F(PrefixCacheTest, AFullyCachedPromptStillComputesItsLastToken) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8, .prefix_cache = true});
+  Sequence* a = NewPrompt(Tokens(16));
+  s.AddWaiting(a);
+  Prefill(s, a);
+  Step(s);  // position 16 computed
+  s.Remove(a);
+  Sequence* b = NewPrompt(Tokens(16));
+  s.AddWaiting(b);
+  StepPlan p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.chunks[0].start, 12);  // 3 blocks matched, the 4th recomputed for the logits
+  EXPECT_EQ(p.chunks[0].count, 4);
+  EXPECT_TRUE(p.chunks[0].sample);
+}
+
+TEST_F(PrefixCacheTest, KeyedByAdapterVersionMergeStateAndEveryEarlierToken) {
+  MakeCache(128);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 16, .prefix_cache = true});
+  const std::vector<int32_t> prompt = Tokens(13);  // 3 full blocks to match
+  auto hits_of = [&](Sequence* q) {
+    const int64_t before = s.prefix_hit_tokens();
+    s.AddWaiting(q);
+    Prefill(s, q);
+    return s.prefix_hit_tokens() - before;
+  };
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@1")), 0);
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@1")), 12);
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@2")), 0) << "a new version must not reuse the old K/V";
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "other@1")), 0);
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "@base")), 0);
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "")), 0) << "mixes are never cached";
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "")), 0);
+  s.SetMergeState(7);  // an adapter merged: the base weights changed
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@1")), 0);
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@1")), 12);
+  s.SetMergeState(0);  // unmerged: the blocks of the unmerged state serve again
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@1")), 12);
+  // A change in any earlier token ends the match at that block.
+  std::vector<int32_t> changed = prompt;
+  changed[5] = 99;
+  EXPECT_EQ(hits_of(NewPrompt(changed, "qv@1")), 4);
+  changed = prompt;
+  changed[0] = 99;
+  EXPECT_EQ(hits_of(NewPrompt(changed, "qv@1")), 0);
+}
+
+TEST_F(PrefixCacheTest, GeneratedTokensAreCachedForTheNextTurn) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8, .prefix_cache = true});
+  Sequence* a = NewPrompt(Tokens(6));
+  s.AddWaiting(a);
+  for (int i = 0; i < 12; ++i) Step(s);  // 6 prompt + 12 generated (5s), 17 computed
+  ASSERT_EQ(a->num_computed, 17);
+  EXPECT_EQ(s.blocks().num_cached(), 4);
+  std::vector<int32_t> next_turn = a->tokens;  // the conversation so far and a new user turn
+  next_turn.push_back(50);
+  s.Remove(a);
+  Sequence* b = NewPrompt(next_turn);
+  s.AddWaiting(b);
+  StepPlan p = Step(s);
+  EXPECT_EQ(p.chunks[0].start, 16);
+}
+
+TEST_F(PrefixCacheTest, AMergeWhileRunningStopsEnteringTheSequencesBlocks) {
+  MakeCache(64);
+  Scheduler s(cache_.get(), {.max_batch_tokens = 4, .max_running = 8, .prefix_cache = true});
+  Sequence* a = NewPrompt(Tokens(12), "qv@1");
+  s.AddWaiting(a);
+  Step(s);  // block 0 computed under state 0
+  EXPECT_EQ(s.blocks().num_cached(), 1);
+  s.SetMergeState(3);
+  Step(s);
+  Step(s);  // blocks 1 and 2 computed under state 3, but a's key says 0
+  EXPECT_EQ(a->num_computed, 12);
+  EXPECT_EQ(s.blocks().num_cached(), 1);
+}
+
+TEST_F(PrefixCacheTest, IdleBlocksAreEvictedLeastRecentlyUsedTailFirstWhenMemoryRunsOut) {
+  MakeCache(8);  // 32 slots
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8, .prefix_cache = true});
+  Sequence* a = NewPrompt(Tokens(12, 3));  // 3 blocks
+  s.AddWaiting(a);
+  Prefill(s, a);
+  s.Remove(a);
+  Sequence* b = NewPrompt(Tokens(16, 30));  // 4 more
+  s.AddWaiting(b);
+  Prefill(s, b);
+  s.Remove(b);
+  EXPECT_EQ(s.blocks().num_idle(), 7);
+  EXPECT_EQ(s.blocks().num_available(), 8);
+  // 20 tokens take 5 blocks: the free one, then a's three (released first), then b's last.
+  Sequence* c = NewPrompt(Tokens(20, 60));
+  s.AddWaiting(c);
+  StepPlan p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(s.blocks().num_evicted(), 4);
+  EXPECT_EQ(s.blocks().num_cached(), 3 + 5);  // b's first three, and c's five
+  s.Remove(c);
+  const int64_t before = s.prefix_hit_tokens();
+  Sequence* b2 = NewPrompt(Tokens(16, 30));
+  s.AddWaiting(b2);
+  Step(s);
+  EXPECT_EQ(s.prefix_hit_tokens() - before, 12) << "b's head should have outlived its tail";
+  Sequence* a2 = NewPrompt(Tokens(12, 3));
+  s.AddWaiting(a2);
+  Step(s);
+  EXPECT_EQ(s.prefix_hit_tokens() - before, 12) << "a's blocks were evicted";
+  EXPECT_EQ(Accounted(s), cache_->num_used_blocks());
+}
+
+TEST_F(PrefixCacheTest, MatchedIdleBlocksAreNotCountedTwiceAtAdmission) {
+  MakeCache(7);  // 28 slots
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8, .prefix_cache = true});
+  Sequence* a = NewPrompt(Tokens(12));
+  s.AddWaiting(a);
+  Prefill(s, a);
+  s.Remove(a);  // 3 idle cached blocks
+  Sequence* d = NewPrompt(Tokens(7, 80));
+  s.AddWaiting(d);
+  Prefill(s, d);  // d holds 2: 2 free, 3 idle
+  // b shares a's 12 tokens and needs 6 blocks for 20 tokens and its next: 3 matched and 3 more.
+  // Free and idle make 5, but 3 of those are the matched ones: only 2 are left for it.
+  std::vector<int32_t> prompt = Tokens(12);
+  for (int i = 0; i < 8; ++i) prompt.push_back(70 + i);
+  Sequence* b = NewPrompt(prompt);
+  s.AddWaiting(b);
+  Step(s);
+  EXPECT_EQ(s.num_waiting(), 1);
+  EXPECT_EQ(Step(s).num_preempted, 0);
+  s.Remove(d);
+  StepPlan p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.chunks[0].seq, b);
+  EXPECT_EQ(p.chunks[0].start, 12);
+  EXPECT_EQ(static_cast<int64_t>(b->blocks.size()), 5);  // 3 shared + 2 new (the 6th at decode)
+  EXPECT_EQ(Accounted(s), cache_->num_used_blocks());
+}
+
+TEST_F(PrefixCacheTest, APreemptedSequenceFindsItsOwnBlocksAgain) {
+  MakeCache(8);  // 32 slots
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64, .max_running = 8, .prefix_cache = true});
+  Sequence* a = NewPrompt(Tokens(14, 3));
+  Sequence* b = NewPrompt(Tokens(14, 40));
+  s.AddWaiting(a);
+  s.AddWaiting(b);
+  Step(s);  // both prefilled: 4 blocks each, all taken
+  int64_t preempted = 0;
+  for (int i = 0; i < 4 && preempted == 0; ++i) preempted += Step(s).num_preempted;
+  ASSERT_EQ(preempted, 1);  // a needs a 5th block; b, the youngest, goes back to waiting
+  EXPECT_EQ(b->num_computed, 0);
+  s.Remove(a);
+  const int64_t before = s.prefix_hit_tokens();
+  StepPlan p = Step(s);
+  ASSERT_EQ(p.chunks.size(), 1u);
+  EXPECT_EQ(p.chunks[0].seq, b);
+  EXPECT_EQ(p.chunks[0].start, 12);  // its 3 full blocks were still cached
+  EXPECT_EQ(s.prefix_hit_tokens() - before, 12);
 }
 
 }  // namespace
