@@ -40,6 +40,8 @@ struct BenchFlags {
   int64_t max_rank = 0;
   bool keep_adapters = false;
   std::string prompt_tokens = "128";
+  int64_t system_prompt_tokens = 0;
+  bool record_outputs = false;
   std::string max_tokens = "128";
   std::string prompts_file;
   bool ignore_eos = true;
@@ -83,15 +85,26 @@ absl::Status ApplyScenario(const std::string& s, BenchFlags& f) {
     f.popularity = "identical";
     f.requests = 8;
     f.warmup = 0;
+  } else if (s == "S9") {  // a 512-token system prompt per adapter, short user turns
+    f.system_prompt_tokens = 512;
+    f.prompt_tokens = "32";
+    f.max_tokens = "32";
+    f.concurrency = 4;
+    f.adapters = "8";
+    f.popularity = "uniform";
+    f.requests = 96;
+    f.warmup = 0;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("--scenario: '", s, "' is not S1..S6"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--scenario: '", s, "' is not one of S1..S6, S9"));
   }
   return absl::OkStatus();
 }
 
 void AddFlags(ArgParser& p, BenchFlags& f) {
   AddConnectionFlags(p, f.conn);
-  p.AddString("scenario", &f.scenario, "S1..S6 of DESIGN.md section 6 (flags below override)");
+  p.AddString("scenario", &f.scenario,
+              "S1..S6 of DESIGN.md section 6, or S9 (shared system prompts; flags below override)");
   p.AddInt("concurrency", &f.concurrency, "closed loop: requests kept in flight");
   p.AddDouble("rate", &f.rate, "open loop: requests per second");
   p.AddString("arrival", &f.arrival, "open loop arrivals: poisson or gamma:SHAPE");
@@ -105,6 +118,9 @@ void AddFlags(ArgParser& p, BenchFlags& f) {
       "serve the made copies compressed to this rank (UploadAdapter max_rank; 0 = as trained)");
   p.AddBool("keep-adapters", &f.keep_adapters, "leave made adapters loaded at the end");
   p.AddString("prompt-tokens", &f.prompt_tokens, "prompt length: N or uniform:MIN:MAX");
+  p.AddInt("system-prompt-tokens", &f.system_prompt_tokens,
+           "random prompts start with their adapter's system prompt of N tokens (shared by its "
+           "requests)");
   p.AddString("max-tokens", &f.max_tokens, "output length: N or uniform:MIN:MAX");
   p.AddString("prompts-file", &f.prompts_file, "JSONL of {\"prompt\", \"max_tokens\"?} instead");
   p.AddBool("ignore-eos", &f.ignore_eos, "generate exactly max-tokens (default on)");
@@ -113,6 +129,8 @@ void AddFlags(ArgParser& p, BenchFlags& f) {
   p.AddDouble("warmup", &f.warmup, "seconds of warm-up whose requests are not measured");
   p.AddDouble("swap-every", &f.swap_every, "replace a made adapter every SECONDS (S5)");
   p.AddString("out", &f.out, "write DIR/results.json and DIR/report.html");
+  p.AddBool("record-outputs", &f.record_outputs,
+            "also write DIR/outputs.jsonl: every request's generated token ids");
   p.AddInt("seed", &f.seed, "seed of prompts, lengths, adapters and arrivals");
   p.AddDouble("request-deadline", &f.request_deadline, "seconds per request");
   p.AddBool("quiet", &f.quiet, "no progress line");
@@ -366,6 +384,10 @@ int RunBench(const std::vector<std::string>& args) {
   if (!mt.ok()) return usage_error(mt.status().message());
   spec.prompt_tokens = *pt;
   spec.max_tokens = *mt;
+  if (f.system_prompt_tokens < 0) return usage_error("--system-prompt-tokens must be >= 0");
+  spec.system_prompt_tokens = f.system_prompt_tokens;
+  if (f.record_outputs && f.out.empty()) return usage_error("--record-outputs writes into --out");
+  spec.record_outputs = f.record_outputs;
   if (!f.prompts_file.empty()) {
     auto prompts = ReadPromptsJsonl(f.prompts_file);
     if (!prompts.ok()) return usage_error(prompts.status().message());
@@ -506,6 +528,7 @@ int RunBench(const std::vector<std::string>& args) {
       {"adapters", named.size()},
       {"popularity", PopularityName(spec.popularity)},
       {"prompt_tokens", f.prompts_file.empty() ? f.prompt_tokens : "from " + f.prompts_file},
+      {"system_prompt_tokens", f.system_prompt_tokens},
       {"max_tokens", f.max_tokens},
       {"ignore_eos", f.ignore_eos},
       {"requests_bound", f.requests},
@@ -568,6 +591,29 @@ int RunBench(const std::vector<std::string>& args) {
     }
     json_file << results.dump(2) << "\n";
     html_file << RenderHtmlReport(results, runs, names);
+    if (f.record_outputs) {
+      std::ofstream outputs(f.out + "/outputs.jsonl");
+      for (size_t i = 0; i < runs.size(); ++i) {
+        std::vector<const RequestRecord*> sorted;
+        for (const RequestRecord& r : runs[i].records) sorted.push_back(&r);
+        std::sort(sorted.begin(), sorted.end(), [](const RequestRecord* a, const RequestRecord* b) {
+          return a->index < b->index;
+        });
+        for (const RequestRecord* r : sorted) {
+          outputs << nlohmann::json{{"phase", names[i]},
+                                    {"index", r->index},
+                                    {"adapter", r->adapter},
+                                    {"code", r->grpc_code},
+                                    {"ids", r->output_ids}}
+                         .dump()
+                  << "\n";
+        }
+      }
+      if (!outputs) {
+        std::cerr << "loraplex bench: cannot write " << f.out << "/outputs.jsonl\n";
+        return kExitUsage;
+      }
+    }
   }
   if (f.conn.json) {
     std::cout << results.dump(2) << "\n";

@@ -25,6 +25,11 @@ struct LoadSpec {
   std::vector<std::string> adapters;  // empty: the base model
   Popularity popularity;
   LengthDist prompt_tokens;  // random token ids, unless prompts is non-empty
+  // > 0: every random prompt starts with its adapter's "system prompt" of this many random ids
+  // (the same for every request naming the adapter, different across adapters), then
+  // prompt_tokens ids of its own.
+  int64_t system_prompt_tokens = 0;
+  bool record_outputs = false;  // keep each request's generated token ids (RequestRecord)
   LengthDist max_tokens;
   std::vector<PromptLine> prompts;  // from --prompts-file
   bool ignore_eos = true;           // outputs of exactly max_tokens

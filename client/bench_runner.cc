@@ -53,9 +53,11 @@ class Phase {
 // One streamed Generate call; deletes itself when gRPC is done with it.
 class StreamCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
-  StreamCall(Phase* phase, v1::GenerateRequest req, std::string adapter, double start_s)
-      : phase_(phase), req_(std::move(req)) {
+  StreamCall(Phase* phase, v1::GenerateRequest req, std::string adapter, int64_t index,
+             double start_s, bool record_outputs)
+      : phase_(phase), req_(std::move(req)), record_outputs_(record_outputs) {
     rec_.adapter = std::move(adapter);
+    rec_.index = index;
     rec_.start_s = start_s;
   }
   void Go(v1::Inference::Stub& stub, const ConnectionOptions& conn, double deadline_s) {
@@ -72,6 +74,10 @@ class StreamCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
       rec_.chunk_times_s.push_back(t);
       rec_.chunk_tokens.push_back(resp_.token_ids_size());
       rec_.output_tokens += resp_.token_ids_size();
+      if (record_outputs_) {
+        rec_.output_ids.insert(rec_.output_ids.end(), resp_.token_ids().begin(),
+                               resp_.token_ids().end());
+      }
     }
     if (!resp_.finish_reason().empty()) {
       rec_.prompt_tokens = resp_.usage().prompt_tokens();
@@ -95,6 +101,7 @@ class StreamCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
   v1::GenerateRequest req_;
   v1::GenerateResponse resp_;
   RequestRecord rec_;
+  const bool record_outputs_;
 };
 
 v1::GenerateRequest Phase::BuildRequest(std::string* adapter) {
@@ -110,6 +117,16 @@ v1::GenerateRequest Phase::BuildRequest(std::string* adapter) {
     const int64_t n = spec_.prompt_tokens.Sample(rng_);
     // Ids 0..2 are special in Llama vocabularies (unk, bos, eos); random text avoids them.
     std::uniform_int_distribution<int32_t> id(3, std::max(3, spec_.vocab_size - 1));
+    if (spec_.system_prompt_tokens > 0) {
+      // The adapter's own system prompt: a generator seeded by the run's seed and the name.
+      std::seed_seq seq(adapter->begin(), adapter->end());
+      std::vector<uint32_t> words(2);
+      seq.generate(words.begin(), words.end());
+      std::mt19937_64 system_rng(spec_.seed ^ (uint64_t{words[0]} << 32 | words[1]));
+      for (int64_t i = 0; i < spec_.system_prompt_tokens; ++i) {
+        req.add_prompt_token_ids(id(system_rng));
+      }
+    }
     for (int64_t i = 0; i < n; ++i) req.add_prompt_token_ids(id(rng_));
   }
   req.set_max_tokens(static_cast<int32_t>(max_tokens));
@@ -136,7 +153,8 @@ bool Phase::MaybeStart() {
       progress_->started.fetch_add(1, std::memory_order_relaxed);
       progress_->in_flight.fetch_add(1, std::memory_order_relaxed);
     }
-    call = new StreamCall(this, std::move(req), std::move(adapter), now);
+    call = new StreamCall(this, std::move(req), std::move(adapter), started_ - 1, now,
+                          spec_.record_outputs);
   }
   call->Go(stub_, conn_, spec_.request_deadline_s);
   return true;

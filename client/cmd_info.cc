@@ -1,10 +1,12 @@
 // `loraplex info` (Inference.GetModelInfo) and `loraplex health` (grpc.health.v1.Health/Check).
 #include <grpcpp/generic/generic_stub.h>
 
+#include <functional>
 #include <future>
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "client/commands.h"
 #include "client/format.h"
 #include "client/rpc.h"
@@ -65,34 +67,11 @@ const char* HealthName(int status) {
   }
 }
 
-}  // namespace
-
-int RunInfo(const std::vector<std::string>& args) {
-  ArgParser p("loraplex info", "[flags]");
-  ConnectionOptions conn;
-  AddConnectionFlags(p, conn);
-  auto positional = p.Parse(args);
-  if (!positional.ok() || (!positional->empty() && !p.help_requested())) {
-    std::cerr << "loraplex info: "
-              << (positional.ok() ? "takes no arguments"
-                                  : std::string(positional.status().message()))
-              << "\n";
-    return kExitUsage;
-  }
-  if (p.help_requested()) {
-    std::cout << p.Usage();
-    return kExitOk;
-  }
-  auto channel = MakeChannel(conn);
-  if (!channel.ok()) {
-    std::cerr << "loraplex info: " << channel.status().message() << "\n";
-    return kExitUsage;
-  }
-  auto stub = v1::Inference::NewStub(*channel);
+int RunInfoWith(v1::Inference::Stub& stub, const ConnectionOptions& conn) {
   grpc::ClientContext ctx;
   PrepareContext(ctx, conn, 30);
   v1::ModelInfo info;
-  grpc::Status st = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
+  grpc::Status st = stub.GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
   if (!st.ok()) return ReportError(st, "info", conn);
   if (conn.json) {
     std::cout << ProtoToJson(info).dump(2) << "\n";
@@ -116,8 +95,9 @@ int RunInfo(const std::vector<std::string>& args) {
                                                   " read in place from the file")
                                    : "",
                                ")")},
-      {"kv cache", absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(),
-                                " tokens, ", info.kv_dtype())},
+      {"kv cache",
+       absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(), " tokens, ",
+                    info.kv_dtype(), ", prefix cache ", info.prefix_cache() ? "on" : "off")},
       {"max batch tokens / queue", absl::StrCat(info.max_batch_tokens(), " / ", info.max_queue())},
       {"max lora rank", absl::StrCat(info.max_lora_rank())},
       {"max adapters",
@@ -125,6 +105,77 @@ int RunInfo(const std::vector<std::string>& args) {
   };
   std::cout << FormatTable(rows);
   return kExitOk;
+}
+
+int RunStatsWith(v1::Inference::Stub& stub, const ConnectionOptions& conn) {
+  grpc::ClientContext ctx;
+  PrepareContext(ctx, conn, 30);
+  v1::EngineStats s;
+  grpc::Status st = stub.GetEngineStats(&ctx, v1::GetEngineStatsRequest(), &s);
+  if (!st.ok()) return ReportError(st, "stats", conn);
+  if (conn.json) {
+    std::cout << ProtoToJson(s).dump(2) << "\n";
+    return kExitOk;
+  }
+  const int64_t lookups = s.prefix_cache_lookup_tokens();
+  std::vector<std::vector<std::string>> rows = {
+      {"running / waiting", absl::StrCat(s.running(), " / ", s.waiting())},
+      {"kv blocks used / free / total",
+       absl::StrCat(s.kv_blocks_used(), " / ", s.kv_blocks_free(), " / ", s.kv_blocks_total())},
+      {"steps", absl::StrCat(s.steps())},
+      {"generated tokens", absl::StrCat(s.generated_tokens(), " (",
+                                        absl::StrFormat("%.1f", s.tokens_per_second()), "/s)")},
+      {"requests finished / cancelled",
+       absl::StrCat(s.finished_requests(), " / ", s.cancelled_requests())},
+      {"preemptions", absl::StrCat(s.preemptions())},
+      {"prefix cache blocks", absl::StrCat(s.prefix_cache_blocks())},
+      {"prefix cache hits",
+       absl::StrCat(s.prefix_cache_hit_tokens(), " of ", lookups, " tokens",
+                    lookups > 0 ? absl::StrFormat(" (%.1f%%)", 100.0 * s.prefix_cache_hit_tokens() /
+                                                                   static_cast<double>(lookups))
+                                : "")},
+  };
+  std::cout << FormatTable(rows);
+  return kExitOk;
+}
+
+// `loraplex NAME [flags]` for a command that takes no arguments: parses the connection flags and
+// runs `body` with an Inference stub; handles --help and usage errors.
+int RunWithInferenceStub(
+    const std::string& name, const std::vector<std::string>& args,
+    const std::function<int(v1::Inference::Stub&, const ConnectionOptions&)>& body) {
+  ArgParser p("loraplex " + name, "[flags]");
+  ConnectionOptions conn;
+  AddConnectionFlags(p, conn);
+  auto positional = p.Parse(args);
+  if (!positional.ok() || (!positional->empty() && !p.help_requested())) {
+    std::cerr << "loraplex " << name << ": "
+              << (positional.ok() ? "takes no arguments"
+                                  : std::string(positional.status().message()))
+              << "\n";
+    return kExitUsage;
+  }
+  if (p.help_requested()) {
+    std::cout << p.Usage();
+    return kExitOk;
+  }
+  auto channel = MakeChannel(conn);
+  if (!channel.ok()) {
+    std::cerr << "loraplex " << name << ": " << channel.status().message() << "\n";
+    return kExitUsage;
+  }
+  auto stub = v1::Inference::NewStub(*channel);
+  return body(*stub, conn);
+}
+
+}  // namespace
+
+int RunInfo(const std::vector<std::string>& args) {
+  return RunWithInferenceStub("info", args, RunInfoWith);
+}
+
+int RunStats(const std::vector<std::string>& args) {
+  return RunWithInferenceStub("stats", args, RunStatsWith);
 }
 
 int RunHealth(const std::vector<std::string>& args) {

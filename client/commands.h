@@ -10,6 +10,7 @@ namespace loraplex::client {
 int RunGenerate(const std::vector<std::string>& args);
 int RunChat(const std::vector<std::string>& args);
 int RunInfo(const std::vector<std::string>& args);
+int RunStats(const std::vector<std::string>& args);
 int RunHealth(const std::vector<std::string>& args);
 int RunAdapters(const std::vector<std::string>& args);
 int RunBench(const std::vector<std::string>& args);

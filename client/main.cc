@@ -18,6 +18,7 @@ constexpr const char* kUsage =
     "                       merge NAME | unmerge NAME\n"
     "  health               grpc.health.v1 check\n"
     "  info                 the served model\n"
+    "  stats                the engine's counters: batch, KV blocks, prefix cache\n"
     "  bench                load test; writes results.json and report.html with --out DIR\n"
     "\n"
     "every command takes --server HOST:PORT (env LORAPLEX_SERVER), --token (env LORAPLEX_TOKEN),\n"
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
   if (cmd == "adapters") return RunAdapters(args);
   if (cmd == "health") return RunHealth(args);
   if (cmd == "info") return RunInfo(args);
+  if (cmd == "stats") return RunStats(args);
   if (cmd == "bench") return RunBench(args);
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     std::cout << kUsage;

@@ -39,6 +39,8 @@ struct RequestRecord {
   std::vector<double> chunk_times_s;  // arrival time of every streamed message holding tokens
   std::vector<int32_t> chunk_tokens;  // tokens in each of those messages (same length, or empty)
   std::string adapter;                // "" = base model
+  int64_t index = 0;                  // the request's number in its phase (0, 1, ...; warm-up too)
+  std::vector<int32_t> output_ids;    // the generated ids, when LoadSpec::record_outputs
   int grpc_code = 0;                  // grpc::StatusCode; 0 = OK
   std::string error;                  // the server's message when grpc_code != 0
 };

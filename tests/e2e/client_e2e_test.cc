@@ -520,6 +520,54 @@ TEST_F(ClientE2eTest, BenchOpenLoopGammaArrivals) {
   std::filesystem::remove_all(out);
 }
 
+// Shared system prompts (S9 scaled down) against the server's prefix cache (on by default): the
+// same seeded requests twice, first into a cache holding none of their blocks, then into one
+// holding all of them; every request generates the same tokens both times, and `stats` shows the
+// hits.
+TEST_F(ClientE2eTest, BenchSystemPromptsHitThePrefixCacheWithTheSameOutputs) {
+  auto stats = [] {
+    CliResult r = Run({"stats", "--json"});
+    EXPECT_EQ(r.code, 0) << Describe(r);
+    return nlohmann::json::parse(r.out, nullptr, false);
+  };
+  auto outputs = [](const std::string& dir) {
+    std::vector<nlohmann::json> lines;
+    std::ifstream in(dir + "/outputs.jsonl");
+    for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+    return lines;
+  };
+  const nlohmann::json before = stats();
+  std::vector<std::vector<nlohmann::json>> runs;
+  for (int run = 0; run < 2; ++run) {
+    const std::string out = testing::MakeTempDir("lp-client-bench-prefix");
+    CliResult r = Run({"bench", "--concurrency=2", "--requests=12", "--warmup=0",
+                       "--system-prompt-tokens=40", "--prompt-tokens=4", "--max-tokens=8",
+                       "--seed=3", "--record-outputs", "--out=" + out, "--quiet"});
+    ASSERT_EQ(r.code, 0) << Describe(r);
+    runs.push_back(outputs(out));
+    std::filesystem::remove_all(out);
+  }
+  ASSERT_EQ(runs[0].size(), 12u);
+  ASSERT_EQ(runs[1].size(), 12u);
+  for (size_t i = 0; i < 12; ++i) {
+    EXPECT_EQ(runs[0][i]["index"], static_cast<int64_t>(i));
+    EXPECT_EQ(runs[0][i]["code"], 0);
+    EXPECT_EQ(runs[0][i]["ids"].size(), 8u);
+    EXPECT_EQ(runs[0][i]["ids"], runs[1][i]["ids"]) << "request " << i;
+  }
+  const nlohmann::json after = stats();
+  // 24 requests of 45 tokens; all but the first few find the 40-token prompt's full blocks (32
+  // tokens of it with blocks of 16).
+  EXPECT_GE(after["prefix_cache_hit_tokens"].get<int64_t>() -
+                before["prefix_cache_hit_tokens"].get<int64_t>(),
+            20 * 32);
+  EXPECT_GT(after["prefix_cache_blocks"].get<int64_t>(), 0);
+  CliResult r = Run({"stats"});
+  EXPECT_NE(r.out.find("prefix cache hits"), std::string::npos) << r.out;
+  r = Run({"info"});
+  EXPECT_NE(r.out.find("prefix cache on"), std::string::npos) << r.out;
+}
+
 // S2 scaled down, its two phases in two rounds (base, adapters, base #2, adapters #2): each plan's
 // throughput pooled over its rounds, the ratio of the pooled figures, and one ratio per round.
 TEST_F(ClientE2eTest, BenchScenarioRoundsAlternateAndPool) {
