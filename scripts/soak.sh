@@ -108,6 +108,11 @@ server_flags=(
   "--state-dir=$work/state" "--adapter-dir=$work/adapters" "--admin-token-file=$work/admin-token"
   # 2 slots for 4 churned adapters (plus a pinned one): evictions and reloads all the time.
   --max-loaded-adapters=2 "--max-adapter-bytes=$upload_limit" --max-batch-tokens=128
+  # Blocks of 4 tokens: the driver's short prompts share full blocks, so the prefix cache serves
+  # K/V all the time, across replacements, merges and cancellations. 2048 of them (10 MiB): the
+  # cache keeps what it can, so it fills the pool within the warm-up (whose RSS the checks compare
+  # against) and then evicts idle blocks all the time.
+  --kv-block-size=4 --kv-blocks=2048
   "--shutdown-grace-s=$grace"
 )
 echo "soak.sh: ${sanitizer:-release} build $build_dir, ${duration} s, work folder $work"

@@ -363,6 +363,7 @@ int Soak::Report(const ProcSample& before, const ProcSample& after) {
       {"uploads", "cancelled uploads are never committed"},
       {"registry", "the registry ends as the admin thread left it"},
       {"idle", "engine idle after the run: 0 KV blocks used, 0 running, 0 waiting"},
+      {"prefix", "the prefix cache served K/V (hit tokens > 0; answers checked under greedy)"},
       {"liveness", absl::StrCat("no probe took more than ", o_.max_probe_s, " s (worst ",
                                 worst_probe_s_, " s)")},
       {"children", "every disconnect child exited"},

@@ -20,7 +20,8 @@
 // version) was registered from (up to the first near tie, kTieMargin); responses name the version
 // asked for, never one older than a replace that had returned; cancelled uploads are never
 // committed; the registry ends as the admin thread left it; the engine ends idle (0 KV blocks,
-// nothing running or waiting); no probe took longer than --max-probe-s; the server's VmRSS, threads
+// nothing running or waiting); the prefix cache served some K/V (the greedy check covers the
+// answers it gave); no probe took longer than --max-probe-s; the server's VmRSS, threads
 // and open fds are back near their level after the warm-up (thresholds in soak_options.h, with
 // their reasons).
 //
@@ -161,6 +162,15 @@ int Soak::Run() {
   if (!server_gone_) RunPhase(std::max(1.0, o_.duration_s - warmup), "soak");
   // Let every cancelled call and draining version finish, then look.
   if (!server_gone_) stats = WaitIdle(30, &idle, &last);
+  if (idle) {
+    Count("prefix cache hit tokens", stats.prefix_cache_hit_tokens());
+    Count("prefix cache lookup tokens", stats.prefix_cache_lookup_tokens());
+    if (stats.prefix_cache_hit_tokens() == 0) {
+      Violation("prefix",
+                "no request found a cached block (scripts/soak.sh runs the server with "
+                "--kv-block-size=4 so that the prompts share some)");
+    }
+  }
   if (!idle && !server_gone_) {
     Violation("idle",
               last.ok() ? absl::StrCat("after 30 s: ", stats.kv_blocks_used(), " KV blocks used, ",
