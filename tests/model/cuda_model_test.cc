@@ -212,6 +212,49 @@ TEST_F(CudaModelTest, Stories260KMatchesCpuInF32AndBf16) {
   }
 }
 
+// The engine's prefix cache hands a sequence blocks another sequence's step wrote: B shares A's
+// first two blocks (8 tokens) and computes only its own 6 tokens, in a later step, reading A's K/V
+// through its block table. Its logits must be those of B computed from scratch on the CPU.
+TEST_F(CudaModelTest, BlocksWrittenByOneSequenceServeAnotherSharingItsPrefix) {
+  auto cpu = LoadModel(Stories260KDir() + "/stories260K.gguf", kernels::DType::kF32, Device::kCpu);
+  auto cuda =
+      LoadModel(Stories260KDir() + "/stories260K.gguf", kernels::DType::kF32, Device::kCuda);
+  ASSERT_TRUE(cpu && cuda);
+  const int vocab = static_cast<int>(cpu->config().vocab_size);
+  const std::vector<int32_t> a = Ids(14, vocab, 5);
+  std::vector<int32_t> b(a.begin(), a.begin() + 8);
+  for (int32_t id : Ids(6, vocab, 6)) b.push_back(id);
+  // One step over `ids[from, to)` of one sequence with this block table (blocks of 4).
+  auto step = [](LlamaModel& m, KvCache& cache, const std::vector<int32_t>& ids, int from, int to,
+                 std::vector<int32_t> table) {
+    ForwardBatch batch;
+    batch.max_blocks_per_seq = static_cast<int64_t>(table.size());
+    batch.block_tables = std::move(table);
+    for (int pos = from; pos < to; ++pos) {
+      batch.logit_rows.push_back(static_cast<int32_t>(batch.tokens.size()));
+      batch.tokens.push_back(ids[pos]);
+      batch.positions.push_back(pos);
+      batch.token_seq.push_back(0);
+    }
+    std::vector<float> logits;
+    EXPECT_OK(m.Forward(batch, &cache, &logits));
+    return logits;
+  };
+  // From scratch on the CPU: B's last 6 rows.
+  auto cpu_cache = cpu->CreateKvCache(4, 4);
+  ASSERT_OK(cpu_cache);
+  for (int i = 0; i < 4; ++i) ASSERT_OK(cpu_cache->AllocateBlock());
+  std::vector<float> want = step(*cpu, *cpu_cache, b, 0, 14, {0, 1, 2, 3});
+  want.erase(want.begin(), want.begin() + 8 * vocab);
+  // On the device: A in blocks 5, 2, 7, 0; then B in 5, 2 (A's) and 3, 6 (its own).
+  auto cache = cuda->CreateKvCache(8, 4);
+  ASSERT_OK(cache);
+  for (int i = 0; i < 8; ++i) ASSERT_OK(cache->AllocateBlock());
+  step(*cuda, *cache, a, 0, 14, {5, 2, 7, 0});
+  const std::vector<float> got = step(*cuda, *cache, b, 8, 14, {5, 2, 3, 6});
+  EXPECT_TRUE(AllClose(got, want, ::loraplex::testing::kCudaF32ModelLogits));
+}
+
 // Sampling's Forward with top_k on the device: each row's best k entries (ids best first, ties by
 // lower id; their logits; log-softmax over the whole row) must be what a host selection over the
 // whole rows of the same model gives, and top_k = 0 or a CPU model must hand over whole rows.
