@@ -4,11 +4,12 @@
 // A full block (block_size token slots whose K/V are computed) can be entered into the cache under
 // a hash chain: the hash of block i is Chain(hash of block i-1, its tokens), and block 0's parent
 // is Root(identity, merged), where identity names what computed the K/V (the adapter's name and
-// version, or the base model) and merged the adapter merged into the base weights then (its view
-// id; 0 for none). So a block is only ever matched by a sequence that would compute the very same
-// K/V: same adapter version, same weights state, same tokens in every position up to it. Versions
-// are never reused within a process (adapters/registry.h), so a replaced or unloaded adapter's
-// blocks can never serve its next version; they age out.
+// version, the base model, or a weighted mix's parts with their versions and exact weights) and
+// merged the adapter merged into the base weights then (its view id; 0 for none). So a block is
+// only ever matched by a sequence that would compute the very same K/V: same adapter version,
+// same weights state, same tokens in every position up to it. Versions are never reused within a
+// process (adapters/registry.h), so a replaced or unloaded adapter's blocks can never serve its
+// next version; they age out.
 //
 // Sequences share matched blocks (read-only: a sequence writes only positions past its matched
 // prefix, which lie in blocks of its own). A block whose last holder lets go stays in the cache,

@@ -47,6 +47,9 @@ struct GenerationRequest {
   // A weighted mix of adapters (adapters/lora_mix.h) instead of `adapter` (which is then null):
   // it holds its own copy of the weights.
   std::shared_ptr<const adapters::LoraMix> mix;
+  // What makes two mixes compute the same K/V, for the prefix cache: the parts in order with their
+  // versions and exact weights ("@mix:name@version*weight+..."); empty: never cached.
+  std::string mix_identity;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kEos, kCancelled, kError };

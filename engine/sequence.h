@@ -26,7 +26,7 @@ struct Sequence {
         tenant(request.mix != nullptr       ? "@mix"
                : request.adapter != nullptr ? request.adapter->name()
                                             : std::string()),
-        prefix_identity(request.mix != nullptr ? std::string()
+        prefix_identity(request.mix != nullptr ? request.mix_identity
                         : request.adapter != nullptr
                             ? request.adapter->name() + "@" +
                                   std::to_string(request.adapter->version())
@@ -58,7 +58,7 @@ struct Sequence {
   int64_t num_computed = 0;
   std::vector<int32_t> blocks;  // KV block table, block i holds positions [i*bs, (i+1)*bs)
   // The prefix cache (engine/block_pool.h). What computes this sequence's K/V: "name@version",
-  // "@base", or "" for a weighted mix (built per request: its blocks are never shared).
+  // "@base", a mix's GenerationRequest::mix_identity, or "" (never shared).
   std::string prefix_identity;
   // Set at admission: the merge state its K/V are computed under, and the chain's hash after its
   // first num_hashed blocks (entered in the cache or matched there). prefix_open turns false when

@@ -9,6 +9,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -199,6 +200,7 @@ class GenerationCall : public RefCounted {
     std::vector<float> weights;
     std::vector<std::unique_ptr<adapters::LoraMix>> parts;  // of specs[0..size), weighted
     std::vector<std::string> described;                     // "name@version*weight" of each
+    std::vector<std::string> keyed;  // the same with the weight's exact bits (the prefix cache)
     engine::GenerationRequest request;
     engine::OutputSink sink;
   };
@@ -242,6 +244,8 @@ class GenerationCall : public RefCounted {
                                  registry.options().load.max_rank));
     mix->parts.push_back(std::move(part));
     mix->described.push_back(absl::StrCat(lease.name(), "@", lease.version(), "*", weight));
+    mix->keyed.push_back(
+        absl::StrCat(lease.name(), "@", lease.version(), "*", absl::StrFormat("%a", weight)));
     return absl::OkStatus();
   }
 
@@ -255,6 +259,7 @@ class GenerationCall : public RefCounted {
       return Resolved(built.status(), std::move(mix->request), std::move(mix->sink));
     }
     mix->request.mix = *std::move(built);
+    mix->request.mix_identity = absl::StrCat("@mix:", absl::StrJoin(mix->keyed, "+"));
     mix_name_ = absl::StrJoin(mix->described, "+");
     Resolved(std::shared_ptr<const adapters::Lease>(), std::move(mix->request),
              std::move(mix->sink));

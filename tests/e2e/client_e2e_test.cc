@@ -384,6 +384,27 @@ TEST_F(ClientE2eTest, GenerateAWeightedMix) {
            "--json"});
   ASSERT_EQ(r.code, 0) << Describe(r);
   EXPECT_EQ(nlohmann::json::parse(r.out)["token_ids"], one["token_ids"]);
+  // The prefix cache keys a mix by its parts' versions and exact weights: the same mix again
+  // finds the prompt's full block (16 of its 20 tokens), one a hair's weight apart does not.
+  auto hits = [] {
+    CliResult s = Run({"stats", "--json"});
+    EXPECT_EQ(s.code, 0) << Describe(s);
+    return nlohmann::json::parse(s.out)["prefix_cache_hit_tokens"].get<int64_t>();
+  };
+  const std::string prompt =
+      "--prompt-ids=1,5,9,13,17,21,25,29,33,37,41,45,49,53,57,61,65,69,73,77";
+  std::vector<nlohmann::json> outputs;
+  std::vector<int64_t> found;
+  for (const char* weights : {"0.7,-0.4", "0.7,-0.4", "0.7,-0.40001"}) {
+    const int64_t before = hits();
+    r = Run({"generate", "--adapter=mix-qv", "--adapter=mix-all", "--adapter-weights", weights,
+             prompt, "--max-tokens=8", "--ignore-eos", "--json"});
+    ASSERT_EQ(r.code, 0) << Describe(r);
+    outputs.push_back(nlohmann::json::parse(r.out)["token_ids"]);
+    found.push_back(hits() - before);
+  }
+  EXPECT_EQ(found, (std::vector<int64_t>{0, 16, 0}));
+  EXPECT_EQ(outputs[0], outputs[1]);
   r = Run({"generate", "--adapter=mix-qv", "--adapter=mix-all", "--adapter-weights=0.5",
            "--prompt-ids=1", "--max-tokens=2"});
   EXPECT_EQ(r.code, 2) << Describe(r);

@@ -447,7 +447,7 @@ TEST_F(PrefixCacheTest, KeyedByAdapterVersionMergeStateAndEveryEarlierToken) {
   EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@2")), 0) << "a new version must not reuse the old K/V";
   EXPECT_EQ(hits_of(NewPrompt(prompt, "other@1")), 0);
   EXPECT_EQ(hits_of(NewPrompt(prompt, "@base")), 0);
-  EXPECT_EQ(hits_of(NewPrompt(prompt, "")), 0) << "mixes are never cached";
+  EXPECT_EQ(hits_of(NewPrompt(prompt, "")), 0) << "no identity: never cached";
   EXPECT_EQ(hits_of(NewPrompt(prompt, "")), 0);
   s.SetMergeState(7);  // an adapter merged: the base weights changed
   EXPECT_EQ(hits_of(NewPrompt(prompt, "qv@1")), 0);
