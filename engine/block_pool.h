@@ -33,7 +33,7 @@ namespace loraplex::engine {
 
 class BlockPool {
  public:
-  // `cache` must outlive the pool. With prefix_cache false, Insert does nothing and Match never
+  // `cache` must outlive the pool. With prefix_cache false, Insert does nothing and Lookup never
   // finds anything: blocks go back to the free list as soon as their last holder lets go.
   BlockPool(model::KvCache* cache, bool prefix_cache);
 
