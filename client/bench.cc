@@ -385,6 +385,9 @@ int RunBench(const std::vector<std::string>& args) {
   spec.prompt_tokens = *pt;
   spec.max_tokens = *mt;
   if (f.system_prompt_tokens < 0) return usage_error("--system-prompt-tokens must be >= 0");
+  if (f.system_prompt_tokens > 0 && !f.prompts_file.empty()) {
+    return usage_error("--system-prompt-tokens starts random prompts; not with --prompts-file");
+  }
   spec.system_prompt_tokens = f.system_prompt_tokens;
   if (f.record_outputs && f.out.empty()) return usage_error("--record-outputs writes into --out");
   spec.record_outputs = f.record_outputs;
