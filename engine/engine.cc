@@ -18,6 +18,8 @@ namespace {
 constexpr int64_t kDefaultKvBytesCap = int64_t{1} << 30;
 // Tokens/s is measured over this much recent time.
 constexpr absl::Duration kRateWindow = absl::Seconds(3);
+// EngineStats::window_tokens spans about this much.
+constexpr absl::Duration kTokenWindow = absl::Seconds(1);
 // How long the idle engine thread sleeps in one wait for commands.
 constexpr absl::Duration kIdleWait = absl::Milliseconds(100);
 
@@ -336,6 +338,7 @@ void Engine::RunStep(const StepPlan& plan) {
     return;
   }
   scheduler_.Commit(plan);
+  for (const ScheduledChunk& c : plan.chunks) window_tokens_[c.seq->tenant] += c.count;
 
   const model::Tokenizer& tokenizer = model_->tokenizer();
   int64_t row = 0;
@@ -437,6 +440,16 @@ void Engine::PublishStats(int64_t new_tokens) {
   stats_.prefix_cache_blocks = scheduler_.blocks().num_cached();
   stats_.prefix_cache_hit_tokens = scheduler_.prefix_hit_tokens();
   stats_.prefix_cache_lookup_tokens = scheduler_.prefix_lookup_tokens();
+  if (now - window_start_ >= kTokenWindow) {
+    stats_.window_tokens = std::move(window_tokens_);
+    window_tokens_.clear();
+    stats_.window_s = absl::ToDoubleSeconds(now - window_start_);
+    stats_.window_end = now;
+    window_start_ = now;
+  }
+  const model::LlamaModel::LoraCost lora = model_->lora_cost();
+  stats_.lora_seconds = lora.seconds;
+  stats_.lora_token_passes = lora.token_passes;
   stats_.generated_tokens += new_tokens;
   stats_.tokens_per_second = span > 0.05 ? window_tokens / span : 0.0;
 }

@@ -78,6 +78,15 @@ struct EngineStats {
   int64_t prefix_cache_blocks = 0;
   int64_t prefix_cache_lookup_tokens = 0;
   int64_t prefix_cache_hit_tokens = 0;
+  // Tokens computed (prompt and decode) per adapter in the last whole window of about a second
+  // (window_s long, ending window_end): the adapter's name, "" for the base model, "@mix" for
+  // weighted mixes (Sequence::tenant); adapters without tokens then are absent.
+  std::map<std::string, int64_t> window_tokens;
+  double window_s = 0;
+  absl::Time window_end;
+  // The model's LoRA passes so far (LlamaModel::lora_cost; seconds 0 on CUDA).
+  double lora_seconds = 0;
+  int64_t lora_token_passes = 0;
   double tokens_per_second = 0;  // over the last few seconds
   // Memory the engine accounts for, in bytes (the pieces an operator adds up against the
   // process's resident size; adapters are the registry's): the model's stored weights, the KV
@@ -163,6 +172,8 @@ class Engine {
   std::unordered_map<RequestId, std::unique_ptr<Sequence>> sequences_;  // engine thread only
   std::deque<std::pair<absl::Time, int64_t>> rate_window_;              // engine thread only
   model::StepLogits logits_;                                            // engine thread only
+  std::map<std::string, int64_t> window_tokens_;                        // engine thread only
+  absl::Time window_start_ = absl::Now();                               // engine thread only
 
   // --- shared ----------------------------------------------------------------------------------
   Queue<Command> inbox_;  // the only way requests and cancellations reach the engine thread

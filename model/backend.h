@@ -54,6 +54,10 @@ class Backend {
   virtual int64_t scratch_bytes() const = 0;
   // LlamaModel::cuda_graph_stats.
   virtual CudaGraphStats graph_stats() const { return {}; }
+  // Seconds spent in the LoRA passes of every step so far (LlamaModel::lora_cost); 0 where the
+  // backend does not measure them (CUDA: its passes run asynchronously on the device). Read on the
+  // thread that runs Forward.
+  virtual double lora_seconds() const { return 0; }
 };
 
 }  // namespace loraplex::model

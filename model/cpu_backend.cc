@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <utility>
 
@@ -55,6 +56,7 @@ class CpuBackend : public Backend {
 
   int64_t weight_bytes() const override { return w_.bytes(); }
   int64_t scratch_bytes() const override { return scratch_bytes_.load(std::memory_order_relaxed); }
+  double lora_seconds() const override { return lora_seconds_; }
 
  private:
   // Capacities of the step scratch and of `plan`'s vectors, summed.
@@ -69,6 +71,26 @@ class CpuBackend : public Backend {
   // ScratchCapacityBytes, published after each step for scratch_bytes(), which other threads
   // (metrics) read while a step may be resizing the vectors.
   std::atomic<int64_t> scratch_bytes_{0};
+  double lora_seconds_ = 0;  // in ApplyLora, all steps (the thread running Forward only)
+};
+
+// Adds the seconds of its scope to *total (nothing when total is null).
+class Stopwatch {
+ public:
+  explicit Stopwatch(double* total)
+      : total_(total),
+        t0_(total != nullptr ? std::chrono::steady_clock::now()
+                             : std::chrono::steady_clock::time_point()) {}
+  ~Stopwatch() {
+    if (total_ == nullptr) return;
+    *total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+  Stopwatch(const Stopwatch&) = delete;
+  Stopwatch& operator=(const Stopwatch&) = delete;
+
+ private:
+  double* total_;
+  std::chrono::steady_clock::time_point t0_;
 };
 
 int64_t CpuBackend::ScratchCapacityBytes(const LoraPlan& plan) const {
@@ -124,6 +146,8 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, const LoraPlan& plan
   using M = LinearModule;
   using G = LoraGroup;
 
+  // Only steps that apply some delta are timed (the merge policy's cost of a LoRA pass).
+  double* const lora_timer = plan.empty() ? nullptr : &lora_seconds_;
   CpuEmbed(x_.data(), batch.tokens.data(), n, w_.embed.view());
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
@@ -131,8 +155,11 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, const LoraPlan& plan
     CpuLinearShared(
         h_.data(), n,
         {output(q_.data(), l, M::kQ), output(k_.data(), l, M::kK), output(v_.data(), l, M::kV)});
-    ApplyLora(plan, G::kQkv, l, h_.data(), hid,
-              {{q_.data(), qd}, {k_.data(), kvd}, {v_.data(), kvd}}, &lora_);
+    {
+      Stopwatch timed(lora_timer);
+      ApplyLora(plan, G::kQkv, l, h_.data(), hid,
+                {{q_.data(), qd}, {k_.data(), kvd}, {v_.data(), kvd}}, &lora_);
+    }
     if (c.attention_bias) {
       for (int64_t t = 0; t < n; ++t) {
         kernels::Add(q_.data() + t * qd, lw.q_bias.data(), qd);
@@ -153,16 +180,26 @@ absl::Status CpuBackend::Forward(const ForwardBatch& batch, const LoraPlan& plan
                               c.num_heads, attn_scale, c.sliding_window);
     }
     base(proj_.data(), attn_.data(), l, M::kO);
-    ApplyLora(plan, G::kO, l, attn_.data(), qd, {{proj_.data(), hid}}, &lora_);
+    {
+      Stopwatch timed(lora_timer);
+      ApplyLora(plan, G::kO, l, attn_.data(), qd, {{proj_.data(), hid}}, &lora_);
+    }
     kernels::Add(x_.data(), proj_.data(), n * hid);
 
     kernels::RmsNorm(h_.data(), x_.data(), lw.ffn_norm.data(), n, hid, c.rms_norm_eps);
     CpuLinearShared(h_.data(), n,
                     {output(gate_.data(), l, M::kGate), output(up_.data(), l, M::kUp)});
-    ApplyLora(plan, G::kGateUp, l, h_.data(), hid, {{gate_.data(), ff}, {up_.data(), ff}}, &lora_);
+    {
+      Stopwatch timed(lora_timer);
+      ApplyLora(plan, G::kGateUp, l, h_.data(), hid, {{gate_.data(), ff}, {up_.data(), ff}},
+                &lora_);
+    }
     kernels::SiluMul(gate_.data(), gate_.data(), up_.data(), n * ff);
     base(proj_.data(), gate_.data(), l, M::kDown);
-    ApplyLora(plan, G::kDown, l, gate_.data(), ff, {{proj_.data(), hid}}, &lora_);
+    {
+      Stopwatch timed(lora_timer);
+      ApplyLora(plan, G::kDown, l, gate_.data(), ff, {{proj_.data(), hid}}, &lora_);
+    }
     kernels::Add(x_.data(), proj_.data(), n * hid);
   }
 

@@ -365,7 +365,15 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache, int6
     }
   }
   impl_->plan.Build(batch, merged_);
+  for (const LoraPass* pass : {&impl_->plan.own(), &impl_->plan.unmerge()}) {
+    if (!pass->active) continue;
+    for (int32_t a : pass->token_adapter) lora_token_passes_ += a >= 0 ? 1 : 0;
+  }
   return impl_->backend->Forward(batch, impl_->plan, cache, top_k, out);
+}
+
+LlamaModel::LoraCost LlamaModel::lora_cost() const {
+  return {impl_->backend->lora_seconds(), lora_token_passes_};
 }
 
 absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,

@@ -219,6 +219,16 @@ class LlamaModel {
   // CUDA graphs used so far (LoadOptions::cuda_graphs); zeros on the CPU.
   CudaGraphStats cuda_graph_stats() const;
 
+  // What the LoRA passes of every step so far cost: token_passes counts each token once per pass
+  // that applies a delta to it (its own adapter's, and the unmerge pass in mixed mode); seconds is
+  // the time in those passes (measured on the CPU; 0 on CUDA). Call on the thread that runs
+  // Forward (the engine thread).
+  struct LoraCost {
+    double seconds = 0;
+    int64_t token_passes = 0;
+  };
+  LoraCost lora_cost() const;
+
   // The base weight of one linear module (for LoRA shape validation and merging). On CUDA the
   // view has the shape and dtype but a null data pointer (the matrix lives on the device).
   kernels::WeightView LinearWeight(int64_t layer, LinearModule m) const;
@@ -255,6 +265,7 @@ class LlamaModel {
   int64_t weight_mapped_bytes_ = 0;
   KvDType kv_dtype_ = KvDType::kF32;
   const LoraWeightsView* merged_ = nullptr;
+  int64_t lora_token_passes_ = 0;
   // The backend, the step's LoRA plan and the pristine matrices of a merge (model/llama_model.cc).
   std::unique_ptr<Impl> impl_;
 };

@@ -488,6 +488,29 @@ TEST_F(EngineTest, TheAdapterLeaseIsBackBeforeTheFinalOutput) {
   EXPECT_EQ(listed_at_the_end.load(), 0u) << "the finished request still held its adapter's lease";
 }
 
+// The merge policy's measurements: every token that takes an adapter's delta counts one LoRA
+// pass (the last sampled token is never fed), base tokens none, and the CPU times the passes.
+TEST_F(EngineTest, LoraPassesAreCountedAndTimed) {
+  const std::string root = loraplex::testing::MakeTempDir("lp-engine-lora-cost");
+  absl::Cleanup remove_root = [&] { fs::remove_all(root); };
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry, OpenRegistry(root));
+  ASSERT_OK(registry
+                ->RegisterFromDir("qv", loraplex::testing::FixturesDir() + "/peft/stories260k/qv",
+                                  /*replace=*/false, /*pin=*/false)
+                .status());
+  auto engine = MakeEngine({});
+  GenerationRequest with = Greedy({1, 5, 9, 13, 17}, 8);
+  with.ignore_eos = true;
+  ASSERT_OK_AND_ASSIGN(with.adapter, registry->Acquire("qv"));
+  GenerationRequest base = Greedy({1, 5, 9}, 8);
+  base.ignore_eos = true;
+  const std::vector<Result> results = RunAll(*engine, {with, base});
+  ASSERT_EQ(results.size(), 2u);
+  const EngineStats s = WaitForNoBlocks(*engine);
+  EXPECT_EQ(s.lora_token_passes, 5 + 7);
+  EXPECT_GT(s.lora_seconds, 0);
+}
+
 // The prefix cache over the real model. One script of requests sharing a system prompt, run one
 // at a time on an engine with the cache and on one without: the greedy tokens are identical in
 // every phase (base and adapter requests; the adapter merged; a replaced version), the cached
