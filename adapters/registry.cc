@@ -292,8 +292,8 @@ std::vector<ManifestEntry> AdapterRegistry::ManifestLocked() const {
   for (const auto& [name, n] : names_) {
     if (n->current == nullptr) continue;
     const Version& v = *n->current;
-    const bool merged =
-        IsMergedLocked(v) || merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
+    const bool merged = (IsMergedLocked(v) && !merged_automatic_) ||
+                        merge_to_restore_ == absl::StrCat(v.name, "@", v.version);
     out.push_back({v.name, v.version, v.sha256, v.pinned, v.source, merged, v.max_rank});
   }
   return out;
@@ -307,6 +307,7 @@ AdapterInfo AdapterRegistry::InfoLocked(const Version& v) const {
   info.residency = v.weights != nullptr ? Residency::kDevice : Residency::kDisk;
   info.pinned = v.pinned;
   info.merged = IsMergedLocked(v);
+  info.auto_merged = info.merged && merged_automatic_;
   info.last_used = v.last_used;
   info.sha256 = v.sha256;
   info.source = v.source;
@@ -564,7 +565,7 @@ std::shared_ptr<const Lease> AdapterRegistry::merged() const {
   return merged_;
 }
 
-absl::Status AdapterRegistry::SetMerged(std::shared_ptr<const Lease> lease) {
+absl::Status AdapterRegistry::SetMerged(std::shared_ptr<const Lease> lease, bool automatic) {
   MutexLock admin(&admin_mu_);
   std::vector<ManifestEntry> manifest;
   {
@@ -576,6 +577,8 @@ absl::Status AdapterRegistry::SetMerged(std::shared_ptr<const Lease> lease) {
                        " is merged; set it UNMERGED first (one merged adapter at a time)"));
     }
     merged_ = std::move(lease);
+    merged_automatic_ = automatic;
+    if (automatic) return absl::OkStatus();  // a runtime decision: not for the manifest
     const Version& v = *merged_->version_;
     // The restart's merge of what the manifest already records as merged: nothing to write, so
     // that it also comes back on a full disk.
@@ -603,7 +606,9 @@ absl::Status AdapterRegistry::ClearMerged() {
     if (was == nullptr) return absl::OkStatus();
     const Version& v = *was->version_;
     auto it = names_.find(v.name);
-    write = it != names_.end() && it->second->current.get() == &v;
+    // An automatic merge was never in the manifest.
+    write = !merged_automatic_ && it != names_.end() && it->second->current.get() == &v;
+    merged_automatic_ = false;
     if (write) manifest = ManifestLocked();
   }
   was.reset();  // outside mu_: a drained version's last lease removes its files

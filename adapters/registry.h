@@ -93,6 +93,7 @@ struct AdapterInfo {
   Residency residency = Residency::kDisk;  // kDevice or kDisk; never kHost (see Residency)
   bool pinned = false;
   bool merged = false;
+  bool auto_merged = false;     // merged by the server's merge policy (not kept across restarts)
   int64_t requests_served = 0;  // leases taken, over the name's versions since this process started
   absl::Time last_used = absl::InfinitePast();
   std::string sha256;  // of adapter_model.safetensors
@@ -265,8 +266,9 @@ class AdapterRegistry {
   // current one the manifest records it, so that a restart merges it again (merge_to_restore).
   // FAILED_PRECONDITION when that write fails (the record is kept all the same: it must follow
   // the model's weights), or when another version is merged (nothing changes then). OK when this
-  // version is merged already.
-  absl::Status SetMerged(std::shared_ptr<const Lease> lease);
+  // version is merged already. With `automatic` (the merge policy's merge) the manifest never
+  // records it and AdapterInfo says auto_merged.
+  absl::Status SetMerged(std::shared_ptr<const Lease> lease, bool automatic = false);
   // Forgets the merged version (the caller has unmerged it) and drops its lease; the manifest
   // stops recording it. FAILED_PRECONDITION when that write fails. OK when nothing is merged.
   absl::Status ClearMerged();
@@ -359,6 +361,7 @@ class AdapterRegistry {
   RegistrationPhases last_registration_ ABSL_GUARDED_BY(mu_);
   std::string merge_to_restore_ ABSL_GUARDED_BY(mu_);         // see merge_to_restore()
   std::shared_ptr<const Lease> merged_ ABSL_GUARDED_BY(mu_);  // see merged()
+  bool merged_automatic_ ABSL_GUARDED_BY(mu_) = false;        // SetMerged's `automatic`
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;                // the destructor has begun
   // AcquireAsync's reloads (and their waits for room): loader_threads threads, FIFO. Last, so
   // that its jobs have finished before the members they use go.

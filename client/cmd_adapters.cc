@@ -43,8 +43,9 @@ void PrintList(const v1::ListAdaptersResponse& resp) {
   for (const auto& a : resp.adapters()) {
     rows.push_back(
         {a.name(), absl::StrCat(a.version()), StateName(a.state()), absl::StrCat(a.rank()),
-         Num(a.alpha()), Modules(a), ResidencyName(a.residency()), a.merged() ? "yes" : "no",
-         a.pinned() ? "yes" : "no", absl::StrCat(a.requests_served()), HumanBytes(a.bytes())});
+         Num(a.alpha()), Modules(a), ResidencyName(a.residency()),
+         a.merged() ? (a.auto_merged() ? "auto" : "yes") : "no", a.pinned() ? "yes" : "no",
+         absl::StrCat(a.requests_served()), HumanBytes(a.bytes())});
   }
   std::cout << FormatTable(rows);
 }
@@ -60,7 +61,7 @@ void PrintInfo(const v1::AdapterInfo& a) {
       {"target modules", Modules(a)},
       {"size", HumanBytes(a.bytes())},
       {"residency", ResidencyName(a.residency())},
-      {"merged", a.merged() ? "yes" : "no"},
+      {"merged", a.merged() ? (a.auto_merged() ? "yes (by the merge policy)" : "yes") : "no"},
       {"pinned", a.pinned() ? "yes" : "no"},
       {"requests served", absl::StrCat(a.requests_served())},
       {"last used (unix ms)", a.last_used_unix_ms() ? absl::StrCat(a.last_used_unix_ms()) : "-"},

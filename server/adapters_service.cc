@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "adapters/inspect.h"
 #include "common/logging.h"
@@ -211,6 +212,7 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
   out->set_pinned(info.pinned);
   out->set_path(info.source);
   out->set_dora(info.dora);
+  out->set_auto_merged(info.auto_merged);
   if (info.compression) {
     const adapters::CompressionReport& c = *info.compression;
     v1::Compression* pc = out->mutable_compression();
@@ -228,8 +230,8 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out) {
 }
 
 AdaptersService::AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
-                                 const TokenAuth* auth)
-    : registry_(registry), engine_(engine), auth_(auth) {
+                                 const TokenAuth* auth, Metrics* metrics)
+    : registry_(registry), engine_(engine), auth_(auth), metrics_(metrics) {
   // The manifest says an adapter was merged when the last process stopped: merge it again, through
   // the same path as SetAdapterMode, before the server takes calls. A failure leaves it unmerged
   // (outputs stay right; only the speed differs) and is logged, rather than refusing to start.
@@ -393,6 +395,12 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
       registry_->Acquire(absl::StrCat(name, "@", current.version), /*count_request=*/false));
   {
     MutexLock lock(&merge_mu_);
+    // A mode set by hand stays: the merge policy leaves this adapter alone from now on, and a
+    // merge of its own gives way (this one is recorded in the manifest, the policy's is not).
+    hand_set_.insert(name);
+    if (!auto_merged_.empty()) {
+      LP_RETURN_IF_ERROR(AutoUnmergeLocked(absl::StrCat("SetAdapterMode MERGED for ", name)));
+    }
     // Checked again: another merge, a replacement or an unload may have come meanwhile.
     LP_ASSIGN_OR_RETURN(current, registry_->Get(name));
     if (current.version != lease->version()) {
@@ -415,6 +423,7 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
         return recorded;
       }
       LP_LOG(INFO) << "adapter " << name << " v" << lease->version() << " merged";
+      Transition(name, "merge");
     }
   }
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo info,
@@ -437,13 +446,16 @@ absl::Status AdaptersService::CheckMergeable(const adapters::AdapterInfo& curren
 absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* response) {
   MutexLock lock(&merge_mu_);
   LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
+  hand_set_.insert(name);  // the merge policy leaves it unmerged from now on
   std::shared_ptr<const adapters::Lease> merged = registry_->merged();
   if (merged != nullptr && merged->name() == current.name) {
     LP_RETURN_IF_ERROR(
         engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); }));
     merged.reset();
+    if (auto_merged_ == name) auto_merged_.clear();
     absl::Status recorded = registry_->ClearMerged();
     LP_LOG(INFO) << "adapter " << name << " unmerged";
+    Transition(name, "unmerge");
     // The model is unmerged either way; say so when a restart would merge it again.
     if (!recorded.ok()) return recorded;
   }
@@ -468,9 +480,116 @@ void AdaptersService::UnmergeIfStale() {
   }
   LP_LOG(INFO) << "adapter " << merged->name() << " v" << merged->version()
                << " unmerged (replaced or unloaded)";
+  Transition(merged->name(), "unmerge");
+  if (auto_merged_ == merged->name()) auto_merged_.clear();
   merged.reset();
   // A replaced or unloaded version is out of the manifest already: nothing to write.
   registry_->ClearMerged().IgnoreError();
+}
+
+namespace {
+
+// The cost of a switch the policy assumes before it has measured one: it only merges when the
+// saving is that clear.
+constexpr double kSwitchPriorS = 0.5;
+
+// Runs `op` on the engine thread and returns the seconds `op` itself took (not the wait for the
+// step in flight).
+absl::Status TimedOnEngine(engine::Engine& engine,
+                           std::function<absl::Status(model::LlamaModel&)> op, double* seconds) {
+  return engine.RunOnEngineThread([&op, seconds](model::LlamaModel& model) {
+    const absl::Time t0 = absl::Now();
+    absl::Status s = op(model);
+    *seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+    return s;
+  });
+}
+
+}  // namespace
+
+void AdaptersService::Transition(const std::string& adapter, const char* direction) {
+  if (metrics_ != nullptr) metrics_->RecordMergeTransition(adapter, direction);
+}
+
+AdaptersService::MergeState AdaptersService::merge_state() {
+  MutexLock lock(&merge_mu_);
+  MergeState st;
+  st.auto_merged = auto_merged_;
+  std::shared_ptr<const adapters::Lease> merged = registry_->merged();
+  st.hand_merged = merged != nullptr && merged->name() != auto_merged_;
+  st.excluded = hand_set_;
+  st.excluded.insert(unmergeable_.begin(), unmergeable_.end());
+  st.switch_s = merge_s_ >= 0 && unmerge_s_ >= 0 ? merge_s_ + unmerge_s_
+                : merge_s_ >= 0                  ? 2 * merge_s_
+                                                 : kSwitchPriorS;
+  return st;
+}
+
+absl::Status AdaptersService::AutoMerge(const std::string& name, const std::string& reason) {
+  LP_ASSIGN_OR_RETURN(adapters::AdapterInfo current, registry_->Get(name));
+  // As Merge: the lease keeps the version in memory while merged; taken without merge_mu_.
+  LP_ASSIGN_OR_RETURN(
+      std::shared_ptr<const adapters::Lease> lease,
+      registry_->Acquire(absl::StrCat(name, "@", current.version), /*count_request=*/false));
+  MutexLock lock(&merge_mu_);
+  if (registry_->merged() != nullptr || hand_set_.count(name) > 0 || unmergeable_.count(name) > 0) {
+    return absl::OkStatus();  // a client's merge came first, or a client set its mode
+  }
+  LP_ASSIGN_OR_RETURN(current, registry_->Get(name));
+  if (current.version != lease->version()) return absl::OkStatus();  // replaced meanwhile
+  const model::LoraWeightsView* view = &lease->view();
+  double seconds = 0;
+  absl::Status merged = TimedOnEngine(
+      *engine_, [view](model::LlamaModel& model) { return model.Merge(view); }, &seconds);
+  if (!merged.ok()) {
+    if (merged.code() == absl::StatusCode::kFailedPrecondition ||
+        merged.code() == absl::StatusCode::kUnimplemented) {
+      unmergeable_.insert(name);
+      LP_LOG(WARNING) << "merge policy: adapter " << name << " cannot be merged; serving it "
+                      << "unmerged from now on: " << merged.ToString();
+    }
+    return merged;
+  }
+  // Not in the manifest: this cannot fail but for another merge, which merge_mu_ rules out.
+  if (absl::Status recorded = registry_->SetMerged(std::move(lease), /*automatic=*/true);
+      !recorded.ok()) {
+    engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); })
+        .IgnoreError();
+    return recorded;
+  }
+  auto_merged_ = name;
+  merge_s_ = seconds;
+  LP_LOG(INFO) << "merge policy: adapter " << name << " v" << current.version << " merged in "
+               << absl::StrFormat("%.1f", 1e3 * seconds) << " ms; " << reason;
+  Transition(name, "merge");
+  return absl::OkStatus();
+}
+
+absl::Status AdaptersService::AutoUnmerge(const std::string& reason) {
+  MutexLock lock(&merge_mu_);
+  return AutoUnmergeLocked(reason);
+}
+
+absl::Status AdaptersService::AutoUnmergeLocked(const std::string& why) {
+  if (auto_merged_.empty()) return absl::OkStatus();
+  std::shared_ptr<const adapters::Lease> merged = registry_->merged();
+  if (merged == nullptr || merged->name() != auto_merged_) {
+    auto_merged_.clear();  // unmerged meanwhile (a replacement or an unload)
+    return absl::OkStatus();
+  }
+  double seconds = 0;
+  LP_RETURN_IF_ERROR(TimedOnEngine(
+      *engine_, [](model::LlamaModel& model) { return model.Unmerge(); }, &seconds));
+  const std::string name = auto_merged_;
+  const int64_t version = merged->version();
+  merged.reset();
+  auto_merged_.clear();
+  unmerge_s_ = seconds;
+  absl::Status recorded = registry_->ClearMerged();  // nothing to write: it was never recorded
+  LP_LOG(INFO) << "merge policy: adapter " << name << " v" << version << " unmerged in "
+               << absl::StrFormat("%.1f", 1e3 * seconds) << " ms; " << why;
+  Transition(name, "unmerge");
+  return recorded;
 }
 
 }  // namespace loraplex::server

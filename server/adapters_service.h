@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <set>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -36,6 +37,7 @@
 #include "engine/engine.h"
 #include "loraplex/v1/adapters.grpc.pb.h"
 #include "server/auth.h"
+#include "server/metrics.h"
 
 namespace loraplex::server {
 
@@ -56,10 +58,11 @@ void ToProto(const adapters::AdapterInfo& info, v1::AdapterInfo* out);
 
 class AdaptersService final : public v1::Adapters::CallbackService {
  public:
-  // Pointers must outlive the service. `auth` guards every call. Merges the adapter the manifest
-  // recorded as merged (AdapterRegistry::merge_to_restore) on the running engine.
+  // Pointers must outlive the service. `auth` guards every call; `metrics` (may be null) counts
+  // merge transitions. Merges the adapter the manifest recorded as merged
+  // (AdapterRegistry::merge_to_restore) on the running engine.
   AdaptersService(adapters::AdapterRegistry* registry, engine::Engine* engine,
-                  const TokenAuth* auth);
+                  const TokenAuth* auth, Metrics* metrics = nullptr);
   // Waits for the admin operations still running.
   ~AdaptersService() override;
 
@@ -90,12 +93,31 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   // After a replace or unload: unmerges when the merged version is no longer current.
   void UnmergeIfStale();
 
+  // --- for the merge policy (server/merge_policy.h; Server runs it) ---
+  struct MergeState {
+    std::string auto_merged;         // the adapter the policy merged; "" none
+    bool hand_merged = false;        // one merged through SetAdapterMode: the policy stays out
+    std::set<std::string> excluded;  // modes set by hand, and adapters that cannot be merged
+    double switch_s = 0;             // a merge and an unmerge: measured, a prior before
+  };
+  MergeState merge_state();
+  // Merges `name`'s current version for the policy (AdapterInfo.auto_merged; never recorded in
+  // the manifest). Does nothing when any adapter is merged already or `name` is excluded; an
+  // adapter the model refuses to merge is excluded from then on. `reason` goes to the log.
+  absl::Status AutoMerge(const std::string& name, const std::string& reason);
+  // Unmerges what the policy merged (nothing if a client's merge replaced it meanwhile).
+  absl::Status AutoUnmerge(const std::string& reason);
+
  private:
   // Sets `response` to the adapter's current info, with merged state.
   absl::Status Merge(const std::string& name, v1::AdapterInfo* response);
   absl::Status Unmerge(const std::string& name, v1::AdapterInfo* response);
   // FAILED_PRECONDITION when another adapter (or version) than `current` is merged.
   absl::Status CheckMergeable(const adapters::AdapterInfo& current) const;
+  // Unmerges the policy's merge (under merge_mu_); `why` goes to the log.
+  absl::Status AutoUnmergeLocked(const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(merge_mu_);
+  // Counts a transition in the metrics.
+  void Transition(const std::string& adapter, const char* direction);
   // A unary reactor finished with what `work` returns, run on an admin worker: for calls that may
   // wait (for the engine thread, a reload, disk), which must never hold a gRPC callback thread.
   grpc::ServerUnaryReactor* OnWorker(std::function<absl::Status()> work);
@@ -107,10 +129,19 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   adapters::AdapterRegistry* const registry_;
   engine::Engine* const engine_;
   const TokenAuth* const auth_;
+  Metrics* const metrics_;
 
   // Serialises merges and unmerges: the model's weights and the registry's record of the merged
   // version (AdapterRegistry::merged) change together under it.
   absl::Mutex merge_mu_;
+  // The merge policy's state, under merge_mu_: the adapter it merged, the names a client set the
+  // mode of (the policy leaves them alone), those the model refused to merge, and the measured
+  // seconds of the last merge and unmerge (< 0 before the first).
+  std::string auto_merged_ ABSL_GUARDED_BY(merge_mu_);
+  std::set<std::string> hand_set_ ABSL_GUARDED_BY(merge_mu_);
+  std::set<std::string> unmergeable_ ABSL_GUARDED_BY(merge_mu_);
+  double merge_s_ ABSL_GUARDED_BY(merge_mu_) = -1;
+  double unmerge_s_ ABSL_GUARDED_BY(merge_mu_) = -1;
 
   // Last: its jobs finish before the rest of the service goes.
   Executor workers_{Executor::Options{.name = "adapter operation",

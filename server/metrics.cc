@@ -52,6 +52,7 @@ struct Metrics::Impl {
   prometheus::Family<prometheus::Counter>* adapter_requests = nullptr;
   prometheus::Family<prometheus::Gauge>* adapter_resident = nullptr;
   prometheus::Family<prometheus::Gauge>* adapter_merged = nullptr;
+  prometheus::Family<prometheus::Counter>* merge_transitions = nullptr;
   prometheus::Gauge* memory_weights = nullptr;
   prometheus::Gauge* memory_kv_pool = nullptr;
   prometheus::Gauge* memory_scratch = nullptr;
@@ -122,6 +123,9 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
                               .Name("loraplex_adapter_merged")
                               .Help("1 when the adapter is merged into the base weights")
                               .Register(r);
+  impl->merge_transitions =
+      counters("loraplex_adapter_merge_transitions_total",
+               "Merges and unmerges of the adapter, by SetAdapterMode and by the merge policy");
   auto& memory = prometheus::BuildGauge()
                      .Name("loraplex_memory_bytes")
                      .Help(
@@ -160,6 +164,10 @@ void Metrics::RecordRequest(const std::string& adapter, const std::string& code)
 void Metrics::ObserveTimeToFirstToken(double seconds) { impl_->ttft->Observe(seconds); }
 void Metrics::ObserveInterTokenLatency(double seconds) { impl_->itl->Observe(seconds); }
 void Metrics::AddGeneratedTokens(int64_t n) { impl_->tokens->Increment(static_cast<double>(n)); }
+
+void Metrics::RecordMergeTransition(const std::string& adapter, const std::string& direction) {
+  impl_->merge_transitions->Add({{"adapter", adapter}, {"direction", direction}}).Increment();
+}
 
 void Metrics::UpdateEngine(const engine::EngineStats& stats) {
   impl_->queue->Set(static_cast<double>(stats.waiting));

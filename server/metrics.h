@@ -12,6 +12,8 @@
 //   loraplex_adapter_reloads_total{adapter}, loraplex_adapter_requests_total{adapter}
 //                                                 registry counters (since the process started)
 //   loraplex_adapter_resident{adapter}, loraplex_adapter_merged{adapter}   0/1 gauges
+//   loraplex_adapter_merge_transitions_total{adapter, direction="merge"|"unmerge"}
+//                                                 by SetAdapterMode and by the merge policy
 //   loraplex_memory_bytes{part="weights"|"kv_pool"|"scratch"|"adapters"}   what the server holds
 //                                                 by design, to set against its resident size
 // The adapter label is "base" for the base model and "-" for requests refused before their adapter
@@ -44,6 +46,8 @@ class Metrics {
   void ObserveTimeToFirstToken(double seconds);
   void ObserveInterTokenLatency(double seconds);
   void AddGeneratedTokens(int64_t n);
+  // One merge or unmerge of `adapter` (direction "merge" or "unmerge").
+  void RecordMergeTransition(const std::string& adapter, const std::string& direction);
   void UpdateEngine(const engine::EngineStats& stats);
   // Copies the registry's per-adapter counters and states (READY versions only).
   void UpdateAdapters(const std::vector<adapters::AdapterInfo>& adapters);

@@ -35,6 +35,10 @@ ABSL_FLAG(int64_t, max_running_per_adapter, 0,
           "running sequences one adapter may hold (0: no cap beyond --max-running)");
 ABSL_FLAG(std::vector<std::string>, adapter_shares, {},
           "NAME=WEIGHT[,...] VTC shares (default 1 each; @base: the base model, @mix: the mixes)");
+ABSL_FLAG(std::string, merge_policy, "off",
+          "auto: merge the adapter that dominates the load into the base weights while that pays "
+          "(measured LoRA and switch costs; needs --dtype bf16 or f32), unmerge when it stops "
+          "paying; off: merges only by SetAdapterMode");
 ABSL_FLAG(std::string, prefix_cache, "on",
           "on: reuse the KV of full blocks of a prompt prefix seen before with the same adapter "
           "version (LRU, in the KV pool's free blocks); off");
@@ -167,6 +171,11 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
           absl::StrCat("--adapter-shares wants NAME=WEIGHT with WEIGHT > 0, got '", spec, "'"));
     }
     s.engine.adapter_shares[parts[0] == "@base" ? "" : parts[0]] = share;
+  }
+  if (const std::string mp = absl::GetFlag(FLAGS_merge_policy); mp == "auto" || mp == "off") {
+    s.merge_policy = mp == "auto";
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--merge-policy ", mp, ": must be auto or off"));
   }
   if (const std::string pc = absl::GetFlag(FLAGS_prefix_cache); pc == "on" || pc == "off") {
     s.engine.prefix_cache = pc == "on";

@@ -14,6 +14,8 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/sync.h"
+#include "kernels/quant.h"
+#include "server/merge_policy.h"
 #include "server/reactors.h"
 
 namespace loraplex::server {
@@ -63,6 +65,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
   auto server = std::unique_ptr<Server>(new Server(options));
   server->model_ = std::move(model);
   server->metrics_interval_ = options.metrics_interval;
+  server->merge_policy_interval_ = options.merge_policy_interval;
+  if (options.merge_policy) {
+    const kernels::WeightView q = server->model_->LinearWeight(0, model::LinearModule::kQ);
+    if (kernels::IsQuantized(q.dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--merge-policy auto: the base weights are stored ", kernels::DTypeName(q.dtype),
+          ", and merging into them would requantize W + BA; load the model with --dtype bf16 "
+          "or f32 to merge"));
+    }
+  }
   LP_RETURN_IF_ERROR(server->OpenRegistry(options));
   LP_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                       MakeServerCredentials(options.admin.tls));
@@ -77,7 +89,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
       server->engine_.get(), server->registry_.get(), server->metrics_.get(), options.info);
   server->service_->RequireToken(&server->api_auth_);
   server->adapters_service_ = std::make_unique<AdaptersService>(
-      server->registry_.get(), server->engine_.get(), &server->admin_auth_);
+      server->registry_.get(), server->engine_.get(), &server->admin_auth_, server->metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -101,6 +113,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
     server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
   }
   server->metrics_thread_ = std::thread([s = server.get()] { s->MetricsLoop(); });
+  if (options.merge_policy) {
+    server->merge_policy_thread_ = std::thread([s = server.get()] { s->MergePolicyLoop(); });
+  }
   LP_LOG(INFO) << "serving loraplex.v1.Inference and Adapters on port " << server->port_
                << (options.admin.tls.cert.empty() ? " (plaintext)" : " (TLS)")
                << (server->metrics_->port() > 0
@@ -199,12 +214,39 @@ void Server::MetricsLoop() {
   }
 }
 
+void Server::MergePolicyLoop() {
+  MergePolicy policy;
+  while (true) {
+    {
+      MutexLock lock(&mu_);
+      AwaitWithTimeout(&mu_, absl::Condition(&shutdown_), merge_policy_interval_);
+      if (shutdown_) return;
+    }
+    const AdaptersService::MergeState state = adapters_service_->merge_state();
+    MergeInputs in = policy.Observe(engine_->Stats());
+    if (state.hand_merged) continue;  // a client's merge: left alone
+    in.switch_s = state.switch_s;
+    in.merged = state.auto_merged;
+    in.excluded = state.excluded;
+    const MergeDecision d = DecideMerge(in);
+    absl::Status s;
+    if (d.action == MergeDecision::Action::kMerge) {
+      s = adapters_service_->AutoMerge(d.adapter, d.reason);
+    } else if (d.action == MergeDecision::Action::kUnmerge) {
+      s = adapters_service_->AutoUnmerge(d.reason);
+    }
+    if (!s.ok()) LP_LOG(WARNING) << "merge policy: " << d.adapter << ": " << s.ToString();
+  }
+}
+
 void Server::Shutdown(absl::Duration grace) {
   {
     MutexLock lock(&mu_);
     if (shutdown_) return;
     shutdown_ = true;
   }
+  // Its merges wait for the engine thread, which runs until below.
+  if (merge_policy_thread_.joinable()) merge_policy_thread_.join();
   if (grpc_server_ == nullptr) {  // Start failed half way: nothing was served
     if (engine_ != nullptr) engine_->Shutdown();
     StopBaseReads();

@@ -38,6 +38,11 @@ struct ServerOptions {
   AdapterAdminOptions admin;
   // How often engine gauges are copied into the metrics.
   absl::Duration metrics_interval = absl::Milliseconds(250);
+  // --merge-policy auto: merge the adapter that dominates the load while that pays
+  // (server/merge_policy.h), deciding every merge_policy_interval. Needs base weights stored
+  // bf16 or f32 (Start refuses it over a quantized base: merging would requantize it).
+  bool merge_policy = false;
+  absl::Duration merge_policy_interval = absl::Seconds(1);
 };
 
 class Server {
@@ -62,6 +67,7 @@ class Server {
       : admin_auth_(options.admin.admin_token, "the Adapters service"),
         api_auth_(options.admin.api_token, "the Inference service") {}
   void MetricsLoop();
+  void MergePolicyLoop();
   // Opens the registry in the state directory and registers the --adapter folders.
   absl::Status OpenRegistry(const ServerOptions& options);
 
@@ -96,10 +102,12 @@ class Server {
   std::shared_ptr<std::atomic<int64_t>> calls_in_flight_ =
       std::make_shared<std::atomic<int64_t>>(0);
   absl::Duration metrics_interval_;
+  absl::Duration merge_policy_interval_;
 
   absl::Mutex mu_;  // guards shutdown_ (and wakes the metrics thread)
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   std::thread metrics_thread_;
+  std::thread merge_policy_thread_;  // with --merge-policy auto
 };
 
 }  // namespace loraplex::server

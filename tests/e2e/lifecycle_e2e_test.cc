@@ -16,6 +16,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <map>
 #include <memory>
@@ -492,6 +493,75 @@ v1::AdapterInfo GetInfo(AdminServer& s, const std::string& name) {
   grpc::Status st = e2e::Get(s, name, &info);
   EXPECT_TRUE(st.ok()) << name << ": " << st.error_message();
   return info;
+}
+
+// --merge-policy auto: hot traffic on one adapter gets it merged by the policy (every answer
+// unchanged, other adapters and the base in mixed mode), a restart does not merge it again, the
+// load moving to the base model unmerges it, both transitions are counted, and an adapter whose
+// mode a client set stays as set.
+TEST_F(LifecycleE2eTest, MergePolicyFollowsTheLoad) {
+  // 4 client threads generate with `name` until `done` holds (polled every 100 ms) or `seconds`
+  // pass; every answer must be the folder's. True when `done` held.
+  auto drive = [this](AdminServer& s, const std::string& name, const std::string& folder,
+                      double seconds, const std::function<bool()>& done) {
+    std::atomic<bool> stop{false};
+    std::atomic<int> wrong{0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i) {
+      threads.emplace_back([&] {
+        while (!stop.load()) {
+          Generated g = Complete(s, name);
+          if (!g.status.ok() || g.ids != Expected(folder)) wrong.fetch_add(1);
+        }
+      });
+    }
+    bool reached = false;
+    for (int i = 0; i < seconds * 10 && !reached; ++i) {
+      absl::SleepFor(absl::Milliseconds(100));
+      reached = done();
+    }
+    stop.store(true);
+    for (std::thread& t : threads) t.join();
+    EXPECT_EQ(wrong.load(), 0) << "answers of '" << name << "' changed";
+    return reached;
+  };
+  v1::AdapterInfo info;
+  {
+    auto s = Start({"--merge-policy=auto"});
+    ASSERT_TRUE(s->ok());
+    ASSERT_TRUE(Load(*s, "hot", "qv", false).ok());
+    ASSERT_TRUE(Load(*s, "cold", "all_linear", false).ok());
+    ASSERT_TRUE(drive(*s, "hot", "qv", 30, [&] { return GetInfo(*s, "hot").auto_merged(); }))
+        << "not merged under traffic that is all its own";
+    info = GetInfo(*s, "hot");
+    EXPECT_TRUE(info.merged());
+    EXPECT_FALSE(GetInfo(*s, "cold").merged());
+    EXPECT_EQ(Complete(*s, "cold").ids, Expected("all_linear"));
+    EXPECT_EQ(Complete(*s, "").ids, Expected("base"));
+    s->Kill();  // SIGKILL while merged by the policy
+  }
+  auto s = Start({"--merge-policy=auto"});
+  ASSERT_TRUE(s->ok());
+  EXPECT_FALSE(GetInfo(*s, "hot").merged()) << "a merge of the policy came back after a restart";
+  ASSERT_TRUE(drive(*s, "hot", "qv", 30, [&] { return GetInfo(*s, "hot").auto_merged(); }));
+  ASSERT_TRUE(drive(*s, "", "base", 30, [&] { return !GetInfo(*s, "hot").merged(); }))
+      << "still merged with the load on the base model";
+  absl::SleepFor(absl::Milliseconds(400));  // one metrics refresh
+  const std::string page = testing::FetchMetrics(s->metrics_port());
+  EXPECT_EQ(
+      Sample(page, "loraplex_adapter_merge_transitions_total{adapter=\"hot\",direction=\"merge\"}"),
+      1);
+  EXPECT_EQ(
+      Sample(page,
+             "loraplex_adapter_merge_transitions_total{adapter=\"hot\",direction=\"unmerge\"}"),
+      1);
+  // Set by hand: the policy leaves it unmerged, however hot.
+  ASSERT_TRUE(SetMode(*s, "hot", v1::UNMERGED, &info).ok());
+  EXPECT_FALSE(drive(*s, "hot", "qv", 4, [&] { return GetInfo(*s, "hot").merged(); }));
+  // And a client's merge of another adapter is left alone too.
+  ASSERT_TRUE(SetMode(*s, "cold", v1::MERGED, &info).ok());
+  EXPECT_FALSE(info.auto_merged());
+  EXPECT_FALSE(drive(*s, "", "base", 4, [&] { return !GetInfo(*s, "cold").merged(); }));
 }
 
 // The merge mode is in the manifest: after kill -9 and a restart the same version is merged again
