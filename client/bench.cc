@@ -42,6 +42,7 @@ struct BenchFlags {
   std::string prompt_tokens = "128";
   int64_t system_prompt_tokens = 0;
   bool record_outputs = false;
+  bool hand_merge = true;
   std::string max_tokens = "128";
   std::string prompts_file;
   bool ignore_eos = true;
@@ -85,6 +86,12 @@ absl::Status ApplyScenario(const std::string& s, BenchFlags& f) {
     f.popularity = "identical";
     f.requests = 8;
     f.warmup = 0;
+  } else if (s == "S7") {  // skewed: one adapter has 90% of the requests, 31 share the rest
+    f.concurrency = 32;
+    f.adapters = "32";
+    f.popularity = "hot:0.9";
+    f.duration = 60;
+    f.warmup = 5;
   } else if (s == "S9") {  // a 512-token system prompt per adapter, short user turns
     f.system_prompt_tokens = 512;
     f.prompt_tokens = "32";
@@ -96,7 +103,7 @@ absl::Status ApplyScenario(const std::string& s, BenchFlags& f) {
     f.warmup = 0;
   } else {
     return absl::InvalidArgumentError(
-        absl::StrCat("--scenario: '", s, "' is not one of S1..S6, S9"));
+        absl::StrCat("--scenario: '", s, "' is not one of S1..S7, S9"));
   }
   return absl::OkStatus();
 }
@@ -104,12 +111,13 @@ absl::Status ApplyScenario(const std::string& s, BenchFlags& f) {
 void AddFlags(ArgParser& p, BenchFlags& f) {
   AddConnectionFlags(p, f.conn);
   p.AddString("scenario", &f.scenario,
-              "S1..S6 of DESIGN.md section 6, or S9 (shared system prompts; flags below override)");
+              "S1..S6 of DESIGN.md section 6, S7 (one hot adapter) or S9 (shared system prompts); "
+              "flags below override");
   p.AddInt("concurrency", &f.concurrency, "closed loop: requests kept in flight");
   p.AddDouble("rate", &f.rate, "open loop: requests per second");
   p.AddString("arrival", &f.arrival, "open loop arrivals: poisson or gamma:SHAPE");
   p.AddString("adapters", &f.adapters, "names a,b,c, or a count N (made, or the first N loaded)");
-  p.AddString("popularity", &f.popularity, "distinct | uniform | zipf:ALPHA | identical");
+  p.AddString("popularity", &f.popularity, "distinct | uniform | zipf:ALPHA | identical | hot:P");
   p.AddList("make-adapters", &f.make_adapters,
             "PEFT folder to upload N perturbed copies of (bench-0..); repeat for S6 ranks", true);
   p.AddDouble("perturb", &f.perturb, "relative perturbation of made copies' LoRA weights");
@@ -129,6 +137,8 @@ void AddFlags(ArgParser& p, BenchFlags& f) {
   p.AddDouble("warmup", &f.warmup, "seconds of warm-up whose requests are not measured");
   p.AddDouble("swap-every", &f.swap_every, "replace a made adapter every SECONDS (S5)");
   p.AddString("out", &f.out, "write DIR/results.json and DIR/report.html");
+  p.AddBool("hand-merge", &f.hand_merge,
+            "S7: also run the phase with the hot adapter merged by hand (default on)");
   p.AddBool("record-outputs", &f.record_outputs,
             "also write DIR/outputs.jsonl: every request's generated token ids");
   p.AddInt("seed", &f.seed, "seed of prompts, lengths, adapters and arrivals");
@@ -466,6 +476,12 @@ int RunBench(const std::vector<std::string>& args) {
     if (named.empty())
       return usage_error("S4 needs an adapter: --adapters NAME or --make-adapters");
     plans = {{"base", {}, ""}, {"unmerged", {named[0]}, ""}, {"merged", {named[0]}, named[0]}};
+  } else if (f.scenario == "S7") {
+    // As served (against a server with --merge-policy off: unmerged; auto: the policy's choice),
+    // then with the hot adapter merged by hand.
+    if (named.empty()) return usage_error("S7 needs adapters: --adapters N or --make-adapters");
+    plans = {{"served", named, ""}};
+    if (f.hand_merge) plans.push_back({"hot merged by hand", named, named[0]});
   } else if (f.scenario == "S6") {
     plans = {{"base", {}, ""}};
     for (size_t g = 0; g < made.groups.size(); ++g) {
@@ -575,9 +591,11 @@ int RunBench(const std::vector<std::string>& args) {
       std::vector<double> e2e = e2e_ratio[n];
       std::sort(e2e.begin(), e2e.end());
       const size_t mid = e2e.size() / 2;
-      ratios[n + " / base output tok/s"] = base_tps > 0 ? tps / base_tps : 0.0;
-      ratios[n + " / base e2e p50"] = e2e.size() % 2 ? e2e[mid] : (e2e[mid - 1] + e2e[mid]) / 2;
-      if (f.rounds > 1) ratios[n + " / base output tok/s per round"] = tps_ratio[n];
+      // Against the first plan ("base" but in S7).
+      const std::string over = n + " / " + plans[0].name;
+      ratios[over + " output tok/s"] = base_tps > 0 ? tps / base_tps : 0.0;
+      ratios[over + " e2e p50"] = e2e.size() % 2 ? e2e[mid] : (e2e[mid - 1] + e2e[mid]) / 2;
+      if (f.rounds > 1) ratios[over + " output tok/s per round"] = tps_ratio[n];
     }
     results["ratios"] = ratios;
     if (f.rounds > 1) results["pooled"] = pooled;
@@ -603,13 +621,19 @@ int RunBench(const std::vector<std::string>& args) {
           return a->index < b->index;
         });
         for (const RequestRecord* r : sorted) {
-          outputs << nlohmann::json{{"phase", names[i]},
-                                    {"index", r->index},
-                                    {"adapter", r->adapter},
-                                    {"code", r->grpc_code},
-                                    {"ids", r->output_ids}}
-                         .dump()
-                  << "\n";
+          nlohmann::json line = {{"phase", names[i]},
+                                 {"index", r->index},
+                                 {"adapter", r->adapter},
+                                 {"code", r->grpc_code},
+                                 {"ids", r->output_ids}};
+          if (r->grpc_code == 0 && r->first_token_s >= 0) {
+            line["ttft_ms"] = 1e3 * (r->first_token_s - r->start_s);
+            if (r->output_tokens >= 2) {
+              line["tpot_ms"] =
+                  1e3 * (r->end_s - r->first_token_s) / static_cast<double>(r->output_tokens - 1);
+            }
+          }
+          outputs << line.dump() << "\n";
         }
       }
       if (!outputs) {

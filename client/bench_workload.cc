@@ -26,9 +26,16 @@ absl::StatusOr<Popularity> ParsePopularity(const std::string& text) {
       return absl::InvalidArgumentError(
           absl::StrCat("--popularity: '", text, "': zipf wants a positive ALPHA, e.g. zipf:1.0"));
     }
+  } else if (text.rfind("hot:", 0) == 0) {
+    p.kind = Popularity::Kind::kHot;
+    if (!absl::SimpleAtod(text.substr(4), &p.alpha) || !(p.alpha > 0) || !(p.alpha <= 1)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--popularity: '", text, "': hot wants a probability 0 < P <= 1, e.g. hot:0.9"));
+    }
   } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--popularity: '", text, "' is not one of distinct, uniform, zipf:ALPHA, identical"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--popularity: '", text,
+                     "' is not one of distinct, uniform, zipf:ALPHA, identical, hot:P"));
   }
   return p;
 }
@@ -43,6 +50,8 @@ std::string PopularityName(const Popularity& p) {
       return "identical";
     case Popularity::Kind::kZipf:
       return absl::StrCat("zipf:", p.alpha);
+    case Popularity::Kind::kHot:
+      return absl::StrCat("hot:", p.alpha);
   }
   return "?";
 }
@@ -63,6 +72,14 @@ AdapterPicker::AdapterPicker(Popularity pop, int n, uint64_t seed)
       for (double& v : probs_) v /= total;
       break;
     }
+    case Popularity::Kind::kHot:
+      if (n_ == 1) {
+        probs_[0] = 1;
+        break;
+      }
+      probs_[0] = pop_.alpha;
+      for (int k = 1; k < n_; ++k) probs_[k] = (1 - pop_.alpha) / (n_ - 1);
+      break;
   }
   double acc = 0;
   for (double v : probs_) cdf_.push_back(acc += v);
@@ -77,7 +94,8 @@ int AdapterPicker::Pick(int64_t request_index) {
       return static_cast<int>(request_index % n_);
     case Popularity::Kind::kUniform:
       return std::uniform_int_distribution<int>(0, n_ - 1)(rng_);
-    case Popularity::Kind::kZipf: {
+    case Popularity::Kind::kZipf:
+    case Popularity::Kind::kHot: {
       const double u = std::uniform_real_distribution<double>(0, 1)(rng_);
       const auto it = std::upper_bound(cdf_.begin(), cdf_.end(), u);
       return std::min<int>(n_ - 1, static_cast<int>(it - cdf_.begin()));

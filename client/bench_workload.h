@@ -14,13 +14,15 @@ namespace loraplex::client {
 
 // distinct: request i names adapter i mod N (concurrent requests differ); uniform: each equally
 // likely; zipf:ALPHA: adapter k (0-based) with probability proportional to 1/(k+1)^ALPHA;
-// identical: every request names adapter 0.
+// identical: every request names adapter 0; hot:P: adapter 0 with probability P, the others
+// equally likely with the rest (S7's skew: hot:0.9).
 struct Popularity {
-  enum class Kind { kDistinct, kUniform, kZipf, kIdentical };
+  enum class Kind { kDistinct, kUniform, kZipf, kIdentical, kHot };
   Kind kind = Kind::kUniform;
-  double alpha = 1.0;
+  double alpha = 1.0;  // zipf's ALPHA, or hot's P
 };
-// "distinct" | "uniform" | "identical" | "zipf" (alpha 1) | "zipf:ALPHA" (ALPHA > 0).
+// "distinct" | "uniform" | "identical" | "zipf" (alpha 1) | "zipf:ALPHA" (ALPHA > 0) |
+// "hot:P" (0 < P <= 1).
 absl::StatusOr<Popularity> ParsePopularity(const std::string& text);
 std::string PopularityName(const Popularity& p);
 

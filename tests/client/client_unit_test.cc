@@ -115,6 +115,16 @@ TEST(PopularityTest, ParseAndProbabilities) {
   for (int i = 0; i < 8; ++i) EXPECT_EQ(distinct.Pick(i), i % 4);
   AdapterPicker identical(*ParsePopularity("identical"), 4, 1);
   for (int i = 0; i < 8; ++i) EXPECT_EQ(identical.Pick(i), 0);
+
+  EXPECT_THAT(ParsePopularity("hot:1.5"), StatusIs(absl::StatusCode::kInvalidArgument, "hot"));
+  EXPECT_THAT(ParsePopularity("hot:0"), StatusIs(absl::StatusCode::kInvalidArgument, "hot"));
+  AdapterPicker hot(*ParsePopularity("hot:0.9"), 5, 3);
+  EXPECT_NEAR(hot.Probabilities()[0], 0.9, 1e-12);
+  EXPECT_NEAR(hot.Probabilities()[4], 0.025, 1e-12);
+  counts.assign(5, 0);
+  for (int i = 0; i < 100000; ++i) ++counts[hot.Pick(i)];
+  EXPECT_NEAR(counts[0] / 100000.0, 0.9, 0.01);
+  EXPECT_NEAR(counts[3] / 100000.0, 0.025, 0.005);
 }
 
 TEST(WorkloadTest, LengthsAndArrivals) {
