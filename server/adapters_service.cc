@@ -489,9 +489,9 @@ void AdaptersService::UnmergeIfStale() {
 
 namespace {
 
-// The cost of a switch the policy assumes before it has measured one: it only merges when the
-// saving is that clear.
-constexpr double kSwitchPriorS = 0.5;
+// The cost of a switch the policy assumes before it has measured one, per byte of base weights
+// (a merge reads and writes some of them, an unmerge copies them back): 1 s per GB.
+constexpr double kSwitchPriorSPerByte = 1e-9;
 
 // Runs `op` on the engine thread and returns the seconds `op` itself took (not the wait for the
 // step in flight).
@@ -520,8 +520,9 @@ AdaptersService::MergeState AdaptersService::merge_state() {
   st.excluded = hand_set_;
   st.excluded.insert(unmergeable_.begin(), unmergeable_.end());
   st.switch_s = merge_s_ >= 0 && unmerge_s_ >= 0 ? merge_s_ + unmerge_s_
-                : merge_s_ >= 0                  ? 2 * merge_s_
-                                                 : kSwitchPriorS;
+                : merge_s_ >= 0
+                    ? 2 * merge_s_
+                    : kSwitchPriorSPerByte * static_cast<double>(engine_->Stats().weight_bytes);
   return st;
 }
 
