@@ -138,7 +138,8 @@ void AddFlags(ArgParser& p, BenchFlags& f) {
   p.AddDouble("swap-every", &f.swap_every, "replace a made adapter every SECONDS (S5)");
   p.AddString("out", &f.out, "write DIR/results.json and DIR/report.html");
   p.AddBool("hand-merge", &f.hand_merge,
-            "S7: also run the phase with the hot adapter merged by hand (default on)");
+            "S7: also run the phases with the hot adapter merged, then unmerged, by hand (default "
+            "on)");
   p.AddBool("record-outputs", &f.record_outputs,
             "also write DIR/outputs.jsonl: every request's generated token ids");
   p.AddInt("seed", &f.seed, "seed of prompts, lengths, adapters and arrivals");
@@ -478,10 +479,14 @@ int RunBench(const std::vector<std::string>& args) {
     plans = {{"base", {}, ""}, {"unmerged", {named[0]}, ""}, {"merged", {named[0]}, named[0]}};
   } else if (f.scenario == "S7") {
     // As served (against a server with --merge-policy off: unmerged; auto: the policy's choice),
-    // then with the hot adapter merged by hand.
+    // then with the hot adapter merged by hand, then unmerged by hand (SetAdapterMode UNMERGED at
+    // the end of the merged phase: a merge policy leaves it so), all on one server back to back.
     if (named.empty()) return usage_error("S7 needs adapters: --adapters N or --make-adapters");
     plans = {{"served", named, ""}};
-    if (f.hand_merge) plans.push_back({"hot merged by hand", named, named[0]});
+    if (f.hand_merge) {
+      plans.push_back({"hot merged by hand", named, named[0]});
+      plans.push_back({"hot unmerged by hand", named, ""});
+    }
   } else if (f.scenario == "S6") {
     plans = {{"base", {}, ""}};
     for (size_t g = 0; g < made.groups.size(); ++g) {

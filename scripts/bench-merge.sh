@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Scenario S7, one hot adapter: 32 rank-16 adapters, one ("bench-0") named by 90% of the requests
 # and the other 31 sharing the rest (`loraplex bench --scenario S7`: 32 in flight, 128-token
-# prompts and outputs). Base weights bf16 (merging needs them unquantized). A fresh server with
-# --merge-policy off runs two phases: as served (unmerged) and with bench-0 merged by hand; one with
-# --merge-policy auto runs the phase as served (the policy merges what pays). Prints output tok/s
-# and its ratios, the TPOT p99 of the cold adapters' requests, the policy's transitions, and which
-# requests generated the same tokens as the unmerged run.
+# prompts and outputs), base weights bf16 (merging needs them unquantized). One server with
+# --merge-policy auto runs three phases back to back (the machine's speed drifts by 10-20% between
+# server runs, less within one): as served (the policy merges what pays), with bench-0 merged by
+# hand, and with bench-0 unmerged by hand (SetAdapterMode UNMERGED: the policy leaves it so, as
+# with --merge-policy off). Prints output tok/s and its ratios, the TPOT p99 of the cold adapters'
+# requests, the policy's transitions, and which requests generated the same tokens as in the
+# unmerged phase (the same seed: the same requests).
 #
 #   scripts/bench-merge.sh [OUT_DIR] [MODEL]
 #
@@ -23,62 +25,57 @@ out="$(cd "$out" && pwd)"
 "${PYTHON:-python3}" tools/make_random_adapter.py "$out/r16" --rank 16 --model "$model" >/dev/null
 lp() { "$b/client/loraplex" "$@"; }
 
-for policy in off auto; do
-  d="$out/$policy"
-  mkdir -p "$d"
-  "$b/server/loraplex-server" --model "$model" --dtype bf16 --listen 127.0.0.1:0 \
-    --port_file "$d/port" --state_dir "$d/state" --merge_policy "$policy" >"$d/server.log" 2>&1 &
-  server=$!
-  trap 'kill $server 2>/dev/null || true' EXIT
-  for _ in $(seq 600); do [[ -s "$d/port" ]] && break; sleep 0.1; done
-  [[ -s "$d/port" ]] || { echo "loraplex-server did not start; see $d/server.log" >&2; exit 1; }
-  export LORAPLEX_SERVER="127.0.0.1:$(head -1 "$d/port")"
-  echo "== --merge-policy $policy"
-  phases=()
-  [[ "$policy" == auto ]] && phases=(--no-hand-merge)
-  lp bench --scenario S7 --make-adapters "$out/r16" --duration "$duration" --seed 1 --quiet \
-    --record-outputs "${phases[@]}" --out "$d/bench" >/dev/null
-  kill $server 2>/dev/null || true
-  wait $server 2>/dev/null || true
-done
+"$b/server/loraplex-server" --model "$model" --dtype bf16 --listen 127.0.0.1:0 \
+  --port_file "$out/port" --state_dir "$out/state" --merge_policy auto >"$out/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 600); do [[ -s "$out/port" ]] && break; sleep 0.1; done
+[[ -s "$out/port" ]] || { echo "loraplex-server did not start; see $out/server.log" >&2; exit 1; }
+export LORAPLEX_SERVER="127.0.0.1:$(head -1 "$out/port")"
+lp bench --scenario S7 --make-adapters "$out/r16" --duration "$duration" --seed 1 --quiet \
+  --record-outputs --out "$out/bench" >/dev/null
+kill $server 2>/dev/null || true
+wait $server 2>/dev/null || true
 
 python3 - "$out" <<'PY'
 import json, os, re, sys
 out = sys.argv[1]
-def load(policy):
-    r = json.load(open(os.path.join(out, policy, "bench", "results.json")))
-    phases = {p["name"]: p for p in r.get("phases", [r])}
-    outs = {}
-    for line in open(os.path.join(out, policy, "bench", "outputs.jsonl")):
-        o = json.loads(line)
-        outs.setdefault(o["phase"], {})[o["index"]] = o
-    log = open(os.path.join(out, policy, "server.log")).read()
-    return phases, outs, log
+r = json.load(open(os.path.join(out, "bench", "results.json")))
+phases = {p["name"]: p for p in r["phases"]}
+outs = {}
+for line in open(os.path.join(out, "bench", "outputs.jsonl")):
+    o = json.loads(line)
+    outs.setdefault(o["phase"], {})[o["index"]] = o
 def p99(xs):
     xs = sorted(xs)
     if not xs: return float("nan")
     k = (len(xs) - 1) * 0.99
     lo = int(k); hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-def cold_tpot(outs):
-    return p99([o["tpot_ms"] for o in outs.values() if o["adapter"] != "bench-0" and "tpot_ms" in o])
-off_p, off_o, _ = load("off")
-auto_p, auto_o, auto_log = load("auto")
-off, hand, auto = off_p["served"], off_p["hot merged by hand"], auto_p["served"]
-print("S7: 32 rank-16 adapters, 90% of requests on bench-0, 32 in flight, 128 + 128 tokens, bf16")
+def cold_tpot(name):
+    return p99([o["tpot_ms"] for o in outs[name].values()
+                if o["adapter"] != "bench-0" and "tpot_ms" in o])
+auto, hand, off = "served", "hot merged by hand", "hot unmerged by hand"
+print("S7: 32 rank-16 adapters, 90% of requests on bench-0, 32 in flight, 128 + 128 tokens, bf16,")
+print("one server (--merge-policy auto), phases back to back")
 print("| phase | output tok/s | TPOT p99 ms (cold adapters) | errors |")
 print("|---|---|---|---|")
-for name, p, o in (("--merge-policy off", off, off_o["served"]),
-                   ("bench-0 merged by hand", hand, off_o["hot merged by hand"]),
-                   ("--merge-policy auto", auto, auto_o["served"])):
-    print(f"| {name} | {p['output_tokens_per_s']:.1f} | {cold_tpot(o):.1f} | {p['errors']} |")
-print(f"auto / off output tok/s: {auto['output_tokens_per_s'] / off['output_tokens_per_s']:.3f}; "
-      f"auto / merged by hand: {auto['output_tokens_per_s'] / hand['output_tokens_per_s']:.3f}; "
-      f"cold TPOT p99 auto / off: {cold_tpot(auto_o['served']) / cold_tpot(off_o['served']):.3f}")
-same = sum(1 for i, o in auto_o["served"].items()
-           if o["code"] == 0 and off_o["served"].get(i, {}).get("ids") == o["ids"])
-print(f"same tokens as the unmerged run: {same} of {len(auto_o['served'])} requests")
-for line in auto_log.splitlines():
-    if "merge policy:" in line:
-        print("  " + re.sub(r"^\S+ \S+ \S+ ", "", line))
+for label, name in (("as served by the policy", auto), ("bench-0 merged by hand", hand),
+                    ("bench-0 unmerged by hand (as --merge-policy off)", off)):
+    p = phases[name]
+    print(f"| {label} | {p['output_tokens_per_s']:.1f} | {cold_tpot(name):.1f} | {p['errors']} |")
+tps = {n: phases[n]["output_tokens_per_s"] for n in (auto, hand, off)}
+print(f"auto / unmerged output tok/s: {tps[auto] / tps[off]:.3f}; auto / merged by hand: "
+      f"{tps[auto] / tps[hand]:.3f}; merged by hand / unmerged: {tps[hand] / tps[off]:.3f}; "
+      f"cold TPOT p99 auto / unmerged: {cold_tpot(auto) / cold_tpot(off):.3f}")
+for name in (auto, hand):
+    hot = [i for i, o in outs[name].items() if o["adapter"] == "bench-0"]
+    cold = [i for i, o in outs[name].items() if o["adapter"] != "bench-0"]
+    def same(ids):
+        return sum(1 for i in ids if outs[off].get(i, {}).get("ids") == outs[name][i]["ids"])
+    print(f"{name}: same tokens as unmerged: hot {same(hot)} of {len(hot)}, "
+          f"cold {same(cold)} of {len(cold)}")
+for line in open(os.path.join(out, "server.log")):
+    if "merge policy:" in line or re.search(r"adapter bench-0 v1 (un)?merged$", line.strip()):
+        print("  " + re.sub(r"^\S+ \S+ \S+ ", "", line.strip()))
 PY
