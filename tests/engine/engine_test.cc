@@ -17,6 +17,7 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/synchronization/notification.h"
 #include "adapters/registry.h"
+#include "common/status.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
@@ -115,6 +116,15 @@ class EngineTest : public ::testing::Test {
     return ids;
   }
 
+  // Runs the requests at once; each gives the tokens it gives alone (Solo).
+  static void ExpectEachAsAlone(Engine& engine, const std::vector<GenerationRequest>& reqs) {
+    const std::vector<Result> results = RunAll(engine, reqs);
+    ASSERT_EQ(results.size(), reqs.size());
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      EXPECT_EQ(results[i].ids, Ids(Solo(reqs[i]))) << "request " << i;
+    }
+  }
+
   // A registry of f32 adapters for the model, its state under root.
   static absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> OpenRegistry(
       const std::string& root) {
@@ -123,6 +133,15 @@ class EngineTest : public ::testing::Test {
     ro.base = model_->config();
     ro.load.dtype = kernels::DType::kF32;
     return adapters::AdapterRegistry::Open(ro);
+  }
+  static std::string QvDir() { return loraplex::testing::FixturesDir() + "/peft/stories260k/qv"; }
+  // OpenRegistry with the stories260K qv fixture registered as "qv" (version 1).
+  static absl::StatusOr<std::unique_ptr<adapters::AdapterRegistry>> OpenRegistryWithQv(
+      const std::string& root) {
+    LP_ASSIGN_OR_RETURN(std::unique_ptr<adapters::AdapterRegistry> registry, OpenRegistry(root));
+    LP_RETURN_IF_ERROR(
+        registry->RegisterFromDir("qv", QvDir(), /*replace=*/false, /*pin=*/false).status());
+    return registry;
   }
 
   // Submits every request at once and waits for all; results in request order.
@@ -246,11 +265,7 @@ TEST_F(EngineTest, PreemptionUnderAShortCacheKeepsResultsExact) {
     r.ignore_eos = true;
     reqs.push_back(r);
   }
-  const std::vector<Result> results = RunAll(*engine, reqs);
-  ASSERT_EQ(results.size(), reqs.size());
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    EXPECT_EQ(results[i].ids, Ids(Solo(reqs[i]))) << "request " << i;
-  }
+  ExpectEachAsAlone(*engine, reqs);
   EXPECT_GT(engine->Stats().preemptions, 0) << "the test meant to exercise preemption";
   EXPECT_EQ(WaitForNoBlocks(*engine).kv_blocks_used, 0);
 }
@@ -459,11 +474,8 @@ TEST_F(EngineTest, ShutdownCancelsWhatIsInFlightAndRefusesNewWork) {
 TEST_F(EngineTest, TheAdapterLeaseIsBackBeforeTheFinalOutput) {
   const std::string root = loraplex::testing::MakeTempDir("lp-engine-lease");
   absl::Cleanup remove_root = [&] { fs::remove_all(root); };
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry, OpenRegistry(root));
-  ASSERT_OK(registry
-                ->RegisterFromDir("qv", loraplex::testing::FixturesDir() + "/peft/stories260k/qv",
-                                  /*replace=*/false, /*pin=*/false)
-                .status());
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry,
+                       OpenRegistryWithQv(root));
   auto engine = MakeEngine({});
   GenerationRequest r = Greedy({1}, 8);
   r.ignore_eos = true;
@@ -493,11 +505,8 @@ TEST_F(EngineTest, TheAdapterLeaseIsBackBeforeTheFinalOutput) {
 TEST_F(EngineTest, LoraPassesAreCountedAndTimed) {
   const std::string root = loraplex::testing::MakeTempDir("lp-engine-lora-cost");
   absl::Cleanup remove_root = [&] { fs::remove_all(root); };
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry, OpenRegistry(root));
-  ASSERT_OK(registry
-                ->RegisterFromDir("qv", loraplex::testing::FixturesDir() + "/peft/stories260k/qv",
-                                  /*replace=*/false, /*pin=*/false)
-                .status());
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry,
+                       OpenRegistryWithQv(root));
   auto engine = MakeEngine({});
   GenerationRequest with = Greedy({1, 5, 9, 13, 17}, 8);
   with.ignore_eos = true;
@@ -519,9 +528,8 @@ TEST_F(EngineTest, LoraPassesAreCountedAndTimed) {
 TEST_F(EngineTest, PrefixCacheReusesBlocksExactlyPerAdapterVersionAndMergeState) {
   const std::string root = loraplex::testing::MakeTempDir("lp-engine-prefix");
   absl::Cleanup remove_root = [&] { fs::remove_all(root); };
-  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry, OpenRegistry(root));
-  const std::string qv_dir = loraplex::testing::FixturesDir() + "/peft/stories260k/qv";
-  ASSERT_OK(registry->RegisterFromDir("qv", qv_dir, /*replace=*/false, /*pin=*/false).status());
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry,
+                       OpenRegistryWithQv(root));
 
   const std::vector<int32_t> story = GoldenIds();
   const std::vector<int32_t> system(story.begin(), story.begin() + 26);  // 6 blocks of 4, and 2
@@ -571,7 +579,7 @@ TEST_F(EngineTest, PrefixCacheReusesBlocksExactlyPerAdapterVersionAndMergeState)
         ASSERT_OK(engine->RunOnEngineThread([](model::LlamaModel& m) { return m.Unmerge(); }));
         // A new version of qv for the last phase.
         ASSERT_OK(
-            registry->RegisterFromDir("qv", qv_dir, /*replace=*/true, /*pin=*/false).status());
+            registry->RegisterFromDir("qv", QvDir(), /*replace=*/true, /*pin=*/false).status());
       }
     }
     const EngineStats s = engine->Stats();
@@ -613,11 +621,7 @@ TEST_F(EngineTest, PrefixCacheUnderMemoryPressureKeepsResultsExact) {
     r.ignore_eos = true;
     reqs.push_back(r);
   }
-  const std::vector<Result> results = RunAll(*engine, reqs);
-  ASSERT_EQ(results.size(), reqs.size());
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    EXPECT_EQ(results[i].ids, Ids(Solo(reqs[i]))) << "request " << i;
-  }
+  ExpectEachAsAlone(*engine, reqs);
   const EngineStats s = WaitForNoBlocks(*engine);
   EXPECT_GT(s.prefix_cache_hit_tokens, 0);
   EXPECT_GT(s.preemptions, 0) << "the test meant to exercise preemption";
