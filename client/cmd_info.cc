@@ -67,18 +67,11 @@ const char* HealthName(int status) {
   }
 }
 
-int RunInfoWith(v1::Inference::Stub& stub, const ConnectionOptions& conn) {
-  grpc::ClientContext ctx;
-  PrepareContext(ctx, conn, 30);
-  v1::ModelInfo info;
-  grpc::Status st = stub.GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
-  if (!st.ok()) return ReportError(st, "info", conn);
-  if (conn.json) {
-    std::cout << ProtoToJson(info).dump(2) << "\n";
-    return kExitOk;
-  }
+using Rows = std::vector<std::vector<std::string>>;
+
+Rows InfoRows(const v1::ModelInfo& info) {
   const int64_t ctx_len = info.context_length();
-  std::vector<std::vector<std::string>> rows = {
+  return {
       {"model", info.model_path()},
       {"architecture", info.architecture()},
       {"device / dtype", absl::StrCat(info.device(), " / ", info.dtype())},
@@ -103,22 +96,11 @@ int RunInfoWith(v1::Inference::Stub& stub, const ConnectionOptions& conn) {
       {"max adapters",
        info.max_adapters() == 0 ? "no limit besides memory" : absl::StrCat(info.max_adapters())},
   };
-  std::cout << FormatTable(rows);
-  return kExitOk;
 }
 
-int RunStatsWith(v1::Inference::Stub& stub, const ConnectionOptions& conn) {
-  grpc::ClientContext ctx;
-  PrepareContext(ctx, conn, 30);
-  v1::EngineStats s;
-  grpc::Status st = stub.GetEngineStats(&ctx, v1::GetEngineStatsRequest(), &s);
-  if (!st.ok()) return ReportError(st, "stats", conn);
-  if (conn.json) {
-    std::cout << ProtoToJson(s).dump(2) << "\n";
-    return kExitOk;
-  }
+Rows StatsRows(const v1::EngineStats& s) {
   const int64_t lookups = s.prefix_cache_lookup_tokens();
-  std::vector<std::vector<std::string>> rows = {
+  return {
       {"running / waiting", absl::StrCat(s.running(), " / ", s.waiting())},
       {"kv blocks used / free / total",
        absl::StrCat(s.kv_blocks_used(), " / ", s.kv_blocks_free(), " / ", s.kv_blocks_total())},
@@ -135,15 +117,16 @@ int RunStatsWith(v1::Inference::Stub& stub, const ConnectionOptions& conn) {
                                                                    static_cast<double>(lookups))
                                 : "")},
   };
-  std::cout << FormatTable(rows);
-  return kExitOk;
 }
 
-// `loraplex NAME [flags]` for a command that takes no arguments: parses the connection flags and
-// runs `body` with an Inference stub; handles --help and usage errors.
-int RunWithInferenceStub(
+// `loraplex NAME [flags]` for a command that takes no arguments and shows the answer of one
+// Inference call: parses the connection flags, makes the call, prints the answer as JSON with
+// --json and as the table `rows` makes of it otherwise; handles --help and usage errors.
+template <typename Response>
+int RunUnaryCommand(
     const std::string& name, const std::vector<std::string>& args,
-    const std::function<int(v1::Inference::Stub&, const ConnectionOptions&)>& body) {
+    const std::function<grpc::Status(v1::Inference::Stub&, grpc::ClientContext*, Response*)>& call,
+    const std::function<Rows(const Response&)>& rows) {
   ArgParser p("loraplex " + name, "[flags]");
   ConnectionOptions conn;
   AddConnectionFlags(p, conn);
@@ -165,17 +148,37 @@ int RunWithInferenceStub(
     return kExitUsage;
   }
   auto stub = v1::Inference::NewStub(*channel);
-  return body(*stub, conn);
+  grpc::ClientContext ctx;
+  PrepareContext(ctx, conn, 30);
+  Response response;
+  grpc::Status st = call(*stub, &ctx, &response);
+  if (!st.ok()) return ReportError(st, name, conn);
+  if (conn.json) {
+    std::cout << ProtoToJson(response).dump(2) << "\n";
+  } else {
+    std::cout << FormatTable(rows(response));
+  }
+  return kExitOk;
 }
 
 }  // namespace
 
 int RunInfo(const std::vector<std::string>& args) {
-  return RunWithInferenceStub("info", args, RunInfoWith);
+  return RunUnaryCommand<v1::ModelInfo>(
+      "info", args,
+      [](v1::Inference::Stub& stub, grpc::ClientContext* ctx, v1::ModelInfo* r) {
+        return stub.GetModelInfo(ctx, v1::GetModelInfoRequest(), r);
+      },
+      InfoRows);
 }
 
 int RunStats(const std::vector<std::string>& args) {
-  return RunWithInferenceStub("stats", args, RunStatsWith);
+  return RunUnaryCommand<v1::EngineStats>(
+      "stats", args,
+      [](v1::Inference::Stub& stub, grpc::ClientContext* ctx, v1::EngineStats* r) {
+        return stub.GetEngineStats(ctx, v1::GetEngineStatsRequest(), r);
+      },
+      StatsRows);
 }
 
 int RunHealth(const std::vector<std::string>& args) {
