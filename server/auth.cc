@@ -37,17 +37,22 @@ absl::Status TokenAuth::Check(const grpc::ServerContextBase& context) const {
   if (!enabled_) return absl::OkStatus();
   const auto& metadata = context.client_metadata();
   auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
+  if (it == metadata.end()) return CheckHeader(std::nullopt);
+  return CheckHeader(absl::string_view(it->second.data(), it->second.size()));
+}
+
+absl::Status TokenAuth::CheckHeader(std::optional<absl::string_view> authorization) const {
+  if (!enabled_) return absl::OkStatus();
+  if (!authorization.has_value()) {
     return absl::UnauthenticatedError(
-        absl::StrCat(service_, " needs 'authorization: Bearer <token>' metadata; none was sent"));
+        absl::StrCat(service_, " needs 'authorization: Bearer <token>'; none was sent"));
   }
-  const absl::string_view value(it->second.data(), it->second.size());
   constexpr absl::string_view kBearer = "Bearer ";
-  if (!absl::StartsWithIgnoreCase(value, kBearer)) {
+  if (!absl::StartsWithIgnoreCase(*authorization, kBearer)) {
     return absl::UnauthenticatedError(
-        absl::StrCat(service_, ": the authorization metadata is not a Bearer token"));
+        absl::StrCat(service_, ": the authorization is not a Bearer token"));
   }
-  const std::string got = Digest(value.substr(kBearer.size()));
+  const std::string got = Digest(authorization->substr(kBearer.size()));
   if (CRYPTO_memcmp(got.data(), digest_.data(), digest_.size()) != 0) {
     return absl::PermissionDeniedError(absl::StrCat(service_, ": the bearer token is not valid"));
   }

@@ -12,6 +12,7 @@
 #include <grpcpp/server_context.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -27,6 +28,8 @@ class TokenAuth {
   // OK when off or when the call carries `authorization: Bearer <token>`. UNAUTHENTICATED when
   // the metadata is missing or not a Bearer credential; PERMISSION_DENIED when the token differs.
   absl::Status Check(const grpc::ServerContextBase& context) const;
+  // The same check of an `authorization` value (an HTTP header); nullopt when none was sent.
+  absl::Status CheckHeader(std::optional<absl::string_view> authorization) const;
 
  private:
   bool enabled_;

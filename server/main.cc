@@ -64,7 +64,9 @@ int main(int argc, char** argv) {
   if (!cl->port_file.empty()) {
     // Written whole then renamed, so a reader never sees a partial number.
     const std::string tmp = cl->port_file + ".tmp";
-    std::ofstream(tmp) << (*server)->port() << "\n" << (*server)->metrics_port() << "\n";
+    std::ofstream(tmp) << (*server)->port() << "\n"
+                       << (*server)->metrics_port() << "\n"
+                       << (*server)->http_port() << "\n";
     std::rename(tmp.c_str(), cl->port_file.c_str());
   }
   int sig = 0;

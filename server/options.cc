@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 
 #include "absl/flags/flag.h"
@@ -49,6 +50,12 @@ ABSL_FLAG(int64_t, kv_blocks, 0, "KV cache size in blocks (overrides --kv-memory
 ABSL_FLAG(int64_t, kv_block_size, 16, "token slots per KV block");
 ABSL_FLAG(int32_t, max_lora_rank, 64, "largest LoRA rank accepted");
 ABSL_FLAG(std::string, metrics_listen, "", "Prometheus HTTP address HOST:PORT (empty: off)");
+ABSL_FLAG(std::string, http_listen, "",
+          "OpenAI-compatible HTTP API address HOST:PORT (empty: off; port 0: any free one)");
+ABSL_FLAG(std::string, served_model_name, "",
+          "the base model's name in the HTTP API (default: the model file's name without .gguf)");
+ABSL_FLAG(std::string, http_max_body_bytes, "8MiB", "largest HTTP request body (413 above)");
+ABSL_FLAG(int32_t, http_threads, 64, "HTTP connections served at once");
 ABSL_FLAG(std::string, adapter_dir, "", "root that LoadAdapter paths are relative to");
 ABSL_FLAG(std::string, state_dir, "",
           "where registered adapters and their manifest persist (empty: a temporary directory)");
@@ -99,6 +106,31 @@ absl::StatusOr<int64_t> ParseByteSize(const std::string& text) {
   }
   return value << shift;
 }
+
+namespace {
+
+absl::Status HttpFromFlags(const std::string& model_path, const std::string& adapter_dir,
+                           HttpFrontOptions* http) {
+  http->listen = absl::GetFlag(FLAGS_http_listen);
+  http->adapter_dir = adapter_dir;
+  http->model_name = absl::GetFlag(FLAGS_served_model_name);
+  if (http->model_name.empty()) {
+    std::filesystem::path p(model_path);
+    if (!p.has_filename()) p = p.parent_path();  // "dir/"
+    http->model_name = p.extension() == ".gguf" ? p.stem().string() : p.filename().string();
+  }
+  absl::StatusOr<int64_t> body = ParseByteSize(absl::GetFlag(FLAGS_http_max_body_bytes));
+  if (!body.ok() || *body < 1) {
+    return absl::InvalidArgumentError(
+        "--http-max-body-bytes: expected a size of at least 1 byte, e.g. 8MiB");
+  }
+  http->max_body_bytes = *body;
+  http->threads = absl::GetFlag(FLAGS_http_threads);
+  if (http->threads < 1) return absl::InvalidArgumentError("--http-threads must be at least 1");
+  return absl::OkStatus();
+}
+
+}  // namespace
 
 absl::StatusOr<CommandLine> CommandLineFromFlags() {
   CommandLine cl;
@@ -154,6 +186,7 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   ServerOptions& s = cl.server;
   s.listen = absl::GetFlag(FLAGS_listen);
   s.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  LP_RETURN_IF_ERROR(HttpFromFlags(cl.model_path, cl.server.admin.adapter_dir, &s.http));
   s.engine.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   s.engine.max_running = absl::GetFlag(FLAGS_max_running);
   s.engine.max_queue = absl::GetFlag(FLAGS_max_queue);

@@ -112,6 +112,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
     IgnoreGrpc ignore;
     server->grpc_server_->GetHealthCheckService()->SetServingStatus(true);
   }
+  if (!options.http.listen.empty()) {
+    HttpFront::Backend backend;
+    {
+      IgnoreGrpc ignore;
+      backend.channel = server->grpc_server_->InProcessChannel(grpc::ChannelArguments());
+    }
+    backend.api_auth = &server->api_auth_;
+    backend.registry = server->registry_.get();
+    backend.tokenizer = server->model_->has_tokenizer() ? &server->model_->tokenizer() : nullptr;
+    backend.serving = [s = server.get()] { return !s->service_->draining(); };
+    LP_ASSIGN_OR_RETURN(server->http_, HttpFront::Start(options.http, std::move(backend)));
+  }
   server->metrics_thread_ = std::thread([s = server.get()] { s->MetricsLoop(); });
   if (options.merge_policy) {
     server->merge_policy_thread_ = std::thread([s = server.get()] { s->MergePolicyLoop(); });
@@ -276,6 +288,8 @@ void Server::Shutdown(absl::Duration grace) {
     grpc_server_->Shutdown(absl::ToChronoTime(absl::Now()));
     grpc_server_->Wait();
   }
+  // Its handlers' in-process calls ended with the gRPC server.
+  if (http_ != nullptr) http_->Stop();
   engine_->Shutdown();
   StopBaseReads();  // reads in flight returned: the engine ran or refused their tasks
   if (metrics_thread_.joinable()) metrics_thread_.join();

@@ -1,6 +1,7 @@
 // The loraplex gRPC server: the Inference service, the standard health service and server
-// reflection on one listening address, Prometheus metrics on another, and the graceful shutdown
-// that SIGTERM/SIGINT trigger. main.cc only parses flags and calls this.
+// reflection on one listening address, Prometheus metrics on another, the OpenAI-compatible HTTP
+// API on a third (server/http_front.h), and the graceful shutdown that SIGTERM/SIGINT trigger.
+// main.cc only parses flags and calls this.
 //
 // Thread-safety: Shutdown may be called from any thread, once or more.
 #pragma once
@@ -21,6 +22,7 @@
 #include "model/llama_model.h"
 #include "server/adapters_service.h"
 #include "server/auth.h"
+#include "server/http_front.h"
 #include "server/inference_service.h"
 #include "server/metrics.h"
 
@@ -29,6 +31,7 @@ namespace loraplex::server {
 struct ServerOptions {
   std::string listen = "127.0.0.1:50051";  // HOST:PORT; port 0 picks a free one
   std::string metrics_listen;              // empty: no metrics endpoint
+  HttpFrontOptions http;                   // http.listen empty: no HTTP API
   engine::EngineOptions engine;
   ServedModelInfo info;
   // PEFT adapter folders registered at start as (name, dir) (version 1; a name the state
@@ -56,6 +59,7 @@ class Server {
 
   int port() const { return port_; }
   int metrics_port() const { return metrics_->port(); }
+  int http_port() const { return http_ == nullptr ? 0 : http_->port(); }
   adapters::AdapterRegistry& registry() { return *registry_; }
 
   // Graceful shutdown: health turns NOT_SERVING and new calls get UNAVAILABLE at once; calls in
@@ -96,6 +100,7 @@ class Server {
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<AdaptersService> adapters_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  std::unique_ptr<HttpFront> http_;  // with --http-listen; calls grpc_server_ in process
   int port_ = 0;
   // gRPC calls of any service between their arrival and their end (a server interceptor counts
   // them), so that shutdown can stop waiting as soon as nothing is in flight.
