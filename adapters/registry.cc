@@ -401,8 +401,37 @@ bool AdapterRegistry::MakeRoomLocked(int64_t bytes) {
   return true;
 }
 
+bool AdapterRegistry::OnDemandCandidate(absl::string_view spec) const {
+  if (!options_.load_on_demand || options_.adapter_dir.empty()) return false;
+  absl::StatusOr<AdapterSpec> parsed = ParseAdapterSpec(spec);
+  if (!parsed.ok() || parsed->version != 0) return false;
+  {
+    MutexLock lock(&mu_);
+    auto it = names_.find(parsed->name);
+    if (it != names_.end() && it->second->current != nullptr) return false;
+  }
+  // ParseAdapterSpec validated the name: one path component, no "..".
+  std::error_code ec;
+  return fs::is_regular_file(fs::path(options_.adapter_dir) / parsed->name / kAdapterConfigFile,
+                             ec);
+}
+
+absl::Status AdapterRegistry::LoadOnDemand(absl::string_view spec) {
+  if (!OnDemandCandidate(spec)) return absl::OkStatus();
+  const std::string name = ParseAdapterSpec(spec)->name;
+  absl::StatusOr<AdapterInfo> info = RegisterFromPath(name, name, /*replace=*/false, /*pin=*/false);
+  if (info.ok()) {
+    LP_LOG(INFO) << "adapter '" << name << "' loaded on demand from --adapter-dir";
+    return absl::OkStatus();
+  }
+  if (absl::IsAlreadyExists(info.status())) return absl::OkStatus();  // another request's load
+  return Annotate(info.status(),
+                  absl::StrCat("loading adapter '", name, "' on demand from --adapter-dir"));
+}
+
 absl::StatusOr<std::shared_ptr<const Lease>> AdapterRegistry::Acquire(absl::string_view spec,
                                                                       bool count_request) {
+  LP_RETURN_IF_ERROR(LoadOnDemand(spec));
   const absl::Time deadline = absl::Now() + options_.acquire_timeout;
   std::shared_ptr<Version> v;
   std::shared_ptr<const LoraAdapter> weights;
@@ -514,6 +543,8 @@ void AdapterRegistry::AcquireAsync(absl::string_view spec, AcquireCallback done,
       queued = true;
     }
   }
+  // A name to register from adapter_dir first: that is file work, for a loader thread.
+  if (!queued && absl::IsNotFound(now.status()) && OnDemandCandidate(spec)) queued = true;
   if (queued) {
     // The caller's callback travels in a shared_ptr: a refused job is destroyed unrun, and then
     // the callback still has to answer.

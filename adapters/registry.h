@@ -134,6 +134,10 @@ struct RegistryOptions {
   int64_t max_waiters = 256;                    // Acquire calls waiting for room at once
   absl::Duration acquire_timeout = absl::Seconds(60);
   int loader_threads = 4;  // threads that run AcquireAsync's reloads (and their waits for room)
+  // Acquire of a name that is not registered registers <adapter_dir>/<name> first when that
+  // folder holds an adapter_config.json (RegisterFromPath, version 1, not pinned), so replicas
+  // sharing one adapter folder can each serve any adapter by name (docker/nginx.conf).
+  bool load_on_demand = false;
 };
 
 class AdapterRegistry;
@@ -238,7 +242,9 @@ class AdapterRegistry {
   std::vector<AdapterInfo> List() const;
 
   // A lease on the current READY version of `spec` ("name" or "name@version"; the version must be
-  // the current one). Brings an evicted version back first, waiting for room. Codes: NOT_FOUND,
+  // the current one). Brings an evicted version back first, waiting for room; with
+  // load_on_demand, registers an unknown name from adapter_dir first (RegisterFromPath's codes,
+  // prefixed with what was tried). Codes: NOT_FOUND,
   // INVALID_ARGUMENT (malformed spec), RESOURCE_EXHAUSTED (max_waiters already waiting, no room
   // within acquire_timeout, or larger than the whole memory budget), DATA_LOSS (the state directory
   // copy cannot be read back). `count_request`: whether this counts as a served request (false for
@@ -247,11 +253,12 @@ class AdapterRegistry {
                                                        bool count_request = true);
 
   // Acquire without blocking the caller (a gRPC callback thread, say). When the version is in
-  // memory, or the spec is malformed or unknown, `done` runs on this thread before AcquireAsync
-  // returns. Otherwise Acquire runs on one of the registry's loader threads (at most
-  // options().loader_threads, started on first use, FIFO), which then calls `done`; the caller's
-  // thread returns at once. Codes as Acquire's, plus UNAVAILABLE once the registry is being
-  // destroyed. `done` must be quick (it holds up other reloads) and may drop the lease at once.
+  // memory, or the spec is malformed or unknown (and not to be loaded on demand), `done` runs on
+  // this thread before AcquireAsync returns. Otherwise Acquire runs on one of the registry's loader
+  // threads (at most options().loader_threads, started on first use, FIFO), which then calls
+  // `done`; the caller's thread returns at once. Codes as Acquire's, plus UNAVAILABLE once the
+  // registry is being destroyed. `done` must be quick (it holds up other reloads) and may drop the
+  // lease at once.
   using AcquireCallback = std::function<void(absl::StatusOr<std::shared_ptr<const Lease>>)>;
   void AcquireAsync(absl::string_view spec, AcquireCallback done, bool count_request = true);
 
@@ -332,6 +339,12 @@ class AdapterRegistry {
   // Finds the version a spec names. NOT_FOUND / INVALID_ARGUMENT.
   absl::StatusOr<std::shared_ptr<Version>> FindLocked(absl::string_view spec) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // With load_on_demand: whether `spec` names no version of a name that is not registered and
+  // whose folder under adapter_dir holds an adapter config (so Acquire would register it).
+  bool OnDemandCandidate(absl::string_view spec) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Registers that folder when OnDemandCandidate; OK when there is nothing to register or another
+  // caller registered it first, the registration's error otherwise.
+  absl::Status LoadOnDemand(absl::string_view spec) ABSL_LOCKS_EXCLUDED(mu_);
   void Release(const std::shared_ptr<Version>& v);
   // Drops one lease of `v` (mu_ held); a drained version's files go with its last lease
   // (RemoveDrained, with mu_ released meanwhile).

@@ -43,10 +43,11 @@ namespace loraplex::server {
 
 // What the command line says about adapter management and access control.
 struct AdapterAdminOptions {
-  std::string adapter_dir;   // root of LoadAdapter paths; empty: LoadAdapter by path is off
-  std::string state_dir;     // empty: a temporary directory, removed at exit (no persistence)
-  int64_t max_loaded = 0;    // --max-loaded-adapters; 0 = no limit
-  int64_t memory_bytes = 0;  // --adapter-memory; 0 = no limit
+  std::string adapter_dir;      // root of LoadAdapter paths; empty: LoadAdapter by path is off
+  bool load_on_demand = false;  // --load-on-demand: requests register <adapter_dir>/<name>
+  std::string state_dir;        // empty: a temporary directory, removed at exit (no persistence)
+  int64_t max_loaded = 0;       // --max-loaded-adapters; 0 = no limit
+  int64_t memory_bytes = 0;     // --adapter-memory; 0 = no limit
   int64_t max_adapter_bytes = int64_t{1} << 30;  // --max-adapter-bytes, per upload
   std::string admin_token;  // --admin-token; empty: the Adapters service is open
   std::string api_token;    // --api-token; empty: the Inference service is open

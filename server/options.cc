@@ -57,6 +57,8 @@ ABSL_FLAG(std::string, served_model_name, "",
 ABSL_FLAG(std::string, http_max_body_bytes, "8MiB", "largest HTTP request body (413 above)");
 ABSL_FLAG(int32_t, http_threads, 64, "HTTP connections served at once");
 ABSL_FLAG(std::string, adapter_dir, "", "root that LoadAdapter paths are relative to");
+ABSL_FLAG(bool, load_on_demand, false,
+          "a request naming an unregistered adapter registers --adapter-dir/NAME first");
 ABSL_FLAG(std::string, state_dir, "",
           "where registered adapters and their manifest persist (empty: a temporary directory)");
 ABSL_FLAG(std::string, admin_token, "",
@@ -147,6 +149,10 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   {
     AdapterAdminOptions& a = cl.server.admin;
     a.adapter_dir = absl::GetFlag(FLAGS_adapter_dir);
+    a.load_on_demand = absl::GetFlag(FLAGS_load_on_demand);
+    if (a.load_on_demand && a.adapter_dir.empty()) {
+      return absl::InvalidArgumentError("--load-on-demand loads from --adapter-dir; give one");
+    }
     a.state_dir = absl::GetFlag(FLAGS_state_dir);
     a.admin_token = absl::GetFlag(FLAGS_admin_token);
     a.api_token = absl::GetFlag(FLAGS_api_token);

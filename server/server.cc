@@ -150,6 +150,7 @@ absl::Status Server::OpenRegistry(const ServerOptions& options) {
     r.state_dir = temp_state_dir_ = pattern;
   }
   r.adapter_dir = admin.adapter_dir;
+  r.load_on_demand = admin.load_on_demand;
   r.base = model_->config();
   r.load.dtype = model_->adapter_dtype();
   r.load.max_rank = options.info.max_lora_rank;

@@ -619,6 +619,54 @@ TEST_F(RegistryTest, AcquireAsyncReloadsOffTheCallersThread) {
   EXPECT_EQ(a->adapter().max_rank(), 8);  // qv
 }
 
+// --load-on-demand: a name that is not registered is registered from <adapter_dir>/<name> by the
+// first Acquire (once, however many ask at the same time, and off the AcquireAsync caller's
+// thread); names without such a folder, versioned specs and a registry without the option answer
+// NOT_FOUND as before.
+TEST_F(RegistryTest, LoadOnDemandRegistersAFolderOfTheSameNameOnce) {
+  {
+    auto off = Open();
+    ASSERT_NE(off, nullptr);
+    EXPECT_THAT(off->Acquire("qv"), StatusIs(absl::StatusCode::kNotFound));
+  }
+  options_.load_on_demand = true;
+  auto r = Open();
+  ASSERT_NE(r, nullptr);
+  EXPECT_THAT(r->Acquire("nope"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(r->Acquire("qv@1"), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_TRUE(r->List().empty()) << "nothing is registered by a failed lookup";
+
+  constexpr int kCallers = 8;
+  std::atomic<int> ok{0}, answered{0};
+  std::vector<std::thread::id> threads(kCallers);
+  for (int i = 0; i < kCallers; ++i) {
+    r->AcquireAsync("rank1", [&, i](absl::StatusOr<std::shared_ptr<const Lease>> lease) {
+      threads[i] = std::this_thread::get_id();
+      if (lease.ok() && (*lease)->version() == 1) ok.fetch_add(1);
+      answered.fetch_add(1);
+    });
+  }
+  for (int i = 0; i < 1000 && answered.load() < kCallers; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(answered.load(), kCallers);
+  EXPECT_EQ(ok.load(), kCallers);
+  for (const std::thread::id& t : threads) EXPECT_NE(t, std::this_thread::get_id());
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const Lease> qv, r->Acquire("qv"));
+  EXPECT_EQ(qv->adapter().max_rank(), 8);
+  const std::vector<AdapterInfo> all = r->List();
+  ASSERT_EQ(all.size(), 2u);
+  EXPECT_EQ(all[0].name, "qv");
+  EXPECT_EQ(all[1].name, "rank1");
+  EXPECT_EQ(all[1].version, 1);
+
+  // Unloaded, the name is loaded again on the next request, as a new version.
+  qv = nullptr;
+  ASSERT_THAT(r->Unload("qv"), IsOk());
+  ASSERT_OK_AND_ASSIGN(qv, r->Acquire("qv"));
+  EXPECT_EQ(qv->version(), 2);
+}
+
 // A manifest written before the "merged" field existed loads with every adapter unmerged; the
 // field round-trips; two merged entries or a non-boolean are damage.
 TEST(ManifestTest, MergedFieldIsOptionalAndAtMostOnce) {
