@@ -168,6 +168,7 @@ grpc::Status UploadPeft(v1::Adapters::Stub& stub, const ConnectionOptions& conn,
                         int64_t chunk_bytes, v1::AdapterInfo* info, int64_t max_rank) {
   grpc::ClientContext ctx;
   PrepareContext(ctx, conn, 120);
+  SetRoutingAdapter(ctx, name);
   auto writer = stub.UploadAdapter(&ctx, info);
   v1::UploadAdapterRequest msg;
   auto* h = msg.mutable_header();

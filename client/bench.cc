@@ -304,6 +304,7 @@ grpc::Status SetMode(v1::Adapters::Stub& stub, const ConnectionOptions& conn,
                      const std::string& name, v1::AdapterMode mode) {
   grpc::ClientContext ctx;
   PrepareContext(ctx, conn, 120);
+  SetRoutingAdapter(ctx, name);
   v1::SetAdapterModeRequest req;
   req.set_name(name);
   req.set_mode(mode);
@@ -670,6 +671,7 @@ int RunBench(const std::vector<std::string>& args) {
     for (const auto& [name, files] : made.files) {
       grpc::ClientContext ctx;
       PrepareContext(ctx, f.conn, 30);
+      SetRoutingAdapter(ctx, name);
       v1::UnloadAdapterRequest req;
       req.set_name(name);
       v1::UnloadAdapterResponse resp;

@@ -62,6 +62,7 @@ class StreamCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
   }
   void Go(v1::Inference::Stub& stub, const ConnectionOptions& conn, double deadline_s) {
     PrepareContext(ctx_, conn, deadline_s);
+    SetRoutingAdapter(ctx_, RoutingAdapter(req_));
     stub.async()->Generate(&ctx_, &req_, this);
     StartRead(&resp_);
     StartCall();

@@ -146,6 +146,7 @@ int RunAdapters(const std::vector<std::string>& args) {
   const std::string what = absl::StrJoin(a.begin(), a.begin() + std::min<size_t>(a.size(), 2), " ");
   grpc::ClientContext ctx;
   PrepareContext(ctx, conn, 60);
+  if (verb != "list") SetRoutingAdapter(ctx, a[1]);
   grpc::Status st;
   v1::AdapterInfo info;
   if (verb == "list") {

@@ -126,6 +126,7 @@ StreamOutcome Stream(v1::Inference::Stub& stub, const v1::GenerateRequest& req,
   StreamOutcome out;
   grpc::ClientContext ctx;
   PrepareContext(ctx, conn, /*default_deadline_s=*/600);
+  SetRoutingAdapter(ctx, RoutingAdapter(req));
   const auto start = Clock::now();
   auto reader = stub.Generate(&ctx, req);
   v1::GenerateResponse msg;

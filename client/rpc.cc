@@ -83,6 +83,16 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ConnectionOptio
   return grpc::CreateCustomChannel(opts.server, creds, args);
 }
 
+void SetRoutingAdapter(grpc::ClientContext& ctx, const std::string& adapter) {
+  const std::string name = adapter.substr(0, adapter.find('@'));
+  if (!name.empty()) ctx.AddMetadata(kRoutingHeader, name);
+}
+
+std::string RoutingAdapter(const v1::GenerateRequest& req) {
+  if (!req.adapter().empty()) return req.adapter();
+  return req.adapters().empty() ? std::string() : req.adapters(0).name();
+}
+
 void PrepareContext(grpc::ClientContext& ctx, const ConnectionOptions& opts,
                     double default_deadline_s) {
   if (!opts.token.empty()) ctx.AddMetadata("authorization", "Bearer " + opts.token);

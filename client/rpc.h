@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "client/args.h"
+#include "loraplex/v1/inference.pb.h"
 
 namespace loraplex::client {
 
@@ -46,6 +47,15 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const ConnectionOptio
 // Applies the token and the deadline (opts.deadline_s, else default_deadline_s; <= 0: none).
 void PrepareContext(grpc::ClientContext& ctx, const ConnectionOptions& opts,
                     double default_deadline_s);
+
+// The call metadata load balancers route by (docker/nginx.conf hashes it), so that one adapter's
+// calls stay on the replica that holds it. Sent on calls that name an adapter.
+inline constexpr char kRoutingHeader[] = "x-loraplex-adapter";
+// Adds kRoutingHeader for `adapter`: its name without "@version" (every version routes alike);
+// nothing for "" (the base model).
+void SetRoutingAdapter(grpc::ClientContext& ctx, const std::string& adapter);
+// What a generation request routes by: its adapter, else the first part of its mix, else "".
+std::string RoutingAdapter(const v1::GenerateRequest& req);
 
 // One line saying what went wrong with `what` ("generate", "adapters get foo") and what to do,
 // without the gRPC debug string; e.g. "cannot reach the loraplex server at 127.0.0.1:1

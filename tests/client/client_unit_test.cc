@@ -247,6 +247,9 @@ class RecordingAdapters final : public v1::Adapters::Service {
     auto md = ctx->client_metadata().find("authorization");
     if (md != ctx->client_metadata().end())
       auth = std::string(md->second.data(), md->second.size());
+    auto route = ctx->client_metadata().find(kRoutingHeader);
+    if (route != ctx->client_metadata().end())
+      routing = std::string(route->second.data(), route->second.size());
     info->set_name(header.name());
     info->set_version(1);
     return grpc::Status::OK;
@@ -257,6 +260,7 @@ class RecordingAdapters final : public v1::Adapters::Service {
   int ends = 0;  // end messages
   v1::UploadAdapterEnd end;
   std::string auth;
+  std::string routing;  // the x-loraplex-adapter metadata
 };
 
 TEST(AdapterFilesTest, UploadStreamsHeaderThenChunksThenEnd) {
@@ -293,7 +297,18 @@ TEST(AdapterFilesTest, UploadStreamsHeaderThenChunksThenEnd) {
   EXPECT_EQ(service.end.config_bytes(), static_cast<int64_t>(files->config_json.size()));
   EXPECT_EQ(service.end.model_bytes(), static_cast<int64_t>(files->safetensors.size()));
   EXPECT_EQ(service.auth, "Bearer t0k");
+  EXPECT_EQ(service.routing, "qv") << "load balancers route an adapter's calls by its name";
   server->Shutdown();
+}
+
+TEST(RpcTest, RequestsRouteByTheirAdapterName) {
+  v1::GenerateRequest req;
+  EXPECT_EQ(RoutingAdapter(req), "") << "the base model";
+  req.add_adapters()->set_name("b@2");
+  req.add_adapters()->set_name("c");
+  EXPECT_EQ(RoutingAdapter(req), "b@2") << "a mix: its first part";
+  req.set_adapter("a@7");
+  EXPECT_EQ(RoutingAdapter(req), "a@7");
 }
 
 RequestRecord Rec(double start, double first, double end, int tokens, std::string adapter,
