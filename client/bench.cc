@@ -53,6 +53,7 @@ struct BenchFlags {
   std::string out;
   int64_t seed = 1;
   double request_deadline = 600;
+  int64_t retries = 0;
   bool quiet = false;
   int64_t rounds = 1;
 };
@@ -144,6 +145,8 @@ void AddFlags(ArgParser& p, BenchFlags& f) {
             "also write DIR/outputs.jsonl: every request's generated token ids");
   p.AddInt("seed", &f.seed, "seed of prompts, lengths, adapters and arrivals");
   p.AddDouble("request-deadline", &f.request_deadline, "seconds per request");
+  p.AddInt("retries", &f.retries,
+           "send a request failing with UNAVAILABLE, INTERNAL or UNKNOWN again, up to N times");
   p.AddBool("quiet", &f.quiet, "no progress line");
   p.AddInt("rounds", &f.rounds,
            "S2/S4/S6: run the phases this many times in turn (base, adapters, base, ...), so a "
@@ -329,6 +332,10 @@ void PrintSummary(const nlohmann::json& r, const std::string& title) {
                     Num(r[k]["p90"].get<double>()), Num(r[k]["p99"].get<double>())});
   }
   std::cout << FormatTable(rows);
+  if (r["retries"].get<int64_t>() > 0) {
+    std::cout << "retried attempts: " << r["retries"] << " " << r["retried_by_code"].dump()
+              << "\n";
+  }
   if (r["errors"].get<int64_t>() > 0) {
     std::cout << "errors by code: " << r["errors_by_code"].dump() << "\n";
     for (const auto& e : r["error_examples"]) std::cout << "  " << e.get<std::string>() << "\n";
@@ -378,6 +385,7 @@ int RunBench(const std::vector<std::string>& args) {
   }
   if (f.requests <= 0 && f.duration <= 0) f.duration = 10;
   if (f.warmup < 0) return usage_error("--warmup must be >= 0");
+  if (f.retries < 0 || f.retries > 10) return usage_error("--retries must be 0..10");
   if (f.rounds < 1 || f.rounds > 100) return usage_error("--rounds must be 1..100");
 
   LoadSpec spec;
@@ -414,6 +422,7 @@ int RunBench(const std::vector<std::string>& args) {
   spec.warmup_s = f.warmup;
   spec.seed = static_cast<uint64_t>(f.seed);
   spec.request_deadline_s = f.request_deadline;
+  spec.retries = static_cast<int>(f.retries);
 
   auto channel = MakeChannel(f.conn);
   if (!channel.ok()) return usage_error(channel.status().message());

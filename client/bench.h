@@ -39,6 +39,9 @@ struct LoadSpec {
   int32_t vocab_size = 0;           // random prompt ids are drawn from [3, vocab_size)
   uint64_t seed = 0;
   double request_deadline_s = 600;
+  // A request that fails with UNAVAILABLE, or with INTERNAL or UNKNOWN (what a proxy reports when
+  // its upstream dies mid-stream), is sent again up to this many times, after 0.1 s, 0.2 s, ...
+  int retries = 0;
 };
 
 // What a phase produced. Times are seconds since the phase began.

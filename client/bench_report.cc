@@ -248,7 +248,8 @@ nlohmann::json PhaseSummary(const PhaseRun& run) {
   const std::vector<RequestRecord> measured = CutWarmup(run.records, run.warmup_end_s);
   const LatencySamples lat = CollectLatencies(measured);
   nlohmann::json j;
-  int64_t completed = 0, errors = 0, out_tokens = 0, prompt_tokens = 0;
+  int64_t completed = 0, errors = 0, out_tokens = 0, prompt_tokens = 0, retries = 0;
+  std::map<std::string, int64_t> retried_by_code;
   double last_end = run.warmup_end_s;
   std::map<std::string, int64_t> by_code;
   nlohmann::json examples = nlohmann::json::array();
@@ -256,6 +257,8 @@ nlohmann::json PhaseSummary(const PhaseRun& run) {
   for (const RequestRecord& r : measured) {
     last_end = std::max(last_end, r.end_s);
     per_adapter[r.adapter.empty() ? "(base)" : r.adapter].push_back(r);
+    retries += r.retries;
+    for (const std::string& e : r.retried_errors) ++retried_by_code[e.substr(0, e.find(':'))];
     if (r.grpc_code == 0) {
       ++completed;
       out_tokens += r.output_tokens;
@@ -274,6 +277,8 @@ nlohmann::json PhaseSummary(const PhaseRun& run) {
   j["errors"] = errors;
   j["errors_by_code"] = by_code;
   j["error_examples"] = examples;
+  j["retries"] = retries;  // failed attempts sent again (--retries); not counted as errors
+  j["retried_by_code"] = retried_by_code;
   j["warmup_requests"] = static_cast<int64_t>(run.records.size() - measured.size());
   j["sent"] = static_cast<int64_t>(run.records.size());
   j["warmup_s"] = run.warmup_end_s;
@@ -417,8 +422,8 @@ std::string RenderHtmlReport(const nlohmann::json& results, const std::vector<Ph
   absl::StrAppend(&h, "<h2>Counts</h2>");
   nlohmann::json counts;
   for (const char* k :
-       {"requests", "completed", "errors", "warmup_requests", "sent", "warmup_s", "duration_s",
-        "output_tokens", "prompt_tokens", "requests_per_s", "output_tokens_per_s"}) {
+       {"requests", "completed", "errors", "retries", "warmup_requests", "sent", "warmup_s",
+        "duration_s", "output_tokens", "prompt_tokens", "requests_per_s", "output_tokens_per_s"}) {
     counts[k] = results[k];
   }
   absl::StrAppend(&h, KeyValueTable(counts));

@@ -4,7 +4,9 @@
 #include <random>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "client/bench.h"
+#include "client/rpc.h"
 
 namespace loraplex::client {
 namespace {
@@ -28,6 +30,11 @@ class Phase {
 
   // Starts one request if the bounds allow; false when the phase should start no more.
   bool MaybeStart();
+  // A failed attempt of `rec`'s request: whether LoadSpec::retries allows another.
+  bool MayRetry(const RequestRecord& rec, const grpc::Status& status) const;
+  // Sends the request again after a back-off (on a thread of its own: never a gRPC thread's
+  // sleep); the request stays in flight meanwhile.
+  void Retry(v1::GenerateRequest req, RequestRecord rec);
   void Finished(RequestRecord rec);
   void WaitAllDone();
   PhaseRun Take();
@@ -53,13 +60,12 @@ class Phase {
 // One streamed Generate call; deletes itself when gRPC is done with it.
 class StreamCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
-  StreamCall(Phase* phase, v1::GenerateRequest req, std::string adapter, int64_t index,
-             double start_s, bool record_outputs)
-      : phase_(phase), req_(std::move(req)), record_outputs_(record_outputs) {
-    rec_.adapter = std::move(adapter);
-    rec_.index = index;
-    rec_.start_s = start_s;
-  }
+  // `rec` holds what the request's attempts share: adapter, index, start, retries so far.
+  StreamCall(Phase* phase, v1::GenerateRequest req, RequestRecord rec, bool record_outputs)
+      : phase_(phase),
+        req_(std::move(req)),
+        rec_(std::move(rec)),
+        record_outputs_(record_outputs) {}
   void Go(v1::Inference::Stub& stub, const ConnectionOptions& conn, double deadline_s) {
     PrepareContext(ctx_, conn, deadline_s);
     SetRoutingAdapter(ctx_, RoutingAdapter(req_));
@@ -89,6 +95,13 @@ class StreamCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
     StartRead(&resp_);
   }
   void OnDone(const grpc::Status& s) override {
+    if (!s.ok() && phase_->MayRetry(rec_, s)) {
+      rec_.retried_errors.push_back(
+          absl::StrCat(CodeName(s.error_code()), ": ", s.error_message()));
+      phase_->Retry(std::move(req_), std::move(rec_));
+      delete this;
+      return;
+    }
     rec_.end_s = phase_->Now();
     rec_.grpc_code = static_cast<int>(s.error_code());
     if (!s.ok()) rec_.error = s.error_message();
@@ -154,11 +167,36 @@ bool Phase::MaybeStart() {
       progress_->started.fetch_add(1, std::memory_order_relaxed);
       progress_->in_flight.fetch_add(1, std::memory_order_relaxed);
     }
-    call = new StreamCall(this, std::move(req), std::move(adapter), started_ - 1, now,
-                          spec_.record_outputs);
+    RequestRecord rec;
+    rec.adapter = std::move(adapter);
+    rec.index = started_ - 1;
+    rec.start_s = now;
+    call = new StreamCall(this, std::move(req), std::move(rec), spec_.record_outputs);
   }
   call->Go(stub_, conn_, spec_.request_deadline_s);
   return true;
+}
+
+bool Phase::MayRetry(const RequestRecord& rec, const grpc::Status& status) const {
+  const grpc::StatusCode code = status.error_code();
+  return rec.retries < spec_.retries &&
+         (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::INTERNAL ||
+          code == grpc::StatusCode::UNKNOWN);
+}
+
+void Phase::Retry(v1::GenerateRequest req, RequestRecord rec) {
+  RequestRecord next;
+  next.adapter = std::move(rec.adapter);
+  next.index = rec.index;
+  next.start_s = rec.start_s;
+  next.retries = rec.retries + 1;
+  next.retried_errors = std::move(rec.retried_errors);
+  const auto backoff = std::chrono::milliseconds(100 << std::min(next.retries - 1, 5));
+  auto* call = new StreamCall(this, std::move(req), std::move(next), spec_.record_outputs);
+  std::thread([this, call, backoff] {
+    std::this_thread::sleep_for(backoff);
+    call->Go(stub_, conn_, spec_.request_deadline_s);
+  }).detach();
 }
 
 void Phase::Finished(RequestRecord rec) {

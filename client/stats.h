@@ -43,6 +43,10 @@ struct RequestRecord {
   std::vector<int32_t> output_ids;    // the generated ids, when LoadSpec::record_outputs
   int grpc_code = 0;                  // grpc::StatusCode; 0 = OK
   std::string error;                  // the server's message when grpc_code != 0
+  // Attempts that failed and were sent again (LoadSpec::retries); the times above are the whole
+  // request's, from its first attempt's start, and the fields of the last attempt.
+  int retries = 0;
+  std::vector<std::string> retried_errors;  // "CODE: message" of each failed attempt
 };
 
 // Per-request latency samples in milliseconds, from successful records only.

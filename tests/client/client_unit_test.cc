@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -309,6 +310,73 @@ TEST(RpcTest, RequestsRouteByTheirAdapterName) {
   EXPECT_EQ(RoutingAdapter(req), "b@2") << "a mix: its first part";
   req.set_adapter("a@7");
   EXPECT_EQ(RoutingAdapter(req), "a@7");
+}
+
+// Generate fails every other call with `code` (the first included) and otherwise streams one
+// token with finish_reason "length".
+class FlakyInference final : public v1::Inference::Service {
+ public:
+  explicit FlakyInference(grpc::StatusCode code) : code_(code) {}
+  grpc::Status Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
+                        grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+    if (calls_.fetch_add(1) % 2 == 0) return grpc::Status(code_, "replica went away");
+    v1::GenerateResponse r;
+    r.add_token_ids(7);
+    r.set_finish_reason("length");
+    r.mutable_usage()->set_prompt_tokens(req->prompt_token_ids_size());
+    r.mutable_usage()->set_completion_tokens(1);
+    writer->Write(r);
+    return grpc::Status::OK;
+  }
+  std::atomic<int> calls_{0};
+
+ private:
+  const grpc::StatusCode code_;
+};
+
+// --retries: a request failing with UNAVAILABLE (or what a proxy reports when its upstream dies,
+// INTERNAL) is sent again and counts once, as completed; other codes and exhausted retries stay
+// errors.
+TEST(BenchRunnerTest, RetriesSendFailedRequestsAgain) {
+  struct Case {
+    grpc::StatusCode code;
+    int retries;
+    int64_t want_errors, want_retries;
+  };
+  for (const Case& c :
+       {Case{grpc::StatusCode::UNAVAILABLE, 2, 0, 4}, Case{grpc::StatusCode::INTERNAL, 1, 0, 4},
+        Case{grpc::StatusCode::UNAVAILABLE, 0, 2, 0},
+        Case{grpc::StatusCode::RESOURCE_EXHAUSTED, 2, 2, 0}}) {
+    FlakyInference service(c.code);
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service);
+    std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+    ASSERT_NE(port, 0);
+    ConnectionOptions conn;
+    conn.server = absl::StrCat("127.0.0.1:", port);
+    auto channel = MakeChannel(conn);
+    ASSERT_TRUE(channel.ok());
+    auto stub = v1::Inference::NewStub(*channel);
+    LoadSpec spec;
+    spec.concurrency = 1;  // one at a time: every request meets a failing call first
+    spec.requests = 4;
+    spec.prompt_tokens = {2, 2};
+    spec.max_tokens = {1, 1};
+    spec.vocab_size = 32;
+    spec.retries = c.retries;
+    const PhaseRun run = RunPhase(*stub, conn, spec, nullptr);
+    const nlohmann::json summary = PhaseSummary(run);
+    EXPECT_EQ(summary["requests"], 4) << CodeName(c.code) << " retries " << c.retries;
+    EXPECT_EQ(summary["errors"], c.want_errors) << CodeName(c.code) << " retries " << c.retries;
+    EXPECT_EQ(summary["retries"], c.want_retries) << CodeName(c.code);
+    if (c.want_retries > 0) {
+      EXPECT_EQ(summary["retried_by_code"][CodeName(c.code)], c.want_retries);
+      for (const RequestRecord& r : run.records) EXPECT_EQ(r.retries, 1);
+    }
+    server->Shutdown();
+  }
 }
 
 RequestRecord Rec(double start, double first, double end, int tokens, std::string adapter,
