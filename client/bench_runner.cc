@@ -105,8 +105,12 @@ class StreamCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
     rec_.end_s = phase_->Now();
     rec_.grpc_code = static_cast<int>(s.error_code());
     if (!s.ok()) rec_.error = s.error_message();
-    phase_->Finished(std::move(rec_));
+    // The call's context goes before the phase may end: once Finished has counted the last call,
+    // the caller destroys the stub and the channel and may exit.
+    Phase* phase = phase_;
+    RequestRecord rec = std::move(rec_);
     delete this;
+    phase->Finished(std::move(rec));
   }
 
  private:
