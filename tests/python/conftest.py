@@ -73,6 +73,16 @@ def _log_tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def client_binary() -> Path:
+    """The loraplex CLI beside LP_SERVER_BIN's build (``<build>/client/loraplex``), or
+    LP_CLIENT_BIN."""
+    value = os.environ.get("LP_CLIENT_BIN")
+    binary = Path(value) if value else _server_binary().parent.parent / "client" / "loraplex"
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        pytest.fail(f"{binary}: no loraplex CLI there (set LP_CLIENT_BIN)", pytrace=False)
+    return binary.resolve()
+
+
 def _server_binary() -> Path:
     value = os.environ.get("LP_SERVER_BIN")
     if not value:
@@ -89,9 +99,12 @@ def _server_binary() -> Path:
     return binary
 
 
-def start_server(work_dir: Path, extra_args: List[str], **tokens: Any) -> ServerProcess:
-    """Starts loraplex-server on 127.0.0.1:0 with the stories260K model, qv and all registered,
-    and waits (START_TIMEOUT_S at most) until it has written its ports to the port file."""
+def start_server(
+    work_dir: Path, extra_args: List[str], *, fixture_adapters: bool = True, **tokens: Any
+) -> ServerProcess:
+    """Starts loraplex-server on 127.0.0.1:0 with the stories260K model (and qv and all
+    registered, unless fixture_adapters is False), and waits (START_TIMEOUT_S at most) until it
+    has written its ports to the port file."""
     binary = _server_binary()
     port_file = work_dir / "ports"
     log_path = work_dir / "server.log"
@@ -103,7 +116,11 @@ def start_server(work_dir: Path, extra_args: List[str], **tokens: Any) -> Server
         "--listen=127.0.0.1:0",
         "--metrics-listen=127.0.0.1:0",
         f"--port-file={port_file}",
-        f"--adapter=qv={PEFT_DIR / 'qv'},all={PEFT_DIR / 'all_linear'}",
+        *(
+            [f"--adapter=qv={PEFT_DIR / 'qv'},all={PEFT_DIR / 'all_linear'}"]
+            if fixture_adapters
+            else []
+        ),
         "--http-listen=127.0.0.1:0",
         *extra_args,
     ]
