@@ -189,9 +189,7 @@ def test_logprobs_equal_grpc(oai: openai.OpenAI, rpc: loraplex.Client) -> None:
 
 
 def test_sampling_with_a_seed_equals_grpc(oai: openai.OpenAI, rpc: loraplex.Client) -> None:
-    want = rpc.complete(
-        PROMPT, adapter="qv", max_tokens=24, temperature=0.9, top_p=0.95, seed=1234
-    )
+    want = rpc.complete(PROMPT, adapter="qv", max_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
     got = oai.completions.create(
         model="qv", prompt=PROMPT, max_tokens=24, temperature=0.9, top_p=0.95, seed=1234
     )
