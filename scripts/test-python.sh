@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python tests (tests/python) against a real loraplex-server: makes a venv, installs pytest,
-# openai and the client package client/python into it, and runs pytest. Fails when a test fails
+# openai, kubernetes-validate, pyyaml and the client package client/python into it, and runs
+# pytest. Fails when a test fails
 # or when pytest collects none (its exit status 5).
 #
 #   LP_SERVER_BIN    the server binary (default: ${LP_BUILD_PREFIX}release/server/loraplex-server)
@@ -30,8 +31,8 @@ fi
 py="$venv/bin/python"
 pip=("$py" -m pip --disable-pip-version-check -q)
 
-if ! "$py" -c 'import pytest, openai' 2>/dev/null; then
-  "${pip[@]}" install pytest openai
+if ! "$py" -c 'import pytest, openai, kubernetes_validate, yaml' 2>/dev/null; then
+  "${pip[@]}" install pytest openai kubernetes-validate pyyaml
 fi
 
 # What the installed client was built from: the package's sources and the protos.
