@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The Python tests (tests/python) against a real loraplex-server: makes a venv, installs pytest,
 # openai, kubernetes-validate, pyyaml and the client package client/python into it, and runs
-# pytest. Fails when a test fails
-# or when pytest collects none (its exit status 5).
+# pytest. Fails when a test fails or when pytest collects none (its exit status 5).
 #
 #   LP_SERVER_BIN    the server binary (default: ${LP_BUILD_PREFIX}release/server/loraplex-server)
 #   LP_BUILD_PREFIX  as in scripts/test.sh (default build-); the venv is ${LP_BUILD_PREFIX}python-venv
