@@ -176,7 +176,13 @@ void HttpFront::Impl::Routes() {
         message = absl::StrCat("no route ", req.method, " ", req.path);
         break;
       case 413:
-        message = "the request body is larger than --http-max-body-bytes";
+        // cpp-httplib parses form-encoded bodies (curl -d without a Content-Type) and caps them
+        // at 8 KiB whatever the limit.
+        message = absl::StartsWith(req.get_header_value("Content-Type"),
+                                   "application/x-www-form-urlencoded")
+                      ? "a form-encoded body is limited to 8 KiB: send the JSON with "
+                        "'Content-Type: application/json'"
+                      : "the request body is larger than --http-max-body-bytes";
         break;
       default:
         message = absl::StrCat("HTTP ", res.status);

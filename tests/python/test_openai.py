@@ -44,7 +44,9 @@ def adapter_of(model: str) -> Optional[str]:
 def post(url: str, body: bytes, headers: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
     """A raw POST (for bodies the openai client would never send); (status, parsed JSON or
     text)."""
-    req = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    # JSON unless the caller says otherwise (urllib would send a form's Content-Type).
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             status, text = r.status, r.read().decode()
@@ -296,6 +298,15 @@ def test_errors_come_in_openai_shape(server: Any, oai: openai.OpenAI) -> None:
     status, body = post(url, b'{"model": "x", "prompt": "' + b"a" * (9 << 20) + b'"}')
     assert status == 413
     assert_openai_error(body)
+    assert "--http-max-body-bytes" in body["error"]["message"]
+    # curl -d sends JSON as a form without a Content-Type: cpp-httplib caps forms at 8 KiB.
+    status, body = post(
+        url,
+        json.dumps({"model": BASE, "prompt": "a" * 9000}).encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert status == 413
+    assert "application/json" in body["error"]["message"]
     status, body = post(f"{server.http_base}/v1/nothing", b"{}")
     assert status == 404
     assert_openai_error(body)
