@@ -362,3 +362,83 @@ def test_tokens_and_adapter_management(auth_server: Any, peft_dir: Any) -> None:
     status, text = post(unload, json.dumps({"lora_name": "r1"}).encode(), admin_headers)
     assert status == 404, text
     assert_openai_error(text)
+
+
+def test_impatient_http_clients_leave_nothing_behind(
+    server: Any, oai: openai.OpenAI, rpc: loraplex.Client
+) -> None:
+    """Clients that hang up at every point of an exchange: before finishing their request,
+    half-way through a stream, right after asking, or never saying anything. The server keeps
+    answering, and every engine request they started ends (none left running or waiting)."""
+    import random
+    import socket
+
+    host, port = "127.0.0.1", server.http_port
+    stream_body = json.dumps(
+        {
+            "model": "qv",
+            "prompt": PROMPT,
+            "max_tokens": 120,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    plain_body = json.dumps({"model": "all", "prompt": PROMPT, "max_tokens": 60}).encode()
+
+    def request(body: bytes, path: str = "/v1/completions") -> bytes:
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    def one(kind: int, rng: random.Random) -> None:
+        with socket.create_connection((host, port), timeout=30) as s:
+            if kind == 0:  # a body that never arrives whole
+                s.sendall(request(stream_body)[: rng.randrange(10, 120)])
+            elif kind == 1:  # a stream read for a while, then dropped
+                s.sendall(request(stream_body))
+                got = 0
+                want = rng.randrange(1, 3000)
+                while got < want:
+                    chunk = s.recv(512)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+            elif kind == 2:  # ask, then hang up at once
+                s.sendall(request(plain_body if rng.random() < 0.5 else stream_body))
+            elif kind == 3:  # connect and say nothing
+                time.sleep(rng.random() * 0.2)
+            # Closing without shutdown: an abrupt end for the server's reads and writes.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    errors: List[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(6):
+                one(rng.randrange(4), rng)
+        except OSError:
+            pass  # the server may reset a connection we abandoned: that is the point
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+    # Still serving, and the same answers as before.
+    want = rpc.complete(PROMPT, adapter="qv", max_tokens=12, temperature=0.0)
+    got = oai.completions.create(model="qv", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert got.choices[0].model_extra["token_ids"] == want.token_ids
+    deadline = time.monotonic() + 60
+    while True:
+        stats = rpc.engine_stats()
+        if stats.running == 0 and stats.waiting == 0:
+            break
+        assert time.monotonic() < deadline, f"requests of departed clients still run: {stats}"
+        time.sleep(0.1)
