@@ -76,3 +76,22 @@ def test_replicas_are_named_as_nginx_routes_to_them() -> None:
         svc = services[f"replica-{i}"]
         assert svc["spec"]["selector"] == {"statefulset.kubernetes.io/pod-name": f"replica-{i}"}
         assert {p["port"] for p in svc["spec"]["ports"]} == {50051, 8000}
+
+
+def test_compose_runs_the_replicas_nginx_routes_to() -> None:
+    with (DOCKER / "compose.yaml").open() as f:
+        compose = yaml.safe_load(f)
+    services = compose["services"]
+    for i in range(3):
+        replica = services[f"replica-{i}"]
+        assert replica["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+    assert {"50051:50051", "8000:8000"} <= set(services["nginx"]["ports"])
+    # The replicas run the image's entrypoint: the ports nginx.conf routes to, adapters on demand.
+    dockerfile = (DOCKER / "Dockerfile.cpu").read_text()
+    entry = re.search(r"^ENTRYPOINT (\[.*?\])$", dockerfile, re.M | re.S)
+    assert entry is not None
+    args = yaml.safe_load(entry.group(1).replace("\\\n", ""))
+    for flag, value in [("--listen", "0.0.0.0:50051"), ("--http-listen", "0.0.0.0:8000")]:
+        assert args[args.index(flag) + 1] == value
+    assert "--load-on-demand" in args and "--adapter-dir" in args
