@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # README's run command: installs the build dependencies, fetches SmolLM2-135M-Instruct, builds the
 # release binaries, starts loraplex-server on it with the demo adapters of adapters/examples
-# registered, makes a few real calls with the bundled client, and leaves the server running in the
-# foreground (Ctrl-C stops it gracefully).
+# registered and the OpenAI-compatible HTTP API on 127.0.0.1:8000, makes a few real calls with the
+# bundled client and one over HTTP, and leaves the server running in the foreground (Ctrl-C stops
+# it gracefully).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -13,6 +14,7 @@ cmake -S . -B "$bld" -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
 cmake --build "$bld" -j "$(nproc)" --target loraplex-server loraplex loraplex-generate
 
 listen="${LORAPLEX_LISTEN:-127.0.0.1:50051}"
+http="${LORAPLEX_HTTP_LISTEN:-127.0.0.1:8000}"
 state="${LORAPLEX_STATE_DIR:-$root/out/state}"
 mkdir -p "$state"
 names=()
@@ -29,7 +31,7 @@ adapter_flags=()
 echo "== starting loraplex-server on $model ($listen)"
 ./$bld/server/loraplex-server --model "$model" --listen "$listen" \
   --adapter-dir "$root/adapters/examples" --state-dir "$state" \
-  --metrics-listen 127.0.0.1:9090 "${adapter_flags[@]}" &
+  --metrics-listen 127.0.0.1:9090 --http-listen "$http" "${adapter_flags[@]}" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server' INT TERM
 export LORAPLEX_SERVER="$listen"
@@ -47,5 +49,13 @@ for name in "${names[@]+"${names[@]}"}"; do
     "Give me one tip for sleeping better."
 done
 ./$bld/client/loraplex adapters list
-echo "== server running on $listen (metrics on 127.0.0.1:9090/metrics); Ctrl-C to stop"
+if ((${#names[@]})); then
+  echo "== POST http://$http/v1/chat/completions (the OpenAI API, model ${names[0]})"
+  curl -sS "http://$http/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d "{\"model\": \"${names[0]}\", \"max_tokens\": 64, \"temperature\": 0,
+         \"messages\": [{\"role\": \"user\", \"content\": \"Name a colour.\"}]}"
+  echo
+fi
+echo "== server running on $listen, OpenAI API on http://$http/v1 (metrics on" \
+  "127.0.0.1:9090/metrics); Ctrl-C to stop"
 wait $server
