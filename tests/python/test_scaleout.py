@@ -82,6 +82,9 @@ def bench(target: str, out: Path, *args: str, max_tokens: int = 16) -> "subproce
         "16",
         "--max-tokens",
         str(max_tokens),
+        # Every request measured: a warm-up request's failure or retry would not be counted.
+        "--warmup",
+        "0",
         "--quiet",
         "--out",
         str(out),
