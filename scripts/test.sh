@@ -49,7 +49,7 @@ stage_done() {
 run_ctest() {
   local name="$1" dir="$2"
   shift 2
-  local min_var="kMinTests_$name" log
+  local log
   log="$(mktemp)"
   local rc=0
   ctest --test-dir "$dir" --output-on-failure --no-tests=error -j "$jobs" "$@" 2>&1 | tee "$log" ||
@@ -57,6 +57,12 @@ run_ctest() {
   local ran
   ran="$(sed -n 's/.* tests failed out of \([0-9][0-9]*\).*/\1/p' "$log" | tail -n 1)"
   rm -f "$log"
+  check_ran "$name" "$rc" "$ran"
+}
+
+# check_ran NAME RC RAN: RC when a run failed, else 1 when it ran fewer than kMinTests_NAME tests.
+check_ran() {
+  local name="$1" rc="$2" ran="$3" min_var="kMinTests_$1"
   if ((rc != 0)); then
     return "$rc"
   fi
@@ -71,19 +77,13 @@ run_ctest() {
 # fails or fewer than kMinTests_NAME pass. A sanitizer report makes the server exit non-zero, and
 # the fixtures fail the run for that.
 run_pytest() {
-  local name="$1" dir="$2" min_var="kMinTests_$1" log rc=0 ran
+  local name="$1" dir="$2" log rc=0 ran
   log="$(mktemp)"
   LP_SERVER_BIN="$dir/server/loraplex-server" bash scripts/test-python.sh 2>&1 | tee "$log" ||
     rc=$?
   ran="$(sed -n 's/^\([0-9][0-9]*\) passed.*/\1/p' "$log" | tail -n 1)"
   rm -f "$log"
-  if ((rc != 0)); then
-    return "$rc"
-  fi
-  if [[ -z "$ran" ]] || ((ran < ${!min_var})); then
-    echo "test.sh: $name ran ${ran:-no} tests, fewer than the $((${!min_var})) it must run" >&2
-    return 1
-  fi
+  check_ran "$name" "$rc" "$ran"
 }
 
 bash scripts/setup.sh

@@ -73,6 +73,27 @@ void DestroyContext(std::unique_ptr<grpc::ClientContext> context) {
   context.reset();
 }
 
+// One unary call of this process's services with the caller's credentials:
+// call(ClientContext*) makes it.
+template <typename Call>
+grpc::Status Unary(const httplib::Request& req, Call call) {
+  std::unique_ptr<grpc::ClientContext> context = CallContext(req);
+  grpc::Status status;
+  {
+    IgnoreGrpc ignore;
+    status = call(context.get());
+  }
+  DestroyContext(std::move(context));
+  return status;
+}
+
+// body[name] when body is an object holding a string there, else nullptr.
+const json* StringField(const json& body, const char* name) {
+  if (!body.is_object()) return nullptr;
+  auto it = body.find(name);
+  return it == body.end() || !it->is_string() ? nullptr : &*it;
+}
+
 absl::StatusOr<json> ParseBody(const httplib::Request& req) {
   json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
@@ -215,14 +236,10 @@ void HttpFront::Impl::Generate(openai::Endpoint endpoint, const httplib::Request
   context.token_bytes = &token_bytes;
 
   if (!parsed->stream) {
-    std::unique_ptr<grpc::ClientContext> call = CallContext(req);
     v1::GenerateResponse response;
-    grpc::Status status;
-    {
-      IgnoreGrpc ignore;
-      status = inference->Complete(call.get(), parsed->proto, &response);
-    }
-    DestroyContext(std::move(call));
+    const grpc::Status status = Unary(req, [&](grpc::ClientContext* c) {
+      return inference->Complete(c, parsed->proto, &response);
+    });
     if (!status.ok()) return SendError(res, openai::ToHttpError(FromGrpcStatus(status), true));
     return SendJson(res, 200, openai::CompletionResponse(*parsed, context, response));
   }
@@ -301,28 +318,21 @@ void HttpFront::Impl::Models(const httplib::Request& req, httplib::Response& res
 void HttpFront::Impl::LoadLora(const httplib::Request& req, httplib::Response& res) {
   absl::StatusOr<json> body = ParseBody(req);
   if (!body.ok()) return SendError(res, openai::ToHttpError(body.status()));
-  v1::LoadAdapterRequest request;
-  const json* name =
-      body->is_object() && body->contains("lora_name") ? &(*body)["lora_name"] : nullptr;
-  const json* path =
-      body->is_object() && body->contains("lora_path") ? &(*body)["lora_path"] : nullptr;
-  if (name == nullptr || !name->is_string() || path == nullptr || !path->is_string()) {
+  const json* name = StringField(*body, "lora_name");
+  const json* path = StringField(*body, "lora_path");
+  if (name == nullptr || path == nullptr) {
     return SendError(res, openai::ToHttpError(absl::InvalidArgumentError(
                               "the body must be {\"lora_name\": ..., \"lora_path\": ...}")));
   }
+  v1::LoadAdapterRequest request;
   request.set_name(name->get<std::string>());
   std::string rel = path->get<std::string>();
   const std::string root = absl::StrCat(options.adapter_dir, "/");
   if (!options.adapter_dir.empty() && absl::StartsWith(rel, root)) rel = rel.substr(root.size());
   request.set_path(rel);
-  std::unique_ptr<grpc::ClientContext> call = CallContext(req);
   v1::AdapterInfo info;
-  grpc::Status status;
-  {
-    IgnoreGrpc ignore;
-    status = adapters->LoadAdapter(call.get(), request, &info);
-  }
-  DestroyContext(std::move(call));
+  const grpc::Status status =
+      Unary(req, [&](grpc::ClientContext* c) { return adapters->LoadAdapter(c, request, &info); });
   if (!status.ok()) return SendError(res, openai::ToHttpError(FromGrpcStatus(status)));
   res.set_content(absl::StrCat("Success: LoRA adapter '", info.name(), "' added successfully."),
                   "text/plain");
@@ -331,22 +341,16 @@ void HttpFront::Impl::LoadLora(const httplib::Request& req, httplib::Response& r
 void HttpFront::Impl::UnloadLora(const httplib::Request& req, httplib::Response& res) {
   absl::StatusOr<json> body = ParseBody(req);
   if (!body.ok()) return SendError(res, openai::ToHttpError(body.status()));
-  const json* name =
-      body->is_object() && body->contains("lora_name") ? &(*body)["lora_name"] : nullptr;
-  if (name == nullptr || !name->is_string()) {
+  const json* name = StringField(*body, "lora_name");
+  if (name == nullptr) {
     return SendError(res, openai::ToHttpError(
                               absl::InvalidArgumentError("the body must be {\"lora_name\": ...}")));
   }
   v1::UnloadAdapterRequest request;
   request.set_name(name->get<std::string>());
-  std::unique_ptr<grpc::ClientContext> call = CallContext(req);
   v1::UnloadAdapterResponse response;
-  grpc::Status status;
-  {
-    IgnoreGrpc ignore;
-    status = adapters->UnloadAdapter(call.get(), request, &response);
-  }
-  DestroyContext(std::move(call));
+  const grpc::Status status = Unary(
+      req, [&](grpc::ClientContext* c) { return adapters->UnloadAdapter(c, request, &response); });
   if (!status.ok()) return SendError(res, openai::ToHttpError(FromGrpcStatus(status)));
   res.set_content(
       absl::StrCat("Success: LoRA adapter '", request.name(), "' removed successfully."),
