@@ -134,6 +134,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict]:
     conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{http_port};")
     nginx_dir = root / "nginx"
     nginx_dir.mkdir()
+    # Everything nginx writes goes under nginx_dir, so that it runs without root too (its
+    # compiled-in temp folders are under /var/lib/nginx).
+    temp = "".join(
+        f"  {kind}_temp_path {nginx_dir / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    assert conf.count("\nhttp {\n") == 1
+    conf = conf.replace("\nhttp {\n", "\nhttp {\n" + temp)
     (nginx_dir / "nginx.conf").write_text(conf)
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
     nginx = subprocess.Popen(
@@ -143,6 +151,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict]:
             str(nginx_dir),
             "-c",
             str(nginx_dir / "nginx.conf"),
+            "-e",
+            str(nginx_dir / "error.log"),
             "-g",
             f"daemon off; pid {nginx_dir / 'nginx.pid'}; error_log {nginx_dir / 'error.log'};",
         ],
