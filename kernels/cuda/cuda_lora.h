@@ -1,5 +1,6 @@
 // The multi-adapter LoRA ops of kernels/lora.h on CUDA: SGMV (segments, prefill) and BGMV (an
-// adapter index per token, decode), shrink v = A_j x and expand y += B_j v (scale folded into B).
+// adapter index per token, decode), shrink v = A_j x and expand y += B_j v (scale folded into B),
+// and DoRA's per-row rescale of each token's outputs by its adapter's scales.
 // Plain C++ (no CUDA headers); pointers named d_* are device pointers, `stream` a cudaStream_t as
 // void* (nullptr = legacy default stream). Launches are asynchronous (see cuda_kernels.h).
 //
@@ -47,5 +48,15 @@ absl::Status CudaBgmvShrink(float* d_v, int64_t v_stride, const void* d_x, DType
 absl::Status CudaBgmvExpand(const CudaLoraOutput* y, DType act_dtype, const float* d_v,
                             int64_t v_stride, const int32_t* d_token_adapter, int64_t num_tokens,
                             const CudaLoraWeights& w, void* stream = nullptr);
+
+// DoRA's per-row rescale (model/lora_apply.h ScaleDoraRows): for each token t whose adapter j =
+// d_token_adapter[t] has a scale for slice s (scales.d_scales[j * num_slices + s] non-null),
+// y[s][t, c] *= scale[c] for c in [0, scales.out_features[s]): one f32 product per element,
+// rounded once to act_dtype. Tokens whose index is -1 (or outside [0, scales.num_adapters)) are
+// left untouched. The CUDA backend calls it with g after a DoRA adapter's passes and with 1 / g
+// before the unmerge pass of a merged DoRA adapter.
+absl::Status CudaLoraScaleRows(const CudaLoraOutput* y, DType act_dtype,
+                               const int32_t* d_token_adapter, int64_t num_tokens,
+                               const CudaLoraRowScales& scales, void* stream = nullptr);
 
 }  // namespace loraplex::kernels::cuda

@@ -53,4 +53,16 @@ struct CudaLoraOutput {
   int64_t stride = 0;
 };
 
+// DoRA's per-output-column scales of a (possibly fused q/k/v) linear for one batch. Host struct;
+// d_scales points to device memory [num_adapters * num_slices] of device pointers, adapter j slice
+// s at j * num_slices + s: each null (that adapter has no scale for the slice: its rows are left
+// alone) or a float array [out_features[s]]. The CUDA backend fills it per step and module group
+// (model/cuda_model.cc PackPass) from the adapters' device copies.
+struct CudaLoraRowScales {
+  int64_t num_adapters = 0;
+  int64_t num_slices = 1;  // 1..kMaxLoraSlices
+  int64_t out_features[kMaxLoraSlices] = {};
+  const float* const* d_scales = nullptr;
+};
+
 }  // namespace loraplex::kernels::cuda

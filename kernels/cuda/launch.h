@@ -55,6 +55,10 @@ cudaError_t LaunchLoraExpand(const CudaLoraOutput* y, DType act_dtype, const flo
                              int64_t v_stride, int64_t num_tokens, const int32_t* token_adapter,
                              const CudaLoraSegments& segments, const CudaLoraWeights& w,
                              cudaStream_t stream);
+// DoRA: y[s][t, :] *= the scales of token t's adapter for slice s (cuda_lora.h CudaLoraScaleRows).
+cudaError_t LaunchLoraScaleRows(const CudaLoraOutput* y, DType act_dtype,
+                                const int32_t* token_adapter, int64_t num_tokens,
+                                const CudaLoraRowScales& scales, cudaStream_t stream);
 
 // sampling.cu. logprobs may be null.
 cudaError_t LaunchTopK(int32_t* ids, float* values, float* logprobs, const void* logits,

@@ -19,6 +19,8 @@
 // Expand: a thread per (chunk, slice, output o): the run's v rows are staged in shared memory, the
 //   thread reads B row o (rank elements, 8 per load when aligned) once for the run and adds to
 //   y[t, o] for each token.
+// Row scale (DoRA): a thread per (token, slice, output column c): y[t, c] *= scale_j[c], the f32
+//   product rounded once, as the CPU's ScaleDoraRows computes it.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -229,6 +231,22 @@ __global__ void __launch_bounds__(kExpandThreads)
   }
 }
 
+template <typename Y>
+__global__ void __launch_bounds__(kExpandThreads)
+    ScaleRowsKernel(Outputs outputs, const int32_t* token_adapter, int64_t num_adapters,
+                    const float* const* scales, int64_t num_slices) {
+  const int64_t t = blockIdx.x;
+  const int64_t s = blockIdx.y;
+  const int64_t c = int64_t{blockIdx.z} * kExpandThreads + threadIdx.x;
+  if (c >= outputs.out_features[s]) return;
+  const int32_t j = token_adapter[t];
+  if (j < 0 || j >= num_adapters) return;
+  const float* g = scales[j * num_slices + s];
+  if (g == nullptr) return;
+  Y* y = static_cast<Y*>(outputs.y[s].data) + t * outputs.y[s].stride + c;
+  *y = FromF32<Y>(ToF32(*y) * g[c]);
+}
+
 AdapterOf MakeAdapterOf(const int32_t* token_adapter, const CudaLoraSegments& segments,
                         const CudaLoraWeights& w) {
   return AdapterOf{token_adapter, segments.d_starts, segments.d_adapter, segments.num_segments,
@@ -299,6 +317,28 @@ cudaError_t LaunchLoraExpand(const CudaLoraOutput* y, DType act_dtype, const flo
         return cudaGetLastError();
       });
     });
+  });
+}
+
+cudaError_t LaunchLoraScaleRows(const CudaLoraOutput* y, DType act_dtype,
+                                const int32_t* token_adapter, int64_t num_tokens,
+                                const CudaLoraRowScales& scales, cudaStream_t stream) {
+  if (num_tokens == 0 || scales.num_adapters == 0) return cudaSuccess;
+  Outputs outputs{};
+  int64_t max_out = 0;
+  for (int64_t s = 0; s < scales.num_slices; ++s) {
+    outputs.y[s] = y[s];
+    outputs.out_features[s] = scales.out_features[s];
+    if (scales.out_features[s] > max_out) max_out = scales.out_features[s];
+  }
+  if (max_out == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(scales.num_slices),
+                  static_cast<unsigned>((max_out + kExpandThreads - 1) / kExpandThreads));
+  return DispatchDType(act_dtype, [&](auto yt) {
+    using Y = decltype(yt);
+    ScaleRowsKernel<Y><<<grid, kExpandThreads, 0, stream>>>(
+        outputs, token_adapter, scales.num_adapters, scales.d_scales, scales.num_slices);
+    return cudaGetLastError();
   });
 }
 

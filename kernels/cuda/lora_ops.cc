@@ -1,4 +1,5 @@
-// Host wrappers of the CUDA SGMV/BGMV ops (cuda_lora.h): check what the host can see, then launch.
+// Host wrappers of the CUDA SGMV/BGMV ops and the DoRA row scale (cuda_lora.h): check what the
+// host can see, then launch.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -95,6 +96,42 @@ absl::Status CheckExpand(const char* op, const CudaLoraOutput* y, DType act_dtyp
   return absl::OkStatus();
 }
 
+absl::Status CheckScaleRows(const char* op, const CudaLoraOutput* y, DType act_dtype,
+                            const int32_t* d_token_adapter, int64_t num_tokens,
+                            const CudaLoraRowScales& scales) {
+  LP_RETURN_IF_ERROR(internal::CheckDType(op, "act_dtype", act_dtype));
+  LP_RETURN_IF_ERROR(internal::CheckSizes(
+      op, {{"num_tokens", num_tokens}, {"scales.num_adapters", scales.num_adapters}}));
+  if (scales.num_slices < 1 || scales.num_slices > kMaxLoraSlices) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": scales.num_slices=", scales.num_slices,
+                                                   " outside 1..", kMaxLoraSlices));
+  }
+  for (int64_t s = 0; s < scales.num_slices; ++s) {
+    if (scales.out_features[s] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": scales.out_features[", s,
+                                                     "]=", scales.out_features[s], " is negative"));
+    }
+  }
+  // One block row per token.
+  LP_RETURN_IF_ERROR(internal::CheckGrid(op, "num_tokens", num_tokens));
+  if (num_tokens == 0 || scales.num_adapters == 0) return absl::OkStatus();
+  LP_RETURN_IF_ERROR(internal::CheckPointers(
+      op, {{"d_token_adapter", d_token_adapter}, {"scales.d_scales", scales.d_scales}}));
+  if (y == nullptr) return absl::InvalidArgumentError(absl::StrCat(op, ": null output array y"));
+  for (int64_t s = 0; s < scales.num_slices; ++s) {
+    if (scales.out_features[s] == 0) continue;
+    if (y[s].data == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": null device pointer y[", s, "].data"));
+    }
+    if (y[s].stride < scales.out_features[s]) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": y[", s, "].stride=", y[s].stride,
+                                                     " is smaller than scales.out_features[", s,
+                                                     "]=", scales.out_features[s]));
+    }
+  }
+  return absl::OkStatus();
+}
+
 cudaStream_t AsStream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
 }  // namespace
@@ -140,6 +177,16 @@ absl::Status CudaBgmvExpand(const CudaLoraOutput* y, DType act_dtype, const floa
   LP_CUDA_RETURN_IF_ERROR(internal::LaunchLoraExpand(y, act_dtype, d_v, v_stride, num_tokens,
                                                      d_token_adapter, CudaLoraSegments{}, w,
                                                      AsStream(stream)));
+  return absl::OkStatus();
+}
+
+absl::Status CudaLoraScaleRows(const CudaLoraOutput* y, DType act_dtype,
+                               const int32_t* d_token_adapter, int64_t num_tokens,
+                               const CudaLoraRowScales& scales, void* stream) {
+  LP_RETURN_IF_ERROR(
+      CheckScaleRows("CudaLoraScaleRows", y, act_dtype, d_token_adapter, num_tokens, scales));
+  LP_CUDA_RETURN_IF_ERROR(internal::LaunchLoraScaleRows(y, act_dtype, d_token_adapter, num_tokens,
+                                                        scales, AsStream(stream)));
   return absl::OkStatus();
 }
 

@@ -1,8 +1,8 @@
 // CUDA SGMV/BGMV shrink and expand against the readable LoRA reference (kernels::ref:: of
 // kernels/lora.h) on the grid of STYLE.md: ranks 1..64 (mixed within a batch, 0 for an untargeted
 // fused slice), 1..64 adapters, index -1, prefill (SGMV, with empty and adapter-less segments) and
-// decode (BGMV), odd sizes (577, 1537), 1..3 fused slices, f32/bf16 weights and activations.
-// Skips without a device (see cuda_test_util.h).
+// decode (BGMV), odd sizes (577, 1537), 1..3 fused slices, f32/bf16 weights and activations;
+// and DoRA's row scale (CudaLoraScaleRows). Skips without a device (see cuda_test_util.h).
 #include "kernels/cuda/cuda_lora.h"
 
 #include <gtest/gtest.h>
@@ -278,6 +278,66 @@ TEST_F(CudaLoraTest, OutOfRangeAdapterIndexIsTreatedAsNone) {
   EXPECT_TRUE(AllClose(v_got, v_ref, ::loraplex::testing::kCudaF32Op));
 }
 
+// DoRA's row scale: y[s][t, c] *= g_j[c] for token t's adapter j, one f32 product rounded once, so
+// exactly the host's products. Three fused slices of odd widths in padded rows, an adapter without
+// scales for a slice (null), one with none at all, index -1 and indices out of range.
+TEST_F(CudaLoraTest, ScaleRowsMultiplyEachTokensRowsByItsAdaptersScales) {
+  const std::vector<int64_t> out = {577, 64, 1537};
+  const std::vector<int64_t> stride = {580, 64, 1540};
+  const int64_t num_adapters = 3, num_slices = 3;
+  const std::vector<int32_t> tokens = {0, -1, 2, 1, 5, 2, 0, -9};
+  const int64_t T = static_cast<int64_t>(tokens.size());
+  // Adapter 0 scales slices 0 and 2, adapter 1 none, adapter 2 all three.
+  const bool has[3][3] = {{true, false, true}, {false, false, false}, {true, true, true}};
+  std::vector<CudaBuffer> d_g;
+  std::vector<std::vector<float>> g(num_adapters * num_slices);
+  std::vector<const float*> table(num_adapters * num_slices, nullptr);
+  uint32_t seed = 77;
+  for (int64_t j = 0; j < num_adapters; ++j) {
+    for (int64_t s = 0; s < num_slices; ++s) {
+      if (!has[j][s]) continue;
+      g[j * num_slices + s] = RandomVector(out[s], ++seed);
+      for (float& v : g[j * num_slices + s]) v = 1.0f + 0.5f * v;
+      ASSERT_OK_AND_ASSIGN(CudaBuffer b, Upload(g[j * num_slices + s], DType::kF32));
+      table[j * num_slices + s] = b.as<const float>();
+      d_g.push_back(std::move(b));
+    }
+  }
+  ASSERT_OK_AND_ASSIGN(CudaBuffer d_table, UploadRaw(table));
+  ASSERT_OK_AND_ASSIGN(CudaBuffer d_tok, UploadRaw(tokens));
+  CudaLoraRowScales scales;
+  scales.num_adapters = num_adapters;
+  scales.num_slices = num_slices;
+  for (int64_t s = 0; s < num_slices; ++s) scales.out_features[s] = out[s];
+  scales.d_scales = d_table.as<const float* const>();
+  for (DType act : {DType::kF32, DType::kBF16}) {
+    SCOPED_TRACE(DTypeName(act));
+    std::vector<std::vector<float>> y(num_slices), want(num_slices);
+    std::vector<CudaBuffer> d_y;
+    CudaLoraOutput outs[3];
+    for (int64_t s = 0; s < num_slices; ++s) {
+      y[s] = RoundTo(RandomVector(T * stride[s], ++seed), act);
+      want[s] = y[s];
+      for (int64_t t = 0; t < T; ++t) {
+        const int32_t j = tokens[t];
+        if (j < 0 || j >= num_adapters || !has[j][s]) continue;
+        for (int64_t c = 0; c < out[s]; ++c) {
+          float& w = want[s][t * stride[s] + c];
+          w = RoundTo({w * g[j * num_slices + s][c]}, act)[0];
+        }
+      }
+      ASSERT_OK_AND_ASSIGN(CudaBuffer b, Upload(y[s], act));
+      d_y.push_back(std::move(b));
+      outs[s] = {d_y.back().data(), stride[s]};
+    }
+    ASSERT_OK(CudaLoraScaleRows(outs, act, d_tok.as<int32_t>(), T, scales));
+    for (int64_t s = 0; s < num_slices; ++s) {
+      ASSERT_OK_AND_ASSIGN(std::vector<float> got, Download(d_y[s], act, y[s].size()));
+      EXPECT_EQ(got, want[s]) << "slice " << s;
+    }
+  }
+}
+
 // Host-side checks only (nothing is launched), so this runs without a device too.
 TEST(CudaLoraTestArgs, RejectsBadArguments) {
   CudaLoraWeights w{.num_adapters = 1, .num_slices = 4, .in_features = 8, .max_rank = 4};
@@ -304,6 +364,17 @@ TEST(CudaLoraTestArgs, RejectsBadArguments) {
               StatusIs(absl::StatusCode::kInvalidArgument, "num_tokens=-1"));
   // No tokens or no adapters: nothing to do, nothing dereferenced.
   EXPECT_OK(CudaBgmvShrink(nullptr, 4, nullptr, DType::kF32, 8, nullptr, 0, w));
+  CudaLoraRowScales scales{.num_adapters = 1, .num_slices = 0};
+  EXPECT_THAT(CudaLoraScaleRows(&y, DType::kF32, &dummy, 1, scales),
+              StatusIs(absl::StatusCode::kInvalidArgument, "scales.num_slices=0"));
+  scales.num_slices = 1;
+  scales.out_features[0] = 16;
+  EXPECT_THAT(CudaLoraScaleRows(&y, DType::kF32, &dummy, 1, scales),
+              StatusIs(absl::StatusCode::kInvalidArgument, "scales.d_scales"));
+  scales.d_scales = reinterpret_cast<const float* const*>(&dummy);
+  EXPECT_THAT(CudaLoraScaleRows(&y, DType::kF32, &dummy, 1, scales),
+              StatusIs(absl::StatusCode::kInvalidArgument, "y[0].stride=15"));
+  EXPECT_OK(CudaLoraScaleRows(nullptr, DType::kF32, nullptr, 0, scales));
 }
 
 }  // namespace

@@ -370,6 +370,29 @@ absl::Status CudaBgmvExpand(const CudaLoraOutput* y, DType act_dtype, const floa
                 w);
 }
 
+absl::Status CudaLoraScaleRows(const CudaLoraOutput* y, DType act_dtype,
+                               const int32_t* d_token_adapter, int64_t num_tokens,
+                               const CudaLoraRowScales& scales, void* stream) {
+  if (num_tokens == 0 || scales.num_adapters == 0) return absl::OkStatus();
+  if (d_token_adapter == nullptr || scales.d_scales == nullptr || y == nullptr ||
+      scales.num_slices < 1 || scales.num_slices > kMaxLoraSlices) {
+    return absl::InvalidArgumentError("CudaLoraScaleRows: null table or bad num_slices");
+  }
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t a = AdapterOf(t, d_token_adapter, nullptr, scales.num_adapters);
+    if (a < 0) continue;
+    for (int64_t s = 0; s < scales.num_slices; ++s) {
+      const float* g = scales.d_scales[a * scales.num_slices + s];
+      if (g == nullptr) continue;
+      for (int64_t c = 0; c < scales.out_features[s]; ++c) {
+        const int64_t at = t * y[s].stride + c;
+        Store(y[s].data, act_dtype, at, Load(y[s].data, act_dtype, at) * g[c]);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CudaTopK(int32_t* d_ids, float* d_values, float* d_logprobs, const void* d_logits,
                       DType dtype, int64_t rows, int64_t vocab, int64_t k, void* stream) {
   LP_RETURN_IF_ERROR(F32Only("CudaTopK", dtype));
