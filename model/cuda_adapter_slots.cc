@@ -47,6 +47,7 @@ absl::StatusOr<const CudaAdapterCopy*> CudaAdapterSlots::Acquire(const LoraWeigh
   copy->layers.resize(config_.num_layers);
   // First pass: validate and lay out the host staging buffer; offsets[l][m] in floats.
   std::vector<std::array<int64_t, kNumLinearModules>> offsets(config_.num_layers);
+  std::vector<std::array<bool, kNumLinearModules>> dora_at(config_.num_layers);  // has a scale
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     for (int m = 0; m < kNumLinearModules; ++m) {
       const LoraPair* p = view.layers[l][m];
@@ -62,12 +63,24 @@ absl::StatusOr<const CudaAdapterCopy*> CudaAdapterSlots::Acquire(const LoraWeigh
                          p->b.cols, "] do not fit [rank, ", in, "] / [", out,
                          ", rank] with 1 <= rank <= ", kernels::cuda::kCudaMaxLoraRank));
       }
+      const float* dora = negate ? p->dora_inv_scale : p->dora_scale;
+      if ((p->dora_scale == nullptr) != (p->dora_inv_scale == nullptr)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("CUDA adapter upload: layer ", l, " ", LinearModuleName(mod),
+                         ": a DoRA pair needs both dora_scale and dora_inv_scale"));
+      }
       offsets[l][m] = static_cast<int64_t>(copy->staging.size());
       absl::Status s = AppendF32(p->a, p->rank * in, /*negate=*/false, &copy->staging);
       if (s.ok()) s = AppendF32(p->b, out * p->rank, negate, &copy->staging);
       if (!s.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("CUDA adapter upload: layer ", l, " ",
                                                        LinearModuleName(mod), ": ", s.message()));
+      }
+      if (dora != nullptr) {
+        // After B: g (or 1 / g for the unmerge pass), in f32 as the CPU applies it.
+        copy->staging.insert(copy->staging.end(), dora, dora + out);
+        dora_at[l][m] = true;
+        copy->dora = true;
       }
       copy->layers[l][m].rank = static_cast<int32_t>(p->rank);
       copy->max_rank = std::max(copy->max_rank, p->rank);
@@ -102,6 +115,10 @@ absl::StatusOr<const CudaAdapterCopy*> CudaAdapterSlots::Acquire(const LoraWeigh
       const int64_t in = LinearInFeatures(config_, static_cast<LinearModule>(m));
       mod.a = base + offsets[l][m];
       mod.b = mod.a + mod.rank * in;
+      if (dora_at[l][m]) {
+        const int64_t out = LinearOutFeatures(config_, static_cast<LinearModule>(m));
+        mod.dora_scale = mod.b + out * mod.rank;
+      }
     }
   }
   copy->last_step = step;

@@ -4,8 +4,12 @@
 // A copy holds every pair of one adapter as f32 A [rank, in] and B [out, rank] in one device
 // buffer (bf16 pairs are widened exactly, so the device sees the CPU's values); `negate` makes a
 // second, separate copy whose B is -B, used in mixed mode to take the merged adapter's delta back
-// out (negation is exact). Uploads are asynchronous on the caller's upload stream from a host
-// staging copy that the copy keeps until ReleaseStaging (call it once that stream has finished).
+// out (negation is exact). A DoRA pair (LoraPair::dora_scale) also has its per-row scale in f32 in
+// the same buffer: g in a plain copy, 1 / g in a `negate` copy, which is the scale each pass
+// applies (the own pass multiplies its tokens' rows by g after the deltas; the unmerge pass of a
+// merged DoRA adapter divides the other tokens' rows by g before its delta). Uploads are
+// asynchronous on the caller's upload stream from a host staging copy that the copy keeps until
+// ReleaseStaging (call it once that stream has finished).
 //
 // Eviction: when a new copy would exceed max_slots, the least recently used copy that the current
 // step has not acquired is freed; copies acquired for the current step are never evicted, so a step
@@ -35,12 +39,15 @@ struct CudaLoraModule {
   const float* a = nullptr;  // [rank, in]
   const float* b = nullptr;  // [out, rank], scale folded in (negated for a `negate` copy)
   int32_t rank = 0;
+  // DoRA: [out] g (1 / g in a `negate` copy); null for plain LoRA.
+  const float* dora_scale = nullptr;
 };
 
 struct CudaAdapterCopy {
   std::vector<std::array<CudaLoraModule, kNumLinearModules>> layers;  // [num_layers]
   int64_t max_rank = 0;                                               // over all pairs
-  int64_t bytes = 0;                                                  // device bytes
+  bool dora = false;  // some module has a dora_scale
+  int64_t bytes = 0;  // device bytes
   kernels::cuda::CudaBuffer buffer;
   std::vector<float> staging;  // host source of the upload, until ReleaseStaging
   uint64_t last_step = 0;      // the step that last acquired it (LRU order and pinning)

@@ -30,6 +30,7 @@ using kernels::cuda::CudaBlas;
 using kernels::cuda::CudaBuffer;
 using kernels::cuda::CudaEvent;
 using kernels::cuda::CudaLoraOutput;
+using kernels::cuda::CudaLoraRowScales;
 using kernels::cuda::CudaLoraSegments;
 using kernels::cuda::CudaLoraSlice;
 using kernels::cuda::CudaLoraWeights;
@@ -72,6 +73,10 @@ struct DeviceLoraPass {
   // Per layer and group: offset of the CudaLoraSlice array [num_adapters * group size], or
   // SIZE_MAX when no adapter of the pass touches the group in that layer.
   std::vector<std::array<size_t, kNumLoraGroups>> slices_off;
+  // DoRA, the same way: offset of the per-(adapter, module) scale pointers (const float*
+  // [num_adapters * group size], null where an adapter has none), or SIZE_MAX when no adapter of
+  // the pass has a scale in that layer and group (then no rescale is launched).
+  std::vector<std::array<size_t, kNumLoraGroups>> scales_off;
 };
 
 // The host values of one step that its launches use: sizes, where each metadata array lies in
@@ -160,6 +165,12 @@ class CudaBackend : public Backend {
   absl::StatusOr<const uint16_t*> ToBf16(const float* d_x, int64_t m, int64_t k);
   absl::Status ApplyLora(LoraGroup group, int64_t layer, const float* d_x, int64_t x_stride,
                          const CudaLoraOutput* y);
+  // DoRA: y rows of the tokens of `pass` times their adapter's scale (the copies hold g for the
+  // own pass and 1 / g for the unmerge pass); nothing when no adapter of it has one here.
+  absl::Status ScaleDoraRows(const DeviceLoraPass& pass, LoraGroup group, int64_t layer,
+                             const CudaLoraOutput* y);
+  // Before the first kernel that reads adapter copies: the compute stream waits for their upload.
+  absl::Status WaitForAdapterUpload();
   uint8_t* meta() const { return meta_.as<uint8_t>(); }
   // Reserve() of a step buffer; a new allocation changes buffers_gen_ (graphs hold the old one).
   absl::Status Grow(CudaBuffer* b, size_t bytes);
@@ -316,12 +327,17 @@ absl::Status CudaBackend::PackPass(const std::vector<const CudaAdapterCopy*>& co
     if (copy != nullptr) out->max_rank = std::max(out->max_rank, copy->max_rank);
   }
   out->slices_off.assign(c_.num_layers, {});
+  out->scales_off.assign(c_.num_layers, {});
+  const bool dora = std::any_of(copies.begin(), copies.end(),
+                                [](const CudaAdapterCopy* c) { return c != nullptr && c->dora; });
   std::vector<CudaLoraSlice> slices;
+  std::vector<const float*> scales;
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     for (int g = 0; g < kNumLoraGroups; ++g) {
       const LoraModuleGroup& group = kLoraModuleGroups[g];
       slices.assign(copies.size() * group.num_modules, CudaLoraSlice{});
-      bool any = false;
+      scales.assign(dora ? copies.size() * group.num_modules : 0, nullptr);
+      bool any = false, any_scale = false;
       for (size_t j = 0; j < copies.size(); ++j) {
         if (copies[j] == nullptr) continue;
         int32_t offset = 0;
@@ -335,10 +351,15 @@ absl::Status CudaBackend::PackPass(const std::vector<const CudaAdapterCopy*>& co
           slice.v_offset = offset;
           offset += mod.rank;
           any = true;
+          if (mod.dora_scale != nullptr) {
+            scales[j * group.num_modules + s] = mod.dora_scale;
+            any_scale = true;
+          }
         }
         v_stride_ = std::max<int64_t>(v_stride_, offset);
       }
       out->slices_off[l][g] = any ? packer_.Add(slices.data(), slices.size()) : SIZE_MAX;
+      out->scales_off[l][g] = any_scale ? packer_.Add(scales.data(), scales.size()) : SIZE_MAX;
     }
   }
   return absl::OkStatus();
@@ -387,16 +408,43 @@ absl::Status CudaBackend::Linear(float* d_y, const float* d_x, const uint16_t* d
   return blas_->Gemm(d_y, DType::kF32, d_x, DType::kF32, m, w.view(), accumulate, compute_.get());
 }
 
+absl::Status CudaBackend::WaitForAdapterUpload() {
+  if (wait_for_upload_) {
+    // The copies queued on the upload stream must land before the first kernel reads them.
+    LP_RETURN_IF_ERROR(uploaded_event_.StreamWait(compute_.get()));
+    wait_for_upload_ = false;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ScaleDoraRows(const DeviceLoraPass& pass, LoraGroup group, int64_t layer,
+                                        const CudaLoraOutput* y) {
+  const int g = static_cast<int>(group);
+  if (!pass.active || pass.scales_off[layer][g] == SIZE_MAX) return absl::OkStatus();
+  LP_RETURN_IF_ERROR(WaitForAdapterUpload());
+  const LoraModuleGroup& modules = ModulesOf(group);
+  CudaLoraRowScales scales;
+  scales.num_adapters = pass.num_adapters;
+  scales.num_slices = modules.num_modules;
+  for (int s = 0; s < modules.num_modules; ++s) {
+    scales.out_features[s] = LinearOutFeatures(c_, modules.modules[s]);
+  }
+  scales.d_scales = reinterpret_cast<const float* const*>(meta() + pass.scales_off[layer][g]);
+  // The plan gives every pass an index per token, SGMV or not.
+  const int32_t* ta = reinterpret_cast<const int32_t*>(meta() + pass.token_adapter_off);
+  return kernels::cuda::CudaLoraScaleRows(y, DType::kF32, ta, n_, scales, compute_.get());
+}
+
 absl::Status CudaBackend::ApplyLora(LoraGroup group, int64_t layer, const float* d_x,
                                     int64_t x_stride, const CudaLoraOutput* y) {
   const int g = static_cast<int>(group);
+  // The order of the CPU's ApplyLora (model/lora_apply.cc): a merged DoRA adapter M left
+  // g_M (W + B_M A_M) x in the other tokens' rows, so they take 1 / g_M first, then the deltas of
+  // both passes, then each DoRA token takes its own g.
+  LP_RETURN_IF_ERROR(ScaleDoraRows(neg_, group, layer, y));
   for (const DeviceLoraPass* pass : {&own_, &neg_}) {
     if (!pass->active || pass->slices_off[layer][g] == SIZE_MAX) continue;
-    if (wait_for_upload_) {
-      // The copies queued on the upload stream must land before the first kernel reads them.
-      LP_RETURN_IF_ERROR(uploaded_event_.StreamWait(compute_.get()));
-      wait_for_upload_ = false;
-    }
+    LP_RETURN_IF_ERROR(WaitForAdapterUpload());
     const LoraModuleGroup& modules = ModulesOf(group);
     CudaLoraWeights w;
     w.num_adapters = pass->num_adapters;
@@ -426,7 +474,7 @@ absl::Status CudaBackend::ApplyLora(LoraGroup group, int64_t layer, const float*
           kernels::cuda::CudaBgmvExpand(y, DType::kF32, v, v_stride_, ta, n_, w, compute_.get()));
     }
   }
-  return absl::OkStatus();
+  return ScaleDoraRows(own_, group, layer, y);
 }
 
 absl::Status CudaBackend::Step(const ForwardBatch& batch, const LoraPlan& plan, KvCache* cache,
@@ -541,8 +589,10 @@ std::vector<int64_t> CudaBackend::GraphKey(const StepMeta& m) const {
                 static_cast<int64_t>(p->token_adapter_off), static_cast<int64_t>(p->starts_off),
                 static_cast<int64_t>(p->seg_adapter_off)});
     if (!p->active) continue;
-    for (const auto& groups : p->slices_off) {
-      for (size_t off : groups) key.push_back(static_cast<int64_t>(off));
+    for (const auto* table : {&p->slices_off, &p->scales_off}) {
+      for (const auto& groups : *table) {
+        for (size_t off : groups) key.push_back(static_cast<int64_t>(off));
+      }
     }
   }
   return key;

@@ -304,12 +304,6 @@ inline float ViewAt(const kernels::WeightView& v, int64_t i) {
 // W += B A for one pair, element by element in f32 from the current value, rounded once to w's
 // dtype. Both backends merge through it (on a host copy of the device bits for CUDA), so both give
 // the same bits.
-absl::Status CudaDoraUnimplemented() {
-  return absl::UnimplementedError(
-      "DoRA adapters are served by the CPU backend only: the CUDA backend has no per-row "
-      "rescale yet");
-}
-
 void MergePairInto(const LoraPair& pair, StoredMatrix* wp) {
   StoredMatrix& w = *wp;
   // W' = W + B A (DoRA: g (W + B A)), each element computed in f32 from the pristine value and
@@ -359,11 +353,6 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache, int6
   }
   top_k = std::min(top_k, config_.vocab_size);
   LP_RETURN_IF_ERROR(ValidateBatch(batch, config_, *cache));
-  if (options_.device == Device::kCuda) {
-    for (const LoraWeightsView* a : batch.adapters) {
-      if (a != nullptr && a->dora) return CudaDoraUnimplemented();
-    }
-  }
   impl_->plan.Build(batch, merged_);
   for (const LoraPass* pass : {&impl_->plan.own(), &impl_->plan.unmerge()}) {
     if (!pass->active) continue;
@@ -397,7 +386,6 @@ absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
   if (adapter == nullptr || static_cast<int64_t>(adapter->layers.size()) != config_.num_layers) {
     return absl::InvalidArgumentError("merge: adapter does not have one entry per layer");
   }
-  if (adapter->dora && options_.device == Device::kCuda) return CudaDoraUnimplemented();
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     for (int m = 0; m < kNumLinearModules; ++m) {
       const LoraPair* pair = adapter->layers[l][m];

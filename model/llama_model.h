@@ -81,7 +81,7 @@ struct LoraWeightsView {
   }
 
   std::vector<std::array<const LoraPair*, kNumLinearModules>> layers;
-  // Some pair has a DoRA scale (the CUDA backend refuses such views; see LlamaModel::Forward).
+  // Some pair has a DoRA scale (the forward pass then rescales that adapter's tokens' rows).
   bool dora = false;
   // Unique per view object, drawn from a global counter: a new adapter at a reused host address
   // can never hit a stale device copy.
@@ -204,7 +204,6 @@ class LlamaModel {
   // then. FAILED_PRECONDITION for a CPU model given a cache without host storage. On CUDA the
   // logits are copied back as f32 and the call returns when the step has finished on the device;
   // RESOURCE_EXHAUSTED when device memory for the KV pools, scratch or adapter copies runs out.
-  // UNIMPLEMENTED on CUDA for a DoRA adapter (LoraWeightsView::dora): the CPU backend only.
   absl::Status Forward(const ForwardBatch& batch, KvCache* cache, std::vector<float>* logits);
 
   // Runs one step for the samplers (engine and generate). top_k > 0 says that sampling needs only
@@ -241,8 +240,7 @@ class LlamaModel {
   // to 4 or 8 bits again would lose most of a low-rank delta and change the base for every other
   // request; such adapters are served unmerged. While merged, tokens of other adapters or of the
   // base model get the merged delta taken back out in the forward pass (mixed mode: y / g - B A x
-  // for DoRA), so the batch stays correct. FAILED_PRECONDITION when one is already merged;
-  // UNIMPLEMENTED for a DoRA adapter on CUDA.
+  // for DoRA), so the batch stays correct. FAILED_PRECONDITION when one is already merged.
   absl::Status Merge(const LoraWeightsView* adapter);
   // Restores the pristine base. FAILED_PRECONDITION when nothing is merged.
   absl::Status Unmerge();

@@ -2,7 +2,8 @@
 // same multi-step batches: prefill chunks and decode tokens of several sequences mixed in one step,
 // non-contiguous KV blocks, logits at every token; with PEFT adapters (tests/fixtures/peft, whose
 // CPU logits tests/adapters/peft_golden_test.cc checks against HF PEFT) unmerged, merged in mixed
-// mode, and after unmerge. Without a device every test skips with "no CUDA device found: <reason>";
+// mode, and after unmerge; DoRA adapters too (their per-row rescale, merged and in mixed mode).
+// Without a device every test skips with "no CUDA device found: <reason>";
 // LP_REQUIRE_CUDA=1 (scripts/gpu-check.sh) turns the skip into a failure.
 //
 // The same file also builds cuda_model_emulated_test (tests/model/cuda.cmake): model/ linked
@@ -21,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "adapters/base_weights.h"
 #include "adapters/lora_adapter.h"
 #include "model/device.h"
 #include "model/llama_model.h"
@@ -306,9 +308,18 @@ TEST_F(CudaModelTest, TopLogitsSelectedOnTheDeviceMatchTheWholeRows) {
   }
 }
 
+// Adapters of `dtype` for `m`, DoRA ones included (their norms read from `m`, which must not merge
+// while they load).
+adapters::AdapterLoadOptions PeftOptions(const LlamaModel& m,
+                                         kernels::DType dtype = kernels::DType::kF32) {
+  adapters::AdapterLoadOptions o{dtype, 256};
+  o.base_weights = adapters::DirectBaseWeights(m);
+  return o;
+}
+
 std::unique_ptr<adapters::LoraAdapter> LoadPeft(const std::string& name, const LlamaModel& m) {
   auto a = adapters::LoraAdapter::Load(FixturesDir() + "/peft/stories260k/" + name, m.config(),
-                                       {kernels::DType::kF32, 256});
+                                       PeftOptions(m));
   EXPECT_OK(a) << name;
   return a.ok() ? std::move(a).value() : nullptr;
 }
@@ -329,13 +340,16 @@ TEST_F(CudaModelTest, GraphReplaysMatchOpByOpLaunches) {
     ASSERT_TRUE(graphs && direct);
     auto qv = LoadPeft("qv", *graphs);
     auto all = LoadPeft("all_linear", *graphs);
-    ASSERT_TRUE(qv && all);
-    const std::vector<const LoraWeightsView*> adapters = {&qv->view(), &all->view()};
+    auto dora = LoadPeft("dora_all", *graphs);  // the graphs hold its row scales too
+    ASSERT_TRUE(qv && all && dora);
+    const std::vector<const LoraWeightsView*> adapters = {&qv->view(), &all->view(), &dora->view()};
     const int vocab = static_cast<int>(graphs->config().vocab_size);
-    const std::vector<Seq> seqs = {
-        {Ids(40, vocab, 4), 0}, {Ids(34, vocab, 5), -1}, {Ids(40, vocab, 6), 1}};
-    std::vector<std::vector<Chunk>> steps = {{{0, 7}, {1, 9}, {2, 3}}};
-    for (int i = 0; i < 25; ++i) steps.push_back({{0, 1}, {1, 1}, {2, 1}});
+    const std::vector<Seq> seqs = {{Ids(40, vocab, 4), 0},
+                                   {Ids(34, vocab, 5), -1},
+                                   {Ids(40, vocab, 6), 1},
+                                   {Ids(30, vocab, 7), 2}};
+    std::vector<std::vector<Chunk>> steps = {{{0, 7}, {1, 9}, {2, 3}, {3, 5}}};
+    for (int i = 0; i < 25; ++i) steps.push_back({{0, 1}, {1, 1}, {2, 1}, {3, 1}});
     for (int i = 0; i < 8; ++i) steps.push_back({{0, 1}, {2, 1}});
     const auto a = RunSteps(*graphs, seqs, steps, adapters);
     const auto b = RunSteps(*direct, seqs, steps, adapters);
@@ -414,6 +428,62 @@ TEST_F(CudaAdapterTest, MergedMixedModeMatchesCpuAndUnmergeRestoresTheBase) {
               ::loraplex::testing::StatusIs(absl::StatusCode::kFailedPrecondition));
 }
 
+// DoRA adapters (per-row scales g, tools/make_dora_goldens.py fixtures) beside plain LoRA and the
+// base model in one batch, over SGMV and BGMV steps: unmerged; with a DoRA adapter merged (every
+// other token takes 1 / g and the delta back out, another DoRA adapter's tokens then their own g);
+// and with a plain adapter merged beside DoRA tokens. Each against the CPU model; unmerge restores
+// the base bit for bit.
+TEST_F(CudaModelTest, DoraAdaptersMatchCpuUnmergedMergedAndMixed) {
+  auto cpu = LoadModel(Stories260KDir(), kernels::DType::kF32, Device::kCpu);
+  auto cuda = LoadModel(Stories260KDir(), kernels::DType::kF32, Device::kCuda);
+  ASSERT_TRUE(cpu && cuda);
+  std::vector<std::unique_ptr<adapters::LoraAdapter>> ads;
+  std::vector<const LoraWeightsView*> views;
+  for (const char* name : {"dora_qv", "dora_all", "qv", "dora_rslora"}) {
+    ads.push_back(LoadPeft(name, *cpu));
+    ASSERT_NE(ads.back(), nullptr);
+    views.push_back(&ads.back()->view());
+  }
+  ASSERT_TRUE(views[0]->dora && views[1]->dora && !views[2]->dora && views[3]->dora);
+  const int vocab = static_cast<int>(cpu->config().vocab_size);
+  const auto base_seqs = MixedSeqs(vocab);
+  const auto before = RunSteps(*cuda, base_seqs, MixedSteps(), views);
+  // Which adapter each of the three sequences takes; -1 = the base model.
+  const std::vector<std::vector<int32_t>> layouts = {{0, -1, 2}, {1, 0, -1}, {2, 1, 3}, {-1, 3, 1}};
+  // Nothing merged, then each adapter merged in turn (DoRA q/v, DoRA all-linear, plain qv).
+  for (int merged : {-1, 0, 1, 2}) {
+    SCOPED_TRACE(merged < 0 ? std::string("nothing merged") : "merged " + std::to_string(merged));
+    if (merged >= 0) {
+      ASSERT_OK(cpu->Merge(views[merged]));
+      ASSERT_OK(cuda->Merge(views[merged]));
+    }
+    for (const auto& l : layouts) {
+      const auto seqs = MixedSeqs(vocab, l[0], l[1], l[2]);
+      ExpectStepsClose(RunSteps(*cuda, seqs, MixedSteps(), views),
+                       RunSteps(*cpu, seqs, MixedSteps(), views),
+                       ::loraplex::testing::kCudaF32ModelLogits,
+                       "adapters " + std::to_string(l[0]) + "," + std::to_string(l[1]) + "," +
+                           std::to_string(l[2]));
+    }
+    // Decode-like: one step of short runs of every adapter and the base model.
+    std::vector<Seq> seqs;
+    std::vector<Chunk> step;
+    for (int j = -1; j < static_cast<int>(views.size()); ++j) {
+      seqs.push_back({Ids(2, vocab, 20 + j), j});
+      step.push_back({j + 1, 2});
+    }
+    ExpectStepsClose(RunSteps(*cuda, seqs, {step}, views), RunSteps(*cpu, seqs, {step}, views),
+                     ::loraplex::testing::kCudaF32ModelLogits, "every adapter in one step");
+    if (merged >= 0) {
+      ASSERT_OK(cpu->Unmerge());
+      ASSERT_OK(cuda->Unmerge());
+      const auto after = RunSteps(*cuda, base_seqs, MixedSteps(), views);
+      ASSERT_EQ(after.size(), before.size());
+      for (size_t i = 0; i < before.size(); ++i) EXPECT_EQ(after[i], before[i]) << "step " << i;
+    }
+  }
+}
+
 // bf16 weights and bf16 adapters, as the server loads them by default: the device copies widen
 // A and B exactly, so only the GEMM inputs' rounding separates CUDA from the CPU.
 TEST_F(CudaModelTest, Bf16AdaptersMatchCpu) {
@@ -422,14 +492,14 @@ TEST_F(CudaModelTest, Bf16AdaptersMatchCpu) {
   ASSERT_TRUE(cpu && cuda);
   std::vector<std::unique_ptr<adapters::LoraAdapter>> ads;
   std::vector<const LoraWeightsView*> views;
-  for (const char* name : {"all_linear", "rank64"}) {
+  for (const char* name : {"all_linear", "rank64", "dora_all"}) {
     auto a = adapters::LoraAdapter::Load(FixturesDir() + "/peft/stories260k/" + name, cpu->config(),
-                                         {kernels::DType::kBF16, 256});
+                                         PeftOptions(*cpu, kernels::DType::kBF16));
     ASSERT_OK(a);
     ads.push_back(std::move(a).value());
     views.push_back(&ads.back()->view());
   }
-  const auto seqs = MixedSeqs(static_cast<int>(cpu->config().vocab_size), 0, -1, 1);
+  const auto seqs = MixedSeqs(static_cast<int>(cpu->config().vocab_size), 0, 2, 1);
   ExpectStepsClose(RunSteps(*cuda, seqs, MixedSteps(), views),
                    RunSteps(*cpu, seqs, MixedSteps(), views),
                    ::loraplex::testing::kCudaBf16ModelLogits, "bf16 adapters");
@@ -487,8 +557,9 @@ std::vector<float> RunPrompt(LlamaModel& m, const PeftPrompt& g,
 }
 
 // The checks tests/adapters/peft_golden_test.cc makes on the CPU, here on CUDA: every stories260K
-// PEFT fixture's logits, unmerged and merged, from the HF copy and the GGUF file; and the base
-// model's logits while an adapter is merged (mixed mode).
+// PEFT fixture's logits (DoRA ones included, against PEFT's DoraLinearLayer), unmerged and merged,
+// from the HF copy and the GGUF file; and the base model's logits while an adapter is merged (mixed
+// mode).
 TEST_F(CudaModelTest, PeftGoldensOnCudaUnmergedAndMerged) {
   const std::vector<PeftPrompt> base =
       ReadPeftGolden(FixturesDir() + "/peft/stories260k/base_logits.json");
@@ -496,11 +567,13 @@ TEST_F(CudaModelTest, PeftGoldensOnCudaUnmergedAndMerged) {
   for (const std::string& path : {Stories260KDir(), Stories260KDir() + "/stories260K.gguf"}) {
     auto m = LoadModel(path, kernels::DType::kF32, Device::kCuda);
     ASSERT_NE(m, nullptr);
-    for (const char* name : {"qv", "qv_f16", "all_linear", "rslora", "patterns", "layers", "regex",
-                             "rank1", "rank64", "fan_in_fan_out"}) {
+    for (const char* name :
+         {"qv", "qv_f16", "all_linear", "rslora", "patterns", "layers", "regex", "rank1", "rank64",
+          "fan_in_fan_out", "dora_qv", "dora_all", "dora_rslora"}) {
       SCOPED_TRACE(path + " " + name);
+      // DoRA norms from the CUDA model's own (device) base weights, nothing merged meanwhile.
       auto ad = adapters::LoraAdapter::Load(FixturesDir() + "/peft/stories260k/" + name,
-                                            m->config(), {kernels::DType::kF32, 256});
+                                            m->config(), PeftOptions(*m));
       ASSERT_OK(ad);
       const LoraWeightsView* view = &(*ad)->view();
       const auto golden =
