@@ -26,9 +26,6 @@ absl::Status OfflineAdapter::Load(const std::vector<std::string>& dirs,
   opts.max_rank = max_rank;
   // Nothing merges while adapters load here (Merge runs after, on this thread).
   opts.base_weights = adapters::DirectBaseWeights(model);
-  if (model.device() == model::Device::kCuda) {
-    opts.dora_refused = "DoRA adapters run on the CPU backend only (--device cpu)";
-  }
   std::vector<adapters::MixPart> parts;
   for (size_t i = 0; i < dirs.size(); ++i) {
     auto a = adapters::LoraAdapter::Load(dirs[i], model.config(), opts);

@@ -13,7 +13,7 @@
 //   merge H when s > R = 1/2 + S / (2 T c h);  unmerge it when s < L = 1/2 - S / (2 T c h).
 // Between L and R nothing changes (hysteresis: each switch must earn its cost back). The base
 // model ("") and weighted mixes ("@mix") are never candidates, nor adapters a client set the mode
-// of by hand or that cannot be merged (a quantized base, DoRA on CUDA).
+// of by hand or that cannot be merged (a quantized base).
 //
 // DecideMerge is a pure function of its inputs (tests/server/merge_policy_test.cc); MergePolicy
 // turns successive engine snapshots into those inputs.

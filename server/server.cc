@@ -159,11 +159,6 @@ absl::Status Server::OpenRegistry(const ServerOptions& options) {
                                std::array<std::vector<float>, model::kNumLinearModules>* weights) {
     return ReadBaseWeights(layer, wanted, weights);
   };
-  if (model_->device() == model::Device::kCuda) {
-    r.load.dora_refused =
-        "DoRA adapters are served by the CPU backend only (the CUDA backend has no per-row "
-        "rescale yet)";
-  }
   r.max_loaded = admin.max_loaded;
   r.memory_bytes = admin.memory_bytes;
   r.max_upload_bytes = admin.max_adapter_bytes;
