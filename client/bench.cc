@@ -333,8 +333,7 @@ void PrintSummary(const nlohmann::json& r, const std::string& title) {
   }
   std::cout << FormatTable(rows);
   if (r["retries"].get<int64_t>() > 0) {
-    std::cout << "retried attempts: " << r["retries"] << " " << r["retried_by_code"].dump()
-              << "\n";
+    std::cout << "retried attempts: " << r["retries"] << " " << r["retried_by_code"].dump() << "\n";
   }
   if (r["errors"].get<int64_t>() > 0) {
     std::cout << "errors by code: " << r["errors_by_code"].dump() << "\n";
