@@ -376,6 +376,9 @@ absl::StatusOr<std::unique_ptr<HttpFront>> HttpFront::Start(const HttpFrontOptio
   impl.started = absl::ToUnixSeconds(absl::Now());
   impl.Routes();
   impl.http.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
+  // cpp-httplib writes a response's headers and body apart: with Nagle on, the body would wait
+  // for the client's delayed ACK of the headers.
+  impl.http.set_tcp_nodelay(true);
   impl.http.set_read_timeout(30);
   impl.http.set_write_timeout(30);
   const int threads = options.threads;
