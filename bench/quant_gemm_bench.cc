@@ -1,6 +1,7 @@
 // Gemm on GGUF-quantized weights against bf16 weights, on the SmolLM2-135M projection shapes, for
-// decode (m = 1) and a 32-token prefill chunk, once per CPU table this machine has (avx512 runs
-// the AVX-512 VNNI quant table where the CPU has VNNI; avx2 the vpmaddubsw one). Counters:
+// decode (m = 1), batched decode steps of 8 and 32 tokens and a 128-token prefill, once per CPU
+// table this machine has (amx: AMX tiles, for the 32-value formats at 8 tokens or more; avx512
+// runs the AVX-512 VNNI quant table where the CPU has VNNI; avx2 the vpmaddubsw one). Counters:
 // weight_GBps, the weight bytes one call streams (the stored blocks, scales included) per second,
 // the figure to set beside bandwidth_bench for decode, and GFLOPS (2*m*n*k). Warm runs reuse one
 // copy of the weights, which for all but lm_head (49152 x 576: 30 MB as Q8_0, 57 MB as bf16) then
@@ -19,6 +20,7 @@
 #include "bench/smollm2_shapes.h"
 #include "common/half.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/quant_ops.h"
 #include "kernels/kernels.h"
 #include "kernels/quant.h"
 
@@ -29,9 +31,9 @@ using loraplex::kernels::WeightView;
 
 using loraplex::bench::Shape;
 constexpr const auto& kShapes = loraplex::bench::kSmolLm2Shapes;
-const int64_t kTokens[] = {1, 32};
+const int64_t kTokens[] = {1, 8, 32, 128};
 const DType kTypes[] = {DType::kBF16, DType::kQ4_1, DType::kQ8_0, DType::kQ4_K};
-const char* const kIsas[] = {"avx512", "avx2"};
+const char* const kIsas[] = {"amx", "avx512", "avx2"};
 
 // Random weights with plausible scales: f16 fields set so that values stay within ~0.1.
 std::vector<uint8_t> MakeWeights(DType t, int64_t n, int64_t k) {
@@ -107,6 +109,11 @@ void RegisterAll() {
         // has them (llama.cpp stores 576-column tensors of a K-quant model in another type).
         if (s.k % loraplex::kernels::BlockSize(t) != 0) continue;
         for (const char* isa : kIsas) {
+          // amx differs from avx512 only for the 32-value formats at AmxMinTokens() or more.
+          if (std::string(isa) == "amx" && (m < loraplex::kernels::cpu::AmxMinTokens() ||
+                                            loraplex::kernels::BlockSize(t) != 32)) {
+            continue;
+          }
           for (bool cold : {false, true}) {
             if (cold && m != 1) continue;  // prefill is compute-bound: weights from cache
             const std::string name = std::string(loraplex::kernels::DTypeName(t)) + "_" + isa +

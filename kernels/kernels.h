@@ -153,11 +153,12 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
                     float scale, int64_t sliding_window = 0);
 }  // namespace ref
 
-// Which fast path the CPU backend dispatched to: "avx512", "avx2" or "scalar". Chosen once per
-// process: the best table the CPU (checked at runtime, so one binary runs on any x86-64) and the
-// build support; LP_CPU_ISA=scalar|avx2|avx512 in the environment asks for another, for debugging
-// and for comparing them (a table this CPU cannot run falls back to the best supported). There is
-// no AVX512-BF16 (vdpbf16ps) table: with f32 activations split into bf16 parts to stay within f32
+// Which fast path the CPU backend dispatches to: "amx" (the avx512 table, with AMX tiles for
+// quantized GEMMs of many tokens), "avx512", "avx2" or "scalar". Chosen once per process: the best
+// table the CPU (checked at runtime, so one binary runs on any x86-64) and the build support;
+// LP_CPU_ISA=scalar|avx2|avx512|amx in the environment asks for another, for debugging and for
+// comparing them (a table this CPU cannot run falls back to the best supported). There is no
+// AVX512-BF16 (vdpbf16ps) table: with f32 activations split into bf16 parts to stay within f32
 // accuracy it measured 2.3-3.9x slower than the AVX-512 FMA loops at 128 tokens
 // (docs/benchmarks.md).
 const char* CpuKernelIsa();

@@ -9,6 +9,7 @@
 #include <cpuid.h>
 #endif
 
+#include "kernels/cpu/quant_ops.h"
 #include "kernels/kernels.h"
 
 namespace loraplex::kernels::cpu {
@@ -23,30 +24,51 @@ bool F16cSupported() {
 }
 #endif
 
-// The table called `name` when this CPU and build can run it, else nullptr.
-const CpuOps* Supported(const char* name) {
-  if (std::strcmp(name, "scalar") == 0) return &ScalarOps();
-  if (std::strcmp(name, "avx2") == 0) return Avx2Supported() ? Avx2Ops() : nullptr;
-  if (std::strcmp(name, "avx512") == 0) return Avx512Supported() ? Avx512Ops() : nullptr;
-  return nullptr;
+// One choice of ISA: a CpuOps table, and whether quantized GEMMs may use the AMX tiles.
+struct Choice {
+  const CpuOps* ops = nullptr;
+  bool amx = false;
+};
+
+// The choice called `name` when this CPU and build can run it, else {nullptr}.
+Choice Supported(const char* name) {
+  if (std::strcmp(name, "scalar") == 0) return {&ScalarOps()};
+  if (std::strcmp(name, "avx2") == 0) return {Avx2Supported() ? Avx2Ops() : nullptr};
+  if (std::strcmp(name, "avx512") == 0) return {Avx512Supported() ? Avx512Ops() : nullptr};
+  if (std::strcmp(name, "amx") == 0 && Avx512Supported() && Avx512Ops() != nullptr &&
+      AmxSupported()) {
+    return {Avx512Ops(), true};
+  }
+  return {};
 }
 
 // Best first.
-constexpr const char* kPreference[] = {"avx512", "avx2", "scalar"};
+constexpr const char* kPreference[] = {"amx", "avx512", "avx2", "scalar"};
 
-const CpuOps* Choose() {
+Choice Choose() {
   const char* want = std::getenv("LP_CPU_ISA");
   if (want != nullptr) {
-    if (const CpuOps* ops = Supported(want)) return ops;
+    if (const Choice c = Supported(want); c.ops != nullptr) return c;
   }
   for (const char* name : kPreference) {
-    if (const CpuOps* ops = Supported(name)) return ops;
+    if (const Choice c = Supported(name); c.ops != nullptr) return c;
   }
-  return &ScalarOps();
+  return {&ScalarOps()};
 }
 
-std::atomic<const CpuOps*>& Active() {
-  static std::atomic<const CpuOps*> active{Choose()};
+// The active choice, made once (and changed only by SetActiveCpuOpsForTesting); the kernels read
+// it relaxed.
+struct Active {
+  Active() {
+    const Choice c = Choose();
+    ops.store(c.ops);
+    amx.store(c.amx);
+  }
+  std::atomic<const CpuOps*> ops;
+  std::atomic<bool> amx;
+};
+Active& ActiveChoice() {
+  static Active active;
   return active;
 }
 
@@ -75,12 +97,15 @@ bool Avx512Supported() {
 #endif
 }
 
-const CpuOps& ActiveCpuOps() { return *Active().load(std::memory_order_relaxed); }
+const CpuOps& ActiveCpuOps() { return *ActiveChoice().ops.load(std::memory_order_relaxed); }
+
+bool AmxEnabled() { return ActiveChoice().amx.load(std::memory_order_relaxed); }
 
 bool SetActiveCpuOpsForTesting(const char* name) {
-  const CpuOps* ops = Supported(name);
-  if (ops == nullptr) return false;
-  Active().store(ops);
+  const Choice c = Supported(name);
+  if (c.ops == nullptr) return false;
+  ActiveChoice().ops.store(c.ops);
+  ActiveChoice().amx.store(c.amx);
   return true;
 }
 
@@ -88,6 +113,6 @@ bool SetActiveCpuOpsForTesting(const char* name) {
 
 namespace loraplex::kernels {
 
-const char* CpuKernelIsa() { return cpu::ActiveCpuOps().name; }
+const char* CpuKernelIsa() { return cpu::AmxEnabled() ? "amx" : cpu::ActiveCpuOps().name; }
 
 }  // namespace loraplex::kernels

@@ -71,13 +71,15 @@ bool Avx2Supported();
 const CpuOps* Avx512Ops();
 bool Avx512Supported();
 
-// The table the fast ops use: the best one this CPU and build support (avx512 > avx2 > scalar),
-// chosen once; the environment variable LP_CPU_ISA=scalar|avx2|avx512 asks for another (a request
-// the CPU or build cannot serve, or an unknown name, falls back to the best supported).
+// The table the fast ops use: the best one this CPU and build support (amx > avx512 > avx2 >
+// scalar), chosen once; the environment variable LP_CPU_ISA=scalar|avx2|avx512|amx asks for
+// another (a request the CPU or build cannot serve, or an unknown name, falls back to the best
+// supported). "amx" is the avx512 table plus the AMX tiles for quantized GEMMs of many tokens
+// (quant_ops.h: AmxEnabled); "avx512" keeps those on the VNNI loops.
 const CpuOps& ActiveCpuOps();
 
-// Tests only: makes `name` the active table. Returns false (and changes nothing) when that ISA is
-// not available on this CPU/build. Not thread-safe with concurrent kernel calls.
+// Tests only: makes `name` (as LP_CPU_ISA) the active choice. Returns false (and changes nothing)
+// when that ISA is not available on this CPU/build. Not thread-safe with concurrent kernel calls.
 bool SetActiveCpuOpsForTesting(const char* name);
 
 }  // namespace loraplex::kernels::cpu

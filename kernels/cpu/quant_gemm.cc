@@ -7,6 +7,12 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "common/logging.h"
 #include "common/thread_pool.h"
 #include "kernels/cpu/cpu_ops.h"
@@ -42,6 +48,39 @@ bool Avx512VnniSupported() {
 #else
   return false;
 #endif
+}
+
+bool AmxSupported() {
+#if defined(__x86_64__)
+  static const bool supported = [] {
+    if (!Avx512VnniSupported() || AmxQuantOps() == nullptr) return false;
+    unsigned eax, ebx, ecx, edx;
+    // CPUID.(7,0):EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if ((edx & (1u << 24)) == 0 || (edx & (1u << 25)) == 0) return false;
+    // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA): the OS saves the tile state (Avx512Supported
+    // already checked OSXSAVE).
+    uint32_t xcr0_lo, xcr0_hi;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;
+    // Linux (5.16+) lets a process use the 8 KiB tile data only once it asked: without this the
+    // first tile instruction faults. Refused on older kernels and where a thread's sigaltstack is
+    // too small for the larger signal frame; then the VNNI loops serve.
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+int64_t AmxMinTokens() { return 8; }
+
+const QuantOps& QuantOpsFor(DType t, int64_t m) {
+  if (AmxEnabled() && BlockSize(t) == 32 && m >= AmxMinTokens()) return *AmxQuantOps();
+  return ActiveQuantOps();
 }
 
 const QuantOps& ActiveQuantOps() {
@@ -87,13 +126,13 @@ void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int c
   for (int i = 0; i < count; ++i) {
     LP_CHECK(outputs[i].w.rows == 0 || (outputs[i].y != nullptr && outputs[i].w.data != nullptr));
   }
-  const QuantOps& ops = ActiveQuantOps();
+  const QuantOps& ops = QuantOpsFor(t, m);
 
   // The activations, quantized once for every output: small (about k bytes per token), kept per
-  // calling thread.
+  // calling thread; rows up to a multiple of 16 (QuantOpsFor).
   const int64_t row_bytes = ops.act_row_bytes(t, k);
   thread_local std::vector<Line> xq_buffer;
-  xq_buffer.resize(static_cast<size_t>((m * row_bytes + 63) / 64));
+  xq_buffer.resize(static_cast<size_t>(((m + 15) / 16 * 16 * row_bytes + 63) / 64));
   uint8_t* xq = xq_buffer.data()->bytes;
   ThreadPool::Default().ParallelFor(
       m, [&](int64_t i0, int64_t i1) { ops.quantize_act(t, x, k, i0, i1, xq); },
@@ -126,6 +165,8 @@ void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int c
 
 namespace loraplex::kernels {
 
-const char* QuantKernelIsa() { return cpu::ActiveQuantOps().name; }
+const char* QuantKernelIsa() {
+  return cpu::AmxEnabled() ? cpu::AmxQuantOps()->name : cpu::ActiveQuantOps().name;
+}
 
 }  // namespace loraplex::kernels

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/quant_ops.h"
 #include "kernels/kernels.h"
 #include "tests/kernels/kernel_test_util.h"
 #include "tests/testing/testing.h"
@@ -97,7 +98,9 @@ TEST(CpuKernelIsaTest, ReportsTheBestSupportedIsa) {
   // for another).
   if (std::getenv("LP_CPU_ISA") != nullptr) GTEST_SKIP() << "LP_CPU_ISA is set";
   std::string expected = "scalar";
-  if (cpu::Avx512Supported() && cpu::Avx512Ops() != nullptr) {
+  if (cpu::Avx512Supported() && cpu::Avx512Ops() != nullptr && cpu::AmxSupported()) {
+    expected = "amx";
+  } else if (cpu::Avx512Supported() && cpu::Avx512Ops() != nullptr) {
     expected = "avx512";
   } else if (cpu::Avx2Supported() && cpu::Avx2Ops() != nullptr) {
     expected = "avx2";
@@ -114,7 +117,7 @@ TEST(CpuKernelIsaTest, UnknownNameIsRefused) {
 // Every table the CPU supports can be selected by name and then reports that name.
 TEST(CpuKernelIsaTest, SelectsEachSupportedTableByName) {
   const std::string before = CpuKernelIsa();
-  for (const std::string& isa : AllIsas()) {
+  for (const std::string& isa : testing::AllChoices()) {
     if (!cpu::SetActiveCpuOpsForTesting(isa.c_str())) continue;
     EXPECT_EQ(CpuKernelIsa(), isa);
   }

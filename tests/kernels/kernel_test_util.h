@@ -33,7 +33,7 @@ inline std::vector<uint16_t> ToBf16(const std::vector<float>& v) {
 class IsaTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    saved_ = cpu::ActiveCpuOps().name;
+    saved_ = CpuKernelIsa();
     if (!cpu::SetActiveCpuOpsForTesting(GetParam().c_str())) {
       GTEST_SKIP() << "the " << GetParam()
                    << " table is not available: this CPU lacks the instructions (or the build has "
@@ -47,5 +47,8 @@ class IsaTest : public ::testing::TestWithParam<std::string> {
 };
 
 inline std::vector<std::string> AllIsas() { return {"scalar", "avx2", "avx512"}; }
+// Also "amx": the avx512 table with the AMX quantized GEMMs (only the quantized GEMMs of
+// cpu::AmxMinTokens() or more tokens differ from "avx512").
+inline std::vector<std::string> AllChoices() { return {"scalar", "avx2", "avx512", "amx"}; }
 
 }  // namespace loraplex::kernels::testing

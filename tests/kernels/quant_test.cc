@@ -29,6 +29,7 @@
 #include "formats/dequantize.h"
 #include "formats/gguf.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/quant_ops.h"
 #include "kernels/kernels.h"
 #include "nlohmann/json.hpp"
 #include "tests/kernels/kernel_test_util.h"
@@ -37,7 +38,7 @@
 namespace loraplex::kernels {
 namespace {
 
-using ::loraplex::kernels::testing::AllIsas;
+using ::loraplex::kernels::testing::AllChoices;
 using ::loraplex::kernels::testing::IsaTest;
 using ::loraplex::kernels::testing::RandomVector;
 
@@ -349,6 +350,11 @@ TEST_P(QuantGemmTest, PicksTheQuantTableOfTheIsa) {
   if (isa == "avx512") {
     EXPECT_TRUE(std::string(QuantKernelIsa()) == "avx512vnni" ||
                 std::string(QuantKernelIsa()) == "avx2");
+  } else if (isa == "amx") {
+    EXPECT_EQ(std::string(QuantKernelIsa()), "amx");
+    EXPECT_EQ(&cpu::QuantOpsFor(DType::kQ4_1, cpu::AmxMinTokens()), cpu::AmxQuantOps());
+    EXPECT_EQ(&cpu::QuantOpsFor(DType::kQ4_1, cpu::AmxMinTokens() - 1), cpu::Avx512VnniQuantOps());
+    EXPECT_EQ(&cpu::QuantOpsFor(DType::kQ6_K, 64), cpu::Avx512VnniQuantOps());
   } else {
     EXPECT_EQ(std::string(QuantKernelIsa()), isa);
   }
@@ -386,7 +392,7 @@ TEST_P(QuantGemmTest, AccumulateAddsToY) {
   uint32_t seed = 500;
   for (DType t : kQuantTypes) {
     const int64_t k = BlockSize(t) == 32 ? 17 * 32 : 768;
-    for (int64_t m : {1, 5}) {
+    for (int64_t m : {1, 5, 21}) {
       CheckQuantGemm(t, m, 21, k, /*accumulate=*/true, seed++);
       if (HasFailure()) return;
     }
@@ -400,6 +406,7 @@ TEST_P(QuantGemmTest, SmolLm2Shapes) {
   for (DType t : {DType::kQ4_1, DType::kQ8_0, DType::kQ4_0}) {
     CheckQuantGemm(t, 1, 1536, 576, false, seed++);
     CheckQuantGemm(t, 5, 576, 1536, false, seed++);
+    CheckQuantGemm(t, 32, 192, 576, false, seed++);  // a batched decode step (AMX tiles)
     if (HasFailure()) return;
   }
   CheckQuantGemm(DType::kQ4_K, 1, 576, 1536, false, seed++);
@@ -491,7 +498,7 @@ TEST_P(QuantGemmTest, ReadsNothingPastTheLastBlock) {
       uint8_t* end_aligned = base + span - bytes;  // the blocks end where the guard page starts
       std::memcpy(end_aligned, blocks.data(), bytes);
       const WeightView w{t, end_aligned, n, k};
-      for (int64_t m : {1, 5}) {
+      for (int64_t m : {1, 5, 17}) {
         const std::vector<float> x = RandomActivations(m, k, 3);
         std::vector<float> guarded(m * n), elsewhere(m * n);
         Gemm(guarded.data(), x.data(), m, w);  // a read past the end faults here
@@ -503,7 +510,7 @@ TEST_P(QuantGemmTest, ReadsNothingPastTheLastBlock) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllIsas, QuantGemmTest, ::testing::ValuesIn(AllIsas()));
+INSTANTIATE_TEST_SUITE_P(AllIsas, QuantGemmTest, ::testing::ValuesIn(AllChoices()));
 
 // ---- the real model file (an extra check; the fixtures above are the CI test)
 
