@@ -1,6 +1,6 @@
 // Gemm on GGUF-quantized weights against bf16 weights, on the SmolLM2-135M projection shapes, for
 // decode (m = 1), batched decode steps of 8 and 32 tokens and a 128-token prefill, once per CPU
-// table this machine has (amx: AMX tiles, for the 32-value formats at 8 tokens or more; avx512
+// table this machine has (amx: AMX tiles, for all formats but Q6_K at 8 tokens or more; avx512
 // runs the AVX-512 VNNI quant table where the CPU has VNNI; avx2 the vpmaddubsw one). Counters:
 // weight_GBps, the weight bytes one call streams (the stored blocks, scales included) per second,
 // the figure to set beside bandwidth_bench for decode, and GFLOPS (2*m*n*k). Warm runs reuse one
@@ -109,9 +109,9 @@ void RegisterAll() {
         // has them (llama.cpp stores 576-column tensors of a K-quant model in another type).
         if (s.k % loraplex::kernels::BlockSize(t) != 0) continue;
         for (const char* isa : kIsas) {
-          // amx differs from avx512 only for the 32-value formats at AmxMinTokens() or more.
+          // amx differs from avx512 only for its formats at AmxMinTokens() tokens or more.
           if (std::string(isa) == "amx" && (m < loraplex::kernels::cpu::AmxMinTokens() ||
-                                            loraplex::kernels::BlockSize(t) != 32)) {
+                                            !loraplex::kernels::cpu::AmxFormat(t))) {
             continue;
           }
           for (bool cold : {false, true}) {

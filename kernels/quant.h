@@ -58,7 +58,7 @@ void DequantizeRow(DType t, const void* row, float* out, int64_t cols);
 void QuantizeRow(DType t, const float* x, void* row, int64_t cols);
 
 // The integer-dot-product table the fast Gemm runs quantized weights on: "amx" (AMX tile multiplies
-// for the 32-value formats at 8 tokens or more, the VNNI loops for the rest, when CpuKernelIsa()
+// for all formats but Q6_K at 8 tokens or more, the VNNI loops for the rest, when CpuKernelIsa()
 // is "amx"), "avx512vnni" (vpdpbusd, when it is avx512 and the CPU has AVX512-VNNI), "avx2"
 // (vpmaddubsw, also for an avx512 CPU without VNNI) or "scalar". Follows LP_CPU_ISA and the
 // CpuOps test override.

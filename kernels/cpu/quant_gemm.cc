@@ -78,8 +78,10 @@ bool AmxSupported() {
 
 int64_t AmxMinTokens() { return 8; }
 
+bool AmxFormat(DType t) { return BlockSize(t) == 32 || t == DType::kQ4_K || t == DType::kQ5_K; }
+
 const QuantOps& QuantOpsFor(DType t, int64_t m) {
-  if (AmxEnabled() && BlockSize(t) == 32 && m >= AmxMinTokens()) return *AmxQuantOps();
+  if (AmxEnabled() && AmxFormat(t) && m >= AmxMinTokens()) return *AmxQuantOps();
   return ActiveQuantOps();
 }
 

@@ -26,7 +26,7 @@ constexpr int64_t kSums = 16;  // activation bsums per super-block, one per 16 v
 // a 2-core EPYC streaming 100 MB of Q4_1 / Q8_0 rows: 1 KiB +10%, 2-4 KiB +25% over none.
 constexpr int kPrefetchDistance = 2048;
 
-inline bool IsKQuant(DType t) {
+constexpr bool IsKQuant(DType t) {
   return t == DType::kQ4_K || t == DType::kQ5_K || t == DType::kQ6_K;
 }
 

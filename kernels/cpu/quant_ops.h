@@ -59,8 +59,9 @@ const QuantOps* Avx2QuantOps();
 const QuantOps* Avx512VnniQuantOps();
 // Avx512Supported() and the CPU has AVX512-VNNI.
 bool Avx512VnniSupported();
-// The AMX loops (tile multiplies of 16 tokens x 16 weight rows) for the 32-value formats, or
-// nullptr when this build has none. Callable when AmxSupported().
+// The AMX loops (tile multiplies of 16 tokens x 16 weight rows over one 32-value block) for Q8_0,
+// Q4_0, Q4_1, Q4_K and Q5_K (not Q6_K, whose scales cover 16 values), or nullptr when this build
+// has none. Callable when AmxSupported().
 const QuantOps* AmxQuantOps();
 // Avx512VnniSupported(), the build has the AMX table, the CPU has AMX-TILE and AMX-INT8, the OS
 // saves the tile state, and the kernel granted this process its use (arch_prctl
@@ -72,13 +73,15 @@ bool AmxEnabled();
 // The fewest tokens a call needs for the AMX table (8): below, the tiles (16 tokens each) are
 // mostly empty, and the VNNI loops are as fast (measured with quant_gemm_bench, m = 4, 8, 16).
 int64_t AmxMinTokens();
+// The formats the AMX table has loops for: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K.
+bool AmxFormat(DType t);
 
 // The table for the active CpuOps table (ActiveCpuOps()): avx512 -> avx512vnni when the CPU has
 // VNNI, else avx2; avx2 -> avx2; scalar -> scalar. So LP_CPU_ISA and SetActiveCpuOpsForTesting
 // choose both tables together.
 const QuantOps& ActiveQuantOps();
 // The table one call of m tokens on weights of type t runs: AmxQuantOps() when AmxEnabled(), t is
-// a 32-value format (Q8_0, Q4_0, Q4_1) and m >= AmxMinTokens(); else ActiveQuantOps(). Activation
+// one of its formats (all but Q6_K) and m >= AmxMinTokens(); else ActiveQuantOps(). Activation
 // buffers hold a multiple of 16 rows (the AMX table reads whole 16-token tiles; the rows past m
 // are never used in a result).
 const QuantOps& QuantOpsFor(DType t, int64_t m);

@@ -1,21 +1,23 @@
-// AMX (Advanced Matrix Extensions, AMX-TILE + AMX-INT8) loops for the 32-value formats (Q8_0,
-// Q4_0, Q4_1) on batches of tokens: prefill and batched decode. quant_gemm.cc calls this table
-// only where the CPU has AMX, the kernel granted this process the tile state (arch_prctl), and a
-// call has enough tokens (AmxMinTokens() in quant_ops.h); decode (m = 1) and the K-quants stay on
+// AMX (Advanced Matrix Extensions, AMX-TILE + AMX-INT8) loops for Q8_0, Q4_0, Q4_1, Q4_K and Q5_K
+// on batches of tokens: prefill and batched decode. quant_gemm.cc calls this table only where the
+// CPU has AMX, the kernel granted this process the tile state (arch_prctl), and a call has enough
+// tokens (AmxMinTokens() in quant_ops.h); decode (m = 1) and Q6_K (scales per 16 values) stay on
 // the AVX-512 VNNI table. This file alone is compiled with the AMX flags (kernels/quant.cmake).
 //
 // One tile multiply (tdpbssd / tdpbsud) computes the int32 dot products of 16 tokens x 16 weight
-// rows over one 32-value block (K = 32 bytes):
+// rows over one 32-value block (K = 32 bytes; for the K-quants one 32-value sub-block):
 //   A: 16 token rows x 32 int8 activation codes, read in place from the activations
 //     (the natural layout of quant_layout.h: each row's codes contiguous, block b at b * 32);
 //   B: the 32 codes of 16 weight rows in the tiles' "VNNI" order, 8 rows of 64 bytes:
 //     row r holds codes 4r..4r+3 of weight rows 0..15, four bytes each. The codes are unpacked
 //     once per group of 16 weight rows into a panel (per block: these 512 bytes and the rows'
 //     scales as f32), then serve every 16-token tile of the call. Q4_0's codes become q - 8 and
-//     Q8_0's stay signed (tdpbssd); Q4_1's stay 0..15 (tdpbsud: signed activations x unsigned
-//     weights).
+//     Q8_0's stay signed (tdpbssd); Q4_1's, Q4_K's and Q5_K's stay unsigned (tdpbsud: signed
+//     activations x unsigned weights).
 //   C: the 16 x 16 int32 sums, stored to memory and folded into f32 accumulators by
-//     AVX-512: acc[i] += float(C[i]) * (dw * da[i]) (+ m * sa[i] for Q4_1), per block.
+//     AVX-512: acc[i] += float(C[i]) * (dw * da[i]) (+ mw * sa[i]), per block, where dw is the
+//     block's scale (d, or d * sc[s] for a K-quant sub-block), mw its min (m of Q4_1,
+//     -dmin * mn[s] of a K-quant), da the token's activation scale and sa = da * sum(codes).
 // These are the same integer sums and the same per-block scales as the other tables (quant_ops.h);
 // only the order of the float operations differs.
 //
@@ -101,6 +103,12 @@ LP_AMX_INLINE __m512i Quantize16(const float* x, __m512 inv, int8_t* q) {
 
 int64_t ActRowBytes(DType t, int64_t k) { return NaturalLayoutOf(t, k).row_bytes; }
 
+LP_AMX_INLINE float AbsMax(const float* x, int64_t n) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  return _mm512_reduce_max_ps(m);
+}
+
 void QuantizeAct(DType t, const float* x, int64_t k, int64_t i_begin, int64_t i_end, uint8_t* xq) {
   const NaturalLayout l = NaturalLayoutOf(t, k);
   for (int64_t i = i_begin; i < i_end; ++i) {
@@ -108,12 +116,24 @@ void QuantizeAct(DType t, const float* x, int64_t k, int64_t i_begin, int64_t i_
     uint8_t* row = xq + i * l.row_bytes;
     int8_t* qa = reinterpret_cast<int8_t*>(row);
     float* da = reinterpret_cast<float*>(row + l.scale_offset);
+    if (IsKQuant(t)) {  // one scale per 256 values, the sums of each 16 codes (bsums)
+      int16_t* bsums = reinterpret_cast<int16_t*>(row + l.extra_offset);
+      for (int64_t b = 0; b < k / kQK; ++b) {
+        const float* xb = xi + b * kQK;
+        const ActScale s = ActScaleOf(AbsMax(xb, kQK));
+        da[b] = s.d;
+        const __m512 inv = _mm512_set1_ps(s.inv);
+        for (int64_t g = 0; g < kQK / kSums; ++g) {
+          const __m512i q = Quantize16(xb + g * kSums, inv, qa + b * kQK + g * kSums);
+          bsums[b * (kQK / kSums) + g] = static_cast<int16_t>(_mm512_reduce_add_epi32(q));
+        }
+      }
+      continue;
+    }
     float* sa = reinterpret_cast<float*>(row + l.extra_offset);
     for (int64_t b = 0; b < k / kQ32; ++b) {
       const float* xb = xi + b * kQ32;
-      const __m512 a = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xb)),
-                                     _mm512_abs_ps(_mm512_loadu_ps(xb + 16)));
-      const ActScale s = ActScaleOf(_mm512_reduce_max_ps(a));
+      const ActScale s = ActScaleOf(AbsMax(xb, kQ32));
       const __m512 inv = _mm512_set1_ps(s.inv);
       const __m512i q0 = Quantize16(xb, inv, qa + b * kQ32);
       const __m512i q1 = Quantize16(xb + 16, inv, qa + b * kQ32 + 16);
@@ -130,17 +150,29 @@ struct Format;
 template <>
 struct Format<DType::kQ4_0> {
   static constexpr int kBytes = 18, kCodes = 2;  // f16 d | 16 nibble bytes
-  static constexpr bool kNibbles = true, kMins = false;
+  static constexpr bool kNibbles = true, kMins = false, kUnsigned = false;
 };
 template <>
 struct Format<DType::kQ4_1> {
   static constexpr int kBytes = 20, kCodes = 4;  // f16 d | f16 m | 16 nibble bytes
-  static constexpr bool kNibbles = true, kMins = true;
+  static constexpr bool kNibbles = true, kMins = true, kUnsigned = true;
 };
 template <>
 struct Format<DType::kQ8_0> {
   static constexpr int kBytes = 34, kCodes = 2;  // f16 d | 32 int8 codes
-  static constexpr bool kNibbles = false, kMins = false;
+  static constexpr bool kNibbles = false, kMins = false, kUnsigned = false;
+};
+// The K-quants with 32-value sub-blocks (kernels/quant.h): each sub-block is one tile block, its
+// scale d * sc[s] and min -dmin * mn[s]; codes 0..15 (Q4_K) or 0..31 (Q5_K), unsigned.
+template <>
+struct Format<DType::kQ4_K> {
+  static constexpr int kBytes = 144, kCodes = 16, kHigh = -1;  // d | dmin | scales[12] | qs[128]
+  static constexpr bool kNibbles = true, kMins = true, kUnsigned = true;
+};
+template <>
+struct Format<DType::kQ5_K> {
+  static constexpr int kBytes = 176, kCodes = 48, kHigh = 16;  // ... | qh[32] | qs[128]
+  static constexpr bool kNibbles = true, kMins = true, kUnsigned = true;
 };
 
 // out[r] (r < 4), lane j = 32-bit word r of the 16 bytes at rows[j] (j < 16): four 128-bit
@@ -228,13 +260,15 @@ template <DType T>
 LP_AMX_INLINE void Fold(__m512 (&acc)[kTile], const int32_t* c, const float* da, const float* sa,
                         const float* dw, const float* mw) {
   const __m512 dwb = _mm512_loadu_ps(dw);
-  const __m512 mwb = T == DType::kQ4_1 ? _mm512_loadu_ps(mw) : _mm512_setzero_ps();
+  const __m512 mwb = Format<T>::kMins ? _mm512_loadu_ps(mw) : _mm512_setzero_ps();
 #pragma GCC unroll 16
   for (int i = 0; i < kTile; ++i) {
     const __m512 ci = _mm512_cvtepi32_ps(_mm512_load_si512(c + i * kTile));
     const __m512 s = _mm512_mul_ps(dwb, _mm512_set1_ps(da[i]));
     acc[i] = _mm512_fmadd_ps(ci, s, acc[i]);
-    if constexpr (T == DType::kQ4_1) acc[i] = _mm512_fmadd_ps(mwb, _mm512_set1_ps(sa[i]), acc[i]);
+    if constexpr (Format<T>::kMins) {
+      acc[i] = _mm512_fmadd_ps(mwb, _mm512_set1_ps(sa[i]), acc[i]);
+    }
   }
 }
 
@@ -246,7 +280,7 @@ LP_AMX_INLINE void Fold(__m512 (&acc)[kTile], const int32_t* c, const float* da,
     _tile_loadd(A, xq + (b)*kQ32, ldx);          \
     _tile_loadd(B, tiles + (b)*kPanelBlock, 64); \
     _tile_zero(C);                               \
-    if constexpr (T == DType::kQ4_1) {           \
+    if constexpr (Format<T>::kUnsigned) {        \
       _tile_dpbsud(C, A, B);                     \
     } else {                                     \
       _tile_dpbssd(C, A, B);                     \
@@ -258,6 +292,62 @@ struct TileScales {
   const float* da;
   const float* sa;
 };
+
+// PackPanel for Q4_K / Q5_K: per super-block, the eight sub-blocks' B tiles (tile block 8B + s),
+// their scales d * sc[s] at dw and mins -dmin * mn[s] at mw.
+template <DType T>
+void PackPanelK(const uint8_t* w, int64_t ldw, int nr, int64_t nb, uint8_t* tiles, float* dw,
+                float* mw) {
+  using F = Format<T>;
+  static const uint8_t zeros[F::kBytes] = {};
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* rows[kTile];
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    for (int j = 0; j < kTile; ++j) rows[j] = j < nr ? w + j * ldw + sb * F::kBytes : zeros;
+    for (int j = 0; j < kTile; ++j) {
+      uint8_t sc[8], mn[8];
+      UnpackScalesMins(rows[j] + 4, sc, mn);
+      const float d = LoadF16(rows[j]), dmin = LoadF16(rows[j] + 2);
+      for (int sub = 0; sub < 8; ++sub) {
+        dw[(sb * 8 + sub) * kTile + j] = d * static_cast<float>(sc[sub]);
+        mw[(sb * 8 + sub) * kTile + j] = -dmin * static_cast<float>(mn[sub]);
+      }
+    }
+    // The fifth bits of Q5_K: bit s of qh[l] belongs to element l of sub-block s.
+    __m512i high[2][4];
+    if constexpr (F::kHigh >= 0) {
+      const uint8_t* h[kTile];
+      for (int half = 0; half < 2; ++half) {
+        for (int j = 0; j < kTile; ++j) h[j] = rows[j] + F::kHigh + 16 * half;
+        LoadWords4(h, high[half]);
+      }
+    }
+    const uint8_t* codes[kTile];
+    for (int c = 0; c < 4; ++c) {  // sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
+      __m512i words[2][4];         // elements 0..15 and 16..31
+      for (int half = 0; half < 2; ++half) {
+        for (int j = 0; j < kTile; ++j) codes[j] = rows[j] + F::kCodes + 32 * c + 16 * half;
+        LoadWords4(codes, words[half]);
+      }
+      for (int nib = 0; nib < 2; ++nib) {
+        const int sub = 2 * c + nib;
+        uint8_t* tile = tiles + (sb * 8 + sub) * kPanelBlock;
+        for (int half = 0; half < 2; ++half) {
+          for (int r = 0; r < 4; ++r) {
+            __m512i q = nib == 0 ? _mm512_and_si512(words[half][r], low)
+                                 : _mm512_and_si512(_mm512_srli_epi16(words[half][r], 4), low);
+            if constexpr (F::kHigh >= 0) {
+              const __m512i bit = _mm512_and_si512(
+                  _mm512_srl_epi16(high[half][r], _mm_cvtsi32_si128(sub)), _mm512_set1_epi8(1));
+              q = _mm512_or_si512(q, _mm512_slli_epi16(bit, 4));
+            }
+            _mm512_store_si512(tile + (4 * half + r) * 64, q);
+          }
+        }
+      }
+    }
+  }
+}
 
 // y[i, c] (+)= tokens i < mt (mt <= 16) x the panel's rows c < nr. Blocks go in pairs through two
 // sets of C tiles (0, 1 and 2, 3): the products of the next pair are issued before the current
@@ -347,17 +437,29 @@ void GemmT(float* y, const uint8_t* xq, int64_t m, const uint8_t* w, int64_t n, 
       const int64_t token = std::min(t * kTile + i, m - 1);  // the last tile's spare lanes: unused
       const uint8_t* row = xq + token * l.row_bytes;
       const float* row_da = reinterpret_cast<const float*>(row + l.scale_offset);
-      const float* row_sa = reinterpret_cast<const float*>(row + l.extra_offset);
-      for (int64_t b = 0; b < nb; ++b) {
-        da[b * kTile + i] = row_da[b];
-        sa[b * kTile + i] = row_sa[b];
+      if constexpr (IsKQuant(T)) {  // sub-block b: its super-block's scale, times its 32 codes' sum
+        const int16_t* bsums = reinterpret_cast<const int16_t*>(row + l.extra_offset);
+        for (int64_t b = 0; b < nb; ++b) {
+          da[b * kTile + i] = row_da[b / 8];
+          sa[b * kTile + i] = row_da[b / 8] * static_cast<float>(bsums[2 * b] + bsums[2 * b + 1]);
+        }
+      } else {
+        const float* row_sa = reinterpret_cast<const float*>(row + l.extra_offset);
+        for (int64_t b = 0; b < nb; ++b) {
+          da[b * kTile + i] = row_da[b];
+          sa[b * kTile + i] = row_sa[b];
+        }
       }
     }
   }
   TileScope scope;
   for (int64_t j = j_begin; j < j_end; j += kTile) {
     const int nr = static_cast<int>(std::min<int64_t>(kTile, j_end - j));
-    PackPanel<T>(w + j * rb, rb, nr, nb, tiles, dw, mw);
+    if constexpr (IsKQuant(T)) {
+      PackPanelK<T>(w + j * rb, rb, nr, nb, tiles, dw, mw);
+    } else {
+      PackPanel<T>(w + j * rb, rb, nr, nb, tiles, dw, mw);
+    }
     for (int64_t t = 0; t < token_tiles; ++t) {
       const int mt = static_cast<int>(std::min<int64_t>(kTile, m - t * kTile));
       const float* da = scales + t * 2 * nb * kTile;
@@ -376,8 +478,12 @@ void Gemm(DType t, float* y, const uint8_t* xq, int64_t m, const uint8_t* w, int
       return GemmT<DType::kQ4_0>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
     case DType::kQ4_1:
       return GemmT<DType::kQ4_1>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
+    case DType::kQ4_K:
+      return GemmT<DType::kQ4_K>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
+    case DType::kQ5_K:
+      return GemmT<DType::kQ5_K>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
     default:
-      break;  // quant_gemm.cc sends only the 32-value formats here
+      break;  // quant_gemm.cc sends Q6_K (16-value sub-blocks) to the VNNI table
   }
 }
 

@@ -354,6 +354,7 @@ TEST_P(QuantGemmTest, PicksTheQuantTableOfTheIsa) {
     EXPECT_EQ(std::string(QuantKernelIsa()), "amx");
     EXPECT_EQ(&cpu::QuantOpsFor(DType::kQ4_1, cpu::AmxMinTokens()), cpu::AmxQuantOps());
     EXPECT_EQ(&cpu::QuantOpsFor(DType::kQ4_1, cpu::AmxMinTokens() - 1), cpu::Avx512VnniQuantOps());
+    EXPECT_EQ(&cpu::QuantOpsFor(DType::kQ4_K, 64), cpu::AmxQuantOps());
     EXPECT_EQ(&cpu::QuantOpsFor(DType::kQ6_K, 64), cpu::Avx512VnniQuantOps());
   } else {
     EXPECT_EQ(std::string(QuantKernelIsa()), isa);
