@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Scenario S7, one hot adapter: 32 rank-16 adapters, one ("bench-0") named by 90% of the requests
 # and the other 31 sharing the rest (`loraplex bench --scenario S7`: 32 in flight, 128-token
-# prompts and outputs), base weights bf16 (merging needs them unquantized). One server with
-# --merge-policy auto runs three phases back to back (the machine's speed drifts by 10-20% between
-# server runs, less within one): as served (the policy merges what pays), with bench-0 merged by
-# hand, and with bench-0 unmerged by hand (SetAdapterMode UNMERGED: the policy leaves it so, as
-# with --merge-policy off). Prints output tok/s and its ratios, the TPOT p99 of the cold adapters'
+# prompts and outputs), base weights bf16 (merging needs them unquantized; LP_DTYPE=f32 for f32).
+# One server with --merge-policy auto runs three phases back to back (the machine's speed drifts by
+# 10-20% between server runs, less within one): as served (the policy merges what pays), with
+# bench-0 merged by hand, and with bench-0 unmerged by hand (SetAdapterMode UNMERGED: the policy
+# leaves it so, as with --merge-policy off). Prints output tok/s and its ratios, the TPOT p99 of the cold adapters'
 # requests, the policy's transitions, and which requests generated the same tokens as in the
 # unmerged phase (the same seed: the same requests).
 #
 #   scripts/bench-merge.sh [OUT_DIR] [MODEL]
 #
 # Environment: LP_BUILD_DIR (default build-release), LP_BENCH_DURATION (seconds per phase after a
-# 5 s warm-up, default 60), PYTHON (numpy, for the adapter).
+# 5 s warm-up, default 60), LP_DTYPE (the server's --dtype: bf16, the default, or f32), PYTHON
+# (numpy and gguf, for the adapter).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -20,12 +21,13 @@ out="${1:-out/bench-merge}"
 model="${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 b="${LP_BUILD_DIR:-build-release}"
 duration="${LP_BENCH_DURATION:-60}"
+dtype="${LP_DTYPE:-bf16}"
 rm -rf "$out" && mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 "${PYTHON:-python3}" tools/make_random_adapter.py "$out/r16" --rank 16 --model "$model" >/dev/null
 lp() { "$b/client/loraplex" "$@"; }
 
-"$b/server/loraplex-server" --model "$model" --dtype bf16 --listen 127.0.0.1:0 \
+"$b/server/loraplex-server" --model "$model" --dtype "$dtype" --listen 127.0.0.1:0 \
   --port_file "$out/port" --state_dir "$out/state" --merge_policy auto >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
@@ -37,9 +39,9 @@ lp bench --scenario S7 --make-adapters "$out/r16" --duration "$duration" --seed 
 kill $server 2>/dev/null || true
 wait $server 2>/dev/null || true
 
-python3 - "$out" <<'PY'
+python3 - "$out" "$dtype" <<'PY'
 import json, os, re, sys
-out = sys.argv[1]
+out, dtype = sys.argv[1], sys.argv[2]
 r = json.load(open(os.path.join(out, "bench", "results.json")))
 phases = {p["name"]: p for p in r["phases"]}
 outs = {}
@@ -56,7 +58,8 @@ def cold_tpot(name):
     return p99([o["tpot_ms"] for o in outs[name].values()
                 if o["adapter"] != "bench-0" and "tpot_ms" in o])
 auto, hand, off = "served", "hot merged by hand", "hot unmerged by hand"
-print("S7: 32 rank-16 adapters, 90% of requests on bench-0, 32 in flight, 128 + 128 tokens, bf16,")
+print("S7: 32 rank-16 adapters, 90% of requests on bench-0, 32 in flight, 128 + 128 tokens, "
+      f"{dtype} base,")
 print("one server (--merge-policy auto), phases back to back")
 print("| phase | output tok/s | TPOT p99 ms (cold adapters) | errors |")
 print("|---|---|---|---|")
