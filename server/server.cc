@@ -14,6 +14,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "common/sync.h"
+#include "kernels/kernels.h"
 #include "kernels/quant.h"
 #include "server/merge_policy.h"
 #include "server/reactors.h"
@@ -132,7 +133,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
                << (options.admin.tls.cert.empty() ? " (plaintext)" : " (TLS)")
                << (server->metrics_->port() > 0
                        ? absl::StrCat(", metrics on port ", server->metrics_->port())
-                       : std::string());
+                       : std::string())
+               << "; CPU kernels " << kernels::CpuKernelIsa() << " (quantized weights "
+               << kernels::QuantKernelIsa() << ")";
   return server;
 }
 
