@@ -16,6 +16,8 @@
 #include "adapters/lora_mix.h"
 #include "common/status.h"
 #include "common/sync.h"
+#include "kernels/kernels.h"
+#include "kernels/quant.h"
 #include "server/reactors.h"
 #include "server/request_mapping.h"
 #include "server/status_mapping.h"
@@ -570,6 +572,10 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   response->set_weight_mapped_bytes(model.weight_mapped_bytes());
   response->set_kv_dtype(model::KvDTypeName(model.kv_dtype()));
   response->set_prefix_cache(engine_->options().prefix_cache);
+  if (response->device() == "cpu") {
+    response->set_cpu_kernels(kernels::CpuKernelIsa());
+    response->set_quant_kernels(kernels::QuantKernelIsa());
+  }
   return FinishNow(grpc::Status::OK);
 }
 

@@ -1,7 +1,7 @@
 # End-to-end tests of loraplex-server (a real process, real gRPC). Included from CMakeLists.txt.
 if(TARGET loraplex-server)
   lp_test(server_e2e_test SRCS server_e2e_test.cc ${LP_E2E_TSAN_SRCS}
-    DEPS lp_proto gRPC::grpc++ nlohmann_json::nlohmann_json absl::strings absl::time
+    DEPS lp_proto lp_kernels gRPC::grpc++ nlohmann_json::nlohmann_json absl::strings absl::time
     LABELS "e2e")
   # The TSan stage runs the cases below against a TSan-built server (tests/tsan.supp,
   # server/reactors.h); the others take minutes under TSan on two cores and add no

@@ -24,6 +24,8 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kernels/kernels.h"
+#include "kernels/quant.h"
 #include "loraplex/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/server_process.h"
@@ -419,6 +421,15 @@ TEST_F(ServerE2eTest, TokenizeDetokenizeModelInfoHealthAndMetrics) {
   EXPECT_NE(server_->log().find("device " + info.device() + " (--device auto"), std::string::npos)
       << server_->log();
   EXPECT_GT(info.kv_blocks_total(), 0);
+  if (info.device() == "cpu") {  // the server runs on this CPU with this environment
+    EXPECT_EQ(info.cpu_kernels(), kernels::CpuKernelIsa());
+    EXPECT_EQ(info.quant_kernels(), kernels::QuantKernelIsa());
+    EXPECT_NE(server_->log().find(absl::StrCat("CPU kernels ", info.cpu_kernels())),
+              std::string::npos)
+        << server_->log();
+  } else {
+    EXPECT_EQ(info.cpu_kernels(), "");
+  }
 
   // grpc.health.v1.Health/Check with an empty request: SERVING is field 1 = 1 (bytes 08 01).
   grpc::GenericStub generic(server_->channel());

@@ -187,6 +187,8 @@ class ModelInfo:
     weight_mapped_bytes: int
     kv_dtype: str
     prefix_cache: bool
+    cpu_kernels: str  # "amx", "avx512", "avx2" or "scalar" on the CPU device; "" on CUDA
+    quant_kernels: str  # "amx", "avx512vnni", "avx2" or "scalar" on the CPU device; "" on CUDA
 
 
 @dataclass(frozen=True)
