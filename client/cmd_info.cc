@@ -91,10 +91,10 @@ Rows InfoRows(const v1::ModelInfo& info) {
       {"kv cache",
        absl::StrCat(info.kv_blocks_total(), " blocks x ", info.kv_block_size(), " tokens, ",
                     info.kv_dtype(), ", prefix cache ", info.prefix_cache() ? "on" : "off")},
-      {"cpu kernels", info.cpu_kernels().empty()
-                          ? std::string("-")
-                          : absl::StrCat(info.cpu_kernels(), " (quantized weights ",
-                                         info.quant_kernels(), ")")},
+      {"cpu kernels",
+       info.cpu_kernels().empty()
+           ? std::string("-")
+           : absl::StrCat(info.cpu_kernels(), " (quantized weights ", info.quant_kernels(), ")")},
       {"max batch tokens / queue", absl::StrCat(info.max_batch_tokens(), " / ", info.max_queue())},
       {"max lora rank", absl::StrCat(info.max_lora_rank())},
       {"max adapters",
