@@ -364,37 +364,32 @@ void TokenTile(float* y, int64_t ldy, const uint8_t* xq, int64_t ldx, TileScales
   auto fold = [&](const int32_t* c, int64_t b) LP_AMX_LAMBDA_INLINE {
     Fold<T>(acc, c, ts.da + b * kTile, ts.sa + b * kTile, dw + b * kTile, mw + b * kTile);
   };
+  // One pair: tiles C0, C1 hold blocks b, b + 1; the next pair (if whole) is issued into N0, N1
+  // first, then C0, C1 are stored and folded. Leaves the loop after the last whole pair.
+#define LP_AMX_PAIR(C0, C1, N0, N1)  \
+  {                                  \
+    const bool more = b + 4 <= nb;   \
+    if (more) {                      \
+      LP_AMX_ISSUE(N0, 4, 6, b + 2); \
+      LP_AMX_ISSUE(N1, 5, 7, b + 3); \
+    }                                \
+    _tile_stored(C0, c0, 64);        \
+    _tile_stored(C1, c1, 64);        \
+    fold(c0, b);                     \
+    fold(c1, b + 1);                 \
+    b += 2;                          \
+    if (!more) break;                \
+  }
   int64_t b = 0;
   if (nb >= 2) {
     LP_AMX_ISSUE(0, 4, 6, 0);
     LP_AMX_ISSUE(1, 5, 7, 1);
-  }
-  while (b + 2 <= nb) {
-    // Tiles 0, 1 hold blocks b, b + 1.
-    const bool more = b + 4 <= nb;
-    if (more) {
-      LP_AMX_ISSUE(2, 4, 6, b + 2);
-      LP_AMX_ISSUE(3, 5, 7, b + 3);
+    for (;;) {
+      LP_AMX_PAIR(0, 1, 2, 3);
+      LP_AMX_PAIR(2, 3, 0, 1);
     }
-    _tile_stored(0, c0, 64);
-    _tile_stored(1, c1, 64);
-    fold(c0, b);
-    fold(c1, b + 1);
-    b += 2;
-    if (!more) break;
-    // Tiles 2, 3 hold blocks b, b + 1.
-    const bool more2 = b + 4 <= nb;
-    if (more2) {
-      LP_AMX_ISSUE(0, 4, 6, b + 2);
-      LP_AMX_ISSUE(1, 5, 7, b + 3);
-    }
-    _tile_stored(2, c0, 64);
-    _tile_stored(3, c1, 64);
-    fold(c0, b);
-    fold(c1, b + 1);
-    b += 2;
-    if (!more2) break;
   }
+#undef LP_AMX_PAIR
   if (b < nb) {  // an odd last block
     LP_AMX_ISSUE(0, 4, 6, b);
     _tile_stored(0, c0, 64);
@@ -471,20 +466,12 @@ void GemmT(float* y, const uint8_t* xq, int64_t m, const uint8_t* w, int64_t n, 
 
 void Gemm(DType t, float* y, const uint8_t* xq, int64_t m, const uint8_t* w, int64_t n, int64_t k,
           int64_t j_begin, int64_t j_end, bool accumulate) {
-  switch (t) {
-    case DType::kQ8_0:
-      return GemmT<DType::kQ8_0>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ4_0:
-      return GemmT<DType::kQ4_0>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ4_1:
-      return GemmT<DType::kQ4_1>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ4_K:
-      return GemmT<DType::kQ4_K>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    case DType::kQ5_K:
-      return GemmT<DType::kQ5_K>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
-    default:
-      break;  // quant_gemm.cc sends Q6_K (16-value sub-blocks) to the VNNI table
-  }
+  WithQuantType(t, [&](auto type) {
+    // quant_gemm.cc sends Q6_K (scales per 16 values) to the VNNI table.
+    if constexpr (decltype(type)::value != DType::kQ6_K) {
+      GemmT<decltype(type)::value>(y, xq, m, w, n, k, j_begin, j_end, accumulate);
+    }
+  });
 }
 
 const QuantOps kAmxQuantOps = {
