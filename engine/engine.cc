@@ -23,6 +23,13 @@ constexpr absl::Duration kTokenWindow = absl::Seconds(1);
 // How long the idle engine thread sleeps in one wait for commands.
 constexpr absl::Duration kIdleWait = absl::Milliseconds(100);
 
+// The per-adapter cap in words, for the log line at start.
+std::string RunningCapName(const EngineOptions& o) {
+  if (o.max_running_per_adapter > 0) return absl::StrCat(o.max_running_per_adapter);
+  if (o.max_running_per_adapter == 0 || o.fairness != Fairness::kVtc) return "no cap";
+  return absl::StrCat("its share among those active within ", o.fairness_window_ms, " ms");
+}
+
 }  // namespace
 
 const char* FinishReasonName(FinishReason reason) {
@@ -53,9 +60,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(model::LlamaModel* model,
         options.max_running, "), max_queue (", options.max_queue, ") and kv_block_size (",
         options.kv_block_size, ") must be >= 1; kv_blocks and kv_memory_bytes >= 0"));
   }
-  if (options.max_running_per_adapter < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("engine options: max_running_per_adapter (",
-                                                   options.max_running_per_adapter, ") < 0"));
+  if (options.max_running_per_adapter < EngineOptions::kRunningShare ||
+      options.fairness_window_ms < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("engine options: max_running_per_adapter (", options.max_running_per_adapter,
+                     ") must be >= 0 or kRunningShare, fairness_window_ms (",
+                     options.fairness_window_ms, ") >= 0"));
   }
   for (const auto& [name, share] : options.adapter_shares) {
     if (!(share > 0) || !std::isfinite(share)) {
@@ -87,7 +97,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(model::LlamaModel* model,
   LP_LOG(INFO) << "engine: " << blocks << " KV blocks of " << options.kv_block_size << " tokens ("
                << (blocks * bytes_per_block >> 20) << " MiB), max_batch_tokens "
                << options.max_batch_tokens << ", max_running " << options.max_running
-               << ", max_queue " << options.max_queue << ", prefix cache "
+               << ", max_queue " << options.max_queue << ", fairness "
+               << (options.fairness == Fairness::kVtc ? "vtc" : "fifo") << ", running per adapter "
+               << RunningCapName(options) << ", prefix cache "
                << (options.prefix_cache ? "on" : "off");
   return engine;
 }
@@ -97,13 +109,16 @@ Engine::Engine(model::LlamaModel* model, const EngineOptions& options, model::Kv
       options_(options),
       cache_(std::move(cache)),
       kv_blocks_total_(cache_.num_blocks()),
-      scheduler_(&cache_,
-                 SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,
-                                  .max_running = options.max_running,
-                                  .fairness = options.fairness,
-                                  .max_running_per_tenant = options.max_running_per_adapter,
-                                  .tenant_weights = options.adapter_shares,
-                                  .prefix_cache = options.prefix_cache}) {
+      scheduler_(&cache_, SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,
+                                           .max_running = options.max_running,
+                                           .fairness = options.fairness,
+                                           .max_running_per_tenant = std::max<int64_t>(
+                                               0, options.max_running_per_adapter),
+                                           .share_running_slots = options.max_running_per_adapter ==
+                                                                  EngineOptions::kRunningShare,
+                                           .active_window_ms = options.fairness_window_ms,
+                                           .tenant_weights = options.adapter_shares,
+                                           .prefix_cache = options.prefix_cache}) {
   MutexLock lock(&stats_mu_);
   stats_.kv_blocks_total = kv_blocks_total_;
   stats_.kv_blocks_free = kv_blocks_total_;

@@ -51,10 +51,13 @@ struct EngineOptions {
   int64_t kv_blocks = 0;
   int64_t kv_memory_bytes = 0;
   // Admission order across adapters (engine/scheduler.h): VTC fair share by default, or FIFO; a
-  // cap on the running sequences of one adapter (0: none); VTC shares per adapter name ("" is
-  // the base model, "@mix" every weighted mix; > 0, absent: 1).
+  // cap on the running sequences of one adapter (0: none; kRunningShare: under VTC, its share of
+  // max_running among the adapters active within fairness_window_ms, none under FIFO); VTC shares
+  // per adapter name ("" is the base model, "@mix" every weighted mix; > 0, absent: 1).
+  static constexpr int64_t kRunningShare = -1;
   Fairness fairness = Fairness::kVtc;
-  int64_t max_running_per_adapter = 0;
+  int64_t max_running_per_adapter = kRunningShare;
+  int64_t fairness_window_ms = 30000;
   std::map<std::string, double> adapter_shares;
   // Reuse the K/V of full blocks of equal prefixes across requests of the same adapter version
   // and merge state (engine/block_pool.h); idle cached blocks are evicted LRU.

@@ -1,6 +1,7 @@
 #include "engine/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 
@@ -33,6 +34,41 @@ Scheduler::Scheduler(model::KvCache* cache, SchedulerOptions options)
 double Scheduler::counter(const std::string& tenant) const {
   auto it = tenants_.find(tenant);
   return it == tenants_.end() ? 0.0 : it->second.counter;
+}
+
+int64_t Scheduler::NowMs() const {
+  if (options_.now_ms) return options_.now_ms();
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+double Scheduler::ActiveShares(const std::string& tenant) {
+  const int64_t since = NowMs() - options_.active_window_ms;
+  for (auto it = arrivals_.begin(); it != arrivals_.end();) {
+    it = it->second < since ? arrivals_.erase(it) : std::next(it);
+  }
+  double total = 0;
+  for (const auto& [name, t] : tenants_) {
+    if (t.waiting > 0 || t.running > 0 || name == tenant || arrivals_.contains(name)) {
+      total += Share(name);
+    }
+  }
+  for (const auto& [name, at] : arrivals_) {
+    if (name != tenant && !tenants_.contains(name)) total += Share(name);  // forgotten counter
+  }
+  if (!tenants_.contains(tenant)) total += Share(tenant);
+  return total;
+}
+
+int64_t Scheduler::RunningCap(const std::string& tenant) {
+  if (options_.max_running_per_tenant > 0) return options_.max_running_per_tenant;
+  if (!options_.share_running_slots || options_.fairness != Fairness::kVtc) {
+    return options_.max_running;
+  }
+  const double fair =
+      static_cast<double>(options_.max_running) * Share(tenant) / ActiveShares(tenant);
+  return std::clamp<int64_t>(static_cast<int64_t>(std::floor(fair)), 1, options_.max_running);
 }
 
 void Scheduler::Charge(const std::string& tenant, double service) {
@@ -72,6 +108,7 @@ void Scheduler::AddWaiting(Sequence* seq) {
     }
   }
   ++tenant.waiting;
+  if (options_.share_running_slots) arrivals_[seq->tenant] = NowMs();
   // Waiting stays sorted by id, so preempted sequences (older) go back before new arrivals.
   waiting_.insert(std::upper_bound(waiting_.begin(), waiting_.end(), seq, OlderThan), seq);
 }
@@ -99,12 +136,15 @@ void Scheduler::Remove(Sequence* seq) {
 }
 
 std::deque<Sequence*>::iterator Scheduler::NextToAdmit() {
-  const int64_t cap = options_.max_running_per_tenant;
   auto best = waiting_.end();
   double best_counter = 0;
+  std::map<std::string, int64_t> caps;  // per tenant, computed once per call
   for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {  // oldest first
     const Tenant& t = TenantOf(*it);
-    if (cap > 0 && t.running >= cap) continue;
+    auto cap = caps.find((*it)->tenant);
+    if (cap == caps.end()) cap = caps.emplace((*it)->tenant, RunningCap((*it)->tenant)).first;
+    // A cap of every slot is no cap: the running limit and TakeSlotFor govern then.
+    if (cap->second < options_.max_running && t.running >= cap->second) continue;
     if (options_.fairness == Fairness::kFifo) return it;
     // Strictly smaller: among equal counters (and within a tenant) the oldest stays.
     if (best == waiting_.end() || t.counter < best_counter) {

@@ -22,8 +22,14 @@
 // the most slots for its share, so that a waiting tenant below its share of the running set (and
 // no better served) does not wait for the flood's sequences to finish; the preempted sequence is
 // recomputed later like any other. Both policies may cap the running sequences of one tenant
-// (max_running_per_tenant). A request that does not fit in the free blocks is not overtaken by
-// others (as FIFO: a big request is never starved).
+// (max_running_per_tenant). Under VTC the cap can instead be each tenant's share of the running
+// slots (share_running_slots): max(1, floor(max_running x share / the shares of the active
+// tenants)), where a tenant is active while it has a request waiting or running or has sent one
+// within active_window_ms. A tenant alone gets every slot; beside seven others, an eighth of them.
+// On a CPU a step's time grows with its sequences, so without it a flooding tenant holding most
+// slots makes every step long for the others' first tokens too. A request that does not fit in the
+// free blocks is not overtaken by others (as FIFO: a big request is never starved).
+//
 // Prefix cache (SchedulerOptions::prefix_cache; engine/block_pool.h). A sequence admitted with
 // nothing computed first looks up the full blocks of its tokens (all but the last token, whose
 // logits it needs) under its adapter version and the current merge state; the blocks found are
@@ -42,6 +48,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -62,8 +69,13 @@ struct SchedulerOptions {
   int64_t max_running = 64;        // sequences per step, >= 1
   Fairness fairness = Fairness::kVtc;
   int64_t max_running_per_tenant = 0;  // 0: no cap
-  double input_token_weight = 1;       // VTC service of one prompt token
-  double output_token_weight = 2;      // and of one generated token (the paper's w_p, w_q)
+  // kVtc with max_running_per_tenant 0: cap each tenant at its share of the slots among the
+  // tenants active now or within active_window_ms (see above).
+  bool share_running_slots = false;
+  int64_t active_window_ms = 30000;
+  std::function<int64_t()> now_ms;  // monotonic milliseconds; empty: std::chrono::steady_clock
+  double input_token_weight = 1;    // VTC service of one prompt token
+  double output_token_weight = 2;   // and of one generated token (the paper's w_p, w_q)
   std::map<std::string, double> tenant_weights;  // VTC shares (> 0); absent: 1
   bool prefix_cache = false;                     // share full KV blocks of equal prefixes
 };
@@ -109,6 +121,8 @@ class Scheduler {
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   // A tenant's VTC counter (0 for one never seen; for tests and stats).
   double counter(const std::string& tenant) const;
+  // The running sequences a tenant may hold now (max_running when uncapped).
+  int64_t RunningCap(const std::string& tenant);
   const std::vector<Sequence*>& running() const { return running_; }
   const model::KvCache& cache() const { return *cache_; }
   const BlockPool& blocks() const { return pool_; }
@@ -144,6 +158,10 @@ class Scheduler {
   Tenant& TenantOf(const Sequence* seq) { return tenants_[seq->tenant]; }
   // Forgets a tenant with nothing waiting or running whose counter a lift would restore anyway.
   void MaybeForget(const std::string& tenant);
+  int64_t NowMs() const;
+  // The sum of the shares of the tenants active now (waiting, running, or arrived within
+  // active_window_ms; prunes arrivals_), with `tenant` counted as active.
+  double ActiveShares(const std::string& tenant);
 
   // Shares cached blocks with a sequence about to be admitted; false when it does not fit then
   // (nothing taken).
@@ -159,6 +177,7 @@ class Scheduler {
   std::deque<Sequence*> waiting_;
   std::vector<Sequence*> running_;  // sorted by id: oldest first
   std::map<std::string, Tenant> tenants_;
+  std::map<std::string, int64_t> arrivals_;    // share_running_slots: last arrival per tenant (ms)
   std::vector<const Sequence*> step_decodes_;  // the decodes Schedule() charged in this plan
 };
 

@@ -10,8 +10,9 @@
 # Capacity (requests/s) is measured first by a closed-loop run (16 in flight) over the 8 adapters
 # (LP_RATE gives it instead).
 # Environment: LP_BUILD_DIR (default build-release), LP_BENCH_DURATION (seconds per open-loop
-# phase, default 60), LP_STEADY (default 0.3), LP_POLICIES (default "vtc vtc-cap8 fifo"; vtc-capN
-# adds --max-running-per-adapter N), PYTHON (numpy and gguf).
+# phase, default 60), LP_STEADY (default 0.3), LP_POLICIES (default "vtc vtc-cap0 fifo"; vtc-capN
+# adds --max-running-per-adapter N, so vtc-cap0 is vtc without the default share cap), PYTHON
+# (numpy and gguf).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -28,7 +29,7 @@ shape=(--prompt-tokens 128 --max-tokens 64 --warmup 0 --quiet --json)
 steady=bench-1,bench-2,bench-3,bench-4,bench-5,bench-6,bench-7
 
 rate="${LP_RATE:-}"
-policies="${LP_POLICIES:-vtc vtc-cap8 fifo}"
+policies="${LP_POLICIES:-vtc vtc-cap0 fifo}"
 for policy in $policies; do
   d="$out/$policy"
   mkdir -p "$d"

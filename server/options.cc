@@ -32,8 +32,13 @@ ABSL_FLAG(int64_t, max_running, 64, "sequences per engine step");
 ABSL_FLAG(std::string, fairness, "vtc",
           "admission order across adapters: vtc (a fair share per adapter, Virtual Token Counter) "
           "or fifo");
-ABSL_FLAG(int64_t, max_running_per_adapter, 0,
-          "running sequences one adapter may hold (0: no cap beyond --max-running)");
+ABSL_FLAG(std::string, max_running_per_adapter, "auto",
+          "running sequences one adapter may hold: auto (under vtc, its share of --max-running "
+          "among the adapters active within --fairness-window-s; a lone adapter gets every slot; "
+          "no cap under fifo), N, or 0 (no cap beyond --max-running)");
+ABSL_FLAG(double, fairness_window_s, 30,
+          "seconds an adapter counts as active after its last request, for "
+          "--max-running-per-adapter auto");
 ABSL_FLAG(std::vector<std::string>, adapter_shares, {},
           "NAME=WEIGHT[,...] VTC shares (default 1 each; @base: the base model, @mix: the mixes)");
 ABSL_FLAG(std::string, merge_policy, "off",
@@ -197,9 +202,18 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   s.engine.max_running = absl::GetFlag(FLAGS_max_running);
   s.engine.max_queue = absl::GetFlag(FLAGS_max_queue);
   LP_ASSIGN_OR_RETURN(s.engine.fairness, engine::ParseFairness(absl::GetFlag(FLAGS_fairness)));
-  s.engine.max_running_per_adapter = absl::GetFlag(FLAGS_max_running_per_adapter);
-  if (s.engine.max_running_per_adapter < 0) {
-    return absl::InvalidArgumentError("--max-running-per-adapter must be >= 0");
+  if (const std::string cap = absl::GetFlag(FLAGS_max_running_per_adapter); cap == "auto") {
+    s.engine.max_running_per_adapter = engine::EngineOptions::kRunningShare;
+  } else if (!absl::SimpleAtoi(cap, &s.engine.max_running_per_adapter) ||
+             s.engine.max_running_per_adapter < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-running-per-adapter wants auto or N >= 0, got '", cap, "'"));
+  }
+  if (const double w = absl::GetFlag(FLAGS_fairness_window_s); !(w >= 0) || w > 1e6) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--fairness-window-s wants 0..1e6 seconds, got ", w));
+  } else {
+    s.engine.fairness_window_ms = static_cast<int64_t>(std::llround(w * 1000));
   }
   for (const std::string& spec : absl::GetFlag(FLAGS_adapter_shares)) {
     std::vector<std::string> parts = absl::StrSplit(spec, absl::MaxSplits('=', 1));

@@ -352,8 +352,10 @@ TEST_F(EngineTest, QueueFullIsResourceExhaustedAndWaitersRunLater) {
 
 // The fairness options are checked where they enter (engine/scheduler.h has the policy's tests).
 TEST_F(EngineTest, RefusesBadFairnessOptions) {
-  EXPECT_THAT(Engine::Create(model_, {.max_running_per_adapter = -1}),
+  EXPECT_THAT(Engine::Create(model_, {.max_running_per_adapter = -2}),
               StatusIs(absl::StatusCode::kInvalidArgument, "max_running_per_adapter"));
+  EXPECT_THAT(Engine::Create(model_, {.fairness_window_ms = -1}),
+              StatusIs(absl::StatusCode::kInvalidArgument, "fairness_window_ms"));
   for (double share : {0.0, -1.0, std::nan("")}) {
     EXPECT_THAT(Engine::Create(model_, {.adapter_shares = {{"a", share}}}),
                 StatusIs(absl::StatusCode::kInvalidArgument, "share of adapter 'a'"));

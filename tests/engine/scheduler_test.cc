@@ -344,6 +344,78 @@ TEST_F(FairnessTest, PerTenantCapAndNoOvertakingOfABigRequest) {
   EXPECT_EQ(s.num_waiting(), 2);
 }
 
+// share_running_slots: each tenant may hold its share of max_running among the tenants active
+// now or within the window; a lone tenant holds every slot. Its sequences over a lowered cap run
+// on (no preemption for it), and no new ones are admitted until it is back under.
+TEST_F(FairnessTest, RunningShareCapsEachTenantAtItsShareOfTheActiveOnes) {
+  MakeCache(256);
+  int64_t now = 0;
+  Scheduler s(cache_.get(), {.max_batch_tokens = 64,
+                             .max_running = 8,
+                             .share_running_slots = true,
+                             .active_window_ms = 1000,
+                             .now_ms = [&now] { return now; }});
+  auto running_of = [&s](const std::string& tenant) {
+    return std::count_if(s.running().begin(), s.running().end(),
+                         [&](const Sequence* q) { return q->tenant == tenant; });
+  };
+  auto finish_oldest = [&](const std::string& tenant, int n) {
+    std::vector<Sequence*> done;
+    for (Sequence* q : s.running()) {
+      if (q->tenant == tenant && static_cast<int>(done.size()) < n) done.push_back(q);
+    }
+    for (Sequence* q : done) s.Remove(q);
+  };
+  for (int i = 0; i < 20; ++i) s.AddWaiting(NewFor("a"));
+  Step(s);
+  EXPECT_EQ(running_of("a"), 8);  // alone: every slot
+  EXPECT_EQ(s.RunningCap("a"), 8);
+  s.AddWaiting(NewFor("b"));
+  EXPECT_EQ(s.RunningCap("a"), 4);
+  EXPECT_EQ(s.RunningCap("b"), 4);
+  Step(s);  // every slot taken: b takes a's youngest (VTC), a keeps its other 7 for now
+  EXPECT_EQ(running_of("a"), 7);
+  EXPECT_EQ(running_of("b"), 1);
+  finish_oldest("a", 4);
+  Step(s);
+  EXPECT_EQ(running_of("a"), 4);  // 3 were left: one admitted, up to its cap
+  finish_oldest("a", 2);
+  Step(s);
+  EXPECT_EQ(running_of("a"), 4);  // two admitted; three slots stay free
+  EXPECT_EQ(s.num_running(), 5);
+  finish_oldest("b", 1);  // b done, but active for the window still
+  now = 1000;
+  Step(s);
+  EXPECT_EQ(running_of("a"), 4);
+  now = 1001;  // b's last request is older than the window: a alone again
+  EXPECT_EQ(s.RunningCap("a"), 8);
+  Step(s);
+  EXPECT_EQ(running_of("a"), 8);
+}
+
+// Shares weigh the caps; FIFO and an explicit cap ignore share_running_slots.
+TEST_F(FairnessTest, RunningShareFollowsTheSharesAndOnlyUnderVtc) {
+  MakeCache(64);
+  Scheduler vtc(cache_.get(), {.max_running = 8,
+                               .share_running_slots = true,
+                               .now_ms = [] { return int64_t{0}; },
+                               .tenant_weights = {{"b", 3.0}}});
+  vtc.AddWaiting(NewFor("a"));
+  vtc.AddWaiting(NewFor("b"));
+  EXPECT_EQ(vtc.RunningCap("a"), 2);
+  EXPECT_EQ(vtc.RunningCap("b"), 6);
+  EXPECT_EQ(vtc.RunningCap("c"), 1);  // as a newcomer: 8 x 1/5, floor
+  Scheduler fifo(cache_.get(),
+                 {.max_running = 8, .fairness = Fairness::kFifo, .share_running_slots = true});
+  fifo.AddWaiting(NewFor("a"));
+  fifo.AddWaiting(NewFor("b"));
+  EXPECT_EQ(fifo.RunningCap("a"), 8);
+  Scheduler fixed(cache_.get(),
+                  {.max_running = 8, .max_running_per_tenant = 3, .share_running_slots = true});
+  fixed.AddWaiting(NewFor("a"));
+  EXPECT_EQ(fixed.RunningCap("a"), 3);
+}
+
 // The prefix cache (SchedulerOptions::prefix_cache, engine/block_pool.h) with blocks of 4 slots.
 class PrefixCacheTest : public SchedulerTest {
  protected:

@@ -4,11 +4,20 @@
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <string>
 
+#include "absl/flags/declare.h"
+#include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
 #include "server/options.h"
 #include "server/request_mapping.h"
 #include "server/status_mapping.h"
 #include "tests/testing/testing.h"
+
+ABSL_DECLARE_FLAG(std::string, model);
+ABSL_DECLARE_FLAG(std::string, device);
+ABSL_DECLARE_FLAG(std::string, max_running_per_adapter);
+ABSL_DECLARE_FLAG(double, fairness_window_s);
 
 namespace loraplex::server {
 namespace {
@@ -48,6 +57,37 @@ TEST(OptionsTest, ParseByteSize) {
   EXPECT_EQ(*ParseByteSize("64k"), int64_t{64} << 10);
   EXPECT_THAT(ParseByteSize("lots"), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(ParseByteSize("5TB"), StatusIs(absl::StatusCode::kInvalidArgument, "unit"));
+}
+
+// --max-running-per-adapter: auto (the engine's share cap, the default), a count, or 0 (none).
+TEST(OptionsTest, MaxRunningPerAdapterIsAutoOrACount) {
+  absl::FlagSaver restore;
+  absl::SetFlag(&FLAGS_model, "unused.gguf");
+  absl::SetFlag(&FLAGS_device, "cpu");
+  absl::StatusOr<CommandLine> cl = CommandLineFromFlags();
+  ASSERT_TRUE(cl.ok()) << cl.status();
+  EXPECT_EQ(cl->server.engine.max_running_per_adapter, engine::EngineOptions::kRunningShare);
+  EXPECT_EQ(cl->server.engine.fairness_window_ms, 30000);
+  absl::SetFlag(&FLAGS_max_running_per_adapter, "8");
+  absl::SetFlag(&FLAGS_fairness_window_s, 2.5);
+  cl = CommandLineFromFlags();
+  ASSERT_TRUE(cl.ok()) << cl.status();
+  EXPECT_EQ(cl->server.engine.max_running_per_adapter, 8);
+  EXPECT_EQ(cl->server.engine.fairness_window_ms, 2500);
+  absl::SetFlag(&FLAGS_max_running_per_adapter, "0");
+  cl = CommandLineFromFlags();
+  ASSERT_TRUE(cl.ok()) << cl.status();
+  EXPECT_EQ(cl->server.engine.max_running_per_adapter, 0);
+  for (const char* bad : {"-1", "many", ""}) {
+    absl::SetFlag(&FLAGS_max_running_per_adapter, bad);
+    EXPECT_THAT(CommandLineFromFlags(),
+                StatusIs(absl::StatusCode::kInvalidArgument, "--max-running-per-adapter"))
+        << bad;
+  }
+  absl::SetFlag(&FLAGS_max_running_per_adapter, "auto");
+  absl::SetFlag(&FLAGS_fairness_window_s, -1.0);
+  EXPECT_THAT(CommandLineFromFlags(),
+              StatusIs(absl::StatusCode::kInvalidArgument, "--fairness-window-s"));
 }
 
 class RequestMappingTest : public ::testing::Test {
