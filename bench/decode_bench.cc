@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "kernels/kernels.h"
 #include "model/llama_model.h"
 
 namespace {
@@ -40,6 +41,10 @@ LlamaModel* GetModel(int64_t arg) {
   const char* device = std::getenv("LP_BENCH_DEVICE");
   if (device != nullptr && std::string(device) == "cuda") {
     options.device = loraplex::model::Device::kCuda;
+  }
+  // LP_BENCH_BATCH_INVARIANT=1: the kernels as loraplex-server --batch-invariant runs them.
+  if (const char* bi = std::getenv("LP_BENCH_BATCH_INVARIANT"); bi != nullptr && bi[0] == '1') {
+    loraplex::kernels::SetBatchInvariant(true);
   }
   auto m = LlamaModel::Load(ModelPath(), options);
   if (!m.ok()) {

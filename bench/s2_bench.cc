@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "kernels/kernels.h"
 #include "model/llama_model.h"
 
 namespace {
@@ -49,6 +50,10 @@ LlamaModel* Model() {
         std::fprintf(stderr, "LP_BENCH_DTYPE: %s\n", st.ToString().c_str());
         return static_cast<LlamaModel*>(nullptr);
       }
+    }
+    // LP_BENCH_BATCH_INVARIANT=1: the kernels as loraplex-server --batch-invariant runs them.
+    if (const char* bi = std::getenv("LP_BENCH_BATCH_INVARIANT"); bi != nullptr && bi[0] == '1') {
+      loraplex::kernels::SetBatchInvariant(true);
     }
     auto r = LlamaModel::Load(env ? env : "models/SmolLM2-135M-Instruct.Q4_1.gguf", options);
     if (!r.ok()) std::fprintf(stderr, "LlamaModel::Load: %s\n", r.status().ToString().c_str());

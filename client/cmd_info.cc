@@ -94,7 +94,8 @@ Rows InfoRows(const v1::ModelInfo& info) {
       {"cpu kernels",
        info.cpu_kernels().empty()
            ? std::string("-")
-           : absl::StrCat(info.cpu_kernels(), " (quantized weights ", info.quant_kernels(), ")")},
+           : absl::StrCat(info.cpu_kernels(), " (quantized weights ", info.quant_kernels(), ")",
+                          info.batch_invariant() ? ", batch-invariant" : "")},
       {"max batch tokens / queue", absl::StrCat(info.max_batch_tokens(), " / ", info.max_queue())},
       {"max lora rank", absl::StrCat(info.max_lora_rank())},
       {"max adapters",

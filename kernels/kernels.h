@@ -163,4 +163,16 @@ void PagedAttention(float* out, const float* q, const float* k_cache, const floa
 // (docs/benchmarks.md).
 const char* CpuKernelIsa();
 
+// Batch invariance (loraplex-server --batch-invariant): when on, the CPU kernels compute each
+// token's row of a call with the same operations in the same order as if the token were alone in
+// the call. GEMMs on f32, bf16 and quantized weights run their one-token loops token by token
+// over panels of weight rows (no token tiles, no AMX tiles, no tokens-in-lanes prefill), and the
+// LoRA ops keep every adapter's tokens on the per-token micro-kernel tiles (no GEMM for an
+// adapter of many tokens). The other ops already work per token (norms, RoPE, attention per
+// query). A request's logits then do not depend on what shares its steps: the batch size, other
+// requests' prompts and adapters, or how its own prompt was cut into chunks. The price is the
+// batched paths' speed (docs/benchmarks.md). Off by default; process-wide; set it before serving.
+void SetBatchInvariant(bool on);
+bool BatchInvariant();
+
 }  // namespace loraplex::kernels

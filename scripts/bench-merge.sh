@@ -12,8 +12,9 @@
 #   scripts/bench-merge.sh [OUT_DIR] [MODEL]
 #
 # Environment: LP_BUILD_DIR (default build-release), LP_BENCH_DURATION (seconds per phase after a
-# 5 s warm-up, default 60), LP_DTYPE (the server's --dtype: bf16, the default, or f32), PYTHON
-# (numpy and gguf, for the adapter).
+# 5 s warm-up, default 60), LP_DTYPE (the server's --dtype: bf16, the default, or f32),
+# LP_SERVER_FLAGS (more server flags, e.g. --batch_invariant), PYTHON (numpy and gguf, for the
+# adapter).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -28,7 +29,8 @@ out="$(cd "$out" && pwd)"
 lp() { "$b/client/loraplex" "$@"; }
 
 "$b/server/loraplex-server" --model "$model" --dtype "$dtype" --listen 127.0.0.1:0 \
-  --port_file "$out/port" --state_dir "$out/state" --merge_policy auto >"$out/server.log" 2>&1 &
+  --port_file "$out/port" --state_dir "$out/state" --merge_policy auto ${LP_SERVER_FLAGS:-} \
+  >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do [[ -s "$out/port" ]] && break; sleep 0.1; done

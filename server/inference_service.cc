@@ -575,6 +575,7 @@ grpc::ServerUnaryReactor* InferenceService::GetModelInfo(grpc::CallbackServerCon
   if (response->device() == "cpu") {
     response->set_cpu_kernels(kernels::CpuKernelIsa());
     response->set_quant_kernels(kernels::QuantKernelIsa());
+    response->set_batch_invariant(kernels::BatchInvariant());
   }
   return FinishNow(grpc::Status::OK);
 }

@@ -9,6 +9,7 @@
 #include "absl/flags/usage.h"
 #include "common/flags.h"
 #include "common/logging.h"
+#include "kernels/kernels.h"
 #include "server/options.h"
 #include "server/server.h"
 
@@ -48,6 +49,7 @@ int main(int argc, char** argv) {
     LP_LOG(ERROR) << cl.status().ToString();
     return 2;
   }
+  loraplex::kernels::SetBatchInvariant(cl->batch_invariant);
   auto model = loraplex::model::LlamaModel::Load(cl->model_path, cl->load);
   if (!model.ok()) {
     LP_LOG(ERROR) << "--model " << cl->model_path << ": " << model.status().ToString();

@@ -45,6 +45,9 @@ ABSL_FLAG(std::string, merge_policy, "off",
           "auto: merge the adapter that dominates the load into the base weights while that pays "
           "(measured LoRA and switch costs; needs --dtype bf16 or f32), unmerge when it stops "
           "paying; off: merges only by SetAdapterMode");
+ABSL_FLAG(bool, batch_invariant, false,
+          "CPU: compute every token as if alone in its step (one-token kernel loops, no token "
+          "tiles), so a request's outputs do not depend on the load; slower batched steps");
 ABSL_FLAG(std::string, prefix_cache, "on",
           "on: reuse the KV of full blocks of a prompt prefix seen before with the same adapter "
           "version (LRU, in the KV pool's free blocks); off");
@@ -151,6 +154,12 @@ absl::StatusOr<CommandLine> CommandLineFromFlags() {
   LP_ASSIGN_OR_RETURN(cl.load.device,
                       model::ResolveDevice(absl::GetFlag(FLAGS_device), &device_reason));
   LP_LOG(INFO) << device_reason;
+  cl.batch_invariant = absl::GetFlag(FLAGS_batch_invariant);
+  if (cl.batch_invariant && cl.load.device != model::Device::kCpu) {
+    return absl::InvalidArgumentError(
+        "--batch-invariant is for the CPU kernels; the CUDA backend's cuBLAS GEMMs pick their "
+        "reduction order by shape (use --device cpu)");
+  }
   {
     AdapterAdminOptions& a = cl.server.admin;
     a.adapter_dir = absl::GetFlag(FLAGS_adapter_dir);

@@ -18,6 +18,7 @@ struct CommandLine {
   model::LoadOptions load;
   ServerOptions server;
   absl::Duration shutdown_grace;
+  bool batch_invariant = false;  // kernels::SetBatchInvariant before the model loads (CPU only)
   std::string
       port_file;  // once serving: the gRPC port, then the metrics port (0: none), a line each
 };

@@ -135,7 +135,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(std::unique_ptr<model::Lla
                        ? absl::StrCat(", metrics on port ", server->metrics_->port())
                        : std::string())
                << "; CPU kernels " << kernels::CpuKernelIsa() << " (quantized weights "
-               << kernels::QuantKernelIsa() << ")";
+               << kernels::QuantKernelIsa() << ")"
+               << (kernels::BatchInvariant() ? ", batch-invariant" : "");
   return server;
 }
 

@@ -3,6 +3,7 @@
 // thread streams a disjoint slice of the weight: decode (m = 1) is a weight-bandwidth-bound GEMV
 // and must read every weight byte exactly once per call.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "common/logging.h"
@@ -21,7 +22,21 @@ constexpr int64_t kBlock = 12;
 // Multiply-adds below which a share is not worth waking another thread for (~a few microseconds).
 constexpr int64_t kMinMacsPerShare = 1 << 17;
 
+std::atomic<bool> g_batch_invariant{false};
+
 }  // namespace
+
+void SetBatchInvariant(bool on) { g_batch_invariant.store(on, std::memory_order_relaxed); }
+bool BatchInvariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
+
+namespace cpu {
+
+int64_t InvariantPanelRows(int64_t row_bytes, int64_t multiple) {
+  return std::max<int64_t>(multiple,
+                           (64 * 1024 / std::max<int64_t>(1, row_bytes)) / multiple * multiple);
+}
+
+}  // namespace cpu
 
 void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumulate) {
   LP_CHECK(m >= 0 && w.rows >= 0 && w.cols >= 0)
@@ -35,15 +50,26 @@ void Gemm(float* y, const float* x, int64_t m, const WeightView& w, bool accumul
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   const int64_t macs_per_block = std::max<int64_t>(1, m * k * kBlock);
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerShare / macs_per_block);
+  // Tokens [i, i + rows) x features [j0, j1).
+  auto run = [&](int64_t i, int64_t rows, int64_t j0, int64_t j1) {
+    if (w.dtype == DType::kF32) {
+      ops.gemm_f32(y + i * n, x + i * k, rows, static_cast<const float*>(w.data), n, k, j0, j1,
+                   accumulate);
+    } else {
+      ops.gemm_bf16(y + i * n, x + i * k, rows, static_cast<const uint16_t*>(w.data), n, k, j0, j1,
+                    accumulate);
+    }
+  };
+  const bool per_token = m > 1 && BatchInvariant();
+  const int64_t panel = cpu::InvariantPanelRows(k * (w.dtype == DType::kF32 ? 4 : 2), kBlock);
   ThreadPool::Default().ParallelFor(
       blocks,
       [&](int64_t b0, int64_t b1) {
         const int64_t j0 = b0 * kBlock;
         const int64_t j1 = std::min(n, b1 * kBlock);
-        if (w.dtype == DType::kF32) {
-          ops.gemm_f32(y, x, m, static_cast<const float*>(w.data), n, k, j0, j1, accumulate);
-        } else {
-          ops.gemm_bf16(y, x, m, static_cast<const uint16_t*>(w.data), n, k, j0, j1, accumulate);
+        if (!per_token) return run(0, m, j0, j1);
+        for (int64_t jp = j0; jp < j1; jp += panel) {
+          for (int64_t i = 0; i < m; ++i) run(i, 1, jp, std::min(j1, jp + panel));
         }
       },
       grain);

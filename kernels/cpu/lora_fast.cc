@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <vector>
 
 #include "common/half.h"
@@ -132,6 +133,10 @@ constexpr int64_t kRowAlign = 8;
 // time at rank 64 and 0.92x at rank 16; at 8 tokens Gemm still wins at rank 64 prefill but loses
 // to the tiles for decode groups streaming adapters from DRAM (BM_GroupedDecode, 1.15-1.3x).
 constexpr int64_t kGemmMinTokens = 16;
+// kGemmMinTokens, or never under BatchInvariant() (kernels.h): the tiles compute every token alone.
+int64_t GemmMinTokens() {
+  return BatchInvariant() ? std::numeric_limits<int64_t>::max() : kGemmMinTokens;
+}
 
 // All tokens of one adapter (in `order`), for one slice.
 struct Job {
@@ -245,7 +250,7 @@ void SplitOffGemmJobs(Scratch* s) {
   s->gemm_jobs.clear();
   size_t kept = 0;
   for (size_t i = 0; i < s->jobs.size(); ++i) {
-    if (s->jobs[i].count >= kGemmMinTokens) {
+    if (s->jobs[i].count >= GemmMinTokens()) {
       s->gemm_jobs.push_back(s->jobs[i]);
     } else {
       s->jobs[kept++] = s->jobs[i];
@@ -371,7 +376,7 @@ void Shrink(float* v, int64_t v_stride, const float* x, int64_t x_stride,
   for (int d = 0; d < 2; ++d) {
     if (!has[d]) continue;
     for (const Group& g : s.groups) {
-      if (g.count >= kGemmMinTokens) continue;
+      if (g.count >= GemmMinTokens()) continue;
       for (int64_t i = g.first; i < g.first + g.count; ++i) {
         kernel.pack(s.packed_x.data() + (d * tokens + i) * len, x + s.order[i] * x_stride, in,
                     d ? DType::kBF16 : DType::kF32);
@@ -600,14 +605,14 @@ void ShrinkExpand(const LoraOutput* y, const float* x, int64_t x_stride,
   s.fused.clear();
   for (size_t i = 0; i < s.groups.size(); ++i) {
     const Group& g = s.groups[i];
-    if (g.count < kGemmMinTokens) continue;
+    if (g.count < GemmMinTokens()) continue;
     for (int64_t t = 0; t < g.count; t += kFusedTokenBlock) {
       s.fused.push_back({static_cast<int32_t>(i), t, std::min(g.count, t + kFusedTokenBlock)});
     }
   }
   const size_t blocks = s.fused.size();
   for (size_t i = 0; i < s.groups.size(); ++i) {
-    if (s.groups[i].count < kGemmMinTokens) {
+    if (s.groups[i].count < GemmMinTokens()) {
       s.fused.push_back({static_cast<int32_t>(i), 0, s.groups[i].count});
     }
   }

@@ -128,7 +128,9 @@ void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int c
   for (int i = 0; i < count; ++i) {
     LP_CHECK(outputs[i].w.rows == 0 || (outputs[i].y != nullptr && outputs[i].w.data != nullptr));
   }
-  const QuantOps& ops = QuantOpsFor(t, m);
+  // Batch invariance: the one-token loops for every token (never the tiles of AMX).
+  const bool per_token = m > 1 && BatchInvariant();
+  const QuantOps& ops = per_token ? ActiveQuantOps() : QuantOpsFor(t, m);
 
   // The activations, quantized once for every output: small (about k bytes per token), kept per
   // calling thread; rows up to a multiple of 16 (QuantOpsFor).
@@ -142,6 +144,7 @@ void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int c
 
   // One split of the blocks of all outputs, in order: a share may span the end of one output and
   // the start of the next.
+  const int64_t panel = InvariantPanelRows(RowBytes(t, k), kBlock);
   const int64_t macs_per_block = std::max<int64_t>(1, m * k * kBlock);
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerShare / macs_per_block);
   ThreadPool::Default().ParallelFor(
@@ -153,9 +156,17 @@ void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int c
           const int64_t n = w.rows;
           const int64_t own = (n + kBlock - 1) / kBlock;
           const int64_t lo = std::max(b0, first), hi = std::min(b1, first + own);
-          if (lo < hi) {
-            ops.gemm(t, outputs[i].y, xq, m, static_cast<const uint8_t*>(w.data), n, k,
-                     (lo - first) * kBlock, std::min(n, (hi - first) * kBlock), accumulate);
+          const int64_t j0 = (lo - first) * kBlock, j1 = std::min(n, (hi - first) * kBlock);
+          const auto* wd = static_cast<const uint8_t*>(w.data);
+          if (lo < hi && !per_token) {
+            ops.gemm(t, outputs[i].y, xq, m, wd, n, k, j0, j1, accumulate);
+          } else if (lo < hi) {
+            for (int64_t jp = j0; jp < j1; jp += panel) {
+              for (int64_t r = 0; r < m; ++r) {
+                ops.gemm(t, outputs[i].y + r * n, xq + r * row_bytes, 1, wd, n, k, jp,
+                         std::min(j1, jp + panel), accumulate);
+              }
+            }
           }
           first += own;
         }
@@ -168,7 +179,8 @@ void QuantGemmShared(const float* x, int64_t m, const GemmOutput* outputs, int c
 namespace loraplex::kernels {
 
 const char* QuantKernelIsa() {
-  return cpu::AmxEnabled() ? cpu::AmxQuantOps()->name : cpu::ActiveQuantOps().name;
+  return cpu::AmxEnabled() && !BatchInvariant() ? cpu::AmxQuantOps()->name
+                                                : cpu::ActiveQuantOps().name;
 }
 
 }  // namespace loraplex::kernels

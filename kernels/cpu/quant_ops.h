@@ -35,6 +35,11 @@
 
 namespace loraplex::kernels::cpu {
 
+// BatchInvariant() (kernels.h): weight rows per panel whose one-token loops run for every token
+// of the call before the next panel, about 64 KiB of rows of `row_bytes` (so the panel is read
+// from memory once per call, then from L2), a multiple of `multiple`.
+int64_t InvariantPanelRows(int64_t row_bytes, int64_t multiple);
+
 struct QuantOps {
   const char* name;  // "amx", "avx512vnni", "avx2", "scalar"
 

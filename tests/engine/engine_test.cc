@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -18,6 +19,7 @@
 #include "absl/synchronization/notification.h"
 #include "adapters/registry.h"
 #include "common/status.h"
+#include "kernels/kernels.h"
 #include "model/generate.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
@@ -250,6 +252,76 @@ TEST_F(EngineTest, BatchedGreedyEqualsEachRequestAlone) {
   EngineStats s = WaitForNoBlocks(*engine);
   EXPECT_EQ(s.kv_blocks_used, 0);
   EXPECT_EQ(s.finished_requests, static_cast<int64_t>(reqs.size()));
+}
+
+// kernels::SetBatchInvariant (--batch-invariant) over the real model, f32 and quantized to q4_0 at
+// load: a request's tokens and logprobs are bit for bit the same alone and in a busy mix of steps
+// (other requests' prompts, with and without an adapter, decodes, and its own prompt cut into
+// chunks by the token budget): the adapter of many tokens in a step, the token tiles of the GEMMs
+// and the tokens-in-lanes prefill would each change the low bits.
+TEST_F(EngineTest, BatchInvariantOutputsDoNotDependOnWhatSharesTheSteps) {
+  kernels::SetBatchInvariant(true);
+  absl::Cleanup off = [] { kernels::SetBatchInvariant(false); };
+  const std::string root = loraplex::testing::MakeTempDir("lp-engine-invariant");
+  absl::Cleanup remove_root = [&] { fs::remove_all(root); };
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry,
+                       OpenRegistryWithQv(root));
+  model::LoadOptions q4;
+  q4.dtype = kernels::DType::kQ4_0;
+  ASSERT_OK_AND_ASSIGN(
+      std::unique_ptr<model::LlamaModel> quantized,
+      model::LlamaModel::Load(loraplex::testing::Stories260KDir() + "/stories260K.gguf", q4));
+  const std::vector<int32_t> story = GoldenIds();
+  auto prompt = [&](int from, int len) {
+    std::vector<int32_t> p = {1};
+    p.insert(p.end(), story.begin() + from, story.begin() + from + len);
+    return p;
+  };
+  for (model::LlamaModel* m : {model_, quantized.get()}) {
+    SCOPED_TRACE(m == model_ ? "f32" : "q4_0");
+    std::vector<GenerationRequest> probes = {Greedy(prompt(0, 40), 20), Greedy(prompt(5, 40), 20)};
+    ASSERT_OK_AND_ASSIGN(probes[1].adapter, registry->Acquire("qv"));
+    for (GenerationRequest& p : probes) {
+      p.ignore_eos = true;
+      p.sampling.logprobs = 2;
+    }
+    std::vector<GenerationRequest> busy;
+    for (int i = 0; i < 10; ++i) {
+      GenerationRequest r = Greedy(prompt(i, 3 + (i * 11) % 45), 6 + i * 3);
+      r.ignore_eos = true;
+      if (i % 2 == 1) {
+        ASSERT_OK_AND_ASSIGN(r.adapter, registry->Acquire("qv"));
+      }
+      busy.push_back(r);
+      if (i == 3) busy.push_back(probes[0]);
+      if (i == 6) busy.push_back(probes[1]);
+    }
+    // One engine on the model at a time (the model's LoRA counters belong to one engine thread).
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Engine> loaded,
+                         Engine::Create(m, {.max_batch_tokens = 48, .max_running = 16}));
+    const std::vector<Result> mixed = RunAll(*loaded, busy);
+    loaded.reset();
+    ASSERT_EQ(mixed.size(), busy.size());
+    const Result* in_mix[2] = {&mixed[4], &mixed[8]};
+    ASSERT_OK_AND_ASSIGN(std::unique_ptr<Engine> quiet, Engine::Create(m, {}));
+    for (int p = 0; p < 2; ++p) {
+      const std::vector<Result> alone = RunAll(*quiet, {probes[p]});
+      ASSERT_EQ(alone.size(), 1u);
+      EXPECT_EQ(in_mix[p]->ids, alone[0].ids) << "probe " << p;
+      ASSERT_EQ(in_mix[p]->tokens.size(), alone[0].tokens.size()) << "probe " << p;
+      for (size_t t = 0; t < alone[0].tokens.size(); ++t) {
+        const GeneratedToken &a = alone[0].tokens[t], &b = in_mix[p]->tokens[t];
+        EXPECT_EQ(std::memcmp(&a.logprob, &b.logprob, sizeof(float)), 0)
+            << "probe " << p << " token " << t << ": " << a.logprob << " vs " << b.logprob;
+        ASSERT_EQ(a.top.size(), b.top.size());
+        for (size_t j = 0; j < a.top.size(); ++j) {
+          EXPECT_EQ(a.top[j].token_id, b.top[j].token_id);
+          EXPECT_EQ(std::memcmp(&a.top[j].logprob, &b.top[j].logprob, sizeof(float)), 0)
+              << "probe " << p << " token " << t << " top " << j;
+        }
+      }
+    }
+  }
 }
 
 TEST_F(EngineTest, PreemptionUnderAShortCacheKeepsResultsExact) {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cpu/quant_ops.h"
 #include "kernels/kernels.h"
+#include "kernels/quant.h"
 #include "tests/kernels/kernel_test_util.h"
 #include "tests/testing/testing.h"
 
@@ -79,6 +81,35 @@ TEST_P(GemmTest, Bf16MatchesReference) { CheckGemm(DType::kBF16, false); }
 TEST_P(GemmTest, Bf16AccumulateMatchesReference) { CheckGemm(DType::kBF16, true); }
 
 // A reference that is not ref::Gemm: a tiny product worked out by hand.
+// BatchInvariant(): every token's row of a call is bit for bit the row a call with that token
+// alone gives, whatever the number of tokens (the dot-product tiles, the tokens-in-lanes prefill
+// from 32 tokens) and the threads' split of the rows. `amx` runs as `avx512` here.
+TEST_P(GemmTest, BatchInvariantRowsEqualOneTokenCalls) {
+  ::loraplex::kernels::testing::BatchInvariantScope invariant;
+  uint32_t seed = 500;
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (const GemmCase& c : std::vector<GemmCase>{
+             {2, 577, 577}, {9, 97, 1537}, {33, 1537, 65}, {70, 577, 576}, {129, 33, 577}}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "m=" << c.m << " n=" << c.n << " k=" << c.k << " " << DTypeName(dtype));
+      const std::vector<float> x = RandomVector(c.m * c.k, seed++);
+      const std::vector<float> w32 = RandomVector(c.n * c.k, seed++);
+      const std::vector<uint16_t> w16 = ToBf16(w32);
+      const WeightView w{dtype,
+                         dtype == DType::kF32 ? static_cast<const void*>(w32.data()) : w16.data(),
+                         c.n, c.k};
+      std::vector<float> all(c.m * c.n);
+      Gemm(all.data(), x.data(), c.m, w);
+      for (int64_t t = 0; t < c.m; ++t) {
+        std::vector<float> one(c.n);
+        Gemm(one.data(), x.data() + t * c.k, 1, w);
+        ASSERT_EQ(std::memcmp(one.data(), all.data() + t * c.n, c.n * sizeof(float)), 0)
+            << "token " << t;
+      }
+    }
+  }
+}
+
 TEST_P(GemmTest, HandWorkedProduct) {
   const float x[2 * 3] = {1, 2, 3, -1, 0, 0.5f};
   const float w[2 * 3] = {1, 0, -1, 2, 2, 2};  // W[out=2, in=3]

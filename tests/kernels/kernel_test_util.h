@@ -11,6 +11,7 @@
 
 #include "common/half.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/kernels.h"
 
 namespace loraplex::kernels::testing {
 
@@ -44,6 +45,15 @@ class IsaTest : public ::testing::TestWithParam<std::string> {
 
  private:
   std::string saved_;
+};
+
+// Turns kernels::BatchInvariant() on for a scope, and off again at its end.
+class BatchInvariantScope {
+ public:
+  BatchInvariantScope() { SetBatchInvariant(true); }
+  ~BatchInvariantScope() { SetBatchInvariant(false); }
+  BatchInvariantScope(const BatchInvariantScope&) = delete;
+  BatchInvariantScope& operator=(const BatchInvariantScope&) = delete;
 };
 
 inline std::vector<std::string> AllIsas() { return {"scalar", "avx2", "avx512"}; }

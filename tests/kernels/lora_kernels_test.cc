@@ -15,6 +15,7 @@
 #include "common/half.h"
 #include "common/thread_pool.h"
 #include "kernels/lora.h"
+#include "tests/kernels/kernel_test_util.h"
 #include "tests/testing/testing.h"
 
 namespace loraplex::kernels {
@@ -356,6 +357,58 @@ TEST_P(LoraGridTest, TokenResultIndependentOfBatch) {
     }
     SetLoraForceScalar(false);
   }
+}
+
+// BatchInvariant(): an adapter with many tokens in the call stays on the per-token tiles (no
+// GEMM), so every token's delta is bit for bit the one it gets alone, through the fused op of
+// SGMV segments (a 40-token prompt beside short ones) and of BGMV.
+TEST_P(LoraGridTest, BatchInvariantTokensEqualTheirDeltaAlone) {
+  ::loraplex::kernels::testing::BatchInvariantScope invariant;
+  SetLoraForceScalar(GetParam());
+  std::mt19937 rng(77);
+  Adapters ad(3, 576, {576, 192, 192}, {8, 16}, rng, /*allow_bf16=*/true);
+  const int64_t tokens = 49;
+  std::vector<int32_t> per_token(tokens, 0);  // adapter 0: a prompt of 40 tokens
+  for (int64_t t = 40; t < tokens; ++t) per_token[t] = static_cast<int32_t>(t % 3);
+  per_token[44] = -1;
+  const std::vector<float> x = Random(tokens * 576, rng, 1.0f);
+  auto run = [&](const float* xs, const int32_t* adapters, int64_t n, bool segments) {
+    std::vector<float> ys[3] = {std::vector<float>(n * 576, 0.5f),
+                                std::vector<float>(n * 192, 0.5f),
+                                std::vector<float>(n * 192, 0.5f)};
+    LoraOutput out[3] = {{ys[0].data(), 576}, {ys[1].data(), 192}, {ys[2].data(), 192}};
+    if (segments) {
+      std::vector<int64_t> starts;
+      std::vector<int32_t> seg;
+      for (int64_t t = 0; t < n; ++t) {
+        if (t == 0 || adapters[t] != adapters[t - 1]) {
+          starts.push_back(t);
+          seg.push_back(adapters[t]);
+        }
+      }
+      starts.push_back(n);
+      const LoraSegments s{static_cast<int64_t>(seg.size()), starts.data(), seg.data()};
+      SgmvShrinkExpand(out, xs, 576, s, ad.weights, /*negate=*/false);
+    } else {
+      BgmvShrinkExpand(out, xs, 576, adapters, n, ad.weights, /*negate=*/false);
+    }
+    return std::vector<std::vector<float>>{ys[0], ys[1], ys[2]};
+  };
+  for (bool segments : {true, false}) {
+    const auto all = run(x.data(), per_token.data(), tokens, segments);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const auto one = run(x.data() + t * 576, &per_token[t], 1, segments);
+      for (int sl = 0; sl < 3; ++sl) {
+        const int64_t width = sl == 0 ? 576 : 192;
+        EXPECT_TRUE(AllClose(
+            one[sl],
+            std::vector<float>(all[sl].begin() + t * width, all[sl].begin() + (t + 1) * width),
+            kExact))
+            << "token " << t << " slice " << sl << (segments ? " (SGMV)" : " (BGMV)");
+      }
+    }
+  }
+  SetLoraForceScalar(false);
 }
 
 // A decode step of many adapters takes the fused path of BgmvShrinkExpand (one task per adapter:

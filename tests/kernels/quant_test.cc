@@ -466,6 +466,39 @@ TEST_P(QuantGemmTest, SharedInputEqualsAGemmPerOutput) {
   }
 }
 
+// BatchInvariant(): every token's row of a call, through Gemm and GemmShared, is bit for bit the
+// row of a call with that token alone, for every format, whatever the number of tokens (token
+// tiles from 2, AMX tiles from 8 on `amx`) and the threads' split of the rows.
+TEST_P(QuantGemmTest, BatchInvariantRowsEqualOneTokenCalls) {
+  ::loraplex::kernels::testing::BatchInvariantScope invariant;
+  const int64_t k = 512;
+  for (DType t :
+       {DType::kQ8_0, DType::kQ4_0, DType::kQ4_1, DType::kQ4_K, DType::kQ5_K, DType::kQ6_K}) {
+    for (int64_t m : {2, 9, 33, 70}) {
+      SCOPED_TRACE(::testing::Message() << DTypeName(t) << " m=" << m);
+      const int64_t rows[2] = {577, 37};
+      const std::vector<uint8_t> b0 = RandomBlocks(t, rows[0], k, 40);
+      const std::vector<uint8_t> b1 = RandomBlocks(t, rows[1], k, 41);
+      const WeightView w0{t, b0.data(), rows[0], k}, w1{t, b1.data(), rows[1], k};
+      const std::vector<float> x = RandomActivations(m, k, 42);
+      std::vector<float> all(m * rows[0]), shared0(m * rows[0]), shared1(m * rows[1]);
+      Gemm(all.data(), x.data(), m, w0);
+      GemmShared(x.data(), m, {{shared0.data(), w0}, {shared1.data(), w1}});
+      for (int64_t i = 0; i < m; ++i) {
+        std::vector<float> one0(rows[0]), one1(rows[1]);
+        Gemm(one0.data(), x.data() + i * k, 1, w0);
+        Gemm(one1.data(), x.data() + i * k, 1, w1);
+        ASSERT_EQ(FirstBitDifference(all.data() + i * rows[0], one0.data(), rows[0]), -1)
+            << "token " << i;
+        ASSERT_EQ(FirstBitDifference(shared0.data() + i * rows[0], one0.data(), rows[0]), -1)
+            << "token " << i;
+        ASSERT_EQ(FirstBitDifference(shared1.data() + i * rows[1], one1.data(), rows[1]), -1)
+            << "token " << i;
+      }
+    }
+  }
+}
+
 // Activation blocks too small to scale (max|x| below ~4e-37, where 127 / max|x| overflows) are
 // taken as zeros by every table, not as garbage codes.
 TEST_P(QuantGemmTest, TinyActivationsGiveZeros) {

@@ -230,6 +230,7 @@ def test_model_info(client: Client) -> None:
     assert m.dtype == "f32" and m.device in ("cpu", "cuda")
     assert m.max_lora_rank == 64 and m.kv_block_size == 16 and m.kv_blocks_total > 0
     assert m.prefix_cache is True
+    assert m.batch_invariant is False
     if m.device == "cpu":
         assert m.cpu_kernels in ("amx", "avx512", "avx2", "scalar")
         assert m.quant_kernels in ("amx", "avx512vnni", "avx2", "scalar")

@@ -9,6 +9,7 @@
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/reflection.h"
+#include "model/device.h"
 #include "server/options.h"
 #include "server/request_mapping.h"
 #include "server/status_mapping.h"
@@ -18,6 +19,7 @@ ABSL_DECLARE_FLAG(std::string, model);
 ABSL_DECLARE_FLAG(std::string, device);
 ABSL_DECLARE_FLAG(std::string, max_running_per_adapter);
 ABSL_DECLARE_FLAG(double, fairness_window_s);
+ABSL_DECLARE_FLAG(bool, batch_invariant);
 
 namespace loraplex::server {
 namespace {
@@ -88,6 +90,26 @@ TEST(OptionsTest, MaxRunningPerAdapterIsAutoOrACount) {
   absl::SetFlag(&FLAGS_fairness_window_s, -1.0);
   EXPECT_THAT(CommandLineFromFlags(),
               StatusIs(absl::StatusCode::kInvalidArgument, "--fairness-window-s"));
+}
+
+// --batch-invariant is carried to main (which sets it before the model loads), CPU only.
+TEST(OptionsTest, BatchInvariantIsForTheCpu) {
+  absl::FlagSaver restore;
+  absl::SetFlag(&FLAGS_model, "unused.gguf");
+  absl::SetFlag(&FLAGS_device, "cpu");
+  absl::StatusOr<CommandLine> cl = CommandLineFromFlags();
+  ASSERT_TRUE(cl.ok()) << cl.status();
+  EXPECT_FALSE(cl->batch_invariant);
+  absl::SetFlag(&FLAGS_batch_invariant, true);
+  cl = CommandLineFromFlags();
+  ASSERT_TRUE(cl.ok()) << cl.status();
+  EXPECT_TRUE(cl->batch_invariant);
+  std::string why;
+  if (model::CudaBackendAvailable(&why)) {
+    absl::SetFlag(&FLAGS_device, "cuda");
+    EXPECT_THAT(CommandLineFromFlags(),
+                StatusIs(absl::StatusCode::kInvalidArgument, "--batch-invariant"));
+  }
 }
 
 class RequestMappingTest : public ::testing::Test {

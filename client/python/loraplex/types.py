@@ -189,6 +189,7 @@ class ModelInfo:
     prefix_cache: bool
     cpu_kernels: str  # "amx", "avx512", "avx2" or "scalar" on the CPU device; "" on CUDA
     quant_kernels: str  # "amx", "avx512vnni", "avx2" or "scalar" on the CPU device; "" on CUDA
+    batch_invariant: bool  # --batch-invariant: outputs independent of what shares a step
 
 
 @dataclass(frozen=True)
