@@ -88,9 +88,12 @@ TEST(ServerProcessTest, ReportAtExitFailsTheTest) {
   for (const char* report :
        {"ERROR: LeakSanitizer: detected memory leaks", "WARNING: ThreadSanitizer: data race"}) {
     const std::string bin =
-        FakeServer(std::string("echo serving >&2; trap 'echo \"==9==") + report +
-                       "\" >&2; exit 0' TERM; while :; do sleep 0.05; done",
-                   /*serve=*/true);
+        // The trap is set before the port file is written: the test signals as soon as it
+        // reads the ports (a TERM before the trap killed the shell: a flaky -1).
+        FakeServer(std::string("trap 'echo \"==9==") + report +
+                       "\" >&2; exit 0' TERM; echo 40001 40002 > \"$pf\"; echo serving >&2; "
+                       "while :; do sleep 0.05; done",
+                   /*serve=*/false);
     EXPECT_TRUE(OneFailureWith(FailuresOf([&] {
                                  ServerProcess server(bin, {});
                                  ASSERT_TRUE(server.ok());
