@@ -61,11 +61,18 @@ TEST(OptionsTest, ParseByteSize) {
   EXPECT_THAT(ParseByteSize("5TB"), StatusIs(absl::StatusCode::kInvalidArgument, "unit"));
 }
 
+// CommandLineFromFlags with a model path and the CPU device set; the flags are restored after.
+class FlagsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::SetFlag(&FLAGS_model, "unused.gguf");
+    absl::SetFlag(&FLAGS_device, "cpu");
+  }
+  absl::FlagSaver restore_;
+};
+
 // --max-running-per-adapter: auto (the engine's share cap, the default), a count, or 0 (none).
-TEST(OptionsTest, MaxRunningPerAdapterIsAutoOrACount) {
-  absl::FlagSaver restore;
-  absl::SetFlag(&FLAGS_model, "unused.gguf");
-  absl::SetFlag(&FLAGS_device, "cpu");
+TEST_F(FlagsTest, MaxRunningPerAdapterIsAutoOrACount) {
   absl::StatusOr<CommandLine> cl = CommandLineFromFlags();
   ASSERT_TRUE(cl.ok()) << cl.status();
   EXPECT_EQ(cl->server.engine.max_running_per_adapter, engine::EngineOptions::kRunningShare);
@@ -93,10 +100,7 @@ TEST(OptionsTest, MaxRunningPerAdapterIsAutoOrACount) {
 }
 
 // --batch-invariant is carried to main (which sets it before the model loads), CPU only.
-TEST(OptionsTest, BatchInvariantIsForTheCpu) {
-  absl::FlagSaver restore;
-  absl::SetFlag(&FLAGS_model, "unused.gguf");
-  absl::SetFlag(&FLAGS_device, "cpu");
+TEST_F(FlagsTest, BatchInvariantIsForTheCpu) {
   absl::StatusOr<CommandLine> cl = CommandLineFromFlags();
   ASSERT_TRUE(cl.ok()) << cl.status();
   EXPECT_FALSE(cl->batch_invariant);
