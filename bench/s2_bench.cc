@@ -294,6 +294,38 @@ BENCHMARK(BM_S4SingleDecode)
     ->UseRealTime()
     ->MinTime(3);
 
+// The switch the merge policy pays: merging one rank-r q,k,v,o adapter into the base weights
+// (W + B A for 120 matrices of SmolLM2) and unmerging it (the pristine copies written back), each
+// timed alone. Needs unquantized base weights (LP_BENCH_DTYPE bf16, the default, or f32).
+void BM_MergeUnmerge(benchmark::State& state) {
+  LlamaModel* m = Model();
+  if (m == nullptr) {
+    state.SkipWithError("model not found (scripts/fetch-model.sh)");
+    return;
+  }
+  RandomAdapter adapter(*m, state.range(0), 11);
+  double merge_s = 0, unmerge_s = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (absl::Status s = m->Merge(&adapter.view); !s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    if (absl::Status s = m->Unmerge(); !s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    const auto t2 = std::chrono::steady_clock::now();
+    merge_s += std::chrono::duration<double>(t1 - t0).count();
+    unmerge_s += std::chrono::duration<double>(t2 - t1).count();
+  }
+  const double n = static_cast<double>(state.iterations());
+  state.counters["merge_ms"] = 1e3 * merge_s / n;
+  state.counters["unmerge_ms"] = 1e3 * unmerge_s / n;
+}
+BENCHMARK(BM_MergeUnmerge)->Arg(16)->ArgName("rank")->Unit(benchmark::kMillisecond)->UseRealTime();
+
 // Prefill with adapters: 4 prompts of kPrompt tokens in one step, each with its own rank-r q,k,v,o
 // adapter (an SGMV segment of 128 tokens per adapter), against the same step with no adapter.
 void BM_PrefillAdapters(benchmark::State& state) {

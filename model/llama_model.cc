@@ -11,6 +11,7 @@
 #include "common/status.h"
 #include "formats/gguf.h"
 #include "formats/safetensors.h"
+#include "kernels/kernels.h"
 #include "kernels/quant.h"
 #include "model/backend.h"
 #include "model/cpu_backend.h"
@@ -301,31 +302,33 @@ inline float ViewAt(const kernels::WeightView& v, int64_t i) {
                                          : Bf16ToF32(static_cast<const uint16_t*>(v.data)[i]);
 }
 
-// W += B A for one pair, element by element in f32 from the current value, rounded once to w's
-// dtype. Both backends merge through it (on a host copy of the device bits for CUDA), so both give
-// the same bits.
+// W += B A for one pair, in f32 from the pristine value and rounded once to w's dtype (DoRA:
+// g (W + B A)). The product is one GEMM of the kernels, B [out, rank] as its activations and A
+// transposed [in, rank] as its weight rows, accumulated onto W widened to f32, on the kernels'
+// threads. Both backends merge through it (on a host copy of the device bits for CUDA), so both
+// give the same bits.
 void MergePairInto(const LoraPair& pair, StoredMatrix* wp) {
   StoredMatrix& w = *wp;
-  // W' = W + B A (DoRA: g (W + B A)), each element computed in f32 from the pristine value and
-  // rounded once.
-  std::vector<float> a(pair.rank * w.cols);
-  for (int64_t i = 0; i < static_cast<int64_t>(a.size()); ++i) a[i] = ViewAt(pair.a, i);
-  std::vector<float> row(w.cols);
-  for (int64_t o = 0; o < w.rows; ++o) {
-    for (int64_t i = 0; i < w.cols; ++i) row[i] = w.At(o, i);
-    for (int64_t r = 0; r < pair.rank; ++r) {
-      const float b = ViewAt(pair.b, o * pair.rank + r);
-      const float* arow = a.data() + r * w.cols;
-      for (int64_t i = 0; i < w.cols; ++i) row[i] += b * arow[i];
+  const int64_t rank = pair.rank, rows = w.rows, cols = w.cols;
+  std::vector<float> b(rows * rank);
+  for (int64_t i = 0; i < rows * rank; ++i) b[i] = ViewAt(pair.b, i);
+  std::vector<float> a_t(cols * rank);
+  for (int64_t r = 0; r < rank; ++r) {
+    for (int64_t i = 0; i < cols; ++i) a_t[i * rank + r] = ViewAt(pair.a, r * cols + i);
+  }
+  const kernels::WeightView a_view{kernels::DType::kF32, a_t.data(), cols, rank};
+  const bool f32 = w.dtype == kernels::DType::kF32;
+  std::vector<float> widened;
+  if (!f32) widened = w.ToF32();
+  float* y = f32 ? w.f32.data() : widened.data();
+  kernels::Gemm(y, b.data(), rows, a_view, /*accumulate=*/true);
+  if (pair.dora_scale != nullptr) {
+    for (int64_t o = 0; o < rows; ++o) {
+      for (int64_t i = 0; i < cols; ++i) y[o * cols + i] *= pair.dora_scale[o];
     }
-    if (pair.dora_scale != nullptr) {
-      for (int64_t i = 0; i < w.cols; ++i) row[i] *= pair.dora_scale[o];
-    }
-    if (w.dtype == kernels::DType::kF32) {
-      std::copy(row.begin(), row.end(), w.f32.begin() + o * w.cols);
-    } else {
-      for (int64_t i = 0; i < w.cols; ++i) w.bf16[o * w.cols + i] = F32ToBf16(row[i]);
-    }
+  }
+  if (!f32) {
+    for (int64_t i = 0; i < rows * cols; ++i) w.bf16[i] = F32ToBf16(y[i]);
   }
 }
 
