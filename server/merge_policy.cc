@@ -1,6 +1,8 @@
 #include "server/merge_policy.h"
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -76,10 +78,10 @@ MergeDecision DecideMerge(const MergeInputs& in) {
   return d;
 }
 
-MergeInputs MergePolicy::Observe(const engine::EngineStats& stats) {
+MergeInputs MergePolicy::Observe(const engine::EngineStats& stats, bool merged) {
   const int64_t passes = stats.lora_token_passes - last_passes_;
   const double seconds = stats.lora_seconds - last_seconds_;
-  if (passes >= kMinPassesForCost && seconds > 0) {
+  if (!merged && passes >= kMinPassesForCost && seconds > 0) {
     const double c = seconds / static_cast<double>(passes);
     c_ = c_ > 0 ? (1 - kCostSmoothing) * c_ + kCostSmoothing * c : c;
   }
@@ -90,9 +92,15 @@ MergeInputs MergePolicy::Observe(const engine::EngineStats& stats) {
   in.horizon_s = horizon_s_;
   // A window seen before (the engine idles between windows) says nothing new: no traffic.
   if (stats.window_s > 0 && stats.window_end != last_window_end_) {
+    // The first window is taken as it is; later ones move the rates by 1 - e^(-window / tau).
+    const double weight = rates_.empty() ? 1.0 : 1 - std::exp(-stats.window_s / smoothing_s_);
+    for (auto& [name, rate] : rates_) rate *= 1 - weight;
     for (const auto& [name, tokens] : stats.window_tokens) {
-      in.tokens_per_s[name] = static_cast<double>(tokens) / stats.window_s;
+      rates_[name] += weight * static_cast<double>(tokens) / stats.window_s;
     }
+    // An adapter gone quiet fades out of the map below a hundredth of a token per second.
+    std::erase_if(rates_, [](const auto& entry) { return entry.second < 0.01; });
+    in.tokens_per_s = rates_;
   }
   last_window_end_ = stats.window_end;
   return in;

@@ -50,20 +50,27 @@ struct MergeDecision {
 MergeDecision DecideMerge(const MergeInputs& in);
 
 // Keeps the estimate of c from the engine's counters (LoRA seconds over token passes since the
-// previous snapshot, smoothed) and the tokens per second of the last window.
+// previous snapshot, smoothed) and each adapter's tokens per second, smoothed over the engine's
+// windows with time constant smoothing_s: one window holds only a few steps, and one burst of
+// prefills would otherwise swing the shares past a threshold and back (a switch each way).
 class MergePolicy {
  public:
-  explicit MergePolicy(double horizon_s = 10) : horizon_s_(horizon_s) {}
-  // Inputs from a new engine snapshot; switch_s, merged and excluded come from the caller.
-  MergeInputs Observe(const engine::EngineStats& stats);
+  explicit MergePolicy(double horizon_s = 10, double smoothing_s = 3)
+      : horizon_s_(horizon_s), smoothing_s_(smoothing_s) {}
+  // Inputs from a new engine snapshot; switch_s, merged and excluded come from the caller. While
+  // an adapter is merged (`merged`) c is left as measured unmerged: the few mixed-mode passes of
+  // a merged step carry the LoRA ops' fixed costs and would overstate it several times.
+  MergeInputs Observe(const engine::EngineStats& stats, bool merged = false);
   double lora_s_per_token_pass() const { return c_; }
 
  private:
   double horizon_s_;
+  double smoothing_s_;
   double c_ = 0;
   double last_seconds_ = 0;
   int64_t last_passes_ = 0;
   absl::Time last_window_end_;
+  std::map<std::string, double> rates_;  // smoothed tokens/s per adapter
 };
 
 }  // namespace loraplex::server

@@ -235,7 +235,8 @@ void Server::MergePolicyLoop() {
       if (shutdown_) return;
     }
     const AdaptersService::MergeState state = adapters_service_->merge_state();
-    MergeInputs in = policy.Observe(engine_->Stats());
+    MergeInputs in =
+        policy.Observe(engine_->Stats(), state.hand_merged || !state.auto_merged.empty());
     if (state.hand_merged) continue;  // a client's merge: left alone
     in.switch_s = state.switch_s;
     in.merged = state.auto_merged;

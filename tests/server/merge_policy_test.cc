@@ -5,6 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <map>
+#include <string>
+
 namespace loraplex::server {
 namespace {
 
@@ -114,6 +118,72 @@ TEST(MergePolicyTest, ObserveMeasuresTheCostAndTheWindowRates) {
   s.lora_seconds += 1;
   s.lora_token_passes += 3;
   EXPECT_NEAR(policy.Observe(s).lora_s_per_token_pass, 13e-6, 1e-12);
+}
+
+// The next snapshot of `s`: a window of `seconds` with these tokens, and `passes` LoRA token
+// passes costing `us_per_pass` each.
+void NextWindow(engine::EngineStats* s, std::map<std::string, int64_t> tokens, double seconds,
+                int64_t passes, double us_per_pass) {
+  s->window_tokens = std::move(tokens);
+  s->window_s = seconds;
+  s->window_end += absl::Seconds(seconds);
+  s->lora_token_passes += passes;
+  s->lora_seconds += static_cast<double>(passes) * us_per_pass * 1e-6;
+}
+
+TEST(MergePolicyTest, SharesAreSmoothedOverWindows) {
+  MergePolicy policy(/*horizon_s=*/10, /*smoothing_s=*/3);
+  engine::EngineStats s;
+  s.window_end = absl::FromUnixSeconds(100);
+  MergeInputs in;
+  for (int i = 0; i < 10; ++i) {
+    NextWindow(&s, {{"hot", 900}, {"cold", 100}}, 1, 1000, 10);
+    in = policy.Observe(s);
+  }
+  EXPECT_NEAR(in.tokens_per_s["hot"], 900, 1e-6);
+  in.switch_s = 0.02;  // R = 0.6, L = 0.4 (as Inputs())
+  EXPECT_EQ(DecideMerge(in).action, Action::kMerge);
+  // One window of cold prefills (10% hot) moves the rates by 1 - e^(-1/3) of the way only: the
+  // share stays above L and the merged adapter stays merged.
+  NextWindow(&s, {{"hot", 40}, {"cold", 360}}, 1, 400, 10);
+  in = policy.Observe(s, /*merged=*/true);
+  const double w = 1 - std::exp(-1.0 / 3);
+  EXPECT_NEAR(in.tokens_per_s["hot"], 900 * (1 - w) + 40 * w, 1e-6);
+  in.switch_s = 0.02;
+  in.merged = "hot";
+  MergeDecision d = DecideMerge(in);
+  EXPECT_EQ(d.action, Action::kKeep) << d.reason;
+  EXPECT_GT(d.share, 0.6);
+  // A lasting move to the base model unmerges within a few windows; the quiet adapters fade out.
+  int windows = 0;
+  do {
+    NextWindow(&s, {{"", 1000}}, 1, 0, 10);
+    in = policy.Observe(s, /*merged=*/true);
+    in.switch_s = 0.02;
+    in.merged = "hot";
+    ++windows;
+  } while (DecideMerge(in).action != Action::kUnmerge && windows < 100);
+  EXPECT_LE(windows, 4);
+  for (int i = 0; i < 60; ++i) {
+    NextWindow(&s, {{"", 1000}}, 1, 0, 10);
+    in = policy.Observe(s);
+  }
+  EXPECT_EQ(in.tokens_per_s.size(), 1u);
+  EXPECT_NEAR(in.tokens_per_s[""], 1000, 1e-3);
+}
+
+TEST(MergePolicyTest, TheCostIsMeasuredOnlyWhileNothingIsMerged) {
+  MergePolicy policy;
+  engine::EngineStats s;
+  s.window_end = absl::FromUnixSeconds(100);
+  NextWindow(&s, {{"hot", 1000}}, 1, 1000, 10);
+  EXPECT_NEAR(policy.Observe(s).lora_s_per_token_pass, 10e-6, 1e-12);
+  // Merged: a few mixed-mode passes per step carry the ops' fixed costs (here 50 us each).
+  NextWindow(&s, {{"hot", 900}, {"cold", 100}}, 1, 200, 50);
+  EXPECT_NEAR(policy.Observe(s, /*merged=*/true).lora_s_per_token_pass, 10e-6, 1e-12);
+  // Unmerged again: measured from the next window on, not from the merged one's passes.
+  NextWindow(&s, {{"hot", 500}, {"cold", 500}}, 1, 1000, 20);
+  EXPECT_NEAR(policy.Observe(s).lora_s_per_token_pass, 0.7 * 10e-6 + 0.3 * 20e-6, 1e-12);
 }
 
 }  // namespace
