@@ -326,6 +326,67 @@ void BM_MergeUnmerge(benchmark::State& state) {
 }
 BENCHMARK(BM_MergeUnmerge)->Arg(16)->ArgName("rank")->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// S7's decode step in-process: 32 sequences, 29 (90%) with the hot rank-16 q,k,v,o adapter and
+// one each with 3 cold ones, in rounds of one step per configuration so every configuration sees
+// the same load: unmerged, the hot adapter merged (the cold tokens in mixed mode; merge and unmerge
+// between the steps are not timed), and no adapter at all (what merging could reach at best).
+// Per configuration the median step as out tok/s, and merged / unmerged and base / unmerged.
+void BM_S7MergedInterleaved(benchmark::State& state) {
+  constexpr int kCold = 3;
+  LlamaModel* m = Model();
+  if (m == nullptr) {
+    state.SkipWithError("model not found (scripts/fetch-model.sh)");
+    return;
+  }
+  std::vector<std::unique_ptr<RandomAdapter>> adapters;
+  for (int i = 0; i <= kCold; ++i) {
+    adapters.push_back(std::make_unique<RandomAdapter>(*m, 16, 3000 + i));
+  }
+  auto cache = m->CreateKvCache(kSeqs * kMaxBlocks, kBlock);
+  ForwardBatch b;
+  std::vector<float> logits;
+  if (!PrefillThenDecodeBatch(m, &*cache, /*with_adapters=*/false, &b, &logits, state)) return;
+  std::vector<const LoraWeightsView*> views;
+  for (const auto& a : adapters) views.push_back(&a->view);
+  std::vector<int32_t> token_adapter(kSeqs, 0);
+  for (int i = 0; i < kCold; ++i) token_adapter[kSeqs - 1 - i] = 1 + i;
+  constexpr int kConfigs = 3;  // unmerged, merged, base
+  std::vector<double> ms[kConfigs];
+  for (auto _ : state) {
+    for (int c = 0; c < kConfigs; ++c) {
+      if (c == 1 && !m->Merge(views[0]).ok()) {
+        state.SkipWithError("merge failed");
+        return;
+      }
+      b.adapters = c == 2 ? std::vector<const LoraWeightsView*>{} : views;
+      b.token_adapter = c == 2 ? std::vector<int32_t>{} : token_adapter;
+      const auto t0 = std::chrono::steady_clock::now();
+      if (!m->Forward(b, &*cache, &logits).ok()) {
+        state.SkipWithError("decode failed");
+        return;
+      }
+      ms[c].push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      if (c == 1 && !m->Unmerge().ok()) {
+        state.SkipWithError("unmerge failed");
+        return;
+      }
+      for (auto& p : b.positions) p = p + 1 < kMaxBlocks * kBlock ? p + 1 : kPrompt;
+    }
+  }
+  double median[kConfigs];
+  for (int c = 0; c < kConfigs; ++c) {
+    std::sort(ms[c].begin(), ms[c].end());
+    median[c] = ms[c][ms[c].size() / 2];
+  }
+  state.counters["unmerged_tok/s"] = kSeqs * 1000.0 / median[0];
+  state.counters["merged_tok/s"] = kSeqs * 1000.0 / median[1];
+  state.counters["base_tok/s"] = kSeqs * 1000.0 / median[2];
+  state.counters["merged/unmerged"] = median[0] / median[1];
+  state.counters["base/unmerged"] = median[0] / median[2];
+}
+BENCHMARK(BM_S7MergedInterleaved)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(40);
+
 // Prefill with adapters: 4 prompts of kPrompt tokens in one step, each with its own rank-r q,k,v,o
 // adapter (an SGMV segment of 128 tokens per adapter), against the same step with no adapter.
 void BM_PrefillAdapters(benchmark::State& state) {
