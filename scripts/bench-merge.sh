@@ -7,7 +7,8 @@
 # bench-0 merged by hand, and with bench-0 unmerged by hand (SetAdapterMode UNMERGED: the policy
 # leaves it so, as with --merge-policy off). Prints output tok/s and its ratios, the TPOT p99 of the cold adapters'
 # requests, the policy's transitions, and which requests generated the same tokens as in the
-# unmerged phase (the same seed: the same requests).
+# unmerged phase (the same seed: the same requests; so the prefix cache is off, or the later phases
+# would reuse the first one's prompts).
 #
 #   scripts/bench-merge.sh [OUT_DIR] [MODEL]
 #
@@ -29,7 +30,8 @@ out="$(cd "$out" && pwd)"
 lp() { "$b/client/loraplex" "$@"; }
 
 "$b/server/loraplex-server" --model "$model" --dtype "$dtype" --listen 127.0.0.1:0 \
-  --port_file "$out/port" --state_dir "$out/state" --merge_policy auto ${LP_SERVER_FLAGS:-} \
+  --port_file "$out/port" --state_dir "$out/state" --merge_policy auto --prefix_cache off \
+  ${LP_SERVER_FLAGS:-} \
   >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
