@@ -182,6 +182,19 @@ BENCHMARK(BM_S2Decode32)
 // change the cost), then rounds of one decode step per configuration (no adapter, 32 distinct
 // adapters of rank 8, 16, 64), so every configuration sees the same load. Per configuration: the
 // median and the best step over the rounds as out tok/s, and each as a ratio to no adapter.
+// One decode step of `b`, its milliseconds appended to `ms`; false (the state skipped) on failure.
+bool TimedDecodeStep(LlamaModel* m, const ForwardBatch& b, KvCache* cache,
+                     std::vector<float>* logits, std::vector<double>* ms, benchmark::State& state) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (!m->Forward(b, cache, logits).ok()) {
+    state.SkipWithError("decode failed");
+    return false;
+  }
+  ms->push_back(
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  return true;
+}
+
 void BM_S2S6Interleaved(benchmark::State& state) {
   LlamaModel* m = Model();
   if (m == nullptr) {
@@ -213,13 +226,7 @@ void BM_S2S6Interleaved(benchmark::State& state) {
       } else {
         b.token_adapter = token_adapter;
       }
-      const auto t0 = std::chrono::steady_clock::now();
-      if (!m->Forward(b, &*cache, &logits).ok()) {
-        state.SkipWithError("decode failed");
-        return;
-      }
-      ms[c].push_back(
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      if (!TimedDecodeStep(m, b, &*cache, &logits, &ms[c], state)) return;
       for (auto& p : b.positions) p = p + 1 < kMaxBlocks * kBlock ? p + 1 : kPrompt;
     }
   }
@@ -360,13 +367,7 @@ void BM_S7MergedInterleaved(benchmark::State& state) {
       }
       b.adapters = c == 2 ? std::vector<const LoraWeightsView*>{} : views;
       b.token_adapter = c == 2 ? std::vector<int32_t>{} : token_adapter;
-      const auto t0 = std::chrono::steady_clock::now();
-      if (!m->Forward(b, &*cache, &logits).ok()) {
-        state.SkipWithError("decode failed");
-        return;
-      }
-      ms[c].push_back(
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      if (!TimedDecodeStep(m, b, &*cache, &logits, &ms[c], state)) return;
       if (c == 1 && !m->Unmerge().ok()) {
         state.SkipWithError("unmerge failed");
         return;
