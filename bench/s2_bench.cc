@@ -302,8 +302,10 @@ BENCHMARK(BM_S4SingleDecode)
     ->MinTime(3);
 
 // The switch the merge policy pays: merging one rank-r q,k,v,o adapter into the base weights
-// (W + B A for 120 matrices of SmolLM2) and unmerging it (the pristine copies written back), each
-// timed alone. Needs unquantized base weights (LP_BENCH_DTYPE bf16, the default, or f32).
+// (W + B A for 120 matrices of SmolLM2) and unmerging it (the pristine copies put back), each
+// timed alone; the merge also in its two parts, PrepareMerge (the arithmetic and the copies, which
+// the server runs while steps go on) and the swap (what the engine stops for). Needs unquantized
+// base weights (LP_BENCH_DTYPE bf16, the default, or f32).
 void BM_MergeUnmerge(benchmark::State& state) {
   LlamaModel* m = Model();
   if (m == nullptr) {
@@ -311,24 +313,33 @@ void BM_MergeUnmerge(benchmark::State& state) {
     return;
   }
   RandomAdapter adapter(*m, state.range(0), 11);
-  double merge_s = 0, unmerge_s = 0;
+  double prepare_s = 0, swap_s = 0, unmerge_s = 0;
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
-    if (absl::Status s = m->Merge(&adapter.view); !s.ok()) {
-      state.SkipWithError(s.ToString().c_str());
+    absl::StatusOr<LlamaModel::PreparedMerge> prepared = m->PrepareMerge(&adapter.view);
+    if (!prepared.ok()) {
+      state.SkipWithError(prepared.status().ToString().c_str());
       return;
     }
     const auto t1 = std::chrono::steady_clock::now();
-    if (absl::Status s = m->Unmerge(); !s.ok()) {
+    if (absl::Status s = m->Merge(*std::move(prepared)); !s.ok()) {
       state.SkipWithError(s.ToString().c_str());
       return;
     }
     const auto t2 = std::chrono::steady_clock::now();
-    merge_s += std::chrono::duration<double>(t1 - t0).count();
-    unmerge_s += std::chrono::duration<double>(t2 - t1).count();
+    if (absl::Status s = m->Unmerge(); !s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      return;
+    }
+    const auto t3 = std::chrono::steady_clock::now();
+    prepare_s += std::chrono::duration<double>(t1 - t0).count();
+    swap_s += std::chrono::duration<double>(t2 - t1).count();
+    unmerge_s += std::chrono::duration<double>(t3 - t2).count();
   }
   const double n = static_cast<double>(state.iterations());
-  state.counters["merge_ms"] = 1e3 * merge_s / n;
+  state.counters["merge_ms"] = 1e3 * (prepare_s + swap_s) / n;
+  state.counters["prepare_ms"] = 1e3 * prepare_s / n;
+  state.counters["swap_ms"] = 1e3 * swap_s / n;
   state.counters["unmerge_ms"] = 1e3 * unmerge_s / n;
 }
 BENCHMARK(BM_MergeUnmerge)->Arg(16)->ArgName("rank")->Unit(benchmark::kMillisecond)->UseRealTime();

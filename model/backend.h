@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -46,6 +47,18 @@ class Backend {
   // read before restores them exactly. Called between steps only.
   virtual absl::StatusOr<StoredMatrix> ReadLinear(int64_t layer, LinearModule m) const = 0;
   virtual absl::Status WriteLinear(int64_t layer, LinearModule m, StoredMatrix&& w) = 0;
+  // Puts `w` in place of one linear module's bits and returns the bits it replaced (Merge of a
+  // prepared merge). This default reads and writes; a host backend swaps buffers.
+  virtual absl::StatusOr<StoredMatrix> ExchangeLinear(int64_t layer, LinearModule m,
+                                                      StoredMatrix&& w) {
+    absl::StatusOr<StoredMatrix> old = ReadLinear(layer, m);
+    if (!old.ok()) return old.status();
+    if (absl::Status s = WriteLinear(layer, m, std::move(w)); !s.ok()) return s;
+    return old;
+  }
+  // Whether LinearWeight's views hold host data that stays valid while steps run (PrepareMerge
+  // may then read the base from another thread).
+  virtual bool host_weights() const { return false; }
 
   // Bytes of the stored weights (from their shapes).
   virtual int64_t weight_bytes() const = 0;

@@ -53,6 +53,16 @@ class CpuBackend : public Backend {
     w_.layers[layer].linear[static_cast<int>(m)] = std::move(w);
     return absl::OkStatus();
   }
+  absl::StatusOr<StoredMatrix> ExchangeLinear(int64_t layer, LinearModule m,
+                                              StoredMatrix&& w) override {
+    StoredMatrix& current = w_.layers[layer].linear[static_cast<int>(m)];
+    if (w.dtype != current.dtype || w.rows != current.rows || w.cols != current.cols) {
+      return absl::InvalidArgumentError("CPU model: an exchanged matrix differs in shape or dtype");
+    }
+    std::swap(current, w);
+    return std::move(w);
+  }
+  bool host_weights() const override { return true; }
 
   int64_t weight_bytes() const override { return w_.bytes(); }
   int64_t scratch_bytes() const override { return scratch_bytes_.load(std::memory_order_relaxed); }

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <filesystem>
 #include <map>
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "common/half.h"
@@ -54,6 +55,9 @@ struct LlamaModel::Impl {
   LoraPlan plan;
   // Pristine copies of the matrices a merge changed, restored by Unmerge.
   std::map<std::pair<int64_t, int>, StoredMatrix> merge_backup;
+  // The merged matrices an Unmerge took out, until FreeUnmerged.
+  std::mutex unmerged_mu;
+  std::vector<StoredMatrix> unmerged;  // under unmerged_mu
 };
 
 LlamaModel::~LlamaModel() = default;
@@ -306,8 +310,9 @@ inline float ViewAt(const kernels::WeightView& v, int64_t i) {
 // g (W + B A)). The product is one GEMM of the kernels, B [out, rank] as its activations and A
 // transposed [in, rank] as its weight rows, accumulated onto W widened to f32, on the kernels'
 // threads. Both backends merge through it (on a host copy of the device bits for CUDA), so both
-// give the same bits.
-void MergePairInto(const LoraPair& pair, StoredMatrix* wp) {
+// give the same bits. A bf16 w is widened into *scratch, which one merge reuses for every matrix
+// (a fresh buffer each time costs more in page faults than the arithmetic).
+void MergePairInto(const LoraPair& pair, StoredMatrix* wp, std::vector<float>* scratch) {
   StoredMatrix& w = *wp;
   const int64_t rank = pair.rank, rows = w.rows, cols = w.cols;
   std::vector<float> b(rows * rank);
@@ -318,9 +323,11 @@ void MergePairInto(const LoraPair& pair, StoredMatrix* wp) {
   }
   const kernels::WeightView a_view{kernels::DType::kF32, a_t.data(), cols, rank};
   const bool f32 = w.dtype == kernels::DType::kF32;
-  std::vector<float> widened;
-  if (!f32) widened = w.ToF32();
-  float* y = f32 ? w.f32.data() : widened.data();
+  if (!f32) {
+    scratch->resize(rows * cols);
+    for (int64_t i = 0; i < rows * cols; ++i) (*scratch)[i] = Bf16ToF32(w.bf16[i]);
+  }
+  float* y = f32 ? w.f32.data() : scratch->data();
   kernels::Gemm(y, b.data(), rows, a_view, /*accumulate=*/true);
   if (pair.dora_scale != nullptr) {
     for (int64_t o = 0; o < rows; ++o) {
@@ -333,15 +340,30 @@ void MergePairInto(const LoraPair& pair, StoredMatrix* wp) {
 }
 
 // Writes the pristine matrices of a merge back and forgets them; on error the ones not yet written
-// stay recorded.
+// stay recorded. On a host backend the merged matrices they replace go to s->unmerged, for
+// LlamaModel::FreeUnmerged.
 absl::Status RestoreBackups(LlamaModel::Impl* s) {
+  std::vector<StoredMatrix> displaced;
+  absl::Status status;
   for (auto it = s->merge_backup.begin(); it != s->merge_backup.end();) {
     const auto& [layer, module] = it->first;
-    LP_RETURN_IF_ERROR(
-        s->backend->WriteLinear(layer, static_cast<LinearModule>(module), std::move(it->second)));
+    const LinearModule m = static_cast<LinearModule>(module);
+    if (s->backend->host_weights()) {
+      absl::StatusOr<StoredMatrix> merged =
+          s->backend->ExchangeLinear(layer, m, std::move(it->second));
+      status = merged.status();
+      if (merged.ok()) displaced.push_back(*std::move(merged));
+    } else {
+      status = s->backend->WriteLinear(layer, m, std::move(it->second));
+    }
+    if (!status.ok()) break;
     it = s->merge_backup.erase(it);
   }
-  return absl::OkStatus();
+  if (!displaced.empty()) {
+    std::lock_guard<std::mutex> lock(s->unmerged_mu);
+    for (StoredMatrix& w : displaced) s->unmerged.push_back(std::move(w));
+  }
+  return status;
 }
 
 }  // namespace
@@ -377,11 +399,30 @@ absl::Status LlamaModel::Forward(const ForwardBatch& batch, KvCache* cache,
   return s;
 }
 
-absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
+struct LlamaModel::PreparedMerge::Matrices {
+  struct Entry {
+    int64_t layer;
+    LinearModule module;
+    StoredMatrix merged;
+  };
+  std::vector<Entry> entries;
+};
+
+LlamaModel::PreparedMerge::PreparedMerge() = default;
+LlamaModel::PreparedMerge::PreparedMerge(PreparedMerge&&) = default;
+LlamaModel::PreparedMerge& LlamaModel::PreparedMerge::operator=(PreparedMerge&&) = default;
+LlamaModel::PreparedMerge::~PreparedMerge() = default;
+
+bool LlamaModel::prepares_merge_anywhere() const { return impl_->backend->host_weights(); }
+
+absl::StatusOr<LlamaModel::PreparedMerge> LlamaModel::PrepareMerge(
+    const LoraWeightsView* adapter) const {
+  FreeUnmerged();  // what an earlier Unmerge left, before this merge makes more
+  const Impl& s = *impl_;
+  // The base must be pristine: merged bits would give W + B'A' + B A.
   if (merged_ != nullptr) {
     return absl::FailedPreconditionError("an adapter is already merged; unmerge it first");
   }
-  Impl& s = *impl_;
   if (!s.merge_backup.empty()) {
     return absl::FailedPreconditionError(
         "merge: an earlier failed merge could not be rolled back; the base is not pristine");
@@ -411,31 +452,55 @@ absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
       }
     }
   }
-  // Each touched matrix: its pristine bits are kept, then W + B A replaces it. The backup is
-  // recorded before the write, so a failed write is rolled back too.
-  auto merge_all = [&]() -> absl::Status {
-    for (int64_t l = 0; l < config_.num_layers; ++l) {
-      for (int m = 0; m < kNumLinearModules; ++m) {
-        const LoraPair* pair = adapter->layers[l][m];
-        if (pair == nullptr) continue;
-        const LinearModule module = static_cast<LinearModule>(m);
-        LP_ASSIGN_OR_RETURN(StoredMatrix pristine, s.backend->ReadLinear(l, module));
-        StoredMatrix updated = pristine;
-        MergePairInto(*pair, &updated);
-        s.merge_backup.emplace(std::make_pair(l, m), std::move(pristine));
-        LP_RETURN_IF_ERROR(s.backend->WriteLinear(l, module, std::move(updated)));
-      }
+  PreparedMerge prepared;
+  prepared.adapter_ = adapter;
+  prepared.matrices_ = std::make_unique<PreparedMerge::Matrices>();
+  std::vector<float> scratch;
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    for (int m = 0; m < kNumLinearModules; ++m) {
+      const LoraPair* pair = adapter->layers[l][m];
+      if (pair == nullptr) continue;
+      const LinearModule module = static_cast<LinearModule>(m);
+      LP_ASSIGN_OR_RETURN(StoredMatrix w, s.backend->ReadLinear(l, module));
+      MergePairInto(*pair, &w, &scratch);
+      prepared.matrices_->entries.push_back({l, module, std::move(w)});
     }
-    return absl::OkStatus();
-  };
-  if (absl::Status status = merge_all(); !status.ok()) {
-    // Put back whatever was already replaced; the base stays pristine on failure.
-    if (absl::Status restore = RestoreBackups(&s); !restore.ok()) {
-      LP_LOG(ERROR) << "merge rollback: " << restore.ToString();
-    }
-    return status;
   }
-  merged_ = adapter;
+  return prepared;
+}
+
+absl::Status LlamaModel::Merge(const LoraWeightsView* adapter) {
+  LP_ASSIGN_OR_RETURN(PreparedMerge prepared, PrepareMerge(adapter));
+  return Merge(std::move(prepared));
+}
+
+absl::Status LlamaModel::Merge(PreparedMerge prepared) {
+  if (merged_ != nullptr) {
+    return absl::FailedPreconditionError("an adapter is already merged; unmerge it first");
+  }
+  Impl& s = *impl_;
+  if (!s.merge_backup.empty()) {
+    return absl::FailedPreconditionError(
+        "merge: an earlier failed merge could not be rolled back; the base is not pristine");
+  }
+  if (prepared.adapter_ == nullptr || prepared.matrices_ == nullptr) {
+    return absl::InvalidArgumentError("merge: the prepared merge is empty (moved from?)");
+  }
+  // Each merged matrix takes the place of the pristine one, which is kept for Unmerge (and put
+  // back here if a later exchange fails, so the base stays pristine on failure).
+  for (PreparedMerge::Matrices::Entry& e : prepared.matrices_->entries) {
+    absl::StatusOr<StoredMatrix> pristine =
+        s.backend->ExchangeLinear(e.layer, e.module, std::move(e.merged));
+    if (!pristine.ok()) {
+      if (absl::Status restore = RestoreBackups(&s); !restore.ok()) {
+        LP_LOG(ERROR) << "merge rollback: " << restore.ToString();
+      }
+      return pristine.status();
+    }
+    s.merge_backup.emplace(std::make_pair(e.layer, static_cast<int>(e.module)),
+                           *std::move(pristine));
+  }
+  merged_ = prepared.adapter_;
   return absl::OkStatus();
 }
 
@@ -454,6 +519,17 @@ absl::Status LlamaModel::Unmerge() {
   LP_RETURN_IF_ERROR(RestoreBackups(impl_.get()));
   merged_ = nullptr;
   return absl::OkStatus();
+}
+
+int64_t LlamaModel::FreeUnmerged() const {
+  std::vector<StoredMatrix> unmerged;
+  {
+    std::lock_guard<std::mutex> lock(impl_->unmerged_mu);
+    unmerged.swap(impl_->unmerged);
+  }
+  int64_t bytes = 0;
+  for (const StoredMatrix& w : unmerged) bytes += w.bytes();
+  return bytes;  // freed here, on the caller's thread
 }
 
 }  // namespace loraplex::model

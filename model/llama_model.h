@@ -242,8 +242,37 @@ class LlamaModel {
   // base model get the merged delta taken back out in the forward pass (mixed mode: y / g - B A x
   // for DoRA), so the batch stays correct. FAILED_PRECONDITION when one is already merged.
   absl::Status Merge(const LoraWeightsView* adapter);
-  // Restores the pristine base. FAILED_PRECONDITION when nothing is merged.
+
+  // Merge in two parts, so that the engine stops for the swap only: PrepareMerge computes W + B A
+  // (or g (W + B A)) for every matrix `adapter` touches, with Merge's checks and arithmetic, into
+  // copies; Merge(prepared) then swaps them in and keeps the pristine matrices for Unmerge (same
+  // result, bit for bit, as Merge(adapter)). PrepareMerge only reads the base: where
+  // prepares_merge_anywhere() it may run on any thread while steps run, provided no Merge or
+  // Unmerge runs meanwhile (the caller serialises those); otherwise (CUDA, whose reads copy device
+  // bits) where Merge runs. Merge(prepared) FAILED_PRECONDITION when an adapter is merged already.
+  class PreparedMerge {
+   public:
+    PreparedMerge(PreparedMerge&&);
+    PreparedMerge& operator=(PreparedMerge&&);
+    ~PreparedMerge();
+    const LoraWeightsView* adapter() const { return adapter_; }
+
+   private:
+    friend class LlamaModel;
+    struct Matrices;
+    PreparedMerge();
+    const LoraWeightsView* adapter_ = nullptr;
+    std::unique_ptr<Matrices> matrices_;
+  };
+  absl::StatusOr<PreparedMerge> PrepareMerge(const LoraWeightsView* adapter) const;
+  absl::Status Merge(PreparedMerge prepared);
+  bool prepares_merge_anywhere() const;
+  // Restores the pristine base. FAILED_PRECONDITION when nothing is merged. On the CPU the merged
+  // matrices it takes out are kept until FreeUnmerged or the next PrepareMerge, so that unmapping
+  // them does not hold the engine thread.
   absl::Status Unmerge();
+  // Frees what Unmerge took out (on any thread, at any time); returns the bytes freed.
+  int64_t FreeUnmerged() const;
   // The pristine base weight of one linear module, without a merged adapter's delta, widened (or
   // dequantized) to f32, row-major [out, in] (adapter inspection, DoRA norms). Reads what Merge
   // writes, so call it where Merge runs (the engine thread, between steps). On CUDA it copies the

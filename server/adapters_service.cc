@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <map>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -409,20 +410,20 @@ absl::Status AdaptersService::Merge(const std::string& name, v1::AdapterInfo* re
     }
     LP_RETURN_IF_ERROR(CheckMergeable(current));
     if (registry_->merged() == nullptr) {
-      const model::LoraWeightsView* view = &lease->view();
-      LP_RETURN_IF_ERROR(engine_->RunOnEngineThread(
-          [view](model::LlamaModel& model) { return model.Merge(view); }));
+      double seconds = 0, stopped_s = 0;
+      LP_RETURN_IF_ERROR(MergeWeights(&lease->view(), &seconds, &stopped_s));
       if (absl::Status recorded = registry_->SetMerged(lease); !recorded.ok()) {
         // Not in the manifest, so a restart would not merge it: undo, so that what runs is what
         // is stored.
-        absl::Status undone =
-            engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
+        absl::Status undone = UnmergeWeights();
         // When the undo failed the record stays: the weights stay merged and must stay alive.
         if (!undone.ok()) return Annotate(undone, std::string(recorded.message()));
         registry_->ClearMerged().IgnoreError();  // the manifest already says unmerged
         return recorded;
       }
-      LP_LOG(INFO) << "adapter " << name << " v" << lease->version() << " merged";
+      LP_LOG(INFO) << "adapter " << name << " v" << lease->version() << " merged in "
+                   << absl::StrFormat("%.1f", 1e3 * seconds) << " ms (the engine stopped "
+                   << absl::StrFormat("%.1f", 1e3 * stopped_s) << " ms)";
       Transition(name, "merge");
     }
   }
@@ -449,8 +450,7 @@ absl::Status AdaptersService::Unmerge(const std::string& name, v1::AdapterInfo* 
   hand_set_.insert(name);  // the merge policy leaves it unmerged from now on
   std::shared_ptr<const adapters::Lease> merged = registry_->merged();
   if (merged != nullptr && merged->name() == current.name) {
-    LP_RETURN_IF_ERROR(
-        engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); }));
+    LP_RETURN_IF_ERROR(UnmergeWeights());
     merged.reset();
     if (auto_merged_ == name) auto_merged_.clear();
     absl::Status recorded = registry_->ClearMerged();
@@ -471,8 +471,7 @@ void AdaptersService::UnmergeIfStale() {
   if (merged == nullptr) return;
   absl::StatusOr<adapters::AdapterInfo> current = registry_->Get(merged->name());
   if (current.ok() && current->version == merged->version()) return;
-  absl::Status s =
-      engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); });
+  absl::Status s = UnmergeWeights();
   if (!s.ok()) {
     // The record stays: the weights stay merged and must stay alive.
     LP_LOG(ERROR) << "unmerging replaced adapter " << merged->name() << ": " << s.ToString();
@@ -509,6 +508,37 @@ absl::Status TimedOnEngine(engine::Engine& engine,
 
 }  // namespace
 
+absl::Status AdaptersService::MergeWeights(const model::LoraWeightsView* view, double* seconds,
+                                           double* stopped_s) {
+  const absl::Time t0 = absl::Now();
+  std::optional<model::LlamaModel::PreparedMerge> prepared;
+  // Only merges change the weights, and merge_mu_ keeps them from overlapping this read.
+  if (engine_->model().prepares_merge_anywhere()) {
+    LP_ASSIGN_OR_RETURN(prepared, engine_->model().PrepareMerge(view));
+  }
+  const double prepare_s = absl::ToDoubleSeconds(absl::Now() - t0);
+  absl::Status merged = TimedOnEngine(
+      *engine_,
+      [view, &prepared](model::LlamaModel& model) -> absl::Status {
+        if (!prepared.has_value()) {
+          LP_ASSIGN_OR_RETURN(prepared, model.PrepareMerge(view));
+        }
+        return model.Merge(*std::move(prepared));
+      },
+      stopped_s);
+  *seconds = prepare_s + *stopped_s;  // not the wait for the step in flight
+  return merged;
+}
+
+absl::Status AdaptersService::UnmergeWeights(double* seconds) {
+  double s = 0;
+  absl::Status status = TimedOnEngine(
+      *engine_, [](model::LlamaModel& model) { return model.Unmerge(); }, &s);
+  engine_->model().FreeUnmerged();  // the merged copies, freed here rather than between two steps
+  if (seconds != nullptr) *seconds = s;
+  return status;
+}
+
 void AdaptersService::Transition(const std::string& adapter, const char* direction) {
   if (metrics_ != nullptr) metrics_->RecordMergeTransition(adapter, direction);
 }
@@ -540,10 +570,8 @@ absl::Status AdaptersService::AutoMerge(const std::string& name, const std::stri
   }
   LP_ASSIGN_OR_RETURN(current, registry_->Get(name));
   if (current.version != lease->version()) return absl::OkStatus();  // replaced meanwhile
-  const model::LoraWeightsView* view = &lease->view();
-  double seconds = 0;
-  absl::Status merged = TimedOnEngine(
-      *engine_, [view](model::LlamaModel& model) { return model.Merge(view); }, &seconds);
+  double seconds = 0, stopped_s = 0;
+  absl::Status merged = MergeWeights(&lease->view(), &seconds, &stopped_s);
   if (!merged.ok()) {
     if (merged.code() == absl::StatusCode::kFailedPrecondition ||
         merged.code() == absl::StatusCode::kUnimplemented) {
@@ -556,14 +584,14 @@ absl::Status AdaptersService::AutoMerge(const std::string& name, const std::stri
   // Not in the manifest: this cannot fail but for another merge, which merge_mu_ rules out.
   if (absl::Status recorded = registry_->SetMerged(std::move(lease), /*automatic=*/true);
       !recorded.ok()) {
-    engine_->RunOnEngineThread([](model::LlamaModel& model) { return model.Unmerge(); })
-        .IgnoreError();
+    UnmergeWeights().IgnoreError();
     return recorded;
   }
   auto_merged_ = name;
   merge_s_ = seconds;
   LP_LOG(INFO) << "merge policy: adapter " << name << " v" << current.version << " merged in "
-               << absl::StrFormat("%.1f", 1e3 * seconds) << " ms; " << reason;
+               << absl::StrFormat("%.1f", 1e3 * seconds) << " ms (the engine stopped "
+               << absl::StrFormat("%.1f", 1e3 * stopped_s) << " ms); " << reason;
   Transition(name, "merge");
   return absl::OkStatus();
 }
@@ -581,8 +609,7 @@ absl::Status AdaptersService::AutoUnmergeLocked(const std::string& why) {
     return absl::OkStatus();
   }
   double seconds = 0;
-  LP_RETURN_IF_ERROR(TimedOnEngine(
-      *engine_, [](model::LlamaModel& model) { return model.Unmerge(); }, &seconds));
+  LP_RETURN_IF_ERROR(UnmergeWeights(&seconds));
   const std::string name = auto_merged_;
   const int64_t version = merged->version();
   merged.reset();

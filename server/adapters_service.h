@@ -115,6 +115,14 @@ class AdaptersService final : public v1::Adapters::CallbackService {
   absl::Status Unmerge(const std::string& name, v1::AdapterInfo* response);
   // FAILED_PRECONDITION when another adapter (or version) than `current` is merged.
   absl::Status CheckMergeable(const adapters::AdapterInfo& current) const;
+  // Merges `view` into the model (under merge_mu_): W + B A computed on this thread while steps
+  // go on where the model allows it (LlamaModel::PrepareMerge), then swapped in between two steps.
+  // *seconds: the whole merge; *stopped_s: the part the engine stood still for.
+  absl::Status MergeWeights(const model::LoraWeightsView* view, double* seconds, double* stopped_s)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(merge_mu_);
+  // Unmerges the model (under merge_mu_) between two steps; *seconds: what the engine stood still
+  // for.
+  absl::Status UnmergeWeights(double* seconds = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(merge_mu_);
   // Unmerges the policy's merge (under merge_mu_); `why` goes to the log.
   absl::Status AutoUnmergeLocked(const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(merge_mu_);
   // Counts a transition in the metrics.

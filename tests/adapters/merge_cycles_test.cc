@@ -68,6 +68,43 @@ TEST_P(MergeCyclesTest, OneMergeAtATime) {
   EXPECT_EQ(m->merged(), nullptr);
 }
 
+TEST_P(MergeCyclesTest, APreparedMergeGivesTheSameBitsAndIsRefusedOnAMergedBase) {
+  ASSERT_OK_AND_ASSIGN(
+      auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf", {GetParam()}));
+  AdapterLoadOptions opts;
+  opts.dtype = GetParam();
+  ASSERT_OK_AND_ASSIGN(auto all, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/all_linear",
+                                                   m->config(), opts));
+  ASSERT_OK_AND_ASSIGN(
+      auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv", m->config(), opts));
+  EXPECT_TRUE(m->prepares_merge_anywhere());  // the CPU backend's weights are host memory
+  const std::string pristine = Snapshot(*m);
+  ASSERT_OK(m->Merge(&all->view()));
+  const std::string merged_directly = Snapshot(*m);
+  ASSERT_OK(m->Unmerge());
+
+  ASSERT_OK_AND_ASSIGN(model::LlamaModel::PreparedMerge prepared, m->PrepareMerge(&all->view()));
+  EXPECT_EQ(prepared.adapter(), &all->view());
+  EXPECT_TRUE(Snapshot(*m) == pristine);  // preparing leaves the model alone
+  // A second one prepared meanwhile, for qv: a merged base refuses it later.
+  ASSERT_OK_AND_ASSIGN(model::LlamaModel::PreparedMerge other, m->PrepareMerge(&qv->view()));
+  ASSERT_OK(m->Merge(std::move(prepared)));
+  EXPECT_EQ(m->merged(), &all->view());
+  EXPECT_TRUE(Snapshot(*m) == merged_directly);
+  EXPECT_THAT(m->Merge(std::move(other)),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "already merged"));
+  EXPECT_THAT(m->PrepareMerge(&qv->view()).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "already merged"));
+  EXPECT_TRUE(Snapshot(*m) == merged_directly);  // the refusals changed nothing
+  EXPECT_EQ(m->merged(), &all->view());
+  ASSERT_OK(m->Unmerge());
+  EXPECT_TRUE(Snapshot(*m) == pristine);
+  // The merged copies Unmerge took out wait for FreeUnmerged: every linear matrix, for all_linear.
+  EXPECT_EQ(m->FreeUnmerged(), static_cast<int64_t>(pristine.size()));
+  EXPECT_EQ(m->FreeUnmerged(), 0);
+  EXPECT_TRUE(Snapshot(*m) == pristine);
+}
+
 INSTANTIATE_TEST_SUITE_P(Dtypes, MergeCyclesTest,
                          ::testing::Values(kernels::DType::kF32, kernels::DType::kBF16));
 

@@ -681,6 +681,75 @@ TEST_F(EngineTest, PrefixCacheReusesBlocksExactlyPerAdapterVersionAndMergeState)
   EXPECT_NE(uncached[0], uncached[2]);
 }
 
+// A merge prepared on another thread while steps run (what the adapter service does) and swapped
+// in between two steps serves as a merge made between steps does; the steps in flight meanwhile
+// run to the end.
+TEST_F(EngineTest, AMergePreparedWhileStepsRunServesAsAMergeBetweenSteps) {
+  const std::string root = loraplex::testing::MakeTempDir("lp-engine-prepared-merge");
+  absl::Cleanup remove_root = [&] { fs::remove_all(root); };
+  ASSERT_OK_AND_ASSIGN(std::unique_ptr<adapters::AdapterRegistry> registry,
+                       OpenRegistryWithQv(root));
+  ASSERT_OK_AND_ASSIGN(std::shared_ptr<const adapters::Lease> merged, registry->Acquire("qv"));
+  const std::vector<int32_t> story = GoldenIds();
+  auto requests = [&]() -> absl::StatusOr<std::vector<GenerationRequest>> {
+    std::vector<GenerationRequest> reqs;
+    for (int i = 0; i < 4; ++i) {
+      GenerationRequest r = Greedy({1, story[10 + i], story[20 + i]}, 16);
+      r.ignore_eos = true;
+      if (i % 2 == 1) {
+        LP_ASSIGN_OR_RETURN(r.adapter, registry->Acquire("qv"));
+      }
+      reqs.push_back(std::move(r));
+    }
+    return reqs;
+  };
+
+  // Merged between steps, by the engine thread alone.
+  std::vector<Result> expected;
+  {
+    auto engine = MakeEngine({});
+    ASSERT_NE(engine, nullptr);
+    ASSERT_OK(
+        engine->RunOnEngineThread([&](model::LlamaModel& m) { return m.Merge(&merged->view()); }));
+    ASSERT_OK_AND_ASSIGN(std::vector<GenerationRequest> reqs, requests());
+    expected = RunAll(*engine, reqs);
+    ASSERT_OK(engine->RunOnEngineThread([](model::LlamaModel& m) { return m.Unmerge(); }));
+  }
+
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  Collector busy;
+  std::vector<RequestId> in_flight;
+  for (int i = 0; i < 3; ++i) {
+    GenerationRequest r = Greedy({1, story[i]}, 200);
+    r.ignore_eos = true;
+    if (i == 1) {
+      ASSERT_OK_AND_ASSIGN(r.adapter, registry->Acquire("qv"));
+    }
+    ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(std::move(r), busy.Sink()));
+    in_flight.push_back(id);
+  }
+  ASSERT_TRUE(busy.Next().has_value());  // steps are running
+  ASSERT_OK_AND_ASSIGN(model::LlamaModel::PreparedMerge prepared,
+                       engine->model().PrepareMerge(&merged->view()));
+  ASSERT_OK(engine->RunOnEngineThread(
+      [&](model::LlamaModel& m) { return m.Merge(std::move(prepared)); }));
+  EXPECT_EQ(engine->model().merged(), &merged->view());
+  std::map<RequestId, Result> finished = busy.WaitFor(in_flight.size());
+  for (RequestId id : in_flight) {
+    EXPECT_EQ(finished[id].reason, FinishReason::kLength) << "request " << id;
+  }
+  ASSERT_OK_AND_ASSIGN(std::vector<GenerationRequest> reqs, requests());
+  const std::vector<Result> got = RunAll(*engine, reqs);
+  ASSERT_EQ(got.size(), expected.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].ids, expected[i].ids) << "request " << i;
+    EXPECT_EQ(got[i].ids.size(), 16u);
+  }
+  EXPECT_NE(expected[0].ids, expected[1].ids);  // the adapter changes what is generated
+  ASSERT_OK(engine->RunOnEngineThread([](model::LlamaModel& m) { return m.Unmerge(); }));
+}
+
 // Many requests sharing a prefix at once, under a cache too small for all of them: blocks are
 // shared while held, evicted when idle, preemption recomputes, and every result is exact.
 TEST_F(EngineTest, PrefixCacheUnderMemoryPressureKeepsResultsExact) {
