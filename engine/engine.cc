@@ -356,15 +356,21 @@ void Engine::RunStep(const StepPlan& plan) {
   for (const ScheduledChunk& c : plan.chunks) window_tokens_[c.seq->tenant] += c.count;
 
   const model::Tokenizer& tokenizer = model_->tokenizer();
+  // Every sampling chunk gives one token. Counted before any is sent, so that a client who has
+  // its token finds it in the stats.
+  const int64_t new_tokens = std::count_if(plan.chunks.begin(), plan.chunks.end(),
+                                           [](const ScheduledChunk& c) { return c.sample; });
+  {
+    MutexLock lock(&stats_mu_);
+    stats_.generated_tokens += new_tokens;
+  }
   int64_t row = 0;
-  int64_t new_tokens = 0;
   for (const ScheduledChunk& c : plan.chunks) {
     if (!c.sample) continue;
     Sequence* seq = c.seq;
     model::SampleResult sample = seq->sampler.Sample(logits_, row++);
     const int32_t id = sample.token_id;
     seq->tokens.push_back(id);
-    ++new_tokens;
 
     StepOutput out;
     out.tokens.push_back({id, sample.logprob, std::move(sample.top)});
@@ -465,7 +471,6 @@ void Engine::PublishStats(int64_t new_tokens) {
   const model::LlamaModel::LoraCost lora = model_->lora_cost();
   stats_.lora_seconds = lora.seconds;
   stats_.lora_token_passes = lora.token_passes;
-  stats_.generated_tokens += new_tokens;
   stats_.tokens_per_second = span > 0.05 ? window_tokens / span : 0.0;
 }
 

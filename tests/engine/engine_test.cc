@@ -229,6 +229,26 @@ TEST_F(EngineTest, MemoryStatsAreWeightsPoolAndScratch) {
   EXPECT_EQ(s.kv_pool_bytes, 20 * 4 * 2 * c.num_layers * kvd * f32);  // unchanged by use
 }
 
+// A client that has its answer finds its tokens and its end in the stats already (they are
+// counted before the outputs go out).
+TEST_F(EngineTest, StatsCountTokensBeforeTheyAreSent) {
+  auto engine = MakeEngine({});
+  ASSERT_NE(engine, nullptr);
+  for (int round = 1; round <= 20; ++round) {
+    const EngineStats before = engine->Stats();
+    Collector c;
+    GenerationRequest r = Greedy({1, 5, 9}, 1 + round % 4);
+    r.ignore_eos = true;
+    ASSERT_OK_AND_ASSIGN(RequestId id, engine->Submit(std::move(r), c.Sink()));
+    const Result got = c.WaitFor(1)[id];
+    const EngineStats after = engine->Stats();
+    EXPECT_EQ(after.generated_tokens - before.generated_tokens,
+              static_cast<int64_t>(got.ids.size()))
+        << "round " << round;
+    EXPECT_EQ(after.finished_requests - before.finished_requests, 1) << "round " << round;
+  }
+}
+
 TEST_F(EngineTest, BatchedGreedyEqualsEachRequestAlone) {
   // A small token budget forces chunked prefill beside running decodes.
   auto engine = MakeEngine({.max_batch_tokens = 24, .max_running = 16});
