@@ -26,17 +26,28 @@ std::string Snapshot(const model::LlamaModel& m) {
   return out;
 }
 
-class MergeCyclesTest : public ::testing::TestWithParam<kernels::DType> {};
+// stories260K and the all_linear and qv fixtures, in the dtype of the parameter.
+class MergeCyclesTest : public ::testing::TestWithParam<kernels::DType> {
+ protected:
+  void SetUp() override {
+    ASSERT_OK_AND_ASSIGN(
+        model_, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf", {GetParam()}));
+    AdapterLoadOptions opts;
+    opts.dtype = GetParam();
+    ASSERT_OK_AND_ASSIGN(all_, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/all_linear",
+                                                 model_->config(), opts));
+    ASSERT_OK_AND_ASSIGN(
+        qv_, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv", model_->config(), opts));
+  }
+
+  std::unique_ptr<model::LlamaModel> model_;
+  std::unique_ptr<LoraAdapter> all_, qv_;
+};
 
 TEST_P(MergeCyclesTest, ThousandCyclesLeaveTheBaseBitIdentical) {
-  ASSERT_OK_AND_ASSIGN(
-      auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf", {GetParam()}));
-  AdapterLoadOptions opts;
-  opts.dtype = GetParam();
-  ASSERT_OK_AND_ASSIGN(auto all, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/all_linear",
-                                                   m->config(), opts));
-  ASSERT_OK_AND_ASSIGN(
-      auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv", m->config(), opts));
+  model::LlamaModel* m = model_.get();
+  const LoraAdapter* all = all_.get();
+  const LoraAdapter* qv = qv_.get();
   const std::string pristine = Snapshot(*m);
   std::string merged_once;
   for (int cycle = 0; cycle < 1000; ++cycle) {
@@ -54,12 +65,8 @@ TEST_P(MergeCyclesTest, ThousandCyclesLeaveTheBaseBitIdentical) {
 }
 
 TEST_P(MergeCyclesTest, OneMergeAtATime) {
-  ASSERT_OK_AND_ASSIGN(
-      auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf", {GetParam()}));
-  AdapterLoadOptions opts;
-  opts.dtype = GetParam();
-  ASSERT_OK_AND_ASSIGN(
-      auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv", m->config(), opts));
+  model::LlamaModel* m = model_.get();
+  const LoraAdapter* qv = qv_.get();
   EXPECT_THAT(m->Unmerge(), StatusIs(absl::StatusCode::kFailedPrecondition));
   ASSERT_OK(m->Merge(&qv->view()));
   EXPECT_EQ(m->merged(), &qv->view());
@@ -69,14 +76,9 @@ TEST_P(MergeCyclesTest, OneMergeAtATime) {
 }
 
 TEST_P(MergeCyclesTest, APreparedMergeGivesTheSameBitsAndIsRefusedOnAMergedBase) {
-  ASSERT_OK_AND_ASSIGN(
-      auto m, model::LlamaModel::Load(Stories260KDir() + "/stories260K.gguf", {GetParam()}));
-  AdapterLoadOptions opts;
-  opts.dtype = GetParam();
-  ASSERT_OK_AND_ASSIGN(auto all, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/all_linear",
-                                                   m->config(), opts));
-  ASSERT_OK_AND_ASSIGN(
-      auto qv, LoraAdapter::Load(FixturesDir() + "/peft/stories260k/qv", m->config(), opts));
+  model::LlamaModel* m = model_.get();
+  const LoraAdapter* all = all_.get();
+  const LoraAdapter* qv = qv_.get();
   EXPECT_TRUE(m->prepares_merge_anywhere());  // the CPU backend's weights are host memory
   const std::string pristine = Snapshot(*m);
   ASSERT_OK(m->Merge(&all->view()));
