@@ -13,6 +13,7 @@
 #include "common/half.h"
 #include "common/status.h"
 #include "formats/safetensors.h"
+#include "model/lora_plan.h"
 #include "re2/re2.h"
 
 namespace loraplex::adapters {
@@ -430,28 +431,44 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
     }
   }
 
-  // One buffer for every converted matrix (see storage_), slices 64 bytes apart.
+  // One buffer for every converted matrix (see storage_), slices 64 bytes apart: the A and B
+  // matrices in the order a decode step reads them (model::LoraStorageKey), then the DoRA scales.
   const int64_t elem = options.dtype == kernels::DType::kF32 ? 4 : 2;
   auto slice_bytes = [elem](int64_t elements) { return (elements * elem + 63) / 64 * 64; };
   auto f32_bytes = [](int64_t elements) { return (elements * 4 + 63) / 64 * 64; };
+  std::vector<std::pair<int64_t, size_t>> placement;  // (key, 2 * module + 1 for B)
+  for (size_t i = 0; i < modules.size(); ++i) {
+    for (int is_b = 0; is_b < 2; ++is_b) {
+      placement.push_back(
+          {model::LoraStorageKey(modules[i].layer, modules[i].m, is_b == 1), 2 * i + is_b});
+    }
+  }
+  std::sort(placement.begin(), placement.end());
+  std::vector<int64_t> offset(2 * modules.size());
   int64_t storage_bytes = 0;
+  for (const auto& [key, slot] : placement) {
+    const Module& mod = modules[slot / 2];
+    offset[slot] = storage_bytes;
+    storage_bytes += slice_bytes(slot % 2 == 1 ? mod.out * mod.rank : mod.rank * mod.in);
+  }
+  const int64_t matrix_bytes = storage_bytes;
   for (const Module& mod : modules) {
-    storage_bytes += slice_bytes(mod.rank * mod.in) + slice_bytes(mod.out * mod.rank);
     if (!mod.dora_scale.empty()) storage_bytes += 2 * f32_bytes(mod.out);
   }
   // Default-initialised: every byte handed out below is written by ConvertScaled.
   adapter->storage_.reset(new uint8_t[storage_bytes]);
-  uint8_t* next = adapter->storage_.get();
+  uint8_t* const storage = adapter->storage_.get();
+  uint8_t* next = storage + matrix_bytes;  // the next DoRA scales
 
   // Scale folding (once, in f32) and storage.
   adapter->view_.layers.assign(base.num_layers, {});
   adapter->view_.dora = cfg.use_dora;
-  for (const Module& mod : modules) {
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const Module& mod = modules[i];
     const int64_t r = mod.rank;
     auto stored = std::make_unique<Stored>();
-    uint8_t* a_data = next;
-    uint8_t* b_data = a_data + slice_bytes(r * mod.in);
-    next = b_data + slice_bytes(mod.out * r);
+    uint8_t* a_data = storage + offset[2 * i];
+    uint8_t* b_data = storage + offset[2 * i + 1];
     if (!ConvertScaled(mod.a_view, 1.0f, options.dtype, a_data) ||
         !ConvertScaled(mod.b_view, mod.scale, options.dtype, b_data)) {
       return absl::InvalidArgumentError(

@@ -4,10 +4,12 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "adapters/lora_adapter.h"
 #include "common/half.h"
+#include "model/lora_plan.h"
 
 namespace loraplex::adapters {
 
@@ -89,8 +91,26 @@ absl::StatusOr<std::unique_ptr<LoraMix>> LoraMix::Build(const std::vector<MixPar
   if (mix->max_rank_ == 0) {
     return absl::FailedPreconditionError("no adapter of the mix touches any module");
   }
+  // A and B in the order a decode step reads them (model::LoraStorageKey), as LoraAdapter does.
+  std::map<int64_t, int64_t> offsets;  // key -> the matrix's elements, then its byte offset
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    for (int m = 0; m < model::kNumLinearModules; ++m) {
+      if (ranks[l][m] == 0) continue;
+      const auto kind = static_cast<model::LinearModule>(m);
+      offsets[model::LoraStorageKey(l, kind, false)] =
+          ranks[l][m] * model::LinearInFeatures(config, kind);
+      offsets[model::LoraStorageKey(l, kind, true)] =
+          ranks[l][m] * model::LinearOutFeatures(config, kind);
+    }
+  }
+  int64_t placed = 0;
+  for (auto& [key, value] : offsets) {
+    const int64_t bytes = slice(value);
+    value = placed;
+    placed += bytes;
+  }
   mix->storage_.reset(new uint8_t[storage_bytes]);
-  uint8_t* next = mix->storage_.get();
+  uint8_t* const storage = mix->storage_.get();
   mix->view_.layers.assign(config.num_layers, {});
   for (int64_t l = 0; l < config.num_layers; ++l) {
     for (int m = 0; m < model::kNumLinearModules; ++m) {
@@ -99,9 +119,8 @@ absl::StatusOr<std::unique_ptr<LoraMix>> LoraMix::Build(const std::vector<MixPar
       const auto kind = static_cast<model::LinearModule>(m);
       const int64_t in = model::LinearInFeatures(config, kind);
       const int64_t out = model::LinearOutFeatures(config, kind);
-      uint8_t* a = next;
-      uint8_t* b = a + slice(r * in);
-      next = b + slice(out * r);
+      uint8_t* a = storage + offsets.at(model::LoraStorageKey(l, kind, false));
+      uint8_t* b = storage + offsets.at(model::LoraStorageKey(l, kind, true));
       int64_t col = 0;  // first row of A, column of B, of the current part
       for (const MixPart& p : parts) {
         const model::LoraPair* pair = p.view->layers[l][m];

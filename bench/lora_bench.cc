@@ -74,10 +74,9 @@ struct LayerWeights {
     };
     for (Copy& c : copies) {
       for (int64_t j = 0; j < adapters; ++j) {
-        for (int s = 0; s < 3; ++s) {
-          c.qkv_a.push_back(take(rank, kHidden));
-          c.qkv_b.push_back(take(kQkvOut[s], rank));
-        }
+        // As an adapter's buffer holds them (model::LoraStorageKey): the group's A, then its B.
+        for (int s = 0; s < 3; ++s) c.qkv_a.push_back(take(rank, kHidden));
+        for (int s = 0; s < 3; ++s) c.qkv_b.push_back(take(kQkvOut[s], rank));
         c.o_a.push_back(take(rank, kHidden));
         c.o_b.push_back(take(kHidden, rank));
       }

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -19,6 +20,7 @@
 #include "common/half.h"
 #include "kernels/kernels.h"
 #include "model/llama_model.h"
+#include "model/lora_plan.h"
 
 namespace {
 
@@ -62,9 +64,10 @@ LlamaModel* Model() {
   return m;
 }
 
-// A random bf16 adapter of rank r on q, k, v, o of every layer.
+// A random bf16 adapter of rank r on q, k, v, o of every layer, in one buffer laid out as the
+// adapters' (model::LoraStorageKey).
 struct RandomAdapter {
-  std::vector<std::vector<uint16_t>> storage;
+  std::vector<uint16_t> storage;
   std::vector<LoraPair> pairs;
   LoraWeightsView view;
 
@@ -72,22 +75,34 @@ struct RandomAdapter {
     std::mt19937 rng(seed);
     std::normal_distribution<float> dist(0.0f, 0.02f);
     const int64_t layers = m.config().num_layers;
+    constexpr LinearModule kModules[] = {LinearModule::kQ, LinearModule::kK, LinearModule::kV,
+                                         LinearModule::kO};
+    std::map<int64_t, int64_t> offset;  // storage key -> elements, then the offset
+    for (int64_t l = 0; l < layers; ++l) {
+      for (LinearModule mod : kModules) {
+        offset[loraplex::model::LoraStorageKey(l, mod, false)] = rank * m.LinearInFeatures(mod);
+        offset[loraplex::model::LoraStorageKey(l, mod, true)] = m.LinearOutFeatures(mod) * rank;
+      }
+    }
+    int64_t total = 0;
+    for (auto& [key, value] : offset) {
+      const int64_t elements = value;
+      value = total;
+      total += elements;
+    }
+    storage.resize(total);
+    for (auto& x : storage) x = loraplex::F32ToBf16(dist(rng));
     pairs.reserve(layers * 4);
     view.layers.resize(layers);
     for (int64_t l = 0; l < layers; ++l) {
-      for (LinearModule mod :
-           {LinearModule::kQ, LinearModule::kK, LinearModule::kV, LinearModule::kO}) {
+      for (LinearModule mod : kModules) {
         const int64_t in = m.LinearInFeatures(mod), out = m.LinearOutFeatures(mod);
-        auto fill = [&](int64_t n) {
-          std::vector<uint16_t> v(n);
-          for (auto& x : v) x = loraplex::F32ToBf16(dist(rng));
-          storage.push_back(std::move(v));
-          return storage.back().data();
-        };
         LoraPair p;
         p.rank = rank;
-        p.a = {DType::kBF16, fill(rank * in), rank, in};
-        p.b = {DType::kBF16, fill(out * rank), out, rank};
+        p.a = {DType::kBF16,
+               storage.data() + offset[loraplex::model::LoraStorageKey(l, mod, false)], rank, in};
+        p.b = {DType::kBF16, storage.data() + offset[loraplex::model::LoraStorageKey(l, mod, true)],
+               out, rank};
         pairs.push_back(p);
         view.layers[l][static_cast<int>(mod)] = &pairs.back();
       }

@@ -14,8 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "adapters/lora_mix.h"
 #include "common/half.h"
 #include "formats/safetensors.h"
+#include "kernels/quant.h"
+#include "model/lora_plan.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/testing.h"
 
@@ -131,6 +134,52 @@ TEST(LoraAdapterTest, RankAndAlphaPatterns) {
   ExpectFoldedScale(*ad, Fixture("patterns"), scales);
   EXPECT_EQ(ad->view().layers[2][static_cast<int>(LinearModule::kDown)]->rank, 2);
   EXPECT_EQ(ad->view().layers[0][0]->rank, 8);
+}
+
+// Every A and B of `view`, by model::LoraStorageKey, must follow each other in memory in that
+// order, each right after the one before (its bytes rounded up to 64).
+void ExpectStoredInReadOrder(const model::LoraWeightsView& view, int64_t num_matrices) {
+  std::map<int64_t, kernels::WeightView> by_key;
+  for (size_t l = 0; l < view.layers.size(); ++l) {
+    for (int m = 0; m < model::kNumLinearModules; ++m) {
+      const model::LoraPair* p = view.layers[l][m];
+      if (p == nullptr) continue;
+      const auto kind = static_cast<LinearModule>(m);
+      by_key[model::LoraStorageKey(static_cast<int64_t>(l), kind, false)] = p->a;
+      by_key[model::LoraStorageKey(static_cast<int64_t>(l), kind, true)] = p->b;
+    }
+  }
+  ASSERT_EQ(static_cast<int64_t>(by_key.size()), num_matrices);
+  const char* expected = nullptr;
+  for (const auto& [key, w] : by_key) {
+    const auto* at = static_cast<const char*>(w.data);
+    if (expected != nullptr) EXPECT_EQ(at, expected) << "key " << key;
+    const int64_t bytes = w.rows * w.cols * (w.dtype == kernels::DType::kF32 ? 4 : 2);
+    expected = at + (bytes + 63) / 64 * 64;
+  }
+}
+
+TEST(LoraAdapterTest, MatricesAreStoredInTheOrderADecodeStepReadsThem) {
+  // Per layer and module group (q,k,v; o; gate,up; down): the group's A, then its B.
+  EXPECT_LT(model::LoraStorageKey(0, LinearModule::kV, false),
+            model::LoraStorageKey(0, LinearModule::kQ, true));
+  EXPECT_LT(model::LoraStorageKey(0, LinearModule::kV, true),
+            model::LoraStorageKey(0, LinearModule::kO, false));
+  EXPECT_LT(model::LoraStorageKey(0, LinearModule::kO, true),
+            model::LoraStorageKey(0, LinearModule::kGate, false));
+  EXPECT_LT(model::LoraStorageKey(0, LinearModule::kUp, false),
+            model::LoraStorageKey(0, LinearModule::kGate, true));
+  EXPECT_LT(model::LoraStorageKey(0, LinearModule::kDown, true),
+            model::LoraStorageKey(1, LinearModule::kQ, false));
+  const model::LlamaConfig config = Stories();
+  for (kernels::DType dtype : {kernels::DType::kF32, kernels::DType::kBF16}) {
+    SCOPED_TRACE(kernels::DTypeName(dtype));
+    ASSERT_OK_AND_ASSIGN(auto al, LoraAdapter::Load(Fixture("all_linear"), config, {dtype, 256}));
+    ExpectStoredInReadOrder(al->view(), 2 * model::kNumLinearModules * config.num_layers);
+    ASSERT_OK_AND_ASSIGN(auto mix,
+                         LoraMix::Build({{&al->view(), 0.5f}, {&al->view(), 0.5f}}, config, 256));
+    ExpectStoredInReadOrder(mix->view(), 2 * model::kNumLinearModules * config.num_layers);
+  }
 }
 
 TEST(LoraAdapterTest, RsLoraLayersRegexAllLinearRank1Rank64FanInFanOut) {
