@@ -434,23 +434,14 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Load(const std::string
   // One buffer for every converted matrix (see storage_), slices 64 bytes apart: the A and B
   // matrices in the order a decode step reads them (model::LoraStorageKey), then the DoRA scales.
   const int64_t elem = options.dtype == kernels::DType::kF32 ? 4 : 2;
-  auto slice_bytes = [elem](int64_t elements) { return (elements * elem + 63) / 64 * 64; };
   auto f32_bytes = [](int64_t elements) { return (elements * 4 + 63) / 64 * 64; };
-  std::vector<std::pair<int64_t, size_t>> placement;  // (key, 2 * module + 1 for B)
-  for (size_t i = 0; i < modules.size(); ++i) {
-    for (int is_b = 0; is_b < 2; ++is_b) {
-      placement.push_back(
-          {model::LoraStorageKey(modules[i].layer, modules[i].m, is_b == 1), 2 * i + is_b});
-    }
+  std::vector<model::LoraMatrixSlot> slots;  // module i's A at 2 i, its B at 2 i + 1
+  for (const Module& mod : modules) {
+    slots.push_back({model::LoraStorageKey(mod.layer, mod.m, false), mod.rank * mod.in * elem});
+    slots.push_back({model::LoraStorageKey(mod.layer, mod.m, true), mod.out * mod.rank * elem});
   }
-  std::sort(placement.begin(), placement.end());
-  std::vector<int64_t> offset(2 * modules.size());
   int64_t storage_bytes = 0;
-  for (const auto& [key, slot] : placement) {
-    const Module& mod = modules[slot / 2];
-    offset[slot] = storage_bytes;
-    storage_bytes += slice_bytes(slot % 2 == 1 ? mod.out * mod.rank : mod.rank * mod.in);
-  }
+  const std::vector<int64_t> offset = model::PlaceLoraMatrices(slots, &storage_bytes);
   const int64_t matrix_bytes = storage_bytes;
   for (const Module& mod : modules) {
     if (!mod.dora_scale.empty()) storage_bytes += 2 * f32_bytes(mod.out);

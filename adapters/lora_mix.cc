@@ -4,7 +4,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
-#include <map>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "adapters/lora_adapter.h"
@@ -56,10 +56,8 @@ absl::StatusOr<std::unique_ptr<LoraMix>> LoraMix::Build(const std::vector<MixPar
     }
   }
   const int64_t elem = dtype == kernels::DType::kF32 ? 4 : 2;
-  auto slice = [elem](int64_t n) { return (n * elem + 63) / 64 * 64; };
 
-  // Sizes first, then one allocation (as LoraAdapter does).
-  int64_t storage_bytes = 0;
+  // Ranks first, then one allocation (as LoraAdapter does).
   std::vector<std::array<int64_t, model::kNumLinearModules>> ranks(config.num_layers);
   auto mix = std::unique_ptr<LoraMix>(new LoraMix());
   for (int64_t l = 0; l < config.num_layers; ++l) {
@@ -84,33 +82,31 @@ absl::StatusOr<std::unique_ptr<LoraMix>> LoraMix::Build(const std::vector<MixPar
                          " exceeds the maximum LoRA rank ", max_rank, " (--max-lora-rank)"));
       }
       ranks[l][m] = r;
-      if (r > 0) storage_bytes += slice(r * in) + slice(out * r);
       mix->max_rank_ = std::max(mix->max_rank_, r);
     }
   }
   if (mix->max_rank_ == 0) {
     return absl::FailedPreconditionError("no adapter of the mix touches any module");
   }
-  // A and B in the order a decode step reads them (model::LoraStorageKey), as LoraAdapter does.
-  std::map<int64_t, int64_t> offsets;  // key -> the matrix's elements, then its byte offset
+  // A and B in the order a decode step reads them (model::LoraStorageKey), as LoraAdapter does;
+  // slots in the order of the loop below, each module's A then its B.
+  std::vector<model::LoraMatrixSlot> slots;
   for (int64_t l = 0; l < config.num_layers; ++l) {
     for (int m = 0; m < model::kNumLinearModules; ++m) {
-      if (ranks[l][m] == 0) continue;
+      const int64_t r = ranks[l][m];
+      if (r == 0) continue;
       const auto kind = static_cast<model::LinearModule>(m);
-      offsets[model::LoraStorageKey(l, kind, false)] =
-          ranks[l][m] * model::LinearInFeatures(config, kind);
-      offsets[model::LoraStorageKey(l, kind, true)] =
-          ranks[l][m] * model::LinearOutFeatures(config, kind);
+      slots.push_back({model::LoraStorageKey(l, kind, false),
+                       r * model::LinearInFeatures(config, kind) * elem});
+      slots.push_back({model::LoraStorageKey(l, kind, true),
+                       model::LinearOutFeatures(config, kind) * r * elem});
     }
   }
-  int64_t placed = 0;
-  for (auto& [key, value] : offsets) {
-    const int64_t bytes = slice(value);
-    value = placed;
-    placed += bytes;
-  }
+  int64_t storage_bytes = 0;
+  const std::vector<int64_t> offset = model::PlaceLoraMatrices(slots, &storage_bytes);
   mix->storage_.reset(new uint8_t[storage_bytes]);
   uint8_t* const storage = mix->storage_.get();
+  size_t slot = 0;
   mix->view_.layers.assign(config.num_layers, {});
   for (int64_t l = 0; l < config.num_layers; ++l) {
     for (int m = 0; m < model::kNumLinearModules; ++m) {
@@ -119,8 +115,8 @@ absl::StatusOr<std::unique_ptr<LoraMix>> LoraMix::Build(const std::vector<MixPar
       const auto kind = static_cast<model::LinearModule>(m);
       const int64_t in = model::LinearInFeatures(config, kind);
       const int64_t out = model::LinearOutFeatures(config, kind);
-      uint8_t* a = storage + offsets.at(model::LoraStorageKey(l, kind, false));
-      uint8_t* b = storage + offsets.at(model::LoraStorageKey(l, kind, true));
+      uint8_t* a = storage + offset[slot++];
+      uint8_t* b = storage + offset[slot++];
       int64_t col = 0;  // first row of A, column of B, of the current part
       for (const MixPart& p : parts) {
         const model::LoraPair* pair = p.view->layers[l][m];

@@ -11,7 +11,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -77,32 +76,29 @@ struct RandomAdapter {
     const int64_t layers = m.config().num_layers;
     constexpr LinearModule kModules[] = {LinearModule::kQ, LinearModule::kK, LinearModule::kV,
                                          LinearModule::kO};
-    std::map<int64_t, int64_t> offset;  // storage key -> elements, then the offset
+    std::vector<loraplex::model::LoraMatrixSlot> slots;  // each module's A, then its B
     for (int64_t l = 0; l < layers; ++l) {
       for (LinearModule mod : kModules) {
-        offset[loraplex::model::LoraStorageKey(l, mod, false)] = rank * m.LinearInFeatures(mod);
-        offset[loraplex::model::LoraStorageKey(l, mod, true)] = m.LinearOutFeatures(mod) * rank;
+        slots.push_back(
+            {loraplex::model::LoraStorageKey(l, mod, false), rank * m.LinearInFeatures(mod) * 2});
+        slots.push_back(
+            {loraplex::model::LoraStorageKey(l, mod, true), m.LinearOutFeatures(mod) * rank * 2});
       }
     }
-    int64_t total = 0;
-    for (auto& [key, value] : offset) {
-      const int64_t elements = value;
-      value = total;
-      total += elements;
-    }
-    storage.resize(total);
+    int64_t bytes = 0;
+    const std::vector<int64_t> offset = loraplex::model::PlaceLoraMatrices(slots, &bytes);
+    storage.resize(bytes / 2);
     for (auto& x : storage) x = loraplex::F32ToBf16(dist(rng));
     pairs.reserve(layers * 4);
     view.layers.resize(layers);
+    size_t slot = 0;
     for (int64_t l = 0; l < layers; ++l) {
       for (LinearModule mod : kModules) {
         const int64_t in = m.LinearInFeatures(mod), out = m.LinearOutFeatures(mod);
         LoraPair p;
         p.rank = rank;
-        p.a = {DType::kBF16,
-               storage.data() + offset[loraplex::model::LoraStorageKey(l, mod, false)], rank, in};
-        p.b = {DType::kBF16, storage.data() + offset[loraplex::model::LoraStorageKey(l, mod, true)],
-               out, rank};
+        p.a = {DType::kBF16, storage.data() + offset[slot++] / 2, rank, in};
+        p.b = {DType::kBF16, storage.data() + offset[slot++] / 2, out, rank};
         pairs.push_back(p);
         view.layers[l][static_cast<int>(mod)] = &pairs.back();
       }

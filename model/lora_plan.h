@@ -21,6 +21,7 @@
 // Thread-safety: a plan is built and read by the one thread that runs the step.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -72,6 +73,30 @@ inline int64_t LoraStorageKey(int64_t layer, LinearModule m, bool is_b) {
   const int64_t group = static_cast<int64_t>(LoraGroupOf(m));
   return ((layer * kNumLoraGroups + group) * 2 + (is_b ? 1 : 0)) * kNumLinearModules +
          static_cast<int64_t>(m);
+}
+
+// One matrix of an adapter's buffer: its LoraStorageKey and its bytes.
+struct LoraMatrixSlot {
+  int64_t key = 0;
+  int64_t bytes = 0;
+};
+
+// Byte offsets of `slots` in one buffer laid out in LoraStorageKey order, each slot 64 bytes apart
+// from the next (its bytes rounded up); returned in the order given. *total: the buffer's bytes.
+inline std::vector<int64_t> PlaceLoraMatrices(const std::vector<LoraMatrixSlot>& slots,
+                                              int64_t* total) {
+  std::vector<size_t> order(slots.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t x, size_t y) { return slots[x].key < slots[y].key; });
+  std::vector<int64_t> offset(slots.size());
+  int64_t next = 0;
+  for (size_t i : order) {
+    offset[i] = next;
+    next += (slots[i].bytes + 63) / 64 * 64;
+  }
+  *total = next;
+  return offset;
 }
 
 // SGMV when num_tokens >= kSgmvMinTokensPerSegment * num_segments: segments pay off when each
