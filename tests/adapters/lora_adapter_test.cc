@@ -153,7 +153,9 @@ void ExpectStoredInReadOrder(const model::LoraWeightsView& view, int64_t num_mat
   const char* expected = nullptr;
   for (const auto& [key, w] : by_key) {
     const auto* at = static_cast<const char*>(w.data);
-    if (expected != nullptr) EXPECT_EQ(at, expected) << "key " << key;
+    if (expected != nullptr) {
+      EXPECT_EQ(at, expected) << "key " << key;
+    }
     const int64_t bytes = w.rows * w.cols * (w.dtype == kernels::DType::kF32 ? 4 : 2);
     expected = at + (bytes + 63) / 64 * 64;
   }
