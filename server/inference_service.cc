@@ -56,7 +56,8 @@ absl::Status FinalStatus(const engine::StepOutput& out) {
 // gone, deadline) ends the call at once; the lease that arrives later is dropped.
 class GenerationCall : public RefCounted {
  protected:
-  GenerationCall(engine::Engine* engine, Metrics* metrics) : engine_(engine), metrics_(metrics) {}
+  GenerationCall(engine::Engine* engine, Metrics* metrics)
+      : engine_(engine), config_(engine->model().config()), metrics_(metrics) {}
   ~GenerationCall() override {
     if (GetTestHooks().generation_destroyed) GetTestHooks().generation_destroyed();
   }
@@ -184,6 +185,10 @@ class GenerationCall : public RefCounted {
   }
 
   engine::Engine* const engine_;
+  // The model's, for the registry loader threads that build a mix: a cancelled call can end, and
+  // the server destroy its engine, while a loader is still copying a part; the model and the
+  // registry outlive those threads.
+  const model::LlamaConfig& config_;
   Metrics* const metrics_;
   // Wraps every gRPC call that hands the reactor over and starts every reaction
   // (server/reactors.h).
@@ -213,12 +218,15 @@ class GenerationCall : public RefCounted {
         spec, [self = RefPtr<GenerationCall>(this), registry, mix = std::move(mix)](
                   absl::StatusOr<std::shared_ptr<const adapters::Lease>> lease) mutable {
           if (self->WaitCancelled()) return;  // the call ended
+          if (GetTestHooks().mix_part_acquired) GetTestHooks().mix_part_acquired(lease.status());
           absl::Status added =
               lease.ok() ? self->AddPart(*registry, **lease, mix.get()) : lease.status();
           lease = nullptr;  // the part is copied: its lease goes back now
           if (!added.ok()) {
             return self->Resolved(added, std::move(mix->request), std::move(mix->sink));
           }
+          // Ended while the part was copied: no more parts to load for it.
+          if (self->WaitCancelled()) return;
           if (mix->parts.size() < mix->specs.size()) {
             return self->AcquireNextPart(registry, std::move(mix));
           }
@@ -240,10 +248,9 @@ class GenerationCall : public RefCounted {
           "' is a DoRA adapter: its per-row magnitude rescales a module's whole output, so it is "
           "not a delta that can be summed with others in a mix; request it alone"));
     }
-    LP_ASSIGN_OR_RETURN(
-        std::unique_ptr<adapters::LoraMix> part,
-        adapters::LoraMix::Build({{&lease.view(), weight}}, engine_->model().config(),
-                                 registry.options().load.max_rank));
+    LP_ASSIGN_OR_RETURN(std::unique_ptr<adapters::LoraMix> part,
+                        adapters::LoraMix::Build({{&lease.view(), weight}}, config_,
+                                                 registry.options().load.max_rank));
     mix->parts.push_back(std::move(part));
     mix->described.push_back(absl::StrCat(lease.name(), "@", lease.version(), "*", weight));
     mix->keyed.push_back(
@@ -254,8 +261,8 @@ class GenerationCall : public RefCounted {
   void BuildMix(const adapters::AdapterRegistry& registry, std::shared_ptr<PendingMix> mix) {
     std::vector<adapters::MixPart> parts;
     for (const auto& part : mix->parts) parts.push_back({&part->view(), 1.0f});
-    absl::StatusOr<std::unique_ptr<adapters::LoraMix>> built = adapters::LoraMix::Build(
-        parts, engine_->model().config(), registry.options().load.max_rank);
+    absl::StatusOr<std::unique_ptr<adapters::LoraMix>> built =
+        adapters::LoraMix::Build(parts, config_, registry.options().load.max_rank);
     mix->parts.clear();
     if (!built.ok()) {
       return Resolved(built.status(), std::move(mix->request), std::move(mix->sink));

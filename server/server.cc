@@ -18,6 +18,7 @@
 #include "kernels/quant.h"
 #include "server/merge_policy.h"
 #include "server/reactors.h"
+#include "server/test_hooks.h"
 
 namespace loraplex::server {
 namespace {
@@ -206,6 +207,10 @@ void Server::StopBaseReads() {
   base_reads_stopped_ = true;
   Await(&base_reads_mu_, absl::Condition(
                              +[](int* n) { return *n == 0; }, &base_reads_in_flight_));
+}
+
+Server::AfterEngine::~AfterEngine() {
+  if (GetTestHooks().server_engine_destroyed) GetTestHooks().server_engine_destroyed();
 }
 
 Server::~Server() {

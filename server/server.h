@@ -95,6 +95,10 @@ class Server {
   std::string temp_state_dir_;  // removed at exit when no --state-dir was given
   TokenAuth admin_auth_;
   TokenAuth api_auth_;
+  // Destroyed right after the engine: tells a test (TestHooks::server_engine_destroyed).
+  struct AfterEngine {
+    ~AfterEngine();
+  } after_engine_;
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<InferenceService> service_;

@@ -6,6 +6,8 @@
 
 #include <functional>
 
+#include "absl/status/status.h"
+
 namespace loraplex::server {
 
 struct TestHooks {
@@ -18,6 +20,12 @@ struct TestHooks {
   std::function<void()> generation_done;
   // A generation reactor is being destroyed (any thread).
   std::function<void()> generation_destroyed;
+  // Registry loader thread (or the calling one): a weighted mix's part arrived (or failed to,
+  // `status`) for a call that had not ended, and is about to be copied.
+  std::function<void(const absl::Status& status)> mix_part_acquired;
+  // ~Server: its engine has just been destroyed; the adapter registry (and its loader threads) and
+  // the model are still there.
+  std::function<void()> server_engine_destroyed;
 };
 
 // The process's hooks.

@@ -4,7 +4,8 @@
 // that output, finishes the call and gets OnDone. The test hooks (server/test_hooks.h) force that
 // order every time: the first OnWriteDone waits until the final output is queued, and the engine
 // thread then waits until OnDone has come. The reactor must outlive the engine thread's call.
-// In-process server on stories260K, a real gRPC client on loopback.
+// In-process server on stories260K, a real gRPC client on loopback. Also: a weighted mix's part
+// copied on a registry loader thread after its call ended and the engine was destroyed.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
@@ -110,6 +111,85 @@ TEST(ReactorLifetimeTest, OnDoneWhileTheEngineThreadPumpsTheFinalOutput) {
   }
   (*server)->Shutdown(absl::Seconds(5));
   server->reset();
+  hooks = TestHooks();
+}
+
+// A weighted mix's part is copied on a registry loader thread while its call can end: a cancel
+// ends a call that waits for its adapters at once, the server's shutdown then finds no call in
+// flight and destroys its engine, and the registry joins its loader threads only after that. The
+// hooks hold the loader thread between its last look at the call and the copy until the engine is
+// gone; the copy must use nothing of the engine's (ASan sees a use after free if it does).
+TEST(ReactorLifetimeTest, MixPartCopiedAfterTheCallEndedAndTheEngineWentAway) {
+  auto model = model::LlamaModel::Load(loraplex::testing::Stories260KDir() + "/stories260K.gguf");
+  ASSERT_TRUE(model.ok()) << model.status();
+  struct Seen {
+    absl::Mutex mu;
+    absl::Status part_status ABSL_GUARDED_BY(mu);
+    bool in_copy ABSL_GUARDED_BY(mu) = false;
+    bool done ABSL_GUARDED_BY(mu) = false;
+    bool engine_gone ABSL_GUARDED_BY(mu) = false;
+    bool engine_gone_in_copy ABSL_GUARDED_BY(mu) = false;
+  } seen;
+  TestHooks& hooks = GetTestHooks();
+  hooks.mix_part_acquired = [&seen](const absl::Status& status) {
+    absl::MutexLock lock(&seen.mu);
+    seen.part_status = status;
+    seen.in_copy = true;
+    seen.engine_gone_in_copy =
+        seen.mu.AwaitWithTimeout(absl::Condition(&seen.engine_gone), kHookWait);
+  };
+  hooks.generation_done = [&seen] {
+    absl::MutexLock lock(&seen.mu);
+    seen.done = true;
+  };
+  hooks.server_engine_destroyed = [&seen] {
+    absl::MutexLock lock(&seen.mu);
+    seen.engine_gone = true;
+  };
+
+  // The mix's adapter is registered on demand from its folder: file work, on a loader thread.
+  ServerOptions options;
+  options.listen = "127.0.0.1:0";
+  options.engine.kv_blocks = 16;
+  options.admin.adapter_dir = "tests/fixtures/peft/stories260k";
+  options.admin.load_on_demand = true;
+  options.info.max_lora_rank = 64;  // the flag's default
+  absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(*std::move(model), options);
+  ASSERT_TRUE(server.ok()) << server.status();
+
+  IgnoreGrpc client_calls;  // as above
+  auto stub = v1::Inference::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string((*server)->port()), grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest req;
+  req.add_prompt_token_ids(1);
+  req.set_max_tokens(8);
+  v1::WeightedAdapter* part = req.add_adapters();
+  part->set_name("qv");
+  part->set_weight(0.5f);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto reader = stub->Generate(&ctx, req);
+  {
+    absl::MutexLock lock(&seen.mu);
+    ASSERT_TRUE(seen.mu.AwaitWithTimeout(absl::Condition(&seen.in_copy), kHookWait))
+        << "the mix's part never reached the copy";
+    EXPECT_TRUE(seen.part_status.ok()) << seen.part_status;  // so there is a copy to make
+  }
+  ctx.TryCancel();
+  {
+    absl::MutexLock lock(&seen.mu);
+    ASSERT_TRUE(seen.mu.AwaitWithTimeout(absl::Condition(&seen.done), kHookWait))
+        << "the cancel did not end the call";
+  }
+  v1::GenerateResponse resp;
+  EXPECT_FALSE(reader->Read(&resp));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  // Nothing is in flight: shutdown destroys the engine while the loader thread still copies.
+  server->reset();
+  {
+    absl::MutexLock lock(&seen.mu);
+    EXPECT_TRUE(seen.engine_gone_in_copy) << "the copy went on before the engine was destroyed";
+  }
   hooks = TestHooks();
 }
 
