@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Chaos soak: starts loraplex-server from a build folder (release or sanitizer) on stories260K over
 # loopback, runs the seeded chaos driver (tests/soak/soak_driver.cc: cancelled, timed-out, slow,
-# abandoned and disconnected streams, every bad request of the API's error table, greedy answers
-# checked against loraplex-generate, admin churn with uploads, cancelled uploads, replacements,
-# unloads, merges) for DURATION_SECONDS, then stops the server with SIGTERM and checks that it
-# exits 0 within its grace period and that its log holds no sanitizer report.
+# abandoned and disconnected streams, some for weighted mixes of two adapters, every bad request of
+# the API's error table, greedy answers checked against loraplex-generate, admin churn with
+# uploads, cancelled uploads, replacements, unloads, merges) for DURATION_SECONDS, then stops the
+# server with SIGTERM and checks that it exits 0 within its grace period and that its log holds no
+# sanitizer report.
 #
 #   bash scripts/soak.sh DURATION_SECONDS [--build-dir DIR] [--seed N] [--no-build] [--keep]
 #

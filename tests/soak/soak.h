@@ -78,7 +78,7 @@ class Soak {
   }
   // Counts `status` under `what`; a code outside `allowed` is a violation of "codes".
   void Outcome(const std::string& what, const grpc::Status& status,
-               std::initializer_list<StatusCode> allowed, const std::string& detail = "") {
+               const std::vector<StatusCode>& allowed, const std::string& detail = "") {
     {
       std::lock_guard<std::mutex> lock(mu_);
       ++outcomes_[what][status.error_code()];

@@ -4,9 +4,9 @@
 // For --duration seconds (the first part a warm-up), several client threads send a bounded, seeded
 // mix over loopback:
 //   streams   Generate streams cancelled after k messages or before the first, 1-30 ms deadlines,
-//             slow readers, streams abandoned unread (context destroyed, or TryCancel), and
-//             disconnects (a child process opens streams and _exits mid-stream, so the kernel
-//             closes its connection);
+//             slow readers, streams abandoned unread (context destroyed, or TryCancel), one in
+//             five of them for a weighted mix of two adapters, and disconnects (a child process
+//             opens streams and _exits mid-stream, so the kernel closes its connection);
 //   bad       every kind of bad request in docs/api.md's error table, each checked for its code;
 //   greedy    Complete and Generate (temperature 0) on the base and on adapters; every OK answer is
 //             recorded with the adapter and version its last message reports;

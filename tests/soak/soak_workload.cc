@@ -1,6 +1,7 @@
 // The client loops of loraplex-soak (members of Soak, see soak.h): Generate streams cancelled,
-// timed out, read slowly, abandoned; greedy Complete/Generate whose answers are recorded for the
-// final check; and the disconnect children (processes that _exit mid-stream).
+// timed out, read slowly, abandoned (one in five of them for a weighted mix of two adapters);
+// greedy Complete/Generate whose answers are recorded for the final check; and the disconnect
+// children (processes that _exit mid-stream).
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -10,6 +11,7 @@
 #include <filesystem>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -73,6 +75,33 @@ void Soak::StreamLoop(int index, Clock::time_point end) {
         IdsRequest(kPrompts[p], kind >= 75 ? Pick(rng, kMaxTokens) : Uniform(rng, 8, 96));
     req.set_ignore_eos(true);
     req.set_adapter(target);
+    // One in five of the unchecked calls asks for a weighted mix of two adapters instead, which a
+    // registry loader thread builds while the call can be cancelled, time out or meet SIGTERM. A
+    // mix's rank is the sum of its parts': over --max-lora-rank it is refused
+    // (FAILED_PRECONDITION).
+    const bool mix = kind < 75 && Chance(rng, 0.2);
+    std::string label = target;
+    if (mix) {
+      req.clear_adapter();
+      label.clear();
+      std::set<std::string> names;
+      for (int tries = 0; req.adapters_size() < 2 && tries < 16; ++tries) {
+        int64_t part_floor = 0;
+        const std::string part = PickTarget(rng, &part_floor, true);
+        if (part.empty() || !names.insert(part.substr(0, part.find('@'))).second) continue;
+        v1::WeightedAdapter* a = req.add_adapters();
+        a->set_name(part);
+        a->set_weight(static_cast<float>(Uniform(rng, -10, 20)) / 10.0f);
+        label = absl::StrCat(label, label.empty() ? "" : "+", part);
+      }
+      Count("weighted mix of 2 adapters");
+    }
+    // What a call may end with: its own codes, and a mix's refusal.
+    const auto codes = [mix](std::vector<StatusCode> allowed) {
+      if (mix) allowed.push_back(StatusCode::FAILED_PRECONDITION);
+      return allowed;
+    };
+    const std::string prefix = mix ? "mix " : "";
     if (!greedy) {
       req.set_temperature(0.8f);
       if (Chance(rng, 0.5)) req.set_top_p(0.9f);
@@ -96,10 +125,10 @@ void Soak::StreamLoop(int index, Clock::time_point end) {
       }
       grpc::Status st = reader->Finish();
       Count(k == 0 ? "cancel before the first message" : "cancel after k messages");
-      Outcome("stream cancelled", st,
-              {StatusCode::CANCELLED, StatusCode::OK, StatusCode::NOT_FOUND,
-               StatusCode::RESOURCE_EXHAUSTED},
-              target);
+      Outcome(prefix + "stream cancelled", st,
+              codes({StatusCode::CANCELLED, StatusCode::OK, StatusCode::NOT_FOUND,
+                     StatusCode::RESOURCE_EXHAUSTED}),
+              label);
     } else if (kind < 36) {  // deadline of 1-30 ms
       ctx.set_deadline(In(std::chrono::milliseconds(Uniform(rng, 1, 30))));
       grpc::Status st;
@@ -113,10 +142,10 @@ void Soak::StreamLoop(int index, Clock::time_point end) {
         st = stub->Complete(&ctx, req, &msg);
         Count("deadline (Complete)");
       }
-      Outcome("deadline 1-30 ms", st,
-              {StatusCode::DEADLINE_EXCEEDED, StatusCode::OK, StatusCode::NOT_FOUND,
-               StatusCode::RESOURCE_EXHAUSTED},
-              target);
+      Outcome(prefix + "deadline 1-30 ms", st,
+              codes({StatusCode::DEADLINE_EXCEEDED, StatusCode::OK, StatusCode::NOT_FOUND,
+                     StatusCode::RESOURCE_EXHAUSTED}),
+              label);
     } else if (kind < 50) {  // abandoned unread: the reader and its context go away
       auto reader = stub->Generate(&ctx, req);
       const int k = Uniform(rng, 0, 2);
@@ -141,10 +170,10 @@ void Soak::StreamLoop(int index, Clock::time_point end) {
       while (more && reader->Read(&msg)) {
       }
       Count("cancel by a slow reader");
-      Outcome("stream cancelled", reader->Finish(),
-              {StatusCode::CANCELLED, StatusCode::OK, StatusCode::NOT_FOUND,
-               StatusCode::RESOURCE_EXHAUSTED},
-              target);
+      Outcome(prefix + "stream cancelled", reader->Finish(),
+              codes({StatusCode::CANCELLED, StatusCode::OK, StatusCode::NOT_FOUND,
+                     StatusCode::RESOURCE_EXHAUSTED}),
+              label);
     } else {  // slow reader to the end: a checked greedy answer
       // One in four holds its adapter's lease for 1-4 s (32 tokens, 30-120 ms a read): with 2
       // adapter slots, merges and reloads of a third adapter then wait for a slot.
